@@ -1,0 +1,8 @@
+"""ferray: facial-expression recognition on FER2013, as a Ray experiment platform.
+
+Importing ferray does no work: no Ray start, no folders, no weights. The compute core (models,
+losses, augmentation, SR, engine, metrics) imports no Ray, so it runs on machines that have only
+PyTorch.
+"""
+
+__version__ = "0.1.0"

@@ -1,0 +1,142 @@
+"""`ferray prepare`: any FER2013 source -> the Parquet contract, with Ray Data.
+
+Pipeline: the source's work units -> map_batches(decode + validate, one unit per task, in
+parallel) -> write_parquet partitioned by split, into a temporary folder renamed at the end.
+Per-unit counts, checksums and rejected records go to a small actor keyed by unit, so a retried
+task replaces its own entry instead of counting twice; the manifest is built from those and
+checked against the row counts of the files actually written.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ferray.data.contract import (
+    DataError, Summary, atomic_output, build_manifest_from_summary, write_manifest,
+)
+from ferray.data.records import BAD_KINDS, BadRecord, decode_unit
+from ferray.data.sources import open_source
+
+REJECTED_FILE = "rejected.csv"
+
+
+def _unit_log_class():
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class UnitLog:
+        """Collects what each unit reports, keyed by unit index (idempotent under retries)."""
+
+        def __init__(self):
+            self.entries, self.failures = {}, {}
+
+        def put(self, index: int, entry: dict) -> None:
+            self.entries[index] = entry
+
+        def get(self) -> dict:
+            return self.entries
+
+        def fail(self, index: int, bad: dict) -> None:
+            self.failures[index] = bad
+
+        def first_failure(self) -> dict | None:
+            return self.failures[min(self.failures)] if self.failures else None
+
+    return UnitLog
+
+
+def decode_batch(batch: dict, on_bad: str, resize: bool, log) -> pa.Table:
+    """map_batches function: one unit in, its faces out (as one table with a split column)."""
+    import ray
+
+    index = int(batch["index"][0])
+    unit = json.loads(batch["unit"][0])
+    try:
+        table, report = decode_unit(unit, on_bad=on_bad, resize=resize)
+    except BadRecord as bad:
+        # Ray rewraps task errors and drops the original object: leave it where the driver looks.
+        ray.get(log.fail.remote(index, bad.as_dict()))
+        raise
+    summary = Summary()
+    summary.add(None, table)
+    ray.get(log.put.remote(index, {"summary": summary.to_dict(), "rejected": report.rejected,
+                                   "resized": report.resized}))
+    return table
+
+
+def prepare(source: str | Path, out: str | Path, *, on_bad: str = "error", resize: bool = False,
+            overwrite: bool = False, echo: Callable[[str], None] = print) -> dict:
+    """Prepare `source` into `out`; returns the manifest. Raises DataError on bad input."""
+    import ray
+
+    from ferray.runtime import connect
+
+    if on_bad not in ("error", "skip"):
+        raise DataError(f"--on-bad-record must be 'error' or 'skip', not {on_bad!r}")
+    t0 = time.perf_counter()
+    with atomic_output(out, overwrite=overwrite) as tmp:
+        scratch = tmp / "_scratch"
+        scratch.mkdir()
+        src = open_source(source, scratch)
+        echo(f"source: {src.path} ({src.kind}, {len(src.units)} parts"
+             + (f", {len(src.ignored)} non-image files ignored" if src.ignored else "") + ")")
+        info = connect()
+        echo(f"ray: {info.mode} ({info.cpus:g} CPUs)")
+        log = _unit_log_class().remote()
+        items = [{"index": i, "unit": json.dumps(u)} for i, u in enumerate(src.units)]
+        ds = ray.data.from_items(items, override_num_blocks=len(items))
+        ds = ds.map_batches(decode_batch, batch_size=1, batch_format="numpy",
+                            fn_kwargs={"on_bad": on_bad, "resize": resize, "log": log})
+        try:
+            ds.write_parquet(str(tmp), partition_cols=["split"])
+        except Exception:
+            bad = ray.get(log.first_failure.remote())
+            if bad is None:
+                raise
+            raise DataError(f"bad record: {bad['where']}: {bad['detail']} [{bad['kind']}]\n(pass "
+                            "--on-bad-record skip to skip such records; each is then listed in rejected.csv "
+                            "and counted in the manifest)") from None
+        entries = ray.get(log.get.remote())
+        ray.kill(log)
+        shutil.rmtree(scratch)
+        manifest = _manifest(tmp, src, entries)
+    manifest["seconds"] = round(time.perf_counter() - t0, 2)
+    write_manifest(out, manifest)
+    return manifest
+
+
+def _manifest(folder: Path, src, entries: dict) -> dict:
+    if len(entries) != len(src.units):
+        raise DataError(f"internal: {len(entries)} of {len(src.units)} parts reported; output discarded")
+    summary = Summary()
+    rejected, resized = [], 0
+    for index in sorted(entries):
+        summary.merge(Summary.from_dict(entries[index]["summary"]))
+        rejected += entries[index]["rejected"]
+        resized += entries[index]["resized"]
+    written = sum(pq.read_metadata(f).num_rows for f in folder.glob("split=*/*.parquet"))
+    if written != summary.rows:
+        raise DataError(f"internal: {written} rows written but {summary.rows} decoded; output discarded")
+    if summary.rows == 0:
+        raise DataError(f"{src.path}: no usable faces ({len(rejected)} rejected)")
+    by_kind = {k: n for k in BAD_KINDS if (n := sum(r["kind"] == k for r in rejected))}
+    skipped = {"total": len(rejected), "by_kind": by_kind}
+    if rejected:
+        skipped["records_file"] = REJECTED_FILE
+        with open(folder / REJECTED_FILE, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=["kind", "where", "detail"])
+            writer.writeheader()
+            writer.writerows(rejected)
+    notes = {"resized_to_48x48": resized} if resized else {}
+    if src.ignored:
+        notes["ignored_files"] = {"count": len(src.ignored), "examples": src.ignored[:10]}
+    return build_manifest_from_summary(folder, summary, source=src.describe(), skipped=skipped, notes=notes)

@@ -1,0 +1,83 @@
+"""The one place where ferray connects to Ray.
+
+Rule: if Ray is already up in this process, use it; if RAY_ADDRESS is set (by the user, or by
+`ray job submit` for the job it runs), join that cluster; otherwise start an embedded Ray sized to
+this machine, quietly (no dashboard, warnings only).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from dataclasses import dataclass
+
+# Logical CPUs for the embedded Ray: at least this many, so that Data read tasks, Train workers and
+# Tune trials can coexist on a 2-core laptop (they mostly wait on each other, not on the cores).
+MIN_LOGICAL_CPUS = 4
+
+
+# Notices Ray prints on every embedded start or Data run that a user of ferray cannot act on.
+QUIET_LOGGERS = (
+    "ray._private.authentication.authentication_token_setup",  # "token authentication is enabled"
+    "ray.data._internal.progress",  # "progress bars disabled" (we disable them off a terminal)
+)
+# Ray Data's own report of a failed task: ferray reports bad records itself, naming file and row,
+# and re-raises anything else with its traceback.
+TASK_ERROR_LOGGERS = (
+    "ray.data._internal.execution.streaming_executor_state",
+    "ray.data.exceptions",
+)
+
+
+@dataclass
+class RayInfo:
+    mode: str  # "existing" | "cluster" | "embedded"
+    address: str
+    cpus: float
+    gpus: float
+
+
+def embedded_resources() -> tuple[int, int]:
+    """(logical CPUs, object-store bytes) for an embedded Ray; FERRAY_NUM_CPUS / FERRAY_OBJECT_STORE_MB override."""
+    cpus = int(os.environ.get("FERRAY_NUM_CPUS", max(os.cpu_count() or 1, MIN_LOGICAL_CPUS)))
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else 8 << 30
+    store_mb = int(os.environ.get("FERRAY_OBJECT_STORE_MB", min(2048, total // (8 << 20))))
+    return cpus, store_mb << 20
+
+
+def connect(quiet: bool = True, progress: bool | None = None) -> RayInfo:
+    """Connect to (or start) Ray per the rule above, and set Data's progress display.
+
+    progress=None shows Ray Data's progress bars only when stderr is a terminal.
+    """
+    import ray
+
+    level = logging.WARNING if quiet else logging.INFO
+    if quiet:
+        for name in QUIET_LOGGERS:
+            logging.getLogger(name).setLevel(logging.ERROR)
+        for name in TASK_ERROR_LOGGERS:
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+    if ray.is_initialized():
+        mode = "existing"
+    elif os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], logging_level=level)
+        mode = "cluster"
+    else:
+        cpus, store = embedded_resources()
+        ray.init(num_cpus=cpus, object_store_memory=store, include_dashboard=False, logging_level=level)
+        mode = "embedded"
+    configure_data(quiet=quiet, progress=sys.stderr.isatty() if progress is None else progress)
+    resources = ray.cluster_resources()
+    return RayInfo(mode, ray.get_runtime_context().gcs_address, resources.get("CPU", 0), resources.get("GPU", 0))
+
+
+def configure_data(quiet: bool, progress: bool) -> None:
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = progress
+    ctx.print_on_execution_start = not quiet
+    if quiet:
+        logging.getLogger("ray.data").setLevel(logging.WARNING)

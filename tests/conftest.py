@@ -1,0 +1,41 @@
+"""Shared fixtures: one Ray per test session, small synthetic data made by the project itself."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+SHARED_FER2013 = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "fer2013"
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """Ray started once, sized for a 2-core machine: 4 logical CPUs, a small object store."""
+    import ray
+
+    from ferray.runtime import connect
+
+    os.environ.pop("RAY_ADDRESS", None)
+    if not ray.is_initialized():
+        ray.init(num_cpus=4, object_store_memory=300 << 20, include_dashboard=False,
+                 logging_level="ERROR")
+    connect(progress=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def synth_faces():
+    """(images, labels, splits) of 140 synthetic faces, 20 per class."""
+    from ferray.data.synth import SynthSpec, generate
+
+    return generate(SynthSpec(n=140, seed=7))
+
+
+@pytest.fixture(scope="session")
+def shared_fer2013():
+    if not SHARED_FER2013.is_dir():
+        pytest.skip(f"FER2013 not present at {SHARED_FER2013}")
+    return SHARED_FER2013

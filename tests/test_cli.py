@@ -1,0 +1,82 @@
+"""The `ferray` command as users run it (subprocesses, real exit codes)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from ferray.cli import build_parser
+
+COMMANDS = ["demo", "prepare", "synth", "info"]
+
+
+def ferray(*args, **kw):
+    return subprocess.run([sys.executable, "-m", "ferray.cli", *map(str, args)], capture_output=True,
+                          text=True, **kw)
+
+
+def test_top_level_help_lists_every_command():
+    result = ferray("--help")
+    assert result.returncode == 0
+    for command in COMMANDS:
+        assert command in result.stdout
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_subcommand_explains_itself(command, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        build_parser().parse_args([command, "--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: ferray {command}") and len(out.splitlines()) > 5
+
+
+def test_prepare_of_missing_path_fails_cleanly(tmp_path):
+    result = ferray("prepare", "--source", tmp_path / "nope.csv", "--out", tmp_path / "out")
+    assert result.returncode == 1
+    assert "ferray prepare: error:" in result.stderr and "nope.csv: no such file" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "out").exists()
+
+
+def test_synth_then_info_and_verify(tmp_path):
+    made = ferray("synth", "--out", tmp_path / "d", "--n", 70, "--seed", 3)
+    assert made.returncode == 0, made.stderr
+    assert "70 faces" in made.stdout and "PublicTest" in made.stdout
+    info = ferray("info", tmp_path / "d", "--verify")
+    assert info.returncode == 0 and "verify: OK" in info.stdout
+    raw = json.loads(ferray("info", tmp_path / "d", "--json").stdout)
+    assert raw["rows"] == 70
+    # a changed file is caught
+    manifest = tmp_path / "d" / "manifest.json"
+    data = json.loads(manifest.read_text())
+    data["checksum"] = "blake2b64-sum:0000000000000000"
+    manifest.write_text(json.dumps(data))
+    assert ferray("info", tmp_path / "d", "--verify").returncode == 1
+
+
+def test_info_on_a_folder_that_is_not_prepared(tmp_path):
+    result = ferray("info", tmp_path)
+    assert result.returncode == 1 and "run `ferray prepare` first" in result.stderr
+
+
+@pytest.mark.slow
+def test_demo_runs_end_to_end(tmp_path):
+    out = tmp_path / "demo"
+    result = ferray("demo", "--out", out, "--n", 140, timeout=600, env=_clean_env())
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "checksum:" in result.stdout and (out / "data" / "manifest.json").exists()
+    again = ferray("demo", "--out", out, "--n", 70, timeout=600, env=_clean_env())  # reruns replace
+    assert again.returncode == 0 and json.loads((out / "data" / "manifest.json").read_text())["rows"] == 70
+    (tmp_path / "mine").mkdir()
+    refused = ferray("demo", "--out", tmp_path / "mine")
+    assert refused.returncode == 1 and "not a ferray demo folder" in refused.stderr
+
+
+def _clean_env():
+    import os
+
+    env = dict(os.environ)
+    env.pop("RAY_ADDRESS", None)
+    env["FERRAY_NUM_CPUS"] = "4"
+    return env
