@@ -4,7 +4,6 @@ import io
 import zipfile
 
 import numpy as np
-import pyarrow as pa
 import pytest
 from PIL import Image
 
@@ -16,17 +15,49 @@ def pixel_string(img: np.ndarray) -> str:
     return " ".join(map(str, img.ravel().tolist()))
 
 
-def test_fast_pixel_parser_matches_reference_on_edge_values():
+def _c_parser(raw, starts, ends, n_pixels):
+    from ferray.data import _pixels
+
+    out = np.empty((len(starts), n_pixels), np.uint8)
+    return out if _pixels.parse_fields(raw, starts, ends, n_pixels, out) else None
+
+
+def _has_c_parser():
+    try:
+        from ferray.data import _pixels  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+# Both fast parsers: numpy (always there) and the optional C extension (where it was built).
+FAST_PARSERS = [
+    pytest.param(R.parse_pixel_fields, id="numpy"),
+    pytest.param(_c_parser, id="c", marks=pytest.mark.skipif(not _has_c_parser(), reason="C extension not built")),
+]
+
+
+@pytest.fixture(params=FAST_PARSERS)
+def fast_parser(request):
+    return request.param
+
+
+def parse_rows(rows: list[str], parser=R.parse_pixel_fields):
+    """Run a fast parser on pixel strings laid out one per line."""
+    raw = np.frombuffer(("\n".join(rows) + "\n").encode(), np.uint8)
+    ends = np.flatnonzero(raw == 10)
+    starts = np.concatenate(([0], ends[:-1] + 1))
+    return parser(raw, starts, ends, 2304)
+
+
+def test_fast_pixel_parser_matches_reference_on_edge_values(fast_parser):
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (30, 2304), dtype=np.uint8)
     images[0] = 0
     images[1] = 255
     images[2, ::2] = 7  # one-digit tokens beside three-digit ones
-    strings = pa.array([pixel_string(i) for i in images])
-    fast = R.parse_pixel_strings(strings, 2304)
+    fast = parse_rows([pixel_string(i) for i in images], fast_parser)
     assert fast is not None and np.array_equal(fast, images)
-    # and on a slice of the column (non-zero Arrow offset)
-    assert np.array_equal(R.parse_pixel_strings(strings.slice(5, 10), 2304), images[5:15])
 
 
 @pytest.mark.parametrize("mutate", [
@@ -40,18 +71,18 @@ def test_fast_pixel_parser_matches_reference_on_edge_values():
     lambda s: "1000" + s[s.index(" "):],  # four digits
     lambda s: "-1" + s[s.index(" "):],   # negative
 ])
-def test_fast_pixel_parser_refuses_anything_unclean(mutate):
+def test_fast_pixel_parser_refuses_anything_unclean(mutate, fast_parser):
     rng = np.random.default_rng(1)
     rows = [pixel_string(rng.integers(0, 256, 2304)) for _ in range(3)]
     rows[1] = mutate(rows[1])
-    assert R.parse_pixel_strings(pa.array(rows), 2304) is None
+    assert parse_rows(rows, fast_parser) is None
 
 
-def test_fast_parser_not_fooled_by_compensating_rows():
+def test_fast_parser_not_fooled_by_compensating_rows(fast_parser):
     rng = np.random.default_rng(2)
     values = rng.integers(0, 256, 2 * 2304)
     rows = [" ".join(map(str, values[:2303])), " ".join(map(str, values[2303:]))]  # 2303 + 2305
-    assert R.parse_pixel_strings(pa.array(rows), 2304) is None
+    assert parse_rows(rows, fast_parser) is None
 
 
 COLUMNS = ["emotion", "pixels", "usage"]
@@ -167,3 +198,27 @@ def test_image_zip_unit_reads_members_in_place(tmp_path):
     table, report = R.decode_unit(src.units[0])
     assert sorted(table.column("id").to_pylist()) == ["test/fear/PublicTest_2.png", "train/fear/Training_1.png"]
     assert table.column("label").to_pylist() == [2, 2]
+
+
+@pytest.mark.parametrize("layout", ["kaggle", "icml", "crlf", "quoted"])
+def test_fast_chunk_path_handles_common_layouts_like_the_reference(tmp_path, synth_faces, layout):
+    images, labels, splits = (a[:12] for a in synth_faces)
+    columns = ["emotion", "usage", "pixels"] if layout == "icml" else ["emotion", "pixels", "usage"]
+    lines = []
+    for img, label, split in zip(images, labels, splits):
+        px = pixel_string(img)
+        px = f'"{px}"' if layout == "quoted" else px
+        fields = {"emotion": str(label), "usage": split, "pixels": px}
+        lines.append(",".join(fields[c] for c in columns))
+    newline = "\r\n" if layout == "crlf" else "\n"
+    data = (newline.join(lines) + newline).encode()
+    unit = {"kind": "csv", "columns": columns, "first_row": 1, "display": "f.csv"}
+    fast = R._fast_csv_chunk(data, unit)
+    assert fast is not None, "the fast path should accept this layout"
+    ids, got_labels, got_splits, got_images = fast
+    assert np.array_equal(got_images.reshape(-1, 48, 48), images)
+    assert list(got_labels) == labels.tolist() and got_splits == splits.tolist()
+    assert ids[0] == "f.csv:1"
+    for i, fields in enumerate(__import__("csv").reader(io.StringIO(data.decode()))):
+        label, split, pixels = R.parse_csv_row(fields, columns, i + 1, "f.csv")
+        assert (label, split) == (labels[i], splits[i]) and np.array_equal(pixels, images[i].ravel())

@@ -2,9 +2,11 @@
 
 Pipeline: the source's work units -> map_batches(decode + validate, one unit per task, in
 parallel) -> write_parquet partitioned by split, into a temporary folder renamed at the end.
-Per-unit counts, checksums and rejected records go to a small actor keyed by unit, so a retried
-task replaces its own entry instead of counting twice; the manifest is built from those and
-checked against the row counts of the files actually written.
+Each task also leaves a small JSON report beside the data (counts, checksum part, rejected
+records), named by its unit, so a retried task replaces its own report instead of counting twice;
+the manifest is built from those and checked against the row counts of the files actually written.
+(Reports travel through the output folder rather than an actor: starting an actor process costs
+more than the whole of a small prepare, and the output folder has to be shared storage anyway.)
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ import time
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -27,50 +28,34 @@ from ferray.data.records import BAD_KINDS, BadRecord, decode_unit
 from ferray.data.sources import open_source
 
 REJECTED_FILE = "rejected.csv"
+REPORTS_DIR = "_unit_reports"
 
 
-def _unit_log_class():
-    import ray
-
-    @ray.remote(num_cpus=0)
-    class UnitLog:
-        """Collects what each unit reports, keyed by unit index (idempotent under retries)."""
-
-        def __init__(self):
-            self.entries, self.failures = {}, {}
-
-        def put(self, index: int, entry: dict) -> None:
-            self.entries[index] = entry
-
-        def get(self) -> dict:
-            return self.entries
-
-        def fail(self, index: int, bad: dict) -> None:
-            self.failures[index] = bad
-
-        def first_failure(self) -> dict | None:
-            return self.failures[min(self.failures)] if self.failures else None
-
-    return UnitLog
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data))
+    tmp.replace(path)  # atomic: a report is whole or absent
 
 
-def decode_batch(batch: dict, on_bad: str, resize: bool, log) -> pa.Table:
-    """map_batches function: one unit in, its faces out (as one table with a split column)."""
-    import ray
-
+def decode_batch(batch: dict, on_bad: str, resize: bool, reports: str) -> pa.Table:
+    """map_batches function: one unit in, its faces out (one table with a split column)."""
     index = int(batch["index"][0])
     unit = json.loads(batch["unit"][0])
     try:
         table, report = decode_unit(unit, on_bad=on_bad, resize=resize)
     except BadRecord as bad:
         # Ray rewraps task errors and drops the original object: leave it where the driver looks.
-        ray.get(log.fail.remote(index, bad.as_dict()))
+        _write_json(Path(reports) / f"{index:06d}.failed.json", bad.as_dict())
         raise
     summary = Summary()
     summary.add(None, table)
-    ray.get(log.put.remote(index, {"summary": summary.to_dict(), "rejected": report.rejected,
-                                   "resized": report.resized}))
+    _write_json(Path(reports) / f"{index:06d}.json", {"summary": summary.to_dict(), "rejected": report.rejected,
+                                                      "resized": report.resized})
     return table
+
+
+def _read_reports(folder: Path, pattern: str) -> dict[int, dict]:
+    return {int(p.name.split(".")[0]): json.loads(p.read_text()) for p in sorted(folder.glob(pattern))}
 
 
 def prepare(source: str | Path, out: str | Path, *, on_bad: str = "error", resize: bool = False,
@@ -91,23 +76,25 @@ def prepare(source: str | Path, out: str | Path, *, on_bad: str = "error", resiz
              + (f", {len(src.ignored)} non-image files ignored" if src.ignored else "") + ")")
         info = connect()
         echo(f"ray: {info.mode} ({info.cpus:g} CPUs)")
-        log = _unit_log_class().remote()
+        reports = tmp / REPORTS_DIR
+        reports.mkdir()
         items = [{"index": i, "unit": json.dumps(u)} for i, u in enumerate(src.units)]
         ds = ray.data.from_items(items, override_num_blocks=len(items))
         ds = ds.map_batches(decode_batch, batch_size=1, batch_format="numpy",
-                            fn_kwargs={"on_bad": on_bad, "resize": resize, "log": log})
+                            fn_kwargs={"on_bad": on_bad, "resize": resize, "reports": str(reports)})
         try:
             ds.write_parquet(str(tmp), partition_cols=["split"])
         except Exception:
-            bad = ray.get(log.first_failure.remote())
-            if bad is None:
+            failures = _read_reports(reports, "*.failed.json")
+            if not failures:
                 raise
+            bad = failures[min(failures)]
             raise DataError(f"bad record: {bad['where']}: {bad['detail']} [{bad['kind']}]\n(pass "
                             "--on-bad-record skip to skip such records; each is then listed in rejected.csv "
                             "and counted in the manifest)") from None
-        entries = ray.get(log.get.remote())
-        ray.kill(log)
+        entries = _read_reports(reports, "[0-9]*[0-9].json")
         shutil.rmtree(scratch)
+        shutil.rmtree(reports)
         manifest = _manifest(tmp, src, entries)
     manifest["seconds"] = round(time.perf_counter() - t0, 2)
     write_manifest(out, manifest)

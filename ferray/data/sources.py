@@ -23,7 +23,7 @@ from ferray.data.contract import DataError
 from ferray.data.records import EMOTION_ALIASES, IMAGE_SUFFIXES, SPLIT_FOLDERS
 
 CSV_COLUMNS = {"emotion": "emotion", "pixels": "pixels", "usage": "usage"}
-CSV_CHUNK_BYTES = 8 << 20
+CSV_CHUNK_BYTES = 16 << 20
 IMAGES_PER_UNIT = 1000
 
 
