@@ -14,7 +14,7 @@ from pathlib import Path
 from ferray import __version__
 
 EPILOG = """\
-stages: synth | prepare -> (later: sr, train, tune, ensemble, evaluate, serve, report)
+stages: synth | prepare -> train -> evaluate   (later: sr, tune, ensemble, serve, report)
 Ray: set RAY_ADDRESS (or run under `ray job submit`) to use a cluster; otherwise an embedded Ray
 is started on this machine. Run `ferray <command> --help` for each command's options.
 """
@@ -35,6 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_prepare(sub)
     _add_synth(sub)
     _add_info(sub)
+    _add_train(sub)
+    _add_evaluate(sub)
+    _add_models(sub)
     return parser
 
 
@@ -94,7 +97,90 @@ def _add_info(sub) -> None:
     p.set_defaults(func=cmd_info)
 
 
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", formatter_class=_formatter, help="train a model with Ray Train",
+                       description="Train the experiment's model with Ray Train (TorchTrainer, DDP across "
+                       "workers): a checkpoint every epoch, the best kept by eval accuracy, lost workers "
+                       "restarted from the latest checkpoint. The run folder OUT/NAME holds config.yaml, "
+                       "metrics.jsonl, TensorBoard events, Ray's checkpoints, best.pt and result.json.")
+    p.add_argument("experiment", type=Path, help="an experiments/*.yaml file")
+    p.add_argument("--data", help="prepared data folder (overrides data.path)")
+    p.add_argument("--workers", type=int, help="data-parallel workers (overrides scaling.workers)")
+    p.add_argument("--gpus-per-worker", type=float, help="GPUs per worker (overrides scaling.gpus_per_worker)")
+    p.add_argument("--epochs", type=int, help="epochs (overrides train.epochs)")
+    p.add_argument("--out", type=Path, default=Path("runs"), help="folder of runs (default: ./runs)")
+    p.add_argument("--name", help="run name (default: the experiment's name)")
+    p.add_argument("--resume", action="store_true", help="continue the interrupted run OUT/NAME from its latest checkpoint")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config value, e.g. --set optim.lr=0.003 (repeatable)")
+    p.set_defaults(func=cmd_train)
+
+
+def _add_evaluate(sub) -> None:
+    p = sub.add_parser("evaluate", formatter_class=_formatter, help="evaluate a checkpoint on a split",
+                       description="Accuracy, per-class accuracy and the normalized confusion matrix (PNG and "
+                       "JSON) of a checkpoint on any split of a prepared dataset. Runs on a GPU if there is one.")
+    p.add_argument("--checkpoint", required=True, type=Path, help="a checkpoint file (e.g. RUN/best.pt)")
+    p.add_argument("--data", required=True, type=Path, help="prepared data folder")
+    p.add_argument("--split", default="PublicTest", help="split to evaluate (default: PublicTest)")
+    p.add_argument("--tta", action="store_true", help="ten-crop test-time augmentation (4 corners + center, mirrored)")
+    p.add_argument("--out", type=Path, help="folder for eval-<split>.json/.png (default: beside the checkpoint)")
+    p.set_defaults(func=cmd_evaluate)
+
+
+def _add_models(sub) -> None:
+    p = sub.add_parser("models", formatter_class=_formatter, help="list the registered models",
+                       description="Every registered model with its parameters (PyTorch and Keras counting), "
+                       "depth and training input size.")
+    p.set_defaults(func=cmd_models)
+
+
 # ------------------------------------------------------------------------------------- commands
+def experiment_config(args):
+    from ferray.config import load_config
+
+    overrides = list(args.overrides)
+    for flag, key in (("data", "data.path"), ("workers", "scaling.workers"),
+                      ("gpus_per_worker", "scaling.gpus_per_worker"), ("epochs", "train.epochs")):
+        value = getattr(args, flag, None)
+        if value is not None:
+            overrides.append(f"{key}={value}")
+    return load_config(args.experiment, overrides)
+
+
+def cmd_train(args) -> int:
+    from ferray.train import run_training
+
+    cfg = experiment_config(args)
+    run_training(cfg, args.out, name=args.name, resume=args.resume, echo=_echo)
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from ferray.evaluate import evaluate_checkpoint
+
+    evaluate_checkpoint(args.checkpoint, args.data, args.split, args.tta, args.out)
+    return 0
+
+
+def cmd_models(args) -> int:
+    print(format_models())
+    return 0
+
+
+def format_models() -> str:
+    from ferray.models import build_model, keras_params, list_models, num_params
+
+    rows = [("model", "params", "keras params", "depth", "input", "description")]
+    for entry in list_models():
+        model = build_model(entry.name)
+        depth = getattr(model, "keras_depth", lambda: None)()
+        rows.append((entry.name, f"{num_params(model):,}", f"{keras_params(model):,}", str(depth or "-"),
+                     f"{entry.in_channels}x{entry.input_size}x{entry.input_size}", entry.description))
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    return "\n".join("  ".join(c.ljust(w) if i in (0, 4) else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+                     + "  " + r[5] for r in rows)
+
 def cmd_prepare(args) -> int:
     from ferray.data.prepare import prepare
 
@@ -175,13 +261,15 @@ def _echo(message: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from ferray.config import ConfigError
     from ferray.data.contract import DataError
+    from ferray.engine import CheckpointError
 
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (DataError, UsageError) as e:
+    except (DataError, UsageError, ConfigError, CheckpointError) as e:
         print(f"ferray {args.command}: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -2,7 +2,7 @@
 
 Rule: if Ray is already up in this process, use it; if RAY_ADDRESS is set (by the user, or by
 `ray job submit` for the job it runs), join that cluster; otherwise start an embedded Ray sized to
-this machine, quietly (no dashboard, warnings only).
+this machine, quietly (warnings only).
 """
 
 from __future__ import annotations
@@ -30,6 +30,23 @@ TASK_ERROR_LOGGERS = (
 )
 
 
+def is_verbose() -> bool:
+    return os.environ.get("FERRAY_VERBOSE", "") == "1"
+
+
+def quiet_worker_logs() -> None:
+    """In a Ray worker (Train loop, Tune trial): keep Ray Train's per-report INFO lines off the console."""
+    if not is_verbose():
+        logging.getLogger("ray.train").setLevel(logging.WARNING)
+        logging.getLogger("ray.data").setLevel(logging.ERROR)
+        try:  # this module logs under its file path, not under "ray.train"
+            from ray.train.v2._internal.execution import context
+
+            logging.getLogger(context.__file__).setLevel(logging.WARNING)
+        except ImportError:
+            pass
+
+
 @dataclass
 class RayInfo:
     mode: str  # "existing" | "cluster" | "embedded"
@@ -46,15 +63,22 @@ def embedded_resources() -> tuple[int, int]:
     return cpus, store_mb << 20
 
 
-def connect(quiet: bool = True, progress: bool | None = None) -> RayInfo:
+def connect(quiet: bool | None = None, progress: bool | None = None) -> RayInfo:
     """Connect to (or start) Ray per the rule above, and set Data's progress display.
 
-    progress=None shows Ray Data's progress bars only when stderr is a terminal.
+    progress=None shows Ray Data's progress bars only when stderr is a terminal; quiet=None means
+    quiet unless FERRAY_VERBOSE=1 (then Ray's INFO logs show).
     """
     import ray
 
+    if quiet is None:
+        quiet = not is_verbose()
+
     level = logging.WARNING if quiet else logging.INFO
     if quiet:
+        # Ray Data reads this in every process it logs from (workers inherit it at start); its
+        # warnings in workers are mostly "progress bars disabled", which we do on purpose.
+        os.environ.setdefault("RAY_DATA_LOG_LEVEL", "ERROR")
         for name in QUIET_LOGGERS:
             logging.getLogger(name).setLevel(logging.ERROR)
         for name in TASK_ERROR_LOGGERS:
@@ -66,7 +90,9 @@ def connect(quiet: bool = True, progress: bool | None = None) -> RayInfo:
         mode = "cluster"
     else:
         cpus, store = embedded_resources()
-        ray.init(num_cpus=cpus, object_store_memory=store, include_dashboard=False, logging_level=level)
+        # The dashboard serves the State API, which Ray Train V2 polls to clean up after a run
+        # (without it every run logs "State API may be temporarily unavailable" each second).
+        ray.init(num_cpus=cpus, object_store_memory=store, include_dashboard=True, logging_level=level)
         mode = "embedded"
     configure_data(quiet=quiet, progress=sys.stderr.isatty() if progress is None else progress)
     resources = ray.cluster_resources()

@@ -12,14 +12,18 @@ SHARED_FER2013 = Path(__file__).resolve().parents[1].parent / "shared" / "data" 
 
 @pytest.fixture(scope="session")
 def ray_session():
-    """Ray started once, sized for a 2-core machine: 4 logical CPUs, a small object store."""
+    """Ray started once, sized for a 2-core machine: 4 logical CPUs, a small object store.
+
+    With the dashboard, unlike Ray's testing advice: Ray Train V2 polls the State API it serves.
+    """
     import ray
 
     from ferray.runtime import connect
 
     os.environ.pop("RAY_ADDRESS", None)
+    os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")
     if not ray.is_initialized():
-        ray.init(num_cpus=4, object_store_memory=300 << 20, include_dashboard=False,
+        ray.init(num_cpus=4, object_store_memory=300 << 20, include_dashboard=True,
                  logging_level="ERROR")
     connect(progress=False)
     yield ray

@@ -97,8 +97,8 @@ def load_split(root: str | os.PathLike, split: str) -> tuple[np.ndarray, np.ndar
     """(images (N,H,W) uint8, labels (N,) int64, ids) of one split, in a stable id order."""
     table = read_split(root, split)
     table = table.sort_by("id")
-    images = pixels_to_images(table.column("pixels"))
-    labels = table.column("label").to_numpy()
+    images = pixels_to_images(table.column("pixels")).copy()  # writable, owns its memory
+    labels = table.column("label").to_numpy().copy()
     return images, labels, table.column("id").to_pylist()
 
 

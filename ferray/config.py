@@ -1,0 +1,227 @@
+"""One typed experiment config: YAML -> command-line overrides -> every checkpoint and result.
+
+    cfg = load_config("experiments/model_a.yaml", overrides=["optim.lr=0.003", "train.epochs=30"])
+
+Unknown keys, wrong types and bad values are errors that name the file (or the override) and the
+key. `to_dict(cfg)` holds only plain values, so a checkpoint saved with it loads with
+torch.load(weights_only=True), and `from_dict` rebuilds the same config from a checkpoint alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the file or override and the key."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "xception_a"
+    dropout: float = 0.0
+    pretrained: str = "none"  # "none" | "imagenet" | a path to a state dict (models that support it)
+
+
+@dataclass
+class DataConfig:
+    path: str = "data/fer2013"  # a folder written by `ferray prepare` (or `ferray synth`)
+    train_split: str = "Training"
+    eval_split: str = "PublicTest"
+
+
+@dataclass
+class AugmentConfig:
+    crop: int = 44  # random crop for training, center / ten crops for evaluation
+    flip: bool = True
+    rotation: float = 10.0  # degrees, uniform in [-rotation, rotation]
+    shift: float = 0.1  # fraction of the image side
+    scale: float = 0.1  # zoom uniform in [1 - scale, 1 + scale]
+    brightness: float = 0.0  # additive, fraction of the range
+    contrast: float = 0.0  # multiplicative, around each image's mean
+    erase_prob: float = 0.0  # random erasing of a rectangle
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamax"  # adamax | adam | adamw | sgd
+    lr: float = 0.01
+    weight_decay: float = 0.0
+    momentum: float = 0.9  # sgd only
+    schedule: str = "none"  # none | cosine | step | plateau
+    warmup_epochs: float = 0.0
+    min_lr_ratio: float = 0.0  # cosine floor as a fraction of lr
+    step_epochs: list = field(default_factory=list)  # step: epochs at which lr *= gamma
+    gamma: float = 0.1  # step and plateau factor
+    patience: int = 10  # plateau: epochs without a better eval accuracy before lr *= gamma
+    grad_clip: float = 0.0
+
+
+@dataclass
+class LossConfig:
+    center_lambda: float = 0.01
+    center_alpha: float = 0.5
+    center_reduction: str = "mean"  # mean | sum over the batch
+    label_smoothing: float = 0.0
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 250
+    batch_size: int = 64  # per worker
+    seed: int = 0
+    amp: bool = True  # bf16 autocast on GPU; ignored on CPU
+    channels_last: bool = True  # on GPU
+    eval_tta: bool = False  # ten-crop TTA in the per-epoch evaluation (slower)
+    eval_batch_size: int = 256
+    # cache: each worker reads its shard once into (GPU) memory and reshuffles it every epoch;
+    # stream: Ray Data streams the shard every epoch (for data larger than a worker's memory).
+    loader: str = "cache"
+
+
+@dataclass
+class ScalingConfig:
+    workers: int = 1
+    gpus_per_worker: float = 0.0
+    cpus_per_worker: float = 1.0
+    max_failures: int = 2  # restarts from the latest checkpoint after a lost worker
+
+
+@dataclass
+class ExperimentConfig:
+    name: str = "experiment"
+    description: str = ""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+
+
+CHOICES = {
+    ("optim", "name"): ("adamax", "adam", "adamw", "sgd"),
+    ("optim", "schedule"): ("none", "cosine", "step", "plateau"),
+    ("loss", "center_reduction"): ("mean", "sum"),
+    ("train", "loader"): ("cache", "stream"),
+}
+
+
+# ------------------------------------------------------------------------------------- building
+def _coerce(value, annotation, where: str):
+    """Check/convert a YAML value to the field's type (ints are accepted for floats)."""
+    kind = annotation if isinstance(annotation, type) else typing.get_origin(annotation)
+    if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if kind is bool and isinstance(value, bool):
+        return value
+    if kind is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if kind is str and isinstance(value, str):
+        return value
+    if kind is list and isinstance(value, list):
+        return list(value)
+    raise ConfigError(f"{where}: expected {getattr(kind, '__name__', kind)}, got {value!r}")
+
+
+def _build(cls, data: dict, where: str):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'top level'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"{where or 'top level'}: unknown key(s) {', '.join(unknown)} "
+                          f"(known: {', '.join(sorted(names))})")
+    kwargs = {}
+    for name, value in data.items():
+        hint = hints[name]
+        key = f"{where}.{name}" if where else name
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, value, key)
+        else:
+            kwargs[name] = _coerce(value, hint, key)
+    return cls(**kwargs)
+
+
+def validate(cfg: ExperimentConfig) -> ExperimentConfig:
+    for (section, key), allowed in CHOICES.items():
+        value = getattr(getattr(cfg, section), key)
+        if value not in allowed:
+            raise ConfigError(f"{section}.{key} is {value!r}; choose one of {', '.join(allowed)}")
+    checks = [
+        (cfg.optim.lr > 0, "optim.lr must be > 0"),
+        (cfg.train.epochs >= 1, "train.epochs must be >= 1"),
+        (cfg.train.batch_size >= 1, "train.batch_size must be >= 1"),
+        (cfg.loss.center_lambda >= 0, "loss.center_lambda must be >= 0"),
+        (0 < cfg.loss.center_alpha <= 1, "loss.center_alpha must be in (0, 1]"),
+        (0 <= cfg.model.dropout < 1, "model.dropout must be in [0, 1)"),
+        (8 <= cfg.augment.crop, "augment.crop must be >= 8"),
+        (cfg.scaling.workers >= 1, "scaling.workers must be >= 1"),
+        (cfg.scaling.gpus_per_worker >= 0, "scaling.gpus_per_worker must be >= 0"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+    return cfg
+
+
+def from_dict(data: dict) -> ExperimentConfig:
+    return validate(_build(ExperimentConfig, data, ""))
+
+
+def to_dict(cfg: ExperimentConfig) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply `section.key=value` overrides (values parsed as YAML) to a config mapping."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key=value, e.g. optim.lr=0.003")
+        key, raw = item.split("=", 1)
+        path = key.strip().split(".")
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--set {item!r}: value is not valid YAML ({e})") from None
+        node = data
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item!r}: {part} is not a section")
+        node[path[-1]] = value
+    return data
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> ExperimentConfig:
+    """Read a YAML experiment, apply overrides, validate. `path=None` starts from the defaults."""
+    data: dict = {}
+    where = "defaults"
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: no such experiment file")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML ({e})") from None
+        where = str(path)
+        data.setdefault("name", path.stem)
+    data = apply_overrides(data, list(overrides))
+    try:
+        return from_dict(data)
+    except ConfigError as e:
+        suffix = f" (with --set {' '.join(overrides)})" if overrides else ""
+        raise ConfigError(f"{where}{suffix}: {e}") from None
+
+
+def dump_yaml(cfg: ExperimentConfig) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+

@@ -1,0 +1,297 @@
+"""The training engine: one epoch of training, evaluation, checkpoints (plain PyTorch, no Ray).
+
+Every runner calls these unchanged: the Ray Train loop (ferray.train), the Tune trials, the
+Ray-free GPU bench, and the tests. Batches are (uint8 faces (B, H, W), labels (B,)) on any
+device; augmentation happens on the batch's device.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import torch
+import torch.nn as nn
+
+from ferray import __version__
+from ferray.augment import predict_proba, train_views
+from ferray.config import ExperimentConfig, OptimConfig, from_dict, to_dict
+from ferray.data.contract import NUM_CLASSES
+from ferray.losses import JointLoss
+from ferray.metrics import confusion_matrix, summarize_confusion
+from ferray.models import build_model
+
+CHECKPOINT_FORMAT = "ferray.checkpoint/1"
+CHECKPOINT_FILE = "checkpoint.pt"
+
+
+# ------------------------------------------------------------------------------------------ batches
+class TensorBatches:
+    """In-memory faces as shuffled batches, a new order each epoch (the data can live on the GPU)."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, shuffle: bool = True,
+                 drop_last: bool = True, seed: int = 0):
+        if len(images) != len(labels):
+            raise ValueError(f"{len(images)} images but {len(labels)} labels")
+        self.images, self.labels = images, labels
+        self.batch_size, self.shuffle, self.drop_last = batch_size, shuffle, drop_last
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        n = len(self.labels)
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        n = len(self.labels)
+        order = torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
+        order = order.to(self.images.device)
+        for i in range(len(self)):
+            idx = order[i * self.batch_size : (i + 1) * self.batch_size]
+            yield self.images[idx], self.labels[idx]
+
+
+# -------------------------------------------------------------------------------------- optimizing
+def make_optimizer(params, cfg: OptimConfig) -> torch.optim.Optimizer:
+    if cfg.name == "adamax":
+        return torch.optim.Adamax(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.name == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.name == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=True)
+
+
+class LRSchedule:
+    """Learning rate as a function of (fractional) epoch: warm-up, then none/cosine/step/plateau."""
+
+    def __init__(self, cfg: OptimConfig, epochs: int):
+        self.cfg, self.epochs = cfg, epochs
+        self.plateau_scale, self.best, self.bad_epochs = 1.0, -math.inf, 0
+
+    def factor(self, epoch: float) -> float:
+        cfg = self.cfg
+        warm = min(1.0, (epoch + 1e-9) / cfg.warmup_epochs) if cfg.warmup_epochs > 0 else 1.0
+        if cfg.schedule == "cosine":
+            span = max(self.epochs - cfg.warmup_epochs, 1e-9)
+            progress = min(max(epoch - cfg.warmup_epochs, 0.0) / span, 1.0)
+            decay = cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+        elif cfg.schedule == "step":
+            decay = cfg.gamma ** sum(epoch >= m for m in cfg.step_epochs)
+        elif cfg.schedule == "plateau":
+            decay = self.plateau_scale
+        else:
+            decay = 1.0
+        return warm * decay
+
+    def on_eval(self, accuracy: float) -> None:
+        """Plateau: scale the rate by gamma after `patience` epochs without a better accuracy."""
+        if accuracy > self.best:
+            self.best, self.bad_epochs = accuracy, 0
+            return
+        self.bad_epochs += 1
+        if self.cfg.schedule == "plateau" and self.bad_epochs > self.cfg.patience:
+            self.plateau_scale *= self.cfg.gamma
+            self.bad_epochs = 0
+
+    def state_dict(self) -> dict:
+        return {"plateau_scale": self.plateau_scale, "best": self.best, "bad_epochs": self.bad_epochs}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.plateau_scale, self.best, self.bad_epochs = state["plateau_scale"], state["best"], state["bad_epochs"]
+
+
+# ------------------------------------------------------------------------------------------- state
+@dataclass
+class TrainState:
+    """Everything a run needs to continue: model, loss (with its centers), optimizer, schedule."""
+
+    cfg: ExperimentConfig
+    model: nn.Module  # possibly wrapped (DDP); `core` is the bare module
+    loss_fn: JointLoss
+    optimizer: torch.optim.Optimizer
+    schedule: LRSchedule
+    device: torch.device
+    epoch: int = 0  # epochs completed
+    best_accuracy: float = 0.0
+    history: list = field(default_factory=list)
+
+    @property
+    def core(self) -> nn.Module:
+        return getattr(self.model, "module", self.model)
+
+    @property
+    def use_amp(self) -> bool:
+        return self.cfg.train.amp and self.device.type == "cuda"
+
+
+def build_state(cfg: ExperimentConfig, device: torch.device,
+                wrap: Callable[[nn.Module], nn.Module] | None = None) -> TrainState:
+    """Model, loss, optimizer and schedule from a config; `wrap` (e.g. DDP) is applied to the model."""
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg.model.name, num_classes=NUM_CLASSES, dropout=cfg.model.dropout,
+                        pretrained=cfg.model.pretrained).to(device)
+    if cfg.train.channels_last and device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    loss_fn = JointLoss(NUM_CLASSES, model.num_features, cfg.loss.center_lambda, cfg.loss.center_alpha,
+                        cfg.loss.label_smoothing, cfg.loss.center_reduction).to(device)
+    optimizer = make_optimizer(model.parameters(), cfg.optim)
+    if wrap is not None:
+        model = wrap(model)
+    return TrainState(cfg, model, loss_fn, optimizer, LRSchedule(cfg.optim, cfg.train.epochs), device)
+
+
+def train_one_epoch(state: TrainState, batches: Iterable, steps_per_epoch: int) -> dict:
+    """One pass over `batches`; returns loss parts, training accuracy, images and seconds."""
+    cfg, device = state.cfg, state.device
+    model, loss_fn, optimizer = state.model, state.loss_fn, state.optimizer
+    model.train()
+    totals = torch.zeros(4, device=device)  # loss * n, ce * n, center * n, correct
+    images_seen, step, t0 = 0, 0, time.perf_counter()
+    channels_last = cfg.train.channels_last and device.type == "cuda"
+    for images, labels in batches:
+        images = images.to(device, non_blocking=True)
+        labels = labels.to(device, non_blocking=True).long()
+        factor = state.schedule.factor(state.epoch + step / max(steps_per_epoch, 1))
+        for group in optimizer.param_groups:
+            group["lr"] = cfg.optim.lr * factor
+        x = train_views(images, cfg.augment)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=state.use_amp):
+            logits, features = model(x, return_embedding=True)
+        loss, parts = loss_fn(logits, features, labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.optim.grad_clip > 0:
+            nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+        optimizer.step()
+        loss_fn.after_step(features, labels)
+        n = labels.shape[0]
+        totals += torch.stack([loss.detach() * n, parts["ce"] * n, parts["center"] * n,
+                               (logits.argmax(1) == labels).sum().float()])
+        images_seen += n
+        step += 1
+    if images_seen == 0:
+        raise RuntimeError("the training data produced no batch (fewer rows than one batch?)")
+    loss_sum, ce_sum, center_sum, correct = (totals / images_seen).tolist()
+    seconds = time.perf_counter() - t0
+    return {"train_loss": loss_sum, "train_ce": ce_sum, "train_center": center_sum, "train_acc": correct,
+            "train_images": images_seen, "train_seconds": seconds, "lr": optimizer.param_groups[0]["lr"],
+            "images_per_s": images_seen / max(seconds, 1e-9)}
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches: Iterable, crop: int, tta: bool, device: torch.device,
+             amp: bool = False) -> dict:
+    """Accuracy, per-class accuracy, confusion matrix and mean log-loss over `batches`."""
+    was_training = model.training
+    model.eval()
+    labels_all, preds_all, nll = [], [], 0.0
+    for images, labels in batches:
+        probs = predict_proba(model, images.to(device), crop, tta, amp)
+        labels = labels.to(device).long()
+        nll += -torch.log(probs.gather(1, labels[:, None]).clamp_min(1e-12)).sum().item()
+        labels_all.append(labels.cpu())
+        preds_all.append(probs.argmax(1).cpu())
+    model.train(was_training)
+    if not labels_all:
+        raise RuntimeError("the evaluation data produced no batch")
+    labels_all, preds_all = torch.cat(labels_all).numpy(), torch.cat(preds_all).numpy()
+    result = summarize_confusion(confusion_matrix(labels_all, preds_all, NUM_CLASSES))
+    result["loss"] = nll / len(labels_all)
+    return result
+
+
+def end_epoch(state: TrainState, train_metrics: dict, eval_metrics: dict) -> dict:
+    """Record an epoch: schedule step, best accuracy, history; returns the epoch's flat metrics."""
+    state.epoch += 1
+    accuracy = eval_metrics["accuracy"]
+    state.schedule.on_eval(accuracy)
+    improved = accuracy > state.best_accuracy
+    state.best_accuracy = max(state.best_accuracy, accuracy)
+    row = {"epoch": state.epoch, **train_metrics, "eval_acc": accuracy, "eval_loss": eval_metrics["loss"],
+           "best_eval_acc": state.best_accuracy, "improved": improved}
+    state.history.append(row)
+    return row
+
+
+# -------------------------------------------------------------------------------------- checkpoints
+def checkpoint_payload(state: TrainState, metrics: dict) -> dict:
+    """Everything in plain types and tensors, so torch.load(weights_only=True) can read it."""
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "kind": "classifier",
+        "ferray_version": __version__,
+        "config": to_dict(state.cfg),
+        "model": {k: v.detach().cpu() for k, v in state.core.state_dict().items()},
+        "centers": state.loss_fn.center.centers.detach().cpu(),
+        "optimizer": state.optimizer.state_dict(),
+        "schedule": state.schedule.state_dict(),
+        "epoch": state.epoch,
+        "best_accuracy": state.best_accuracy,
+        "history": state.history,
+        "metrics": metrics,
+    }
+
+
+def save_checkpoint(path: str | Path, state: TrainState, metrics: dict) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(checkpoint_payload(state, metrics), tmp)
+    tmp.replace(path)
+    return path
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+def load_checkpoint(path: str | Path, kind: str = "classifier") -> dict:
+    """Read a ferray checkpoint (a file, or a folder holding checkpoint.pt) with weights_only=True."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / CHECKPOINT_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle errors, truncated files, non-ferray pickles
+        raise CheckpointError(f"{path}: not a readable ferray checkpoint ({type(e).__name__}: {e})") from None
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path}: not a ferray checkpoint (format {payload.get('format') if isinstance(payload, dict) else type(payload).__name__})")
+    if payload.get("kind") != kind:
+        raise CheckpointError(f"{path}: a {payload.get('kind')} checkpoint, expected a {kind} one")
+    return payload
+
+
+def restore_state(state: TrainState, payload: dict) -> None:
+    """Continue a run from a checkpoint payload (model, centers, optimizer, schedule, counters)."""
+    state.core.load_state_dict(payload["model"])
+    state.loss_fn.center.centers.copy_(payload["centers"].to(state.device))
+    state.optimizer.load_state_dict(payload["optimizer"])
+    state.schedule.load_state_dict(payload["schedule"])
+    state.epoch, state.best_accuracy = payload["epoch"], payload["best_accuracy"]
+    state.history = list(payload["history"])
+
+
+def model_from_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, ExperimentConfig, dict]:
+    """Rebuild the model a checkpoint was trained as, from the checkpoint alone, in eval mode."""
+    payload = load_checkpoint(path)
+    cfg = from_dict(payload["config"])
+    model = build_model(cfg.model.name, num_classes=NUM_CLASSES, dropout=cfg.model.dropout)
+    model.load_state_dict(payload["model"])
+    return model.to(device).eval(), cfg, payload
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)

@@ -1,0 +1,50 @@
+"""`ferray evaluate`: a checkpoint on any split of a prepared dataset (Ray-free, torch only)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ferray.data.contract import EMOTIONS, load_split
+from ferray.engine import TensorBatches, evaluate, model_from_checkpoint
+from ferray.metrics import most_confused, plot_confusion
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, split: str = "PublicTest", tta: bool = False,
+                        out: str | Path | None = None, batch_size: int = 256,
+                        echo: Callable[[str], None] = print) -> dict:
+    """Accuracy, per-class accuracy and the confusion matrix; writes eval-<split>[-tta].{json,png}."""
+    device = default_device()
+    model, cfg, payload = model_from_checkpoint(checkpoint, device)
+    images, labels, _ = load_split(data, split)
+    batches = TensorBatches(torch.from_numpy(images), torch.from_numpy(labels), batch_size, shuffle=False, drop_last=False)
+    result = evaluate(model, batches, cfg.augment.crop, tta, device, amp=device.type == "cuda")
+    result.update({"checkpoint": str(checkpoint), "data": str(data), "split": split, "tta": tta,
+                   "model": cfg.model.name, "epoch": payload["epoch"]})
+    out = Path(out) if out is not None else Path(checkpoint).parent
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"eval-{split}" + ("-tta" if tta else "")
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    plot_confusion(result["confusion"], out / f"{stem}.png",
+                   f"{cfg.model.name} on {split}{' (TTA)' if tta else ''}: {result['accuracy']:.2%}")
+    echo(format_report(result))
+    echo(f"wrote {out / (stem + '.json')} and {out / (stem + '.png')}")
+    return result
+
+
+def format_report(result: dict) -> str:
+    lines = [f"{result['model']} (epoch {result['epoch']}) on {result['split']}"
+             f"{' with ten-crop TTA' if result['tta'] else ''}: accuracy {result['accuracy']:.2%} "
+             f"({result['samples']:,} faces)", f"{'class':<10}{'accuracy':>10}{'faces':>8}"]
+    for name in EMOTIONS:
+        lines.append(f"{name:<10}{result['per_class'][name]:>10.2%}{result['support'][name]:>8,}")
+    pairs = ", ".join(f"{a}->{b} {r:.0%}" for a, b, r in most_confused(result["confusion"]))
+    lines.append(f"most confused: {pairs}")
+    return "\n".join(lines)

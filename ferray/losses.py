@@ -1,0 +1,68 @@
+"""Joint softmax + center loss (Wen et al., ECCV 2016), Ray-free.
+
+    L = L_S + lambda * L_C,   L_C = 1/2 * sum_i ||x_i - c_{y_i}||^2   (divided by the batch size
+                                                                     with reduction="mean")
+
+x_i is the feature vector before the classifier, c_j the center of class j. Centers are not
+learned by the optimizer: after each step they move toward their class's features at their own
+rate alpha (Wen et al., eq. 4):
+
+    delta_c_j = sum_{i: y_i = j} (c_j - x_i) / (1 + #{i: y_i = j}),    c_j <- c_j - alpha * delta_c_j
+
+Under data-parallel training the per-class sums are all-reduced first, so every worker moves the
+centers by the same global step and they stay identical.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class CenterLoss(nn.Module):
+    def __init__(self, num_classes: int, feature_dim: int, alpha: float = 0.5, reduction: str = "mean"):
+        super().__init__()
+        if reduction not in ("mean", "sum"):
+            raise ValueError(f"reduction must be 'mean' or 'sum', not {reduction!r}")
+        self.alpha, self.reduction = alpha, reduction
+        self.register_buffer("centers", torch.zeros(num_classes, feature_dim))
+
+    def forward(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        diff = features.float() - self.centers[labels]  # (B, D); centers carry no gradient
+        loss = 0.5 * diff.pow(2).sum()
+        return loss / features.shape[0] if self.reduction == "mean" else loss
+
+    @torch.no_grad()
+    def update_centers(self, features: torch.Tensor, labels: torch.Tensor) -> None:
+        features = features.detach().float()
+        num_classes = self.centers.shape[0]
+        counts = torch.bincount(labels, minlength=num_classes).to(features.dtype)  # (C,)
+        sums = torch.zeros_like(self.centers).index_add_(0, labels, features)  # (C, D)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(counts)
+            dist.all_reduce(sums)
+        delta = (counts[:, None] * self.centers - sums) / (1 + counts[:, None])
+        self.centers -= self.alpha * delta
+
+
+class JointLoss(nn.Module):
+    """Cross-entropy (optionally label-smoothed) + lambda * center loss; returns the parts too."""
+
+    def __init__(self, num_classes: int, feature_dim: int, center_lambda: float, center_alpha: float,
+                 label_smoothing: float = 0.0, reduction: str = "mean"):
+        super().__init__()
+        self.center_lambda, self.label_smoothing = center_lambda, label_smoothing
+        self.center = CenterLoss(num_classes, feature_dim, center_alpha, reduction)
+
+    def forward(self, logits, features, labels) -> tuple[torch.Tensor, dict]:
+        ce = F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing)
+        if self.center_lambda == 0:
+            return ce, {"ce": ce.detach(), "center": torch.zeros((), device=ce.device)}
+        center = self.center(features, labels)
+        return ce + self.center_lambda * center, {"ce": ce.detach(), "center": center.detach()}
+
+    def after_step(self, features, labels) -> None:
+        if self.center_lambda != 0:
+            self.center.update_centers(features, labels)

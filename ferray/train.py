@@ -1,0 +1,306 @@
+"""`ferray train`: the engine under Ray Train (TorchTrainer, Train V2), a thin layer.
+
+Driver: checks the data and the run folder, writes config.yaml, builds the Ray datasets and the
+trainer (`build_trainer`, which `ferray tune` reuses), runs it, and copies the best checkpoint to
+RUN/best.pt. Workers (`train_loop`): DDP via prepare_model, their shard of Training through
+get_dataset_shard, the engine's epoch and evaluation, a checkpoint and a report every epoch.
+Ray keeps the best checkpoint by eval accuracy and always the latest, restarts lost workers from
+the latest (FailureConfig), and `--resume` continues an interrupted run of the same name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import pyarrow as pa
+
+from ferray.config import ConfigError, ExperimentConfig, dump_yaml, from_dict, to_dict
+from ferray.data.contract import DataError, pixels_to_images, read_manifest, split_dir
+
+METRIC = "eval_acc"
+METRICS_FILE = "metrics.jsonl"
+RESULT_FILE = "result.json"
+BEST_FILE = "best.pt"
+SHUFFLE_BUFFER = 4096
+
+
+# ------------------------------------------------------------------------------------------ data
+def decode_faces(table: pa.Table) -> dict:
+    """Ray Data batch (pyarrow) -> {"image": (B, H, W) uint8, "label": (B,) int64}."""
+    return {"image": pixels_to_images(table.column("pixels")), "label": table.column("label").to_numpy()}
+
+
+def check_data(cfg: ExperimentConfig) -> dict:
+    """The manifest of cfg.data.path, after checking that both splits are there."""
+    manifest = read_manifest(cfg.data.path)
+    for split in (cfg.data.train_split, cfg.data.eval_split):
+        if split not in manifest["splits"]:
+            raise DataError(f"{cfg.data.path}: no {split!r} split (has: {', '.join(manifest['splits'])})")
+    size = manifest["image_size"][0]
+    if cfg.augment.crop > size:
+        raise ConfigError(f"augment.crop {cfg.augment.crop} is larger than the {size}x{size} faces in {cfg.data.path}")
+    return manifest
+
+
+def build_datasets(cfg: ExperimentConfig) -> dict:
+    import ray.data
+
+    def read(split: str):
+        path = str(split_dir(Path(cfg.data.path).absolute(), split))
+        return ray.data.read_parquet(path).map_batches(decode_faces, batch_format="pyarrow")
+
+    return {"train": read(cfg.data.train_split), "eval": read(cfg.data.eval_split)}
+
+
+def _batches(shard, batch_size: int, device, train: bool):
+    """Stream a shard as (uint8 faces, labels) batches on `device`."""
+    import torch
+
+    iterator = shard.iter_torch_batches(
+        batch_size=batch_size, dtypes={"image": torch.uint8, "label": torch.int64}, device=device,
+        drop_last=train, local_shuffle_buffer_size=SHUFFLE_BUFFER if train else None,
+    )
+    for batch in iterator:
+        yield batch["image"], batch["label"]
+
+
+def _cached(shard, device):
+    """Read a whole shard once into two tensors on `device` (faces stay uint8: 2.3 kB each)."""
+    import torch
+
+    images, labels = [], []
+    for batch in shard.iter_torch_batches(batch_size=8192, dtypes={"image": torch.uint8, "label": torch.int64}):
+        images.append(batch["image"])
+        labels.append(batch["label"])
+    return torch.cat(images).to(device), torch.cat(labels).to(device)
+
+
+class _EpochData:
+    """The worker's training and evaluation batches per epoch, cached or streamed (train.loader)."""
+
+    def __init__(self, cfg: ExperimentConfig, device, rank: int):
+        import ray.train
+
+        from ferray.engine import TensorBatches
+
+        self.cfg, self.device = cfg, device
+        self.train_shard = ray.train.get_dataset_shard("train")
+        self.eval_shard = ray.train.get_dataset_shard("eval")
+        if cfg.train.loader == "cache":
+            images, labels = _cached(self.train_shard, device)
+            self.train_cache = TensorBatches(images, labels, cfg.train.batch_size, seed=cfg.train.seed + rank)
+            self.eval_cache = None
+            if rank == 0:
+                images, labels = _cached(self.eval_shard, device)
+                self.eval_cache = TensorBatches(images, labels, cfg.train.eval_batch_size, shuffle=False, drop_last=False)
+
+    def train(self):
+        if self.cfg.train.loader == "cache":
+            return self.train_cache
+        return _batches(self.train_shard, self.cfg.train.batch_size, self.device, True)
+
+    def eval(self):
+        if self.cfg.train.loader == "cache":
+            return self.eval_cache
+        return _batches(self.eval_shard, self.cfg.train.eval_batch_size, self.device, False)
+
+
+# --------------------------------------------------------------------------------------- workers
+def train_loop(loop_config: dict) -> None:
+    """Ray Train's train_loop_per_worker: the engine, with DDP, shards and per-epoch reports."""
+    import ray.train
+    import ray.train.torch
+    import torch
+
+    from ferray import engine
+    from ferray.runtime import quiet_worker_logs
+
+    quiet_worker_logs()
+    cfg = from_dict(loop_config["experiment"])
+    run_dir = Path(loop_config["run_dir"])
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
+    engine.seed_everything(cfg.train.seed + rank)  # DDP broadcasts rank 0's initial weights
+    device = ray.train.torch.get_device()
+    state = engine.build_state(cfg, device, wrap=ray.train.torch.prepare_model)
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            engine.restore_state(state, engine.load_checkpoint(folder))
+        if rank == 0:
+            _rewrite_metrics(run_dir, state.history)
+            print(f"resumed from epoch {state.epoch} (best {cfg.data.eval_split} {state.best_accuracy:.2%})", flush=True)
+
+    steps_per_epoch = max(1, loop_config["train_rows"] // (cfg.train.batch_size * world))
+    data = _EpochData(cfg, device, rank)
+    writer = _tensorboard(run_dir) if rank == 0 else None
+    while state.epoch < cfg.train.epochs:
+        train_metrics = engine.train_one_epoch(state, data.train(), steps_per_epoch)
+        eval_metrics = _evaluate_on_rank0(state, data, cfg, device, rank, world)
+        row = engine.end_epoch(state, train_metrics, eval_metrics)
+        row["workers"] = world
+        row["images_per_s"] = train_metrics["images_per_s"] * world  # each worker saw its shard
+        with tempfile.TemporaryDirectory() as folder:
+            reported = None
+            if rank == 0:
+                engine.save_checkpoint(Path(folder) / engine.CHECKPOINT_FILE, state, row)
+                reported = ray.train.Checkpoint.from_directory(folder)
+                _log_epoch(run_dir, writer, cfg, row)
+            ray.train.report({k: v for k, v in row.items() if isinstance(v, (int, float))}, checkpoint=reported)
+    if writer is not None:
+        writer.close()
+
+
+def _evaluate_on_rank0(state, data: _EpochData, cfg, device, rank: int, world: int) -> dict:
+    """Rank 0 evaluates the whole eval split (it is not split across workers); the others get its
+    accuracy by broadcast, so schedules that watch it stay in step on every worker."""
+    import torch
+    import torch.distributed as dist
+
+    from ferray import engine
+
+    result = {"accuracy": 0.0, "loss": 0.0}
+    if rank == 0:
+        result = engine.evaluate(state.core, data.eval(), cfg.augment.crop, cfg.train.eval_tta, device, state.use_amp)
+    if world > 1 and dist.is_initialized():
+        shared = torch.tensor([result["accuracy"], result["loss"]], device=device, dtype=torch.float64)
+        dist.broadcast(shared, src=0)
+        if rank != 0:
+            result = {"accuracy": float(shared[0]), "loss": float(shared[1])}
+    return result
+
+
+def _tensorboard(run_dir: Path):
+    try:
+        from tensorboardX import SummaryWriter
+    except ImportError:  # TensorBoard events are a convenience; metrics.jsonl always exists
+        return None
+    return SummaryWriter(str(run_dir / "tensorboard"))
+
+
+def _log_epoch(run_dir: Path, writer, cfg: ExperimentConfig, row: dict) -> None:
+    with open(run_dir / METRICS_FILE, "a") as f:
+        f.write(json.dumps(row) + "\n")
+    if writer is not None:
+        for key, value in row.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "epoch":
+                writer.add_scalar(key, value, row["epoch"])
+        writer.flush()
+    print(format_epoch(row, cfg), flush=True)
+
+
+def _rewrite_metrics(run_dir: Path, history: list) -> None:
+    """After a restart, metrics.jsonl holds exactly the epochs the checkpoint has."""
+    with open(run_dir / METRICS_FILE, "w") as f:
+        for row in history:
+            f.write(json.dumps(row) + "\n")
+
+
+def format_epoch(row: dict, cfg: ExperimentConfig) -> str:
+    return (f"epoch {row['epoch']:>3}/{cfg.train.epochs}  loss {row['train_loss']:.4f}  "
+            f"train {row['train_acc']:6.2%}  {cfg.data.eval_split} {row['eval_acc']:6.2%} "
+            f"(best {row['best_eval_acc']:6.2%})  {row['images_per_s']:,.0f} img/s  lr {row['lr']:.2e}")
+
+
+# ---------------------------------------------------------------------------------------- driver
+def build_trainer(cfg: ExperimentConfig, run_dir: Path, train_rows: int, callbacks: list | None = None,
+                  datasets: dict | None = None):
+    """A TorchTrainer for `cfg` writing to `run_dir` (= storage_path / name); shared with `ferray tune`."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    gpus = cfg.scaling.gpus_per_worker
+    resources = {"CPU": cfg.scaling.cpus_per_worker, **({"GPU": gpus} if gpus else {})}
+    return TorchTrainer(
+        train_loop,
+        train_loop_config={"experiment": to_dict(cfg), "run_dir": str(run_dir), "train_rows": train_rows},
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.scaling.workers, use_gpu=gpus > 0,
+                                               resources_per_worker=resources),
+        datasets=datasets if datasets is not None else build_datasets(cfg),
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+        run_config=ray.train.RunConfig(
+            name=run_dir.name, storage_path=str(run_dir.parent),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.scaling.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=METRIC,
+                                                         checkpoint_score_order="max"),
+            callbacks=callbacks,
+            # Ray Train patches print() to log as well, which shows every epoch line twice.
+            worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", "FERRAY_VERBOSE": os.environ.get("FERRAY_VERBOSE", "")}},
+        ),
+    )
+
+
+def check_resources(cfg: ExperimentConfig) -> None:
+    """Refuse, before starting, a request the cluster can never satisfy (instead of waiting forever)."""
+    import ray
+
+    total = ray.cluster_resources()
+    need_cpu = cfg.scaling.workers * cfg.scaling.cpus_per_worker
+    need_gpu = cfg.scaling.workers * cfg.scaling.gpus_per_worker
+    if need_gpu > total.get("GPU", 0):
+        raise ConfigError(f"{cfg.scaling.workers} workers x {cfg.scaling.gpus_per_worker:g} GPU need "
+                          f"{need_gpu:g} GPUs; this Ray cluster has {total.get('GPU', 0):g}")
+    if need_cpu > total.get("CPU", 0):
+        raise ConfigError(f"{cfg.scaling.workers} workers x {cfg.scaling.cpus_per_worker:g} CPU need "
+                          f"{need_cpu:g} CPUs; this Ray cluster has {total.get('CPU', 0):g}")
+
+
+def prepare_run_dir(out: Path, name: str, resume: bool) -> Path:
+    run_dir = (Path(out) / name).absolute()
+    if resume and not run_dir.is_dir():
+        raise ConfigError(f"--resume: no run at {run_dir} to resume")
+    if not resume and run_dir.exists():
+        raise ConfigError(f"{run_dir} exists: pass --resume to continue it, or choose another --name/--out")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def run_training(cfg: ExperimentConfig, out: Path, name: str | None = None, resume: bool = False,
+                 echo: Callable[[str], None] = print) -> dict:
+    """Train `cfg` under Ray Train; returns the run's result (also written to RUN/result.json)."""
+    from ferray.runtime import connect
+
+    manifest = check_data(cfg)
+    train_rows = manifest["splits"][cfg.data.train_split]["rows"]
+    run_dir = prepare_run_dir(out, name or cfg.name, resume)
+    info = connect()
+    check_resources(cfg)
+    (run_dir / "config.yaml").write_text(dump_yaml(cfg))
+    echo(f"train: {cfg.model.name} on {cfg.data.path} ({train_rows:,} {cfg.data.train_split} faces), "
+         f"{cfg.scaling.workers} worker(s) x {cfg.scaling.gpus_per_worker:g} GPU, {cfg.train.epochs} epochs; "
+         f"ray {info.mode}; run folder {run_dir}")
+    t0 = time.perf_counter()
+    result = build_trainer(cfg, run_dir, train_rows).fit()
+    if result.error is not None:
+        raise result.error
+    return finish_run(cfg, run_dir, result, time.perf_counter() - t0, echo)
+
+
+def finish_run(cfg: ExperimentConfig, run_dir: Path, result, seconds: float, echo: Callable[[str], None] = print) -> dict:
+    best = result.get_best_checkpoint(METRIC, "max") if result.best_checkpoints else result.checkpoint
+    from ferray.engine import CHECKPOINT_FILE, load_checkpoint
+
+    with best.as_directory() as folder:
+        shutil.copy(Path(folder) / CHECKPOINT_FILE, run_dir / BEST_FILE)
+    payload = load_checkpoint(run_dir / BEST_FILE)
+    summary = {
+        "name": run_dir.name, "model": cfg.model.name, "run_dir": str(run_dir),
+        "best_checkpoint": str(run_dir / BEST_FILE), "best_epoch": payload["epoch"],
+        f"best_{METRIC}": payload["metrics"][METRIC], "eval_split": cfg.data.eval_split,
+        "epochs": int((result.metrics or {}).get("epoch", payload["epoch"])),
+        "final_metrics": {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))},
+        "seconds": round(seconds, 1), "workers": cfg.scaling.workers, "gpus_per_worker": cfg.scaling.gpus_per_worker,
+    }
+    (run_dir / RESULT_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+    echo(f"train: done in {seconds:.0f}s; best {cfg.data.eval_split} accuracy {summary[f'best_{METRIC}']:.2%} "
+         f"at epoch {summary['best_epoch']}; checkpoint {run_dir / BEST_FILE}")
+    return summary
+
