@@ -119,6 +119,11 @@ def _coerce(value, annotation, where: str):
     kind = annotation if isinstance(annotation, type) else typing.get_origin(annotation)
     if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
+    if kind is float and isinstance(value, str):
+        try:  # YAML reads 3e-4 (no dot) as a string; accept it as the number it is
+            return float(value)
+        except ValueError:
+            pass
     if kind is bool and isinstance(value, bool):
         return value
     if kind is int and isinstance(value, int) and not isinstance(value, bool):

@@ -1,7 +1,8 @@
 """`ferray demo`: the pipeline end to end on synthetic faces, every artifact under one folder.
 
-Stages so far: synthesize a FER2013-style CSV -> prepare it with Ray Data -> print the manifest.
-Each later stage (training, SR, tuning, ensemble, serving, report) appends itself here.
+Stages so far: synthesize a FER2013-style CSV -> prepare it with Ray Data -> train the debug
+Model A with Ray Train -> evaluate it. Each later stage (SR, tuning, ensemble, serving, report)
+appends itself here.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Callable
 from ferray.data.contract import DataError
 
 MARKER = ".ferray-demo"
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 DEFAULT_OUT = Path("ferray-demo")
 
 
@@ -29,8 +31,11 @@ def claim_folder(out: Path) -> None:
 
 def run_demo(out: Path | None, n: int = 1400, seed: int = 0, echo: Callable[[str], None] = print) -> dict:
     from ferray.cli import format_manifest
+    from ferray.config import load_config
     from ferray.data.prepare import prepare
     from ferray.data.synth import SynthSpec, synthesize
+    from ferray.evaluate import evaluate_checkpoint
+    from ferray.train import run_training
 
     if out is None:
         out = DEFAULT_OUT
@@ -38,10 +43,16 @@ def run_demo(out: Path | None, n: int = 1400, seed: int = 0, echo: Callable[[str
     out = Path(out)
     claim_folder(out)
     t0 = time.perf_counter()
-    echo(f"[1/2] synth: {n} synthetic faces as a Kaggle-style fer2013.csv")
+    steps = 4
+    echo(f"[1/{steps}] synth: {n} synthetic faces as a Kaggle-style fer2013.csv")
     synthesize(out / "source", SynthSpec(n=n, seed=seed), fmt="csv")
-    echo("[2/2] prepare: fer2013.csv -> Parquet + manifest (Ray Data)")
+    echo(f"[2/{steps}] prepare: fer2013.csv -> Parquet + manifest (Ray Data)")
     manifest = prepare(out / "source" / "fer2013.csv", out / "data", echo=echo)
     print(format_manifest(manifest, out / "data"))
-    echo(f"demo: done in {time.perf_counter() - t0:.1f}s; artifacts under {out.absolute()}")
-    return {"out": out, "manifest": manifest}
+    echo(f"[3/{steps}] train: experiments/debug_a.yaml (Model A layout at 1/8 width, Ray Train)")
+    cfg = load_config(EXPERIMENTS / "debug_a.yaml", [f"data.path={out / 'data'}", f"train.seed={seed}"])
+    run = run_training(cfg, out / "runs", echo=echo)
+    echo(f"[4/{steps}] evaluate: the best checkpoint on PublicTest with ten-crop TTA")
+    evaluation = evaluate_checkpoint(run["best_checkpoint"], out / "data", "PublicTest", tta=True, echo=print)
+    echo(f"demo: done in {time.perf_counter() - t0:.0f}s; artifacts under {out.absolute()}")
+    return {"out": out, "manifest": manifest, "run": run, "evaluation": evaluation}

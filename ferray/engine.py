@@ -120,11 +120,20 @@ class TrainState:
 
     @property
     def core(self) -> nn.Module:
-        return getattr(self.model, "module", self.model)
+        return unwrap(self.model)
 
     @property
     def use_amp(self) -> bool:
         return self.cfg.train.amp and self.device.type == "cuda"
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The bare module under DDP (`.module`) and torch.compile (`._orig_mod`) wrappers."""
+    while True:
+        inner = getattr(model, "_orig_mod", None) or getattr(model, "module", None)
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
 
 
 def build_state(cfg: ExperimentConfig, device: torch.device,

@@ -142,12 +142,14 @@ def train_loop(loop_config: dict) -> None:
     steps_per_epoch = max(1, loop_config["train_rows"] // (cfg.train.batch_size * world))
     data = _EpochData(cfg, device, rank)
     writer = _tensorboard(run_dir) if rank == 0 else None
+    loop_start = time.perf_counter()
     while state.epoch < cfg.train.epochs:
         train_metrics = engine.train_one_epoch(state, data.train(), steps_per_epoch)
         eval_metrics = _evaluate_on_rank0(state, data, cfg, device, rank, world)
         row = engine.end_epoch(state, train_metrics, eval_metrics)
         row["workers"] = world
         row["images_per_s"] = train_metrics["images_per_s"] * world  # each worker saw its shard
+        row["loop_seconds"] = time.perf_counter() - loop_start  # since this worker's first epoch began
         with tempfile.TemporaryDirectory() as folder:
             reported = None
             if rank == 0:

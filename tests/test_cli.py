@@ -8,7 +8,7 @@ import pytest
 
 from ferray.cli import build_parser
 
-COMMANDS = ["demo", "prepare", "synth", "info"]
+COMMANDS = ["demo", "prepare", "synth", "info", "train", "evaluate", "models"]
 
 
 def ferray(*args, **kw):
@@ -63,14 +63,25 @@ def test_info_on_a_folder_that_is_not_prepared(tmp_path):
 @pytest.mark.slow
 def test_demo_runs_end_to_end(tmp_path):
     out = tmp_path / "demo"
-    result = ferray("demo", "--out", out, "--n", 140, timeout=600, env=_clean_env())
+    result = ferray("demo", "--out", out, "--n", 210, timeout=900, env=_clean_env())
     assert result.returncode == 0, result.stderr[-3000:]
     assert "checksum:" in result.stdout and (out / "data" / "manifest.json").exists()
-    again = ferray("demo", "--out", out, "--n", 70, timeout=600, env=_clean_env())  # reruns replace
-    assert again.returncode == 0 and json.loads((out / "data" / "manifest.json").read_text())["rows"] == 70
+    assert (out / "runs" / "debug_a" / "best.pt").exists()
+    assert "on PublicTest with ten-crop TTA: accuracy" in result.stdout
+    assert (out / "runs" / "debug_a" / "eval-PublicTest-tta.png").exists()
+
+
+def test_demo_folder_is_reused_only_if_it_is_a_demo(tmp_path):
+    from ferray.data.contract import DataError
+    from ferray.demo import MARKER, claim_folder
+
+    claim_folder(tmp_path / "d")
+    (tmp_path / "d" / "old").write_text("x")
+    claim_folder(tmp_path / "d")  # an earlier demo: replaced
+    assert sorted(p.name for p in (tmp_path / "d").iterdir()) == [MARKER]
     (tmp_path / "mine").mkdir()
-    refused = ferray("demo", "--out", tmp_path / "mine")
-    assert refused.returncode == 1 and "not a ferray demo folder" in refused.stderr
+    with pytest.raises(DataError, match="not a ferray demo folder"):
+        claim_folder(tmp_path / "mine")
 
 
 def _clean_env():

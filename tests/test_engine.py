@@ -1,0 +1,98 @@
+"""The engine without Ray: learning, checkpoints, schedules."""
+
+import math
+
+import pytest
+import torch
+
+from ferray import engine
+from ferray.config import OptimConfig, load_config
+
+
+def tiny_config(*extra):
+    return load_config(None, ["model.name=xception_a_tiny", "train.epochs=4", "train.batch_size=32",
+                              "optim.lr=0.003", "loss.center_lambda=0.001", *extra])
+
+
+@pytest.fixture(scope="module")
+def synth_tensors(synth_faces):
+    images, labels, splits = synth_faces
+    train = splits == "Training"
+    return (torch.from_numpy(images[train]), torch.from_numpy(labels[train]),
+            torch.from_numpy(images[~train]), torch.from_numpy(labels[~train]))
+
+
+@pytest.mark.parametrize("extra", [[], ["optim.name=sgd", "optim.lr=0.05", "loss.label_smoothing=0.1",
+                                        "augment.erase_prob=0.3", "model.dropout=0.1", "optim.grad_clip=5.0"]])
+def test_loss_goes_down_in_a_few_steps(synth_tensors, extra):
+    x, y, _, _ = synth_tensors
+    cfg = tiny_config(*extra)
+    state = engine.build_state(cfg, torch.device("cpu"))
+    batch = engine.TensorBatches(x[:32], y[:32], 32)
+    losses = [engine.train_one_epoch(state, batch, 1)["train_loss"] for _ in range(15)]
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.1, losses
+    assert all(math.isfinite(v) for v in losses)
+
+
+def test_checkpoint_round_trip_rebuilds_the_model_from_the_file_alone(tmp_path, synth_tensors):
+    x, y, xt, yt = synth_tensors
+    cfg = tiny_config()
+    state = engine.build_state(cfg, torch.device("cpu"))
+    train_metrics = engine.train_one_epoch(state, engine.TensorBatches(x, y, 32), 3)
+    eval_metrics = engine.evaluate(state.model, engine.TensorBatches(xt, yt, 64, shuffle=False, drop_last=False),
+                                   44, False, torch.device("cpu"))
+    row = engine.end_epoch(state, train_metrics, eval_metrics)
+    path = engine.save_checkpoint(tmp_path / "c.pt", state, row)
+    payload = torch.load(path, weights_only=True)  # plain types and tensors only
+    assert payload["config"]["model"]["name"] == "xception_a_tiny" and payload["epoch"] == 1
+
+    model, cfg2, _ = engine.model_from_checkpoint(path)
+    assert cfg2 == cfg
+    state.model.eval()
+    with torch.no_grad():
+        probe = torch.randn(2, 1, 44, 44)
+        assert torch.allclose(model(probe), state.model(probe), atol=1e-6)
+
+    resumed = engine.build_state(cfg, torch.device("cpu"))
+    engine.restore_state(resumed, engine.load_checkpoint(path))
+    assert resumed.epoch == 1 and torch.equal(resumed.loss_fn.center.centers, state.loss_fn.center.centers)
+    assert resumed.history == state.history
+
+
+def test_evaluate_reports_accuracy_per_class_and_confusion(synth_tensors):
+    _, _, xt, yt = synth_tensors
+    model = engine.build_state(tiny_config(), torch.device("cpu")).model
+    result = engine.evaluate(model, engine.TensorBatches(xt, yt, 16, shuffle=False, drop_last=False), 44, True,
+                             torch.device("cpu"))
+    assert result["samples"] == len(yt) and 0 <= result["accuracy"] <= 1
+    assert sum(map(sum, result["confusion"])) == len(yt) and set(result["per_class"]) >= {"happy", "neutral"}
+
+
+def test_bad_checkpoints_are_named(tmp_path):
+    with pytest.raises(engine.CheckpointError, match="no such checkpoint"):
+        engine.load_checkpoint(tmp_path / "none.pt")
+    torch.save({"weights": torch.zeros(1)}, tmp_path / "other.pt")
+    with pytest.raises(engine.CheckpointError, match="not a ferray checkpoint"):
+        engine.load_checkpoint(tmp_path / "other.pt")
+    (tmp_path / "junk.pt").write_bytes(b"junk")
+    with pytest.raises(engine.CheckpointError, match="not a readable"):
+        engine.load_checkpoint(tmp_path / "junk.pt")
+
+
+@pytest.mark.parametrize("schedule, checks", [
+    ("none", [(0, 1.0), (50, 1.0)]),
+    ("cosine", [(0, 1.0), (50, 0.5), (100, 0.0)]),
+    ("step", [(0, 1.0), (30, 0.1), (60, 0.01)]),
+])
+def test_lr_schedules(schedule, checks):
+    sched = engine.LRSchedule(OptimConfig(schedule=schedule, step_epochs=[30, 60]), epochs=100)
+    for epoch, factor in checks:
+        assert sched.factor(epoch) == pytest.approx(factor, abs=1e-6)
+
+
+def test_warmup_and_plateau():
+    sched = engine.LRSchedule(OptimConfig(schedule="plateau", warmup_epochs=2, patience=1, gamma=0.5), 10)
+    assert sched.factor(1) == pytest.approx(0.5)
+    for acc in (0.5, 0.4, 0.4):  # best, then two epochs without improvement > patience 1
+        sched.on_eval(acc)
+    assert sched.factor(5) == pytest.approx(0.5)

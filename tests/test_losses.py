@@ -1,0 +1,49 @@
+"""Center loss against a case computed by hand."""
+
+import pytest
+import torch
+
+from ferray.losses import CenterLoss, JointLoss
+
+
+def test_center_loss_value_by_hand():
+    loss = CenterLoss(num_classes=2, feature_dim=2, reduction="sum")
+    loss.centers.copy_(torch.tensor([[0.0, 0.0], [1.0, 1.0]]))
+    x = torch.tensor([[1.0, 2.0], [1.0, 0.0], [3.0, 1.0]])
+    y = torch.tensor([0, 1, 1])
+    # 1/2 * (|(1,2)|^2 + |(0,-1)|^2 + |(2,0)|^2) = 1/2 * (5 + 1 + 4) = 5
+    assert loss(x, y).item() == pytest.approx(5.0)
+    loss.reduction = "mean"
+    assert loss(x, y).item() == pytest.approx(5.0 / 3)
+
+
+def test_center_update_by_hand():
+    loss = CenterLoss(num_classes=3, feature_dim=2, alpha=0.5)
+    loss.centers.copy_(torch.tensor([[0.0, 0.0], [1.0, 1.0], [5.0, 5.0]]))
+    x = torch.tensor([[1.0, 2.0], [1.0, 0.0], [3.0, 1.0]])
+    y = torch.tensor([0, 1, 1])
+    loss.update_centers(x, y)
+    # class 0: delta = (c - x) / (1 + 1) = (-1, -2) / 2 -> c = 0 - 0.5 * (-0.5, -1) = (0.25, 0.5)
+    # class 1: delta = ((1,1)-(1,0) + (1,1)-(3,1)) / 3 = (-2, 1) / 3 -> c = (1,1) - 0.5 * (-2/3, 1/3)
+    # class 2: no samples, unchanged
+    expected = torch.tensor([[0.25, 0.5], [1 + 1 / 3, 1 - 1 / 6], [5.0, 5.0]])
+    assert torch.allclose(loss.centers, expected)
+
+
+def test_center_loss_gradient_pulls_features_to_their_center():
+    loss = CenterLoss(num_classes=2, feature_dim=2)
+    x = torch.tensor([[2.0, 0.0]], requires_grad=True)
+    loss(x, torch.tensor([0])).backward()
+    assert torch.allclose(x.grad, torch.tensor([[2.0, 0.0]]))  # d/dx 1/2 |x - 0|^2 = x
+    assert loss.centers.grad is None  # centers move by their own rule, not by the optimizer
+
+
+def test_joint_loss_combines_parts_with_lambda():
+    joint = JointLoss(num_classes=3, feature_dim=2, center_lambda=0.1, center_alpha=0.5)
+    logits, features, labels = torch.randn(4, 3), torch.randn(4, 2), torch.tensor([0, 1, 2, 0])
+    total, parts = joint(logits, features, labels)
+    assert total.item() == pytest.approx(parts["ce"].item() + 0.1 * parts["center"].item(), rel=1e-5)
+    off = JointLoss(3, 2, center_lambda=0.0, center_alpha=0.5)
+    assert off(logits, features, labels)[0].item() == pytest.approx(parts["ce"].item(), rel=1e-5)
+    with pytest.raises(ValueError):
+        CenterLoss(3, 2, reduction="max")

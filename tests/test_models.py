@@ -1,0 +1,61 @@
+"""Model A and the registry: shapes, gradients, documented parameter count and depth."""
+
+import pytest
+import torch
+
+from ferray.cli import format_models
+from ferray.models import build_model, keras_params, list_models, model_entry, num_params
+from ferray.models.xception import keras_depth
+
+PAPER_PARAMS, PAPER_DEPTH = 2_720_439, 83
+
+
+def test_model_a_matches_the_papers_parameter_count_and_depth():
+    model = build_model("xception_a")
+    assert abs(keras_params(model) - PAPER_PARAMS) / PAPER_PARAMS < 0.01
+    assert keras_params(model) == 2_716_359 and num_params(model) == 2_701_831  # the documented figures
+    assert keras_depth(model) == PAPER_DEPTH
+    assert keras_depth(build_model("xception_a", dropout=0.3)) == PAPER_DEPTH + 1  # dropout is a layer
+
+
+def test_model_a_has_3_regular_and_22_separable_convolutions():
+    from ferray.models.xception import SeparableConv2d
+
+    model = build_model("xception_a")
+    separable = [m for m in model.modules() if isinstance(m, SeparableConv2d)]
+    inside = {id(m.depthwise) for m in separable} | {id(m.pointwise) for m in separable}
+    regular = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d) and id(m) not in inside]
+    assert (len(regular), len(separable)) == (3, 22)
+
+
+@pytest.mark.parametrize("name", ["xception_a", "xception_a_tiny"])
+@pytest.mark.parametrize("size", [48, 44])
+def test_shapes_and_finite_outputs(name, size):
+    model = build_model(name).eval()
+    x = torch.randn(3, 1, size, size)
+    features = model.forward_features(x)
+    assert features.shape[2:] == (6, 6)  # 48 -> 24 -> 12 -> 6 and 44 -> 22 -> 11 -> 6
+    logits, embedding = model(x, return_embedding=True)
+    assert logits.shape == (3, 7) and embedding.shape == (3, model.num_features)
+    assert torch.isfinite(logits).all()
+
+
+def test_every_parameter_gets_a_gradient():
+    model = build_model("xception_a_tiny", dropout=0.2).train()
+    logits, embedding = model(torch.randn(4, 1, 44, 44), return_embedding=True)
+    (logits.logsumexp(1).mean() + embedding.pow(2).mean()).backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+    assert missing == []
+
+
+def test_registry_lists_and_refuses_unknown_names():
+    names = [e.name for e in list_models()]
+    assert {"xception_a", "xception_a_tiny"} <= set(names)
+    assert model_entry("xception_a").input_size == 44
+    with pytest.raises(KeyError, match="unknown model 'nope'"):
+        build_model("nope")
+
+
+def test_models_table_shows_counts_and_depth():
+    table = format_models()
+    assert "xception_a" in table and "2,716,359" in table and " 83 " in table
