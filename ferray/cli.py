@@ -14,7 +14,7 @@ from pathlib import Path
 from ferray import __version__
 
 EPILOG = """\
-stages: synth | prepare -> train -> evaluate   (later: sr, tune, ensemble, serve, report)
+stages: synth | prepare -> sr train -> sr upscale -> train -> evaluate   (later: tune, ensemble, serve, report)
 Ray: set RAY_ADDRESS (or run under `ray job submit`) to use a cluster; otherwise an embedded Ray
 is started on this machine. Run `ferray <command> --help` for each command's options.
 """
@@ -38,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_evaluate(sub)
     _add_models(sub)
+    _add_sr(sub)
     return parser
 
 
@@ -135,6 +136,51 @@ def _add_models(sub) -> None:
     p.set_defaults(func=cmd_models)
 
 
+def _add_sr(sub) -> None:
+    p = sub.add_parser("sr", formatter_class=_formatter, help="SRGAN x2: train, upscale a dataset, evaluate",
+                       description="Super-resolution of the faces (SRGAN x2): train the generator on 24 -> 48 "
+                       "pairs made from the faces themselves, upscale a prepared dataset 48 -> 96 with a Ray "
+                       "Data actor pool, and measure PSNR/SSIM against bicubic.")
+    srsub = p.add_subparsers(dest="sr_command", metavar="<sr command>", required=True)
+    t = srsub.add_parser("train", formatter_class=_formatter, help="train the SRGAN with Ray Train",
+                         description="Pre-train the generator with pixel MSE (SRResNet), then train it "
+                         "adversarially (content + 1e-3 adversarial loss), through Ray Train like `ferray train` "
+                         "(checkpoints, --resume, metrics.jsonl). The run records which content loss was used.")
+    t.add_argument("experiment", type=Path, help="an experiments/*srgan*.yaml file")
+    t.add_argument("--data", help="prepared 48x48 data (overrides data.path)")
+    t.add_argument("--workers", type=int, help="data-parallel workers")
+    t.add_argument("--gpus-per-worker", type=float, help="GPUs per worker")
+    t.add_argument("--epochs", type=int, help="total epochs, pre-training included (overrides train.epochs)")
+    t.add_argument("--out", type=Path, default=Path("runs"), help="folder of runs (default: ./runs)")
+    t.add_argument("--name", help="run name (default: the experiment's name)")
+    t.add_argument("--resume", action="store_true", help="continue the interrupted run OUT/NAME")
+    t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config value, e.g. --set sr.content=mse (repeatable)")
+    t.set_defaults(func=cmd_sr_train)
+    u = srsub.add_parser("upscale", formatter_class=_formatter, help="upscale a prepared dataset 48 -> 96",
+                         description="Apply the generator to every split 48 -> 96 with Ray Data map_batches over "
+                         "an actor pool (one GPU per actor where there are GPUs), writing the prepared-data "
+                         "contract at 96x96 with a manifest that records the generator checkpoint.")
+    u.add_argument("--checkpoint", type=Path, help="an `ferray sr train` checkpoint (e.g. RUN/best.pt)")
+    u.add_argument("--data", required=True, type=Path, help="prepared 48x48 data")
+    u.add_argument("--out", required=True, type=Path, help="output folder (must not exist unless --overwrite)")
+    u.add_argument("--method", choices=("srgan", "bicubic"), default="srgan",
+                   help="srgan (default) or the bicubic baseline (no --checkpoint needed)")
+    u.add_argument("--actors", type=int, default=1, help="actors in the pool (default: 1)")
+    u.add_argument("--gpus-per-actor", type=float, default=0.0, help="GPUs per actor (default: 0, CPU)")
+    u.add_argument("--batch-size", type=int, default=256, help="faces per batch (default: 256)")
+    u.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    u.set_defaults(func=cmd_sr_upscale)
+    e = srsub.add_parser("eval", formatter_class=_formatter, help="PSNR/SSIM of SR vs bicubic, and a figure",
+                         description="PSNR and SSIM of the generator against bicubic at 24 -> 48 on a split "
+                         "of the 48x48 data, and a PNG grid of LR / bicubic / SR / HR faces (the paper's Figure 2).")
+    e.add_argument("--checkpoint", required=True, type=Path, help="an `ferray sr train` checkpoint")
+    e.add_argument("--data", required=True, type=Path, help="prepared 48x48 data")
+    e.add_argument("--split", default="PublicTest", help="split (default: PublicTest)")
+    e.add_argument("--out", type=Path, help="folder for the JSON and the PNG (default: beside the checkpoint)")
+    e.set_defaults(func=cmd_sr_eval)
+
+
 # ------------------------------------------------------------------------------------- commands
 def experiment_config(args):
     from ferray.config import load_config
@@ -153,6 +199,29 @@ def cmd_train(args) -> int:
 
     cfg = experiment_config(args)
     run_training(cfg, args.out, name=args.name, resume=args.resume, echo=_echo)
+    return 0
+
+
+def cmd_sr_train(args) -> int:
+    from ferray.train import run_training
+
+    run_training(experiment_config(args), args.out, name=args.name, resume=args.resume, echo=_echo, task="sr")
+    return 0
+
+
+def cmd_sr_upscale(args) -> int:
+    from ferray.upscale import upscale
+
+    manifest = upscale(args.data, args.out, args.method, str(args.checkpoint) if args.checkpoint else None,
+                       args.actors, args.gpus_per_actor, args.batch_size, args.overwrite, echo=_echo)
+    print(format_manifest(manifest, args.out))
+    return 0
+
+
+def cmd_sr_eval(args) -> int:
+    from ferray.sr.evaluation import evaluate_generator
+
+    evaluate_generator(args.checkpoint, args.data, args.split, args.out)
     return 0
 
 
@@ -230,8 +299,7 @@ def format_manifest(m: dict, root) -> str:
 
     h, w = m["image_size"]
     src = m.get("source", {})
-    lines = [f"{root}: {m['rows']:,} faces, {h}x{w} grayscale ({m['format']})",
-             f"source: {src.get('path', src.get('kind', '?'))}" + (f" [{src['kind']}]" if "path" in src else "")]
+    lines = [f"{root}: {m['rows']:,} faces, {h}x{w} grayscale ({m['format']})", "source: " + describe_source(src)]
     names = ["split", *EMOTIONS, "total"]
     width = [max(11, len(n) + 1) if i == 0 else max(8, len(n) + 1) for i, n in enumerate(names)]
     lines.append("".join(n.ljust(width[0]) if i == 0 else n.rjust(width[i]) for i, n in enumerate(names)))
@@ -252,6 +320,15 @@ def format_manifest(m: dict, root) -> str:
     return "\n".join(lines)
 
 
+def describe_source(src: dict) -> str:
+    if src.get("kind") == "upscaled":
+        how = src["method"] + (f" ({src['generator_checkpoint']})" if src.get("generator_checkpoint") else "")
+        return f"{src['from']} upscaled x{src['scale']} by {how}"
+    if "path" in src:
+        return f"{src['path']} [{src['kind']}]"
+    return ", ".join(f"{k} {v}" for k, v in src.items())
+
+
 class UsageError(Exception):
     pass
 
@@ -264,12 +341,13 @@ def main(argv: list[str] | None = None) -> int:
     from ferray.config import ConfigError
     from ferray.data.contract import DataError
     from ferray.engine import CheckpointError
+    from ferray.sr.losses import ContentError
 
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (DataError, UsageError, ConfigError, CheckpointError) as e:
+    except (DataError, UsageError, ConfigError, CheckpointError, ContentError) as e:
         print(f"ferray {args.command}: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

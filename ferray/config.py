@@ -93,6 +93,24 @@ class ScalingConfig:
 
 
 @dataclass
+class SRConfig:
+    """SRGAN settings (used by `ferray sr train`); batch size, epochs and data come from train/data."""
+
+    generator_channels: int = 64
+    generator_blocks: int = 16
+    bicubic_skip: bool = True  # predict the residual over bicubic (ours: much faster to train)
+    discriminator_channels: int = 64
+    pretrain_epochs: int = 10  # pixel-MSE (SRResNet) epochs before the adversarial ones
+    lr_g: float = 1e-4
+    lr_d: float = 1e-4
+    content: str = "auto"  # auto | vgg19 | model_a | mse  (auto: vgg19 if its weights are local, else model_a if content_checkpoint is set, else mse)
+    content_layer: str = "vgg54"  # vgg22 | vgg54 (SRGAN's names), for content: vgg19
+    content_weights: str = ""  # a VGG19 state dict file; default: torchvision's cache
+    content_checkpoint: str = ""  # a Model A checkpoint, for content: model_a
+    adversarial_weight: float = 1e-3
+
+
+@dataclass
 class ExperimentConfig:
     name: str = "experiment"
     description: str = ""
@@ -103,6 +121,7 @@ class ExperimentConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    sr: SRConfig = field(default_factory=SRConfig)
 
 
 CHOICES = {
@@ -110,6 +129,8 @@ CHOICES = {
     ("optim", "schedule"): ("none", "cosine", "step", "plateau"),
     ("loss", "center_reduction"): ("mean", "sum"),
     ("train", "loader"): ("cache", "stream"),
+    ("sr", "content"): ("auto", "vgg19", "model_a", "mse"),
+    ("sr", "content_layer"): ("vgg22", "vgg54"),
 }
 
 

@@ -1,8 +1,9 @@
 """`ferray demo`: the pipeline end to end on synthetic faces, every artifact under one folder.
 
 Stages so far: synthesize a FER2013-style CSV -> prepare it with Ray Data -> train the debug
-Model A with Ray Train -> evaluate it. Each later stage (SR, tuning, ensemble, serving, report)
-appends itself here.
+Model A with Ray Train -> evaluate it -> train the debug SRGAN -> upscale the data 48 -> 96 with a
+Ray Data actor pool -> evaluate the SR. Each later stage (Model B, tuning, ensemble, serving,
+report) appends itself here.
 """
 
 from __future__ import annotations
@@ -35,7 +36,9 @@ def run_demo(out: Path | None, n: int = 1400, seed: int = 0, echo: Callable[[str
     from ferray.data.prepare import prepare
     from ferray.data.synth import SynthSpec, synthesize
     from ferray.evaluate import evaluate_checkpoint
+    from ferray.sr.evaluation import evaluate_generator
     from ferray.train import run_training
+    from ferray.upscale import upscale
 
     if out is None:
         out = DEFAULT_OUT
@@ -43,16 +46,33 @@ def run_demo(out: Path | None, n: int = 1400, seed: int = 0, echo: Callable[[str
     out = Path(out)
     claim_folder(out)
     t0 = time.perf_counter()
-    steps = 4
-    echo(f"[1/{steps}] synth: {n} synthetic faces as a Kaggle-style fer2013.csv")
-    synthesize(out / "source", SynthSpec(n=n, seed=seed), fmt="csv")
-    echo(f"[2/{steps}] prepare: fer2013.csv -> Parquet + manifest (Ray Data)")
-    manifest = prepare(out / "source" / "fer2013.csv", out / "data", echo=echo)
-    print(format_manifest(manifest, out / "data"))
-    echo(f"[3/{steps}] train: experiments/debug_a.yaml (Model A layout at 1/8 width, Ray Train)")
-    cfg = load_config(EXPERIMENTS / "debug_a.yaml", [f"data.path={out / 'data'}", f"train.seed={seed}"])
-    run = run_training(cfg, out / "runs", echo=echo)
-    echo(f"[4/{steps}] evaluate: the best checkpoint on PublicTest with ten-crop TTA")
-    evaluation = evaluate_checkpoint(run["best_checkpoint"], out / "data", "PublicTest", tta=True, echo=print)
+    data, runs, done = out / "data", out / "runs", {"out": out}
+
+    def experiment(name: str, **values):
+        sets = [f"data.path={values.get('data', data)}", f"train.seed={seed}"]
+        return load_config(EXPERIMENTS / f"{name}.yaml", sets)
+
+    steps = [
+        ("synth: synthetic faces as a Kaggle-style fer2013.csv",
+         lambda: synthesize(out / "source", SynthSpec(n=n, seed=seed), fmt="csv")),
+        ("prepare: fer2013.csv -> Parquet + manifest (Ray Data)",
+         lambda: done.update(manifest=prepare(out / "source" / "fer2013.csv", data, echo=echo))
+         or print(format_manifest(done["manifest"], data))),
+        ("train: experiments/debug_a.yaml (Model A layout at 1/8 width, Ray Train)",
+         lambda: done.update(model_a=run_training(experiment("debug_a"), runs, echo=echo))),
+        ("evaluate: Model A's best checkpoint on PublicTest with ten-crop TTA",
+         lambda: done.update(evaluation=evaluate_checkpoint(done["model_a"]["best_checkpoint"], data, "PublicTest",
+                                                            tta=True, echo=print))),
+        ("sr train: experiments/debug_srgan.yaml (SRGAN x2, Ray Train)",
+         lambda: done.update(srgan=run_training(experiment("debug_srgan"), runs, echo=echo, task="sr"))),
+        ("sr upscale: every split 48 -> 96 with a Ray Data pool of 2 actors",
+         lambda: done.update(upscaled=upscale(data, out / "data_sr", "srgan", done["srgan"]["best_checkpoint"],
+                                              actors=2, echo=echo))),
+        ("sr eval: PSNR/SSIM against bicubic, and the LR/bicubic/SR/HR grid",
+         lambda: done.update(sr_eval=evaluate_generator(done["srgan"]["best_checkpoint"], data, echo=print))),
+    ]
+    for i, (title, run) in enumerate(steps, 1):
+        echo(f"[{i}/{len(steps)}] {title}")
+        run()
     echo(f"demo: done in {time.perf_counter() - t0:.0f}s; artifacts under {out.absolute()}")
-    return {"out": out, "manifest": manifest, "run": run, "evaluation": evaluation}
+    return done

@@ -1,9 +1,10 @@
-"""`ferray train`: the engine under Ray Train (TorchTrainer, Train V2), a thin layer.
+"""`ferray train` and `ferray sr train`: the engine under Ray Train (TorchTrainer, Train V2).
 
 Driver: checks the data and the run folder, writes config.yaml, builds the Ray datasets and the
 trainer (`build_trainer`, which `ferray tune` reuses), runs it, and copies the best checkpoint to
 RUN/best.pt. Workers (`train_loop`): DDP via prepare_model, their shard of Training through
-get_dataset_shard, the engine's epoch and evaluation, a checkpoint and a report every epoch.
+get_dataset_shard, the task's epoch and evaluation (ferray.tasks: a classifier or the SRGAN), a
+checkpoint and a report every epoch.
 Ray keeps the best checkpoint by eval accuracy and always the latest, restarts lost workers from
 the latest (FailureConfig), and `--resume` continues an interrupted run of the same name.
 """
@@ -21,9 +22,8 @@ from typing import Callable
 import pyarrow as pa
 
 from ferray.config import ConfigError, ExperimentConfig, dump_yaml, from_dict, to_dict
-from ferray.data.contract import DataError, pixels_to_images, read_manifest, split_dir
+from ferray.data.contract import FER_SIZE, DataError, pixels_to_images, read_manifest, split_dir
 
-METRIC = "eval_acc"
 METRICS_FILE = "metrics.jsonl"
 RESULT_FILE = "result.json"
 BEST_FILE = "best.pt"
@@ -36,14 +36,17 @@ def decode_faces(table: pa.Table) -> dict:
     return {"image": pixels_to_images(table.column("pixels")), "label": table.column("label").to_numpy()}
 
 
-def check_data(cfg: ExperimentConfig) -> dict:
+def check_data(cfg: ExperimentConfig, task: str = "classifier") -> dict:
     """The manifest of cfg.data.path, after checking that both splits are there."""
     manifest = read_manifest(cfg.data.path)
+    if task == "sr" and manifest["image_size"][0] != FER_SIZE:
+        raise DataError(f"{cfg.data.path}: {manifest['image_size'][0]}x{manifest['image_size'][1]} faces; the SRGAN "
+                        f"trains on {FER_SIZE}x{FER_SIZE} faces (24 -> 48 pairs)")
     for split in (cfg.data.train_split, cfg.data.eval_split):
         if split not in manifest["splits"]:
             raise DataError(f"{cfg.data.path}: no {split!r} split (has: {', '.join(manifest['splits'])})")
     size = manifest["image_size"][0]
-    if cfg.augment.crop > size:
+    if task == "classifier" and cfg.augment.crop > size:
         raise ConfigError(f"augment.crop {cfg.augment.crop} is larger than the {size}x{size} faces in {cfg.data.path}")
     return manifest
 
@@ -120,8 +123,10 @@ def train_loop(loop_config: dict) -> None:
 
     from ferray import engine
     from ferray.runtime import quiet_worker_logs
+    from ferray.tasks import get_task
 
     quiet_worker_logs()
+    task = get_task(loop_config["task"])
     cfg = from_dict(loop_config["experiment"])
     run_dir = Path(loop_config["run_dir"])
     context = ray.train.get_context()
@@ -129,54 +134,52 @@ def train_loop(loop_config: dict) -> None:
     torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
     engine.seed_everything(cfg.train.seed + rank)  # DDP broadcasts rank 0's initial weights
     device = ray.train.torch.get_device()
-    state = engine.build_state(cfg, device, wrap=ray.train.torch.prepare_model)
+    state = task.build(cfg, device, wrap=ray.train.torch.prepare_model)
 
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
-            engine.restore_state(state, engine.load_checkpoint(folder))
+            task.restore(state, engine.load_checkpoint(folder, kind=task.kind))
         if rank == 0:
             _rewrite_metrics(run_dir, state.history)
-            print(f"resumed from epoch {state.epoch} (best {cfg.data.eval_split} {state.best_accuracy:.2%})", flush=True)
+            print(f"resumed from the checkpoint of epoch {state.epoch}", flush=True)
 
     steps_per_epoch = max(1, loop_config["train_rows"] // (cfg.train.batch_size * world))
     data = _EpochData(cfg, device, rank)
     writer = _tensorboard(run_dir) if rank == 0 else None
     loop_start = time.perf_counter()
     while state.epoch < cfg.train.epochs:
-        train_metrics = engine.train_one_epoch(state, data.train(), steps_per_epoch)
-        eval_metrics = _evaluate_on_rank0(state, data, cfg, device, rank, world)
-        row = engine.end_epoch(state, train_metrics, eval_metrics)
+        train_metrics = task.train_epoch(state, data.train(), steps_per_epoch)
+        eval_metrics = _evaluate_on_rank0(task, state, data, device, rank, world)
+        row = task.end_epoch(state, train_metrics, eval_metrics)
         row["workers"] = world
         row["images_per_s"] = train_metrics["images_per_s"] * world  # each worker saw its shard
         row["loop_seconds"] = time.perf_counter() - loop_start  # since this worker's first epoch began
         with tempfile.TemporaryDirectory() as folder:
             reported = None
             if rank == 0:
-                engine.save_checkpoint(Path(folder) / engine.CHECKPOINT_FILE, state, row)
+                task.save(Path(folder) / engine.CHECKPOINT_FILE, state, row)
                 reported = ray.train.Checkpoint.from_directory(folder)
-                _log_epoch(run_dir, writer, cfg, row)
+                _log_epoch(run_dir, writer, task.format_epoch(row, cfg), row)
             ray.train.report({k: v for k, v in row.items() if isinstance(v, (int, float))}, checkpoint=reported)
     if writer is not None:
         writer.close()
 
 
-def _evaluate_on_rank0(state, data: _EpochData, cfg, device, rank: int, world: int) -> dict:
-    """Rank 0 evaluates the whole eval split (it is not split across workers); the others get its
-    accuracy by broadcast, so schedules that watch it stay in step on every worker."""
+def _evaluate_on_rank0(task, state, data: _EpochData, device, rank: int, world: int) -> dict:
+    """Rank 0 evaluates the whole eval split (it is not split across workers); the others get the
+    task's shared results by broadcast, so schedules that watch them stay in step everywhere."""
     import torch
     import torch.distributed as dist
 
-    from ferray import engine
-
-    result = {"accuracy": 0.0, "loss": 0.0}
+    result = dict.fromkeys(task.shared_keys, 0.0)
     if rank == 0:
-        result = engine.evaluate(state.core, data.eval(), cfg.augment.crop, cfg.train.eval_tta, device, state.use_amp)
+        result = task.evaluate(state, data.eval())
     if world > 1 and dist.is_initialized():
-        shared = torch.tensor([result["accuracy"], result["loss"]], device=device, dtype=torch.float64)
+        shared = torch.tensor([float(result[k]) for k in task.shared_keys], device=device, dtype=torch.float64)
         dist.broadcast(shared, src=0)
         if rank != 0:
-            result = {"accuracy": float(shared[0]), "loss": float(shared[1])}
+            result = dict(zip(task.shared_keys, shared.tolist()))
     return result
 
 
@@ -188,7 +191,7 @@ def _tensorboard(run_dir: Path):
     return SummaryWriter(str(run_dir / "tensorboard"))
 
 
-def _log_epoch(run_dir: Path, writer, cfg: ExperimentConfig, row: dict) -> None:
+def _log_epoch(run_dir: Path, writer, line: str, row: dict) -> None:
     with open(run_dir / METRICS_FILE, "a") as f:
         f.write(json.dumps(row) + "\n")
     if writer is not None:
@@ -196,7 +199,7 @@ def _log_epoch(run_dir: Path, writer, cfg: ExperimentConfig, row: dict) -> None:
             if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "epoch":
                 writer.add_scalar(key, value, row["epoch"])
         writer.flush()
-    print(format_epoch(row, cfg), flush=True)
+    print(line, flush=True)
 
 
 def _rewrite_metrics(run_dir: Path, history: list) -> None:
@@ -206,24 +209,22 @@ def _rewrite_metrics(run_dir: Path, history: list) -> None:
             f.write(json.dumps(row) + "\n")
 
 
-def format_epoch(row: dict, cfg: ExperimentConfig) -> str:
-    return (f"epoch {row['epoch']:>3}/{cfg.train.epochs}  loss {row['train_loss']:.4f}  "
-            f"train {row['train_acc']:6.2%}  {cfg.data.eval_split} {row['eval_acc']:6.2%} "
-            f"(best {row['best_eval_acc']:6.2%})  {row['images_per_s']:,.0f} img/s  lr {row['lr']:.2e}")
-
-
 # ---------------------------------------------------------------------------------------- driver
-def build_trainer(cfg: ExperimentConfig, run_dir: Path, train_rows: int, callbacks: list | None = None,
-                  datasets: dict | None = None):
+def build_trainer(cfg: ExperimentConfig, run_dir: Path, train_rows: int, task: str = "classifier",
+                  callbacks: list | None = None, datasets: dict | None = None):
     """A TorchTrainer for `cfg` writing to `run_dir` (= storage_path / name); shared with `ferray tune`."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    from ferray.tasks import get_task
+
+    metric = get_task(task).metric
     gpus = cfg.scaling.gpus_per_worker
     resources = {"CPU": cfg.scaling.cpus_per_worker, **({"GPU": gpus} if gpus else {})}
     return TorchTrainer(
         train_loop,
-        train_loop_config={"experiment": to_dict(cfg), "run_dir": str(run_dir), "train_rows": train_rows},
+        train_loop_config={"experiment": to_dict(cfg), "run_dir": str(run_dir), "train_rows": train_rows,
+                           "task": task},
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.scaling.workers, use_gpu=gpus > 0,
                                                resources_per_worker=resources),
         datasets=datasets if datasets is not None else build_datasets(cfg),
@@ -231,7 +232,7 @@ def build_trainer(cfg: ExperimentConfig, run_dir: Path, train_rows: int, callbac
         run_config=ray.train.RunConfig(
             name=run_dir.name, storage_path=str(run_dir.parent),
             failure_config=ray.train.FailureConfig(max_failures=cfg.scaling.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=METRIC,
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=metric,
                                                          checkpoint_score_order="max"),
             callbacks=callbacks,
             # Ray Train patches print() to log as well, which shows every epoch line twice.
@@ -266,43 +267,49 @@ def prepare_run_dir(out: Path, name: str, resume: bool) -> Path:
 
 
 def run_training(cfg: ExperimentConfig, out: Path, name: str | None = None, resume: bool = False,
-                 echo: Callable[[str], None] = print) -> dict:
+                 echo: Callable[[str], None] = print, task: str = "classifier") -> dict:
     """Train `cfg` under Ray Train; returns the run's result (also written to RUN/result.json)."""
     from ferray.runtime import connect
 
-    manifest = check_data(cfg)
+    manifest = check_data(cfg, task)
     train_rows = manifest["splits"][cfg.data.train_split]["rows"]
     run_dir = prepare_run_dir(out, name or cfg.name, resume)
     info = connect()
     check_resources(cfg)
     (run_dir / "config.yaml").write_text(dump_yaml(cfg))
-    echo(f"train: {cfg.model.name} on {cfg.data.path} ({train_rows:,} {cfg.data.train_split} faces), "
+    what = "SRGAN x2" if task == "sr" else cfg.model.name
+    echo(f"train: {what} on {cfg.data.path} ({train_rows:,} {cfg.data.train_split} faces), "
          f"{cfg.scaling.workers} worker(s) x {cfg.scaling.gpus_per_worker:g} GPU, {cfg.train.epochs} epochs; "
          f"ray {info.mode}; run folder {run_dir}")
     t0 = time.perf_counter()
-    result = build_trainer(cfg, run_dir, train_rows).fit()
+    result = build_trainer(cfg, run_dir, train_rows, task).fit()
     if result.error is not None:
         raise result.error
-    return finish_run(cfg, run_dir, result, time.perf_counter() - t0, echo)
+    return finish_run(cfg, run_dir, result, time.perf_counter() - t0, echo, task)
 
 
-def finish_run(cfg: ExperimentConfig, run_dir: Path, result, seconds: float, echo: Callable[[str], None] = print) -> dict:
-    best = result.get_best_checkpoint(METRIC, "max") if result.best_checkpoints else result.checkpoint
+def finish_run(cfg: ExperimentConfig, run_dir: Path, result, seconds: float, echo: Callable[[str], None] = print,
+               task: str = "classifier") -> dict:
     from ferray.engine import CHECKPOINT_FILE, load_checkpoint
+    from ferray.tasks import get_task
 
+    spec = get_task(task)
+    best = result.get_best_checkpoint(spec.metric, "max") if result.best_checkpoints else result.checkpoint
     with best.as_directory() as folder:
         shutil.copy(Path(folder) / CHECKPOINT_FILE, run_dir / BEST_FILE)
-    payload = load_checkpoint(run_dir / BEST_FILE)
+    payload = load_checkpoint(run_dir / BEST_FILE, kind=spec.kind)
     summary = {
-        "name": run_dir.name, "model": cfg.model.name, "run_dir": str(run_dir),
-        "best_checkpoint": str(run_dir / BEST_FILE), "best_epoch": payload["epoch"],
-        f"best_{METRIC}": payload["metrics"][METRIC], "eval_split": cfg.data.eval_split,
+        "name": run_dir.name, "task": task, "model": "srgan" if task == "sr" else cfg.model.name,
+        "run_dir": str(run_dir), "best_checkpoint": str(run_dir / BEST_FILE), "best_epoch": payload["epoch"],
+        f"best_{spec.metric}": spec.best(payload), "eval_split": cfg.data.eval_split,
         "epochs": int((result.metrics or {}).get("epoch", payload["epoch"])),
         "final_metrics": {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))},
         "seconds": round(seconds, 1), "workers": cfg.scaling.workers, "gpus_per_worker": cfg.scaling.gpus_per_worker,
     }
     (run_dir / RESULT_FILE).write_text(json.dumps(summary, indent=2) + "\n")
-    echo(f"train: done in {seconds:.0f}s; best {cfg.data.eval_split} accuracy {summary[f'best_{METRIC}']:.2%} "
-         f"at epoch {summary['best_epoch']}; checkpoint {run_dir / BEST_FILE}")
+    value = summary[f"best_{spec.metric}"]
+    shown = f"PSNR {value:.2f} dB" if task == "sr" else f"accuracy {value:.2%}"
+    echo(f"train: done in {seconds:.0f}s; best {cfg.data.eval_split} {shown} at epoch {summary['best_epoch']}; "
+         f"checkpoint {run_dir / BEST_FILE}")
     return summary
 

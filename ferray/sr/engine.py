@@ -1,0 +1,168 @@
+"""The SRGAN engine: pixel-MSE pre-training, then adversarial training; PSNR/SSIM evaluation.
+
+Batches are HR faces (uint8 (B, 48, 48)); each step makes the LR inputs by bicubic downscaling.
+Plain PyTorch: the Ray Train loop (through SRTask) and the tests call these unchanged.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+import torch.nn as nn
+
+from ferray import __version__
+from ferray.config import ExperimentConfig, from_dict, to_dict
+from ferray.engine import CHECKPOINT_FORMAT, load_checkpoint, unwrap
+from ferray.sr.losses import ContentLoss, adversarial_loss, perceptual_loss, resolve_content
+from ferray.sr.nets import Discriminator, Generator, GeneratorSpec, bicubic, make_lr
+from ferray.sr.quality import psnr, ssim
+
+SR_KIND = "sr"
+
+
+def generator_spec(cfg: ExperimentConfig) -> GeneratorSpec:
+    return GeneratorSpec(cfg.sr.generator_channels, cfg.sr.generator_blocks, cfg.sr.bicubic_skip)
+
+
+@dataclass
+class SRState:
+    cfg: ExperimentConfig
+    generator: nn.Module
+    discriminator: nn.Module
+    opt_g: torch.optim.Optimizer
+    opt_d: torch.optim.Optimizer
+    content: ContentLoss
+    device: torch.device
+    epoch: int = 0
+    best_psnr: float = 0.0
+    history: list = field(default_factory=list)
+
+    @property
+    def core(self) -> nn.Module:
+        return unwrap(self.generator)
+
+    def phase(self) -> str:
+        return "pretrain" if self.epoch < self.cfg.sr.pretrain_epochs else "adversarial"
+
+
+def build_sr_state(cfg: ExperimentConfig, device: torch.device,
+                   wrap: Callable[[nn.Module], nn.Module] | None = None) -> SRState:
+    torch.manual_seed(cfg.train.seed)
+    generator = Generator(generator_spec(cfg)).to(device)
+    discriminator = Discriminator(cfg.sr.discriminator_channels).to(device)
+    content = ContentLoss(cfg.sr, resolve_content(cfg.sr)).to(device)
+    opt_g = torch.optim.Adam(generator.parameters(), lr=cfg.sr.lr_g, betas=(0.9, 0.999))
+    opt_d = torch.optim.Adam(discriminator.parameters(), lr=cfg.sr.lr_d, betas=(0.9, 0.999))
+    if wrap is not None:
+        generator, discriminator = wrap(generator), wrap(discriminator)
+    return SRState(cfg, generator, discriminator, opt_g, opt_d, content, device)
+
+
+def train_sr_epoch(state: SRState, batches: Iterable, steps_per_epoch: int = 0) -> dict:
+    """One epoch: pixel MSE while pre-training, then the SRGAN losses for G and D."""
+    g, d, device = state.generator, state.discriminator, state.device
+    adversarial = state.phase() == "adversarial"
+    g.train()
+    d.train()
+    totals = torch.zeros(4, device=device)  # pixel mse, content, g adversarial, d loss (x n)
+    seen, t0 = 0, time.perf_counter()
+    for images, _ in batches:
+        hr = images.to(device, non_blocking=True).float().unsqueeze(1) / 255.0  # (B, 1, 48, 48)
+        lr = make_lr(hr)  # (B, 1, 24, 24)
+        sr = g(lr)
+        pixel = nn.functional.mse_loss(sr, hr)
+        if adversarial:
+            d_loss = adversarial_loss(d(hr), True) + adversarial_loss(d(sr.detach()), False)
+            state.opt_d.zero_grad(set_to_none=True)
+            d_loss.backward()
+            state.opt_d.step()
+            content = state.content(sr, hr)
+            fake_logits = d(sr)
+            g_loss = perceptual_loss(content, fake_logits, state.cfg.sr.adversarial_weight)
+            g_adv = adversarial_loss(fake_logits.detach(), True)
+        else:
+            content, g_adv, d_loss = pixel, torch.zeros((), device=device), torch.zeros((), device=device)
+            g_loss = pixel
+        state.opt_g.zero_grad(set_to_none=True)
+        g_loss.backward()
+        state.opt_g.step()
+        n = hr.shape[0]
+        totals += torch.stack([pixel.detach(), content.detach(), g_adv.detach(), d_loss.detach()]) * n
+        seen += n
+    if seen == 0:
+        raise RuntimeError("the training data produced no batch")
+    pixel, content, g_adv, d_loss = (totals / seen).tolist()
+    seconds = time.perf_counter() - t0
+    return {"phase": state.phase(), "train_pixel_mse": pixel, "train_content": content, "train_g_adv": g_adv,
+            "train_d_loss": d_loss, "train_images": seen, "train_seconds": seconds,
+            "images_per_s": seen / max(seconds, 1e-9)}
+
+
+@torch.no_grad()
+def evaluate_sr(generator: nn.Module, batches: Iterable, device: torch.device) -> dict:
+    """PSNR and SSIM of SR and of bicubic (24 -> 48) against the real faces, and the gains."""
+    was_training = generator.training
+    generator.eval()
+    sums = torch.zeros(4, dtype=torch.float64)
+    count = 0
+    for images, _ in batches:
+        hr = images.to(device).float().unsqueeze(1) / 255.0
+        lr = make_lr(hr)
+        sr = generator(lr).clamp(0, 1)
+        base = bicubic(lr, 2).clamp(0, 1)
+        sums += torch.stack([psnr(sr, hr).sum(), ssim(sr, hr).sum(), psnr(base, hr).sum(), ssim(base, hr).sum()]).double().cpu()
+        count += hr.shape[0]
+    generator.train(was_training)
+    if count == 0:
+        raise RuntimeError("the evaluation data produced no batch")
+    p, s, bp, bs = (sums / count).tolist()
+    return {"psnr": p, "ssim": s, "bicubic_psnr": bp, "bicubic_ssim": bs, "psnr_gain": p - bp,
+            "ssim_gain": s - bs, "samples": count}
+
+
+def end_sr_epoch(state: SRState, train_metrics: dict, eval_metrics: dict) -> dict:
+    state.epoch += 1
+    improved = eval_metrics["psnr"] > state.best_psnr
+    state.best_psnr = max(state.best_psnr, eval_metrics["psnr"])
+    row = {"epoch": state.epoch, **train_metrics, **{f"eval_{k}": v for k, v in eval_metrics.items()},
+           "best_eval_psnr": state.best_psnr, "improved": improved, "content_loss": state.content.kind}
+    state.history.append(row)
+    return row
+
+
+def save_sr_checkpoint(path: str | Path, state: SRState, metrics: dict) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "format": CHECKPOINT_FORMAT, "kind": SR_KIND, "ferray_version": __version__,
+        "config": to_dict(state.cfg), "content_loss": state.content.kind,
+        "model": {k: v.detach().cpu() for k, v in state.core.state_dict().items()},
+        "discriminator": {k: v.detach().cpu() for k, v in unwrap(state.discriminator).state_dict().items()},
+        "opt_g": state.opt_g.state_dict(), "opt_d": state.opt_d.state_dict(),
+        "epoch": state.epoch, "best_psnr": state.best_psnr, "history": state.history, "metrics": metrics,
+    }
+    tmp = path.with_suffix(".tmp")
+    torch.save(payload, tmp)
+    tmp.replace(path)
+    return path
+
+
+def restore_sr_state(state: SRState, payload: dict) -> None:
+    state.core.load_state_dict(payload["model"])
+    unwrap(state.discriminator).load_state_dict(payload["discriminator"])
+    state.opt_g.load_state_dict(payload["opt_g"])
+    state.opt_d.load_state_dict(payload["opt_d"])
+    state.epoch, state.best_psnr, state.history = payload["epoch"], payload["best_psnr"], list(payload["history"])
+
+
+def generator_from_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[Generator, ExperimentConfig, dict]:
+    """The SR generator of an `ferray sr train` checkpoint, in eval mode; CheckpointError otherwise."""
+    payload = load_checkpoint(path, kind=SR_KIND)
+    cfg = from_dict(payload["config"])
+    generator = Generator(generator_spec(cfg))
+    generator.load_state_dict(payload["model"])
+    return generator.to(device).eval(), cfg, payload

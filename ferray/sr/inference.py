@@ -1,0 +1,93 @@
+"""Upscaling faces 48 -> 96 with the SR generator or bicubic (Ray-free).
+
+`Upscaler` is a callable over contract tables: it loads the generator once in __init__ and runs it
+under torch.inference_mode, so Ray Data can use it as the class of an actor pool (ferray.upscale)
+and `upscale_local` as a plain loop (the baseline of bench/upscale_scaling.py, and the Ray-free
+path of the GPU benches). Both write the same contract at 96x96.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from ferray.data.contract import (
+    FER_SIZE, SPLITS, DataError, atomic_output, build_manifest, faces_table, pixels_to_images,
+    read_manifest, schema, split_dir, write_manifest,
+)
+from ferray.sr.nets import bicubic
+
+METHODS = ("srgan", "bicubic")
+
+
+class Upscaler:
+    """Contract table at 48x48 (with or without a split column) -> the same rows at 96x96."""
+
+    def __init__(self, method: str = "srgan", checkpoint: str | None = None, device: str | None = None,
+                 threads: int | None = None):
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {', '.join(METHODS)}, not {method!r}")
+        if threads:
+            torch.set_num_threads(threads)
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.method, self.generator = method, None
+        if method == "srgan":
+            if checkpoint is None:
+                raise ValueError("method srgan needs a generator checkpoint")
+            from ferray.sr.engine import generator_from_checkpoint
+
+            self.generator, _, _ = generator_from_checkpoint(checkpoint, self.device)
+
+    @torch.inference_mode()
+    def upscale(self, faces: np.ndarray) -> np.ndarray:
+        """(B, 48, 48) uint8 -> (B, 96, 96) uint8."""
+        x = torch.from_numpy(np.ascontiguousarray(faces)).to(self.device).float().unsqueeze(1) / 255.0
+        y = self.generator(x) if self.generator is not None else bicubic(x, 2)
+        return (y.clamp(0, 1) * 255).round().to(torch.uint8).squeeze(1).cpu().numpy()
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        faces = pixels_to_images(table.column("pixels"))
+        if faces.shape[1:] != (FER_SIZE, FER_SIZE):
+            raise DataError(f"upscaling expects {FER_SIZE}x{FER_SIZE} faces, got {faces.shape[1]}x{faces.shape[2]}")
+        splits = table.column("split").to_pylist() if "split" in table.column_names else None
+        return faces_table(table.column("id").to_pylist(), table.column("label").to_numpy(), self.upscale(faces),
+                           splits=splits)
+
+
+def check_input(data: str | Path) -> dict:
+    manifest = read_manifest(data)
+    if manifest["image_size"] != [FER_SIZE, FER_SIZE]:
+        size = "x".join(map(str, manifest["image_size"]))
+        raise DataError(f"{data}: {size} faces; upscaling takes the prepared {FER_SIZE}x{FER_SIZE} data")
+    return manifest
+
+
+def upscaled_source(data: str | Path, method: str, checkpoint: str | None, manifest: dict) -> dict:
+    """What the output manifest records about where its faces came from."""
+    return {"kind": "upscaled", "from": str(Path(data).absolute()), "from_checksum": manifest["checksum"],
+            "method": method, "scale": 2, "generator_checkpoint": str(Path(checkpoint).absolute()) if checkpoint else None}
+
+
+def upscale_local(data: str | Path, out: str | Path, method: str = "srgan", checkpoint: str | None = None,
+                  batch_size: int = 256, overwrite: bool = False) -> dict:
+    """The single-process loop: every split, batch by batch, into a 96x96 prepared dataset."""
+    manifest = check_input(data)
+    upscaler = Upscaler(method, checkpoint)
+    with atomic_output(out, overwrite=overwrite) as tmp:
+        for split in SPLITS:
+            folder = split_dir(data, split)
+            if not folder.is_dir():
+                continue
+            (tmp / folder.name).mkdir()
+            for part, path in enumerate(sorted(folder.glob("*.parquet"))):
+                with pq.ParquetWriter(tmp / folder.name / f"part-{part:05d}.parquet", schema(2 * FER_SIZE)) as writer:
+                    for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_size):
+                        writer.write_table(upscaler(pa.Table.from_batches([batch])))
+        result = build_manifest(tmp, source=upscaled_source(data, method, checkpoint, manifest))
+        write_manifest(tmp, result)
+    return result
+
