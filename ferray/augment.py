@@ -23,13 +23,16 @@ from ferray.config import AugmentConfig
 MEAN, STD = 0.5077, 0.2550
 
 
-def to_input(images: torch.Tensor) -> torch.Tensor:
-    """uint8 faces (B, H, W) or (B, 1, H, W) -> float (B, 1, H, W) in [0, 1]."""
+def to_input(images: torch.Tensor, scale: int = 1) -> torch.Tensor:
+    """uint8 faces (B, H, W) or (B, 1, H, W) -> float (B, 1, sH, sW) in [0, 1]; scale > 1 is bicubic."""
     if images.dim() == 3:
         images = images.unsqueeze(1)
     if images.dim() != 4 or images.shape[1] != 1:
         raise ValueError(f"expected (B, H, W) or (B, 1, H, W) faces, got {tuple(images.shape)}")
-    return images.float() / 255.0
+    x = images.float() / 255.0
+    if scale != 1:
+        x = F.interpolate(x, scale_factor=scale, mode="bicubic", align_corners=False).clamp(0, 1)
+    return x
 
 
 def standardize(x: torch.Tensor) -> torch.Tensor:
@@ -54,9 +57,9 @@ def random_affine(batch: int, size: int, crop: int, cfg: AugmentConfig, device) 
     return theta
 
 
-def train_views(images: torch.Tensor, cfg: AugmentConfig) -> torch.Tensor:
+def train_views(images: torch.Tensor, cfg: AugmentConfig, scale: int = 1) -> torch.Tensor:
     """uint8 faces -> standardized, augmented (B, 1, crop, crop) float on the same device."""
-    x = to_input(images)
+    x = to_input(images, scale)
     batch, size = x.shape[0], x.shape[-1]
     theta = random_affine(batch, size, cfg.crop, cfg, x.device)
     grid = F.affine_grid(theta, (batch, 1, cfg.crop, cfg.crop), align_corners=False)
@@ -89,10 +92,10 @@ def random_erase(x: torch.Tensor, prob: float, max_area: float = 0.25) -> torch.
     return torch.where(mask, torch.rand_like(x), x)
 
 
-def eval_views(images: torch.Tensor, crop: int, tta: bool) -> torch.Tensor:
+def eval_views(images: torch.Tensor, crop: int, tta: bool, scale: int = 1) -> torch.Tensor:
     """uint8 faces -> standardized views: (B, 1, crop, crop) center crops, or with TTA
     (10, B, 1, crop, crop): the 4 corners and the center, then the same 5 mirrored."""
-    x = standardize(to_input(images))
+    x = standardize(to_input(images, scale))
     size = x.shape[-1]
     if crop > size:
         raise ValueError(f"crop {crop} is larger than the {size}x{size} faces")
@@ -107,9 +110,9 @@ def eval_views(images: torch.Tensor, crop: int, tta: bool) -> torch.Tensor:
 
 
 @torch.no_grad()
-def predict_proba(model, images: torch.Tensor, crop: int, tta: bool, amp: bool = False) -> torch.Tensor:
+def predict_proba(model, images: torch.Tensor, crop: int, tta: bool, amp: bool = False, scale: int = 1) -> torch.Tensor:
     """Class probabilities (B, C) of uint8 faces; with TTA the mean softmax over the ten views."""
-    views = eval_views(images, crop, tta)
+    views = eval_views(images, crop, tta, scale)
     if not tta:
         views = views[None]
     n, b = views.shape[:2]

@@ -33,6 +33,7 @@ class DataConfig:
     path: str = "data/fer2013"  # a folder written by `ferray prepare` (or `ferray synth`)
     train_split: str = "Training"
     eval_split: str = "PublicTest"
+    input_scale: int = 1  # 2: bicubic 2x on the fly (the baseline for SR-upscaled data)
 
 
 @dataclass
@@ -60,6 +61,7 @@ class OptimConfig:
     gamma: float = 0.1  # step and plateau factor
     patience: int = 10  # plateau: epochs without a better eval accuracy before lr *= gamma
     grad_clip: float = 0.0
+    backbone_lr_ratio: float = 1.0  # the backbone's lr as a fraction of the head's (fine-tuning)
 
 
 @dataclass
@@ -189,6 +191,8 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
         (0 < cfg.loss.center_alpha <= 1, "loss.center_alpha must be in (0, 1]"),
         (0 <= cfg.model.dropout < 1, "model.dropout must be in [0, 1)"),
         (8 <= cfg.augment.crop, "augment.crop must be >= 8"),
+        (cfg.data.input_scale in (1, 2, 3, 4), "data.input_scale must be 1, 2, 3 or 4"),
+        (0 < cfg.optim.backbone_lr_ratio <= 1, "optim.backbone_lr_ratio must be in (0, 1]"),
         (cfg.scaling.workers >= 1, "scaling.workers must be >= 1"),
         (cfg.scaling.gpus_per_worker >= 0, "scaling.gpus_per_worker must be >= 0"),
     ]

@@ -2,8 +2,8 @@
 
 Stages so far: synthesize a FER2013-style CSV -> prepare it with Ray Data -> train the debug
 Model A with Ray Train -> evaluate it -> train the debug SRGAN -> upscale the data 48 -> 96 with a
-Ray Data actor pool -> evaluate the SR. Each later stage (Model B, tuning, ensemble, serving,
-report) appends itself here.
+Ray Data actor pool -> evaluate the SR -> train the debug Model B on the SR faces -> evaluate it.
+Each later stage (tuning, ensemble, serving, report) appends itself here.
 """
 
 from __future__ import annotations
@@ -70,6 +70,11 @@ def run_demo(out: Path | None, n: int = 1400, seed: int = 0, echo: Callable[[str
                                               actors=2, echo=echo))),
         ("sr eval: PSNR/SSIM against bicubic, and the LR/bicubic/SR/HR grid",
          lambda: done.update(sr_eval=evaluate_generator(done["srgan"]["best_checkpoint"], data, echo=print))),
+        ("train: experiments/debug_b.yaml (Model B's layout on ResNet18, on the SR faces, Ray Train)",
+         lambda: done.update(model_b=run_training(experiment("debug_b", data=out / "data_sr"), runs, echo=echo))),
+        ("evaluate: Model B's best checkpoint on PublicTest with ten-crop TTA",
+         lambda: done.update(evaluation_b=evaluate_checkpoint(done["model_b"]["best_checkpoint"], out / "data_sr",
+                                                              "PublicTest", tta=True, echo=print))),
     ]
     for i, (title, run) in enumerate(steps, 1):
         echo(f"[{i}/{len(steps)}] {title}")

@@ -54,7 +54,14 @@ class TensorBatches:
 
 
 # -------------------------------------------------------------------------------------- optimizing
-def make_optimizer(params, cfg: OptimConfig) -> torch.optim.Optimizer:
+def make_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+    """The optimizer, with the head and the backbone as separate groups when their rates differ."""
+    params = model.parameters()
+    if cfg.backbone_lr_ratio != 1.0 and hasattr(model, "head_parameters"):
+        head = model.head_parameters()
+        head_ids = {id(p) for p in head}
+        params = [{"params": [p for p in model.parameters() if id(p) not in head_ids], "lr_scale": cfg.backbone_lr_ratio},
+                  {"params": head, "lr_scale": 1.0}]
     if cfg.name == "adamax":
         return torch.optim.Adamax(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     if cfg.name == "adam":
@@ -146,7 +153,7 @@ def build_state(cfg: ExperimentConfig, device: torch.device,
         model = model.to(memory_format=torch.channels_last)
     loss_fn = JointLoss(NUM_CLASSES, model.num_features, cfg.loss.center_lambda, cfg.loss.center_alpha,
                         cfg.loss.label_smoothing, cfg.loss.center_reduction).to(device)
-    optimizer = make_optimizer(model.parameters(), cfg.optim)
+    optimizer = make_optimizer(model, cfg.optim)
     if wrap is not None:
         model = wrap(model)
     return TrainState(cfg, model, loss_fn, optimizer, LRSchedule(cfg.optim, cfg.train.epochs), device)
@@ -165,8 +172,8 @@ def train_one_epoch(state: TrainState, batches: Iterable, steps_per_epoch: int) 
         labels = labels.to(device, non_blocking=True).long()
         factor = state.schedule.factor(state.epoch + step / max(steps_per_epoch, 1))
         for group in optimizer.param_groups:
-            group["lr"] = cfg.optim.lr * factor
-        x = train_views(images, cfg.augment)
+            group["lr"] = cfg.optim.lr * group.get("lr_scale", 1.0) * factor
+        x = train_views(images, cfg.augment, cfg.data.input_scale)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=state.use_amp):
@@ -188,19 +195,19 @@ def train_one_epoch(state: TrainState, batches: Iterable, steps_per_epoch: int) 
     loss_sum, ce_sum, center_sum, correct = (totals / images_seen).tolist()
     seconds = time.perf_counter() - t0
     return {"train_loss": loss_sum, "train_ce": ce_sum, "train_center": center_sum, "train_acc": correct,
-            "train_images": images_seen, "train_seconds": seconds, "lr": optimizer.param_groups[0]["lr"],
+            "train_images": images_seen, "train_seconds": seconds, "lr": optimizer.param_groups[-1]["lr"],
             "images_per_s": images_seen / max(seconds, 1e-9)}
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: Iterable, crop: int, tta: bool, device: torch.device,
-             amp: bool = False) -> dict:
+             amp: bool = False, scale: int = 1) -> dict:
     """Accuracy, per-class accuracy, confusion matrix and mean log-loss over `batches`."""
     was_training = model.training
     model.eval()
     labels_all, preds_all, nll = [], [], 0.0
     for images, labels in batches:
-        probs = predict_proba(model, images.to(device), crop, tta, amp)
+        probs = predict_proba(model, images.to(device), crop, tta, amp, scale)
         labels = labels.to(device).long()
         nll += -torch.log(probs.gather(1, labels[:, None]).clamp_min(1e-12)).sum().item()
         labels_all.append(labels.cpu())
@@ -235,6 +242,7 @@ def checkpoint_payload(state: TrainState, metrics: dict) -> dict:
         "kind": "classifier",
         "ferray_version": __version__,
         "config": to_dict(state.cfg),
+        "pretrained": bool(getattr(state.core, "pretrained", False)),
         "model": {k: v.detach().cpu() for k, v in state.core.state_dict().items()},
         "centers": state.loss_fn.center.centers.detach().cpu(),
         "optimizer": state.optimizer.state_dict(),

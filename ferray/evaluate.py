@@ -25,9 +25,9 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, split: str = "
     model, cfg, payload = model_from_checkpoint(checkpoint, device)
     images, labels, _ = load_split(data, split)
     batches = TensorBatches(torch.from_numpy(images), torch.from_numpy(labels), batch_size, shuffle=False, drop_last=False)
-    result = evaluate(model, batches, cfg.augment.crop, tta, device, amp=device.type == "cuda")
+    result = evaluate(model, batches, cfg.augment.crop, tta, device, amp=device.type == "cuda", scale=cfg.data.input_scale)
     result.update({"checkpoint": str(checkpoint), "data": str(data), "split": split, "tta": tta,
-                   "model": cfg.model.name, "epoch": payload["epoch"]})
+                   "model": cfg.model.name, "epoch": payload["epoch"], "pretrained": payload.get("pretrained", False)})
     out = Path(out) if out is not None else Path(checkpoint).parent
     out.mkdir(parents=True, exist_ok=True)
     stem = f"eval-{split}" + ("-tta" if tta else "")

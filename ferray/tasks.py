@@ -31,7 +31,8 @@ class ClassifierTask:
 
     def evaluate(self, state, batches) -> dict:
         cfg = state.cfg
-        return engine.evaluate(state.core, batches, cfg.augment.crop, cfg.train.eval_tta, state.device, state.use_amp)
+        return engine.evaluate(state.core, batches, cfg.augment.crop, cfg.train.eval_tta, state.device, state.use_amp,
+                               cfg.data.input_scale)
 
     def end_epoch(self, state, train_metrics: dict, eval_metrics: dict) -> dict:
         return engine.end_epoch(state, train_metrics, eval_metrics)

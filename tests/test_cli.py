@@ -72,6 +72,7 @@ def test_demo_runs_end_to_end(tmp_path):
     assert (out / "runs" / "debug_srgan" / "sr-grid-PublicTest.png").exists()
     assert json.loads((out / "data_sr" / "manifest.json").read_text())["image_size"] == [96, 96]
     assert "PSNR" in result.stdout
+    assert (out / "runs" / "debug_b" / "best.pt").exists()
 
 
 def test_demo_folder_is_reused_only_if_it_is_a_demo(tmp_path):

@@ -86,3 +86,20 @@ def test_a_killed_worker_resumes_from_the_latest_checkpoint(ray_session, synth_d
     assert killed, "the test did not get to kill a worker"
     assert result["epochs"] == 6
     assert epochs_logged(run_dir) == [1, 2, 3, 4, 5, 6]  # each epoch once, none lost or repeated
+
+
+def test_two_worker_model_b_debug_run_on_upscaled_faces(ray_session, synth_data, tmp_path):
+    from pathlib import Path
+
+    from ferray.sr.inference import upscale_local
+
+    upscale_local(synth_data, tmp_path / "sr", "bicubic")
+    experiment = Path(__file__).parents[1] / "experiments" / "debug_b.yaml"
+    cfg = load_config(experiment, [f"data.path={tmp_path / 'sr'}", "train.epochs=1", "scaling.workers=2",
+                                   "scaling.cpus_per_worker=1"])
+    result = run_training(cfg, tmp_path, echo=lambda _: None)
+    assert result["epochs"] == 1 and result["workers"] == 2 and result["model"] == "resnet18_b"
+    import torch
+
+    payload = torch.load(result["best_checkpoint"], weights_only=True)
+    assert payload["pretrained"] is False and payload["config"]["augment"]["crop"] == 88

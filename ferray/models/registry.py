@@ -34,7 +34,7 @@ def register_model(name: str, *, input_size: int, in_channels: int = 1, descript
 
 def _load_builtin_models() -> None:
     # Importing the model modules registers their builders (no weights are loaded).
-    from ferray.models import xception  # noqa: F401
+    from ferray.models import resnet_vgg, xception  # noqa: F401
 
 
 def model_entry(name: str) -> ModelEntry:

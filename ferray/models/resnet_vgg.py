@@ -1,0 +1,172 @@
+"""Model B (an ImageNet ResNet50 on the 2x super-resolved faces) and the paper's VGG baselines.
+
+Model B: torchvision's ResNet50 with a 7-way head. Grayscale goes in through a 1-channel stem made
+from the pretrained RGB filters: a gray face fed as three equal channels gives conv1 the sum of its
+three filters' responses, so summing the filters over the input channels computes exactly the
+same stem on one channel, with a third of the stem's input. 23,516,103 parameters (torchvision's
+25,557,032 less the 1000-way head and two thirds of conv1, plus the 7-way head); depth 50 (49
+convolutions + 1 fully connected layer). Trained on 96x96 faces with 88x88 crops.
+
+VGG16 / VGG19: torchvision's conv bases (14,714,688 and 20,024,384 parameters: the paper's Table 1
+figures; kept exactly, so gray is fed as three equal channels), on 48x48 faces with 44x44 crops
+(1x1x512 after the five pools), and a small head: 512 -> 256 -> 7 (dropout before the last layer from model.dropout). Depth 16 and 19
+as their names count (weight layers; our head has 2 fully connected layers, the original 3).
+
+Pretrained weights (`pretrained`): "none"; "imagenet" from torchvision's cache under TORCH_HOME
+(`ferray` never downloads: clusters and CI machines are often offline, and the error says which
+file to put where); or the path of a state dict file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from ferray.data.contract import NUM_CLASSES
+from ferray.models.registry import register_model
+
+IMAGENET_FILES = {
+    "resnet50": "resnet50-0676ba61.pth",  # torchvision ResNet50_Weights.IMAGENET1K_V1
+    "resnet18": "resnet18-f37072fd.pth",  # ResNet18_Weights.IMAGENET1K_V1
+    "vgg16": "vgg16-397923af.pth",  # VGG16_Weights.IMAGENET1K_V1
+    "vgg19": "vgg19-dcbb9e9d.pth",  # VGG19_Weights.IMAGENET1K_V1
+}
+
+
+class PretrainedWeightsError(FileNotFoundError):
+    pass
+
+
+def pretrained_state_dict(arch: str, pretrained: str) -> dict | None:
+    """The state dict that `pretrained` names for torchvision architecture `arch`, or None for "none"."""
+    if pretrained in ("none", "", None):
+        return None
+    if pretrained == "imagenet":
+        path = Path(torch.hub.get_dir()) / "checkpoints" / IMAGENET_FILES[arch]
+        if not path.is_file():
+            raise PretrainedWeightsError(
+                f"model.pretrained=imagenet: {arch}'s ImageNet weights are not on this machine. Put "
+                f"torchvision's {IMAGENET_FILES[arch]} at {path} (e.g. on a machine with internet: "
+                f"python -c \"import torchvision; torchvision.models.{arch}(weights='IMAGENET1K_V1')\" and copy "
+                f"~/.cache/torch/hub/checkpoints/{IMAGENET_FILES[arch]}), or set model.pretrained to that file's "
+                f"path, or use model.pretrained=none to train from scratch")
+    else:
+        path = Path(pretrained)
+        if not path.is_file():
+            raise PretrainedWeightsError(f"model.pretrained={pretrained}: no such file")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def gray_stem(conv: nn.Conv2d) -> nn.Conv2d:
+    """A 1-channel copy of an RGB conv whose filters are the sums over the input channels."""
+    stem = nn.Conv2d(1, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, bias=conv.bias is not None)
+    with torch.no_grad():
+        stem.weight.copy_(conv.weight.sum(dim=1, keepdim=True))
+        if conv.bias is not None:
+            stem.bias.copy_(conv.bias)
+    return stem
+
+
+# ------------------------------------------------------------------------------------------- model B
+class ResNetGray(nn.Module):
+    DEPTH = {"resnet50": 50, "resnet18": 18}
+
+    def __init__(self, arch: str = "resnet50", num_classes: int = NUM_CLASSES, pretrained: str = "none",
+                 dropout: float = 0.0):
+        super().__init__()
+        import torchvision.models as tvm
+
+        net = getattr(tvm, arch)()
+        state = pretrained_state_dict(arch, pretrained)
+        if state is not None:
+            net.load_state_dict(state)
+        self.arch, self.pretrained = arch, state is not None
+        net.conv1 = gray_stem(net.conv1)
+        self.num_features = net.fc.in_features
+        net.fc = nn.Identity()
+        self.backbone = net
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.fc = nn.Linear(self.num_features, num_classes)
+
+    def forward_features(self, x):
+        return self.backbone(x)  # (B, 2048): the pooled features (512 for resnet18)
+
+    def embed(self, features):
+        return features
+
+    def forward_head(self, features):
+        return self.fc(self.dropout(features))
+
+    def forward(self, x, return_embedding: bool = False):
+        features = self.forward_features(x)
+        logits = self.forward_head(features)
+        return (logits, features) if return_embedding else logits
+
+    def head_parameters(self):
+        return list(self.fc.parameters())
+
+    def keras_depth(self) -> int:
+        return self.DEPTH[self.arch]
+
+
+# ------------------------------------------------------------------------------------------- VGG
+class VGGGray(nn.Module):
+    def __init__(self, arch: str, num_classes: int = NUM_CLASSES, pretrained: str = "none", dropout: float = 0.0):
+        super().__init__()
+        import torchvision.models as tvm
+
+        net = getattr(tvm, arch)()
+        state = pretrained_state_dict(arch, pretrained)
+        if state is not None:
+            net.load_state_dict(state)
+        self.pretrained = state is not None
+        self.arch = arch
+        self.features = net.features  # the conv base, exactly torchvision's
+        self.num_features = 256
+        self.neck = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(512, 256), nn.ReLU(inplace=True))
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.fc = nn.Linear(256, num_classes)
+
+    def forward_features(self, x):
+        return self.neck(self.features(x.expand(-1, 3, -1, -1)))  # (B, 256)
+
+    def embed(self, features):
+        return features
+
+    def forward_head(self, features):
+        return self.fc(self.dropout(features))
+
+    def forward(self, x, return_embedding: bool = False):
+        features = self.forward_features(x)
+        logits = self.forward_head(features)
+        return (logits, features) if return_embedding else logits
+
+    def head_parameters(self):
+        return list(self.neck.parameters()) + list(self.fc.parameters())
+
+    def keras_depth(self) -> int:
+        return {"vgg16": 16, "vgg19": 19}[self.arch]
+
+
+# ----------------------------------------------------------------------------------------- builders
+@register_model("resnet50_b", input_size=88, description="Model B: ImageNet ResNet50 on 2x SR faces (1-channel stem)")
+def resnet50_b(num_classes: int = NUM_CLASSES, pretrained: str = "none", dropout: float = 0.0, **_) -> ResNetGray:
+    """Model B; `pretrained`: none | imagenet | a state-dict path."""
+    return ResNetGray("resnet50", num_classes, pretrained, dropout)
+
+
+@register_model("resnet18_b", input_size=88, description="Model B's layout on ResNet18, for debug runs on a laptop")
+def resnet18_b(num_classes: int = NUM_CLASSES, pretrained: str = "none", dropout: float = 0.0, **_) -> ResNetGray:
+    return ResNetGray("resnet18", num_classes, pretrained, dropout)
+
+
+@register_model("vgg16", input_size=44, description="the paper's VGG16 baseline: torchvision conv base + small head")
+def vgg16(num_classes: int = NUM_CLASSES, pretrained: str = "none", dropout: float = 0.0, **_) -> VGGGray:
+    return VGGGray("vgg16", num_classes, pretrained, dropout)
+
+
+@register_model("vgg19", input_size=44, description="the paper's VGG19 baseline: torchvision conv base + small head")
+def vgg19(num_classes: int = NUM_CLASSES, pretrained: str = "none", dropout: float = 0.0, **_) -> VGGGray:
+    return VGGGray("vgg19", num_classes, pretrained, dropout)
