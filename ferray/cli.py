@@ -14,7 +14,7 @@ from pathlib import Path
 from ferray import __version__
 
 EPILOG = """\
-stages: synth | prepare -> sr train -> sr upscale -> train -> evaluate   (later: tune, ensemble, serve, report)
+stages: synth | prepare -> sr train -> sr upscale -> train / tune -> evaluate -> ensemble -> serve / predict
 Ray: set RAY_ADDRESS (or run under `ray job submit`) to use a cluster; otherwise an embedded Ray
 is started on this machine. Run `ferray <command> --help` for each command's options.
 """
@@ -39,6 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_evaluate(sub)
     _add_models(sub)
     _add_sr(sub)
+    _add_tune(sub)
+    _add_ensemble(sub)
+    _add_predict(sub)
+    _add_serve(sub)
     return parser
 
 
@@ -121,12 +125,58 @@ def _add_evaluate(sub) -> None:
     p = sub.add_parser("evaluate", formatter_class=_formatter, help="evaluate a checkpoint on a split",
                        description="Accuracy, per-class accuracy and the normalized confusion matrix (PNG and "
                        "JSON) of a checkpoint on any split of a prepared dataset. Runs on a GPU if there is one.")
-    p.add_argument("--checkpoint", required=True, type=Path, help="a checkpoint file (e.g. RUN/best.pt)")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--checkpoint", type=Path, help="a checkpoint file (e.g. RUN/best.pt)")
+    what.add_argument("--bundle", type=Path, help="a serving bundle (`ferray ensemble`): the ensemble's report "
+                      "with each member's accuracy beside it (TTA as the bundle says)")
     p.add_argument("--data", required=True, type=Path, help="prepared data folder")
     p.add_argument("--split", default="PublicTest", help="split to evaluate (default: PublicTest)")
     p.add_argument("--tta", action="store_true", help="ten-crop test-time augmentation (4 corners + center, mirrored)")
     p.add_argument("--out", type=Path, help="folder for eval-<split>.json/.png (default: beside the checkpoint)")
     p.set_defaults(func=cmd_evaluate)
+
+
+def _add_ensemble(sub) -> None:
+    p = sub.add_parser("ensemble", formatter_class=_formatter, help="fuse A and B into a serving bundle",
+                       description="Fuse Model A (48x48 faces) and Model B (faces upscaled by the SR generator) by "
+                       "a weighted mean of their probabilities, the weight fitted on --split (a grid over [0, 1], "
+                       "max accuracy); logit averaging and stacking are measured too and recorded. Writes the "
+                       "serving bundle OUT: bundle.json, slim checkpoints and MODEL_CARD.md.")
+    p.add_argument("--a", required=True, type=Path, help="Model A checkpoint (e.g. runs/model_a/best.pt)")
+    p.add_argument("--b", required=True, type=Path, help="Model B checkpoint")
+    p.add_argument("--sr", type=Path, help="SR generator checkpoint B was trained behind (omit for a B on bicubic input)")
+    p.add_argument("--data", required=True, type=Path, help="prepared 48x48 data folder")
+    p.add_argument("--out", required=True, type=Path, help="bundle folder to write")
+    p.add_argument("--split", default="PublicTest", help="split the fusion weight is fitted on (default: PublicTest)")
+    p.add_argument("--no-tta", dest="tta", action="store_false", help="no ten-crop test-time augmentation")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.set_defaults(func=cmd_ensemble)
+
+
+def _add_predict(sub) -> None:
+    p = sub.add_parser("predict", formatter_class=_formatter, help="classify the faces in images, without a server",
+                       description="The answer the HTTP API gives (/predict), for image files, from a bundle in "
+                       "this process: a summary on stderr and the JSON on stdout (or --json-out).")
+    p.add_argument("images", nargs="+", type=Path, help="PNG, JPEG, BMP or WebP files")
+    p.add_argument("--bundle", type=Path, default=Path("ferray-demo/bundle"), help="serving bundle (default: ferray-demo/bundle)")
+    p.add_argument("--no-detect", dest="detect", action="store_false",
+                   help="classify each whole image as one face (no face detection)")
+    p.add_argument("--json-out", type=Path, help="write the JSON here instead of stdout")
+    p.set_defaults(func=cmd_predict)
+
+
+def _add_serve(sub) -> None:
+    p = sub.add_parser("serve", formatter_class=_formatter, help="serve the ensemble over HTTP with Ray Serve",
+                       description="Start the Serve application of serve/config.yaml for BUNDLE on the Ray this "
+                       "command connects to (embedded by default) and print its URL. Ctrl-C or SIGTERM shuts the "
+                       "application (and an embedded Ray) down. API docs at URL/docs, a web page at URL/.")
+    p.add_argument("--bundle", type=Path, required=True, help="serving bundle (`ferray ensemble` or `ferray demo`)")
+    p.add_argument("--port", type=int, default=8000, help="HTTP port (default: 8000)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1; 0.0.0.0 for all)")
+    p.add_argument("--config", type=Path, help="Serve config (default: serve/config.yaml of the package)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override an application arg, e.g. --set model_a.max_batch_size=1 (repeatable)")
+    p.set_defaults(func=cmd_serve)
 
 
 def _add_models(sub) -> None:
@@ -168,6 +218,8 @@ def _add_sr(sub) -> None:
                    help="srgan (default) or the bicubic baseline (no --checkpoint needed)")
     u.add_argument("--actors", type=int, default=1, help="actors in the pool (default: 1)")
     u.add_argument("--gpus-per-actor", type=float, default=0.0, help="GPUs per actor (default: 0, CPU)")
+    u.add_argument("--cpus-per-actor", type=float, default=1.0,
+                   help="CPUs (and torch threads) per actor when on CPU (default: 1)")
     u.add_argument("--batch-size", type=int, default=256, help="faces per batch (default: 256)")
     u.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     u.set_defaults(func=cmd_sr_upscale)
@@ -179,6 +231,27 @@ def _add_sr(sub) -> None:
     e.add_argument("--split", default="PublicTest", help="split (default: PublicTest)")
     e.add_argument("--out", type=Path, help="folder for the JSON and the PNG (default: beside the checkpoint)")
     e.set_defaults(func=cmd_sr_eval)
+
+
+def _add_tune(sub) -> None:
+    p = sub.add_parser("tune", formatter_class=_formatter, help="search hyperparameters with Ray Tune + Optuna + ASHA",
+                       description="Search an experiment's hyperparameters (e.g. the learning rate and the center-loss "
+                       "lambda) with Ray Tune: Optuna's TPE (seeded; the base config's values evaluated first), ASHA "
+                       "stopping weak trials early, each trial a Ray Train run like `ferray train`. Writes trials.csv, "
+                       "search.png, best.yaml (ready for `ferray train`) and best.pt under OUT/NAME.")
+    p.add_argument("search", type=Path, help="a search file, e.g. experiments/tune_a.yaml")
+    p.add_argument("--samples", type=int, help="number of trials (overrides search.samples)")
+    p.add_argument("--max-concurrent", type=int, help="trials at a time (default: what the resources allow)")
+    p.add_argument("--workers-per-trial", type=int, help="Ray Train workers per trial (overrides scaling.workers)")
+    p.add_argument("--gpus-per-worker", type=float, help="GPUs per worker (overrides scaling.gpus_per_worker)")
+    p.add_argument("--data", help="prepared data folder (overrides data.path)")
+    p.add_argument("--epochs", type=int, help="epochs per trial (overrides train.epochs; ASHA's max_t)")
+    p.add_argument("--out", type=Path, default=Path("runs"), help="folder of runs (default: ./runs)")
+    p.add_argument("--name", help="search name (default: the search file's name)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted search without repeating finished trials")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a value of the base experiment (repeatable)")
+    p.set_defaults(func=cmd_tune)
 
 
 # ------------------------------------------------------------------------------------- commands
@@ -213,7 +286,8 @@ def cmd_sr_upscale(args) -> int:
     from ferray.upscale import upscale
 
     manifest = upscale(args.data, args.out, args.method, str(args.checkpoint) if args.checkpoint else None,
-                       args.actors, args.gpus_per_actor, args.batch_size, args.overwrite, echo=_echo)
+                       args.actors, args.gpus_per_actor, args.batch_size, args.overwrite, echo=_echo,
+                       cpus_per_actor=args.cpus_per_actor)
     print(format_manifest(manifest, args.out))
     return 0
 
@@ -225,10 +299,63 @@ def cmd_sr_eval(args) -> int:
     return 0
 
 
+def cmd_tune(args) -> int:
+    from ferray.tune import load_search, run_search
+
+    overrides = list(args.overrides)
+    for flag, key in (("data", "data.path"), ("workers_per_trial", "scaling.workers"),
+                      ("gpus_per_worker", "scaling.gpus_per_worker"), ("epochs", "train.epochs")):
+        if getattr(args, flag) is not None:
+            overrides.append(f"{key}={getattr(args, flag)}")
+    spec = load_search(args.search, overrides)
+    if args.samples is not None:
+        spec.samples = args.samples
+    if args.max_concurrent is not None:
+        spec.max_concurrent = args.max_concurrent
+    if args.name:
+        spec.name = args.name
+    run_search(spec, args.out, resume=args.resume, echo=_echo)
+    return 0
+
+
 def cmd_evaluate(args) -> int:
+    if args.bundle is not None:
+        from ferray.ensemble import evaluate_bundle
+
+        if args.tta:
+            raise UsageError("--tta does not apply to --bundle: the bundle records its own TTA setting")
+        evaluate_bundle(args.bundle, args.data, args.split, args.out)
+        return 0
     from ferray.evaluate import evaluate_checkpoint
 
     evaluate_checkpoint(args.checkpoint, args.data, args.split, args.tta, args.out)
+    return 0
+
+
+def cmd_ensemble(args) -> int:
+    from ferray.ensemble import build_bundle
+
+    build_bundle(args.a, args.b, args.sr, args.data, args.out, split=args.split, tta=args.tta,
+                 overwrite=args.overwrite, echo=_echo)
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from ferray.predict import format_answers, predict_files, to_json
+
+    answers = predict_files(args.bundle, args.images, detect=args.detect)
+    _echo(format_answers(answers))
+    if args.json_out:
+        args.json_out.write_text(to_json(answers) + "\n")
+    else:
+        print(to_json(answers))
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from ferray.serving import serve_forever
+
+    serve_forever(args.bundle, port=args.port, host=args.host, config=args.config, overrides=args.overrides, echo=_echo)
     return 0
 
 
@@ -341,17 +468,18 @@ def main(argv: list[str] | None = None) -> int:
     from ferray.config import ConfigError
     from ferray.data.contract import DataError
     from ferray.engine import CheckpointError
+    from ferray.faces import InputError
     from ferray.sr.losses import ContentError
 
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (DataError, UsageError, ConfigError, CheckpointError, ContentError) as e:
+    except (DataError, UsageError, ConfigError, CheckpointError, ContentError, InputError) as e:
         print(f"ferray {args.command}: error: {e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print(f"ferray {args.command}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        print(f"ferray {args.command}: interrupted{': ' + str(e) if str(e) else ''}", file=sys.stderr)
         return 130
 
 

@@ -2,8 +2,10 @@
 
 Stages so far: synthesize a FER2013-style CSV -> prepare it with Ray Data -> train the debug
 Model A with Ray Train -> evaluate it -> train the debug SRGAN -> upscale the data 48 -> 96 with a
-Ray Data actor pool -> evaluate the SR -> train the debug Model B on the SR faces -> evaluate it.
-Each later stage (tuning, ensemble, serving, report) appends itself here.
+Ray Data actor pool -> evaluate the SR -> a 2-trial Tune search -> train the debug Model B on the
+SR faces -> evaluate it -> fuse A and B into the serving bundle DIR/bundle -> evaluate the
+ensemble -> serve the bundle with Ray Serve and send it a few faces over HTTP. Each later stage
+(the report) appends itself here.
 """
 
 from __future__ import annotations
@@ -35,9 +37,12 @@ def run_demo(out: Path | None, n: int = 1400, seed: int = 0, echo: Callable[[str
     from ferray.config import load_config
     from ferray.data.prepare import prepare
     from ferray.data.synth import SynthSpec, synthesize
+    from ferray.ensemble import build_bundle, evaluate_bundle
     from ferray.evaluate import evaluate_checkpoint
     from ferray.sr.evaluation import evaluate_generator
     from ferray.train import run_training
+    from ferray.tune import load_search, run_search
+    from ferray.serving import demo_requests
     from ferray.upscale import upscale
 
     if out is None:
@@ -47,6 +52,11 @@ def run_demo(out: Path | None, n: int = 1400, seed: int = 0, echo: Callable[[str
     claim_folder(out)
     t0 = time.perf_counter()
     data, runs, done = out / "data", out / "runs", {"out": out}
+
+    def search(name: str, samples: int):
+        spec = load_search(EXPERIMENTS / f"{name}.yaml", [f"data.path={data}", f"train.seed={seed}"])
+        spec.samples = samples
+        return spec
 
     def experiment(name: str, **values):
         sets = [f"data.path={values.get('data', data)}", f"train.seed={seed}"]
@@ -70,11 +80,20 @@ def run_demo(out: Path | None, n: int = 1400, seed: int = 0, echo: Callable[[str
                                               actors=2, echo=echo))),
         ("sr eval: PSNR/SSIM against bicubic, and the LR/bicubic/SR/HR grid",
          lambda: done.update(sr_eval=evaluate_generator(done["srgan"]["best_checkpoint"], data, echo=print))),
+        ("tune: experiments/debug_tune.yaml, 2 trials (Ray Tune + Optuna + ASHA over lr and center-loss lambda)",
+         lambda: done.update(tune=run_search(search("debug_tune", samples=2), runs, echo=echo))),
         ("train: experiments/debug_b.yaml (Model B's layout on ResNet18, on the SR faces, Ray Train)",
          lambda: done.update(model_b=run_training(experiment("debug_b", data=out / "data_sr"), runs, echo=echo))),
         ("evaluate: Model B's best checkpoint on PublicTest with ten-crop TTA",
          lambda: done.update(evaluation_b=evaluate_checkpoint(done["model_b"]["best_checkpoint"], out / "data_sr",
                                                               "PublicTest", tta=True, echo=print))),
+        ("ensemble: A + (SR -> B), fusion weight fitted on PublicTest -> the serving bundle",
+         lambda: done.update(bundle=build_bundle(done["model_a"]["best_checkpoint"], done["model_b"]["best_checkpoint"],
+                                                 done["srgan"]["best_checkpoint"], data, out / "bundle", echo=echo))),
+        ("evaluate: the ensemble on PublicTest, members side by side",
+         lambda: done.update(evaluation_bundle=evaluate_bundle(out / "bundle", data, "PublicTest", echo=print))),
+        ("serve: the bundle with Ray Serve, a few faces sent over HTTP",
+         lambda: done.update(served=demo_requests(out / "bundle", data, echo=print))),
     ]
     for i, (title, run) in enumerate(steps, 1):
         echo(f"[{i}/{len(steps)}] {title}")

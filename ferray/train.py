@@ -22,7 +22,7 @@ from typing import Callable
 import pyarrow as pa
 
 from ferray.config import ConfigError, ExperimentConfig, dump_yaml, from_dict, to_dict
-from ferray.data.contract import FER_SIZE, DataError, pixels_to_images, read_manifest, split_dir
+from ferray.data.contract import FER_SIZE, DataError, load_split, pixels_to_images, read_manifest, split_dir
 
 METRICS_FILE = "metrics.jsonl"
 RESULT_FILE = "result.json"
@@ -37,7 +37,10 @@ def decode_faces(table: pa.Table) -> dict:
 
 
 def check_data(cfg: ExperimentConfig, task: str = "classifier") -> dict:
-    """The manifest of cfg.data.path, after checking that both splits are there."""
+    """The manifest of cfg.data.path, after checking that both splits are there. A relative path is
+    made absolute here, in the driver: workers and trials run in working directories of their own."""
+    if "://" not in cfg.data.path:
+        cfg.data.path = str(Path(cfg.data.path).absolute())
     manifest = read_manifest(cfg.data.path)
     if task == "sr" and manifest["image_size"][0] != FER_SIZE:
         raise DataError(f"{cfg.data.path}: {manifest['image_size'][0]}x{manifest['image_size'][1]} faces; the SRGAN "
@@ -52,13 +55,13 @@ def check_data(cfg: ExperimentConfig, task: str = "classifier") -> dict:
 
 
 def build_datasets(cfg: ExperimentConfig) -> dict:
+    """The training split as a Ray Dataset, sharded across workers. The eval split is not here: rank 0
+    evaluates all of it, so it reads it itself (a few MB); a Dataset would cost a streaming executor
+    and fresh worker processes per run (~9 s on 2 cores) for no parallelism."""
     import ray.data
 
-    def read(split: str):
-        path = str(split_dir(Path(cfg.data.path).absolute(), split))
-        return ray.data.read_parquet(path).map_batches(decode_faces, batch_format="pyarrow")
-
-    return {"train": read(cfg.data.train_split), "eval": read(cfg.data.eval_split)}
+    path = str(split_dir(Path(cfg.data.path).absolute(), cfg.data.train_split))
+    return {"train": ray.data.read_parquet(path).map_batches(decode_faces, batch_format="pyarrow")}
 
 
 def _batches(shard, batch_size: int, device, train: bool):
@@ -94,14 +97,16 @@ class _EpochData:
 
         self.cfg, self.device = cfg, device
         self.train_shard = ray.train.get_dataset_shard("train")
-        self.eval_shard = ray.train.get_dataset_shard("eval")
         if cfg.train.loader == "cache":
             images, labels = _cached(self.train_shard, device)
             self.train_cache = TensorBatches(images, labels, cfg.train.batch_size, seed=cfg.train.seed + rank)
-            self.eval_cache = None
-            if rank == 0:
-                images, labels = _cached(self.eval_shard, device)
-                self.eval_cache = TensorBatches(images, labels, cfg.train.eval_batch_size, shuffle=False, drop_last=False)
+        self.eval_batches = None
+        if rank == 0:
+            import torch
+
+            images, labels, _ = load_split(cfg.data.path, cfg.data.eval_split)
+            self.eval_batches = TensorBatches(torch.from_numpy(images).to(device), torch.from_numpy(labels).to(device),
+                                              cfg.train.eval_batch_size, shuffle=False, drop_last=False)
 
     def train(self):
         if self.cfg.train.loader == "cache":
@@ -109,9 +114,7 @@ class _EpochData:
         return _batches(self.train_shard, self.cfg.train.batch_size, self.device, True)
 
     def eval(self):
-        if self.cfg.train.loader == "cache":
-            return self.eval_cache
-        return _batches(self.eval_shard, self.cfg.train.eval_batch_size, self.device, False)
+        return self.eval_batches
 
 
 # --------------------------------------------------------------------------------------- workers
@@ -245,15 +248,15 @@ def check_resources(cfg: ExperimentConfig) -> None:
     """Refuse, before starting, a request the cluster can never satisfy (instead of waiting forever)."""
     import ray
 
+    from ferray.cluster import ceiling
+
     total = ray.cluster_resources()
-    need_cpu = cfg.scaling.workers * cfg.scaling.cpus_per_worker
-    need_gpu = cfg.scaling.workers * cfg.scaling.gpus_per_worker
-    if need_gpu > total.get("GPU", 0):
-        raise ConfigError(f"{cfg.scaling.workers} workers x {cfg.scaling.gpus_per_worker:g} GPU need "
-                          f"{need_gpu:g} GPUs; this Ray cluster has {total.get('GPU', 0):g}")
-    if need_cpu > total.get("CPU", 0):
-        raise ConfigError(f"{cfg.scaling.workers} workers x {cfg.scaling.cpus_per_worker:g} CPU need "
-                          f"{need_cpu:g} CPUs; this Ray cluster has {total.get('CPU', 0):g}")
+    for resource, per_worker in (("GPU", cfg.scaling.gpus_per_worker), ("CPU", cfg.scaling.cpus_per_worker)):
+        need, have = cfg.scaling.workers * per_worker, total.get(resource, 0)
+        if need > ceiling(resource, have):
+            raise ConfigError(f"{cfg.scaling.workers} workers x {per_worker:g} {resource} need {need:g} {resource}s; "
+                              f"this Ray cluster has {have:g} and can have at most {ceiling(resource, have):g} "
+                              f"(an autoscaling cluster declares more in FERRAY_MAX_{resource}S)")
 
 
 def prepare_run_dir(out: Path, name: str, resume: bool) -> Path:
@@ -269,6 +272,7 @@ def prepare_run_dir(out: Path, name: str, resume: bool) -> Path:
 def run_training(cfg: ExperimentConfig, out: Path, name: str | None = None, resume: bool = False,
                  echo: Callable[[str], None] = print, task: str = "classifier") -> dict:
     """Train `cfg` under Ray Train; returns the run's result (also written to RUN/result.json)."""
+    from ferray.cluster import check_shared_paths
     from ferray.runtime import connect
 
     manifest = check_data(cfg, task)
@@ -276,6 +280,7 @@ def run_training(cfg: ExperimentConfig, out: Path, name: str | None = None, resu
     run_dir = prepare_run_dir(out, name or cfg.name, resume)
     info = connect()
     check_resources(cfg)
+    check_shared_paths({"data": cfg.data.path, "run folder": run_dir})
     (run_dir / "config.yaml").write_text(dump_yaml(cfg))
     what = "SRGAN x2" if task == "sr" else cfg.model.name
     echo(f"train: {what} on {cfg.data.path} ({train_rows:,} {cfg.data.train_split} faces), "

@@ -18,10 +18,11 @@ from ferray.sr.inference import METHODS, Upscaler, check_input, upscaled_source
 
 def upscale(data: str | Path, out: str | Path, method: str = "srgan", checkpoint: str | None = None,
             actors: int = 1, gpus_per_actor: float = 0.0, batch_size: int = 256, overwrite: bool = False,
-            echo: Callable[[str], None] = print) -> dict:
+            echo: Callable[[str], None] = print, cpus_per_actor: float = 1.0) -> dict:
     import ray
     import ray.data
 
+    from ferray.cluster import check_shared_paths
     from ferray.runtime import connect
 
     if method not in METHODS:
@@ -36,6 +37,8 @@ def upscale(data: str | Path, out: str | Path, method: str = "srgan", checkpoint
 
         generator_from_checkpoint(checkpoint)
     info = connect()
+    Path(out).absolute().parent.mkdir(parents=True, exist_ok=True)
+    check_shared_paths({"data": data, "output folder": Path(out).absolute().parent})
     if gpus_per_actor * actors > info.gpus:
         raise DataError(f"{actors} actors x {gpus_per_actor:g} GPU need {actors * gpus_per_actor:g} GPUs; "
                         f"this Ray cluster has {info.gpus:g}")
@@ -50,9 +53,9 @@ def upscale(data: str | Path, out: str | Path, method: str = "srgan", checkpoint
             ds = ds.repartition(4 * actors)
         ds = ds.map_batches(
             Upscaler, fn_constructor_kwargs={"method": method, "checkpoint": checkpoint,
-                                             "threads": None if gpus_per_actor else 1},
+                                             "threads": None if gpus_per_actor else max(1, int(cpus_per_actor))},
             batch_size=batch_size, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=actors),
-            num_gpus=gpus_per_actor or None, num_cpus=0 if gpus_per_actor else 1,
+            num_gpus=gpus_per_actor or None, num_cpus=0 if gpus_per_actor else cpus_per_actor,
         )
         ds.write_parquet(str(tmp), partition_cols=["split"])
         result = build_manifest(tmp, source=upscaled_source(data, method, checkpoint, manifest))

@@ -18,12 +18,13 @@ def ray_session():
     """
     import ray
 
-    from ferray.runtime import connect
+    from ferray.runtime import configure_train_env, connect
 
     os.environ.pop("RAY_ADDRESS", None)
+    configure_train_env()
     os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")
     if not ray.is_initialized():
-        ray.init(num_cpus=4, object_store_memory=300 << 20, include_dashboard=True,
+        ray.init(address="local", num_cpus=4, object_store_memory=300 << 20, include_dashboard=True,
                  logging_level="ERROR")
     connect(progress=False)
     yield ray
@@ -43,3 +44,22 @@ def shared_fer2013():
     if not SHARED_FER2013.is_dir():
         pytest.skip(f"FER2013 not present at {SHARED_FER2013}")
     return SHARED_FER2013
+
+
+@pytest.fixture(scope="session")
+def prepared_synth(tmp_path_factory):
+    """A prepared (Parquet + manifest) synthetic dataset of 210 faces."""
+    from ferray.data.synth import SynthSpec, synthesize
+
+    out = tmp_path_factory.mktemp("prepared") / "data"
+    synthesize(out, SynthSpec(n=210, seed=3))
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory, prepared_synth):
+    """A serving bundle of tiny untrained members (bundle/../members holds their checkpoints), its
+    fusion fitted on the synthetic PublicTest."""
+    from ferray.testing import untrained_bundle
+
+    return untrained_bundle(tmp_path_factory.mktemp("bundle"), prepared_synth)

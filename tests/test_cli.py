@@ -8,7 +8,8 @@ import pytest
 
 from ferray.cli import build_parser
 
-COMMANDS = ["demo", "prepare", "synth", "info", "train", "evaluate", "models"]
+COMMANDS = ["demo", "prepare", "synth", "info", "train", "evaluate", "models", "sr", "tune", "ensemble", "predict",
+            "serve"]
 
 
 def ferray(*args, **kw):
@@ -62,8 +63,8 @@ def test_info_on_a_folder_that_is_not_prepared(tmp_path):
 
 @pytest.mark.slow
 def test_demo_runs_end_to_end(tmp_path):
-    out = tmp_path / "demo"
-    result = ferray("demo", "--out", out, "--n", 210, timeout=900, env=_clean_env())
+    out = tmp_path / "demo"  # given relative, as users do: every stage must resolve it (Tune trials chdir)
+    result = ferray("demo", "--out", "demo", "--n", 210, timeout=900, env=_clean_env(), cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "checksum:" in result.stdout and (out / "data" / "manifest.json").exists()
     assert (out / "runs" / "debug_a" / "best.pt").exists()
@@ -72,7 +73,18 @@ def test_demo_runs_end_to_end(tmp_path):
     assert (out / "runs" / "debug_srgan" / "sr-grid-PublicTest.png").exists()
     assert json.loads((out / "data_sr" / "manifest.json").read_text())["image_size"] == [96, 96]
     assert "PSNR" in result.stdout
-    assert (out / "runs" / "debug_b" / "best.pt").exists()
+    # Model B's debug run (experiments/debug_b.yaml): 2 Ray Train workers on the SR faces
+    model_b = json.loads((out / "runs" / "debug_b" / "result.json").read_text())
+    assert model_b["workers"] == 2 and model_b["model"] == "resnet18_b"
+    import torch
+
+    payload = torch.load(out / "runs" / "debug_b" / "best.pt", weights_only=True)
+    assert payload["pretrained"] is False and payload["config"]["augment"]["crop"] == 88
+    assert (out / "runs" / "debug_tune" / "best.yaml").exists() and (out / "runs" / "debug_tune" / "search.png").exists()
+    card = json.loads((out / "bundle" / "bundle.json").read_text())
+    assert card["members"]["sr"] is not None and 0 <= card["fusion"]["weight_a"] <= 1
+    assert "members on PublicTest: A" in result.stdout
+    assert result.stdout.count("HTTP 200") == 5  # four PNG faces and one pixel row, answered over HTTP
 
 
 def test_demo_folder_is_reused_only_if_it_is_a_demo(tmp_path):

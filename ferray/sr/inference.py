@@ -22,6 +22,10 @@ from ferray.data.contract import (
 from ferray.sr.nets import bicubic
 
 METHODS = ("srgan", "bicubic")
+# The generator always runs on chunks of this many faces (the last one padded): convolution
+# libraries pick algorithms by batch size, and a fixed size keeps every face's result bit-identical
+# however Ray Data or a plain loop happens to batch the rows.
+CHUNK = 16
 
 
 class Upscaler:
@@ -45,8 +49,14 @@ class Upscaler:
     @torch.inference_mode()
     def upscale(self, faces: np.ndarray) -> np.ndarray:
         """(B, 48, 48) uint8 -> (B, 96, 96) uint8."""
+        n = len(faces)
         x = torch.from_numpy(np.ascontiguousarray(faces)).to(self.device).float().unsqueeze(1) / 255.0
-        y = self.generator(x) if self.generator is not None else bicubic(x, 2)
+        if self.generator is None:
+            y = bicubic(x, 2)
+        else:
+            pad = (-n) % CHUNK
+            x = torch.cat([x, x.new_zeros(pad, *x.shape[1:])]) if pad else x
+            y = torch.cat([self.generator(chunk) for chunk in x.split(CHUNK)])[:n]
         return (y.clamp(0, 1) * 255).round().to(torch.uint8).squeeze(1).cpu().numpy()
 
     def __call__(self, table: pa.Table) -> pa.Table:
@@ -73,10 +83,20 @@ def upscaled_source(data: str | Path, method: str, checkpoint: str | None, manif
 
 
 def upscale_local(data: str | Path, out: str | Path, method: str = "srgan", checkpoint: str | None = None,
-                  batch_size: int = 256, overwrite: bool = False) -> dict:
-    """The single-process loop: every split, batch by batch, into a 96x96 prepared dataset."""
+                  batch_size: int = 256, overwrite: bool = False, threads: int | None = 1) -> dict:
+    """The single-process loop: every split, batch by batch, into a 96x96 prepared dataset.
+
+    One CPU thread by default, like each actor of `ferray sr upscale` (and bit-identical to it)."""
     manifest = check_input(data)
-    upscaler = Upscaler(method, checkpoint)
+    previous_threads = torch.get_num_threads()
+    upscaler = Upscaler(method, checkpoint, threads=threads)
+    try:
+        return _write_upscaled(data, out, manifest, upscaler, method, checkpoint, batch_size, overwrite)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _write_upscaled(data, out, manifest, upscaler, method, checkpoint, batch_size, overwrite) -> dict:
     with atomic_output(out, overwrite=overwrite) as tmp:
         for split in SPLITS:
             folder = split_dir(data, split)

@@ -1,0 +1,91 @@
+"""A bounded HTTP load on 127.0.0.1 for the serving benches: N client threads, each with one
+keep-alive connection, POSTing faces for T seconds; latencies and statuses are recorded per request."""
+
+from __future__ import annotations
+
+import http.client
+import threading
+import time
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+import numpy as np
+
+
+@dataclass
+class Record:
+    start: float
+    latency: float
+    status: int  # 0: the connection failed
+
+
+@dataclass
+class LoadResult:
+    records: list[Record] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def summary(self, since: float = float("-inf"), until: float = float("inf")) -> dict:
+        chosen = [r for r in self.records if since <= r.start < until]
+        ok = np.array([r.latency for r in chosen if r.status == 200])
+        span = min(until, self.seconds) - max(since, 0.0)
+        return {"requests": len(chosen), "ok": int(len(ok)), "errors": len(chosen) - len(ok),
+                "rps": len(ok) / span if span > 0 else 0.0,
+                **{f"p{q}": float(np.percentile(ok, q)) if len(ok) else float("nan") for q in (50, 95, 99)}}
+
+
+def run_load(url: str, bodies: list[bytes], clients: int, seconds: float, path: str = "/predict",
+             content_type: str = "image/png", on_tick=None) -> LoadResult:
+    """`clients` threads POST `bodies` (round robin) to url+path for `seconds`; times are relative to start."""
+    parts = urlsplit(url)
+    result = LoadResult()
+    lock = threading.Lock()
+    t0 = time.perf_counter()
+    deadline = t0 + seconds
+
+    def client(index: int) -> None:
+        connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
+        count = index
+        while time.perf_counter() < deadline:
+            body = bodies[count % len(bodies)]
+            count += clients
+            start = time.perf_counter()
+            try:
+                connection.request("POST", path, body=body, headers={"Content-Type": content_type})
+                response = connection.getresponse()
+                response.read()
+                status = response.status
+            except (OSError, http.client.HTTPException):
+                status = 0
+                connection.close()
+                connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
+                time.sleep(0.05)
+            with lock:
+                result.records.append(Record(start - t0, time.perf_counter() - start, status))
+        connection.close()
+
+    threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(clients)]
+    for thread in threads:
+        thread.start()
+    while any(t.is_alive() for t in threads):
+        if on_tick is not None:
+            on_tick(time.perf_counter() - t0)
+        time.sleep(0.1)
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+def face_bodies(n: int = 64, seed: int = 0) -> list[bytes]:
+    """PNG bytes of synthetic 48x48 faces."""
+    from ferray.data.synth import SynthSpec, generate
+    from ferray.serving import png_bytes
+
+    images = generate(SynthSpec(n=max(n, 7), seed=seed))[0]
+    return [png_bytes(face) for face in images[:n]]
+
+
+def format_row(name: str, s: dict) -> str:
+    return (f"{name:<34}{s['rps']:>8.1f}{s['p50'] * 1e3:>9.0f}{s['p95'] * 1e3:>9.0f}{s['p99'] * 1e3:>9.0f}"
+            f"{s['errors']:>8}")
+
+
+HEADER = f"{'server':<34}{'req/s':>8}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'errors':>8}"

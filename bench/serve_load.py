@@ -1,0 +1,131 @@
+"""Serving throughput and latency under a bounded load on 127.0.0.1.
+
+    python bench/serve_load.py [--bundle BUNDLE] [--clients 16] [--seconds 20]
+
+N concurrent clients POST 48x48 face PNGs to /predict for T seconds (after a warm-up), against
+  (a) the Serve app of serve/config.yaml, batching on (@serve.batch, max_batch_size from the config);
+  (b) the same app with batching off (max_batch_size 1);
+  (c) a plain single-process baseline: the same bundle behind one FastAPI/uvicorn process, one
+      request at a time, torch on every core (bench/plain_server.py).
+Prints requests/s, p50/p95/p99 latency and errors for each, and the ratios against (c).
+Target on a 2-core machine: (a) >= 1.5x (c) at 16 clients, p99 under 1 s, no errors.
+
+Without --bundle, an untrained bundle of the real Model A (xception_a, 2.7M parameters) and a
+ResNet18 Model B on SR faces is written first (speed does not depend on the weights); --tta turns on
+the ten-crop TTA (10x the model work per face). It also prints how Model B's deployment splits its
+time between the SR generator and the classifier (why SR and B share one deployment).
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+from loadgen import HEADER, face_bodies, format_row, run_load  # noqa: E402
+
+
+def sr_share(bundle: Path) -> str:
+    """Seconds per face of the SR generator and of B (batch of 16, one thread)."""
+    import torch
+
+    from ferray.augment import predict_proba
+    from ferray.ensemble import load_bundle
+
+    torch.set_num_threads(1)
+    ensemble, _ = load_bundle(bundle, members=("b",))
+    faces = torch.randint(0, 256, (16, 48, 48), dtype=torch.uint8)
+    with torch.no_grad():
+        def timed(fn, repeat=5):
+            fn()
+            start = time.perf_counter()
+            for _ in range(repeat):
+                fn()
+            return (time.perf_counter() - start) / repeat / len(faces)
+
+        sr = timed(lambda: ensemble.generator(faces.float().unsqueeze(1) / 255))
+        up = (ensemble.generator(faces.float().unsqueeze(1) / 255).clamp(0, 1) * 255).to(torch.uint8).squeeze(1)
+        b = timed(lambda: predict_proba(ensemble.model_b, up, ensemble.cfg_b.augment.crop, ensemble.tta))
+    return f"Model B deployment per face: SR generator {sr * 1e3:.1f} ms, classifier {b * 1e3:.1f} ms ({sr / (sr + b):.0%} SR)"
+
+
+def serve_phase(name, bundle, overrides, bodies, args) -> dict:
+    from ray import serve
+
+    from ferray.serving import free_port, start
+
+    url = start(bundle, port=free_port(), overrides=overrides)
+    try:
+        run_load(url, bodies, args.clients, args.warmup)
+        return run_load(url, bodies, args.clients, args.seconds).summary()
+    finally:
+        serve.shutdown()
+
+
+def plain_phase(bundle, bodies, args) -> dict:
+    from ferray.serving import free_port, wait_healthy
+
+    port = free_port()
+    process = subprocess.Popen([sys.executable, str(REPO / "bench" / "plain_server.py"), "--bundle", str(bundle),
+                                "--port", str(port)])
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_healthy(url, 120)
+        run_load(url, bodies, args.clients, args.warmup)
+        return run_load(url, bodies, args.clients, args.seconds).summary()
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--bundle", type=Path, help="serving bundle (default: an untrained Model A + ResNet18 B)")
+    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument("--warmup", type=float, default=5.0)
+    parser.add_argument("--tta", action="store_true", help="ten-crop TTA in the generated bundle")
+    parser.add_argument("--model-b", default="resnet18_b", help="Model B of the generated bundle")
+    args = parser.parse_args()
+
+    from ferray.data.synth import SynthSpec, synthesize
+    from ferray.runtime import connect
+    from ferray.testing import untrained_bundle
+
+    with tempfile.TemporaryDirectory() as tmp:
+        bundle = args.bundle
+        if bundle is None:
+            synthesize(Path(tmp) / "data", SynthSpec(n=140, seed=0))
+            bundle = untrained_bundle(tmp, Path(tmp) / "data", tta=args.tta, model_a="xception_a",
+                                      model_b=args.model_b, sr_channels=32, sr_blocks=4)
+            print(f"bundle: untrained xception_a + {args.model_b} on SR faces, TTA {'on' if args.tta else 'off'}")
+        print(sr_share(bundle))
+        bodies = face_bodies()
+        connect()
+        results = {}
+        print(f"{args.clients} clients, {args.seconds:.0f} s each after {args.warmup:.0f} s warm-up")
+        print(HEADER)
+        for name, overrides in (("(a) Serve, batching", []),
+                                ("(b) Serve, no batching", ["model_a.max_batch_size=1", "model_b.max_batch_size=1"])):
+            results[name] = serve_phase(name, bundle, overrides, bodies, args)
+            print(format_row(name, results[name]), flush=True)
+        results["(c) plain process"] = plain_phase(bundle, bodies, args)
+        print(format_row("(c) plain process", results["(c) plain process"]))
+    base = results["(c) plain process"]["rps"]
+    a = results["(a) Serve, batching"]
+    for name in ("(a) Serve, batching", "(b) Serve, no batching"):
+        print(f"{name} / (c): {results[name]['rps'] / base:.2f}x throughput")
+    met = a["rps"] / base >= 1.5 and a["p99"] < 1.0 and a["errors"] == 0
+    print(f"target (a) >= 1.5x (c), p99 < 1 s, no errors: {'met' if met else 'MISSED'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

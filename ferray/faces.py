@@ -1,0 +1,178 @@
+"""From what a client sends to 48x48 faces: image decoding with limits, face detection, pixel rows.
+
+Ray-free and used unchanged by `ferray predict` and the Serve ingress, so that the command line and
+the HTTP API give the same answer for the same bytes. Every rejection is an `InputError` that says
+what was wrong and carries the HTTP status a server should answer with (4xx, never 5xx).
+
+Detection uses OpenCV's Haar cascade for frontal faces (shipped inside opencv-python-headless, so it
+works offline). Each detected box is widened a little, because FER2013's faces are cropped looser
+than Haar's boxes, then resized to 48x48 with area interpolation.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+
+from ferray.data.contract import FER_SIZE
+
+ALLOWED_FORMATS = ("PNG", "JPEG", "BMP", "WEBP")
+DEFAULT_MAX_BYTES = 10 * 1024 * 1024
+DEFAULT_MAX_PIXELS = 40_000_000  # a 40-megapixel photo decodes to ~120 MB of RGB; more is a bomb, not a photo
+BOX_MARGIN = 0.1  # fraction of the Haar box added on each side (FER2013 crops include some hair and chin)
+
+
+class InputError(ValueError):
+    """A client's input that cannot be used; `status` is the HTTP status to answer with."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_bytes: int = DEFAULT_MAX_BYTES
+    max_pixels: int = DEFAULT_MAX_PIXELS
+
+
+@dataclass
+class Face:
+    box: tuple[int, int, int, int]  # x, y, width, height in the original image
+    pixels: np.ndarray  # (48, 48) uint8
+
+
+# ---------------------------------------------------------------------------------------- decoding
+def decode_image(data: bytes, name: str = "image", limits: Limits = Limits()) -> np.ndarray:
+    """Bytes of a PNG/JPEG/BMP/WebP image (any size, color or gray) -> (H, W) uint8 grayscale."""
+    from PIL import Image, UnidentifiedImageError
+    from PIL.Image import DecompressionBombError
+
+    if not data:
+        raise InputError(f"{name}: empty body (0 bytes); send the bytes of a PNG, JPEG, BMP or WebP image")
+    if len(data) > limits.max_bytes:
+        raise InputError(f"{name}: {len(data):,} bytes is over the limit of {limits.max_bytes:,}", status=413)
+    try:
+        image = Image.open(io.BytesIO(data))  # reads the header only: the size is known before decoding
+    except DecompressionBombError as error:  # PIL's own guard fires on headers past ~179 MP
+        raise InputError(f"{name}: {error}; refused before decoding", status=413) from None
+    except UnidentifiedImageError:
+        raise InputError(f"{name}: not an image this API reads ({_sniff(data)}); send PNG, JPEG, BMP or WebP",
+                         status=415) from None
+    except Exception as error:  # PIL raises a zoo of types for broken headers
+        raise InputError(f"{name}: unreadable image header ({error})") from None
+    if image.format not in ALLOWED_FORMATS:
+        raise InputError(f"{name}: {image.format} images are not accepted; send PNG, JPEG, BMP or WebP", status=415)
+    width, height = image.size
+    if width < 1 or height < 1 or width * height > limits.max_pixels:
+        raise InputError(f"{name}: declared size {width}x{height} ({width * height:,} pixels) is over the limit of "
+                         f"{limits.max_pixels:,} pixels (a decompression bomb is refused before decoding)", status=413)
+    try:
+        gray = np.asarray(image.convert("L"), dtype=np.uint8)
+    except Exception as error:  # truncated or corrupt data surfaces only when the pixels are decoded
+        raise InputError(f"{name}: corrupt or truncated {image.format} data ({error})") from None
+    return gray
+
+
+def _sniff(data: bytes) -> str:
+    head = data[:16]
+    if head.lstrip().startswith((b"{", b"[")):
+        return "it looks like JSON: pixel rows go to /predict/pixels"
+    if head.startswith(b"GIF8"):
+        return "GIF"
+    return f"first bytes {head[:8].hex(' ')}"
+
+
+# --------------------------------------------------------------------------------------- detection
+@lru_cache(maxsize=1)
+def _cascade():
+    import cv2
+
+    path = cv2.data.haarcascades + "haarcascade_frontalface_default.xml"
+    cascade = cv2.CascadeClassifier(path)
+    if cascade.empty():
+        raise RuntimeError(f"OpenCV could not load its face detector from {path}; reinstall opencv-python-headless")
+    return cascade
+
+
+def detect_boxes(gray: np.ndarray) -> list[tuple[int, int, int, int]]:
+    """Frontal-face boxes (x, y, w, h), largest first, of a grayscale image."""
+    import cv2
+
+    smallest = max(24, min(gray.shape) // 20)
+    found = _cascade().detectMultiScale(cv2.equalizeHist(gray), scaleFactor=1.1, minNeighbors=5,
+                                        minSize=(smallest, smallest))
+    boxes = [tuple(int(v) for v in box) for box in found]
+    return sorted(boxes, key=lambda b: -b[2] * b[3])
+
+
+def crop_face(gray: np.ndarray, box: tuple[int, int, int, int], margin: float = BOX_MARGIN) -> np.ndarray:
+    """The square around `box`, widened by `margin` and clipped to the image, resized to 48x48."""
+    import cv2
+
+    x, y, w, h = box
+    side = max(w, h) * (1 + 2 * margin)
+    cx, cy = x + w / 2, y + h / 2
+    x0, y0 = max(0, math.floor(cx - side / 2)), max(0, math.floor(cy - side / 2))
+    x1, y1 = min(gray.shape[1], math.ceil(cx + side / 2)), min(gray.shape[0], math.ceil(cy + side / 2))
+    return resize48(gray[y0:y1, x0:x1])
+
+
+def resize48(gray: np.ndarray) -> np.ndarray:
+    import cv2
+
+    if gray.shape == (FER_SIZE, FER_SIZE):
+        return np.ascontiguousarray(gray)
+    shrinking = gray.shape[0] >= FER_SIZE and gray.shape[1] >= FER_SIZE
+    return cv2.resize(gray, (FER_SIZE, FER_SIZE), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
+
+
+def faces_in_image(gray: np.ndarray, detect: bool = True, name: str = "image") -> list[Face]:
+    """A 48x48 image is a face as is; with `detect` a larger one yields every face found, else the
+    whole image is resized to one face."""
+    height, width = gray.shape
+    if (height, width) == (FER_SIZE, FER_SIZE) or not detect:
+        return [Face((0, 0, width, height), resize48(gray))]
+    boxes = detect_boxes(gray)
+    if not boxes:
+        raise InputError(f"{name}: no face found in the {width}x{height} image; send a closer photo, or "
+                         "?detect=false to classify the whole image as one face", status=422)
+    return [Face(box, crop_face(gray, box)) for box in boxes]
+
+
+# -------------------------------------------------------------------------------------- pixel rows
+def faces_from_pixels(payload, name: str = "body") -> np.ndarray:
+    """JSON {"pixels": row} or {"pixels": [row, ...]}, a row being 2,304 ints 0..255 in FER2013 order
+    (row-major 48x48) -> (N, 48, 48) uint8."""
+    if not isinstance(payload, dict) or "pixels" not in payload:
+        raise InputError(f"{name}: expected a JSON object {{\"pixels\": [2304 ints]}} or {{\"pixels\": [[...], ...]}}",
+                         status=422)
+    rows = payload["pixels"]
+    if not isinstance(rows, list) or not rows:
+        raise InputError(f"{name}: 'pixels' must be a non-empty list", status=422)
+    if not isinstance(rows[0], list):
+        rows = [rows]
+    faces = np.empty((len(rows), FER_SIZE, FER_SIZE), dtype=np.uint8)
+    for index, row in enumerate(rows):
+        faces[index] = _pixel_row(row, f"{name}: pixels[{index}]" if len(rows) > 1 else f"{name}: pixels")
+    return faces
+
+
+def _pixel_row(row, where: str) -> np.ndarray:
+    expected = FER_SIZE * FER_SIZE
+    if not isinstance(row, list):
+        raise InputError(f"{where}: expected a list of {expected} ints, got {type(row).__name__}", status=422)
+    if len(row) != expected:
+        raise InputError(f"{where}: {len(row)} values, expected {expected} (48x48)", status=422)
+    for position, value in enumerate(row):
+        # bool is an int in Python, and NaN / 3.5 are not pixels: name the first bad value exactly
+        if (isinstance(value, bool) or not isinstance(value, (int, float))
+                or not math.isfinite(value) or value != int(value)):
+            raise InputError(f"{where}[{position}]: {value!r} is not an integer pixel value", status=422)
+        if not 0 <= value <= 255:
+            raise InputError(f"{where}[{position}]: {value!r} is out of range 0..255", status=422)
+    return np.asarray(row, dtype=np.uint8).reshape(FER_SIZE, FER_SIZE)

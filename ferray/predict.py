@@ -1,0 +1,99 @@
+"""Answers for images and pixel rows: one function builds the JSON that `ferray predict` prints and
+that the HTTP API returns, so both give the same answer for the same bytes (Ray-free)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from ferray.data.contract import EMOTIONS
+from ferray.faces import Face, InputError, Limits, decode_image, faces_in_image
+
+
+def labelled(probs: np.ndarray) -> dict[str, float]:
+    return {name: float(p) for name, p in zip(EMOTIONS, probs)}
+
+
+def describe(faces: Sequence[Face], pa: np.ndarray, pb: np.ndarray, weight_a: float) -> list[dict]:
+    """Per face: its box, the fused label and probabilities, and each member's probabilities."""
+    fused = weight_a * pa + (1 - weight_a) * pb
+    return [{"box": list(face.box), "label": EMOTIONS[int(fused[i].argmax())], "probs": labelled(fused[i]),
+             "members": {"a": labelled(pa[i]), "b": labelled(pb[i])}} for i, face in enumerate(faces)]
+
+
+def find_faces(images: Sequence[tuple[str, bytes]], detect: bool, limits: Limits) -> list[tuple[str, tuple, list[Face]]]:
+    """(name, (height, width), faces) of each named image; InputError on anything unusable."""
+    found = []
+    for name, data in images:
+        gray = decode_image(data, name, limits)
+        found.append((name, gray.shape, faces_in_image(gray, detect, name)))
+    return found
+
+
+def all_faces(found) -> np.ndarray:
+    """Every face of `find_faces`' result, stacked (N, 48, 48) uint8, in order."""
+    return np.stack([face.pixels for _, _, faces in found for face in faces]).astype(np.uint8)
+
+
+def assemble(found, pa: np.ndarray, pb: np.ndarray, weight_a: float) -> list[dict]:
+    """The answer of each image, from the members' probabilities of `all_faces(found)`."""
+    answers, start = [], 0
+    for name, (height, width), faces in found:
+        stop = start + len(faces)
+        answers.append({"image": name, "width": width, "height": height,
+                        "faces": describe(faces, pa[start:stop], pb[start:stop], weight_a)})
+        start = stop
+    return answers
+
+
+def answer_images(images: Sequence[tuple[str, bytes]], predict_members: Callable[[np.ndarray], tuple],
+                  weight_a: float, detect: bool = True, limits: Limits = Limits()) -> list[dict]:
+    """The answer for each named image; `predict_members` maps (N, 48, 48) uint8 -> (P_A, P_B)."""
+    found = find_faces(images, detect, limits)
+    pa, pb = predict_members(all_faces(found))
+    return assemble(found, pa, pb, weight_a)
+
+
+def local_predictor(ensemble) -> Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """(N, 48, 48) uint8 -> (P_A, P_B) as numpy, with an in-process ensemble."""
+
+    def predict(faces: np.ndarray):
+        pa, pb = ensemble.member_probs(torch.from_numpy(faces))
+        return pa.numpy(), pb.numpy()
+
+    return predict
+
+
+def predict_files(bundle: str | Path, paths: Sequence[str | Path], detect: bool = True,
+                  limits: Limits = Limits()) -> list[dict]:
+    """`ferray predict`: the HTTP API's answer for image files, without a server."""
+    from ferray.ensemble import load_bundle
+
+    images = []
+    for path in paths:
+        path = Path(path)
+        if not path.is_file():
+            raise InputError(f"{path}: no such file")
+        images.append((str(path), path.read_bytes()))
+    ensemble, _ = load_bundle(bundle)
+    return answer_images(images, local_predictor(ensemble), ensemble.weight_a, detect, limits)
+
+
+def format_answers(answers: list[dict]) -> str:
+    """A short human summary (the JSON has everything)."""
+    lines = []
+    for answer in answers:
+        lines.append(f"{answer['image']} ({answer['width']}x{answer['height']}): {len(answer['faces'])} face(s)")
+        for face in answer["faces"]:
+            top = sorted(face["probs"].items(), key=lambda kv: -kv[1])[:3]
+            lines.append(f"  box {face['box']}: {face['label']}  ("
+                         + ", ".join(f"{k} {v:.0%}" for k, v in top) + ")")
+    return "\n".join(lines)
+
+
+def to_json(answers) -> str:
+    return json.dumps(answers, indent=2)

@@ -1,0 +1,42 @@
+"""Untrained but real checkpoints and bundles, for tests and benchmarks whose result does not depend
+on the weights (plumbing, shapes, speed). Never used by a training or serving path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+
+
+def untrained_members(folder: str | Path, model_a: str = "xception_a_tiny", model_b: str = "xception_a_tiny",
+                      sr_channels: int = 16, sr_blocks: int = 2) -> dict[str, Path]:
+    """Checkpoints of an A (48x48 faces, 44x44 crops), a B on SR faces (88x88 crops) and an SR generator.
+
+    The defaults are the smallest members that exercise every code path (B on Model A's layout at
+    1/8 width: milliseconds per face); benchmarks pass the real architectures."""
+    import torch
+
+    from ferray.config import load_config
+    from ferray.engine import build_state, save_checkpoint
+    from ferray.sr.engine import build_sr_state, save_sr_checkpoint
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg_a = load_config(EXPERIMENTS / "debug_a.yaml", [f"model.name={model_a}", "train.seed=1"])
+    cfg_b = load_config(EXPERIMENTS / "debug_b.yaml", [f"model.name={model_b}", "train.seed=2"])
+    cfg_sr = load_config(EXPERIMENTS / "debug_srgan.yaml", ["sr.content=mse", f"sr.generator_channels={sr_channels}",
+                                                           f"sr.generator_blocks={sr_blocks}"])
+    cpu = torch.device("cpu")
+    return {"a": save_checkpoint(folder / "a.pt", build_state(cfg_a, cpu), {"eval_acc": 0.0}),
+            "b": save_checkpoint(folder / "b.pt", build_state(cfg_b, cpu), {"eval_acc": 0.0}),
+            "sr": save_sr_checkpoint(folder / "sr.pt", build_sr_state(cfg_sr, cpu), {"eval_psnr": 0.0})}
+
+
+def untrained_bundle(folder: str | Path, data: str | Path, tta: bool = True, **members) -> Path:
+    """A serving bundle of `untrained_members`, its fusion fitted on `data`'s PublicTest."""
+    from ferray.ensemble import build_bundle
+
+    folder = Path(folder)
+    paths = untrained_members(folder / "members", **members)
+    build_bundle(paths["a"], paths["b"], paths["sr"], data, folder / "bundle", tta=tta, echo=lambda _: None)
+    return folder / "bundle"

@@ -1,0 +1,248 @@
+"""The ferray ensemble as a Ray Serve application.
+
+    HTTP -> Ingress (FastAPI: limits, decoding, face detection, fusion)
+              |-> ModelA  (Member "a": Model A on the 48x48 faces, @serve.batch)
+              '-> ModelB  (Member "b": SR generator x2 then Model B, @serve.batch)
+
+A and B run concurrently for every request. The fusion is a weighted mean of two 7-vectors, so it
+runs in the ingress: a deployment of its own would add a network hop per request and compute nothing.
+The SR generator and Model B share one deployment: the generator is a small fraction of B's time per
+face (bench/serve_load.py prints both), and a split would ship every 96x96 face between replicas.
+
+Entry point for `serve run serve/config.yaml` / `serve deploy` and for `ferray serve`: `build(args)`,
+args being the application's `args` mapping of serve/config.yaml (see serve/settings.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+from fastapi import FastAPI, Query, Request
+from fastapi.responses import HTMLResponse, JSONResponse
+from ray import serve
+from ray.exceptions import RayActorError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
+
+from serve.settings import ReplicaSettings, ServeSettings, parse_settings
+
+logger = logging.getLogger("ferray.serve")
+PAGE = Path(__file__).with_name("static") / "index.html"
+MEMBER_FAILURES = (RayActorError, BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError)
+
+
+class MemberUnavailable(Exception):
+    pass
+
+
+# ------------------------------------------------------------------------------------------ members
+@serve.deployment
+class Member:
+    """One member of the ensemble ("a" or "b") behind a batching queue."""
+
+    def __init__(self, bundle: str, which: str, settings: dict):
+        import torch
+
+        from ferray.ensemble import load_bundle
+
+        replica = ReplicaSettings(**settings)
+        torch.set_num_threads(replica.threads)
+        ensemble, _ = load_bundle(bundle, members=(which,))
+        self._forward = ensemble.probs_a if which == "a" else ensemble.probs_b
+        self.predict.set_max_batch_size(replica.max_batch_size)
+        self.predict.set_batch_wait_timeout_s(replica.batch_wait_timeout_s)
+        self.which = which
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)  # replaced from config in __init__
+    async def predict(self, requests: list[np.ndarray]) -> list[np.ndarray]:
+        """Each request is (n_i, 48, 48) uint8 faces; all are run as one batch and split back."""
+        sizes = [len(faces) for faces in requests]
+        faces = np.concatenate(requests)
+        # torch releases the GIL: run it off the event loop so the next batch queues meanwhile
+        probs = await asyncio.get_running_loop().run_in_executor(None, self._run, faces)
+        return np.split(probs, np.cumsum(sizes)[:-1])
+
+    def _run(self, faces: np.ndarray) -> np.ndarray:
+        import torch
+
+        return self._forward(torch.from_numpy(faces)).numpy()
+
+
+# ------------------------------------------------------------------------------------------ ingress
+api = FastAPI(
+    title="ferray",
+    description="Facial-expression recognition: the ensemble of Model A (Xception-style CNN on 48x48 faces) "
+                "and Model B (ResNet on faces super-resolved 2x), fused by a weighted mean of probabilities.",
+    version="1",
+)
+
+
+@serve.deployment
+@serve.ingress(api)
+class Ingress:
+    def __init__(self, model_a, model_b, settings: dict):
+        from ferray.ensemble import read_bundle_card
+        from ferray.faces import Limits
+
+        self.settings = parse_settings(settings)
+        self.card = read_bundle_card(self.settings.bundle)
+        self.weight_a = float(self.card["fusion"]["weight_a"])
+        self.limits = Limits(self.settings.max_body_bytes, self.settings.max_image_pixels)
+        self.members = {"a": model_a, "b": model_b}
+        self.page = PAGE.read_text()
+
+    # -------------------------------------------------------------------------------- plumbing
+    async def _member(self, which: str, faces: np.ndarray) -> np.ndarray:
+        """One member's probabilities; a request that lost its replica is retried on another."""
+        delay = 0.25
+        for attempt in range(self.settings.member_retries + 1):
+            try:
+                return await self.members[which].predict.remote(faces)
+            except MEMBER_FAILURES as error:
+                logger.warning("member %s failed (attempt %d): %s", which, attempt + 1, type(error).__name__)
+                await asyncio.sleep(delay)
+                delay *= 2
+        raise MemberUnavailable(f"model {which.upper()} is unavailable (its replicas are restarting); retry shortly")
+
+    async def _members(self, faces: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        pa, pb = await asyncio.gather(self._member("a", faces), self._member("b", faces))
+        return pa, pb
+
+    async def _answer(self, images: list[tuple[str, bytes]], detect: bool) -> list[dict]:
+        from ferray.predict import all_faces, assemble, find_faces
+
+        # decoding and detection are CPU work: keep the event loop free for other requests
+        found = await asyncio.get_running_loop().run_in_executor(None, find_faces, images, detect, self.limits)
+        pa, pb = await self._members(all_faces(found))
+        return assemble(found, pa, pb, self.weight_a)
+
+    async def _body(self, request: Request) -> bytes:
+        """The request body, refused as soon as it passes the limit (never buffered whole)."""
+        from ferray.faces import InputError
+
+        limit = self.settings.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise InputError(f"request body of {int(declared):,} bytes is over the limit of {limit:,}", status=413)
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise InputError(f"request body is over the limit of {limit:,} bytes", status=413)
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def _images(self, request: Request, many: bool) -> list[tuple[str, bytes]]:
+        """Images of a raw body (image/* or application/octet-stream) or a multipart form."""
+        from ferray.faces import InputError
+
+        content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        body = await self._body(request)
+        if content_type == "multipart/form-data":
+            async def replay():
+                return {"type": "http.request", "body": body, "more_body": False}
+
+            try:
+                form = await Request(request.scope, replay).form(max_files=self.settings.max_batch_images + 1)
+            except Exception as error:
+                raise InputError(f"malformed multipart body ({error})") from None
+            images = [(item.filename or key, await item.read()) for key, item in form.multi_items()
+                      if hasattr(item, "read")]
+            if not images:
+                raise InputError("multipart body has no file part; send the image as a file field", status=422)
+        elif content_type.startswith("image/") or content_type == "application/octet-stream":
+            images = [("body", body)]
+        else:
+            raise InputError(f"content type {content_type or '(none)'!r} is not accepted: send the image as the raw "
+                             "body (image/png, image/jpeg, ...) or as multipart/form-data", status=415)
+        if not many and len(images) > 1:
+            raise InputError(f"{len(images)} files sent to /predict; use /predict/batch for several", status=422)
+        if len(images) > self.settings.max_batch_images:
+            raise InputError(f"{len(images)} images in one request; the limit is {self.settings.max_batch_images}",
+                             status=413)
+        return images
+
+    async def _guarded(self, work):
+        from ferray.faces import InputError
+
+        try:
+            return await work
+        except InputError as error:
+            return JSONResponse({"error": str(error)}, status_code=error.status)
+        except MemberUnavailable as error:
+            return JSONResponse({"error": str(error)}, status_code=503, headers={"Retry-After": "1"})
+
+    # ---------------------------------------------------------------------------------- routes
+    @api.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def page(self):
+        return HTMLResponse(self.page)
+
+    @api.post("/predict", summary="Classify the faces in one image")
+    async def predict(self, request: Request, detect: bool = Query(True, description="find faces in photos "
+                      "larger than 48x48; false classifies the whole image as one face")):
+        """The image is the raw body (image/png, image/jpeg, image/bmp, image/webp) or one multipart file."""
+        async def work():
+            return (await self._answer(await self._images(request, many=False), detect))[0]
+
+        return await self._guarded(work())
+
+    @api.post("/predict/batch", summary="Classify the faces in several images (multipart files)")
+    async def predict_batch(self, request: Request, detect: bool = Query(True)):
+        async def work():
+            return {"results": await self._answer(await self._images(request, many=True), detect)}
+
+        return await self._guarded(work())
+
+    @api.post("/predict/pixels", summary="Classify FER2013 pixel rows")
+    async def predict_pixels(self, request: Request):
+        """JSON {"pixels": [2304 ints 0..255]} or {"pixels": [[...], [...]]}, row-major 48x48 as in FER2013."""
+        from ferray.faces import Face, InputError, faces_from_pixels
+        from ferray.predict import describe
+
+        async def work():
+            body = await self._body(request)
+            try:
+                payload = json.loads(body)
+            except (json.JSONDecodeError, UnicodeDecodeError) as error:
+                raise InputError(f"malformed JSON body ({error})") from None
+            faces = faces_from_pixels(payload)
+            pa, pb = await self._members(faces)
+            boxes = [Face((0, 0, 48, 48), pixels) for pixels in faces]
+            return {"faces": describe(boxes, pa, pb, self.weight_a)}
+
+        return await self._guarded(work())
+
+    @api.get("/healthz")
+    async def healthz(self):
+        return {"status": "ok"}
+
+    @api.get("/labels")
+    async def labels(self):
+        return {"labels": self.card["labels"]}
+
+    @api.get("/model", summary="The model card of the served bundle")
+    async def model(self):
+        return {key: value for key, value in self.card.items() if key != "data"} | {"bundle": Path(self.settings.bundle).name}
+
+
+# -------------------------------------------------------------------------------------------- build
+def build(args: dict | None = None):
+    """The Serve application for the `args` of serve/config.yaml (an application builder)."""
+    settings: ServeSettings = parse_settings(args)
+    from ferray.ensemble import read_bundle_card
+
+    bundle = str(Path(settings.bundle).absolute())
+    read_bundle_card(bundle)  # fail here, before any replica starts, if the bundle is not there
+    plain = {key: value for key, value in (args or {}).items()} | {"bundle": bundle}
+    members = {}
+    for which, replica in (("a", settings.model_a), ("b", settings.model_b)):
+        name = f"Model{which.upper()}"
+        members[which] = Member.options(name=name, **replica.deployment_options()).bind(
+            bundle, which, replica.__dict__)
+    ingress = Ingress.options(num_replicas=settings.ingress.replicas,
+                              max_ongoing_requests=settings.ingress.max_ongoing_requests,
+                              ray_actor_options={"num_cpus": settings.ingress.num_cpus})
+    return ingress.bind(members["a"], members["b"], plain)

@@ -1,0 +1,125 @@
+"""Typed settings of the Serve application, read from the `args` of serve/config.yaml.
+
+`serve run serve/config.yaml` and `ferray serve` both pass that mapping to `serve.app:build`, so the
+replica resources, batching and autoscaling come from the YAML (or `--set` overrides), never from
+literals in the code. Unknown keys are errors, named with their path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from ferray.config import ConfigError
+
+CONFIG_FILE = Path(__file__).with_name("config.yaml")
+
+
+@dataclass
+class ReplicaSettings:
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    threads: int = 1  # torch threads per replica: replicas, not threads, should fill the cores
+    max_batch_size: int = 16  # 1 turns batching off
+    batch_wait_timeout_s: float = 0.005
+    max_ongoing_requests: int = 32
+    min_replicas: int = 1
+    max_replicas: int = 1
+    target_ongoing_requests: float = 8.0
+
+    def check(self, where: str) -> None:
+        if self.max_batch_size < 1 or self.threads < 1:
+            raise ConfigError(f"{where}: max_batch_size and threads must be >= 1")
+        if self.max_ongoing_requests < self.max_batch_size:
+            # a batch never exceeds the requests a replica may hold, so a larger batch size would be a lie
+            raise ConfigError(f"{where}: max_ongoing_requests ({self.max_ongoing_requests}) must be >= "
+                             f"max_batch_size ({self.max_batch_size})")
+        if not 1 <= self.min_replicas <= self.max_replicas:
+            raise ConfigError(f"{where}: need 1 <= min_replicas ({self.min_replicas}) <= max_replicas ({self.max_replicas})")
+        if self.max_replicas > self.min_replicas and self.target_ongoing_requests >= self.max_ongoing_requests:
+            raise ConfigError(f"{where}: target_ongoing_requests ({self.target_ongoing_requests}) must be below "
+                             f"max_ongoing_requests ({self.max_ongoing_requests}) or autoscaling never triggers")
+
+    def deployment_options(self) -> dict:
+        options = {"ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus},
+                   "max_ongoing_requests": self.max_ongoing_requests}
+        if self.max_replicas > self.min_replicas:
+            options["autoscaling_config"] = {"min_replicas": self.min_replicas, "max_replicas": self.max_replicas,
+                                             "target_ongoing_requests": self.target_ongoing_requests,
+                                             "upscale_delay_s": 2.0, "downscale_delay_s": 60.0}
+        else:
+            options["num_replicas"] = self.min_replicas
+        return options
+
+
+@dataclass
+class IngressSettings:
+    num_cpus: float = 0.5
+    replicas: int = 1
+    max_ongoing_requests: int = 64
+
+
+@dataclass
+class ServeSettings:
+    bundle: str = "ferray-demo/bundle"
+    max_body_bytes: int = 10 * 1024 * 1024
+    max_image_pixels: int = 40_000_000
+    max_batch_images: int = 32  # images in one /predict/batch request
+    member_retries: int = 2  # a request whose member replica died is retried on another
+    member_timeout_s: float = 30.0
+    ingress: IngressSettings = field(default_factory=IngressSettings)
+    model_a: ReplicaSettings = field(default_factory=ReplicaSettings)
+    model_b: ReplicaSettings = field(default_factory=ReplicaSettings)
+
+    def check(self) -> "ServeSettings":
+        self.model_a.check("model_a")
+        self.model_b.check("model_b")
+        if self.max_body_bytes < 1 or self.max_image_pixels < 1 or self.max_batch_images < 1:
+            raise ConfigError("max_body_bytes, max_image_pixels and max_batch_images must be >= 1")
+        return self
+
+
+def _build(cls, values: dict, where: str):
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where or 'args'}: expected a mapping, got {type(values).__name__}")
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ConfigError(f"{where or 'args'}: unknown key(s) {', '.join(unknown)}; known: {', '.join(known)}")
+    kwargs: dict[str, Any] = {}
+    for name, value in values.items():
+        default = getattr(cls(), name)
+        path = f"{where}.{name}" if where else name
+        if hasattr(default, "__dataclass_fields__"):
+            kwargs[name] = _build(type(default), value, path)
+        else:
+            kwargs[name] = _scalar(value, default, path)
+    return cls(**kwargs)
+
+
+def _scalar(value, default, path: str):
+    ok = {str: isinstance(value, str),
+          int: isinstance(value, int) and not isinstance(value, bool),
+          float: isinstance(value, (int, float)) and not isinstance(value, bool)}[type(default)]
+    if not ok:
+        raise ConfigError(f"{path}: expected {type(default).__name__}, got {value!r}")
+    return type(default)(value)
+
+
+def parse_settings(args: dict | None) -> ServeSettings:
+    return _build(ServeSettings, dict(args or {}), "").check()
+
+
+def load_config(path: str | Path = CONFIG_FILE) -> dict:
+    """The Serve config file (a `serve run`/`serve deploy` config) as a dict."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such Serve config")
+    config = yaml.safe_load(path.read_text()) or {}
+    apps = config.get("applications") or []
+    if len(apps) != 1:
+        raise ConfigError(f"{path}: expected exactly one application, found {len(apps)}")
+    return config

@@ -1,0 +1,139 @@
+"""A multi-node Ray cluster on this machine (ray.cluster_utils.Cluster), for tests/test_cluster.py.
+
+    python tests/multinode.py train OUT     # 2 workers on 2 nodes, one node killed mid-run
+    python tests/multinode.py upscale OUT   # 2 upscale actors on 2 nodes, one node killed mid-run
+
+Run in a subprocess because the test session already holds a single-node Ray. The head has one
+CPU (Ray Data's reads); each of 3 worker nodes has 2 CPUs, so 2 workers (or actors) of 2 CPUs sit on
+2 different nodes, and the third is the node that an autoscaler would have added after a loss
+(Cluster.add_node works only from the main thread, which the run occupies). The node killed is
+one that holds a worker. Prints one JSON line with what happened, for the test to check.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+
+HEAD = {"num_cpus": 1, "object_store_memory": 200 << 20, "include_dashboard": True}
+WORKER = {"num_cpus": 2, "object_store_memory": 150 << 20}
+CLUSTER: list = []
+
+
+def start_cluster():
+    import ray
+    from ray.cluster_utils import Cluster
+
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+    from ferray.serving import free_port
+
+    # ports of its own: the test session's Ray holds the default ones
+    head = HEAD | {"dashboard_port": free_port(), "dashboard_agent_listen_port": free_port(),
+                   "metrics_export_port": free_port()}
+    cluster = Cluster(initialize_head=True, head_node_args=head)
+    CLUSTER.append(cluster)
+    nodes = [cluster.add_node(**WORKER) for _ in range(3)]
+    ray.init(address=cluster.address, logging_level="ERROR")
+    cluster.wait_for_nodes()
+    from ferray.runtime import connect
+
+    connect(progress=False)
+    return cluster, nodes
+
+
+def kill_node_holding(cluster, nodes, class_name: str) -> dict:
+    """Kill (not gracefully) a worker node that holds an alive actor of `class_name`: how many such
+    actors there were, on how many nodes, and how many the killed node held."""
+    from ray.util.state import list_actors
+
+    actors = [a for a in list_actors(filters=[("state", "=", "ALIVE")]) if class_name in (a.class_name or "")]
+    seen = {"actors": len(actors), "on_nodes": len({a.node_id for a in actors}), "on_killed_node": 0}
+    for node in nodes:
+        held = [a for a in actors if a.node_id == node.node_id]
+        if held:
+            cluster.remove_node(node, allow_graceful=False)
+            seen["on_killed_node"] = len(held)
+            break
+    return seen
+
+
+def train(out: Path) -> dict:
+    from ferray.config import load_config
+    from ferray.data.synth import SynthSpec, synthesize
+    from ferray.train import run_training
+
+    synthesize(out / "data", SynthSpec(n=420, seed=5))
+    cluster, nodes = start_cluster()
+    experiments = Path(__file__).resolve().parents[1] / "experiments"
+    cfg = load_config(experiments / "debug_a.yaml", [f"data.path={out / 'data'}", "train.epochs=4",
+                                                     "scaling.workers=2", "scaling.cpus_per_worker=2",
+                                                     "scaling.max_failures=2", "train.batch_size=32"])
+    run_dir, events = out / "runs" / "debug_a", {}
+
+    def checkpoints() -> int:
+        try:
+            return len(json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())["checkpoint_results"])
+        except (OSError, ValueError, KeyError):
+            return 0
+
+    def kill_a_node_after_a_checkpoint():
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            if checkpoints() >= 1:
+                events["killed_after_epochs"] = checkpoints()
+                events["kill"] = kill_node_holding(cluster, nodes, "RayTrainWorker")
+                return
+            time.sleep(0.2)
+
+    watcher = threading.Thread(target=kill_a_node_after_a_checkpoint, daemon=True)
+    watcher.start()
+    result = run_training(cfg, out / "runs", echo=lambda line: print(line, flush=True))
+    watcher.join(timeout=5)
+    epochs = [json.loads(line)["epoch"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {"epochs": result["epochs"], "logged": epochs, "workers": result["workers"], **events}
+
+
+def upscale_run(out: Path) -> dict:
+    from ferray.data.contract import load_split, read_manifest
+    from ferray.data.synth import SynthSpec, synthesize
+    from ferray.upscale import upscale
+
+    synthesize(out / "data", SynthSpec(n=4000, seed=6))
+    cluster, nodes = start_cluster()
+    events = {}
+
+    def kill_an_actor_node():
+        deadline = time.time() + 300
+        while time.time() < deadline and "kill" not in events:
+            seen = kill_node_holding(cluster, nodes, "Upscaler")
+            if seen["on_killed_node"]:
+                events["kill"] = seen
+            time.sleep(0.3)
+
+    watcher = threading.Thread(target=kill_an_actor_node, daemon=True)
+    watcher.start()
+    upscale(out / "data", out / "sr", "bicubic", None, actors=2, echo=lambda line: print(line, flush=True),
+            cpus_per_actor=2, batch_size=32)  # many small batches: the kill lands mid-stream
+    watcher.join(timeout=5)
+    counts = {}
+    for split in read_manifest(out / "data")["splits"]:
+        _, labels, ids = load_split(out / "sr", split)
+        counts[split] = {"rows": len(ids), "unique": len(set(ids)),
+                         "expected": read_manifest(out / "data")["splits"][split]["rows"]}
+    return {"splits": counts, **events}
+
+
+if __name__ == "__main__":
+    what, out = sys.argv[1], Path(sys.argv[2])
+    out.mkdir(parents=True, exist_ok=True)
+    summary = train(out) if what == "train" else upscale_run(out)
+    print("RESULT " + json.dumps(summary), flush=True)
+    import ray
+
+    ray.shutdown()
+    CLUSTER[0].shutdown()
+    os._exit(0)  # the interpreter's own exit races Ray's atexit hooks of the removed nodes

@@ -1,0 +1,166 @@
+"""Running on a real Ray cluster: cluster.yaml validated offline, jobs submitted to a local head node
+through the job server, and multi-node runs that lose a node (tests/multinode.py)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ferray.config import ConfigError, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_cluster_yaml_passes_the_autoscalers_own_validation():
+    import ray
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    raw = yaml.safe_load((REPO / "cluster.yaml").read_text())
+    validate_config(prepare_config(copy.deepcopy(raw)))  # raises on any schema error
+    types = raw["available_node_types"]
+    assert types[raw["head_node_type"]]["resources"] == {"CPU": 0, "GPU": 0}  # the head runs no work
+    assert types["gpu_worker"]["max_workers"] > types["gpu_worker"]["min_workers"] == 0  # autoscaling GPUs
+    assert "cpu_worker" in types
+    # the cluster runs the Ray this project installs, or jobs from a laptop are refused
+    assert raw["docker"]["image"].startswith(f"rayproject/ray:{ray.__version__}-")
+    assert f"=={ray.__version__}" in " ".join(raw["setup_commands"])
+    broken = copy.deepcopy(raw)
+    broken["available_node_types"]["gpu_worker"]["min_workers"] = "two"
+    with pytest.raises(Exception):
+        validate_config(prepare_config(broken))
+
+
+def test_rayignore_keeps_data_runs_and_caches_out_of_job_uploads():
+    ignored = (REPO / ".rayignore").read_text().split()
+    for entry in ("ferray-demo/", "runs/", "data/", "*.pt", "*.parquet"):
+        assert entry in ignored
+
+
+def test_requests_the_cluster_can_never_satisfy_fail_at_once(ray_session, monkeypatch):
+    from ferray.train import check_resources
+
+    gpu = load_config(None, ["scaling.workers=2", "scaling.gpus_per_worker=1"])
+    with pytest.raises(ConfigError, match="need 2 GPUs; this Ray cluster has 0 and can have at most 0"):
+        check_resources(gpu)
+    monkeypatch.setenv("FERRAY_MAX_GPUS", "8")  # an autoscaling cluster declares its ceiling
+    check_resources(gpu)
+    monkeypatch.setenv("FERRAY_MAX_GPUS", "1")
+    with pytest.raises(ConfigError, match="at most 1"):
+        check_resources(gpu)
+
+
+def test_paths_some_node_cannot_see_are_named(ray_session, tmp_path):
+    from ferray.cluster import check_shared_paths, missing_on_nodes
+
+    assert missing_on_nodes({"data": tmp_path}) == []
+    with pytest.raises(ConfigError, match=r"data /nowhere/fer2013 \(.*\).*every node mounts"):
+        check_shared_paths({"data": "/nowhere/fer2013"})
+
+
+# ------------------------------------------------------------------------------------ a real head
+def _free_port() -> int:
+    from ferray.serving import free_port
+
+    return free_port()
+
+
+@pytest.fixture
+def head_node(tmp_path):
+    """A Ray head started with `ray start --head --block` (ports of its own, beside the test session's
+    Ray), stopped at the end. Ray 2.5x clusters require a token: RAY_AUTH_MODE=token makes the head and
+    the `ray job` client use the one in ~/.ray/auth_token (made on first use)."""
+    port, dashboard, agent, metrics = (_free_port() for _ in range(4))
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {
+        "RAY_AUTH_MODE": "token", "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "2"}  # a test head has nothing to drain
+    process = subprocess.Popen(["ray", "start", "--head", "--block", f"--port={port}", "--num-cpus=4",
+                                "--include-dashboard=true", f"--dashboard-port={dashboard}",
+                                f"--dashboard-agent-listen-port={agent}", f"--metrics-export-port={metrics}",
+                                "--object-store-memory=200000000", "--disable-usage-stats"],
+                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    address = f"http://127.0.0.1:{dashboard}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                with urllib.request.urlopen(f"{address}/api/version", timeout=2):
+                    break
+            except urllib.error.HTTPError:  # 401 without the token: the dashboard is up
+                break
+            except OSError:
+                if time.monotonic() > deadline or process.poll() is not None:
+                    raise RuntimeError("the head node did not start") from None
+                time.sleep(1)
+        yield address, env
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+def ray_cli(*args, env, timeout=300) -> subprocess.CompletedProcess:
+    return subprocess.run(["ray", *args], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.slow
+def test_jobs_submitted_to_a_head_node_use_the_cluster(head_node, tmp_path):
+    address, env = head_node
+    from ferray.data.synth import SynthSpec, synthesize
+
+    synthesize(tmp_path / "csv", SynthSpec(n=140, seed=1), fmt="csv")
+    submitted = ray_cli("job", "submit", "--address", address, "--working-dir", str(REPO), "--no-wait", "--",
+                        "ferray", "prepare", "--source", str(tmp_path / "csv" / "fer2013.csv"),
+                        "--out", str(tmp_path / "data"), env=env)
+    assert submitted.returncode == 0, submitted.stderr
+    job = re.search(r"raysubmit_\w+", submitted.stdout + submitted.stderr).group(0)
+    logs = ray_cli("job", "logs", "--address", address, "--follow", job, env=env)
+    status = ray_cli("job", "status", "--address", address, job, env=env)
+    assert "succeeded" in (status.stdout + status.stderr).lower(), logs.stdout[-3000:]
+    assert "ferray: using the Ray cluster at" in logs.stdout  # not a second, embedded Ray
+    assert json.loads((tmp_path / "data" / "manifest.json").read_text())["rows"] == 140
+
+    # bad input is an early, clear failure of the job, not a hang
+    bad = ray_cli("job", "submit", "--address", address, "--working-dir", str(REPO), "--",
+                  "ferray", "train", "experiments/debug_a.yaml", "--data", "/nowhere/fer2013", env=env)
+    assert bad.returncode != 0 and "/nowhere/fer2013" in bad.stdout + bad.stderr
+
+
+# ------------------------------------------------------------------------------------ multi-node
+def multinode(what: str, out: Path) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    done = subprocess.run([sys.executable, str(REPO / "tests" / "multinode.py"), what, str(out)], env=env,
+                          capture_output=True, text=True, timeout=600)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    assert done.returncode == 0 and lines, (done.stdout[-3000:], done.stderr[-3000:])
+    return json.loads(lines[-1][len("RESULT "):]) | {"stdout": done.stdout}
+
+
+@pytest.mark.slow
+def test_training_across_nodes_survives_a_lost_node(tmp_path):
+    result = multinode("train", tmp_path)
+    assert result["killed_after_epochs"] >= 1, "the node was not killed mid-run"
+    assert result["kill"] == {"actors": 2, "on_nodes": 2, "on_killed_node": 1}  # one worker per node
+    assert result["epochs"] == 4 and result["workers"] == 2
+    assert result["logged"] == [1, 2, 3, 4]  # resumed from its checkpoint: no epoch lost or repeated
+    assert "resumed from the checkpoint of epoch" in result["stdout"]
+
+
+@pytest.mark.slow
+def test_upscaling_across_nodes_loses_no_row_when_a_node_dies(tmp_path):
+    result = multinode("upscale", tmp_path)
+    assert result["kill"]["on_killed_node"] >= 1, "no actor sat on the killed node"
+    for split, counts in result["splits"].items():
+        assert counts["rows"] == counts["unique"] == counts["expected"], (split, counts)

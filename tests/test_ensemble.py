@@ -1,0 +1,88 @@
+"""The fusion fit, the serving bundle, and `ferray predict` (Ray-free)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from ferray.engine import CheckpointError
+from ferray.ensemble import build_bundle, evaluate_bundle, fit_weight, load_bundle, stacking_cv_accuracy
+from ferray.faces import InputError
+from ferray.predict import answer_images, local_predictor, predict_files
+from ferray.serving import png_bytes
+
+
+def one_hot(labels, n=7, sharp=0.9):
+    probs = np.full((len(labels), n), (1 - sharp) / (n - 1))
+    probs[np.arange(len(labels)), labels] = sharp
+    return probs
+
+
+def test_fit_weight_finds_the_member_that_is_right():
+    labels = np.arange(70) % 7
+    right, wrong = one_hot(labels), one_hot((labels + 1) % 7)
+    assert fit_weight(right, wrong, labels) == (1.0, 1.0)  # all on A: ties broken toward lower log-loss
+    w, accuracy = fit_weight(wrong, right, labels)
+    assert w == 0.0 and accuracy == 1.0
+    # each member right on half: A confident, B hesitant -> any weight that lets A win on its half and B on its
+    mixed_a = np.where((labels < 4)[:, None], one_hot(labels, sharp=0.9), one_hot((labels + 1) % 7, sharp=0.3))
+    mixed_b = np.where((labels < 4)[:, None], one_hot((labels + 1) % 7, sharp=0.3), one_hot(labels, sharp=0.9))
+    w, accuracy = fit_weight(mixed_a, mixed_b, labels)
+    assert accuracy == 1.0 and 0.2 < w < 0.8
+    assert fit_weight(mixed_a, mixed_b, labels, log=True)[1] == 1.0
+
+
+def test_stacking_is_cross_validated():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 7, 200)
+    informative = stacking_cv_accuracy(one_hot(labels), one_hot(rng.integers(0, 7, 200)), labels)
+    noise = stacking_cv_accuracy(one_hot(rng.integers(0, 7, 200)), one_hot(rng.integers(0, 7, 200)), labels)
+    assert informative > 0.95 and noise < 0.4  # 5-fold CV cannot memorize noise labels
+
+
+def test_bundle_round_trip(tiny_bundle, prepared_synth, tmp_path):
+    card = json.loads((tiny_bundle / "bundle.json").read_text())
+    assert sorted(p.name for p in tiny_bundle.iterdir()) == ["MODEL_CARD.md", "bundle.json", "model_a.pt",
+                                                             "model_b.pt", "sr.pt"]
+    assert 0 <= card["fusion"]["weight_a"] <= 1 and card["members"]["b"]["pretrained"] is False
+    assert "Fusion" in (tiny_bundle / "MODEL_CARD.md").read_text()
+    ensemble, _ = load_bundle(tiny_bundle)
+    faces = torch.randint(0, 256, (5, 48, 48), dtype=torch.uint8)
+    result = ensemble.predict(faces)
+    for key in ("probs", "a", "b"):
+        assert torch.allclose(result[key].sum(1), torch.ones(5), atol=1e-5)
+    # a replica that loads only one member computes the same probabilities
+    only_a, _ = load_bundle(tiny_bundle, members=("a",))
+    assert only_a.model_b is None and torch.allclose(only_a.probs_a(faces), result["a"])
+    report = evaluate_bundle(tiny_bundle, prepared_synth, "PublicTest", out=tmp_path, echo=lambda _: None)
+    assert report["accuracy"] == pytest.approx(card["accuracy"]["PublicTest"]["ensemble"])
+    assert report["members"]["a"] == pytest.approx(card["accuracy"]["PublicTest"]["a"])
+    assert (tmp_path / "eval-PublicTest.png").stat().st_size > 0
+
+
+def test_bundle_refusals(tiny_bundle, prepared_synth, tmp_path):
+    members = tiny_bundle.parent / "members"
+    with pytest.raises(CheckpointError, match="give its SR checkpoint"):
+        build_bundle(members / "a.pt", members / "b.pt", None, prepared_synth, tmp_path / "x")
+    with pytest.raises(CheckpointError, match="not a ferray bundle"):
+        load_bundle(tmp_path)
+    assert not (tmp_path / "x").exists()
+
+
+def test_predict_matches_the_ensemble(tiny_bundle, synth_faces, tmp_path):
+    face = synth_faces[0][3]
+    path = tmp_path / "face.png"
+    path.write_bytes(png_bytes(face))
+    (answer,) = predict_files(tiny_bundle, [path])
+    ensemble, _ = load_bundle(tiny_bundle)
+    expected = ensemble.predict(torch.from_numpy(face[None]))["probs"][0].numpy()
+    got = np.array(list(answer["faces"][0]["probs"].values()))
+    assert np.allclose(got, expected, atol=1e-6) and abs(got.sum() - 1) < 1e-5
+    assert answer["faces"][0]["box"] == [0, 0, 48, 48]
+    with pytest.raises(InputError, match="no such file"):
+        predict_files(tiny_bundle, [tmp_path / "missing.png"])
+    with pytest.raises(InputError, match="empty body"):
+        answer_images([("empty.png", b"")], local_predictor(ensemble), 0.5)

@@ -1,0 +1,123 @@
+"""Decoding with limits, face detection and pixel rows: every bad input is an InputError with a 4xx status."""
+
+from __future__ import annotations
+
+import json
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from ferray.faces import InputError, Limits, decode_image, detect_boxes, faces_from_pixels, faces_in_image
+from support import encode
+
+
+def face_photo(face: np.ndarray, size: int = 192) -> np.ndarray:
+    """A 320x400 'photo' with the face enlarged in it (as a camera would see it)."""
+    import cv2
+
+    photo = np.full((320, 400), 128, np.uint8)
+    photo[60:60 + size, 100:100 + size] = cv2.resize(face, (size, size), interpolation=cv2.INTER_CUBIC)
+    return photo
+
+
+def detectable_face(images: np.ndarray) -> np.ndarray:
+    """The first synthetic face that OpenCV's Haar cascade finds in a photo (about half of them)."""
+    for face in images:
+        if detect_boxes(face_photo(face)):
+            return face
+    raise AssertionError("no synthetic face was detected at all")
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "BMP", "WEBP"])
+def test_every_format_decodes_to_gray(fmt, synth_faces):
+    face = synth_faces[0][0]
+    color = np.stack([face, face // 2, 255 - face], axis=-1)
+    for array in (face, color):
+        gray = decode_image(encode(array, fmt))
+        assert gray.shape == (48, 48) and gray.dtype == np.uint8
+    if fmt in ("PNG", "BMP"):  # lossless: the gray face comes back exactly
+        assert np.array_equal(decode_image(encode(face, fmt)), face)
+
+
+def png_declaring(width: int, height: int) -> bytes:
+    """A tiny valid PNG whose header declares width x height (a decompression bomb's trick)."""
+    data = encode(np.zeros((8, 8), np.uint8), "PNG")
+    ihdr = struct.pack(">II", width, height) + data[24:29]
+    chunk = b"IHDR" + ihdr
+    return data[:8] + struct.pack(">I", 13) + chunk + struct.pack(">I", zlib.crc32(chunk)) + data[33:]
+
+
+@pytest.mark.parametrize("body, status, words", [
+    (b"", 400, "empty body"),
+    (b"hello, this is not an image at all", 415, "not an image"),
+    (json.dumps({"pixels": [0] * 2304}).encode(), 415, "looks like JSON"),
+    (png_declaring(100_000, 100_000), 413, "decompression bomb"),
+    (png_declaring(9_000, 8_000), 413, "over the limit of 40,000,000 pixels"),
+], ids=["empty", "text", "json", "bomb", "too-large"])
+def test_bad_bytes_are_named(body, status, words):
+    with pytest.raises(InputError, match=words) as error:
+        decode_image(body, "upload.png")
+    assert error.value.status == status and "upload.png" in str(error.value)
+
+
+def test_truncated_and_unaccepted_images(synth_faces):
+    jpeg = encode(synth_faces[0][0], "PNG")
+    with pytest.raises(InputError, match="corrupt or truncated") as error:
+        decode_image(jpeg[: len(jpeg) // 2])
+    assert error.value.status == 400
+    gif = encode(synth_faces[0][0], "GIF")
+    with pytest.raises(InputError, match="GIF") as error:
+        decode_image(gif)
+    assert error.value.status == 415
+    with pytest.raises(InputError, match="over the limit") as error:
+        decode_image(jpeg, limits=Limits(max_bytes=100))
+    assert error.value.status == 413
+
+
+def test_detection_finds_the_face_and_crops_it(synth_faces):
+    face = detectable_face(synth_faces[0])
+    photo = face_photo(face)
+    faces = faces_in_image(photo)
+    assert len(faces) >= 1
+    x, y, w, h = faces[0].box
+    assert 60 <= x + w / 2 - 100 <= 250 and 40 <= y + h / 2 <= 270  # the box sits on the pasted face
+    assert faces[0].pixels.shape == (48, 48)
+    # without detection the whole photo is one face
+    whole = faces_in_image(photo, detect=False)
+    assert len(whole) == 1 and whole[0].box == (0, 0, 400, 320)
+    # a 48x48 image is a face as it is, never searched
+    assert np.array_equal(faces_in_image(face)[0].pixels, face)
+
+
+def test_a_photo_without_a_face_is_a_422():
+    sky = np.tile(np.linspace(40, 220, 400, dtype=np.uint8), (300, 1))
+    with pytest.raises(InputError, match="no face found in the 400x300") as error:
+        faces_in_image(sky, name="sky.png")
+    assert error.value.status == 422 and "detect=false" in str(error.value)
+
+
+def test_pixel_rows_parse_and_every_mistake_is_located():
+    row = list(range(256)) * 9
+    assert faces_from_pixels({"pixels": row}).shape == (1, 48, 48)
+    both = faces_from_pixels({"pixels": [row, row[::-1]]})
+    assert both.shape == (2, 48, 48) and both[0, 0, 5] == 5
+    bad = [
+        ([1, 2, 3], "pixels: 3 values, expected 2304"),
+        (row[:-1] + [256], r"pixels\[2303\]: 256 is out of range"),
+        (row[:-1] + [-1], "out of range"),
+        (row[:-1] + [float("nan")], "not an integer"),
+        (row[:-1] + [float("inf")], "not an integer"),
+        (row[:-1] + [3.5], "3.5 is not an integer"),
+        (row[:-1] + [True], "True is not an integer"),
+        (row[:-1] + ["7"], "'7' is not an integer"),
+    ]
+    for pixels, words in bad:
+        with pytest.raises(InputError, match=words) as error:
+            faces_from_pixels({"pixels": pixels})
+        assert error.value.status == 422
+    with pytest.raises(InputError, match=r"pixels\[1\]: 1 values"):
+        faces_from_pixels({"pixels": [row, [0]]})
+    for payload in ({"pixel": row}, [row], {"pixels": []}, {"pixels": 5}):
+        with pytest.raises(InputError):
+            faces_from_pixels(payload)

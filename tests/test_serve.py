@@ -1,0 +1,224 @@
+"""The Serve application end to end over HTTP on 127.0.0.1: every route, every bad input, the web page
+in headless Chromium, and a replica killed while requests flow."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+import time
+import urllib.request
+
+import numpy as np
+import pytest
+
+from ferray.serving import free_port, png_bytes, post
+from support import encode, multipart
+
+pytestmark = pytest.mark.slow
+BODY_LIMIT = 300_000
+
+
+@pytest.fixture(scope="module")
+def server(ray_session, tiny_bundle):
+    from ray import serve
+
+    from ferray.serving import start
+
+    overrides = [f"max_body_bytes={BODY_LIMIT}", "ingress.num_cpus=0.25",
+                 "model_a.num_cpus=0.5", "model_b.num_cpus=0.5", "model_a.max_replicas=1", "model_b.max_replicas=1"]
+    url = start(tiny_bundle, port=free_port(), overrides=overrides)
+    yield url
+    serve.shutdown()
+
+
+def get(url: str) -> tuple[int, bytes]:
+    with urllib.request.urlopen(url, timeout=30) as response:
+        return response.status, response.read()
+
+
+def check_probs(face: dict) -> None:
+    for probs in (face["probs"], face["members"]["a"], face["members"]["b"]):
+        assert len(probs) == 7 and abs(sum(probs.values()) - 1) < 1e-5
+    assert face["label"] == max(face["probs"], key=face["probs"].get)
+
+
+def test_info_routes(server, tiny_bundle):
+    assert json.loads(get(f"{server}/healthz")[1]) == {"status": "ok"}
+    assert json.loads(get(f"{server}/labels")[1])["labels"][3] == "happy"
+    card = json.loads(get(f"{server}/model")[1])
+    assert card["fusion"] == json.loads((tiny_bundle / "bundle.json").read_text())["fusion"]
+    assert "data" not in card  # no server paths leak
+    paths = json.loads(get(f"{server}/openapi.json")[1])["paths"]
+    assert {"/predict", "/predict/batch", "/predict/pixels", "/healthz", "/labels", "/model"} <= set(paths)
+    assert get(f"{server}/docs")[0] == 200 and b"<canvas" in get(f"{server}/")[1]
+
+
+def test_predict_routes_and_cli_agree(server, tiny_bundle, synth_faces, tmp_path):
+    from ferray.predict import predict_files
+
+    face = synth_faces[0][5]
+    status, raw = post(f"{server}/predict", png_bytes(face), "image/png")
+    assert status == 200 and raw["width"] == 48 and len(raw["faces"]) == 1
+    check_probs(raw["faces"][0])
+    path = tmp_path / "face.png"
+    path.write_bytes(png_bytes(face))
+    (local,) = predict_files(tiny_bundle, [path])
+    assert np.allclose(list(local["faces"][0]["probs"].values()), list(raw["faces"][0]["probs"].values()), atol=1e-5)
+
+    body, content_type = multipart([("file", "face.png", png_bytes(face))])
+    status, form = post(f"{server}/predict", body, content_type)
+    assert status == 200 and form["faces"][0]["probs"] == pytest.approx(raw["faces"][0]["probs"], abs=1e-6)
+
+    photo = np.stack([np.kron(face, np.ones((3, 3), np.uint8))] * 3, axis=-1)  # 144x144 color, no detection
+    status, whole = post(f"{server}/predict?detect=false", encode(photo, "JPEG"), "image/jpeg")
+    assert status == 200 and whole["faces"][0]["box"] == [0, 0, 144, 144]
+
+    files = [(f"f{i}", f"face{i}.png", png_bytes(synth_faces[0][i])) for i in range(3)]
+    status, batch = post(f"{server}/predict/batch", *multipart(files))
+    assert status == 200 and [r["image"] for r in batch["results"]] == ["face0.png", "face1.png", "face2.png"]
+    assert batch["results"][0]["faces"][0]["probs"] == pytest.approx(
+        post(f"{server}/predict", png_bytes(synth_faces[0][0]), "image/png")[1]["faces"][0]["probs"], abs=1e-6)
+
+    rows = [synth_faces[0][i].reshape(-1).tolist() for i in (5, 6)]
+    status, pixels = post(f"{server}/predict/pixels", json.dumps({"pixels": rows}).encode(), "application/json")
+    assert status == 200 and len(pixels["faces"]) == 2
+    assert pixels["faces"][0]["probs"] == pytest.approx(raw["faces"][0]["probs"], abs=1e-6)
+
+
+def bad_requests(face: np.ndarray) -> list:
+    good_png = png_bytes(face)
+    sky = np.tile(np.linspace(40, 220, 200, dtype=np.uint8), (150, 1))
+    row = face.reshape(-1).tolist()
+    return [  # (route, body, content type, expected status, words in the error)
+        ("/predict", b"", "image/png", 400, "empty body"),
+        ("/predict", b"definitely not an image", "image/png", 415, "not an image"),
+        ("/predict", good_png[: len(good_png) // 2], "image/png", 400, "truncated"),
+        ("/predict", bytes(BODY_LIMIT + 10), "image/png", 413, "over the limit"),
+        ("/predict", good_png, "text/plain", 415, "content type 'text/plain'"),
+        ("/predict", png_bytes(sky), "image/png", 422, "no face found"),
+        ("/predict", *multipart([("a", "a.png", good_png), ("b", "b.png", good_png)]), 422, "/predict/batch"),
+        ("/predict", *multipart([("note", None, b"hello")]), 422, "no file part"),
+        ("/predict/batch", *multipart([("a", "a.png", good_png), ("b", "b.txt", b"zzz")]), 415, "b.txt"),
+        ("/predict/pixels", b"{not json", "application/json", 400, "malformed JSON"),
+        ("/predict/pixels", json.dumps({"pixels": row[:100]}).encode(), "application/json", 422, "100 values"),
+        ("/predict/pixels", json.dumps({"pixels": row[:-1] + [300]}).encode(), "application/json", 422, "out of range"),
+        ("/predict/pixels", (json.dumps({"pixels": row[:-1]})[:-2] + ", NaN]}").encode(), "application/json", 422,
+         "not an integer"),
+    ]
+
+
+def test_every_bad_input_is_a_4xx_and_the_server_goes_on(server, synth_faces):
+    face = synth_faces[0][5]
+    for route, body, content_type, expected, words in bad_requests(face):
+        status, answer = post(f"{server}{route}", body, content_type)
+        assert (status, route) == (expected, route), answer
+        assert words in answer["error"], (route, answer)
+    status, answer = post(f"{server}/predict?detect=maybe", png_bytes(face), "image/png")
+    assert status == 422  # FastAPI's own validation of the query
+    status, answer = post(f"{server}/predict", png_bytes(face), "image/png")
+    assert status == 200 and len(answer["faces"]) == 1
+
+
+def test_web_page_in_headless_chromium(server, synth_faces, tmp_path):
+    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    if not (chromium and driver):
+        pytest.skip("Debian's chromium and chromium-driver are not installed (.ci/run installs them)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    image = tmp_path / "face.png"
+    image.write_bytes(png_bytes(synth_faces[0][5]))
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 f"--user-data-dir={tmp_path / 'profile'}"):
+        options.add_argument(flag)
+    browser = webdriver.Chrome(service=Service(driver), options=options)
+    try:
+        browser.get(f"{server}/")
+        browser.find_element(By.ID, "file").send_keys(str(image))
+        WebDriverWait(browser, 30).until(lambda b: b.find_elements(By.CSS_SELECTOR, "#results .face"))
+        face = browser.find_element(By.CSS_SELECTOR, "#results .face")
+        bars = face.find_elements(By.CSS_SELECTOR, ".bar")
+        expected = post(f"{server}/predict", image.read_bytes(), "image/png")[1]["faces"][0]["label"]
+        assert len(bars) == 7 and face.get_attribute("data-label") == expected
+        assert browser.execute_script("return document.getElementById('photo').width") == 48
+        assert browser.find_element(By.ID, "error").text == ""
+    finally:
+        browser.quit()
+
+
+def test_a_killed_replica_is_replaced(server, synth_faces):
+    import ray
+    from ray.util.state import list_actors
+
+    body = png_bytes(synth_faces[0][5])
+    outcomes: list[int] = []
+    stop = threading.Event()
+
+    def client():
+        while not stop.is_set():
+            outcomes.append(post(f"{server}/predict", body, "image/png")[0])
+
+    thread = threading.Thread(target=client)
+    thread.start()
+    try:
+        time.sleep(1.0)
+        replicas = [a for a in list_actors(filters=[("state", "=", "ALIVE")])
+                    if "ModelB" in (a.class_name or "") and a.name]
+        assert replicas, "no ModelB replica found"
+        ray.kill(ray.get_actor(replicas[0].name, namespace="serve"), no_restart=True)
+        killed_at = len(outcomes)
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and outcomes[killed_at:].count(200) < 5:
+            time.sleep(0.5)
+    finally:
+        stop.set()
+        thread.join(timeout=60)
+    after = outcomes[killed_at:]
+    assert after.count(200) >= 5, f"the service did not answer again after the kill: {after[-10:]}"
+    assert set(after) <= {200, 503}, f"only retries or 503s are acceptable while a replica restarts: {set(after)}"
+    alive = [a for a in list_actors(filters=[("state", "=", "ALIVE")]) if "ModelB" in (a.class_name or "")]
+    assert alive and alive[0].name != replicas[0].name
+
+
+def test_ferray_serve_starts_answers_and_leaves_no_process_on_sigterm(tiny_bundle, synth_faces):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from support import alive, descendants
+
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"FERRAY_NUM_CPUS": "4"}
+    process = subprocess.Popen([sys.executable, "-m", "ferray.cli", "serve", "--bundle", str(tiny_bundle),
+                                "--port", str(port), "--set", "model_a.max_replicas=1", "--set",
+                                "model_b.max_replicas=1"], env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        lines = []
+        for line in process.stderr:  # the command says when it is ready, after its own health check
+            lines.append(line)
+            if "serve: ready at" in line:
+                break
+        assert f"ready at {url}" in "".join(lines), "".join(lines)
+        status, answer = post(f"{url}/predict", png_bytes(synth_faces[0][5]), "image/png")
+        assert status == 200 and len(answer["faces"]) == 1
+        family = descendants(process.pid)
+        assert family, "the embedded Ray's processes should be children of `ferray serve`"
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 0, stderr
+    assert "serve: stopped" in stderr, stderr
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and alive(family):
+        time.sleep(0.5)
+    assert not alive(family), f"processes left behind: {sorted(alive(family))}"
