@@ -5,8 +5,6 @@ given to torch. Same decoding and answer code as the Serve app (ferray.predict).
     python bench/plain_server.py --bundle BUNDLE --port PORT
 """
 
-from __future__ import annotations
-
 import argparse
 import sys
 from pathlib import Path

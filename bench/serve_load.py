@@ -119,6 +119,9 @@ def main() -> int:
         results["(c) plain process"] = plain_phase(bundle, bodies, args)
         print(format_row("(c) plain process", results["(c) plain process"]))
     base = results["(c) plain process"]["rps"]
+    if base == 0:
+        print("the baseline answered nothing: no ratio")
+        return 1
     a = results["(a) Serve, batching"]
     for name in ("(a) Serve, batching", "(b) Serve, no batching"):
         print(f"{name} / (c): {results[name]['rps'] / base:.2f}x throughput")
