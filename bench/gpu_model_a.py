@@ -36,6 +36,11 @@ def _decode(unit):
             np.asarray(table.column("split").to_pylist()))
 
 
+def find_fer2013(given: Path | None) -> Path | None:
+    """--data, else FER2013 carried into the repo (.fer2013/), else ../shared/data/fer2013."""
+    return given or next((p for p in (REPO / ".fer2013", REPO.parent / "shared" / "data" / "fer2013") if p.exists()), None)
+
+
 def load_fer2013(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """{split: (faces uint8 (N,48,48), labels)} from a source or a prepared folder, without Ray."""
     from ferray.data.contract import MANIFEST, SPLITS, load_split
@@ -68,7 +73,7 @@ def main() -> int:
     from ferray import engine
     from ferray.config import load_config
 
-    data = args.data or next((p for p in (REPO / ".fer2013", REPO.parent / "shared" / "data" / "fer2013") if p.exists()), None)
+    data = find_fer2013(args.data)
     if data is None:
         print("no FER2013 found; pass --data", file=sys.stderr)
         return 2

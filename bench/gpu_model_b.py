@@ -68,12 +68,12 @@ def main() -> int:
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
 
-    from bench.gpu_model_a import load_fer2013
+    from bench.gpu_model_a import find_fer2013, load_fer2013
     from ferray import engine
     from ferray.config import load_config
     from ferray.models.resnet_vgg import IMAGENET_FILES
 
-    data = args.data or next((p for p in (REPO / ".fer2013", REPO.parent / "shared" / "data" / "fer2013") if p.exists()), None)
+    data = find_fer2013(args.data)
     if data is None:
         print("no FER2013 found; pass --data", file=sys.stderr)
         return 2

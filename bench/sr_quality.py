@@ -33,12 +33,12 @@ def main() -> int:
     parser.add_argument("--subset", type=int, default=0, help="train on this many faces (0: all)")
     args = parser.parse_args()
 
-    from bench.gpu_model_a import load_fer2013  # the same Ray-free loader
+    from bench.gpu_model_a import find_fer2013, load_fer2013  # the same Ray-free loader
     from ferray.config import load_config
     from ferray.engine import TensorBatches
     from ferray.sr import engine as sr_engine
 
-    data = args.data or next((p for p in (REPO / ".fer2013", REPO.parent / "shared" / "data" / "fer2013") if p.exists()), None)
+    data = find_fer2013(args.data)
     if data is None:
         print("no FER2013 found; pass --data", file=sys.stderr)
         return 2

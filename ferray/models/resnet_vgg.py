@@ -70,7 +70,23 @@ def gray_stem(conv: nn.Conv2d) -> nn.Conv2d:
 
 
 # ------------------------------------------------------------------------------------------- model B
-class ResNetGray(nn.Module):
+class _PooledClassifier(nn.Module):
+    """forward / forward_head / embed for a backbone whose forward_features gives pooled features
+    and whose head is dropout + self.fc (the engine's center loss acts on those features)."""
+
+    def embed(self, features):
+        return features
+
+    def forward_head(self, features):
+        return self.fc(self.dropout(features))
+
+    def forward(self, x, return_embedding: bool = False):
+        features = self.forward_features(x)
+        logits = self.forward_head(features)
+        return (logits, features) if return_embedding else logits
+
+
+class ResNetGray(_PooledClassifier):
     DEPTH = {"resnet50": 50, "resnet18": 18}
 
     def __init__(self, arch: str = "resnet50", num_classes: int = NUM_CLASSES, pretrained: str = "none",
@@ -93,17 +109,6 @@ class ResNetGray(nn.Module):
     def forward_features(self, x):
         return self.backbone(x)  # (B, 2048): the pooled features (512 for resnet18)
 
-    def embed(self, features):
-        return features
-
-    def forward_head(self, features):
-        return self.fc(self.dropout(features))
-
-    def forward(self, x, return_embedding: bool = False):
-        features = self.forward_features(x)
-        logits = self.forward_head(features)
-        return (logits, features) if return_embedding else logits
-
     def head_parameters(self):
         return list(self.fc.parameters())
 
@@ -112,7 +117,7 @@ class ResNetGray(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------- VGG
-class VGGGray(nn.Module):
+class VGGGray(_PooledClassifier):
     def __init__(self, arch: str, num_classes: int = NUM_CLASSES, pretrained: str = "none", dropout: float = 0.0):
         super().__init__()
         import torchvision.models as tvm
@@ -131,17 +136,6 @@ class VGGGray(nn.Module):
 
     def forward_features(self, x):
         return self.neck(self.features(x.expand(-1, 3, -1, -1)))  # (B, 256)
-
-    def embed(self, features):
-        return features
-
-    def forward_head(self, features):
-        return self.fc(self.dropout(features))
-
-    def forward(self, x, return_embedding: bool = False):
-        features = self.forward_features(x)
-        logits = self.forward_head(features)
-        return (logits, features) if return_embedding else logits
 
     def head_parameters(self):
         return list(self.neck.parameters()) + list(self.fc.parameters())
