@@ -15,6 +15,7 @@ from ferray import __version__
 
 EPILOG = """\
 stages: synth | prepare -> sr train -> sr upscale -> train / tune -> evaluate -> ensemble -> serve / predict
+the paper: report (every run, Table 1, Figures 2-5); explain (guided backprop); crops (training views)
 Ray: set RAY_ADDRESS (or run under `ray job submit`) to use a cluster; otherwise an embedded Ray
 is started on this machine. Run `ferray <command> --help` for each command's options.
 """
@@ -43,14 +44,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_ensemble(sub)
     _add_predict(sub)
     _add_serve(sub)
+    _add_explain(sub)
+    _add_crops(sub)
+    _add_report(sub)
     return parser
 
 
 def _add_demo(sub) -> None:
     p = sub.add_parser("demo", formatter_class=_formatter, help="run the pipeline end to end on synthetic faces",
-                       description="Run the whole pipeline on synthetic faces on an embedded Ray: make a "
-                       "synthetic fer2013.csv, prepare it, and print its manifest. Every artifact goes "
-                       "under --out; rerunning replaces the previous demo there.")
+                       description="Run the whole pipeline on synthetic faces on an embedded Ray: a synthetic "
+                       "fer2013.csv -> prepare -> Model A -> SRGAN -> upscale -> a Tune search -> Model B -> the "
+                       "ensemble bundle -> Ray Serve over HTTP -> the paper's report (OUT/report/report.html). About "
+                       "8 minutes on 2 CPU cores. Every artifact goes under --out; rerunning replaces the previous "
+                       "demo there.")
     p.add_argument("--out", type=Path, default=None, help="folder for every artifact (default: ./ferray-demo)")
     p.add_argument("--n", type=int, default=1400, help="synthetic faces to make (default: 1400)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
@@ -128,11 +134,14 @@ def _add_evaluate(sub) -> None:
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--checkpoint", type=Path, help="a checkpoint file (e.g. RUN/best.pt)")
     what.add_argument("--bundle", type=Path, help="a serving bundle (`ferray ensemble`): the ensemble's report "
-                      "with each member's accuracy beside it (TTA as the bundle says)")
+                      "with each member's accuracy beside it")
     p.add_argument("--data", required=True, type=Path, help="prepared data folder")
     p.add_argument("--split", default="PublicTest", help="split to evaluate (default: PublicTest)")
-    p.add_argument("--tta", action="store_true", help="ten-crop test-time augmentation (4 corners + center, mirrored)")
-    p.add_argument("--out", type=Path, help="folder for eval-<split>.json/.png (default: beside the checkpoint)")
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                   help="ten-crop test-time augmentation (4 corners + center, mirrored); default: off for a "
+                   "checkpoint, as the bundle says for --bundle")
+    p.add_argument("--out", type=Path, help="folder for eval-<split>[-tta].json/.png (default: beside the checkpoint "
+                   "or in the bundle)")
     p.set_defaults(func=cmd_evaluate)
 
 
@@ -254,6 +263,59 @@ def _add_tune(sub) -> None:
     p.set_defaults(func=cmd_tune)
 
 
+def _add_explain(sub) -> None:
+    p = sub.add_parser("explain", formatter_class=_formatter, help="guided-backprop maps of a classifier's decision",
+                       description="Guided back-propagation (Springenberg et al. 2015): which pixels of a face raise "
+                       "a class's score. Give image files (each a face, or a photo with --detect), or --data to draw "
+                       "--per-class faces of each class of a split as one grid (the report's Figure 4). Writes PNG "
+                       "(+ JSON for images).")
+    p.add_argument("checkpoint", type=Path, help="a classifier checkpoint (RUN/best.pt, or a bundle's model_a.pt)")
+    p.add_argument("images", nargs="*", type=Path, help="PNG, JPEG, BMP or WebP files")
+    p.add_argument("--data", type=Path, help="prepared data: explain faces of --split instead of images")
+    p.add_argument("--split", default="PublicTest", help="split for --data (default: PublicTest)")
+    p.add_argument("--per-class", type=int, default=2, help="faces per class for --data (default: 2)")
+    p.add_argument("--target", help="class to explain, e.g. happy (default: each face's predicted class)")
+    p.add_argument("--detect", action="store_true", help="find faces in the images first (Haar cascade)")
+    p.add_argument("--out", type=Path, help="PNG to write (one image or --data), or a folder (several images); "
+                   "default: beside the image / the checkpoint")
+    p.set_defaults(func=cmd_explain)
+
+
+def _add_crops(sub) -> None:
+    p = sub.add_parser("crops", formatter_class=_formatter, help="draw a face's random training views",
+                       description="A Training face and COUNT random views of it exactly as training makes them "
+                       "(crop, flip, rotation, shift, zoom, jitter per the experiment's augment section): the "
+                       "report's Figure 3, and a quick look at an augmentation before training with it.")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--checkpoint", type=Path, help="take the augmentation from a checkpoint's config")
+    what.add_argument("--experiment", type=Path, help="take it from an experiments/*.yaml file")
+    p.add_argument("--data", required=True, type=Path, help="prepared data folder")
+    p.add_argument("--index", type=int, default=0, help="which Training face (default: 0)")
+    p.add_argument("--count", type=int, default=8, help="views to draw (default: 8)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set augment.rotation=20 (repeatable)")
+    p.add_argument("--out", type=Path, default=Path("crops.png"), help="PNG to write (default: crops.png)")
+    p.set_defaults(func=cmd_crops)
+
+
+def _add_report(sub) -> None:
+    p = sub.add_parser("report", formatter_class=_formatter, help="the paper reproduced: every run, Table 1, Figures 2-5",
+                       description="Run (or reuse) every experiment of a report plan on prepared data: the VGG "
+                       "baselines, Model A, the SRGAN and the upscaled faces, Model B, the ensemble; evaluate each "
+                       "on PublicTest and PrivateTest with TTA off and on; draw Figures 2-5; write OUT/report.md, "
+                       "report.html and report.json. Training runs are Ray Train runs (on a cluster, they use the "
+                       "cluster). A finished run whose config matches is reused, an interrupted one resumed.")
+    p.add_argument("plan", type=Path, help="a report plan, e.g. experiments/paper.yaml or experiments/paper_debug.yaml")
+    p.add_argument("--data", type=Path, help="prepared 48x48 data (overrides the plan's data)")
+    p.add_argument("--out", type=Path, default=Path("report"), help="folder for the runs, figures and report (default: ./report)")
+    p.add_argument("--reuse", type=Path, action="append", default=[], metavar="RUNS",
+                   help="a folder of finished runs to reuse where their config matches (repeatable), e.g. ferray-demo/runs")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a value in every run, e.g. --set scaling.gpus_per_worker=1 (repeatable)")
+    p.set_defaults(func=cmd_report)
+
+
 # ------------------------------------------------------------------------------------- commands
 def experiment_config(args):
     from ferray.config import load_config
@@ -322,13 +384,11 @@ def cmd_evaluate(args) -> int:
     if args.bundle is not None:
         from ferray.ensemble import evaluate_bundle
 
-        if args.tta:
-            raise UsageError("--tta does not apply to --bundle: the bundle records its own TTA setting")
-        evaluate_bundle(args.bundle, args.data, args.split, args.out)
+        evaluate_bundle(args.bundle, args.data, args.split, args.out, tta=args.tta)
         return 0
     from ferray.evaluate import evaluate_checkpoint
 
-    evaluate_checkpoint(args.checkpoint, args.data, args.split, args.tta, args.out)
+    evaluate_checkpoint(args.checkpoint, args.data, args.split, bool(args.tta), args.out)
     return 0
 
 
@@ -417,6 +477,58 @@ def cmd_demo(args) -> int:
     from ferray.demo import run_demo
 
     run_demo(args.out, n=args.n, seed=args.seed, echo=_echo)
+    return 0
+
+
+def cmd_explain(args) -> int:
+    from ferray.explain import explain_image, explain_split
+
+    if args.data is not None:
+        if args.images:
+            raise UsageError("give image files or --data, not both")
+        if args.per_class < 1:
+            raise UsageError("--per-class must be at least 1")
+        explain_split(args.checkpoint, args.data, args.split, args.per_class, args.out, echo=_echo)
+        return 0
+    if not args.images:
+        raise UsageError("give at least one image file, or --data to explain faces of a prepared split")
+    for image in args.images:
+        out = args.out
+        if out is not None and len(args.images) > 1:
+            out.mkdir(parents=True, exist_ok=True)
+            out = out / f"{image.stem}-explain.png"
+        explain_image(args.checkpoint, image, out, target=args.target, detect=args.detect, echo=_echo)
+    return 0
+
+
+def cmd_crops(args) -> int:
+    from ferray.config import from_dict, load_config
+    from ferray.data.contract import load_split
+    from ferray.engine import load_checkpoint
+    from ferray.figures import plot_crops
+
+    if args.checkpoint is not None:
+        from ferray.config import apply_overrides
+
+        cfg = from_dict(apply_overrides(load_checkpoint(args.checkpoint)["config"], args.overrides))
+    else:
+        cfg = load_config(args.experiment, args.overrides)
+    faces, _, _ = load_split(args.data, cfg.data.train_split)
+    if not 0 <= args.index < len(faces) or args.count < 1:
+        raise UsageError(f"--index must be in 0..{len(faces) - 1} ({args.data} has {len(faces):,} "
+                         f"{cfg.data.train_split} faces) and --count at least 1")
+    path = plot_crops(faces[args.index], cfg.augment, args.out, args.count, args.seed,
+                      title=f"random {cfg.augment.crop}x{cfg.augment.crop} training views ({cfg.name})")
+    _echo(f"wrote {path}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from ferray.report.build import run_report
+    from ferray.report.plan import load_plan
+
+    plan = load_plan(args.plan, data=args.data, sets=args.overrides)
+    run_report(plan, args.out, reuse=args.reuse, echo=_echo)
     return 0
 
 

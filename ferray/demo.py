@@ -4,8 +4,8 @@ Stages so far: synthesize a FER2013-style CSV -> prepare it with Ray Data -> tra
 Model A with Ray Train -> evaluate it -> train the debug SRGAN -> upscale the data 48 -> 96 with a
 Ray Data actor pool -> evaluate the SR -> a 2-trial Tune search -> train the debug Model B on the
 SR faces -> evaluate it -> fuse A and B into the serving bundle DIR/bundle -> evaluate the
-ensemble -> serve the bundle with Ray Serve and send it a few faces over HTTP. Each later stage
-(the report) appends itself here.
+ensemble -> serve the bundle with Ray Serve and send it a few faces over HTTP -> the paper's report
+(Table 1, Figures 2-5) from those runs plus two small VGG baselines, in DIR/report.
 """
 
 from __future__ import annotations
@@ -42,6 +42,8 @@ def run_demo(out: Path | None, n: int = 1400, seed: int = 0, echo: Callable[[str
     from ferray.sr.evaluation import evaluate_generator
     from ferray.train import run_training
     from ferray.tune import load_search, run_search
+    from ferray.report.build import run_report
+    from ferray.report.plan import load_plan
     from ferray.serving import demo_requests
     from ferray.upscale import upscale
 
@@ -94,9 +96,14 @@ def run_demo(out: Path | None, n: int = 1400, seed: int = 0, echo: Callable[[str
          lambda: done.update(evaluation_bundle=evaluate_bundle(out / "bundle", data, "PublicTest", echo=print))),
         ("serve: the bundle with Ray Serve, a few faces sent over HTTP",
          lambda: done.update(served=demo_requests(out / "bundle", data, echo=print))),
+        ("report: experiments/paper_debug.yaml (Table 1, Figures 2-5), reusing the runs above, training the VGGs",
+         lambda: done.update(report=run_report(load_plan(EXPERIMENTS / "paper_debug.yaml", data=data,
+                                                         sets=[f"train.seed={seed}"]),
+                                               out / "report", reuse=[runs], echo=echo))),
     ]
     for i, (title, run) in enumerate(steps, 1):
         echo(f"[{i}/{len(steps)}] {title}")
         run()
-    echo(f"demo: done in {time.perf_counter() - t0:.0f}s; artifacts under {out.absolute()}")
+    echo(f"demo: done in {time.perf_counter() - t0:.0f}s; artifacts under {out.absolute()}; the report: "
+         f"{(out / 'report' / 'report.html').absolute()}")
     return done

@@ -201,23 +201,26 @@ def train_one_epoch(state: TrainState, batches: Iterable, steps_per_epoch: int) 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: Iterable, crop: int, tta: bool, device: torch.device,
-             amp: bool = False, scale: int = 1) -> dict:
-    """Accuracy, per-class accuracy, confusion matrix and mean log-loss over `batches`."""
+             amp: bool = False, scale: int = 1, keep_probs: bool = False) -> dict:
+    """Accuracy, per-class accuracy, confusion matrix and mean log-loss over `batches`; with
+    `keep_probs` also "probs", the (N, C) probabilities in the batches' order (a numpy array)."""
     was_training = model.training
     model.eval()
-    labels_all, preds_all, nll = [], [], 0.0
+    labels_all, probs_all, nll = [], [], 0.0
     for images, labels in batches:
         probs = predict_proba(model, images.to(device), crop, tta, amp, scale)
         labels = labels.to(device).long()
         nll += -torch.log(probs.gather(1, labels[:, None]).clamp_min(1e-12)).sum().item()
         labels_all.append(labels.cpu())
-        preds_all.append(probs.argmax(1).cpu())
+        probs_all.append(probs.float().cpu())
     model.train(was_training)
     if not labels_all:
         raise RuntimeError("the evaluation data produced no batch")
-    labels_all, preds_all = torch.cat(labels_all).numpy(), torch.cat(preds_all).numpy()
-    result = summarize_confusion(confusion_matrix(labels_all, preds_all, NUM_CLASSES))
+    labels_all, probs_all = torch.cat(labels_all).numpy(), torch.cat(probs_all).numpy()
+    result = summarize_confusion(confusion_matrix(labels_all, probs_all.argmax(1), NUM_CLASSES))
     result["loss"] = nll / len(labels_all)
+    if keep_probs:
+        result["probs"] = probs_all
     return result
 
 

@@ -169,8 +169,10 @@ def load_members(a: str | Path | None, b: str | Path | None, sr: str | Path | No
 
 
 def build_bundle(a: str | Path, b: str | Path, sr: str | Path | None, data: str | Path, out: str | Path,
-                 split: str = "PublicTest", tta: bool = True, overwrite: bool = False, echo=print) -> dict:
-    """Fit the fusion on `split` of `data` and write the serving bundle to `out`."""
+                 split: str = "PublicTest", tta: bool = True, overwrite: bool = False, echo=print,
+                 probs: tuple[np.ndarray, np.ndarray] | None = None) -> dict:
+    """Fit the fusion on `split` of `data` and write the serving bundle to `out`. `probs`: the
+    members' (P_A, P_B) on that split with that TTA when already computed (`ferray report`)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     manifest = read_manifest(data)
     if manifest["image_size"] != [FER_SIZE, FER_SIZE]:
@@ -178,8 +180,13 @@ def build_bundle(a: str | Path, b: str | Path, sr: str | Path | None, data: str 
     ensemble = load_members(a, b, sr, device)
     ensemble.tta = tta
     faces, labels, _ = load_split(data, split)
-    echo(f"ensemble: members on {len(labels):,} {split} faces{' with ten-crop TTA' if tta else ''} ...")
-    pa, pb = (p.numpy() for p in ensemble.member_probs(torch.from_numpy(faces)))
+    if probs is None:
+        echo(f"ensemble: members on {len(labels):,} {split} faces{' with ten-crop TTA' if tta else ''} ...")
+        pa, pb = (p.numpy() for p in ensemble.member_probs(torch.from_numpy(faces)))
+    else:
+        pa, pb = probs
+        if pa.shape != pb.shape or len(pa) != len(labels):
+            raise ValueError(f"probs: shapes {pa.shape} and {pb.shape} for {len(labels)} {split} faces")
     weight, accuracy = fit_weight(pa, pb, labels)
     weight_log, accuracy_log = fit_weight(pa, pb, labels, log=True)
     stacking = stacking_cv_accuracy(pa, pb, labels)
@@ -285,29 +292,44 @@ def read_bundle_card(path: str | Path) -> dict:
 
 
 def evaluate_bundle(bundle: str | Path, data: str | Path, split: str = "PublicTest", out: str | Path | None = None,
-                    echo=print) -> dict:
-    """The ensemble's report on a split, with each member's accuracy beside it."""
+                    echo=print, tta: bool | None = None) -> dict:
+    """The ensemble's report on a split, with each member's accuracy beside it; `tta` None: as the
+    bundle says (the fusion weight is the bundle's either way). Writes eval-<split>[-tta].{json,png}."""
     from ferray.evaluate import format_report
-    from ferray.metrics import plot_confusion
 
     ensemble, card = load_bundle(bundle)
+    if tta is not None:
+        ensemble.tta = tta
     faces, labels, _ = load_split(data, split)
     if faces.shape[1:] != (FER_SIZE, FER_SIZE):
         raise DataError(f"{data}: the bundle takes the prepared 48x48 faces, not {faces.shape[1]}x{faces.shape[2]}")
-    result = ensemble.predict(torch.from_numpy(faces))
-    reports = {}
-    for name in ("a", "b", "probs"):
-        predictions = result[name].argmax(1).numpy()
-        reports[name] = summarize_confusion(confusion_matrix(labels, predictions))
-    report = {**reports["probs"], "split": split, "tta": ensemble.tta, "model": "ensemble (A + B)", "epoch": "-",
-              "members": {"a": reports["a"]["accuracy"], "b": reports["b"]["accuracy"]}, "bundle": str(bundle),
-              "weight_a": ensemble.weight_a}
-    out = Path(out) if out is not None else Path(bundle)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"eval-{split}.json").write_text(json.dumps(report, indent=2) + "\n")
-    plot_confusion(report["confusion"], out / f"eval-{split}.png", f"ensemble on {split}: {report['accuracy']:.2%}")
+    pa, pb = (p.numpy() for p in ensemble.member_probs(torch.from_numpy(faces)))
+    report = fused_report(pa, pb, labels, ensemble.weight_a, split, ensemble.tta, bundle)
+    write_fused_report(report, Path(out) if out is not None else Path(bundle))
     echo(format_report(report))
     echo(f"members on {split}: A {report['members']['a']:.2%}, B {report['members']['b']:.2%}, "
          f"ensemble {report['accuracy']:.2%} (w_A = {ensemble.weight_a:.2f})")
     return report
 
+
+
+def fused_report(pa: np.ndarray, pb: np.ndarray, labels: np.ndarray, weight_a: float, split: str, tta: bool,
+                 bundle: str | Path) -> dict:
+    """The ensemble's evaluation from its members' probabilities, each member's accuracy beside it."""
+    reports = {name: summarize_confusion(confusion_matrix(labels, probs.argmax(1)))
+               for name, probs in (("a", pa), ("b", pb), ("fused", weight_a * pa + (1 - weight_a) * pb))}
+    return {**reports["fused"], "split": split, "tta": tta, "model": "ensemble (A + B)", "epoch": "-",
+            "members": {"a": reports["a"]["accuracy"], "b": reports["b"]["accuracy"]}, "bundle": str(bundle),
+            "weight_a": weight_a}
+
+
+def write_fused_report(report: dict, out: Path) -> Path:
+    """eval-<split>[-tta].json and .png (the normalized confusion matrix) in `out`."""
+    from ferray.metrics import plot_confusion
+
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / (f"eval-{report['split']}" + ("-tta" if report["tta"] else ""))
+    stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    plot_confusion(report["confusion"], stem.with_suffix(".png"),
+                   f"ensemble on {report['split']}{' (TTA)' if report['tta'] else ''}: {report['accuracy']:.2%}")
+    return stem.with_suffix(".json")

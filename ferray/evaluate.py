@@ -19,19 +19,24 @@ def default_device() -> torch.device:
 
 def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, split: str = "PublicTest", tta: bool = False,
                         out: str | Path | None = None, batch_size: int = 256,
-                        echo: Callable[[str], None] = print) -> dict:
-    """Accuracy, per-class accuracy and the confusion matrix; writes eval-<split>[-tta].{json,png}."""
+                        echo: Callable[[str], None] = print, keep_probs: bool = False) -> dict:
+    """Accuracy, per-class accuracy and the confusion matrix; writes eval-<split>[-tta].{json,png}.
+    `keep_probs`: the result also holds "probs" (N, 7) and the faces' "ids" in the split's order
+    (not written to the JSON)."""
     device = default_device()
     model, cfg, payload = model_from_checkpoint(checkpoint, device)
-    images, labels, _ = load_split(data, split)
+    images, labels, ids = load_split(data, split)
     batches = TensorBatches(torch.from_numpy(images), torch.from_numpy(labels), batch_size, shuffle=False, drop_last=False)
-    result = evaluate(model, batches, cfg.augment.crop, tta, device, amp=device.type == "cuda", scale=cfg.data.input_scale)
+    result = evaluate(model, batches, cfg.augment.crop, tta, device, amp=device.type == "cuda", scale=cfg.data.input_scale,
+                      keep_probs=keep_probs)
+    if keep_probs:
+        result["ids"] = list(ids)
     result.update({"checkpoint": str(checkpoint), "data": str(data), "split": split, "tta": tta,
                    "model": cfg.model.name, "epoch": payload["epoch"], "pretrained": payload.get("pretrained", False)})
     out = Path(out) if out is not None else Path(checkpoint).parent
     out.mkdir(parents=True, exist_ok=True)
     stem = f"eval-{split}" + ("-tta" if tta else "")
-    (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / f"{stem}.json").write_text(json.dumps({k: v for k, v in result.items() if k not in ("probs", "ids")}, indent=2) + "\n")
     plot_confusion(result["confusion"], out / f"{stem}.png",
                    f"{cfg.model.name} on {split}{' (TTA)' if tta else ''}: {result['accuracy']:.2%}")
     echo(format_report(result))

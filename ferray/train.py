@@ -147,6 +147,8 @@ def train_loop(loop_config: dict) -> None:
             _rewrite_metrics(run_dir, state.history)
             print(f"resumed from the checkpoint of epoch {state.epoch}", flush=True)
 
+    if rank == 0:
+        _record_placement_group(run_dir)
     steps_per_epoch = max(1, loop_config["train_rows"] // (cfg.train.batch_size * world))
     data = _EpochData(cfg, device, rank)
     writer = _tensorboard(run_dir) if rank == 0 else None
@@ -167,6 +169,35 @@ def train_loop(loop_config: dict) -> None:
             ray.train.report({k: v for k, v in row.items() if isinstance(v, (int, float))}, checkpoint=reported)
     if writer is not None:
         writer.close()
+
+
+PLACEMENT_GROUP_FILE = "placement_group"
+
+
+def _record_placement_group(run_dir: Path) -> None:
+    """Write the id of the workers' placement group into the run folder: when Tune stops a trial,
+    Train V2 leaves that group reserved (ray-project/ray#54305) and ferray.tune removes it by this id."""
+    import ray.util
+
+    group = ray.util.get_current_placement_group()
+    if group is not None:
+        (run_dir / PLACEMENT_GROUP_FILE).write_text(group.id.hex() + "\n")
+
+
+def release_placement_group(run_dir: Path) -> bool:
+    """Remove the placement group a run recorded if it is still reserved; True if one was removed."""
+    import ray.util
+    from ray._raylet import PlacementGroupID
+    from ray.util.placement_group import PlacementGroup
+
+    path = Path(run_dir) / PLACEMENT_GROUP_FILE
+    if not path.is_file():
+        return False
+    group_id = path.read_text().strip()
+    if ray.util.placement_group_table().get(group_id, {}).get("state") != "CREATED":
+        return False
+    ray.util.remove_placement_group(PlacementGroup(PlacementGroupID(bytes.fromhex(group_id))))
+    return True
 
 
 def _evaluate_on_rank0(task, state, data: _EpochData, device, rank: int, world: int) -> dict:

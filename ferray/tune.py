@@ -255,7 +255,9 @@ def run_search(spec: SearchSpec, out: Path, resume: bool = False, echo: Callable
          f"Optuna TPE (seed {spec.seed}), {'ASHA' if spec.asha else 'no early stopping'} on {spec.metric}, "
          f"{concurrent} at a time; {search_dir}")
     t0 = time.perf_counter()
+    groups = TrialGroups(search_dir / "trials")
     if resume:
+        # A restored Tuner keeps its saved run config; the sweep after fit still frees what stopped trials left.
         tuner = tune.Tuner.restore(str(tuner_path), trainable=trainable, resume_errored=True)
     else:
         import optuna
@@ -266,10 +268,13 @@ def run_search(spec: SearchSpec, out: Path, resume: bool = False, echo: Callable
             trainable,
             tune_config=tune.TuneConfig(metric=spec.metric, mode=spec.mode, search_alg=searcher, scheduler=scheduler,
                                         num_samples=spec.samples, max_concurrent_trials=concurrent),
-            run_config=tune.RunConfig(name="search", storage_path=str(search_dir), verbose=1,
+            run_config=tune.RunConfig(name="search", storage_path=str(search_dir), verbose=1, callbacks=[groups.tune_callback()],
                                       failure_config=tune.FailureConfig(max_failures=spec.max_failures)),
         )
-    grid = tuner.fit()
+    try:
+        grid = tuner.fit()
+    finally:
+        groups.sweep()
     unfinished = unfinished_trials(spec, grid)
     if unfinished:
         raise SearchInterrupted(f"search {search_dir} stopped with {unfinished} of {spec.samples} trials unfinished; "
@@ -279,6 +284,45 @@ def run_search(spec: SearchSpec, out: Path, resume: bool = False, echo: Callable
 
 class SearchInterrupted(KeyboardInterrupt):
     pass
+
+
+class TrialGroups:
+    """Frees the placement group of each trial as it ends. When ASHA (or an error) stops a trial, Tune
+    kills its actor and with it the Train V2 controller, but the workers' placement group stays
+    reserved for the rest of the driver's life (ray-project/ray#54305): on a small cluster the next
+    Train run then waits forever for those CPUs/GPUs. Each run records its group's id
+    (ferray.train); the group is removed if it is still reserved once the trial has ended."""
+
+    def __init__(self, trials_dir: Path):
+        self.trials_dir = Path(trials_dir)
+        self.released = 0
+
+    def tune_callback(self):
+        from ray.tune import Callback
+
+        groups = self
+
+        class ReleaseOnTrialEnd(Callback):
+            def on_trial_complete(self, iteration, trials, trial, **info):
+                groups.release(trial.trial_id)
+
+            def on_trial_error(self, iteration, trials, trial, **info):
+                groups.release(trial.trial_id)
+
+        return ReleaseOnTrialEnd()
+
+    def sweep(self) -> None:
+        """After the search (or an interrupted one): every trial's group, whatever ended it."""
+        for run_dir in self.trials_dir.glob("*"):
+            self.release(run_dir.name)
+
+    def release(self, trial_id: str) -> None:
+        from ferray.train import release_placement_group
+
+        try:
+            self.released += release_placement_group(self.trials_dir / trial_id)
+        except Exception as e:  # never fail a search over bookkeeping; say so
+            print(f"tune: could not release trial {trial_id}'s placement group ({type(e).__name__}: {e})", flush=True)
 
 
 def unfinished_trials(spec: SearchSpec, grid) -> int:

@@ -85,6 +85,16 @@ def test_demo_runs_end_to_end(tmp_path):
     assert card["members"]["sr"] is not None and 0 <= card["fusion"]["weight_a"] <= 1
     assert "members on PublicTest: A" in result.stdout
     assert result.stdout.count("HTTP 200") == 5  # four PNG faces and one pixel row, answered over HTTP
+    # the paper's report (experiments/paper_debug.yaml): the demo's runs reused, the two VGGs trained
+    record = json.loads((out / "report" / "report.json").read_text())
+    assert {k: r["reused"] for k, r in record["runs"].items()} == {"vgg16": False, "vgg19": False, "model_a": True,
+                                                                  "model_b": True}
+    assert record["srgan"]["reused"] and record["data_sr_reused"] and record["splits"] == ["PublicTest", "PrivateTest"]
+    assert record["runs"]["model_a"]["run_dir"] == str((out / "runs" / "debug_a").absolute())
+    md = (out / "report" / "report.md").read_text()
+    assert "## Table 1" in md and "## Figure 5" in md and (out / "report" / "report.html").stat().st_size > 0
+    for figure in ("sr-grid-PublicTest.png", "fig3-crops.png", "fig4-guided-backprop.png", "fig5-confusion-PrivateTest.png"):
+        assert (out / "report" / "figures" / figure).stat().st_size > 0
 
 
 def test_demo_folder_is_reused_only_if_it_is_a_demo(tmp_path):

@@ -60,7 +60,7 @@ def test_bundle_round_trip(tiny_bundle, prepared_synth, tmp_path):
     report = evaluate_bundle(tiny_bundle, prepared_synth, "PublicTest", out=tmp_path, echo=lambda _: None)
     assert report["accuracy"] == pytest.approx(card["accuracy"]["PublicTest"]["ensemble"])
     assert report["members"]["a"] == pytest.approx(card["accuracy"]["PublicTest"]["a"])
-    assert (tmp_path / "eval-PublicTest.png").stat().st_size > 0
+    assert (tmp_path / "eval-PublicTest-tta.png").stat().st_size > 0
 
 
 def test_bundle_refusals(tiny_bundle, prepared_synth, tmp_path):

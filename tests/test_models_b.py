@@ -20,8 +20,19 @@ def test_parameter_counts_and_depths():
         assert num_params(model.features) == conv_base and model.keras_depth() == depth
 
 
+def test_tiny_vggs_keep_torchvisions_layout_at_an_eighth_of_the_width():
+    for name, arch, total in (("vgg16_tiny", "vgg16", 232_879), ("vgg19_tiny", "vgg19", 315_983)):
+        tiny, full = build_model(name), getattr(torchvision.models, arch)().features
+        assert [type(m) for m in tiny.features] == [type(m) for m in full]
+        assert [m.out_channels * 8 for m in tiny.features if isinstance(m, torch.nn.Conv2d)] == \
+            [m.out_channels for m in full if isinstance(m, torch.nn.Conv2d)]
+        assert num_params(tiny) == total and tiny.keras_depth() == build_model(arch).keras_depth()
+    with pytest.raises(ValueError, match="no pretrained weights"):
+        build_model("vgg16_tiny", pretrained="imagenet")
+
+
 @pytest.mark.parametrize("name, size", [("resnet50_b", 88), ("resnet50_b", 96), ("resnet18_b", 88),
-                                        ("vgg16", 44), ("vgg19", 48)])
+                                        ("vgg16", 44), ("vgg19", 48), ("vgg16_tiny", 44), ("vgg19_tiny", 44)])
 def test_shapes(name, size):
     model = build_model(name).eval()
     logits, features = model(torch.rand(2, 1, size, size), return_embedding=True)

@@ -93,6 +93,11 @@ def test_rigged_search_stops_the_bad_trial_and_writes_its_outputs(ray_session, t
                               "train.epochs=2"])
     summary = run_search(spec, tmp_path / "runs", echo=lambda _: None)
     search_dir = tmp_path / "runs" / "s"
+    # No trial leaves its workers' placement group reserved, not even the one ASHA stopped (ray#54305)
+    groups = [(search_dir / "trials" / d / "placement_group").read_text().strip()
+              for d in os.listdir(search_dir / "trials")]
+    table = ray_session.util.placement_group_table()
+    assert len(groups) == 3 and all(table[g]["state"] == "REMOVED" for g in groups)
     rows = read_trials(search_dir)
     assert len(rows) == 3 and summary["trials"] == 3
     assert any(r["stopped_early"] == "True" for r in rows), rows  # ASHA cut the hopeless one at rung 1

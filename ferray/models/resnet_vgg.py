@@ -117,22 +117,48 @@ class ResNetGray(_PooledClassifier):
 
 
 # ------------------------------------------------------------------------------------------- VGG
-class VGGGray(_PooledClassifier):
-    def __init__(self, arch: str, num_classes: int = NUM_CLASSES, pretrained: str = "none", dropout: float = 0.0):
-        super().__init__()
-        import torchvision.models as tvm
+VGG_CONVS = {"vgg16": (2, 2, 3, 3, 3), "vgg19": (2, 2, 4, 4, 4)}  # 3x3 convs per block, then a 2x2 max pool
+VGG_WIDTHS = (64, 128, 256, 512, 512)
 
-        net = getattr(tvm, arch)()
-        state = pretrained_state_dict(arch, pretrained)
-        if state is not None:
-            net.load_state_dict(state)
+
+def vgg_features(arch: str, divisor: int) -> nn.Sequential:
+    """VGG's conv base with every width divided by `divisor` (torchvision's layer order and names)."""
+    layers, cin = [], 3
+    for convs, width in zip(VGG_CONVS[arch], VGG_WIDTHS):
+        for _ in range(convs):
+            layers += [nn.Conv2d(cin, width // divisor, 3, padding=1), nn.ReLU(inplace=True)]
+            cin = width // divisor
+        layers.append(nn.MaxPool2d(2, 2))
+    for layer in layers:  # torchvision's VGG initialization: without it 13+ plain convs barely train
+        if isinstance(layer, nn.Conv2d):
+            nn.init.kaiming_normal_(layer.weight, mode="fan_out", nonlinearity="relu")
+            nn.init.zeros_(layer.bias)
+    return nn.Sequential(*layers)
+
+
+class VGGGray(_PooledClassifier):
+    def __init__(self, arch: str, num_classes: int = NUM_CLASSES, pretrained: str = "none", dropout: float = 0.0,
+                 width_divisor: int = 1):
+        super().__init__()
+        if width_divisor == 1:
+            import torchvision.models as tvm
+
+            net = getattr(tvm, arch)()
+            state = pretrained_state_dict(arch, pretrained)
+            if state is not None:
+                net.load_state_dict(state)
+            self.features = net.features  # the conv base, exactly torchvision's
+        else:
+            if pretrained != "none":
+                raise ValueError(f"{arch} at 1/{width_divisor} width has no pretrained weights")
+            state, self.features = None, vgg_features(arch, width_divisor)
         self.pretrained = state is not None
         self.arch = arch
-        self.features = net.features  # the conv base, exactly torchvision's
-        self.num_features = 256
-        self.neck = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(512, 256), nn.ReLU(inplace=True))
+        self.num_features = 256 // width_divisor
+        self.neck = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(512 // width_divisor, self.num_features),
+                                  nn.ReLU(inplace=True))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.fc = nn.Linear(256, num_classes)
+        self.fc = nn.Linear(self.num_features, num_classes)
 
     def forward_features(self, x):
         return self.neck(self.features(x.expand(-1, 3, -1, -1)))  # (B, 256)
@@ -164,3 +190,13 @@ def vgg16(num_classes: int = NUM_CLASSES, pretrained: str = "none", dropout: flo
 @register_model("vgg19", input_size=44, description="the paper's VGG19 baseline: torchvision conv base + small head")
 def vgg19(num_classes: int = NUM_CLASSES, pretrained: str = "none", dropout: float = 0.0, **_) -> VGGGray:
     return VGGGray("vgg19", num_classes, pretrained, dropout)
+
+
+@register_model("vgg16_tiny", input_size=44, description="VGG16's layout at 1/8 width, for debug runs on a laptop")
+def vgg16_tiny(num_classes: int = NUM_CLASSES, pretrained: str = "none", dropout: float = 0.0, **_) -> VGGGray:
+    return VGGGray("vgg16", num_classes, pretrained, dropout, width_divisor=8)
+
+
+@register_model("vgg19_tiny", input_size=44, description="VGG19's layout at 1/8 width, for debug runs on a laptop")
+def vgg19_tiny(num_classes: int = NUM_CLASSES, pretrained: str = "none", dropout: float = 0.0, **_) -> VGGGray:
+    return VGGGray("vgg19", num_classes, pretrained, dropout, width_divisor=8)

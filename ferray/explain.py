@@ -1,0 +1,235 @@
+"""Guided back-propagation (Springenberg et al. 2015) for any ferray classifier (Ray-free).
+
+The gradient of one class score with respect to the input face, where every activation lets
+through only positive gradient: at an activation y = f(x), the backward pass gives
+f'(x) * max(dL/dy, 0) instead of f'(x) * dL/dy. For ReLU this is the paper's rule (positive input
+and positive gradient); for Model A's PReLU it keeps the learned negative slope as f'. The map
+therefore shows the pixels whose brightening raises the class score through features that are
+themselves evidence for the class.
+
+The model is never modified: `guided_copy` deep-copies it and swaps each activation module for a
+guided wrapper. `ferray explain CKPT IMAGE` draws the map of one face; the report draws a grid.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from ferray.augment import standardize, to_input
+from ferray.data.contract import EMOTIONS, FER_SIZE
+
+ACTIVATIONS = (nn.ReLU, nn.PReLU, nn.LeakyReLU, nn.ReLU6, nn.ELU, nn.GELU, nn.SiLU)
+
+
+class _GuidedFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, activation):
+        ctx.save_for_backward(x)
+        ctx.activation = activation
+        return activation(x)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (x,) = ctx.saved_tensors
+        with torch.enable_grad():
+            x = x.detach().requires_grad_(True)
+            (grad,) = torch.autograd.grad(ctx.activation(x), x, grad_output.clamp(min=0))
+        return grad, None
+
+
+class GuidedActivation(nn.Module):
+    """An activation whose backward pass lets only positive gradient through."""
+
+    def __init__(self, activation: nn.Module):
+        super().__init__()
+        if hasattr(activation, "inplace"):
+            activation.inplace = False  # the backward pass recomputes f(x) from x
+        self.activation = activation
+
+    def forward(self, x):
+        return _GuidedFunction.apply(x, self.activation)
+
+
+def guided_copy(model: nn.Module) -> nn.Module:
+    """A copy of `model` (eval mode) with every activation module made guided."""
+    guided = copy.deepcopy(model).eval()
+    for parent in list(guided.modules()):
+        for name, child in parent.named_children():
+            if isinstance(child, ACTIVATIONS):
+                setattr(parent, name, GuidedActivation(child))
+    return guided
+
+
+def guided_backprop(model: nn.Module, inputs: torch.Tensor, target: int | torch.Tensor | None = None,
+                    guided: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(maps, logits): d score_target / d input through guided activations, shape of `inputs`.
+
+    `inputs` are the model's inputs as it takes them (standardized crops); `target` is a class
+    index for all, one per input, or None for each input's predicted class. Pass `guided` (from
+    `guided_copy`) to reuse one copy over many calls.
+    """
+    guided = guided if guided is not None else guided_copy(model)
+    x = inputs.detach().clone().requires_grad_(True)
+    logits = guided(x)
+    if target is None:
+        target = logits.argmax(1)
+    target = torch.as_tensor(target, device=logits.device).expand(len(x)) if torch.as_tensor(target).dim() == 0 \
+        else torch.as_tensor(target, device=logits.device)
+    score = logits.gather(1, target.long().view(-1, 1)).sum()
+    (maps,) = torch.autograd.grad(score, x)
+    return maps.detach(), logits.detach()
+
+
+def center_view(faces: torch.Tensor, crop: int, scale: int = 1) -> torch.Tensor:
+    """uint8 faces (B, H, W) -> the standardized center crop the model evaluates."""
+    x = to_input(faces, scale)
+    top = (x.shape[-2] - crop) // 2
+    left = (x.shape[-1] - crop) // 2
+    return standardize(x[..., top:top + crop, left:left + crop])
+
+
+def explain_faces(model: nn.Module, faces: np.ndarray, crop: int, scale: int = 1, target=None,
+                  device: str | torch.device = "cpu") -> dict:
+    """Guided-backprop maps of uint8 faces (B, H, W): the crops, maps, probabilities and classes."""
+    model = model.to(device).eval()
+    x = center_view(torch.from_numpy(np.ascontiguousarray(faces)).to(device), crop, scale)
+    maps, logits = guided_backprop(model, x, target)
+    probs = logits.float().softmax(1)
+    classes = probs.argmax(1) if target is None else torch.as_tensor(target).expand(len(x))
+    return {"crops": x[:, 0].cpu().numpy(), "maps": maps[:, 0].cpu().numpy(), "probs": probs.cpu().numpy(),
+            "classes": classes.cpu().numpy()}
+
+
+def map_to_image(saliency: np.ndarray) -> np.ndarray:
+    """A map as a displayable image in [0, 1]: centered on 0, scaled by its 99th |value| percentile."""
+    saliency = saliency - saliency.mean()
+    spread = np.percentile(np.abs(saliency), 99) or 1.0
+    return np.clip(0.5 + 0.5 * saliency / spread, 0, 1)
+
+
+def plot_explanations(rows: list[dict], path: str | Path, title: str = "") -> Path:
+    """Rows of (face, guided map, overlay); each row dict has crop, map, label (true, or None), probs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(rows), 3, figsize=(5.4, 1.8 * len(rows)), squeeze=False)
+    for i, row in enumerate(rows):
+        face = row["crop"]
+        face = (face - face.min()) / max(float(face.max() - face.min()), 1e-6)
+        shown = map_to_image(row["map"])
+        predicted = int(np.argmax(row["probs"]))
+        truth = f"true {EMOTIONS[row['label']]}, " if row.get("label") is not None else ""
+        for ax, image, cmap in zip(axes[i], (face, shown, None), ("gray", "gray", None)):
+            if cmap is None:
+                ax.imshow(face, cmap="gray", vmin=0, vmax=1)
+                ax.imshow(np.abs(row["map"]), cmap="inferno", alpha=0.55)
+            else:
+                ax.imshow(image, cmap=cmap, vmin=0, vmax=1)
+            ax.set_xticks([])
+            ax.set_yticks([])
+        axes[i, 0].set_ylabel(f"{truth}\npredicted {EMOTIONS[predicted]}\n{row['probs'][predicted]:.0%}", fontsize=7)
+    for ax, name in zip(axes[0], ("face (center crop)", "guided backprop", "|map| over face")):
+        ax.set_title(name, fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def explain_image(checkpoint: str | Path, image: str | Path, out: str | Path | None = None, target: str | None = None,
+                  detect: bool = False, echo: Callable[[str], None] = print) -> dict:
+    """`ferray explain`: the guided-backprop map of the face in an image file, as a PNG and JSON."""
+    import json
+
+    from ferray.engine import model_from_checkpoint
+    from ferray.faces import InputError, decode_image, faces_in_image
+
+    image = Path(image)
+    if not image.is_file():
+        raise InputError(f"{image}: no such image file")
+    if target is not None and target not in EMOTIONS:
+        raise InputError(f"--target {target!r}: not one of {', '.join(EMOTIONS)}")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, cfg, _ = model_from_checkpoint(checkpoint, device)
+    gray = decode_image(image.read_bytes(), name=str(image))
+    faces = faces_in_image(gray, detect=detect, name=str(image))
+    # A model trained on 96x96 (SR) faces gets the face upscaled 2x by bicubic here: the map shows
+    # what the classifier looks at, not what the SR generator adds.
+    size = 2 * FER_SIZE if cfg.data.input_scale == 1 and cfg.augment.crop > FER_SIZE else FER_SIZE
+    pixels = np.stack([_resize(face.pixels, size) for face in faces])
+    result = explain_faces(model, pixels, cfg.augment.crop, cfg.data.input_scale,
+                           None if target is None else EMOTIONS.index(target), device)
+    out = Path(out) if out is not None else image.with_name(f"{image.stem}-explain.png")
+    rows = [{"crop": c, "map": m, "probs": p, "label": None} for c, m, p in zip(result["crops"], result["maps"], result["probs"])]
+    plot_explanations(rows, out, f"{cfg.model.name}: guided backprop of {image.name}")
+    answer = {"image": str(image), "checkpoint": str(checkpoint), "figure": str(out),
+              "faces": [{"box": list(face.box) if face.box else None,
+                         "predicted": EMOTIONS[int(np.argmax(p))], "explained": EMOTIONS[int(c)],
+                         "probabilities": {n: round(float(v), 4) for n, v in zip(EMOTIONS, p)}}
+                        for face, p, c in zip(faces, result["probs"], result["classes"])]}
+    out.with_suffix(".json").write_text(json.dumps(answer, indent=2) + "\n")
+    for face in answer["faces"]:
+        echo(f"{image.name}: predicted {face['predicted']} ({face['probabilities'][face['predicted']]:.0%}); "
+             f"map of {face['explained']}")
+    echo(f"wrote {out}")
+    return answer
+
+
+def _resize(face: np.ndarray, size: int) -> np.ndarray:
+    if face.shape == (size, size):
+        return face
+    import torch.nn.functional as F
+
+    x = torch.from_numpy(face).float()[None, None]
+    return F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False).clamp(0, 255).round().byte()[0, 0].numpy()
+
+
+def pick_per_class(labels: np.ndarray, per_class: int) -> dict[int, np.ndarray]:
+    """The first `per_class` indices of each class present (deterministic: the split's order)."""
+    return {c: np.flatnonzero(labels == c)[:per_class] for c in range(len(EMOTIONS)) if (labels == c).any()}
+
+
+def explain_split(checkpoint: str | Path, data: str | Path, split: str = "PublicTest", per_class: int = 2,
+                  out: str | Path | None = None, echo: Callable[[str], None] = print) -> dict:
+    """Guided-backprop maps of `per_class` faces of each class of a split, as one grid (Figure 4)."""
+    from ferray.data.contract import load_split
+    from ferray.engine import model_from_checkpoint
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, cfg, _ = model_from_checkpoint(checkpoint, device)
+    images, labels, _ = load_split(data, split)
+    out = Path(out) if out is not None else Path(checkpoint).parent / f"guided-{split}.png"
+    result = explain_grid(model, cfg, images, labels, per_class, out, f"{cfg.model.name}: guided backprop on {split} "
+                          "(map of the predicted class)", device)
+    echo(f"explain: guided-backprop maps of {len(result['faces'])} {split} faces ({per_class} per class); wrote {out}")
+    return {**result, "split": split, "checkpoint": str(checkpoint)}
+
+
+def explain_grid(model: nn.Module, cfg, images: np.ndarray, labels: np.ndarray, per_class: int, out: Path, title: str,
+                 device: torch.device) -> dict:
+    """The grid of `explain_split` from faces in memory (the Ray-free GPU bench calls it directly)."""
+    from ferray.figures import plot_guided_grid
+
+    guided = guided_copy(model)
+    columns, faces = {}, []
+    for label, index in pick_per_class(labels, per_class).items():
+        x = center_view(torch.from_numpy(images[index]).to(device), cfg.augment.crop, cfg.data.input_scale)
+        maps, logits = guided_backprop(model, x, guided=guided)
+        probs = logits.float().softmax(1).cpu().numpy()
+        columns[label] = [{"crop": c, "map": m, "probs": p}
+                          for c, m, p in zip(x[:, 0].cpu().numpy(), maps[:, 0].cpu().numpy(), probs)]
+        faces += [{"index": int(i), "label": EMOTIONS[label], "predicted": EMOTIONS[int(p.argmax())]}
+                  for i, p in zip(index, probs)]
+    plot_guided_grid(columns, out, title)
+    return {"figure": str(out), "faces": faces}

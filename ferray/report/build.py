@@ -1,0 +1,316 @@
+"""`ferray report`: every run of the paper made (or reused), evaluated, and written up.
+
+Stages, in order (each a Ray job step: the training runs are Ray Train runs and the upscaling a
+Ray Data pipeline, so on a cluster they use the cluster; the evaluations run as Ray tasks with a
+GPU when the driver is on a cluster, in this process otherwise):
+
+  1. the 48x48 classifiers of the plan (VGG16, VGG19, Model A), then the SRGAN;
+  2. the data upscaled 48 -> 96 by the SRGAN, then the classifiers on it (Model B);
+  3. every classifier on PublicTest (and PrivateTest where the data has it), TTA off and on;
+  4. the SR evaluation and grid (Figure 2), the ensemble bundle of A and B and its evaluation
+     (Figure 5), training crops (Figure 3), guided backprop of A (Figure 4);
+  5. report.json (every number, read from the runs' own files), report.md and report.html.
+
+A finished run is reused, never retrained, when its config equals the plan's (the data compared by
+manifest checksum rather than by path): from --reuse folders first, then OUT/runs. An interrupted
+run in OUT/runs is resumed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Callable
+
+from ferray.config import ConfigError, ExperimentConfig, from_dict, to_dict
+from ferray.data.contract import FER_SIZE, DataError, load_split, read_manifest
+from ferray.report.plan import ReportPlan
+
+EVAL_SPLITS = ("PublicTest", "PrivateTest")
+REPORT_FILES = ("report.md", "report.html", "report.json")
+
+
+# ----------------------------------------------------------------------------------------- steps
+class Steps:
+    """Runs a stage's function here, or as a Ray task (one GPU if the cluster has one) on a cluster."""
+
+    def __init__(self, remote: bool):
+        self.remote = remote
+
+    def __call__(self, fn: Callable, *args, gpu: bool = True, **kwargs):
+        if not self.remote:
+            return fn(*args, **kwargs)
+        import ray
+
+        gpus = 1 if gpu and ray.cluster_resources().get("GPU", 0) >= 1 else 0
+        kwargs.setdefault("echo", print)  # the driver's echo may not travel; print does (Ray forwards worker stdout)
+        return ray.get(ray.remote(num_cpus=1, num_gpus=gpus, max_retries=1)(fn).remote(*args, **kwargs))
+
+
+# ------------------------------------------------------------------------------------------ runs
+def _flatten(data: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def config_differences(run_dir: Path, cfg: ExperimentConfig) -> list[str]:
+    """What differs between a finished run and `cfg`: config values, and the data by checksum."""
+    import yaml
+
+    try:
+        found = from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
+    except (OSError, ConfigError, yaml.YAMLError) as e:
+        return [f"its config.yaml is unreadable ({e})"]
+    mine, theirs = _flatten(to_dict(cfg)), _flatten(to_dict(found))
+    differences = [f"{k}: {theirs.get(k)!r} (plan: {mine.get(k)!r})" for k in sorted(set(mine) | set(theirs))
+                   if k != "data.path" and mine.get(k) != theirs.get(k)]
+    try:
+        same_data = read_manifest(found.data.path)["checksum"] == read_manifest(cfg.data.path)["checksum"]
+    except DataError:
+        same_data = False
+    if not same_data:
+        differences.append(f"data: {found.data.path} is not the same faces as {cfg.data.path}")
+    return differences
+
+
+def finished_run(run_dir: Path) -> dict | None:
+    from ferray.train import BEST_FILE, RESULT_FILE
+
+    if (run_dir / RESULT_FILE).is_file() and (run_dir / BEST_FILE).is_file():
+        return json.loads((run_dir / RESULT_FILE).read_text())
+    return None
+
+
+def obtain_run(cfg: ExperimentConfig, runs: Path, reuse: list[Path], echo: Callable[[str], None],
+               task: str = "classifier") -> dict:
+    """A finished run of `cfg`: reused from `reuse` or `runs` when its config matches, else trained."""
+    from ferray.train import run_training
+
+    for folder in [*reuse, runs]:
+        run_dir = folder / cfg.name
+        summary = finished_run(run_dir)
+        if summary is None:
+            continue
+        differences = config_differences(run_dir, cfg)
+        if not differences:
+            echo(f"report: reusing the finished run {run_dir}")
+            return {**summary, "reused": True}
+        if folder == runs:
+            raise ConfigError(f"{run_dir} is a finished run of another config ({'; '.join(differences[:3])}); "
+                              "remove it or choose another --out")
+        echo(f"report: not reusing {run_dir}: {'; '.join(differences[:3])}")
+    resume = (runs / cfg.name).is_dir()
+    if resume:
+        echo(f"report: resuming the unfinished run {runs / cfg.name}")
+    return {**run_training(cfg, runs, resume=resume, echo=echo, task=task), "reused": False}
+
+
+def upscaled_data(plan: ReportPlan, generator: str, candidates: list[Path], out: Path,
+                  echo: Callable[[str], None]) -> tuple[Path, bool]:
+    """(folder, reused): faces upscaled from the plan's data by this generator, found or made."""
+    from ferray.upscale import upscale
+
+    checksum = read_manifest(plan.data)["checksum"]
+    for folder in candidates:
+        try:
+            source = read_manifest(folder).get("source", {})
+        except DataError:
+            continue
+        if source.get("from_checksum") == checksum and source.get("generator_checkpoint") == str(Path(generator).absolute()):
+            echo(f"report: reusing the upscaled faces {folder}")
+            return folder, True
+    upscale(plan.data, out, "srgan", generator, actors=plan.sr_actors, gpus_per_actor=plan.sr_gpus_per_actor,
+            overwrite=True, echo=echo)
+    return out, False
+
+
+# ------------------------------------------------------------------------------------ evaluation
+def evaluate_all(plan: ReportPlan, results: dict, data_of: dict, splits: list[str], out: Path,
+                 steps: Steps) -> tuple[dict, dict]:
+    """({key: {split: {"plain": eval, "tta": eval}}}, {(key, split, view): (probs, ids)}): every
+    classifier on every split, TTA off and on, each written to OUT/evaluations/KEY/eval-*.json."""
+    from ferray.evaluate import evaluate_checkpoint
+
+    evaluations, probs = {}, {}
+    for spec in plan.runs:
+        evaluations[spec.key] = {}
+        for split in splits:
+            evaluations[spec.key][split] = {}
+            for view in ("plain", "tta"):
+                result = steps(evaluate_checkpoint, results[spec.key]["best_checkpoint"], data_of[spec.key], split,
+                               tta=view == "tta", out=out / "evaluations" / spec.key, echo=_quiet, keep_probs=True)
+                probs[spec.key, split, view] = (result.pop("probs"), result.pop("ids"))
+                evaluations[spec.key][split][view] = result
+    return evaluations, probs
+
+
+def member_probs(probs: dict, key_a: str, key_b: str, split: str, view: str) -> tuple:
+    """(P_A, P_B) of one split on the same faces in the same order (B's data is the upscaled copy)."""
+    (pa, ids_a), (pb, ids_b) = probs[key_a, split, view], probs[key_b, split, view]
+    if ids_a != ids_b:
+        raise DataError(f"{split}: the upscaled faces are not the same faces as the 48x48 ones (ids differ); "
+                        "upscale again from this data")
+    return pa, pb
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+def model_facts(checkpoint: str) -> dict:
+    from ferray.engine import load_checkpoint
+    from ferray.models import build_model, keras_params, num_params
+
+    cfg = from_dict(load_checkpoint(checkpoint)["config"])
+    model = build_model(cfg.model.name)
+    depth = getattr(model, "keras_depth", lambda: None)()
+    return {"model": cfg.model.name, "params": num_params(model), "keras_params": keras_params(model), "depth": depth}
+
+
+def hardware() -> dict:
+    """The Ray cluster's resources (or this machine's, without Ray: the GPU bench) and versions."""
+    import torch
+
+    try:
+        import ray
+    except ImportError:
+        ray = None
+    live = ray is not None and ray.is_initialized()
+    resources = ray.cluster_resources() if live else {}
+    accelerators = sorted(k.split(":", 1)[1] for k in resources if k.startswith("accelerator_type:"))
+    if not live and torch.cuda.is_available():
+        accelerators = [torch.cuda.get_device_name()]
+    return {"nodes": len([n for n in ray.nodes() if n.get("Alive")]) if live else 1,
+            "cpus": resources.get("CPU", os.cpu_count()), "gpus": resources.get("GPU", torch.cuda.device_count()),
+            "accelerators": accelerators, "driver": f"{platform.node()} ({platform.machine()}, {os.cpu_count()} CPUs)",
+            "driver_gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+            "python": platform.python_version(), "torch": torch.__version__,
+            "ray": ray.__version__ if ray is not None else "not installed"}
+
+
+# ---------------------------------------------------------------------------------------- report
+def run_report(plan: ReportPlan, out: str | Path, reuse: list[Path] = (), echo: Callable[[str], None] = print,
+               remote_steps: bool | None = None) -> dict:
+    from ferray.cluster import check_shared_paths
+    from ferray.runtime import connect
+
+    t0 = time.perf_counter()
+    out = Path(out).absolute()
+    manifest = read_manifest(plan.data)
+    if manifest["image_size"] != [FER_SIZE, FER_SIZE]:
+        raise DataError(f"{plan.data}: the report starts from the prepared 48x48 faces, not "
+                        f"{manifest['image_size'][0]}x{manifest['image_size'][1]}")
+    plan.data = plan.data.absolute()
+    splits = [s for s in EVAL_SPLITS if manifest["splits"].get(s, {}).get("rows")]
+    if "PublicTest" not in splits:
+        raise DataError(f"{plan.data}: no PublicTest faces; the report selects and reports on PublicTest")
+    runs, figures = out / "runs", out / "figures"
+    figures.mkdir(parents=True, exist_ok=True)
+    reuse = [Path(r).absolute() for r in reuse]
+    for folder in reuse:
+        if not folder.is_dir():
+            raise ConfigError(f"--reuse {folder}: no such folder of runs")
+    info = connect()
+    check_shared_paths({"data": plan.data, "report folder": out})
+    steps = Steps(info.mode == "cluster" if remote_steps is None else remote_steps)
+    echo(f"report: {plan.name} on {plan.data} ({', '.join(splits)}); {len(plan.runs)} classifiers + SRGAN + ensemble; "
+         f"out {out}; ray {info.mode}{'; evaluations as Ray tasks' if steps.remote else ''}")
+
+    results, data_of = {}, {}
+    for spec in [s for s in plan.runs if not s.on_sr]:
+        echo(f"report: [{spec.label}] {spec.experiment.name}")
+        results[spec.key] = obtain_run(plan.config(spec.experiment, plan.data), runs, reuse, echo)
+        data_of[spec.key] = plan.data
+    echo(f"report: [SRGAN] {plan.sr_experiment.name}")
+    srgan = obtain_run(plan.config(plan.sr_experiment, plan.data), runs, reuse, echo, task="sr")
+    on_sr = [s for s in plan.runs if s.on_sr]
+    if on_sr:
+        candidates = [_run_data(folder / plan.config(s.experiment, plan.data).name) for folder in reuse for s in on_sr]
+        data_sr, sr_reused = upscaled_data(plan, srgan["best_checkpoint"], [c for c in candidates if c] + [out / "data_sr"],
+                                           out / "data_sr", echo)
+        for spec in on_sr:
+            echo(f"report: [{spec.label}] {spec.experiment.name} on {data_sr}")
+            results[spec.key] = obtain_run(plan.config(spec.experiment, data_sr), runs, reuse, echo)
+            data_of[spec.key] = data_sr
+    echo("report: evaluating every model (TTA off and on)")
+    evaluations, probs = evaluate_all(plan, results, data_of, splits, out, steps)
+    from ferray.cli import describe_source
+
+    record = {"plan": plan.name, "plan_file": str(plan.source), "data": str(plan.data), "splits": splits,
+              "data_source": describe_source(manifest.get("source", {})),
+              "data_checksum": manifest["checksum"], "runs": results, "srgan": srgan, "evaluations": evaluations,
+              "models": {k: model_facts(r["best_checkpoint"]) for k, r in results.items()},
+              "data_sr": str(data_sr) if on_sr else None, "data_sr_reused": bool(on_sr and sr_reused)}
+    record.update(make_figures(plan, record, probs, figures, out, splits, steps, echo))
+    record["hardware"] = hardware()
+    record["seconds"] = round(time.perf_counter() - t0, 1)
+    from ferray.report.document import write_report
+
+    paths = write_report(plan, record, out)
+    echo(f"report: done in {record['seconds']:.0f}s; {paths['md']} and {paths['html']}")
+    return record
+
+
+def _run_data(run_dir: Path) -> Path | None:
+    """The data folder a finished run was trained on, if it is one."""
+    import yaml
+
+    try:
+        return Path(yaml.safe_load((run_dir / "config.yaml").read_text())["data"]["path"])
+    except (OSError, KeyError, TypeError, yaml.YAMLError):
+        return None
+
+
+def make_figures(plan: ReportPlan, record: dict, probs: dict, figures: Path, out: Path, splits: list[str],
+                 steps: Steps, echo: Callable[[str], None]) -> dict:
+    from ferray.ensemble import build_bundle, fused_report, write_fused_report
+    from ferray.explain import explain_split
+    from ferray.figures import plot_crops
+    from ferray.metrics import plot_confusion
+    from ferray.sr.evaluation import evaluate_generator
+
+    runs, (key_a, key_b) = record["runs"], plan.ensemble
+    echo("report: Figure 2 (SR), the ensemble bundle (Figure 5), Figures 3 and 4")
+    sr = steps(evaluate_generator, record["srgan"]["best_checkpoint"], plan.data, "PublicTest", out=figures,
+               faces=plan.figures["sr_faces"], echo=_quiet)
+    # The members' probabilities from the evaluations above: B's on the upscaled faces equal what the
+    # bundle computes (SR on the fly, rounded to uint8 as `sr upscale` writes), so nothing is run twice.
+    bundle = out / "bundle"
+    card = build_bundle(runs[key_a]["best_checkpoint"], runs[key_b]["best_checkpoint"], record["srgan"]["best_checkpoint"],
+                        plan.data, bundle, overwrite=True, echo=_quiet,
+                        probs=member_probs(probs, key_a, key_b, "PublicTest", "tta"))
+    weight, ensemble = card["fusion"]["weight_a"], {}
+    for split in splits:
+        labels = load_split(plan.data, split)[1]
+        ensemble[split] = {view: fused_report(*member_probs(probs, key_a, key_b, split, view), labels, weight, split,
+                                              view == "tta", bundle) for view in ("plain", "tta")}
+        for report in ensemble[split].values():
+            write_fused_report(report, out / "evaluations" / "ensemble")
+    confusion = {split: str(plot_confusion(ensemble[split]["tta"]["confusion"], figures / f"fig5-confusion-{split}.png",
+                                           f"ensemble on {split} (TTA): {ensemble[split]['tta']['accuracy']:.2%}"))
+                 for split in splits}
+    cfg_a = from_dict(_config_of(runs[key_a]["best_checkpoint"]))
+    faces, _, _ = load_split(plan.data, "Training")
+    crops = plot_crops(faces[0], cfg_a.augment, figures / "fig3-crops.png", plan.figures["crops"], seed=0,
+                       title=f"random {cfg_a.augment.crop}x{cfg_a.augment.crop} training views ({cfg_a.name})")
+    guided = steps(explain_split, runs[key_a]["best_checkpoint"], plan.data, "PublicTest", plan.figures["explain_per_class"],
+                   figures / "fig4-guided-backprop.png", echo=_quiet)
+    return {"sr_eval": sr, "bundle": str(bundle), "fusion": card["fusion"], "fusion_alternatives": card["alternatives"],
+            "ensemble": ensemble, "figures": {"fig2": str(figures / "sr-grid-PublicTest.png"), "fig3": str(crops),
+                                              "fig4": guided["figure"], "fig5": confusion},
+            "guided_faces": guided["faces"]}
+
+
+def _config_of(checkpoint: str) -> dict:
+    from ferray.engine import load_checkpoint
+
+    return load_checkpoint(checkpoint)["config"]
+

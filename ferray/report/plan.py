@@ -1,0 +1,137 @@
+"""A report plan (experiments/paper.yaml): which runs make Table 1 and the figures, read and checked.
+
+    name: paper
+    data: data/fer2013                 # the prepared 48x48 faces (--data overrides)
+    sets: [train.seed=0]               # overrides applied to every run
+    runs:                              # Table 1's classifiers, in training order
+      - {key: vgg16, label: VGG16, experiment: vgg16.yaml}
+      - {key: model_b, label: "Model B", experiment: model_b.yaml, data: sr}   # on the SR faces
+    sr: {experiment: srgan.yaml, actors: 1, gpus_per_actor: 1}
+    ensemble: {a: model_a, b: model_b}
+    figures: {crops: 8, explain_per_class: 2, sr_faces: 6}
+    paper: {model_a: {params: 2720439, depth: 83}, ensemble: {PublicTest: 71.608, PrivateTest: 73.244}}
+
+Experiment paths are relative to the plan file. Every mistake is a ConfigError naming the file
+and the field.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from ferray.config import ConfigError, ExperimentConfig, load_config
+
+FIGURE_DEFAULTS = {"crops": 8, "explain_per_class": 2, "sr_faces": 6}
+PAPER_KEYS = {"params", "depth", "PublicTest", "PrivateTest"}
+
+
+@dataclass
+class RunSpec:
+    key: str
+    label: str
+    experiment: Path
+    on_sr: bool  # trained on the SR-upscaled faces rather than the 48x48 ones
+
+
+@dataclass
+class ReportPlan:
+    name: str
+    source: Path
+    data: Path
+    runs: list[RunSpec]
+    sr_experiment: Path
+    ensemble: tuple[str, str]
+    description: str = ""
+    sets: list[str] = field(default_factory=list)
+    sr_actors: int = 1
+    sr_gpus_per_actor: float = 0.0
+    figures: dict = field(default_factory=lambda: dict(FIGURE_DEFAULTS))
+    paper: dict = field(default_factory=dict)
+
+    def config(self, experiment: Path, data: Path) -> ExperimentConfig:
+        """An experiment as this plan runs it: on `data`, with the plan's overrides."""
+        return load_config(experiment, [f"data.path={Path(data).absolute()}", *self.sets])
+
+    def run(self, key: str) -> RunSpec:
+        return next(r for r in self.runs if r.key == key)
+
+
+def _mapping(value, where: str) -> dict:
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
+    return value
+
+
+def _experiment(base: Path, value, where: str) -> Path:
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{where}: expected an experiment file name")
+    path = (base / value).resolve()
+    if not path.is_file():
+        raise ConfigError(f"{where}: {value}: no such experiment file (looked at {path})")
+    return path
+
+
+def _run_spec(base: Path, item, where: str) -> RunSpec:
+    item = _mapping(item, where)
+    unknown = set(item) - {"key", "label", "experiment", "data"}
+    if unknown:
+        raise ConfigError(f"{where}: unknown field(s) {', '.join(sorted(unknown))} (known: key, label, experiment, data)")
+    if not isinstance(item.get("key"), str) or not item["key"]:
+        raise ConfigError(f"{where}.key: each run needs a key, e.g. model_a")
+    if item.get("data", "fer") not in ("fer", "sr"):
+        raise ConfigError(f"{where}.data: 'fer' (the 48x48 faces) or 'sr' (the upscaled ones), not {item['data']!r}")
+    return RunSpec(item["key"], str(item.get("label", item["key"])), _experiment(base, item.get("experiment"), f"{where}.experiment"),
+                   item.get("data", "fer") == "sr")
+
+
+def load_plan(path: str | Path, data: str | Path | None = None, sets: list[str] = ()) -> ReportPlan:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such report plan")
+    try:
+        raw = _mapping(yaml.safe_load(path.read_text()) or {}, str(path))
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e})") from None
+    known = {"name", "description", "data", "sets", "runs", "sr", "ensemble", "figures", "paper"}
+    if set(raw) - known:
+        raise ConfigError(f"{path}: unknown key(s) {', '.join(sorted(set(raw) - known))} (known: {', '.join(sorted(known))})")
+    base = path.parent
+    runs = raw.get("runs")
+    if not isinstance(runs, list) or not runs:
+        raise ConfigError(f"{path}: runs: a list of {{key, label, experiment[, data: sr]}} is required")
+    specs = [_run_spec(base, item, f"{path}: runs[{i}]") for i, item in enumerate(runs)]
+    keys = [s.key for s in specs]
+    if len(set(keys)) != len(keys):
+        raise ConfigError(f"{path}: runs: a key is used twice ({', '.join(keys)})")
+    sr = _mapping(raw.get("sr") or {}, f"{path}: sr")
+    ensemble = _mapping(raw.get("ensemble") or {}, f"{path}: ensemble")
+    for member in ("a", "b"):
+        if ensemble.get(member) not in keys:
+            raise ConfigError(f"{path}: ensemble.{member} must name one of the runs ({', '.join(keys)}), "
+                              f"not {ensemble.get(member)!r}")
+    figures = {**FIGURE_DEFAULTS, **_mapping(raw.get("figures") or {}, f"{path}: figures")}
+    for key, value in figures.items():
+        if key not in FIGURE_DEFAULTS or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{path}: figures.{key}: expected a positive integer for one of {', '.join(FIGURE_DEFAULTS)}")
+    paper = _mapping(raw.get("paper") or {}, f"{path}: paper")
+    for key, values in paper.items():
+        if key not in {*keys, "ensemble"} or set(_mapping(values, f"{path}: paper.{key}")) - PAPER_KEYS:
+            raise ConfigError(f"{path}: paper.{key}: must name a run or `ensemble` and hold only {', '.join(sorted(PAPER_KEYS))}")
+    chosen = data if data is not None else raw.get("data")
+    if not chosen:
+        raise ConfigError(f"{path}: no data: give `data:` in the plan or --data")
+    sets_ = raw.get("sets") or []
+    if not isinstance(sets_, list):
+        raise ConfigError(f"{path}: sets: a list of key=value overrides")
+    plan = ReportPlan(name=str(raw.get("name", path.stem)), source=path.resolve(), data=Path(chosen), runs=specs,
+                      sr_experiment=_experiment(base, sr.get("experiment"), f"{path}: sr.experiment"),
+                      ensemble=(ensemble["a"], ensemble["b"]), description=str(raw.get("description", "")),
+                      sets=[str(s) for s in sets_] + list(sets), sr_actors=int(sr.get("actors", 1)),
+                      sr_gpus_per_actor=float(sr.get("gpus_per_actor", 0)), figures=figures, paper=paper)
+    for spec in specs:  # every experiment must load as the plan would run it: fail now, not after hours
+        plan.config(spec.experiment, plan.data)
+    plan.config(plan.sr_experiment, plan.data)
+    return plan

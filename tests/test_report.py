@@ -1,0 +1,224 @@
+"""`ferray report`: the plan file, reuse decisions, the document, and a whole report over finished runs.
+
+The whole report built from real training runs is the last step of the demo (test_cli); here the
+runs are untrained checkpoints written as finished runs, so every other stage runs in seconds.
+"""
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from ferray.config import ConfigError, dump_yaml
+from ferray.report.plan import load_plan
+
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+
+
+def write_plan(folder: Path, **changes) -> Path:
+    plan = yaml.safe_load((EXPERIMENTS / "paper_debug.yaml").read_text())
+    for key, value in changes.items():
+        if value is None:
+            plan.pop(key, None)
+        else:
+            plan[key] = value
+    for run in plan["runs"]:
+        run["experiment"] = str(EXPERIMENTS / run["experiment"])
+    plan["sr"]["experiment"] = str(EXPERIMENTS / plan["sr"]["experiment"])
+    path = folder / "plan.yaml"
+    path.write_text(yaml.safe_dump(plan))
+    return path
+
+
+def fake_run(runs: Path, cfg, task: str = "classifier") -> Path:
+    """A finished run as `ferray train` leaves it (config.yaml, best.pt, result.json), untrained."""
+    import torch
+
+    from ferray.engine import build_state, save_checkpoint
+    from ferray.sr.engine import build_sr_state, save_sr_checkpoint
+
+    run_dir = runs / cfg.name
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.yaml").write_text(dump_yaml(cfg))
+    cpu = torch.device("cpu")
+    if task == "sr":
+        save_sr_checkpoint(run_dir / "best.pt", build_sr_state(cfg, cpu), {"eval_psnr": 20.0})
+        metric = {"best_eval_psnr": 20.0}
+    else:
+        save_checkpoint(run_dir / "best.pt", build_state(cfg, cpu), {"eval_acc": 0.2})
+        metric = {"best_eval_acc": 0.2}
+    summary = {"name": cfg.name, "task": task, "model": "srgan" if task == "sr" else cfg.model.name,
+               "run_dir": str(run_dir), "best_checkpoint": str(run_dir / "best.pt"), "best_epoch": 1, **metric,
+               "eval_split": "PublicTest", "epochs": 1, "final_metrics": {}, "seconds": 1.5, "workers": 1,
+               "gpus_per_worker": 0}
+    (run_dir / "result.json").write_text(json.dumps(summary))
+    return run_dir
+
+
+# ------------------------------------------------------------------------------------------- plan
+def test_the_shipped_plans_load(prepared_synth):
+    for name in ("paper.yaml", "paper_debug.yaml"):
+        plan = load_plan(EXPERIMENTS / name, data=prepared_synth)
+        assert [r.key for r in plan.runs] == ["vgg16", "vgg19", "model_a", "model_b"]
+        assert plan.run("model_b").on_sr and plan.ensemble == ("model_a", "model_b")
+    assert load_plan(EXPERIMENTS / "paper.yaml").paper["ensemble"] == {"PublicTest": 71.608, "PrivateTest": 73.244}
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"colour": 1}, r"unknown key\(s\) colour"),
+    ({"runs": []}, r"runs: a list"),
+    ({"ensemble": {"a": "model_a", "b": "resnet"}}, r"ensemble.b must name one of the runs"),
+    ({"figures": {"crops": 0}}, r"figures.crops: expected a positive integer"),
+    ({"paper": {"model_c": {"params": 1}}}, r"paper.model_c"),
+    ({"data": None}, r"no data"),
+])
+def test_bad_plans_are_refused_naming_the_file_and_field(tmp_path, changes, message):
+    with pytest.raises(ConfigError, match=message) as caught:
+        load_plan(write_plan(tmp_path, **changes))
+    assert "plan.yaml" in str(caught.value)
+
+
+def test_a_missing_experiment_or_bad_override_is_caught_before_any_run(tmp_path):
+    path = write_plan(tmp_path)
+    text = path.read_text().replace("debug_vgg19.yaml", "nope.yaml")
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=r"runs\[1\].experiment: .*nope.yaml: no such experiment file"):
+        load_plan(path)
+    with pytest.raises(ConfigError, match="optim.nme|nme"):
+        load_plan(write_plan(tmp_path), sets=["optim.nme=adam"])
+
+
+# ------------------------------------------------------------------------------------------ reuse
+def test_reuse_needs_the_same_config_and_the_same_faces(tmp_path, prepared_synth):
+    from ferray.data.synth import SynthSpec, synthesize
+    from ferray.report.build import config_differences, obtain_run
+
+    plan = load_plan(write_plan(tmp_path), data=prepared_synth)
+    cfg = plan.config(plan.run("model_a").experiment, prepared_synth)
+    elsewhere, runs = tmp_path / "elsewhere", tmp_path / "out" / "runs"
+    run_dir = fake_run(elsewhere, cfg)
+    assert config_differences(run_dir, cfg) == []
+    said = []
+    assert obtain_run(cfg, runs, [elsewhere], said.append)["reused"] is True
+    assert said == [f"report: reusing the finished run {run_dir}"]
+
+    changed = plan.config(plan.run("model_a").experiment, prepared_synth)
+    changed.optim.lr = 0.5
+    assert config_differences(run_dir, changed) == ["optim.lr: 0.003 (plan: 0.5)"]
+    other = synthesize(tmp_path / "other", SynthSpec(n=70, seed=9)) and tmp_path / "other"
+    moved = plan.config(plan.run("model_a").experiment, other)
+    assert config_differences(run_dir, moved) == [f"data: {cfg.data.path} is not the same faces as {other.absolute()}"]
+
+    fake_run(runs, changed)  # a finished run of another config inside the report's own folder: refused
+    with pytest.raises(ConfigError, match="is a finished run of another config"):
+        obtain_run(cfg, runs, [], said.append)
+
+
+def test_upscaled_faces_are_found_by_source_or_made_with_ray_data(tmp_path, prepared_synth, ray_session):
+    from ferray.report.build import upscaled_data
+    from ferray.sr.inference import upscale_local
+
+    plan = load_plan(write_plan(tmp_path), data=prepared_synth)
+    plan.data = Path(prepared_synth).absolute()
+    generator = fake_run(tmp_path / "runs", plan.config(plan.sr_experiment, prepared_synth), task="sr") / "best.pt"
+    other = fake_run(tmp_path / "runs2", plan.config(plan.sr_experiment, prepared_synth), task="sr") / "best.pt"
+    upscale_local(prepared_synth, tmp_path / "mine", "srgan", str(generator))
+    upscale_local(prepared_synth, tmp_path / "theirs", "srgan", str(other))
+    said = []
+    assert upscaled_data(plan, str(generator), [tmp_path / "theirs", tmp_path / "mine"], tmp_path / "new",
+                         said.append) == (tmp_path / "mine", True)
+    folder, reused = upscaled_data(plan, str(generator), [tmp_path / "theirs"], tmp_path / "new", said.append)
+    assert (folder, reused) == (tmp_path / "new", False)
+    made, mine = (json.loads((tmp_path / p / "manifest.json").read_text()) for p in ("new", "mine"))
+    assert made["checksum"] == mine["checksum"]  # Ray Data's actors wrote exactly the faces the plain loop did
+
+
+# --------------------------------------------------------------------------------------- document
+def test_markdown_and_html_say_the_same_and_escape():
+    from ferray.report.render import Document
+
+    doc = Document("t <1>")
+    doc.table(["a|b", "c"], [["x<y", 2]], note="run `ferray x`")
+    doc.code("a: <b>", "yaml", "config")
+    md, page = doc.markdown(), doc.html()
+    assert "| a\\|b | c |" in md and "| x<y | 2 |" in md and "<details><summary>config</summary>" in md
+    assert "<td>x&lt;y</td>" in page and "<code>ferray x</code>" in page and "a: &lt;b&gt;" in page
+    assert page.startswith("<!doctype html>") and page.rstrip().endswith("</html>")
+
+
+# ---------------------------------------------------------------------------------- whole report
+@pytest.fixture(scope="module")
+def finished_report(tmp_path_factory, prepared_synth, ray_session):
+    """The debug plan over finished (untrained) runs of every experiment and their upscaled faces."""
+    from ferray.report.build import run_report
+    from ferray.sr.inference import upscale_local
+
+    root = tmp_path_factory.mktemp("report")
+    plan = load_plan(write_plan(root), data=prepared_synth)
+    runs = root / "finished"
+    for spec in plan.runs:
+        if not spec.on_sr:
+            fake_run(runs, plan.config(spec.experiment, prepared_synth))
+    generator = fake_run(runs, plan.config(plan.sr_experiment, prepared_synth), task="sr") / "best.pt"
+    upscale_local(prepared_synth, root / "data_sr", "srgan", str(generator))
+    fake_run(runs, plan.config(plan.run("model_b").experiment, root / "data_sr"))
+    said = []
+    record = run_report(plan, root / "out", reuse=[runs], echo=said.append, remote_steps=True)
+    return root / "out", record, said
+
+
+def test_report_reuses_every_finished_run_and_the_upscaled_faces(finished_report):
+    out, record, said = finished_report
+    assert all(run["reused"] for run in record["runs"].values()) and record["srgan"]["reused"]
+    assert record["data_sr_reused"] and not (out / "runs").exists()
+    assert not any(line.startswith("train:") for line in said)
+
+
+def test_report_has_every_table_and_readable_figures(finished_report):
+    from PIL import Image
+
+    out, record, _ = finished_report
+    md = (out / "report.md").read_text()
+    for heading in ("Table 1", "Figure 2", "Figure 3", "Figure 4", "Figure 5", "Per-class accuracy",
+                    "Most confused pairs", "Runs: time and hardware", "Commands", "Configs"):
+        assert f"## {heading}" in md, heading
+    images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
+    assert len(images) == 5  # Figures 2, 3, 4 and 5 on PublicTest and PrivateTest
+    for image in images:
+        with Image.open(out / image) as png:
+            png.load()
+            assert png.format == "PNG" and min(png.size) > 100 and np.asarray(png).std() > 0
+    page = (out / "report.html").read_text()
+    assert page.count("<img ") == 5 and page.count("<table>") == md.count("\n|---")
+    assert "ferray explain" in md and "ferray sr eval" in md and "ferray crops" in md
+
+
+def test_table_numbers_are_the_evaluation_files(finished_report):
+    from ferray.report.document import pct
+
+    out, record, _ = finished_report
+    table = {row.split("|")[1].strip(): [c.strip() for c in row.split("|")[2:-1]]
+             for row in (out / "report.md").read_text().split("## Table 1")[1].split("\n\n")[1].splitlines()[2:]}
+    labels = {"vgg16": "VGG16 (1/8 width)", "vgg19": "VGG19 (1/8 width)", "model_a": "Model A (1/8 width)",
+              "model_b": "Model B (SRGAN + ResNet18)"}
+    for key, label in labels.items():
+        files = out / "evaluations" / key
+        expected = [pct(json.loads((files / f"eval-{s}{t}.json").read_text())["accuracy"])
+                    for s in ("PublicTest", "PrivateTest") for t in ("", "-tta")]
+        assert table[label][2:6] == expected, key
+    ensemble = [pct(json.loads((out / "evaluations" / "ensemble" / f"eval-{s}{t}.json").read_text())["accuracy"])
+                for s in ("PublicTest", "PrivateTest") for t in ("", "-tta")]
+    assert table["Ensemble (model_a + model_b)"][2:6] == ensemble
+    assert table["Model A (1/8 width)"][0] == f"{record['models']['model_a']['keras_params']:,}"
+    assert table["Ensemble (model_a + model_b)"][8:] == ["71.608%", "73.244%"]  # the paper's, from the plan
+
+
+def test_ensemble_numbers_match_evaluating_the_bundle(finished_report, prepared_synth):
+    from ferray.ensemble import evaluate_bundle
+
+    out, record, _ = finished_report
+    direct = evaluate_bundle(out / "bundle", prepared_synth, "PrivateTest", out=out / "check", echo=lambda _: None)
+    assert direct["confusion"] == record["ensemble"]["PrivateTest"]["tta"]["confusion"]
