@@ -217,6 +217,8 @@ def main() -> int:
                                                    device, out, spec.key, s) for s in names}
     record = assemble(plan, out, data, names, runs, srgan, evaluations, cores, configs, generator, splits, device)
     record["seconds"] = round(time.perf_counter() - t_start, 1)
+    record["made_by"] = " ".join(["bash bench/gpu_paper.sh", *sys.argv[1:]]) + (
+        " (smoke: a subset and tiny stand-ins for every model; the labels are the plan's)" if args.smoke else "")
     from ferray.report.document import TABLE1_HEADER, table1_rows, write_report
 
     paths = write_report(plan, record, out)

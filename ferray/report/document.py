@@ -133,6 +133,9 @@ def build_document(plan: ReportPlan, record: dict, out: Path) -> Document:
     doc.paragraph(f"{plan.description} Data: `{record['data']}` ({record['data_source']}); splits evaluated: "
                   f"{', '.join(record['splits'])}. Written {_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M} UTC by "
                   f"ferray {__version__} from `{plan.source}` in {record['seconds'] / 60:.1f} min.")
+    if record.get("made_by"):
+        doc.paragraph(f"Made by `{record['made_by']}`, Ray-free on one device; the commands below are the Ray "
+                      "path's equivalents (`ferray prepare` the data first).")
     if "PrivateTest" not in record["splits"]:
         doc.paragraph("This data has no PrivateTest faces: the PrivateTest columns are n/a.")
     _table1(doc, plan, record)
