@@ -113,40 +113,6 @@ def map_to_image(saliency: np.ndarray) -> np.ndarray:
     return np.clip(0.5 + 0.5 * saliency / spread, 0, 1)
 
 
-def plot_explanations(rows: list[dict], path: str | Path, title: str = "") -> Path:
-    """Rows of (face, guided map, overlay); each row dict has crop, map, label (true, or None), probs."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(len(rows), 3, figsize=(5.4, 1.8 * len(rows)), squeeze=False)
-    for i, row in enumerate(rows):
-        face = row["crop"]
-        face = (face - face.min()) / max(float(face.max() - face.min()), 1e-6)
-        shown = map_to_image(row["map"])
-        predicted = int(np.argmax(row["probs"]))
-        truth = f"true {EMOTIONS[row['label']]}, " if row.get("label") is not None else ""
-        for ax, image, cmap in zip(axes[i], (face, shown, None), ("gray", "gray", None)):
-            if cmap is None:
-                ax.imshow(face, cmap="gray", vmin=0, vmax=1)
-                ax.imshow(np.abs(row["map"]), cmap="inferno", alpha=0.55)
-            else:
-                ax.imshow(image, cmap=cmap, vmin=0, vmax=1)
-            ax.set_xticks([])
-            ax.set_yticks([])
-        axes[i, 0].set_ylabel(f"{truth}\npredicted {EMOTIONS[predicted]}\n{row['probs'][predicted]:.0%}", fontsize=7)
-    for ax, name in zip(axes[0], ("face (center crop)", "guided backprop", "|map| over face")):
-        ax.set_title(name, fontsize=8)
-    if title:
-        fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
 def explain_image(checkpoint: str | Path, image: str | Path, out: str | Path | None = None, target: str | None = None,
                   detect: bool = False, echo: Callable[[str], None] = print) -> dict:
     """`ferray explain`: the guided-backprop map of the face in an image file, as a PNG and JSON."""
@@ -154,6 +120,7 @@ def explain_image(checkpoint: str | Path, image: str | Path, out: str | Path | N
 
     from ferray.engine import model_from_checkpoint
     from ferray.faces import InputError, decode_image, faces_in_image
+    from ferray.figures import plot_explanations
 
     image = Path(image)
     if not image.is_file():

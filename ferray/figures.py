@@ -1,5 +1,6 @@
-"""The report's figures that no single stage draws: training crops (Figure 3) and a per-class grid of
-guided-backprop maps (Figure 4). Ray-free; matplotlib with the Agg backend."""
+"""The report's figures that no single stage draws: training crops (Figure 3), guided-backprop maps
+of one image (`ferray explain`) and a per-class grid of them (Figure 4). Ray-free; matplotlib with
+the Agg backend."""
 
 from __future__ import annotations
 
@@ -22,6 +23,21 @@ def _pyplot():
     return plt
 
 
+def _save(fig, path: str | Path, title: str = "") -> Path:
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    _pyplot().close(fig)
+    return path
+
+
+def _unit(face: np.ndarray) -> np.ndarray:
+    """A standardized crop stretched to [0, 1] for display."""
+    return (face - face.min()) / max(float(face.max() - face.min()), 1e-6)
+
+
 def training_crops(face: np.ndarray, augment: AugmentConfig, count: int = 8, seed: int = 0) -> np.ndarray:
     """`count` views of one uint8 face exactly as training makes them, back on the [0, 1] scale."""
     torch.manual_seed(seed)
@@ -39,19 +55,13 @@ def plot_crops(face: np.ndarray, augment: AugmentConfig, path: str | Path, count
     rows = -(-(count + 1) // columns)
     fig, axes = plt.subplots(rows, columns, figsize=(1.6 * columns, 1.75 * rows), squeeze=False)
     panels = [(face / 255.0, f"face {face.shape[0]}x{face.shape[1]}")]
-    panels += [(c, f"crop {c.shape[0]}x{c.shape[1]}") for c in crops]
+    panels += [(c, f"view {k} ({c.shape[0]}x{c.shape[1]})") for k, c in enumerate(crops, 1)]
     for ax in axes.flat:
         ax.axis("off")
     for ax, (image, name) in zip(axes.flat, panels):
         ax.imshow(image, cmap="gray", vmin=0, vmax=1)
         ax.set_title(name, fontsize=7)
-    if title:
-        fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path, title)
 
 
 def plot_guided_grid(columns: dict[int, list[dict]], path: str | Path, title: str = "") -> Path:
@@ -68,17 +78,32 @@ def plot_guided_grid(columns: dict[int, list[dict]], path: str | Path, title: st
     for j, (label, rows) in enumerate(sorted(columns.items())):
         axes[0, j].set_title(EMOTIONS[label], fontsize=8)
         for i, row in enumerate(rows):
-            face = row["crop"]
-            face = (face - face.min()) / max(float(face.max() - face.min()), 1e-6)
             predicted = int(np.argmax(row["probs"]))
-            axes[2 * i, j].imshow(face, cmap="gray", vmin=0, vmax=1)
+            axes[2 * i, j].imshow(_unit(row["crop"]), cmap="gray", vmin=0, vmax=1)
             axes[2 * i + 1, j].imshow(map_to_image(row["map"]), cmap="gray", vmin=0, vmax=1)
             axes[2 * i + 1, j].text(0.5, -0.08, f"pred {EMOTIONS[predicted]}", transform=axes[2 * i + 1, j].transAxes,
                                     ha="center", va="top", fontsize=6)
-    if title:
-        fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path, title)
+
+
+def plot_explanations(rows: list[dict], path: str | Path, title: str = "") -> Path:
+    """Rows of (face, guided map, |map| over the face); a row holds crop, map, probs and label (or None)."""
+    from ferray.explain import map_to_image
+
+    plt = _pyplot()
+    fig, axes = plt.subplots(len(rows), 3, figsize=(5.4, 1.8 * len(rows)), squeeze=False)
+    for i, row in enumerate(rows):
+        face = _unit(row["crop"])
+        axes[i, 0].imshow(face, cmap="gray", vmin=0, vmax=1)
+        axes[i, 1].imshow(map_to_image(row["map"]), cmap="gray", vmin=0, vmax=1)
+        axes[i, 2].imshow(face, cmap="gray", vmin=0, vmax=1)
+        axes[i, 2].imshow(np.abs(row["map"]), cmap="inferno", alpha=0.55)
+        for ax in axes[i]:
+            ax.set_xticks([])
+            ax.set_yticks([])
+        predicted = int(np.argmax(row["probs"]))
+        truth = f"true {EMOTIONS[row['label']]}\n" if row.get("label") is not None else ""
+        axes[i, 0].set_ylabel(f"{truth}predicted {EMOTIONS[predicted]}\n{row['probs'][predicted]:.0%}", fontsize=7)
+    for ax, name in zip(axes[0], ("face (center crop)", "guided backprop", "|map| over face")):
+        ax.set_title(name, fontsize=8)
+    return _save(fig, path, title)

@@ -255,9 +255,9 @@ def run_search(spec: SearchSpec, out: Path, resume: bool = False, echo: Callable
          f"Optuna TPE (seed {spec.seed}), {'ASHA' if spec.asha else 'no early stopping'} on {spec.metric}, "
          f"{concurrent} at a time; {search_dir}")
     t0 = time.perf_counter()
-    groups = TrialGroups(search_dir / "trials")
+    ends = TrialEnds(search_dir)
     if resume:
-        # A restored Tuner keeps its saved run config; the sweep after fit still frees what stopped trials left.
+        # A restored Tuner keeps its saved run config, callbacks included (they write to the same folder).
         tuner = tune.Tuner.restore(str(tuner_path), trainable=trainable, resume_errored=True)
     else:
         import optuna
@@ -268,14 +268,14 @@ def run_search(spec: SearchSpec, out: Path, resume: bool = False, echo: Callable
             trainable,
             tune_config=tune.TuneConfig(metric=spec.metric, mode=spec.mode, search_alg=searcher, scheduler=scheduler,
                                         num_samples=spec.samples, max_concurrent_trials=concurrent),
-            run_config=tune.RunConfig(name="search", storage_path=str(search_dir), verbose=1, callbacks=[groups.tune_callback()],
+            run_config=tune.RunConfig(name="search", storage_path=str(search_dir), verbose=1, callbacks=[ends.tune_callback()],
                                       failure_config=tune.FailureConfig(max_failures=spec.max_failures)),
         )
     try:
         grid = tuner.fit()
     finally:
-        groups.sweep()
-    unfinished = unfinished_trials(spec, grid)
+        ends.sweep()
+    unfinished = unfinished_trials(spec, grid, ends.ended())
     if unfinished:
         raise SearchInterrupted(f"search {search_dir} stopped with {unfinished} of {spec.samples} trials unfinished; "
                                 f"continue it with --resume")
@@ -286,30 +286,47 @@ class SearchInterrupted(KeyboardInterrupt):
     pass
 
 
-class TrialGroups:
-    """Frees the placement group of each trial as it ends. When ASHA (or an error) stops a trial, Tune
-    kills its actor and with it the Train V2 controller, but the workers' placement group stays
-    reserved for the rest of the driver's life (ray-project/ray#54305): on a small cluster the next
-    Train run then waits forever for those CPUs/GPUs. Each run records its group's id
-    (ferray.train); the group is removed if it is still reserved once the trial has ended."""
+ENDED_FILE = "ended.txt"
 
-    def __init__(self, trials_dir: Path):
-        self.trials_dir = Path(trials_dir)
-        self.released = 0
+
+class TrialEnds:
+    """What ferray does when Tune says a trial ended (it completed, ASHA stopped it, or it failed):
+
+    * records its id in SEARCH/ended.txt. After Ctrl-C, Tune marks a trial that was still running
+      TERMINATED in the results it returns, just like a finished one, so the status cannot tell an
+      interrupted search from a finished one; Tune calls on_trial_complete only for real endings.
+    * frees its workers' placement group. When ASHA (or an error) stops a trial, Tune kills its
+      actor and with it the Train V2 controller, but the group stays reserved for the rest of the
+      driver's life (ray-project/ray#54305): on a small cluster the next Train run then waits
+      forever for those CPUs/GPUs. Each run records its group's id (ferray.train).
+    """
+
+    def __init__(self, search_dir: Path):
+        self.search_dir = Path(search_dir)
+        self.trials_dir = self.search_dir / "trials"
+
+    def ended(self) -> set[str]:
+        path = self.search_dir / ENDED_FILE
+        return set(path.read_text().split()) if path.is_file() else set()
 
     def tune_callback(self):
         from ray.tune import Callback
 
-        groups = self
+        ends = self
 
-        class ReleaseOnTrialEnd(Callback):
+        class OnTrialEnd(Callback):
             def on_trial_complete(self, iteration, trials, trial, **info):
-                groups.release(trial.trial_id)
+                ends.record(trial.trial_id)
 
             def on_trial_error(self, iteration, trials, trial, **info):
-                groups.release(trial.trial_id)
+                ends.record(trial.trial_id)
 
-        return ReleaseOnTrialEnd()
+        return OnTrialEnd()
+
+    def record(self, trial_id: str) -> None:
+        with open(self.search_dir / ENDED_FILE, "a") as f:
+            f.write(trial_id + "\n")
+        self.release(trial_id)
 
     def sweep(self) -> None:
         """After the search (or an interrupted one): every trial's group, whatever ended it."""
@@ -320,18 +337,16 @@ class TrialGroups:
         from ferray.train import release_placement_group
 
         try:
-            self.released += release_placement_group(self.trials_dir / trial_id)
+            release_placement_group(self.trials_dir / trial_id)
         except Exception as e:  # never fail a search over bookkeeping; say so
             print(f"tune: could not release trial {trial_id}'s placement group ({type(e).__name__}: {e})", flush=True)
 
 
-def unfinished_trials(spec: SearchSpec, grid) -> int:
-    """Trials not yet run or not done: Tune returns normally after Ctrl-C, with these left over."""
-    trials = getattr(getattr(grid, "_experiment_analysis", None), "trials", None)
-    if trials is None:
-        return max(0, spec.samples - len(grid))
-    done = sum(t.status in ("TERMINATED", "ERROR") for t in trials)
-    return spec.samples - done
+def unfinished_trials(spec: SearchSpec, grid, ended: set[str]) -> int:
+    """Trials not yet run or not done: Tune returns normally after Ctrl-C, with these left over.
+    `ended`: the trials Tune reported as ended (TrialEnds), which a status cannot tell apart."""
+    trials = getattr(getattr(grid, "_experiment_analysis", None), "trials", None) or []
+    return spec.samples - len({t.trial_id for t in trials} & ended)
 
 
 # ------------------------------------------------------------------------------------------ results

@@ -117,6 +117,7 @@ def test_reuse_needs_the_same_config_and_the_same_faces(tmp_path, prepared_synth
         obtain_run(cfg, runs, [], said.append)
 
 
+@pytest.mark.slow
 def test_upscaled_faces_are_found_by_source_or_made_with_ray_data(tmp_path, prepared_synth, ray_session):
     from ferray.report.build import upscaled_data
     from ferray.sr.inference import upscale_local
@@ -170,6 +171,7 @@ def finished_report(tmp_path_factory, prepared_synth, ray_session):
     return root / "out", record, said
 
 
+@pytest.mark.slow
 def test_report_reuses_every_finished_run_and_the_upscaled_faces(finished_report):
     out, record, said = finished_report
     assert all(run["reused"] for run in record["runs"].values()) and record["srgan"]["reused"]
@@ -177,6 +179,7 @@ def test_report_reuses_every_finished_run_and_the_upscaled_faces(finished_report
     assert not any(line.startswith("train:") for line in said)
 
 
+@pytest.mark.slow
 def test_report_has_every_table_and_readable_figures(finished_report):
     from PIL import Image
 
@@ -196,6 +199,7 @@ def test_report_has_every_table_and_readable_figures(finished_report):
     assert "ferray explain" in md and "ferray sr eval" in md and "ferray crops" in md
 
 
+@pytest.mark.slow
 def test_table_numbers_are_the_evaluation_files(finished_report):
     from ferray.report.document import pct
 
@@ -216,6 +220,7 @@ def test_table_numbers_are_the_evaluation_files(finished_report):
     assert table["Ensemble (model_a + model_b)"][8:] == ["71.608%", "73.244%"]  # the paper's, from the plan
 
 
+@pytest.mark.slow
 def test_ensemble_numbers_match_evaluating_the_bundle(finished_report, prepared_synth):
     from ferray.ensemble import evaluate_bundle
 
