@@ -30,7 +30,6 @@ from ferray.data.contract import FER_SIZE, DataError, load_split, read_manifest
 from ferray.report.plan import ReportPlan
 
 EVAL_SPLITS = ("PublicTest", "PrivateTest")
-REPORT_FILES = ("report.md", "report.html", "report.json")
 
 
 # ----------------------------------------------------------------------------------------- steps
@@ -212,43 +211,27 @@ def run_report(plan: ReportPlan, out: str | Path, reuse: list[Path] = (), echo: 
     splits = [s for s in EVAL_SPLITS if manifest["splits"].get(s, {}).get("rows")]
     if "PublicTest" not in splits:
         raise DataError(f"{plan.data}: no PublicTest faces; the report selects and reports on PublicTest")
-    runs, figures = out / "runs", out / "figures"
-    figures.mkdir(parents=True, exist_ok=True)
     reuse = [Path(r).absolute() for r in reuse]
     for folder in reuse:
         if not folder.is_dir():
             raise ConfigError(f"--reuse {folder}: no such folder of runs")
+    figures = out / "figures"
+    figures.mkdir(parents=True, exist_ok=True)
     info = connect()
     check_shared_paths({"data": plan.data, "report folder": out})
     steps = Steps(info.mode == "cluster" if remote_steps is None else remote_steps)
     echo(f"report: {plan.name} on {plan.data} ({', '.join(splits)}); {len(plan.runs)} classifiers + SRGAN + ensemble; "
          f"out {out}; ray {info.mode}{'; evaluations as Ray tasks' if steps.remote else ''}")
 
-    results, data_of = {}, {}
-    for spec in [s for s in plan.runs if not s.on_sr]:
-        echo(f"report: [{spec.label}] {spec.experiment.name}")
-        results[spec.key] = obtain_run(plan.config(spec.experiment, plan.data), runs, reuse, echo)
-        data_of[spec.key] = plan.data
-    echo(f"report: [SRGAN] {plan.sr_experiment.name}")
-    srgan = obtain_run(plan.config(plan.sr_experiment, plan.data), runs, reuse, echo, task="sr")
-    on_sr = [s for s in plan.runs if s.on_sr]
-    if on_sr:
-        candidates = [_run_data(folder / plan.config(s.experiment, plan.data).name) for folder in reuse for s in on_sr]
-        data_sr, sr_reused = upscaled_data(plan, srgan["best_checkpoint"], [c for c in candidates if c] + [out / "data_sr"],
-                                           out / "data_sr", echo)
-        for spec in on_sr:
-            echo(f"report: [{spec.label}] {spec.experiment.name} on {data_sr}")
-            results[spec.key] = obtain_run(plan.config(spec.experiment, data_sr), runs, reuse, echo)
-            data_of[spec.key] = data_sr
+    runs_record = obtain_all_runs(plan, out, reuse, echo)
     echo("report: evaluating every model (TTA off and on)")
-    evaluations, probs = evaluate_all(plan, results, data_of, splits, out, steps)
+    evaluations, probs = evaluate_all(plan, runs_record["runs"], runs_record.pop("data_of"), splits, out, steps)
     from ferray.cli import describe_source
 
     record = {"plan": plan.name, "plan_file": str(plan.source), "data": str(plan.data), "splits": splits,
-              "data_source": describe_source(manifest.get("source", {})),
-              "data_checksum": manifest["checksum"], "runs": results, "srgan": srgan, "evaluations": evaluations,
-              "models": {k: model_facts(r["best_checkpoint"]) for k, r in results.items()},
-              "data_sr": str(data_sr) if on_sr else None, "data_sr_reused": bool(on_sr and sr_reused)}
+              "data_source": describe_source(manifest.get("source", {})), "data_checksum": manifest["checksum"],
+              **runs_record, "evaluations": evaluations,
+              "models": {k: model_facts(r["best_checkpoint"]) for k, r in runs_record["runs"].items()}}
     record.update(make_figures(plan, record, probs, figures, out, splits, steps, echo))
     record["hardware"] = hardware()
     record["seconds"] = round(time.perf_counter() - t0, 1)
@@ -257,6 +240,29 @@ def run_report(plan: ReportPlan, out: str | Path, reuse: list[Path] = (), echo: 
     paths = write_report(plan, record, out)
     echo(f"report: done in {record['seconds']:.0f}s; {paths['md']} and {paths['html']}")
     return record
+
+
+def obtain_all_runs(plan: ReportPlan, out: Path, reuse: list[Path], echo: Callable[[str], None]) -> dict:
+    """Every run of the plan, reused or trained, in order: the 48x48 classifiers, the SRGAN, the
+    upscaled faces, the classifiers on them. {runs, data_of, srgan, data_sr, data_sr_reused}."""
+    runs, results, data_of = out / "runs", {}, {}
+    for spec in [s for s in plan.runs if not s.on_sr]:
+        echo(f"report: [{spec.label}] {spec.experiment.name}")
+        results[spec.key] = obtain_run(plan.config(spec.experiment, plan.data), runs, reuse, echo)
+        data_of[spec.key] = plan.data
+    echo(f"report: [SRGAN] {plan.sr_experiment.name}")
+    srgan = obtain_run(plan.config(plan.sr_experiment, plan.data), runs, reuse, echo, task="sr")
+    on_sr = [s for s in plan.runs if s.on_sr]
+    if not on_sr:
+        return {"runs": results, "data_of": data_of, "srgan": srgan, "data_sr": None, "data_sr_reused": False}
+    candidates = [_run_data(folder / plan.config(s.experiment, plan.data).name) for folder in reuse for s in on_sr]
+    data_sr, reused = upscaled_data(plan, srgan["best_checkpoint"], [c for c in candidates if c] + [out / "data_sr"],
+                                    out / "data_sr", echo)
+    for spec in on_sr:
+        echo(f"report: [{spec.label}] {spec.experiment.name} on {data_sr}")
+        results[spec.key] = obtain_run(plan.config(spec.experiment, data_sr), runs, reuse, echo)
+        data_of[spec.key] = data_sr
+    return {"runs": results, "data_of": data_of, "srgan": srgan, "data_sr": str(data_sr), "data_sr_reused": reused}
 
 
 def _run_data(run_dir: Path) -> Path | None:
