@@ -49,7 +49,11 @@ def is_verbose() -> bool:
 
 
 def quiet_worker_logs() -> None:
-    """In a Ray worker (Train loop, Tune trial): keep Ray Train's per-report INFO lines off the console."""
+    """In a Ray worker (Train loop, Tune trial): keep Ray Train's per-report INFO lines, and the progress
+    bars of the datasets a trial builds (its DataContext is not the driver's), off the console."""
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
     if not is_verbose():
         logging.getLogger("ray.train").setLevel(logging.WARNING)
         logging.getLogger("ray.data").setLevel(logging.ERROR)
