@@ -33,7 +33,11 @@ def start_cluster():
 
     # ports of its own: the test session's Ray holds the default ones
     head = HEAD | {"dashboard_port": free_port(), "dashboard_agent_listen_port": free_port(),
-                   "metrics_export_port": free_port()}
+                   "metrics_export_port": free_port(),
+                   # a killed node is declared dead after ~1.5 s instead of Ray's ~15 s: the test waits
+                   # for that before the run restarts, and a real cluster's timing is not what it checks
+                   "_system_config": {"health_check_period_ms": 500, "health_check_failure_threshold": 3,
+                                      "health_check_timeout_ms": 500}}
     cluster = Cluster(initialize_head=True, head_node_args=head)
     CLUSTER.append(cluster)
     nodes = [cluster.add_node(**WORKER) for _ in range(3)]
