@@ -188,15 +188,14 @@ def explain_grid(model: nn.Module, cfg, images: np.ndarray, labels: np.ndarray, 
     """The grid of `explain_split` from faces in memory (the Ray-free GPU bench calls it directly)."""
     from ferray.figures import plot_guided_grid
 
-    guided = guided_copy(model)
-    columns, faces = {}, []
-    for label, index in pick_per_class(labels, per_class).items():
-        x = center_view(torch.from_numpy(images[index]).to(device), cfg.augment.crop, cfg.data.input_scale)
-        maps, logits = guided_backprop(model, x, guided=guided)
-        probs = logits.float().softmax(1).cpu().numpy()
-        columns[label] = [{"crop": c, "map": m, "probs": p}
-                          for c, m, p in zip(x[:, 0].cpu().numpy(), maps[:, 0].cpu().numpy(), probs)]
-        faces += [{"index": int(i), "label": EMOTIONS[label], "predicted": EMOTIONS[int(p.argmax())]}
-                  for i, p in zip(index, probs)]
+    picked = pick_per_class(labels, per_class)
+    index = np.concatenate(list(picked.values()))
+    result = explain_faces(model, images[index], cfg.augment.crop, cfg.data.input_scale, device=device)
+    rows = [{"crop": c, "map": m, "probs": p} for c, m, p in zip(result["crops"], result["maps"], result["probs"])]
+    columns, faces, start = {}, [], 0
+    for label, chosen in picked.items():
+        columns[label], start = rows[start:start + len(chosen)], start + len(chosen)
+        faces += [{"index": int(i), "label": EMOTIONS[label], "predicted": EMOTIONS[int(row["probs"].argmax())]}
+                  for i, row in zip(chosen, columns[label])]
     plot_guided_grid(columns, out, title)
     return {"figure": str(out), "faces": faces}
