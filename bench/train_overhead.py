@@ -37,7 +37,7 @@ def bare(cfg, folder: Path) -> tuple[float, int, float]:
     torch.set_num_threads(int(cfg.scaling.cpus_per_worker))
     device = torch.device("cpu")
     x, y, _ = load_split(cfg.data.path, cfg.data.train_split)
-    xe, ye, _ = load_split(cfg.data.path, cfg.data.eval_split)
+    xe, ye, _ = load_split(cfg.data.path, cfg.data.selection_split)
     train = engine.TensorBatches(torch.from_numpy(x), torch.from_numpy(y), cfg.train.batch_size, seed=cfg.train.seed)
     test = engine.TensorBatches(torch.from_numpy(xe), torch.from_numpy(ye), cfg.train.eval_batch_size,
                                 shuffle=False, drop_last=False)

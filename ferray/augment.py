@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ferray.config import AugmentConfig
+from ferray.device import autocast
 
 # FER2013 Training pixel statistics (0..1 scale), used to standardize every input.
 MEAN, STD = 0.5077, 0.2550
@@ -110,13 +111,17 @@ def eval_views(images: torch.Tensor, crop: int, tta: bool, scale: int = 1) -> to
 
 
 @torch.no_grad()
-def predict_proba(model, images: torch.Tensor, crop: int, tta: bool, amp: bool = False, scale: int = 1) -> torch.Tensor:
-    """Class probabilities (B, C) of uint8 faces; with TTA the mean softmax over the ten views."""
+def predict_proba(model, images: torch.Tensor, crop: int, tta: bool, amp: bool = False, scale: int = 1,
+                  channels_last: bool = False) -> torch.Tensor:
+    """Class probabilities (B, C) of uint8 faces; with TTA the mean softmax over the ten views.
+    `amp`: bf16 autocast (the caller decides where it pays off: ferray.device.use_bf16)."""
     views = eval_views(images, crop, tta, scale)
     if not tta:
         views = views[None]
     n, b = views.shape[:2]
     flat = views.reshape(n * b, *views.shape[2:])
-    with torch.autocast(flat.device.type, dtype=torch.bfloat16, enabled=amp and flat.device.type == "cuda"):
+    if channels_last:
+        flat = flat.contiguous(memory_format=torch.channels_last)
+    with autocast(flat.device, amp):
         logits = model(flat)
     return logits.float().softmax(-1).reshape(n, b, -1).mean(0)

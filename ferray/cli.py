@@ -76,6 +76,11 @@ def _add_prepare(sub) -> None:
                    "count them by kind in the manifest and list them in rejected.csv")
     p.add_argument("--resize", action="store_true",
                    help="resize images that are not 48x48 (counted in the manifest) instead of rejecting them")
+    p.add_argument("--validation", default="auto", metavar="auto|none|FRACTION",
+                   help="carve a class-stratified Validation split from Training to select models on: auto "
+                   "(default) carves 10%% when the source has no PrivateTest, so that PublicTest stays an "
+                   "untouched test; with PrivateTest, FER2013's own protocol selects on PublicTest")
+    p.add_argument("--seed", type=int, default=0, help="seed of the Validation faces and the Training order (default: 0)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists (only once the new one is complete)")
     p.set_defaults(func=cmd_prepare)
 
@@ -441,7 +446,7 @@ def cmd_prepare(args) -> int:
     from ferray.data.prepare import prepare
 
     manifest = prepare(args.source, args.out, on_bad=args.on_bad_record, resize=args.resize,
-                       overwrite=args.overwrite, echo=_echo)
+                       overwrite=args.overwrite, validation=args.validation, seed=args.seed, echo=_echo)
     print(format_manifest(manifest, args.out))
     return 0
 

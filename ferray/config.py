@@ -32,7 +32,10 @@ class ModelConfig:
 class DataConfig:
     path: str = "data/fer2013"  # a folder written by `ferray prepare` (or `ferray synth`)
     train_split: str = "Training"
-    eval_split: str = "PublicTest"
+    # The split every data-driven choice is made on (best epoch, schedules, Tune, fusion weights, the
+    # SR generator). auto: Validation where `ferray prepare` carved one, else PublicTest with
+    # PrivateTest as the test (FER2013's protocol). Runs record the resolved name.
+    selection_split: str = "auto"
     input_scale: int = 1  # 2: bicubic 2x on the fly (the baseline for SR-upscaled data)
 
 
@@ -75,10 +78,16 @@ class LossConfig:
 @dataclass
 class TrainConfig:
     epochs: int = 250
+    # > 0: a wall-time budget for the epochs (training + selection evaluation). The run trains the
+    # epochs that fit, at most `epochs`, re-planned after each epoch; the schedule spans the plan.
+    budget_minutes: float = 0.0
     batch_size: int = 64  # per worker
     seed: int = 0
-    amp: bool = True  # bf16 autocast on GPU; ignored on CPU
-    channels_last: bool = True  # on GPU
+    # bf16 autocast on CUDA and on CPUs with native bf16 (AVX512-BF16 / AMX); fp32 elsewhere.
+    # false forces fp32 everywhere.
+    amp: bool = True
+    channels_last: bool = True  # NHWC activations (faster convolutions on GPUs and oneDNN CPUs)
+    compile: bool = False  # torch.compile the training step's model; falls back to eager if it fails
     eval_tta: bool = False  # ten-crop TTA in the per-epoch evaluation (slower)
     eval_batch_size: int = 256
     # cache: each worker reads its shard once into (GPU) memory and reshuffles it every epoch;
@@ -186,6 +195,7 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     checks = [
         (cfg.optim.lr > 0, "optim.lr must be > 0"),
         (cfg.train.epochs >= 1, "train.epochs must be >= 1"),
+        (cfg.train.budget_minutes >= 0, "train.budget_minutes must be >= 0"),
         (cfg.train.batch_size >= 1, "train.batch_size must be >= 1"),
         (cfg.loss.center_lambda >= 0, "loss.center_lambda must be >= 0"),
         (0 < cfg.loss.center_alpha <= 1, "loss.center_alpha must be in (0, 1]"),
@@ -202,8 +212,20 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     return cfg
 
 
+LEGACY_KEYS = {("data", "eval_split"): "selection_split"}  # old name -> new name, for older checkpoints
+
+
+def _rename_legacy(data: dict) -> dict:
+    for (section, old), new in LEGACY_KEYS.items():
+        node = data.get(section)
+        if isinstance(node, dict) and old in node and new not in node:
+            node = data[section] = dict(node)
+            node[new] = node.pop(old)
+    return data
+
+
 def from_dict(data: dict) -> ExperimentConfig:
-    return validate(_build(ExperimentConfig, data, ""))
+    return validate(_build(ExperimentConfig, _rename_legacy(dict(data)), ""))
 
 
 def to_dict(cfg: ExperimentConfig) -> dict:

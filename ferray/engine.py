@@ -8,6 +8,7 @@ device; augmentation happens on the batch's device.
 from __future__ import annotations
 
 import math
+import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,7 @@ from ferray import __version__
 from ferray.augment import predict_proba, train_views
 from ferray.config import ExperimentConfig, OptimConfig, from_dict, to_dict
 from ferray.data.contract import NUM_CLASSES
+from ferray.device import autocast, use_bf16
 from ferray.losses import JointLoss
 from ferray.metrics import confusion_matrix, summarize_confusion
 from ferray.models import build_model
@@ -104,10 +106,24 @@ class LRSchedule:
             self.bad_epochs = 0
 
     def state_dict(self) -> dict:
-        return {"plateau_scale": self.plateau_scale, "best": self.best, "bad_epochs": self.bad_epochs}
+        return {"plateau_scale": self.plateau_scale, "best": self.best, "bad_epochs": self.bad_epochs,
+                "epochs": self.epochs}
 
     def load_state_dict(self, state: dict) -> None:
         self.plateau_scale, self.best, self.bad_epochs = state["plateau_scale"], state["best"], state["bad_epochs"]
+        self.epochs = state.get("epochs", self.epochs)  # a time budget may have re-planned the run
+
+
+def planned_epochs(epoch_seconds: list[float], budget_s: float, most: int) -> int:
+    """How many epochs a run with a time budget trains: those done, plus those the time left holds
+    at the median epoch time (the first epoch, which includes warm-up, only when it is the only one),
+    at most `most`. Re-planned after every epoch, so a machine that slows down shortens the run
+    instead of overrunning its budget; the schedule follows the plan."""
+    if budget_s <= 0 or not epoch_seconds:
+        return most
+    per_epoch = statistics.median(epoch_seconds[1:] or epoch_seconds)
+    left = max(0.0, budget_s - sum(epoch_seconds))
+    return int(min(most, len(epoch_seconds) + left // max(per_epoch, 1e-6)))
 
 
 # ------------------------------------------------------------------------------------------- state
@@ -121,6 +137,7 @@ class TrainState:
     optimizer: torch.optim.Optimizer
     schedule: LRSchedule
     device: torch.device
+    rank: int = 0  # this worker's rank: its augmentation and dropout draw their own random stream
     epoch: int = 0  # epochs completed
     best_accuracy: float = 0.0
     history: list = field(default_factory=list)
@@ -131,7 +148,11 @@ class TrainState:
 
     @property
     def use_amp(self) -> bool:
-        return self.cfg.train.amp and self.device.type == "cuda"
+        return use_bf16(self.device, self.cfg.train.amp)
+
+    @property
+    def channels_last(self) -> bool:
+        return self.cfg.train.channels_last
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -143,20 +164,54 @@ def unwrap(model: nn.Module) -> nn.Module:
         model = inner
 
 
+def epoch_seed(seed: int, rank: int, epoch: int) -> int:
+    """The seed of one rank's random stream in one epoch: distinct per rank (so DDP workers draw
+    different augmentations and dropout masks) and per epoch (so a resumed run draws what an
+    uninterrupted one would), reproducible from the run's seed."""
+    return (seed * 1_000_003 + rank * 10_007 + epoch) % 2**63
+
+
 def build_state(cfg: ExperimentConfig, device: torch.device,
-                wrap: Callable[[nn.Module], nn.Module] | None = None) -> TrainState:
-    """Model, loss, optimizer and schedule from a config; `wrap` (e.g. DDP) is applied to the model."""
+                wrap: Callable[[nn.Module], nn.Module] | None = None, rank: int = 0) -> TrainState:
+    """Model, loss, optimizer and schedule from a config; `wrap` (e.g. DDP) is applied to the model.
+    Every rank builds the same initial weights (seeded by the run's seed alone)."""
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model.name, num_classes=NUM_CLASSES, dropout=cfg.model.dropout,
                         pretrained=cfg.model.pretrained).to(device)
-    if cfg.train.channels_last and device.type == "cuda":
+    if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     loss_fn = JointLoss(NUM_CLASSES, model.num_features, cfg.loss.center_lambda, cfg.loss.center_alpha,
                         cfg.loss.label_smoothing, cfg.loss.center_reduction).to(device)
     optimizer = make_optimizer(model, cfg.optim)
     if wrap is not None:
         model = wrap(model)
-    return TrainState(cfg, model, loss_fn, optimizer, LRSchedule(cfg.optim, cfg.train.epochs), device)
+    if cfg.train.compile:
+        model = compiled(model)
+    return TrainState(cfg, model, loss_fn, optimizer, LRSchedule(cfg.optim, cfg.train.epochs), device, rank)
+
+
+class compiled(nn.Module):
+    """torch.compile of a model that falls back to eager, once and for good, if compiling fails
+    (no compiler on the machine, an unsupported op): a long run must not die of it. `fallback`
+    holds the reason, for the run's output and results."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.module = model
+        self.fallback: str | None = None
+        try:
+            self._compiled = torch.compile(model)
+        except Exception as e:  # noqa: BLE001 - any failure means eager
+            self._compiled, self.fallback = None, f"{type(e).__name__}: {e}"
+
+    def forward(self, *args, **kwargs):
+        if self._compiled is not None:
+            try:
+                return self._compiled(*args, **kwargs)
+            except Exception as e:  # noqa: BLE001
+                self._compiled, self.fallback = None, f"{type(e).__name__}: {str(e)[:300]}"
+                print(f"torch.compile failed; training continues in eager mode ({self.fallback})", flush=True)
+        return self.module(*args, **kwargs)
 
 
 def train_one_epoch(state: TrainState, batches: Iterable, steps_per_epoch: int) -> dict:
@@ -164,9 +219,9 @@ def train_one_epoch(state: TrainState, batches: Iterable, steps_per_epoch: int) 
     cfg, device = state.cfg, state.device
     model, loss_fn, optimizer = state.model, state.loss_fn, state.optimizer
     model.train()
+    torch.manual_seed(epoch_seed(cfg.train.seed, state.rank, state.epoch))
     totals = torch.zeros(4, device=device)  # loss * n, ce * n, center * n, correct
     images_seen, step, t0 = 0, 0, time.perf_counter()
-    channels_last = cfg.train.channels_last and device.type == "cuda"
     for images, labels in batches:
         images = images.to(device, non_blocking=True)
         labels = labels.to(device, non_blocking=True).long()
@@ -174,9 +229,9 @@ def train_one_epoch(state: TrainState, batches: Iterable, steps_per_epoch: int) 
         for group in optimizer.param_groups:
             group["lr"] = cfg.optim.lr * group.get("lr_scale", 1.0) * factor
         x = train_views(images, cfg.augment, cfg.data.input_scale)
-        if channels_last:
+        if state.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=state.use_amp):
+        with autocast(device, state.use_amp):
             logits, features = model(x, return_embedding=True)
         loss, parts = loss_fn(logits, features, labels)
         optimizer.zero_grad(set_to_none=True)
@@ -194,21 +249,24 @@ def train_one_epoch(state: TrainState, batches: Iterable, steps_per_epoch: int) 
         raise RuntimeError("the training data produced no batch (fewer rows than one batch?)")
     loss_sum, ce_sum, center_sum, correct = (totals / images_seen).tolist()
     seconds = time.perf_counter() - t0
-    return {"train_loss": loss_sum, "train_ce": ce_sum, "train_center": center_sum, "train_acc": correct,
+    # How much the center term weighs against the cross-entropy: the measurement lambda is chosen by.
+    center_share = cfg.loss.center_lambda * center_sum / max(ce_sum, 1e-12)
+    return {"train_loss": loss_sum, "train_ce": ce_sum, "train_center": center_sum,
+            "train_center_share": center_share, "train_acc": correct,
             "train_images": images_seen, "train_seconds": seconds, "lr": optimizer.param_groups[-1]["lr"],
             "images_per_s": images_seen / max(seconds, 1e-9)}
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: Iterable, crop: int, tta: bool, device: torch.device,
-             amp: bool = False, scale: int = 1, keep_probs: bool = False) -> dict:
+             amp: bool = False, scale: int = 1, keep_probs: bool = False, channels_last: bool = False) -> dict:
     """Accuracy, per-class accuracy, confusion matrix and mean log-loss over `batches`; with
     `keep_probs` also "probs", the (N, C) probabilities in the batches' order (a numpy array)."""
     was_training = model.training
     model.eval()
     labels_all, probs_all, nll = [], [], 0.0
     for images, labels in batches:
-        probs = predict_proba(model, images.to(device), crop, tta, amp, scale)
+        probs = predict_proba(model, images.to(device), crop, tta, amp, scale, channels_last)
         labels = labels.to(device).long()
         nll += -torch.log(probs.gather(1, labels[:, None]).clamp_min(1e-12)).sum().item()
         labels_all.append(labels.cpu())
@@ -304,6 +362,8 @@ def model_from_checkpoint(path: str | Path, device: str | torch.device = "cpu") 
     cfg = from_dict(payload["config"])
     model = build_model(cfg.model.name, num_classes=NUM_CLASSES, dropout=cfg.model.dropout)
     model.load_state_dict(payload["model"])
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     return model.to(device).eval(), cfg, payload
 
 

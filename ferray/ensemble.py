@@ -27,6 +27,7 @@ import torch
 
 from ferray import __version__
 from ferray.augment import predict_proba
+from ferray.device import use_bf16
 from ferray.config import ExperimentConfig
 from ferray.data.contract import EMOTIONS, FER_SIZE, DataError, atomic_output, load_split, read_manifest
 from ferray.engine import CheckpointError, load_checkpoint, model_from_checkpoint
@@ -84,7 +85,7 @@ class Ensemble:
 
     @property
     def _amp(self) -> bool:
-        return self.device.type == "cuda"
+        return use_bf16(self.device)
 
     @staticmethod
     def _check(faces: torch.Tensor) -> torch.Tensor:

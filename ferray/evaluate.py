@@ -9,12 +9,9 @@ from typing import Callable
 import torch
 
 from ferray.data.contract import EMOTIONS, load_split
+from ferray.device import default_device, use_bf16
 from ferray.engine import TensorBatches, evaluate, model_from_checkpoint
 from ferray.metrics import most_confused, plot_confusion
-
-
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, split: str = "PublicTest", tta: bool = False,
@@ -27,7 +24,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, split: str = "
     model, cfg, payload = model_from_checkpoint(checkpoint, device)
     images, labels, ids = load_split(data, split)
     batches = TensorBatches(torch.from_numpy(images), torch.from_numpy(labels), batch_size, shuffle=False, drop_last=False)
-    result = evaluate(model, batches, cfg.augment.crop, tta, device, amp=device.type == "cuda", scale=cfg.data.input_scale,
+    result = evaluate(model, batches, cfg.augment.crop, tta, device, amp=use_bf16(device, cfg.train.amp), scale=cfg.data.input_scale,
                       keep_probs=keep_probs)
     if keep_probs:
         result["ids"] = list(ids)

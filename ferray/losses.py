@@ -38,7 +38,10 @@ class CenterLoss(nn.Module):
     def update_centers(self, features: torch.Tensor, labels: torch.Tensor) -> None:
         features = features.detach().float()
         num_classes = self.centers.shape[0]
-        counts = torch.bincount(labels, minlength=num_classes).to(features.dtype)  # (C,)
+        # index_add rather than bincount: bincount reads its result back to the host on CUDA,
+        # a synchronization in every training step.
+        counts = torch.zeros(num_classes, dtype=features.dtype, device=features.device)
+        counts.index_add_(0, labels, torch.ones_like(labels, dtype=features.dtype))  # (C,)
         sums = torch.zeros_like(self.centers).index_add_(0, labels, features)  # (C, D)
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(counts)

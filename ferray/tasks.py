@@ -20,8 +20,8 @@ class ClassifierTask:
     name, kind, metric = "classifier", "classifier", "eval_acc"
     shared_keys = ("accuracy", "loss")  # evaluation results every worker needs (rank 0 computes them)
 
-    def build(self, cfg: ExperimentConfig, device: torch.device, wrap=None):
-        return engine.build_state(cfg, device, wrap)
+    def build(self, cfg: ExperimentConfig, device: torch.device, wrap=None, rank: int = 0):
+        return engine.build_state(cfg, device, wrap, rank)
 
     def restore(self, state, payload: dict) -> None:
         engine.restore_state(state, payload)
@@ -32,10 +32,17 @@ class ClassifierTask:
     def evaluate(self, state, batches) -> dict:
         cfg = state.cfg
         return engine.evaluate(state.core, batches, cfg.augment.crop, cfg.train.eval_tta, state.device, state.use_amp,
-                               cfg.data.input_scale)
+                               cfg.data.input_scale, channels_last=state.channels_last)
 
     def end_epoch(self, state, train_metrics: dict, eval_metrics: dict) -> dict:
         return engine.end_epoch(state, train_metrics, eval_metrics)
+
+    def planned_epochs(self, state) -> int:
+        return state.schedule.epochs
+
+    def replan(self, state, epochs: int) -> None:
+        """A time budget's new length; the learning-rate schedule spans it."""
+        state.schedule.epochs = epochs
 
     def save(self, path: Path, state, row: dict) -> None:
         engine.save_checkpoint(path, state, row)
@@ -44,17 +51,18 @@ class ClassifierTask:
         return payload["metrics"][self.metric]
 
     def format_epoch(self, row: dict, cfg: ExperimentConfig) -> str:
-        return (f"epoch {row['epoch']:>3}/{cfg.train.epochs}  loss {row['train_loss']:.4f}  "
-                f"train {row['train_acc']:6.2%}  {cfg.data.eval_split} {row['eval_acc']:6.2%} "
-                f"(best {row['best_eval_acc']:6.2%})  {row['images_per_s']:,.0f} img/s  lr {row['lr']:.2e}")
+        return (f"epoch {row['epoch']:>3}/{row['planned_epochs']}  loss {row['train_loss']:.4f}  "
+                f"(center {row['train_center_share']:.0%} of CE)  train {row['train_acc']:6.2%}  "
+                f"{cfg.data.selection_split} {row['eval_acc']:6.2%} (best {row['best_eval_acc']:6.2%})  "
+                f"{row['images_per_s']:,.0f} img/s  {row['epoch_seconds']:.0f}s  lr {row['lr']:.2e}")
 
 
 class SRTask:
     name, kind, metric = "sr", sr_engine.SR_KIND, "eval_psnr"
     shared_keys = ("psnr", "ssim", "bicubic_psnr", "bicubic_ssim", "psnr_gain", "ssim_gain", "samples")
 
-    def build(self, cfg: ExperimentConfig, device: torch.device, wrap=None):
-        return sr_engine.build_sr_state(cfg, device, wrap)
+    def build(self, cfg: ExperimentConfig, device: torch.device, wrap=None, rank: int = 0):
+        return sr_engine.build_sr_state(cfg, device, wrap, rank)
 
     def restore(self, state, payload: dict) -> None:
         sr_engine.restore_sr_state(state, payload)
@@ -68,6 +76,12 @@ class SRTask:
     def end_epoch(self, state, train_metrics: dict, eval_metrics: dict) -> dict:
         return sr_engine.end_sr_epoch(state, train_metrics, eval_metrics)
 
+    def planned_epochs(self, state) -> int:
+        return state.cfg.train.epochs
+
+    def replan(self, state, epochs: int) -> None:
+        state.cfg.train.epochs = epochs  # the pre-training epochs come first and are kept
+
     def save(self, path: Path, state, row: dict) -> None:
         sr_engine.save_sr_checkpoint(path, state, row)
 
@@ -75,8 +89,8 @@ class SRTask:
         return payload["metrics"][self.metric]
 
     def format_epoch(self, row: dict, cfg: ExperimentConfig) -> str:
-        return (f"epoch {row['epoch']:>3}/{cfg.train.epochs} [{row['phase']}]  pixel mse {row['train_pixel_mse']:.5f}  "
-                f"content {row['train_content']:.4f}  D {row['train_d_loss']:.3f}  {cfg.data.eval_split} PSNR "
+        return (f"epoch {row['epoch']:>3}/{row['planned_epochs']} [{row['phase']}]  pixel mse {row['train_pixel_mse']:.5f}  "
+                f"content {row['train_content']:.4f}  D {row['train_d_loss']:.3f}  {cfg.data.selection_split} PSNR "
                 f"{row['eval_psnr']:.2f} dB (bicubic {row['eval_bicubic_psnr']:.2f}, {row['eval_psnr_gain']:+.2f})  "
                 f"SSIM {row['eval_ssim']:.4f}  {row['images_per_s']:,.0f} img/s")
 

@@ -22,7 +22,9 @@ from typing import Callable
 import pyarrow as pa
 
 from ferray.config import ConfigError, ExperimentConfig, dump_yaml, from_dict, to_dict
-from ferray.data.contract import FER_SIZE, DataError, load_split, pixels_to_images, read_manifest, split_dir
+from ferray.data.contract import (
+    FER_SIZE, DataError, load_split, pixels_to_images, read_manifest, selection_split, split_dir, test_splits,
+)
 
 METRICS_FILE = "metrics.jsonl"
 RESULT_FILE = "result.json"
@@ -37,17 +39,20 @@ def decode_faces(table: pa.Table) -> dict:
 
 
 def check_data(cfg: ExperimentConfig, task: str = "classifier") -> dict:
-    """The manifest of cfg.data.path, after checking that both splits are there. A relative path is
-    made absolute here, in the driver: workers and trials run in working directories of their own."""
+    """The manifest of cfg.data.path, after checking that the splits are there and resolving the
+    selection split (written back into cfg, so every checkpoint and result names it). A relative path
+    is made absolute here, in the driver: workers and trials run in working directories of their own."""
     if "://" not in cfg.data.path:
         cfg.data.path = str(Path(cfg.data.path).absolute())
     manifest = read_manifest(cfg.data.path)
     if task == "sr" and manifest["image_size"][0] != FER_SIZE:
         raise DataError(f"{cfg.data.path}: {manifest['image_size'][0]}x{manifest['image_size'][1]} faces; the SRGAN "
                         f"trains on {FER_SIZE}x{FER_SIZE} faces (24 -> 48 pairs)")
-    for split in (cfg.data.train_split, cfg.data.eval_split):
-        if split not in manifest["splits"]:
-            raise DataError(f"{cfg.data.path}: no {split!r} split (has: {', '.join(manifest['splits'])})")
+    if cfg.data.train_split not in manifest["splits"]:
+        raise DataError(f"{cfg.data.path}: no {cfg.data.train_split!r} split (has: {', '.join(manifest['splits'])})")
+    cfg.data.selection_split = selection_split(manifest, cfg.data.selection_split, cfg.data.path)
+    if cfg.data.selection_split == cfg.data.train_split:
+        raise ConfigError(f"data.selection_split {cfg.data.selection_split!r} is the training split; choose another")
     size = manifest["image_size"][0]
     if task == "classifier" and cfg.augment.crop > size:
         raise ConfigError(f"augment.crop {cfg.augment.crop} is larger than the {size}x{size} faces in {cfg.data.path}")
@@ -104,7 +109,7 @@ class _EpochData:
         if rank == 0:
             import torch
 
-            images, labels, _ = load_split(cfg.data.path, cfg.data.eval_split)
+            images, labels, _ = load_split(cfg.data.path, cfg.data.selection_split)
             self.eval_batches = TensorBatches(torch.from_numpy(images).to(device), torch.from_numpy(labels).to(device),
                                               cfg.train.eval_batch_size, shuffle=False, drop_last=False)
 
@@ -135,9 +140,9 @@ def train_loop(loop_config: dict) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
-    engine.seed_everything(cfg.train.seed + rank)  # DDP broadcasts rank 0's initial weights
+    engine.seed_everything(cfg.train.seed + rank)  # python and numpy; torch is seeded per rank and epoch
     device = ray.train.torch.get_device()
-    state = task.build(cfg, device, wrap=ray.train.torch.prepare_model)
+    state = task.build(cfg, device, wrap=ray.train.torch.prepare_model, rank=rank)
 
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
@@ -153,13 +158,18 @@ def train_loop(loop_config: dict) -> None:
     data = _EpochData(cfg, device, rank)
     writer = _tensorboard(run_dir) if rank == 0 else None
     loop_start = time.perf_counter()
-    while state.epoch < cfg.train.epochs:
+    while state.epoch < task.planned_epochs(state):
+        epoch_start = time.perf_counter()
         train_metrics = task.train_epoch(state, data.train(), steps_per_epoch)
         eval_metrics = _evaluate_on_rank0(task, state, data, device, rank, world)
         row = task.end_epoch(state, train_metrics, eval_metrics)
         row["workers"] = world
         row["images_per_s"] = train_metrics["images_per_s"] * world  # each worker saw its shard
         row["loop_seconds"] = time.perf_counter() - loop_start  # since this worker's first epoch began
+        row["epoch_seconds"] = time.perf_counter() - epoch_start
+        if cfg.train.budget_minutes > 0:
+            _replan(task, state, cfg, device, world)
+        row["planned_epochs"] = task.planned_epochs(state)
         with tempfile.TemporaryDirectory() as folder:
             reported = None
             if rank == 0:
@@ -198,6 +208,23 @@ def release_placement_group(run_dir: Path) -> bool:
         return False
     ray.util.remove_placement_group(PlacementGroup(PlacementGroupID(bytes.fromhex(group_id))))
     return True
+
+
+def _replan(task, state, cfg: ExperimentConfig, device, world: int) -> None:
+    """Fit the run to train.budget_minutes (epoch times of the whole run, across resumes); every
+    worker takes rank 0's plan, since they must all stop after the same epoch."""
+    import torch
+    import torch.distributed as dist
+
+    from ferray.engine import planned_epochs
+
+    seconds = [row.get("epoch_seconds", 0.0) for row in state.history]
+    planned = planned_epochs(seconds, cfg.train.budget_minutes * 60, cfg.train.epochs)
+    if world > 1 and dist.is_initialized():
+        shared = torch.tensor([planned], device=device)
+        dist.broadcast(shared, src=0)
+        planned = int(shared.item())
+    task.replan(state, planned)
 
 
 def _evaluate_on_rank0(task, state, data: _EpochData, device, rank: int, world: int) -> dict:
@@ -337,7 +364,8 @@ def finish_run(cfg: ExperimentConfig, run_dir: Path, result, seconds: float, ech
     summary = {
         "name": run_dir.name, "task": task, "model": "srgan" if task == "sr" else cfg.model.name,
         "run_dir": str(run_dir), "best_checkpoint": str(run_dir / BEST_FILE), "best_epoch": payload["epoch"],
-        f"best_{spec.metric}": spec.best(payload), "eval_split": cfg.data.eval_split,
+        f"best_{spec.metric}": spec.best(payload), "selection_split": cfg.data.selection_split,
+        "test_splits": test_splits(read_manifest(cfg.data.path), cfg.data.selection_split, cfg.data.train_split),
         "epochs": int((result.metrics or {}).get("epoch", payload["epoch"])),
         "final_metrics": {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))},
         "seconds": round(seconds, 1), "workers": cfg.scaling.workers, "gpus_per_worker": cfg.scaling.gpus_per_worker,
@@ -345,7 +373,7 @@ def finish_run(cfg: ExperimentConfig, run_dir: Path, result, seconds: float, ech
     (run_dir / RESULT_FILE).write_text(json.dumps(summary, indent=2) + "\n")
     value = summary[f"best_{spec.metric}"]
     shown = f"PSNR {value:.2f} dB" if task == "sr" else f"accuracy {value:.2%}"
-    echo(f"train: done in {seconds:.0f}s; best {cfg.data.eval_split} {shown} at epoch {summary['best_epoch']}; "
+    echo(f"train: done in {seconds:.0f}s; best {cfg.data.selection_split} (selection) {shown} at epoch {summary['best_epoch']}; "
          f"checkpoint {run_dir / BEST_FILE}")
     return summary
 

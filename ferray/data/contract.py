@@ -30,7 +30,9 @@ from ferray import __version__
 
 EMOTIONS = ("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral")
 NUM_CLASSES = len(EMOTIONS)
-SPLITS = ("Training", "PublicTest", "PrivateTest")
+USAGES = ("Training", "PublicTest", "PrivateTest")  # FER2013's "Usage" values, the splits a source holds
+VALIDATION = "Validation"  # carved from Training by `ferray prepare` where there is no PrivateTest
+SPLITS = ("Training", VALIDATION, "PublicTest", "PrivateTest")  # every split a prepared folder may hold
 FER_SIZE = 48
 MANIFEST = "manifest.json"
 FORMAT = "ferray.faces/1"
@@ -239,8 +241,26 @@ def read_manifest(root: str | os.PathLike) -> dict:
     return manifest
 
 
-def image_size(root: str | os.PathLike) -> int:
-    return int(read_manifest(root)["image_size"][0])
+def selection_split(manifest: dict, requested: str = "auto", where: str = "data") -> str:
+    """The split every data-driven choice is made on. "auto": Validation where it was carved, else
+    PublicTest where PrivateTest remains as the test (FER2013's own protocol)."""
+    splits = manifest["splits"]
+    if requested != "auto":
+        if requested not in splits:
+            raise DataError(f"{where}: no {requested!r} split to select on (has: {', '.join(splits)})")
+        return requested
+    if VALIDATION in splits:
+        return VALIDATION
+    if "PrivateTest" in splits and "PublicTest" in splits:
+        return "PublicTest"
+    raise DataError(f"{where}: no split to select on that leaves a test untouched (has: {', '.join(splits)}). "
+                    f"Prepare the data again (`ferray prepare` carves a {VALIDATION} split from Training when "
+                    "there is no PrivateTest), or name one with data.selection_split")
+
+
+def test_splits(manifest: dict, selection: str, train: str = "Training") -> list[str]:
+    """The splits a run may report as tests: every split that neither trained nor selected."""
+    return [s for s in manifest["splits"] if s not in (selection, train)]
 
 
 # ------------------------------------------------------------------------------- atomic outputs

@@ -21,8 +21,9 @@ from typing import Callable
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ferray.data.carve import carve_and_shuffle, resolve_fraction
 from ferray.data.contract import (
-    DataError, Summary, atomic_output, build_manifest_from_summary, write_manifest,
+    DataError, Summary, atomic_output, build_manifest_from_summary, summarize, write_manifest,
 )
 from ferray.data.records import BAD_KINDS, BadRecord, decode_unit
 from ferray.data.sources import open_source
@@ -59,14 +60,19 @@ def _read_reports(folder: Path, pattern: str) -> dict[int, dict]:
 
 
 def prepare(source: str | Path, out: str | Path, *, on_bad: str = "error", resize: bool = False,
-            overwrite: bool = False, echo: Callable[[str], None] = print) -> dict:
-    """Prepare `source` into `out`; returns the manifest. Raises DataError on bad input."""
+            overwrite: bool = False, validation: str | float = "auto", seed: int = 0,
+            echo: Callable[[str], None] = print) -> dict:
+    """Prepare `source` into `out`; returns the manifest. Raises DataError on bad input.
+
+    `validation`: the fraction of Training carved into a Validation split ("auto": 10% when the
+    source has no PrivateTest, so that PublicTest stays an untouched test; "none": never)."""
     import ray
 
     from ferray.runtime import connect
 
     if on_bad not in ("error", "skip"):
         raise DataError(f"--on-bad-record must be 'error' or 'skip', not {on_bad!r}")
+    resolve_fraction(validation, set())  # a bad fraction fails before any work
     t0 = time.perf_counter()
     with atomic_output(out, overwrite=overwrite) as tmp:
         scratch = tmp / "_scratch"
@@ -95,13 +101,17 @@ def prepare(source: str | Path, out: str | Path, *, on_bad: str = "error", resiz
         entries = _read_reports(reports, "[0-9]*[0-9].json")
         shutil.rmtree(scratch)
         shutil.rmtree(reports)
-        manifest = _manifest(tmp, src, entries)
+        manifest = _manifest(tmp, src, entries, validation, seed)
+        if "validation" in manifest["notes"]:
+            carved = manifest["notes"]["validation"]
+            echo(f"validation: {carved['rows']:,} faces ({carved['fraction']:.0%} of Training per class, seed {seed}) "
+                 "carved as the selection split; PublicTest stays a test")
     manifest["seconds"] = round(time.perf_counter() - t0, 2)
     write_manifest(out, manifest)
     return manifest
 
 
-def _manifest(folder: Path, src, entries: dict) -> dict:
+def _manifest(folder: Path, src, entries: dict, validation: str | float, seed: int) -> dict:
     if len(entries) != len(src.units):
         raise DataError(f"internal: {len(entries)} of {len(src.units)} parts reported; output discarded")
     summary = Summary()
@@ -126,4 +136,7 @@ def _manifest(folder: Path, src, entries: dict) -> dict:
     notes = {"resized_to_48x48": resized} if resized else {}
     if src.ignored:
         notes["ignored_files"] = {"count": len(src.ignored), "examples": src.ignored[:10]}
+    if "Training" in summary.counts:
+        notes.update(carve_and_shuffle(folder, resolve_fraction(validation, set(summary.counts)), seed))
+        summary = summarize(folder)  # the split names enter the checksum: count what is on disk now
     return build_manifest_from_summary(folder, summary, source=src.describe(), skipped=skipped, notes=notes)

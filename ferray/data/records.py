@@ -22,7 +22,7 @@ from pathlib import PurePosixPath
 import numpy as np
 import pyarrow as pa
 
-from ferray.data.contract import EMOTIONS, FER_SIZE, NUM_CLASSES, SPLITS, faces_table
+from ferray.data.contract import EMOTIONS, FER_SIZE, NUM_CLASSES, USAGES, faces_table
 
 NUM_PIXELS = FER_SIZE * FER_SIZE
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".pgm")
@@ -148,8 +148,8 @@ def parse_csv_row(fields: list[str], columns: list[str], row: int, display: str)
     if not (label_text.isdigit() and int(label_text) < NUM_CLASSES):
         raise BadRecord("bad_label", where, f"emotion {label_text!r} is not a label 0..{NUM_CLASSES - 1}")
     usage = rec["usage"].strip()
-    if usage not in SPLITS:
-        raise BadRecord("unknown_usage", where, f"Usage {usage!r} is not one of {', '.join(SPLITS)}")
+    if usage not in USAGES:
+        raise BadRecord("unknown_usage", where, f"Usage {usage!r} is not one of {', '.join(USAGES)}")
     tokens = rec["pixels"].split()
     for k, tok in enumerate(tokens):
         if not tok.isdigit():
@@ -190,7 +190,7 @@ def _fast_csv_chunk(data: bytes, unit: dict):
     labels = raw[starts["emotion"]].astype(np.int64) - 48
     if labels.min() < 0 or labels.max() >= NUM_CLASSES:
         return None
-    split_index = _match_names(raw, starts["usage"], ends["usage"], SPLITS)
+    split_index = _match_names(raw, starts["usage"], ends["usage"], USAGES)
     if split_index is None:
         return None
     px_start, px_end = starts["pixels"], ends["pixels"]
@@ -204,7 +204,7 @@ def _fast_csv_chunk(data: bytes, unit: dict):
         return None
     first = unit["first_row"]
     ids = [f"{unit['display']}:{row}" for row in range(first, first + n_rows)]
-    return ids, labels, np.asarray(SPLITS)[split_index].tolist(), images
+    return ids, labels, np.asarray(USAGES)[split_index].tolist(), images
 
 
 def _match_names(raw: np.ndarray, starts: np.ndarray, ends: np.ndarray, names) -> np.ndarray | None:
@@ -314,7 +314,7 @@ def label_and_split(relpath: str, where: str) -> tuple[int, str]:
         raise BadRecord("unknown_emotion", where,
                         f"emotion folder {emotion!r} is not one of {', '.join(EMOTIONS)}")
     prefix = name.split("_", 1)[0] if "_" in name else ""
-    if prefix in SPLITS:
+    if prefix in USAGES:
         return label, prefix
     split = SPLIT_FOLDERS.get(split_dir.lower())
     if split is None:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ferray.data.contract import EMOTIONS, FER_SIZE, NUM_CLASSES, SPLITS, faces_table
+from ferray.data.contract import EMOTIONS, FER_SIZE, NUM_CLASSES, USAGES, faces_table
 
 SUPERSAMPLE = 2
 
@@ -211,7 +211,7 @@ def write_parquet_dataset(out: Path, images, labels, splits) -> None:
     import pyarrow.parquet as pq
 
     ids = np.array(ids_for(len(labels)))
-    for split in SPLITS:
+    for split in USAGES:
         mask = splits == split
         if mask.any():
             (out / f"split={split}").mkdir(parents=True)
@@ -280,5 +280,5 @@ def synthesize(out: str | os.PathLike, spec: SynthSpec, fmt: str = "parquet", ov
             write_folder(tmp, images, labels, splits)
         else:
             write_zip(tmp / "fer2013.zip", images, labels, splits)
-    counts = {s: int((splits == s).sum()) for s in SPLITS}
+    counts = {s: int((splits == s).sum()) for s in USAGES}
     return manifest if fmt == "parquet" else {"source": source, "format": fmt, "splits": counts}

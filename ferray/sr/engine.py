@@ -16,7 +16,7 @@ import torch.nn as nn
 
 from ferray import __version__
 from ferray.config import ExperimentConfig, from_dict, to_dict
-from ferray.engine import CHECKPOINT_FORMAT, load_checkpoint, unwrap
+from ferray.engine import CHECKPOINT_FORMAT, epoch_seed, load_checkpoint, unwrap
 from ferray.sr.losses import ContentLoss, adversarial_loss, perceptual_loss, resolve_content
 from ferray.sr.nets import Discriminator, Generator, GeneratorSpec, bicubic, make_lr
 from ferray.sr.quality import psnr, ssim
@@ -37,6 +37,7 @@ class SRState:
     opt_d: torch.optim.Optimizer
     content: ContentLoss
     device: torch.device
+    rank: int = 0
     epoch: int = 0
     best_psnr: float = 0.0
     history: list = field(default_factory=list)
@@ -50,7 +51,7 @@ class SRState:
 
 
 def build_sr_state(cfg: ExperimentConfig, device: torch.device,
-                   wrap: Callable[[nn.Module], nn.Module] | None = None) -> SRState:
+                   wrap: Callable[[nn.Module], nn.Module] | None = None, rank: int = 0) -> SRState:
     torch.manual_seed(cfg.train.seed)
     generator = Generator(generator_spec(cfg)).to(device)
     discriminator = Discriminator(cfg.sr.discriminator_channels).to(device)
@@ -59,7 +60,7 @@ def build_sr_state(cfg: ExperimentConfig, device: torch.device,
     opt_d = torch.optim.Adam(discriminator.parameters(), lr=cfg.sr.lr_d, betas=(0.9, 0.999))
     if wrap is not None:
         generator, discriminator = wrap(generator), wrap(discriminator)
-    return SRState(cfg, generator, discriminator, opt_g, opt_d, content, device)
+    return SRState(cfg, generator, discriminator, opt_g, opt_d, content, device, rank)
 
 
 def train_sr_epoch(state: SRState, batches: Iterable, steps_per_epoch: int = 0) -> dict:
@@ -68,6 +69,7 @@ def train_sr_epoch(state: SRState, batches: Iterable, steps_per_epoch: int = 0) 
     adversarial = state.phase() == "adversarial"
     g.train()
     d.train()
+    torch.manual_seed(epoch_seed(state.cfg.train.seed, state.rank, state.epoch))
     totals = torch.zeros(4, device=device)  # pixel mse, content, g adversarial, d loss (x n)
     seen, t0 = 0, time.perf_counter()
     for images, _ in batches:

@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import torch
 
 from ferray.data.contract import (
-    FER_SIZE, SPLITS, DataError, atomic_output, build_manifest, faces_table, pixels_to_images,
+    FER_SIZE, DataError, atomic_output, build_manifest, faces_table, pixels_to_images,
     read_manifest, schema, split_dir, write_manifest,
 )
 from ferray.sr.nets import bicubic
@@ -98,10 +98,8 @@ def upscale_local(data: str | Path, out: str | Path, method: str = "srgan", chec
 
 def _write_upscaled(data, out, manifest, upscaler, method, checkpoint, batch_size, overwrite) -> dict:
     with atomic_output(out, overwrite=overwrite) as tmp:
-        for split in SPLITS:
+        for split in manifest["splits"]:
             folder = split_dir(data, split)
-            if not folder.is_dir():
-                continue
             (tmp / folder.name).mkdir()
             for part, path in enumerate(sorted(folder.glob("*.parquet"))):
                 with pq.ParquetWriter(tmp / folder.name / f"part-{part:05d}.parquet", schema(2 * FER_SIZE)) as writer:

@@ -1,0 +1,66 @@
+"""Where and in which precision the core computes (Ray-free).
+
+bf16 autocast pays off on CUDA and on CPUs that do bf16 in hardware (AVX512-BF16, AMX): measured on
+such a CPU, Model A trained at 115 img/s with bf16 + channels_last against 60 in fp32. On CPUs
+without it (AVX2-only machines, most laptops) oneDNN emulates bf16 and is slower than fp32, so there
+the fast path is fp32. `train.amp: false` forces fp32 everywhere.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import platform
+from pathlib import Path
+
+import torch
+
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def flags_have_bf16(cpuinfo: str) -> bool:
+    """Whether /proc/cpuinfo text lists a native bf16 instruction set."""
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[-1].split())
+            return any(flag in flags for flag in BF16_CPU_FLAGS)
+    return False
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_has_native_bf16() -> bool:
+    """Native bf16 on this CPU. FERRAY_CPU_BF16=0/1 overrides the detection."""
+    forced = os.environ.get("FERRAY_CPU_BF16")
+    if forced in ("0", "1"):
+        return forced == "1"
+    cpuinfo = Path("/proc/cpuinfo")
+    if platform.system() != "Linux" or not cpuinfo.is_file():
+        return False  # macOS / Windows: no reliable flag to read, and fp32 is never wrong
+    return flags_have_bf16(cpuinfo.read_text(errors="replace"))
+
+
+def use_bf16(device: torch.device | str, requested: bool = True) -> bool:
+    """bf16 autocast for this device: asked for, and fast there."""
+    device = torch.device(device)
+    if not requested:
+        return False
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and cpu_has_native_bf16()
+
+
+def autocast(device: torch.device | str, enabled: bool):
+    """bf16 autocast on `device` when enabled, else a no-op context."""
+    device = torch.device(device)
+    if not enabled:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def precision_name(device: torch.device | str, bf16: bool) -> str:
+    return f"{'bf16 autocast' if bf16 else 'fp32'} on {torch.device(device).type}"
