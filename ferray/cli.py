@@ -138,31 +138,35 @@ def _add_evaluate(sub) -> None:
                        "JSON) of a checkpoint on any split of a prepared dataset. Runs on a GPU if there is one.")
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--checkpoint", type=Path, help="a checkpoint file (e.g. RUN/best.pt)")
-    what.add_argument("--bundle", type=Path, help="a serving bundle (`ferray ensemble`): the ensemble's report "
-                      "with each member's accuracy beside it")
+    what.add_argument("--bundle", help="a serving bundle (`ferray ensemble`), or `default` for the model that ships "
+                      "with ferray: the bundle's report with each member's accuracy beside it")
     p.add_argument("--data", required=True, type=Path, help="prepared data folder")
     p.add_argument("--split", default="PublicTest", help="split to evaluate (default: PublicTest)")
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
                    help="ten-crop test-time augmentation (4 corners + center, mirrored); default: off for a "
                    "checkpoint, as the bundle says for --bundle")
-    p.add_argument("--out", type=Path, help="folder for eval-<split>[-tta].json/.png (default: beside the checkpoint "
-                   "or in the bundle)")
+    p.add_argument("--out", type=Path, help="folder for eval-<split>[-tta].json/.png (default: beside the checkpoint; "
+                   "for --bundle, none are written unless --out is given: a bundle may be the installed default)")
     p.set_defaults(func=cmd_evaluate)
 
 
 def _add_ensemble(sub) -> None:
-    p = sub.add_parser("ensemble", formatter_class=_formatter, help="fuse A and B into a serving bundle",
+    p = sub.add_parser("ensemble", formatter_class=_formatter, help="fuse A and B (or A alone) into a serving bundle",
                        description="Fuse Model A (48x48 faces) and Model B (faces upscaled by the SR generator) by "
-                       "a weighted mean of their probabilities, the weight fitted on --split (a grid over [0, 1], "
-                       "max accuracy); logit averaging and stacking are measured too and recorded. Writes the "
-                       "serving bundle OUT: bundle.json, slim checkpoints and MODEL_CARD.md.")
+                       "a weighted mean of their probabilities, the weight fitted on the selection split (a grid "
+                       "over [0, 1], max accuracy); logit averaging and stacking are measured too and recorded. "
+                       "Without --b the bundle holds Model A alone. Every untouched split is then evaluated "
+                       "(center crop and TTA) for the model card. Writes the serving bundle OUT: bundle.json, "
+                       "half-precision checkpoints, confusion matrices and MODEL_CARD.md.")
     p.add_argument("--a", required=True, type=Path, help="Model A checkpoint (e.g. runs/model_a/best.pt)")
-    p.add_argument("--b", required=True, type=Path, help="Model B checkpoint")
+    p.add_argument("--b", type=Path, help="Model B checkpoint (omit for a bundle of Model A alone)")
     p.add_argument("--sr", type=Path, help="SR generator checkpoint B was trained behind (omit for a B on bicubic input)")
     p.add_argument("--data", required=True, type=Path, help="prepared 48x48 data folder")
     p.add_argument("--out", required=True, type=Path, help="bundle folder to write")
-    p.add_argument("--split", default="PublicTest", help="split the fusion weight is fitted on (default: PublicTest)")
+    p.add_argument("--split", help="split the fusion weight is fitted on (default: the selection split A was chosen on)")
     p.add_argument("--no-tta", dest="tta", action="store_false", help="no ten-crop test-time augmentation")
+    p.add_argument("--no-tests", dest="tests", action="store_false",
+                   help="do not evaluate the untouched splits (faster; the model card then has no test figures)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.set_defaults(func=cmd_ensemble)
 
@@ -172,7 +176,7 @@ def _add_predict(sub) -> None:
                        description="The answer the HTTP API gives (/predict), for image files, from a bundle in "
                        "this process: a summary on stderr and the JSON on stdout (or --json-out).")
     p.add_argument("images", nargs="+", type=Path, help="PNG, JPEG, BMP or WebP files")
-    p.add_argument("--bundle", type=Path, default=Path("ferray-demo/bundle"), help="serving bundle (default: ferray-demo/bundle)")
+    p.add_argument("--bundle", help="serving bundle (default: the model that ships with ferray, Model A trained on FER2013)")
     p.add_argument("--no-detect", dest="detect", action="store_false",
                    help="classify each whole image as one face (no face detection)")
     p.add_argument("--json-out", type=Path, help="write the JSON here instead of stdout")
@@ -184,7 +188,8 @@ def _add_serve(sub) -> None:
                        description="Start the Serve application of serve/config.yaml for BUNDLE on the Ray this "
                        "command connects to (embedded by default) and print its URL. Ctrl-C or SIGTERM shuts the "
                        "application (and an embedded Ray) down. API docs at URL/docs, a web page at URL/.")
-    p.add_argument("--bundle", type=Path, required=True, help="serving bundle (`ferray ensemble` or `ferray demo`)")
+    p.add_argument("--bundle", help="serving bundle (`ferray ensemble` or `ferray demo`; default: the model that ships "
+                   "with ferray, Model A trained on FER2013)")
     p.add_argument("--port", type=int, default=8000, help="HTTP port (default: 8000)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1; 0.0.0.0 for all)")
     p.add_argument("--config", type=Path, help="Serve config (default: serve/config.yaml of the package)")
@@ -401,7 +406,7 @@ def cmd_ensemble(args) -> int:
     from ferray.ensemble import build_bundle
 
     build_bundle(args.a, args.b, args.sr, args.data, args.out, split=args.split, tta=args.tta,
-                 overwrite=args.overwrite, echo=_echo)
+                 overwrite=args.overwrite, echo=_echo, tests=args.tests)
     return 0
 
 

@@ -64,3 +64,38 @@ def autocast(device: torch.device | str, enabled: bool):
 
 def precision_name(device: torch.device | str, bf16: bool) -> str:
     return f"{'bf16 autocast' if bf16 else 'fp32'} on {torch.device(device).type}"
+
+
+def cpu_model() -> str:
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text(errors="replace").splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def machine_facts(device: torch.device | str, bf16: bool) -> dict:
+    """What a result needs to say about where it was measured."""
+    device = torch.device(device)
+    accelerator = torch.cuda.get_device_name(device) if device.type == "cuda" else "no GPU"
+    return {"cpu": cpu_model(), "logical_cpus": os.cpu_count(), "threads": torch.get_num_threads(),
+            "native_bf16_cpu": cpu_has_native_bf16(), "accelerator": accelerator,
+            "precision": precision_name(device, bf16), "torch": torch.__version__, "python": platform.python_version(),
+            "system": platform.platform(terse=True)}
+
+
+def code_version() -> str | None:
+    """The git commit of the ferray source in use (+dirty when it has uncommitted changes); None
+    outside a git checkout (an installed wheel)."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"], capture_output=True,
+                                text=True, timeout=5, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no", "--", "ferray"],
+                               capture_output=True, text=True, timeout=5, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit + ("+dirty" if dirty else "")

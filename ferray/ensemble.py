@@ -29,7 +29,9 @@ from ferray import __version__
 from ferray.augment import predict_proba
 from ferray.device import use_bf16
 from ferray.config import ExperimentConfig
-from ferray.data.contract import EMOTIONS, FER_SIZE, DataError, atomic_output, load_split, read_manifest
+from ferray.data.contract import (
+    EMOTIONS, FER_SIZE, DataError, atomic_output, load_split, read_manifest, selection_split, untouched_splits,
+)
 from ferray.engine import CheckpointError, load_checkpoint, model_from_checkpoint
 from ferray.metrics import confusion_matrix, summarize_confusion
 from ferray.models import num_params
@@ -71,13 +73,14 @@ class Ensemble:
             scale = 1
         return predict_proba(self.model_b, faces, crop, self.tta, self._amp, scale).cpu()
 
-    def member_probs(self, faces: torch.Tensor, batch: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
-        """(P_A, P_B) of (N, 48, 48) uint8 faces, in chunks of `batch`."""
+    def member_probs(self, faces: torch.Tensor, batch: int = 256) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(P_A, P_B) of (N, 48, 48) uint8 faces, in chunks of `batch`; P_B is None in a bundle of A alone."""
         chunks = self._check(faces).split(batch)
-        return torch.cat([self.probs_a(c) for c in chunks]), torch.cat([self.probs_b(c) for c in chunks])
+        pa = torch.cat([self.probs_a(c) for c in chunks])
+        return pa, (torch.cat([self.probs_b(c) for c in chunks]) if self.model_b is not None else None)
 
-    def fuse(self, pa: torch.Tensor, pb: torch.Tensor) -> torch.Tensor:
-        return self.weight_a * pa + (1 - self.weight_a) * pb
+    def fuse(self, pa: torch.Tensor, pb: torch.Tensor | None) -> torch.Tensor:
+        return fuse(pa, pb, self.weight_a)
 
     def predict(self, faces: torch.Tensor) -> dict:
         pa, pb = self.member_probs(faces)
@@ -95,6 +98,11 @@ class Ensemble:
 
 
 # ------------------------------------------------------------------------------------------ fusion
+def fuse(pa, pb, weight_a: float):
+    """w * P_A + (1 - w) * P_B; P_A itself where there is no B (a bundle of one member)."""
+    return pa if pb is None else weight_a * pa + (1 - weight_a) * pb
+
+
 def _score(probs: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
     accuracy = float((probs.argmax(1) == labels).mean())
     nll = float(-np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, None)).mean())
@@ -141,9 +149,12 @@ def stacking_cv_accuracy(pa: np.ndarray, pb: np.ndarray, labels: np.ndarray, fol
 
 # ------------------------------------------------------------------------------------------ bundle
 def _slim(payload: dict) -> dict:
-    """What inference needs from a training checkpoint: weights, config, and the run's facts."""
+    """What inference needs from a training checkpoint: weights (in half precision: a bundle ships
+    inside the package, and fp16 weights classify as fp32 ones do), config, and the run's facts."""
     keep = ("format", "kind", "ferray_version", "config", "model", "epoch", "metrics", "pretrained", "content_loss")
-    return {k: payload[k] for k in keep if k in payload}
+    slim = {k: payload[k] for k in keep if k in payload}
+    slim["model"] = {k: v.half() if v.is_floating_point() else v for k, v in payload["model"].items()}
+    return slim
 
 
 def load_members(a: str | Path | None, b: str | Path | None, sr: str | Path | None, device) -> Ensemble:
@@ -166,59 +177,131 @@ def load_members(a: str | Path | None, b: str | Path | None, sr: str | Path | No
         elif cfg_b.data.input_scale == 1 and cfg_b.augment.crop > FER_SIZE:
             raise CheckpointError(f"{b} was trained on upscaled faces (crop {cfg_b.augment.crop}): "
                                   "give its SR checkpoint (--sr)")
+    elif sr is not None:
+        raise CheckpointError(f"{sr}: an SR generator feeds Model B; give B's checkpoint too (--b)")
     return Ensemble(model_a, cfg_a, model_b, cfg_b, generator, device=torch.device(device))
 
 
-def build_bundle(a: str | Path, b: str | Path, sr: str | Path | None, data: str | Path, out: str | Path,
-                 split: str = "PublicTest", tta: bool = True, overwrite: bool = False, echo=print,
-                 probs: tuple[np.ndarray, np.ndarray] | None = None) -> dict:
-    """Fit the fusion on `split` of `data` and write the serving bundle to `out`. `probs`: the
-    members' (P_A, P_B) on that split with that TTA when already computed (`ferray report`)."""
+def bundle_selection_split(cfg_a: ExperimentConfig, manifest: dict, data) -> str:
+    """The split a bundle's fusion is fitted on: the one member A was selected on when the data has
+    it (the same faces, so nothing else is touched), else the data's own selection split."""
+    chosen = cfg_a.data.selection_split
+    return chosen if chosen in manifest["splits"] else selection_split(manifest, "auto", str(data))
+
+
+def fit_fusion(pa: np.ndarray, pb: np.ndarray | None, labels: np.ndarray, split: str) -> tuple[dict, dict]:
+    """(fusion, alternatives) on the selection split; a bundle of A alone has nothing to fit."""
+    if pb is None:
+        return {"method": "single model (A)", "weight_a": 1.0, "fitted_on": None, "how": "nothing to fit"}, {}
+    weight, _ = fit_weight(pa, pb, labels)
+    weight_log, accuracy_log = fit_weight(pa, pb, labels, log=True)
+    fusion = {"method": "probability mean", "weight_a": weight, "fitted_on": split,
+              "how": "grid over w in [0, 1] step 0.01, max accuracy, ties by log-loss"}
+    alternatives = {"logit mean": {"weight_a": weight_log, "accuracy": accuracy_log},
+                    "stacking (logistic regression, 5-fold CV)": {"accuracy": stacking_cv_accuracy(pa, pb, labels)}}
+    return fusion, alternatives
+
+
+def member_accuracies(pa: np.ndarray, pb: np.ndarray | None, labels: np.ndarray, weight_a: float) -> dict:
+    accuracies = {"ensemble": _score(fuse(pa, pb, weight_a), labels)[0], "a": _score(pa, labels)[0]}
+    if pb is not None:
+        accuracies["b"] = _score(pb, labels)[0]
+    return accuracies
+
+
+def evaluate_views(ensemble: Ensemble, data, splits: list[str], selection: str, known: dict | None = None,
+                   echo=print) -> dict:
+    """Every split x {center crop, ten-crop TTA}: the fused report with each member's accuracy, the
+    selection split marked as such. `known`: {(split, tta): (P_A, P_B)} already computed."""
+    known = dict(known or {})
+    evaluations = {}
+    for split in splits:
+        faces, labels, _ = load_split(data, split)
+        evaluations[split] = {"selection": split == selection, "views": {}}
+        for tta in (False, True):
+            if (split, tta) not in known:
+                echo(f"ensemble: {split} ({len(labels):,} faces){' with ten-crop TTA' if tta else ''} ...")
+                ensemble.tta = tta
+                known[split, tta] = _numpy(ensemble.member_probs(torch.from_numpy(faces)))
+            pa, pb = known[split, tta]
+            report = summarize_confusion(confusion_matrix(labels, fuse(pa, pb, ensemble.weight_a).argmax(1)))
+            report["members"] = member_accuracies(pa, pb, labels, ensemble.weight_a)
+            evaluations[split]["views"]["tta" if tta else "center"] = report
+    return evaluations
+
+
+def _numpy(pair) -> tuple[np.ndarray, np.ndarray | None]:
+    pa, pb = pair
+    return pa.numpy(), None if pb is None else pb.numpy()
+
+
+def build_bundle(a: str | Path, b: str | Path | None, sr: str | Path | None, data: str | Path, out: str | Path,
+                 split: str | None = None, tta: bool = True, overwrite: bool = False, echo=print,
+                 probs: tuple[np.ndarray, np.ndarray] | None = None, tests: bool = True) -> dict:
+    """Fit the fusion on the selection split of `data` (`split`, else the one A was selected on) and
+    write the serving bundle to `out`; with `tests`, also evaluate every split that neither trained
+    nor selected (center crop and TTA: the figures of the model card). `b` None: a bundle of A alone.
+    `probs`: the members' (P_A, P_B) on the selection split with that TTA, when already computed."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     manifest = read_manifest(data)
     if manifest["image_size"] != [FER_SIZE, FER_SIZE]:
         raise DataError(f"{data}: the ensemble is fitted on the prepared 48x48 faces (B's SR input is made from them)")
     ensemble = load_members(a, b, sr, device)
-    ensemble.tta = tta
+    split = split or bundle_selection_split(ensemble.cfg_a, manifest, data)
     faces, labels, _ = load_split(data, split)
     if probs is None:
-        echo(f"ensemble: members on {len(labels):,} {split} faces{' with ten-crop TTA' if tta else ''} ...")
-        pa, pb = (p.numpy() for p in ensemble.member_probs(torch.from_numpy(faces)))
-    else:
-        pa, pb = probs
-        if pa.shape != pb.shape or len(pa) != len(labels):
-            raise ValueError(f"probs: shapes {pa.shape} and {pb.shape} for {len(labels)} {split} faces")
-    weight, accuracy = fit_weight(pa, pb, labels)
-    weight_log, accuracy_log = fit_weight(pa, pb, labels, log=True)
-    stacking = stacking_cv_accuracy(pa, pb, labels)
-    ensemble.weight_a = weight
-    acc_a, acc_b = _score(pa, labels)[0], _score(pb, labels)[0]
+        echo(f"ensemble: members on {len(labels):,} {split} (selection) faces{' with ten-crop TTA' if tta else ''} ...")
+        ensemble.tta = tta
+        probs = _numpy(ensemble.member_probs(torch.from_numpy(faces)))
+    pa, pb = probs
+    if (pb is not None and pa.shape != pb.shape) or len(pa) != len(labels):
+        raise ValueError(f"probs: shapes {pa.shape} and {None if pb is None else pb.shape} for {len(labels)} {split} faces")
+    fusion, alternatives = fit_fusion(pa, pb, labels, split)
+    ensemble.weight_a = fusion["weight_a"]
+    accuracy = member_accuracies(pa, pb, labels, ensemble.weight_a)
+    splits = [split] + (untouched_splits(manifest, split, ensemble.cfg_a.data.train_split) if tests else [])
+    evaluations = evaluate_views(ensemble, data, splits, split, {(split, tta): (pa, pb)}, echo) if tests else {}
     card = {
         "format": BUNDLE_FORMAT, "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "ferray_version": __version__, "labels": list(EMOTIONS), "tta": tta,
-        "fusion": {"method": "probability mean", "weight_a": weight, "fitted_on": split,
-                   "how": "grid over w in [0, 1] step 0.01, max accuracy, ties by log-loss"},
-        "accuracy": {split: {"ensemble": accuracy, "a": acc_a, "b": acc_b}},
-        "alternatives": {"logit mean": {"weight_a": weight_log, "accuracy": accuracy_log},
-                         "stacking (logistic regression, 5-fold CV)": {"accuracy": stacking}},
-        "data": {"path": str(Path(data).absolute()), "checksum": manifest["checksum"]},
+        "ferray_version": __version__, "labels": list(EMOTIONS), "tta": tta, "selection_split": split,
+        "fusion": fusion, "accuracy": {split: accuracy}, "alternatives": alternatives, "evaluations": evaluations,
+        "data": {"path": str(Path(data).absolute()), "checksum": manifest["checksum"], "splits": manifest["splits"]},
         "members": {
             "a": _member_card(ensemble.model_a, ensemble.cfg_a, a, "model_a.pt"),
-            "b": _member_card(ensemble.model_b, ensemble.cfg_b, b, "model_b.pt"),
+            "b": None if b is None else _member_card(ensemble.model_b, ensemble.cfg_b, b, "model_b.pt"),
             "sr": None if sr is None else {"checkpoint": "sr.pt", "source": str(sr),
                                           "content_loss": load_checkpoint(sr, kind="sr").get("content_loss")},
         },
     }
+    _write_bundle(out, card, a, b, sr, overwrite)
+    members = f"A {accuracy['a']:.2%}" + (f", B {accuracy['b']:.2%}" if b is not None else "")
+    fused = (f"; w_A = {fusion['weight_a']:.2f}, ensemble {accuracy['ensemble']:.2%} (logit mean "
+             f"{alternatives['logit mean']['accuracy']:.2%}, stacking "
+             f"{alternatives['stacking (logistic regression, 5-fold CV)']['accuracy']:.2%} by 5-fold CV)" if b else "")
+    echo(f"ensemble: {split} (selection) accuracy {members}{fused}; bundle {out}")
+    for name in splits[1:]:
+        view = evaluations[name]["views"]["tta" if tta else "center"]
+        echo(f"ensemble: {name} (test) accuracy {view['accuracy']:.2%}{' with TTA' if tta else ''}")
+    return card
+
+
+def _write_bundle(out, card: dict, a, b, sr, overwrite: bool) -> None:
+    from ferray.metrics import plot_confusion
+
     with atomic_output(out, overwrite=overwrite) as tmp:
         torch.save(_slim(load_checkpoint(a)), tmp / "model_a.pt")
-        torch.save(_slim(load_checkpoint(b)), tmp / "model_b.pt")
+        if b is not None:
+            torch.save(_slim(load_checkpoint(b)), tmp / "model_b.pt")
         if sr is not None:
             torch.save(_slim(load_checkpoint(sr, kind="sr")), tmp / "sr.pt")
+        view = "tta" if card["tta"] else "center"
+        for split, evaluation in card["evaluations"].items():
+            report = evaluation["views"][view]
+            role = "selection" if evaluation["selection"] else "test"
+            plot_confusion(report["confusion"], tmp / f"confusion-{split}.png",
+                           f"{split} ({role}){' TTA' if card['tta'] else ''}: {report['accuracy']:.2%}")
         (tmp / BUNDLE_FILE).write_text(json.dumps(card, indent=2) + "\n")
         (tmp / "MODEL_CARD.md").write_text(model_card(card))
-    echo(f"ensemble: w_A = {weight:.2f}; {split} accuracy A {acc_a:.2%}, B {acc_b:.2%}, ensemble {accuracy:.2%} "
-         f"(logit mean {accuracy_log:.2%}, stacking {stacking:.2%} by 5-fold CV); bundle {out}")
-    return card
 
 
 def _member_card(model, cfg: ExperimentConfig, source, filename: str) -> dict:
@@ -226,63 +309,72 @@ def _member_card(model, cfg: ExperimentConfig, source, filename: str) -> dict:
     return {"checkpoint": filename, "source": str(source), "model": cfg.model.name, "parameters": num_params(model),
             "depth": getattr(model, "keras_depth", lambda: None)(), "crop": cfg.augment.crop,
             "input_scale": cfg.data.input_scale, "pretrained": bool(payload.get("pretrained", False)),
-            "trained_on": cfg.data.path, "epochs": payload["epoch"],
-            "training_eval_accuracy": payload.get("metrics", {}).get("eval_acc")}
+            "trained_on": cfg.data.path, "epochs": payload["epoch"], "selection_split": cfg.data.selection_split,
+            "selection_accuracy": payload.get("metrics", {}).get("eval_acc"), "run": run_facts(source)}
+
+
+def run_facts(checkpoint) -> dict | None:
+    """What the member's run recorded about itself (RUN/result.json beside RUN/best.pt), if it is there."""
+    result = Path(checkpoint).parent / "result.json"
+    if not result.is_file():
+        return None
+    facts = json.loads(result.read_text())
+    keep = ("name", "best_epoch", "epochs", "seconds", "train_seconds", "workers", "gpus_per_worker", "machine",
+            "commit", "data_checksum", "budget_minutes", "images_per_s")
+    return {k: facts[k] for k in keep if k in facts}
 
 
 def model_card(card: dict) -> str:
-    a, b, sr = card["members"]["a"], card["members"]["b"], card["members"]["sr"]
-    split, acc = next(iter(card["accuracy"].items()))
-    lines = [
-        "# ferray model card", "",
-        "Facial-expression recognition on 48x48 grayscale faces: 7 classes in FER2013 order "
-        f"({', '.join(card['labels'])}).", "",
-        "## Members", "",
-        f"- **A**: `{a['model']}` ({a['parameters']:,} parameters, depth {a['depth']}), trained from "
-        f"{'ImageNet weights' if a['pretrained'] else 'scratch'} on {a['trained_on']} for {a['epochs']} epochs; "
-        f"input the 48x48 face, {a['crop']}x{a['crop']} crops.",
-        f"- **B**: `{b['model']}` ({b['parameters']:,} parameters, depth {b['depth']}), "
-        f"{'ImageNet-pretrained' if b['pretrained'] else 'trained from scratch (no pretrained weights were used)'}, "
-        f"trained on {b['trained_on']} for {b['epochs']} epochs; input the face "
-        + (f"upscaled 2x by the SR generator ({sr['content_loss']} content loss)" if sr else "upscaled 2x by bicubic")
-        + f", {b['crop']}x{b['crop']} crops.",
-        "", "## Fusion", "",
-        f"{card['fusion']['method']}: P = {card['fusion']['weight_a']:.2f} * P_A + {1 - card['fusion']['weight_a']:.2f} * P_B, "
-        f"fitted on {card['fusion']['fitted_on']} ({card['fusion']['how']}). "
-        f"Test-time augmentation: {'ten crops, mirrored' if card['tta'] else 'none'}.", "",
-        "## Measured accuracy", "",
-        "| | accuracy |", "| --- | --- |",
-        f"| A alone ({split}) | {acc['a']:.2%} |", f"| B alone ({split}) | {acc['b']:.2%} |",
-        f"| ensemble ({split}, the split the weight was fitted on) | {acc['ensemble']:.2%} |",
-    ]
-    for name, alt in card["alternatives"].items():
-        lines.append(f"| alternative: {name} | {alt['accuracy']:.2%} |")
-    lines += ["", f"Data: {card['data']['path']} (checksum {card['data']['checksum']}).",
-              "Figures on the split used for fitting are optimistic; report PrivateTest for a final number.", ""]
-    return "\n".join(lines)
+    """MODEL_CARD.md, written from bundle.json alone (so the two never disagree)."""
+    from ferray.report.model_card import render_model_card
+
+    return render_model_card(card)
 
 
-def load_bundle(path: str | Path, device: str | torch.device | None = None,
+DEFAULT_BUNDLE = "default"
+
+
+def default_bundle_path() -> Path:
+    """The bundle that ships inside the package: Model A trained on FER2013 (see its MODEL_CARD.md)."""
+    return Path(__file__).resolve().parent / "bundles" / DEFAULT_BUNDLE
+
+
+def resolve_bundle(path: str | Path | None) -> Path:
+    """A bundle folder; None or "default" is the one that ships with ferray."""
+    if path is None or str(path) == DEFAULT_BUNDLE:
+        return default_bundle_path()
+    return Path(path)
+
+
+def load_bundle(path: str | Path | None = None, device: str | torch.device | None = None,
                 members: tuple[str, ...] = ("a", "b")) -> tuple[Ensemble, dict]:
-    """The ensemble of a bundle folder, from the folder alone (never a path a client names).
-    `members` picks what to load: a Serve replica of Model A needs neither B nor the generator."""
+    """The ensemble of a bundle folder (None: the default one), from the folder alone (never a path a
+    client names). `members` picks what to load: a Serve replica of Model A needs neither B nor the generator."""
+    path = resolve_bundle(path)
     card = read_bundle_card(path)
-    path = Path(path)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     parts = card["members"]
     a = path / parts["a"]["checkpoint"] if "a" in members else None
-    b = path / parts["b"]["checkpoint"] if "b" in members else None
-    sr = path / parts["sr"]["checkpoint"] if "b" in members and parts.get("sr") else None
+    b = path / parts["b"]["checkpoint"] if "b" in members and parts.get("b") else None
+    sr = path / parts["sr"]["checkpoint"] if b is not None and parts.get("sr") else None
     ensemble = load_members(a, b, sr, device)
     ensemble.weight_a, ensemble.tta = card["fusion"]["weight_a"], card["tta"]
     return ensemble, card
 
 
-def read_bundle_card(path: str | Path) -> dict:
-    """bundle.json of a bundle folder, checked."""
-    card_file = Path(path) / BUNDLE_FILE
+def bundle_members(card: dict) -> tuple[str, ...]:
+    """The members a bundle holds: ("a", "b"), or ("a",) for a bundle of Model A alone."""
+    return ("a", "b") if card["members"].get("b") else ("a",)
+
+
+def read_bundle_card(path: str | Path | None) -> dict:
+    """bundle.json of a bundle folder (None or "default": the one that ships), checked."""
+    path = resolve_bundle(path)
+    card_file = path / BUNDLE_FILE
     if not card_file.is_file():
-        raise CheckpointError(f"{path}: not a ferray bundle (no {BUNDLE_FILE}); make one with `ferray ensemble`")
+        hint = ("the default bundle is missing from this installation" if path == default_bundle_path()
+                else "make one with `ferray ensemble`")
+        raise CheckpointError(f"{path}: not a ferray bundle (no {BUNDLE_FILE}); {hint}")
     try:
         card = json.loads(card_file.read_text())
     except json.JSONDecodeError as error:
@@ -292,10 +384,11 @@ def read_bundle_card(path: str | Path) -> dict:
     return card
 
 
-def evaluate_bundle(bundle: str | Path, data: str | Path, split: str = "PublicTest", out: str | Path | None = None,
+def evaluate_bundle(bundle: str | Path | None, data: str | Path, split: str = "PublicTest", out: str | Path | None = None,
                     echo=print, tta: bool | None = None) -> dict:
     """The ensemble's report on a split, with each member's accuracy beside it; `tta` None: as the
-    bundle says (the fusion weight is the bundle's either way). Writes eval-<split>[-tta].{json,png}."""
+    bundle says (the fusion weight is the bundle's either way). With `out`, writes
+    eval-<split>[-tta].{json,png} there (never into the bundle: it may be the installed default)."""
     from ferray.evaluate import format_report
 
     ensemble, card = load_bundle(bundle)
@@ -304,24 +397,27 @@ def evaluate_bundle(bundle: str | Path, data: str | Path, split: str = "PublicTe
     faces, labels, _ = load_split(data, split)
     if faces.shape[1:] != (FER_SIZE, FER_SIZE):
         raise DataError(f"{data}: the bundle takes the prepared 48x48 faces, not {faces.shape[1]}x{faces.shape[2]}")
-    pa, pb = (p.numpy() for p in ensemble.member_probs(torch.from_numpy(faces)))
-    report = fused_report(pa, pb, labels, ensemble.weight_a, split, ensemble.tta, bundle)
-    write_fused_report(report, Path(out) if out is not None else Path(bundle))
+    pa, pb = _numpy(ensemble.member_probs(torch.from_numpy(faces)))
+    report = fused_report(pa, pb, labels, ensemble.weight_a, split, ensemble.tta, resolve_bundle(bundle))
+    report["selection"] = (split == card.get("selection_split")
+                           and read_manifest(data)["checksum"] == card["data"]["checksum"])
+    if out is not None:
+        write_fused_report(report, Path(out))
+        echo(f"wrote {Path(out) / ('eval-' + split + ('-tta' if ensemble.tta else '') + '.json')}")
     echo(format_report(report))
-    echo(f"members on {split}: A {report['members']['a']:.2%}, B {report['members']['b']:.2%}, "
-         f"ensemble {report['accuracy']:.2%} (w_A = {ensemble.weight_a:.2f})")
+    members = ", ".join(f"{name.upper()} {acc:.2%}" for name, acc in report["members"].items())
+    echo(f"members on {split}: {members}, ensemble {report['accuracy']:.2%} (w_A = {ensemble.weight_a:.2f})"
+         + ("  [the bundle's selection split: not a test]" if report["selection"] else ""))
     return report
 
 
-
-def fused_report(pa: np.ndarray, pb: np.ndarray, labels: np.ndarray, weight_a: float, split: str, tta: bool,
+def fused_report(pa: np.ndarray, pb: np.ndarray | None, labels: np.ndarray, weight_a: float, split: str, tta: bool,
                  bundle: str | Path) -> dict:
     """The ensemble's evaluation from its members' probabilities, each member's accuracy beside it."""
-    reports = {name: summarize_confusion(confusion_matrix(labels, probs.argmax(1)))
-               for name, probs in (("a", pa), ("b", pb), ("fused", weight_a * pa + (1 - weight_a) * pb))}
-    return {**reports["fused"], "split": split, "tta": tta, "model": "ensemble (A + B)", "epoch": "-",
-            "members": {"a": reports["a"]["accuracy"], "b": reports["b"]["accuracy"]}, "bundle": str(bundle),
-            "weight_a": weight_a}
+    report = summarize_confusion(confusion_matrix(labels, fuse(pa, pb, weight_a).argmax(1)))
+    members = {"a": _score(pa, labels)[0]} | ({"b": _score(pb, labels)[0]} if pb is not None else {})
+    return {**report, "split": split, "tta": tta, "model": "ensemble (A + B)" if pb is not None else "Model A",
+            "epoch": "-", "members": members, "bundle": str(bundle), "weight_a": weight_a}
 
 
 def write_fused_report(report: dict, out: Path) -> Path:
@@ -332,5 +428,5 @@ def write_fused_report(report: dict, out: Path) -> Path:
     stem = out / (f"eval-{report['split']}" + ("-tta" if report["tta"] else ""))
     stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
     plot_confusion(report["confusion"], stem.with_suffix(".png"),
-                   f"ensemble on {report['split']}{' (TTA)' if report['tta'] else ''}: {report['accuracy']:.2%}")
+                   f"{report['model']} on {report['split']}{' (TTA)' if report['tta'] else ''}: {report['accuracy']:.2%}")
     return stem.with_suffix(".json")

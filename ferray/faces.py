@@ -72,10 +72,25 @@ def decode_image(data: bytes, name: str = "image", limits: Limits = Limits()) ->
         raise InputError(f"{name}: declared size {width}x{height} ({width * height:,} pixels) is over the limit of "
                          f"{limits.max_pixels:,} pixels (a decompression bomb is refused before decoding)", status=413)
     try:
-        gray = np.asarray(image.convert("L"), dtype=np.uint8)
+        return to_gray(image)
     except Exception as error:  # truncated or corrupt data surfaces only when the pixels are decoded
         raise InputError(f"{name}: corrupt or truncated {image.format} data ({error})") from None
-    return gray
+
+
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def to_gray(image) -> np.ndarray:
+    """A PIL image -> (H, W) uint8 grayscale, upright. Phone photos store their rotation in EXIF
+    rather than in the pixels: applied first, or faces lie on their side and go undetected.
+    16-bit images are scaled to 8 bits (PIL's convert("L") would clip them to white)."""
+    from PIL import ImageOps
+
+    image = ImageOps.exif_transpose(image)
+    if image.mode in SIXTEEN_BIT_MODES:
+        wide = np.asarray(image, dtype=np.float64)
+        return np.clip(np.round(wide / 257.0), 0, 255).astype(np.uint8)  # 65535 -> 255
+    return np.asarray(image.convert("L"), dtype=np.uint8)
 
 
 def _sniff(data: bytes) -> str:

@@ -18,11 +18,15 @@ def labelled(probs: np.ndarray) -> dict[str, float]:
     return {name: float(p) for name, p in zip(EMOTIONS, probs)}
 
 
-def describe(faces: Sequence[Face], pa: np.ndarray, pb: np.ndarray, weight_a: float) -> list[dict]:
-    """Per face: its box, the fused label and probabilities, and each member's probabilities."""
-    fused = weight_a * pa + (1 - weight_a) * pb
+def describe(faces: Sequence[Face], pa: np.ndarray, pb: np.ndarray | None, weight_a: float) -> list[dict]:
+    """Per face: its box, the fused label and probabilities, and each member's probabilities (P_B is
+    None for a bundle of Model A alone)."""
+    from ferray.ensemble import fuse
+
+    fused = fuse(pa, pb, weight_a)
     return [{"box": list(face.box), "label": EMOTIONS[int(fused[i].argmax())], "probs": labelled(fused[i]),
-             "members": {"a": labelled(pa[i]), "b": labelled(pb[i])}} for i, face in enumerate(faces)]
+             "members": {"a": labelled(pa[i])} | ({"b": labelled(pb[i])} if pb is not None else {})}
+            for i, face in enumerate(faces)]
 
 
 def find_faces(images: Sequence[tuple[str, bytes]], detect: bool, limits: Limits) -> list[tuple[str, tuple, list[Face]]]:
@@ -45,7 +49,7 @@ def assemble(found, pa: np.ndarray, pb: np.ndarray, weight_a: float) -> list[dic
     for name, (height, width), faces in found:
         stop = start + len(faces)
         answers.append({"image": name, "width": width, "height": height,
-                        "faces": describe(faces, pa[start:stop], pb[start:stop], weight_a)})
+                        "faces": describe(faces, pa[start:stop], None if pb is None else pb[start:stop], weight_a)})
         start = stop
     return answers
 
@@ -58,19 +62,20 @@ def answer_images(images: Sequence[tuple[str, bytes]], predict_members: Callable
     return assemble(found, pa, pb, weight_a)
 
 
-def local_predictor(ensemble) -> Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]:
-    """(N, 48, 48) uint8 -> (P_A, P_B) as numpy, with an in-process ensemble."""
+def local_predictor(ensemble) -> Callable[[np.ndarray], tuple[np.ndarray, np.ndarray | None]]:
+    """(N, 48, 48) uint8 -> (P_A, P_B) as numpy (P_B None without B), with an in-process ensemble."""
 
     def predict(faces: np.ndarray):
         pa, pb = ensemble.member_probs(torch.from_numpy(faces))
-        return pa.numpy(), pb.numpy()
+        return pa.numpy(), None if pb is None else pb.numpy()
 
     return predict
 
 
-def predict_files(bundle: str | Path, paths: Sequence[str | Path], detect: bool = True,
+def predict_files(bundle: str | Path | None, paths: Sequence[str | Path], detect: bool = True,
                   limits: Limits = Limits()) -> list[dict]:
-    """`ferray predict`: the HTTP API's answer for image files, without a server."""
+    """`ferray predict`: the HTTP API's answer for image files, without a server (bundle None: the
+    default model that ships with ferray)."""
     from ferray.ensemble import load_bundle
 
     images = []

@@ -19,14 +19,16 @@ APP_NAME = "ferray"
 _started_ray = False  # set by start(): whether stop() owns Ray (embedded) or only the application
 
 
-def app_args(bundle: str | Path, config: str | Path | None = None, overrides: list[str] = ()) -> tuple[dict, dict]:
+def app_args(bundle: str | Path | None, config: str | Path | None = None, overrides: list[str] = ()) -> tuple[dict, dict]:
     """(application args, http_options) of a Serve config, with the bundle and `key=value` overrides applied."""
     from ferray.config import ConfigError
     from serve.settings import CONFIG_FILE, load_config, parse_settings
 
+    from ferray.ensemble import resolve_bundle
+
     document = load_config(config or CONFIG_FILE)
     args = copy.deepcopy(document["applications"][0].get("args") or {})
-    args["bundle"] = str(Path(bundle).absolute())
+    args["bundle"] = str(resolve_bundle(bundle if bundle is not None else args.get("bundle")).absolute())
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:

@@ -23,7 +23,7 @@ import pyarrow as pa
 
 from ferray.config import ConfigError, ExperimentConfig, dump_yaml, from_dict, to_dict
 from ferray.data.contract import (
-    FER_SIZE, DataError, load_split, pixels_to_images, read_manifest, selection_split, split_dir, test_splits,
+    FER_SIZE, DataError, load_split, pixels_to_images, read_manifest, selection_split, split_dir, untouched_splits,
 )
 
 METRICS_FILE = "metrics.jsonl"
@@ -154,6 +154,7 @@ def train_loop(loop_config: dict) -> None:
 
     if rank == 0:
         _record_placement_group(run_dir)
+        _record_machine(run_dir, state, task)
     steps_per_epoch = max(1, loop_config["train_rows"] // (cfg.train.batch_size * world))
     data = _EpochData(cfg, device, rank)
     writer = _tensorboard(run_dir) if rank == 0 else None
@@ -182,6 +183,15 @@ def train_loop(loop_config: dict) -> None:
 
 
 PLACEMENT_GROUP_FILE = "placement_group"
+MACHINE_FILE = "machine.json"
+
+
+def _record_machine(run_dir: Path, state, task) -> None:
+    """Where the epochs run (the worker's machine, which on a cluster is not the driver's)."""
+    from ferray.device import machine_facts
+
+    bf16 = bool(getattr(state, "use_amp", False))
+    (run_dir / MACHINE_FILE).write_text(json.dumps(machine_facts(state.device, bf16), indent=2) + "\n")
 
 
 def _record_placement_group(run_dir: Path) -> None:
@@ -344,11 +354,35 @@ def run_training(cfg: ExperimentConfig, out: Path, name: str | None = None, resu
     echo(f"train: {what} on {cfg.data.path} ({train_rows:,} {cfg.data.train_split} faces), "
          f"{cfg.scaling.workers} worker(s) x {cfg.scaling.gpus_per_worker:g} GPU, {cfg.train.epochs} epochs; "
          f"ray {info.mode}; run folder {run_dir}")
+    from ferray.device import code_version
+
+    (run_dir / "provenance.json").write_text(json.dumps({"commit": code_version(), "data_checksum": manifest["checksum"],
+                                                         "data": cfg.data.path}, indent=2) + "\n")
     t0 = time.perf_counter()
     result = build_trainer(cfg, run_dir, train_rows, task).fit()
     if result.error is not None:
         raise result.error
     return finish_run(cfg, run_dir, result, time.perf_counter() - t0, echo, task)
+
+
+def _run_facts(run_dir: Path, cfg: ExperimentConfig) -> dict:
+    """The run's own record of itself: epoch wall time (across resumes), throughput, budget, machine,
+    code and data versions (read back from the files the run wrote)."""
+    import statistics
+
+    metrics = run_dir / METRICS_FILE  # every epoch (the best checkpoint's history stops at the best one)
+    history = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.is_file() else []
+    facts = {"train_seconds": round(sum(row.get("epoch_seconds", 0.0) for row in history), 1),
+             "budget_minutes": cfg.train.budget_minutes or None}
+    rates = [row["images_per_s"] for row in history if "images_per_s" in row]
+    if rates:
+        facts["images_per_s"] = round(statistics.median(rates), 1)
+    for name, key in ((MACHINE_FILE, "machine"), ("provenance.json", None)):
+        path = run_dir / name
+        if path.is_file():
+            data = json.loads(path.read_text())
+            facts.update({key: data} if key else {k: data[k] for k in ("commit", "data_checksum") if k in data})
+    return facts
 
 
 def finish_run(cfg: ExperimentConfig, run_dir: Path, result, seconds: float, echo: Callable[[str], None] = print,
@@ -365,10 +399,11 @@ def finish_run(cfg: ExperimentConfig, run_dir: Path, result, seconds: float, ech
         "name": run_dir.name, "task": task, "model": "srgan" if task == "sr" else cfg.model.name,
         "run_dir": str(run_dir), "best_checkpoint": str(run_dir / BEST_FILE), "best_epoch": payload["epoch"],
         f"best_{spec.metric}": spec.best(payload), "selection_split": cfg.data.selection_split,
-        "test_splits": test_splits(read_manifest(cfg.data.path), cfg.data.selection_split, cfg.data.train_split),
+        "test_splits": untouched_splits(read_manifest(cfg.data.path), cfg.data.selection_split, cfg.data.train_split),
         "epochs": int((result.metrics or {}).get("epoch", payload["epoch"])),
         "final_metrics": {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))},
         "seconds": round(seconds, 1), "workers": cfg.scaling.workers, "gpus_per_worker": cfg.scaling.gpus_per_worker,
+        **_run_facts(run_dir, cfg),
     }
     (run_dir / RESULT_FILE).write_text(json.dumps(summary, indent=2) + "\n")
     value = summary[f"best_{spec.metric}"]

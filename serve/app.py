@@ -71,6 +71,10 @@ class Member:
         return self._forward(torch.from_numpy(faces)).numpy()
 
 
+async def _awaited(response):
+    return await response
+
+
 # ------------------------------------------------------------------------------------------ ingress
 api = FastAPI(
     title="ferray",
@@ -91,23 +95,30 @@ class Ingress:
         self.card = read_bundle_card(self.settings.bundle)
         self.weight_a = float(self.card["fusion"]["weight_a"])
         self.limits = Limits(self.settings.max_body_bytes, self.settings.max_image_pixels)
-        self.members = {"a": model_a, "b": model_b}
+        self.members = {"a": model_a, "b": model_b}  # model_b None: a bundle of Model A alone
         self.page = PAGE.read_text()
 
     # -------------------------------------------------------------------------------- plumbing
     async def _member(self, which: str, faces: np.ndarray) -> np.ndarray:
-        """One member's probabilities; a request that lost its replica is retried on another."""
-        delay = 0.25
+        """One member's probabilities; a request that lost its replica is retried on another, and one
+        that gets no answer within member_timeout_s is answered 503 rather than left hanging."""
+        delay, timeout = 0.25, self.settings.member_timeout_s
         for attempt in range(self.settings.member_retries + 1):
+            response = self.members[which].predict.remote(faces)
             try:
-                return await self.members[which].predict.remote(faces)
+                return await asyncio.wait_for(_awaited(response), timeout)
+            except asyncio.TimeoutError:
+                response.cancel()
+                raise MemberUnavailable(f"model {which.upper()} did not answer within {timeout:g} s; retry shortly") from None
             except MEMBER_FAILURES as error:
                 logger.warning("member %s failed (attempt %d): %s", which, attempt + 1, type(error).__name__)
                 await asyncio.sleep(delay)
                 delay *= 2
         raise MemberUnavailable(f"model {which.upper()} is unavailable (its replicas are restarting); retry shortly")
 
-    async def _members(self, faces: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    async def _members(self, faces: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        if self.members["b"] is None:
+            return await self._member("a", faces), None
         pa, pb = await asyncio.gather(self._member("a", faces), self._member("b", faces))
         return pa, pb
 
@@ -232,13 +243,15 @@ class Ingress:
 def build(args: dict | None = None):
     """The Serve application for the `args` of serve/config.yaml (an application builder)."""
     settings: ServeSettings = parse_settings(args)
-    from ferray.ensemble import read_bundle_card
+    from ferray.ensemble import bundle_members, read_bundle_card, resolve_bundle
 
-    bundle = str(Path(settings.bundle).absolute())
-    read_bundle_card(bundle)  # fail here, before any replica starts, if the bundle is not there
+    bundle = str(resolve_bundle(settings.bundle).absolute())
+    card = read_bundle_card(bundle)  # fail here, before any replica starts, if the bundle is not there
     plain = {key: value for key, value in (args or {}).items()} | {"bundle": bundle}
-    members = {}
+    members = {"b": None}
     for which, replica in (("a", settings.model_a), ("b", settings.model_b)):
+        if which not in bundle_members(card):
+            continue  # a bundle of Model A alone: no ModelB deployment
         name = f"Model{which.upper()}"
         members[which] = Member.options(name=name, **replica.deployment_options()).bind(
             bundle, which, replica.__dict__)

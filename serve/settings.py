@@ -62,7 +62,7 @@ class IngressSettings:
 
 @dataclass
 class ServeSettings:
-    bundle: str = "ferray-demo/bundle"
+    bundle: str = "default"  # a bundle folder, or "default": the model that ships with ferray
     max_body_bytes: int = 10 * 1024 * 1024
     max_image_pixels: int = 40_000_000
     max_batch_images: int = 32  # images in one /predict/batch request

@@ -96,3 +96,47 @@ def test_warmup_and_plateau():
     for acc in (0.5, 0.4, 0.4):  # best, then two epochs without improvement > patience 1
         sched.on_eval(acc)
     assert sched.factor(5) == pytest.approx(0.5)
+
+
+def test_each_rank_draws_its_own_stream_reproducibly(synth_tensors):
+    """DDP ranks must not draw the same augmentations and dropout masks; the same rank and epoch
+    must draw the same ones again (a resumed run repeats an uninterrupted one)."""
+    x, y, _, _ = synth_tensors
+    cfg = tiny_config("model.dropout=0.5")
+    batch = [(x[:32], y[:32])]
+
+    def first_step_loss(rank: int, epoch: int) -> float:
+        state = engine.build_state(cfg, torch.device("cpu"), rank=rank)
+        state.epoch = epoch
+        return engine.train_one_epoch(state, batch, 1)["train_loss"]
+
+    assert first_step_loss(0, 0) == first_step_loss(0, 0)
+    assert first_step_loss(0, 0) != first_step_loss(1, 0)
+    assert first_step_loss(0, 0) != first_step_loss(0, 1)
+    # ... while every rank starts from the same weights.
+    a, b = (engine.build_state(cfg, torch.device("cpu"), rank=r).core.state_dict() for r in (0, 1))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    seeds = {engine.epoch_seed(0, rank, epoch) for rank in range(8) for epoch in range(300)}
+    assert len(seeds) == 8 * 300
+
+
+def test_time_budget_plans_the_epochs_that_fit():
+    assert engine.planned_epochs([], 600, 40) == 40  # nothing measured yet
+    assert engine.planned_epochs([100.0], 600, 40) == 6  # 500 s left at 100 s an epoch
+    assert engine.planned_epochs([130.0, 100.0, 100.0], 600, 40) == 5  # the first epoch's warm-up is not typical
+    assert engine.planned_epochs([100.0, 200.0, 200.0], 600, 40) == 3  # a slower machine shortens the run
+    assert engine.planned_epochs([10.0], 600, 8) == 8  # never more than train.epochs
+    assert engine.planned_epochs([100.0, 100.0], 0, 40) == 40  # no budget
+    # The schedule spans the plan and resumes with it.
+    sched = engine.LRSchedule(OptimConfig(schedule="cosine"), epochs=40)
+    sched.epochs = 6
+    restored = engine.LRSchedule(OptimConfig(schedule="cosine"), epochs=40)
+    restored.load_state_dict(sched.state_dict())
+    assert restored.epochs == 6 and restored.factor(6.0) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_center_share_is_reported(synth_tensors):
+    x, y, _, _ = synth_tensors
+    state = engine.build_state(tiny_config("loss.center_lambda=0.1"), torch.device("cpu"))
+    row = engine.train_one_epoch(state, [(x[:32], y[:32])], 1)
+    assert row["train_center_share"] == pytest.approx(0.1 * row["train_center"] / row["train_ce"])

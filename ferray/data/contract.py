@@ -258,7 +258,7 @@ def selection_split(manifest: dict, requested: str = "auto", where: str = "data"
                     "there is no PrivateTest), or name one with data.selection_split")
 
 
-def test_splits(manifest: dict, selection: str, train: str = "Training") -> list[str]:
+def untouched_splits(manifest: dict, selection: str, train: str = "Training") -> list[str]:
     """The splits a run may report as tests: every split that neither trained nor selected."""
     return [s for s in manifest["splits"] if s not in (selection, train)]
 

@@ -1,0 +1,91 @@
+"""The Python API: a bundle as a predictor, in two lines (Ray-free).
+
+    import ferray
+    model = ferray.load()                      # the model that ships with ferray (or ferray.load("BUNDLE"))
+    model.predict("photo.jpg")                 # {"image", "width", "height", "faces": [{"box", "label", "probs", ...}]}
+    model.predict(pil_image); model.predict(numpy_array); model.predict(jpeg_bytes)
+
+The answer for a file or its bytes is exactly what `ferray predict` prints and the HTTP API returns:
+all three go through ferray.predict. A PIL image or a numpy array skips only the decoding.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from ferray.faces import InputError, Limits
+
+
+class Predictor:
+    """A loaded bundle. `predict` takes a path, image bytes, a PIL image or a numpy array (H, W)
+    grayscale or (H, W, 3) RGB, uint8."""
+
+    def __init__(self, bundle: str | Path | None = None, device: str | None = None, limits: Limits = Limits()):
+        from ferray.ensemble import load_bundle, resolve_bundle
+        from ferray.predict import local_predictor
+
+        self.bundle = resolve_bundle(bundle)
+        self.ensemble, self.card = load_bundle(self.bundle, device)
+        self.limits = limits
+        self._members = local_predictor(self.ensemble)
+
+    @property
+    def labels(self) -> list[str]:
+        return list(self.card["labels"])
+
+    def predict(self, image: Any, detect: bool = True) -> dict:
+        """The answer for one image: its size and, per face found, the box, label and probabilities."""
+        return self.predict_many([image], detect)[0]
+
+    def predict_many(self, images: Sequence[Any], detect: bool = True) -> list[dict]:
+        """The answers for several images, their faces classified in one batch."""
+        from ferray.predict import all_faces, assemble
+        from ferray.faces import faces_in_image
+
+        found = []
+        for index, image in enumerate(images):
+            name, gray = self._gray(image, index)
+            found.append((name, gray.shape, faces_in_image(gray, detect, name)))
+        return assemble(found, *self._members(all_faces(found)), self.ensemble.weight_a)
+
+    def _gray(self, image: Any, index: int) -> tuple[str, np.ndarray]:
+        from ferray.faces import decode_image, to_gray
+
+        if isinstance(image, (str, os.PathLike)):
+            path = Path(image)
+            if not path.is_file():
+                raise InputError(f"{path}: no such file")
+            return str(path), decode_image(path.read_bytes(), str(path), self.limits)
+        if isinstance(image, (bytes, bytearray)):
+            return f"image {index}", decode_image(bytes(image), f"image {index}", self.limits)
+        if isinstance(image, np.ndarray):
+            return f"array {index}", _array_to_gray(image, f"array {index}")
+        if hasattr(image, "mode") and hasattr(image, "convert"):  # a PIL image, without importing PIL here
+            return f"image {index}", to_gray(image)
+        raise InputError(f"image {index}: a {type(image).__name__}; pass a path, image bytes, a PIL image or a "
+                         "numpy array")
+
+    def __repr__(self) -> str:
+        members = "+".join(m.upper() for m in ("a", "b") if self.card["members"].get(m))
+        return f"Predictor({self.bundle}, members {members}, labels {self.labels})"
+
+
+def _array_to_gray(array: np.ndarray, name: str) -> np.ndarray:
+    from PIL import Image
+
+    if array.dtype != np.uint8:
+        raise InputError(f"{name}: dtype {array.dtype}; pass uint8 pixels 0..255")
+    if array.ndim == 2:
+        return np.ascontiguousarray(array)
+    if array.ndim == 3 and array.shape[2] in (3, 4):
+        return np.asarray(Image.fromarray(array[..., :3]).convert("L"), dtype=np.uint8)  # as decode_image does
+    raise InputError(f"{name}: shape {array.shape}; pass (H, W) grayscale or (H, W, 3) RGB")
+
+
+def load(bundle: str | Path | None = None, device: str | None = None) -> Predictor:
+    """A predictor for `bundle` (a folder from `ferray ensemble`); None: the model that ships with ferray."""
+    return Predictor(bundle, device)

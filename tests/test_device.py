@@ -1,0 +1,33 @@
+"""Precision and device choice: bf16 only where it is fast (Ray-free)."""
+
+import pytest
+import torch
+
+from ferray import device
+
+
+def test_bf16_flags_are_read_from_cpuinfo():
+    assert device.flags_have_bf16("processor: 0\nflags\t\t: fpu sse avx512f avx512_bf16 amx_tile\n")
+    assert device.flags_have_bf16("flags : fpu amx_bf16 amx_tile\n")
+    assert not device.flags_have_bf16("flags\t\t: fpu sse avx2 fma avx512f\n")  # AVX-512 without bf16
+    assert not device.flags_have_bf16("no flags line here\n")
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_cpu_uses_bf16_only_when_native_and_asked(monkeypatch, native):
+    monkeypatch.setenv("FERRAY_CPU_BF16", "1" if native else "0")
+    device.cpu_has_native_bf16.cache_clear()
+    try:
+        assert device.use_bf16("cpu") is native
+        assert device.use_bf16("cpu", requested=False) is False  # train.amp: false forces fp32
+    finally:
+        device.cpu_has_native_bf16.cache_clear()
+
+
+def test_autocast_switches_matmul_precision():
+    x = torch.randn(4, 8)
+    w = torch.randn(8, 8)
+    with device.autocast("cpu", True):
+        assert (x @ w).dtype == torch.bfloat16
+    with device.autocast("cpu", False):
+        assert (x @ w).dtype == torch.float32
