@@ -1,51 +1,41 @@
-"""Model B on SR-upscaled FER2013 on one GPU, Ray-free. One command:
+"""Model B on SR-upscaled FER2013 on one GPU, Ray-free, inside a fixed time budget. From the repo root:
 
-    python bench/gpu_model_b.py [--data ../shared/data/fer2013] [--sr-epochs 5 | --sr-checkpoint CKPT | --bicubic]
-    python bench/gpu_model_b.py --smoke          # a CPU check: a subset, tiny networks, 1 epoch
+    python -m bench.gpu_model_b [--minutes 8] [--data DIR] [--private fer2013.csv] [--sr-checkpoint CKPT | --bicubic]
+    python -m bench.gpu_model_b --smoke        # a CPU check of every path: a subset, tiny networks
 
-1. SR: trains an SRResNet generator (pixel MSE, --sr-epochs on the GPU) or loads an `ferray sr train`
-   checkpoint, or uses bicubic; upscales every face 48 -> 96 on the GPU (ferray.sr.inference).
-2. Trains experiments/model_b.yaml (ResNet50, 1-channel stem, 88x88 crops, SGD + cosine, bf16,
-   channels_last) on the 96x96 faces held on the GPU, and prints epoch time, images/s and PublicTest
-   accuracy with and without ten-crop TTA. ImageNet weights are used if torchvision's cache has them
-   (the GPU machines here have no internet and the 98 MB file exceeds what a run may carry): the
-   output says which.
+1. SR: trains experiments/srgan.yaml through the core loop (ferray.fit) for a fifth of the time
+   (the generator kept is the last adversarial epoch, not the best-PSNR one), or loads an
+   `ferray sr train` checkpoint, or uses bicubic; upscales every face 48 -> 96 on the GPU.
+2. Trains experiments/model_b.yaml (ResNet50 fine-tuned from ImageNet) on the 96x96 faces held on the
+   GPU for the rest of the time. Without torchvision's cached ImageNet weights (these GPU machines have
+   no internet) it trains model_b.yaml's scratch recipe, experiments/model_b_scratch.yaml, and says so:
+   the fine-tuning recipe never runs on random weights.
+The best epoch is chosen on the selection split (Validation, carved as `ferray prepare` carves it,
+where there is no PrivateTest); every test split is then evaluated with and without ten-crop TTA.
+OUT/result.json (and OUT/srgan/result.json) are rewritten after every epoch and every evaluation.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+from bench.common import REPO, add_common_args, device_and_flags, load_data, overrides
 
-
-def train_srresnet(x: np.ndarray, device, epochs: int, smoke: bool):
-    from ferray.config import load_config
-    from ferray.engine import TensorBatches
-    from ferray.sr import engine as sr_engine
-
-    size = ["sr.generator_channels=8", "sr.generator_blocks=1"] if smoke else []
-    cfg = load_config(REPO / "experiments" / "srgan.yaml", size + [f"sr.pretrain_epochs={epochs}", f"train.epochs={epochs}",
-                                                                   "sr.content=mse", "sr.lr_g=0.0005"])
-    state = sr_engine.build_sr_state(cfg, device)
-    batches = TensorBatches(torch.from_numpy(x).to(device), torch.zeros(len(x), dtype=torch.long, device=device), 128)
-    for epoch in range(epochs):
-        metrics = sr_engine.train_sr_epoch(state, batches)
-        print(f"  srresnet epoch {epoch + 1}/{epochs}: pixel mse {metrics['train_pixel_mse']:.5f} "
-              f"({metrics['train_seconds']:.1f}s)", flush=True)
-    return state.core.eval()
+SMOKE_B = ["model.name=resnet18_b", "train.batch_size=16", "train.compile=false"]
+SMOKE_SR = ["sr.generator_channels=8", "sr.generator_blocks=1", "sr.discriminator_channels=8", "sr.pretrain_epochs=1",
+            "train.batch_size=32", "train.epochs=2", "train.budget_minutes=0"]  # one pre-training, one adversarial epoch
+SR_SHARE = 0.2
 
 
 @torch.no_grad()
 def upscale_all(generator, faces: np.ndarray, device, batch: int = 1024) -> np.ndarray:
+    """48 -> 96 by the generator (None: bicubic), rounded to uint8 as `ferray sr upscale` writes it."""
     from ferray.sr.nets import bicubic
 
     out = []
@@ -56,80 +46,74 @@ def upscale_all(generator, faces: np.ndarray, device, batch: int = 1024) -> np.n
     return np.concatenate(out)
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", type=Path, default=None)
-    parser.add_argument("--sr-checkpoint", type=Path, help="an `ferray sr train` checkpoint")
-    parser.add_argument("--sr-epochs", type=int, default=5, help="SRResNet epochs when no checkpoint is given")
-    parser.add_argument("--bicubic", action="store_true", help="upscale by bicubic instead of SR")
-    parser.add_argument("--epochs", type=int, help="override train.epochs (model_b.yaml: 30)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--smoke", action="store_true")
-    parser.add_argument("--out", type=Path)
-    args = parser.parse_args()
+def upscaled(faces, generator, device):
+    from ferray.data.memory import Faces
 
-    from bench.gpu_model_a import find_fer2013, load_fer2013
-    from ferray import engine
-    from ferray.config import load_config
-    from ferray.models.resnet_vgg import IMAGENET_FILES
+    return Faces(upscale_all(generator, faces.images, device), faces.labels, faces.ids)
 
-    data = find_fer2013(args.data)
-    if data is None:
-        print("no FER2013 found; pass --data", file=sys.stderr)
-        return 2
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    torch.backends.cudnn.benchmark = True
-    cached = Path(torch.hub.get_dir()) / "checkpoints" / IMAGENET_FILES["resnet50"]
-    overrides = list(args.overrides) + [f"model.pretrained={'imagenet' if cached.is_file() else 'none'}"]
-    overrides += [f"train.epochs={args.epochs}"] if args.epochs else []
-    if args.smoke:
-        overrides += ["model.name=resnet18_b", "train.epochs=1", "train.batch_size=16"]
-    cfg = load_config(REPO / "experiments" / "model_b.yaml", overrides)
 
-    splits = load_fer2013(data)
-    (x, y), (xt, yt) = splits["Training"], splits["PublicTest"]
-    if args.smoke:
-        rng = np.random.default_rng(0)
-        pick, pick_t = rng.permutation(len(y))[:256], rng.permutation(len(yt))[:128]
-        x, y, xt, yt = x[pick], y[pick], xt[pick_t], yt[pick_t]
-    gpu = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
-    print(f"data: {len(y):,} Training / {len(yt):,} PublicTest faces; device {gpu}; torch {torch.__version__}", flush=True)
+def make_generator(args, splits, device, out: Path, minutes: float, content_checkpoint: str | None = None):
+    """(generator or None for bicubic, how it was made)."""
+    from ferray.config import load_runnable_config
+    from ferray.local import train_local
 
-    t0 = time.perf_counter()
     if args.bicubic:
-        generator, how = None, "bicubic"
-    elif args.sr_checkpoint:
+        return None, "bicubic"
+    if args.sr_checkpoint:
         from ferray.sr.engine import generator_from_checkpoint
 
-        generator, how = generator_from_checkpoint(args.sr_checkpoint, device)[0], f"SRGAN {args.sr_checkpoint}"
-    else:
-        generator, how = train_srresnet(x, device, 1 if args.smoke else args.sr_epochs, args.smoke), "SRResNet (trained here)"
-    x96, xt96 = upscale_all(generator, x, device), upscale_all(generator, xt, device)
-    print(f"upscaled 48 -> 96 by {how} in {time.perf_counter() - t0:.1f}s", flush=True)
+        return generator_from_checkpoint(args.sr_checkpoint, device)[0], f"SRGAN {args.sr_checkpoint}"
+    sets = [f"train.budget_minutes={minutes}", f"data.selection_split={splits['selection']}",
+            *(SMOKE_SR if args.smoke else [])]
+    if content_checkpoint:
+        sets.append(f"sr.content_checkpoint={content_checkpoint}")
+    cfg = load_runnable_config(REPO / "experiments" / "srgan.yaml", sets)
+    print(f"SRGAN: up to {cfg.train.epochs} epochs in {minutes:.1f} min", flush=True)
+    state, run = train_local(cfg, splits["Training"], splits[splits["selection"]], device, out / "srgan", task_name="sr")
+    kind = state.content.kind
+    return state.core.eval(), f"SRGAN trained here ({kind} content loss, epoch {run.best['epoch']} of {state.epoch})"
 
-    train = engine.TensorBatches(torch.from_numpy(x96).to(device), torch.from_numpy(y).to(device), cfg.train.batch_size)
-    test = engine.TensorBatches(torch.from_numpy(xt96).to(device), torch.from_numpy(yt).to(device), 512,
-                                shuffle=False, drop_last=False)
-    state = engine.build_state(cfg, device)
-    pretrained = bool(getattr(state.core, "pretrained", False))
-    print(f"model B: {cfg.model.name}, ImageNet-pretrained: {'yes' if pretrained else 'no (weights not in ' + str(cached.parent) + ')'}",
-          flush=True)
-    times = []
-    for epoch in range(cfg.train.epochs):
-        metrics = engine.train_one_epoch(state, train, len(train))
-        result = engine.evaluate(state.core, test, cfg.augment.crop, False, device, state.use_amp)
-        engine.end_epoch(state, metrics, result)
-        times.append(metrics["train_seconds"])
-        print(f"epoch {epoch + 1:>3}/{cfg.train.epochs}  {metrics['train_seconds']:6.1f}s  {metrics['images_per_s']:7,.0f} img/s  "
-              f"loss {metrics['train_loss']:.4f}  PublicTest {result['accuracy']:6.2%}", flush=True)
-    tta = engine.evaluate(state.core, test, cfg.augment.crop, True, device, state.use_amp)
-    summary = {"device": gpu, "upscale": how, "pretrained": pretrained, "epochs": cfg.train.epochs,
-               "epoch_seconds": float(np.median(times)), "public_test_accuracy": result["accuracy"],
-               "public_test_accuracy_tta": tta["accuracy"], "smoke": args.smoke}
-    print(f"done: {summary['epoch_seconds']:.1f}s/epoch; PublicTest {result['accuracy']:.2%}, ten-crop TTA "
-          f"{tta['accuracy']:.2%} (pretrained: {'yes' if pretrained else 'no'})")
-    if args.out:
-        args.out.write_text(json.dumps(summary, indent=2) + "\n")
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_common_args(parser, "gpu-model-b", minutes=8.0)
+    parser.add_argument("--sr-checkpoint", type=Path, help="an `ferray sr train` checkpoint instead of training one")
+    parser.add_argument("--bicubic", action="store_true", help="upscale by bicubic instead of SR")
+    args = parser.parse_args()
+
+    from ferray.config import load_runnable_config
+    from ferray.local import evaluate_tests, train_local
+
+    device, name = device_and_flags()
+    out = args.out.absolute()
+    splits, tests = load_data(args, out)
+    selection = splits["selection"]
+    sr_minutes = 0.0 if args.bicubic or args.sr_checkpoint else args.minutes * SR_SHARE
+    print(f"data: {len(splits['Training']):,} Training faces from {splits['data']}; selecting on {selection}, testing on "
+          f"{', '.join(tests)}; device {name}", flush=True)
+    t0 = time.perf_counter()
+    generator, how = make_generator(args, splits, device, out, sr_minutes)
+    big = {s: upscaled(splits[s], generator, device) for s in ("Training", selection)}
+    big_tests = {s: upscaled(f, generator, device) for s, f in tests.items()}
+    print(f"upscaled 48 -> 96 by {how} ({time.perf_counter() - t0:.0f}s with the SR training)", flush=True)
+
+    args.minutes -= sr_minutes
+    cfg = load_runnable_config(REPO / "experiments" / "model_b.yaml",
+                               [f"data.path={splits['data']} (upscaled in memory)", f"data.selection_split={selection}",
+                                *overrides(args, SMOKE_B)])
+    print(f"model B: {cfg.name} ({cfg.model.name}, {'ImageNet weights' if cfg.model.pretrained != 'none' else 'from scratch'}), "
+          f"up to {cfg.train.epochs} epochs in {args.minutes:.1f} min", flush=True)
+    state, run = train_local(cfg, big["Training"], big[selection], device, out,
+                             facts={"made_by": " ".join(["python -m bench.gpu_model_b", *sys.argv[1:]]),
+                                    "upscale": how, "smoke": args.smoke, "test_splits": list(tests)})
+    run.facts["pretrained"] = bool(getattr(state.core, "pretrained", False))
+    results = evaluate_tests(state, run, big_tests, device)
+    summary = run.write_result(state, tests=results)
+    print(f"done: {cfg.name} {'(from scratch)' if not run.facts['pretrained'] else '(ImageNet)'}, {summary['epochs']} "
+          f"epochs in {summary['train_seconds'] / 60:.1f} min; best epoch {summary['best_epoch']}, {selection} (selection) "
+          f"{summary['best_eval_acc']:.2%}; "
+          + "; ".join(f"{s} {r['center']['accuracy']:.2%}, TTA {r['tta']['accuracy']:.2%}" for s, r in results.items())
+          + f"; {out / 'result.json'}")
     return 0
 
 

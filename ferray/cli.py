@@ -328,7 +328,7 @@ def _add_report(sub) -> None:
 
 # ------------------------------------------------------------------------------------- commands
 def experiment_config(args):
-    from ferray.config import load_config
+    from ferray.config import load_runnable_config
 
     overrides = list(args.overrides)
     for flag, key in (("data", "data.path"), ("workers", "scaling.workers"),
@@ -336,7 +336,7 @@ def experiment_config(args):
         value = getattr(args, flag, None)
         if value is not None:
             overrides.append(f"{key}={value}")
-    return load_config(args.experiment, overrides)
+    return load_runnable_config(args.experiment, overrides, echo=_echo)
 
 
 def cmd_train(args) -> int:
@@ -360,7 +360,7 @@ def cmd_sr_upscale(args) -> int:
     manifest = upscale(args.data, args.out, args.method, str(args.checkpoint) if args.checkpoint else None,
                        args.actors, args.gpus_per_actor, args.batch_size, args.overwrite, echo=_echo,
                        cpus_per_actor=args.cpus_per_actor)
-    print(format_manifest(manifest, args.out))
+    print(_format_manifest(manifest, args.out))
     return 0
 
 
@@ -430,29 +430,18 @@ def cmd_serve(args) -> int:
 
 
 def cmd_models(args) -> int:
-    print(format_models())
+    from ferray.models.registry import models_table
+
+    print(models_table())
     return 0
 
-
-def format_models() -> str:
-    from ferray.models import build_model, keras_params, list_models, num_params
-
-    rows = [("model", "params", "keras params", "depth", "input", "description")]
-    for entry in list_models():
-        model = build_model(entry.name)
-        depth = getattr(model, "keras_depth", lambda: None)()
-        rows.append((entry.name, f"{num_params(model):,}", f"{keras_params(model):,}", str(depth or "-"),
-                     f"{entry.in_channels}x{entry.input_size}x{entry.input_size}", entry.description))
-    widths = [max(len(r[i]) for r in rows) for i in range(5)]
-    return "\n".join("  ".join(c.ljust(w) if i in (0, 4) else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
-                     + "  " + r[5] for r in rows)
 
 def cmd_prepare(args) -> int:
     from ferray.data.prepare import prepare
 
     manifest = prepare(args.source, args.out, on_bad=args.on_bad_record, resize=args.resize,
                        overwrite=args.overwrite, validation=args.validation, seed=args.seed, echo=_echo)
-    print(format_manifest(manifest, args.out))
+    print(_format_manifest(manifest, args.out))
     return 0
 
 
@@ -464,7 +453,7 @@ def cmd_synth(args) -> int:
     result = synthesize(args.out, SynthSpec(n=args.n, seed=args.seed, balance=args.balance,
                                             difficulty=args.difficulty), args.format, args.overwrite)
     if args.format == "parquet":
-        print(format_manifest(result, args.out))
+        print(_format_manifest(result, args.out))
     else:
         print(f"wrote {args.n} synthetic faces as {args.format} to {args.out} ({result['splits']})")
     return 0
@@ -474,7 +463,7 @@ def cmd_info(args) -> int:
     from ferray.data.contract import read_manifest, summarize
 
     manifest = read_manifest(args.dir)
-    print(json.dumps(manifest, indent=2) if args.json else format_manifest(manifest, args.dir))
+    print(json.dumps(manifest, indent=2) if args.json else _format_manifest(manifest, args.dir))
     if args.verify:
         found = summarize(args.dir)
         ok = found.checksum == manifest["checksum"] and found.splits() == manifest["splits"]
@@ -542,44 +531,14 @@ def cmd_report(args) -> int:
     return 0
 
 
-# ---------------------------------------------------------------------------------------- output
-def format_manifest(m: dict, root) -> str:
-    from ferray.data.contract import EMOTIONS
-
-    h, w = m["image_size"]
-    src = m.get("source", {})
-    lines = [f"{root}: {m['rows']:,} faces, {h}x{w} grayscale ({m['format']})", "source: " + describe_source(src)]
-    names = ["split", *EMOTIONS, "total"]
-    width = [max(11, len(n) + 1) if i == 0 else max(8, len(n) + 1) for i, n in enumerate(names)]
-    lines.append("".join(n.ljust(width[0]) if i == 0 else n.rjust(width[i]) for i, n in enumerate(names)))
-    for split, info in m["splits"].items():
-        cells = [split.ljust(width[0])]
-        cells += [f"{info['classes'][e]:,}".rjust(width[i + 1]) for i, e in enumerate(EMOTIONS)]
-        cells.append(f"{info['rows']:,}".rjust(width[-1]))
-        lines.append("".join(cells))
-    skipped = m.get("skipped", {})
-    if skipped.get("total"):
-        kinds = ", ".join(f"{k} {n}" for k, n in skipped["by_kind"].items())
-        lines.append(f"skipped: {skipped['total']} bad records ({kinds}); listed in {skipped.get('records_file')}")
-    else:
-        lines.append("skipped: none")
-    for key, value in m.get("notes", {}).items():
-        lines.append(f"note: {key}: {value}")
-    lines.append(f"checksum: {m['checksum']}")
-    return "\n".join(lines)
-
-
-def describe_source(src: dict) -> str:
-    if src.get("kind") == "upscaled":
-        how = src["method"] + (f" ({src['generator_checkpoint']})" if src.get("generator_checkpoint") else "")
-        return f"{src['from']} upscaled x{src['scale']} by {how}"
-    if "path" in src:
-        return f"{src['path']} [{src['kind']}]"
-    return ", ".join(f"{k} {v}" for k, v in src.items())
-
-
 class UsageError(Exception):
     pass
+
+
+def _format_manifest(manifest: dict, root) -> str:
+    from ferray.data.describe import format_manifest
+
+    return format_manifest(manifest, root)
 
 
 def _echo(message: str) -> None:

@@ -33,7 +33,7 @@ def claim_folder(out: Path) -> None:
 
 
 def run_demo(out: Path | None, n: int = 1400, seed: int = 0, echo: Callable[[str], None] = print) -> dict:
-    from ferray.cli import format_manifest
+    from ferray.data.describe import format_manifest
     from ferray.config import load_config
     from ferray.data.prepare import prepare
     from ferray.data.synth import SynthSpec, synthesize
@@ -61,7 +61,7 @@ def run_demo(out: Path | None, n: int = 1400, seed: int = 0, echo: Callable[[str
         return spec
 
     def experiment(name: str, **values):
-        sets = [f"data.path={values.get('data', data)}", f"train.seed={seed}"]
+        sets = [f"data.path={values.get('data', data)}", f"train.seed={seed}", *values.get("sets", [])]
         return load_config(EXPERIMENTS / f"{name}.yaml", sets)
 
     steps = [
@@ -75,8 +75,10 @@ def run_demo(out: Path | None, n: int = 1400, seed: int = 0, echo: Callable[[str
         ("evaluate: Model A's best checkpoint on PublicTest with ten-crop TTA",
          lambda: done.update(evaluation=evaluate_checkpoint(done["model_a"]["best_checkpoint"], data, "PublicTest",
                                                             tta=True, echo=print))),
-        ("sr train: experiments/debug_srgan.yaml (SRGAN x2, Ray Train)",
-         lambda: done.update(srgan=run_training(experiment("debug_srgan"), runs, echo=echo, task="sr"))),
+        ("sr train: experiments/debug_srgan.yaml (SRGAN x2, Ray Train; content loss on Model A's features "
+         "where VGG19's ImageNet weights are absent)",
+         lambda: done.update(srgan=run_training(experiment("debug_srgan", sets=[
+             f"sr.content_checkpoint={done['model_a']['best_checkpoint']}"]), runs, echo=echo, task="sr"))),
         ("sr upscale: every split 48 -> 96 with a Ray Data pool of 2 actors",
          lambda: done.update(upscaled=upscale(data, out / "data_sr", "srgan", done["srgan"]["best_checkpoint"],
                                               actors=2, echo=echo))),
@@ -100,6 +102,8 @@ def run_demo(out: Path | None, n: int = 1400, seed: int = 0, echo: Callable[[str
          lambda: done.update(report=run_report(load_plan(EXPERIMENTS / "paper_debug.yaml", data=data,
                                                          sets=[f"train.seed={seed}"]),
                                                out / "report", reuse=[runs], echo=echo))),
+        ("predict: ferray's default model (Model A trained on real FER2013 faces) through the Python API",
+         lambda: done.update(default_model=predict_with_default(data, echo=print))),
     ]
     for i, (title, run) in enumerate(steps, 1):
         echo(f"[{i}/{len(steps)}] {title}")
@@ -107,3 +111,26 @@ def run_demo(out: Path | None, n: int = 1400, seed: int = 0, echo: Callable[[str
     echo(f"demo: done in {time.perf_counter() - t0:.0f}s; artifacts under {out.absolute()}; the report: "
          f"{(out / 'report' / 'report.html').absolute()}")
     return done
+
+
+def predict_with_default(data, faces: int = 4, echo: Callable[[str], None] = print) -> list[dict]:
+    """The model a user gets without training anything, answering through `ferray.load()`. The demo
+    has no real photos, so it shows the synthetic drawings; `ferray predict photo.jpg` takes yours."""
+    import ferray
+    from ferray.data.contract import EMOTIONS, load_split
+
+    model = ferray.load()
+    card = model.card
+    test = next((s for s, e in card.get("evaluations", {}).items() if not e["selection"]), None)
+    if test:
+        echo(f"default model: {card['members']['a']['model']}, {test} accuracy "
+             f"{card['evaluations'][test]['views']['tta']['accuracy']:.2%} with ten-crop TTA (its MODEL_CARD.md)")
+    images, labels, _ = load_split(data, "PublicTest")
+    answers = model.predict_many(list(images[:faces]))
+    for index, answer in enumerate(answers):
+        face = answer["faces"][0]
+        echo(f"  synthetic face {index} (drawn as {EMOTIONS[labels[index]]}): {face['label']} "
+             f"p={face['probs'][face['label']]:.2f}")
+    echo("  (drawings, not photos: on a real face, `ferray predict photo.jpg` or "
+         "`python -c \"import ferray; print(ferray.load().predict('photo.jpg'))\"`)")
+    return answers

@@ -186,7 +186,7 @@ def build_state(cfg: ExperimentConfig, device: torch.device,
     if wrap is not None:
         model = wrap(model)
     if cfg.train.compile:
-        model = compiled(model)
+        model = compiled(model, cfg.train.compile_mode)
     return TrainState(cfg, model, loss_fn, optimizer, LRSchedule(cfg.optim, cfg.train.epochs), device, rank)
 
 
@@ -195,12 +195,12 @@ class compiled(nn.Module):
     (no compiler on the machine, an unsupported op): a long run must not die of it. `fallback`
     holds the reason, for the run's output and results."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, mode: str = "default"):
         super().__init__()
         self.module = model
         self.fallback: str | None = None
         try:
-            self._compiled = torch.compile(model)
+            self._compiled = torch.compile(model, mode=None if mode == "default" else mode)
         except Exception as e:  # noqa: BLE001 - any failure means eager
             self._compiled, self.fallback = None, f"{type(e).__name__}: {e}"
 

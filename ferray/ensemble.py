@@ -54,6 +54,7 @@ class Ensemble:
     weight_a: float = 0.5
     tta: bool = True
     device: torch.device = torch.device("cpu")
+    bf16: bool | None = None  # None: where it is fast (ferray.device.use_bf16); False forces fp32
 
     @torch.no_grad()
     def probs_a(self, faces: torch.Tensor) -> torch.Tensor:
@@ -88,7 +89,7 @@ class Ensemble:
 
     @property
     def _amp(self) -> bool:
-        return use_bf16(self.device)
+        return use_bf16(self.device) if self.bf16 is None else self.bf16
 
     @staticmethod
     def _check(faces: torch.Tensor) -> torch.Tensor:
@@ -285,13 +286,18 @@ def build_bundle(a: str | Path, b: str | Path | None, sr: str | Path | None, dat
     return card
 
 
+RUN_FILES = ("config.yaml", "result.json", "metrics.jsonl", "machine.json", "provenance.json")
+
+
 def _write_bundle(out, card: dict, a, b, sr, overwrite: bool) -> None:
     from ferray.metrics import plot_confusion
 
     with atomic_output(out, overwrite=overwrite) as tmp:
         torch.save(_slim(load_checkpoint(a)), tmp / "model_a.pt")
+        _copy_run_files(Path(a).parent, tmp / "run_a")
         if b is not None:
             torch.save(_slim(load_checkpoint(b)), tmp / "model_b.pt")
+            _copy_run_files(Path(b).parent, tmp / "run_b")
         if sr is not None:
             torch.save(_slim(load_checkpoint(sr, kind="sr")), tmp / "sr.pt")
         view = "tta" if card["tta"] else "center"
@@ -302,6 +308,16 @@ def _write_bundle(out, card: dict, a, b, sr, overwrite: bool) -> None:
                            f"{split} ({role}){' TTA' if card['tta'] else ''}: {report['accuracy']:.2%}")
         (tmp / BUNDLE_FILE).write_text(json.dumps(card, indent=2) + "\n")
         (tmp / "MODEL_CARD.md").write_text(model_card(card))
+
+
+def _copy_run_files(run_dir: Path, into: Path) -> None:
+    """The member's own record of its training (config, per-epoch metrics, result, machine), kept in
+    the bundle so that its model card can be checked against the files it was written from."""
+    found = [run_dir / name for name in RUN_FILES if (run_dir / name).is_file()]
+    if found:
+        into.mkdir()
+        for path in found:
+            (into / path.name).write_bytes(path.read_bytes())
 
 
 def _member_card(model, cfg: ExperimentConfig, source, filename: str) -> dict:
@@ -399,6 +415,7 @@ def evaluate_bundle(bundle: str | Path | None, data: str | Path, split: str = "P
         raise DataError(f"{data}: the bundle takes the prepared 48x48 faces, not {faces.shape[1]}x{faces.shape[2]}")
     pa, pb = _numpy(ensemble.member_probs(torch.from_numpy(faces)))
     report = fused_report(pa, pb, labels, ensemble.weight_a, split, ensemble.tta, resolve_bundle(bundle))
+    report["selection_split"] = card.get("selection_split")
     report["selection"] = (split == card.get("selection_split")
                            and read_manifest(data)["checksum"] == card["data"]["checksum"])
     if out is not None:

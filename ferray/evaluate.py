@@ -29,7 +29,8 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, split: str = "
     if keep_probs:
         result["ids"] = list(ids)
     result.update({"checkpoint": str(checkpoint), "data": str(data), "split": split, "tta": tta,
-                   "model": cfg.model.name, "epoch": payload["epoch"], "pretrained": payload.get("pretrained", False)})
+                   "model": cfg.model.name, "epoch": payload["epoch"], "pretrained": payload.get("pretrained", False),
+                   "selection_split": cfg.data.selection_split, "selection": is_selection(cfg, split, data)})
     out = Path(out) if out is not None else Path(checkpoint).parent
     out.mkdir(parents=True, exist_ok=True)
     stem = f"eval-{split}" + ("-tta" if tta else "")
@@ -41,10 +42,28 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, split: str = "
     return result
 
 
+def is_selection(cfg, split: str, data) -> bool:
+    """Whether `split` of `data` is the split this model was selected on (then its accuracy is not a
+    test): the same split name on the data it was trained on, or on data of the same faces."""
+    if split != cfg.data.selection_split:
+        return False
+    from ferray.data.contract import DataError, read_manifest
+
+    try:
+        same = read_manifest(data)["checksum"] == read_manifest(cfg.data.path)["checksum"]
+    except (DataError, OSError):
+        same = True  # the training data is not here to compare: say so rather than claim a test
+    return same
+
+
 def format_report(result: dict) -> str:
+    role = ""
+    if "selection" in result:
+        role = ("  [the selection split: it chose this model, so this is not a test]" if result["selection"]
+                else "  [a test split: never used to choose anything]" if result.get("selection_split") else "")
     lines = [f"{result['model']} (epoch {result['epoch']}) on {result['split']}"
              f"{' with ten-crop TTA' if result['tta'] else ''}: accuracy {result['accuracy']:.2%} "
-             f"({result['samples']:,} faces)", f"{'class':<10}{'accuracy':>10}{'faces':>8}"]
+             f"({result['samples']:,} faces){role}", f"{'class':<10}{'accuracy':>10}{'faces':>8}"]
     for name in EMOTIONS:
         lines.append(f"{name:<10}{result['per_class'][name]:>10.2%}{result['support'][name]:>8,}")
     pairs = ", ".join(f"{a}->{b} {r:.0%}" for a, b, r in most_confused(result["confusion"]))

@@ -106,13 +106,6 @@ def explain_faces(model: nn.Module, faces: np.ndarray, crop: int, scale: int = 1
             "classes": classes.cpu().numpy()}
 
 
-def map_to_image(saliency: np.ndarray) -> np.ndarray:
-    """A map as a displayable image in [0, 1]: centered on 0, scaled by its 99th |value| percentile."""
-    saliency = saliency - saliency.mean()
-    spread = np.percentile(np.abs(saliency), 99) or 1.0
-    return np.clip(0.5 + 0.5 * saliency / spread, 0, 1)
-
-
 def explain_image(checkpoint: str | Path, image: str | Path, out: str | Path | None = None, target: str | None = None,
                   detect: bool = False, echo: Callable[[str], None] = print) -> dict:
     """`ferray explain`: the guided-backprop map of the face in an image file, as a PNG and JSON."""

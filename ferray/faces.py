@@ -127,7 +127,6 @@ def detect_boxes(gray: np.ndarray) -> list[tuple[int, int, int, int]]:
 
 def crop_face(gray: np.ndarray, box: tuple[int, int, int, int], margin: float = BOX_MARGIN) -> np.ndarray:
     """The square around `box`, widened by `margin` and clipped to the image, resized to 48x48."""
-    import cv2
 
     x, y, w, h = box
     side = max(w, h) * (1 + 2 * margin)

@@ -14,6 +14,13 @@ from ferray.config import AugmentConfig
 from ferray.data.contract import EMOTIONS
 
 
+
+def map_to_image(saliency: np.ndarray) -> np.ndarray:
+    """A map as a displayable image in [0, 1]: centered on 0, scaled by its 99th |value| percentile."""
+    saliency = saliency - saliency.mean()
+    spread = np.percentile(np.abs(saliency), 99) or 1.0
+    return np.clip(0.5 + 0.5 * saliency / spread, 0, 1)
+
 def _pyplot():
     import matplotlib
 
@@ -67,7 +74,6 @@ def plot_crops(face: np.ndarray, augment: AugmentConfig, path: str | Path, count
 def plot_guided_grid(columns: dict[int, list[dict]], path: str | Path, title: str = "") -> Path:
     """Classes as columns; for each face a row pair: the face, then its guided-backprop map.
     `columns` maps a class index to rows of {crop, map, probs} (as ferray.explain makes them)."""
-    from ferray.explain import map_to_image
 
     plt = _pyplot()
     per_class = max(len(rows) for rows in columns.values())
@@ -88,7 +94,6 @@ def plot_guided_grid(columns: dict[int, list[dict]], path: str | Path, title: st
 
 def plot_explanations(rows: list[dict], path: str | Path, title: str = "") -> Path:
     """Rows of (face, guided map, |map| over the face); a row holds crop, map, probs and label (or None)."""
-    from ferray.explain import map_to_image
 
     plt = _pyplot()
     fig, axes = plt.subplots(len(rows), 3, figsize=(5.4, 1.8 * len(rows)), squeeze=False)

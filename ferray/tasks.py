@@ -17,7 +17,8 @@ from ferray.sr import engine as sr_engine
 
 
 class ClassifierTask:
-    name, kind, metric = "classifier", "classifier", "eval_acc"
+    # metric: what the run reports as its figure; select_by: what chooses the kept checkpoint (higher wins)
+    name, kind, metric, select_by = "classifier", "classifier", "eval_acc", "eval_acc"
     shared_keys = ("accuracy", "loss")  # evaluation results every worker needs (rank 0 computes them)
 
     def build(self, cfg: ExperimentConfig, device: torch.device, wrap=None, rank: int = 0):
@@ -47,6 +48,10 @@ class ClassifierTask:
     def save(self, path: Path, state, row: dict) -> None:
         engine.save_checkpoint(path, state, row)
 
+    def restore_weights(self, state, path: Path) -> None:
+        """The weights of a checkpoint of this run (its kept epoch), for testing."""
+        state.core.load_state_dict(engine.load_checkpoint(path, kind=self.kind)["model"])
+
     def best(self, payload: dict) -> float:
         return payload["metrics"][self.metric]
 
@@ -58,7 +63,7 @@ class ClassifierTask:
 
 
 class SRTask:
-    name, kind, metric = "sr", sr_engine.SR_KIND, "eval_psnr"
+    name, kind, metric, select_by = "sr", sr_engine.SR_KIND, "eval_psnr", "sr_choice"
     shared_keys = ("psnr", "ssim", "bicubic_psnr", "bicubic_ssim", "psnr_gain", "ssim_gain", "samples")
 
     def build(self, cfg: ExperimentConfig, device: torch.device, wrap=None, rank: int = 0):
@@ -84,6 +89,9 @@ class SRTask:
 
     def save(self, path: Path, state, row: dict) -> None:
         sr_engine.save_sr_checkpoint(path, state, row)
+
+    def restore_weights(self, state, path: Path) -> None:
+        state.core.load_state_dict(engine.load_checkpoint(path, kind=self.kind)["model"])
 
     def best(self, payload: dict) -> float:
         return payload["metrics"][self.metric]

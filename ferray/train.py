@@ -22,20 +22,23 @@ from typing import Callable
 import pyarrow as pa
 
 from ferray.config import ConfigError, ExperimentConfig, dump_yaml, from_dict, to_dict
+from ferray.fit import BEST_FILE, METRICS_FILE, RESULT_FILE, fit
 from ferray.data.contract import (
     FER_SIZE, DataError, load_split, pixels_to_images, read_manifest, selection_split, split_dir, untouched_splits,
 )
 
-METRICS_FILE = "metrics.jsonl"
-RESULT_FILE = "result.json"
-BEST_FILE = "best.pt"
 SHUFFLE_BUFFER = 4096
 
 
 # ------------------------------------------------------------------------------------------ data
 def decode_faces(table: pa.Table) -> dict:
-    """Ray Data batch (pyarrow) -> {"image": (B, H, W) uint8, "label": (B,) int64}."""
-    return {"image": pixels_to_images(table.column("pixels")), "label": table.column("label").to_numpy()}
+    """Ray Data batch (pyarrow) -> {"image": (B, H, W) uint8, "label": (B,) int64, "key": (B,) int64},
+    the key a hash of the face's id: a worker that caches its shard orders it by key, so a run's
+    batches do not depend on the order in which Ray Data's read tasks finish."""
+    from pandas.util import hash_array
+
+    keys = hash_array(table.column("id").to_numpy(zero_copy_only=False).astype(object)).view("int64")
+    return {"image": pixels_to_images(table.column("pixels")), "label": table.column("label").to_numpy(), "key": keys}
 
 
 def check_data(cfg: ExperimentConfig, task: str = "classifier") -> dict:
@@ -82,14 +85,18 @@ def _batches(shard, batch_size: int, device, train: bool):
 
 
 def _cached(shard, device):
-    """Read a whole shard once into two tensors on `device` (faces stay uint8: 2.3 kB each)."""
+    """Read a whole shard once into two tensors on `device` (faces stay uint8: 2.3 kB each), in the
+    order of the faces' keys (reproducible; the epochs reshuffle it with the run's seed)."""
     import torch
 
-    images, labels = [], []
-    for batch in shard.iter_torch_batches(batch_size=8192, dtypes={"image": torch.uint8, "label": torch.int64}):
+    images, labels, keys = [], [], []
+    for batch in shard.iter_torch_batches(batch_size=8192, dtypes={"image": torch.uint8, "label": torch.int64,
+                                                                   "key": torch.int64}):
         images.append(batch["image"])
         labels.append(batch["label"])
-    return torch.cat(images).to(device), torch.cat(labels).to(device)
+        keys.append(batch["key"])
+    order = torch.cat(keys).argsort()
+    return torch.cat(images)[order].to(device), torch.cat(labels)[order].to(device)
 
 
 class _EpochData:
@@ -158,19 +165,9 @@ def train_loop(loop_config: dict) -> None:
     steps_per_epoch = max(1, loop_config["train_rows"] // (cfg.train.batch_size * world))
     data = _EpochData(cfg, device, rank)
     writer = _tensorboard(run_dir) if rank == 0 else None
-    loop_start = time.perf_counter()
-    while state.epoch < task.planned_epochs(state):
-        epoch_start = time.perf_counter()
-        train_metrics = task.train_epoch(state, data.train(), steps_per_epoch)
-        eval_metrics = _evaluate_on_rank0(task, state, data, device, rank, world)
-        row = task.end_epoch(state, train_metrics, eval_metrics)
-        row["workers"] = world
-        row["images_per_s"] = train_metrics["images_per_s"] * world  # each worker saw its shard
-        row["loop_seconds"] = time.perf_counter() - loop_start  # since this worker's first epoch began
-        row["epoch_seconds"] = time.perf_counter() - epoch_start
-        if cfg.train.budget_minutes > 0:
-            _replan(task, state, cfg, device, world)
-        row["planned_epochs"] = task.planned_epochs(state)
+
+    def report(state, row: dict) -> None:
+        """Every worker reports each epoch (a barrier); rank 0 with the checkpoint and the log line."""
         with tempfile.TemporaryDirectory() as folder:
             reported = None
             if rank == 0:
@@ -178,6 +175,9 @@ def train_loop(loop_config: dict) -> None:
                 reported = ray.train.Checkpoint.from_directory(folder)
                 _log_epoch(run_dir, writer, task.format_epoch(row, cfg), row)
             ray.train.report({k: v for k, v in row.items() if isinstance(v, (int, float))}, checkpoint=reported)
+
+    fit(task, state, data.train, lambda s: _evaluate_on_rank0(task, s, data, device, rank, world), steps_per_epoch,
+        on_epoch=report, agree=lambda n: _from_rank0(n, device, world), workers=world)
     if writer is not None:
         writer.close()
 
@@ -220,21 +220,16 @@ def release_placement_group(run_dir: Path) -> bool:
     return True
 
 
-def _replan(task, state, cfg: ExperimentConfig, device, world: int) -> None:
-    """Fit the run to train.budget_minutes (epoch times of the whole run, across resumes); every
-    worker takes rank 0's plan, since they must all stop after the same epoch."""
+def _from_rank0(value: int, device, world: int) -> int:
+    """Rank 0's value on every worker (a time budget's plan: all workers must stop after the same epoch)."""
     import torch
     import torch.distributed as dist
 
-    from ferray.engine import planned_epochs
-
-    seconds = [row.get("epoch_seconds", 0.0) for row in state.history]
-    planned = planned_epochs(seconds, cfg.train.budget_minutes * 60, cfg.train.epochs)
     if world > 1 and dist.is_initialized():
-        shared = torch.tensor([planned], device=device)
+        shared = torch.tensor([value], device=device)
         dist.broadcast(shared, src=0)
-        planned = int(shared.item())
-    task.replan(state, planned)
+        value = int(shared.item())
+    return value
 
 
 def _evaluate_on_rank0(task, state, data: _EpochData, device, rank: int, world: int) -> dict:
@@ -289,7 +284,7 @@ def build_trainer(cfg: ExperimentConfig, run_dir: Path, train_rows: int, task: s
 
     from ferray.tasks import get_task
 
-    metric = get_task(task).metric
+    metric = get_task(task).select_by
     gpus = cfg.scaling.gpus_per_worker
     resources = {"CPU": cfg.scaling.cpus_per_worker, **({"GPU": gpus} if gpus else {})}
     return TorchTrainer(
@@ -391,7 +386,7 @@ def finish_run(cfg: ExperimentConfig, run_dir: Path, result, seconds: float, ech
     from ferray.tasks import get_task
 
     spec = get_task(task)
-    best = result.get_best_checkpoint(spec.metric, "max") if result.best_checkpoints else result.checkpoint
+    best = result.get_best_checkpoint(spec.select_by, "max") if result.best_checkpoints else result.checkpoint
     with best.as_directory() as folder:
         shutil.copy(Path(folder) / CHECKPOINT_FILE, run_dir / BEST_FILE)
     payload = load_checkpoint(run_dir / BEST_FILE, kind=spec.kind)

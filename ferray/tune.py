@@ -5,7 +5,7 @@ A search file names a base experiment, overrides, and a search space of dotted c
     experiment: model_a.yaml            # relative to the search file
     set: [train.epochs=30]
     search:
-      metric: eval_acc                  # what the Train runner reports each epoch
+      metric: eval_acc                  # reported each epoch, on the selection split (never a test split)
       mode: max
       samples: 20
       max_concurrent: 2                 # default: what the cluster's resources allow
@@ -36,11 +36,12 @@ from typing import Callable
 
 import yaml
 
-from ferray.config import ConfigError, ExperimentConfig, apply_overrides, dump_yaml, from_dict, load_config, to_dict
+from ferray.config import (
+    ConfigError, ExperimentConfig, apply_overrides, dump_yaml, from_dict, load_runnable_config, to_dict,
+)
 
 DISTRIBUTIONS = ("uniform", "loguniform", "int", "choice")
 CLASSIFIER_METRICS = ("eval_acc", "best_eval_acc", "eval_loss", "train_acc", "train_loss")
-MINIMIZED = ("eval_loss", "train_loss")
 
 
 @dataclass
@@ -121,7 +122,7 @@ def load_search(path: str | Path, overrides: list[str] = ()) -> SearchSpec:
         raise ConfigError(f"{where}: unknown key(s) {', '.join(sorted(unknown))} (known: name, experiment, set, search)")
     if "experiment" not in data or "search" not in data:
         raise ConfigError(f"{where}: needs `experiment:` (a base experiment file) and `search:`")
-    base = load_config(path.parent / data["experiment"], list(data.get("set", [])) + list(overrides))
+    base = load_runnable_config(path.parent / data["experiment"], list(data.get("set", [])) + list(overrides))
     search = data["search"]
     known = {"metric", "mode", "samples", "max_concurrent", "seed", "space", "first", "asha", "max_failures"}
     if set(search) - known:
@@ -218,7 +219,6 @@ def run_search(spec: SearchSpec, out: Path, resume: bool = False, echo: Callable
     import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-    from ray.tune.search import ConcurrencyLimiter  # noqa: F401  (max_concurrent_trials adds it)
     from ray.tune.search.optuna import OptunaSearch
 
     from ferray.cluster import check_shared_paths
@@ -252,7 +252,8 @@ def run_search(spec: SearchSpec, out: Path, resume: bool = False, echo: Callable
                              train_rows=manifest["splits"][spec.base.data.train_split]["rows"]),
         {"CPU": 0.01})
     echo(f"tune: {spec.samples} trials of {spec.base.name} over {', '.join(p.key for p in spec.params)}; "
-         f"Optuna TPE (seed {spec.seed}), {'ASHA' if spec.asha else 'no early stopping'} on {spec.metric}, "
+         f"Optuna TPE (seed {spec.seed}), {'ASHA' if spec.asha else 'no early stopping'} on {spec.metric} of "
+         f"{spec.base.data.selection_split} (the selection split), "
          f"{concurrent} at a time; {search_dir}")
     t0 = time.perf_counter()
     ends = TrialEnds(search_dir)
@@ -390,7 +391,8 @@ def summarize_search(spec: SearchSpec, search_dir: Path, grid, seconds: float, e
     if checkpoint and Path(checkpoint, "checkpoint.pt").exists():
         shutil.copy(Path(checkpoint, "checkpoint.pt"), search_dir / "best.pt")
     plot_search(spec, rows, search_dir / "search.png")
-    summary = {"name": spec.name, "trials": len(rows), "errors": sum(r["status"] == "ERROR" for r in rows),
+    summary = {"name": spec.name, "selection_split": spec.base.data.selection_split,
+               "trials": len(rows), "errors": sum(r["status"] == "ERROR" for r in rows),
                "stopped_early": sum(r["stopped_early"] for r in rows), "trial_epochs": sum(r["epochs"] for r in rows),
                "best": best, "best_config": str(search_dir / "best.yaml"),
                "best_checkpoint": str(search_dir / "best.pt") if (search_dir / "best.pt").exists() else checkpoint,
@@ -399,6 +401,7 @@ def summarize_search(spec: SearchSpec, search_dir: Path, grid, seconds: float, e
     echo(format_table(spec, rows))
     echo(f"tune: {len(rows)} trials ({summary['stopped_early']} stopped early by ASHA, {summary['errors']} errors, "
          f"{summary['trial_epochs']} trial-epochs) in {seconds:.0f}s; best {spec.metric} {best[spec.metric]:.4f} "
+         f"on {spec.base.data.selection_split} (selection) "
          f"(trial {best['trial']}); config {search_dir / 'best.yaml'}; checkpoint {summary['best_checkpoint']}")
     return summary
 

@@ -45,8 +45,11 @@ def test_stacking_is_cross_validated():
 
 def test_bundle_round_trip(tiny_bundle, prepared_synth, tmp_path):
     card = json.loads((tiny_bundle / "bundle.json").read_text())
-    assert sorted(p.name for p in tiny_bundle.iterdir()) == ["MODEL_CARD.md", "bundle.json", "model_a.pt",
-                                                             "model_b.pt", "sr.pt"]
+    assert sorted(p.name for p in tiny_bundle.iterdir()) == ["MODEL_CARD.md", "bundle.json", "confusion-PrivateTest.png",
+                                                             "confusion-PublicTest.png", "model_a.pt", "model_b.pt", "sr.pt"]
+    # synthetic data has PrivateTest: the fusion is fitted on PublicTest, PrivateTest is the test
+    assert card["selection_split"] == "PublicTest" and card["fusion"]["fitted_on"] == "PublicTest"
+    assert {s: e["selection"] for s, e in card["evaluations"].items()} == {"PublicTest": True, "PrivateTest": False}
     assert 0 <= card["fusion"]["weight_a"] <= 1 and card["members"]["b"]["pretrained"] is False
     assert "Fusion" in (tiny_bundle / "MODEL_CARD.md").read_text()
     ensemble, _ = load_bundle(tiny_bundle)
@@ -86,3 +89,60 @@ def test_predict_matches_the_ensemble(tiny_bundle, synth_faces, tmp_path):
         predict_files(tiny_bundle, [tmp_path / "missing.png"])
     with pytest.raises(InputError, match="empty body"):
         answer_images([("empty.png", b"")], local_predictor(ensemble), 0.5)
+
+
+def test_a_bundle_of_model_a_alone(tiny_bundle, prepared_synth, tmp_path, synth_faces):
+    from ferray.report.model_card import render_model_card
+
+    members = tiny_bundle.parent / "members"
+    card = build_bundle(members / "a.pt", None, None, prepared_synth, tmp_path / "solo", echo=lambda _: None)
+    assert card["members"]["b"] is None and card["fusion"]["weight_a"] == 1.0 and card["alternatives"] == {}
+    views = card["evaluations"]["PrivateTest"]["views"]
+    assert set(views) == {"center", "tta"} and views["tta"]["members"]["a"] == views["tta"]["accuracy"]
+    assert "b" not in views["tta"]["members"]
+    text = (tmp_path / "solo" / "MODEL_CARD.md").read_text()
+    assert text == render_model_card(card) and "PrivateTest | test (untouched)" in text and "**B**" not in text
+    # weights ship in half precision
+    weights = torch.load(tmp_path / "solo" / "model_a.pt", weights_only=True)["model"]
+    assert all(v.dtype == torch.float16 for v in weights.values() if v.is_floating_point())
+    ensemble, _ = load_bundle(tmp_path / "solo")
+    assert ensemble.model_b is None
+    faces = torch.from_numpy(synth_faces[0][:4])
+    assert torch.equal(ensemble.predict(faces)["probs"], ensemble.probs_a(faces))
+    path = tmp_path / "face.png"
+    path.write_bytes(png_bytes(synth_faces[0][0]))
+    (answer,) = predict_files(tmp_path / "solo", [path])
+    assert set(answer["faces"][0]["members"]) == {"a"}
+    # the bundle's figures equal a fresh evaluation; nothing is written into the bundle
+    before = sorted(p.name for p in (tmp_path / "solo").iterdir())
+    report = evaluate_bundle(tmp_path / "solo", prepared_synth, "PrivateTest", echo=lambda _: None)
+    assert report["accuracy"] == pytest.approx(views["tta"]["accuracy"]) and report["selection"] is False
+    assert evaluate_bundle(tmp_path / "solo", prepared_synth, "PublicTest", echo=lambda _: None)["selection"] is True
+    assert sorted(p.name for p in (tmp_path / "solo").iterdir()) == before
+    with pytest.raises(CheckpointError, match="give B's checkpoint"):
+        build_bundle(members / "a.pt", None, members / "sr.pt", prepared_synth, tmp_path / "y")
+
+
+def test_python_api_answers_like_ferray_predict(tiny_bundle, synth_faces, tmp_path):
+    from PIL import Image
+
+    import ferray
+
+    face = synth_faces[0][5]
+    path = tmp_path / "face.png"
+    path.write_bytes(png_bytes(face))
+    (expected,) = predict_files(tiny_bundle, [path])
+    model = ferray.load(tiny_bundle)
+    assert model.labels == ["angry", "disgust", "fear", "happy", "sad", "surprise", "neutral"]
+    rgb = np.repeat(face[:, :, None], 3, axis=2)
+    for image in (path, str(path), path.read_bytes(), Image.fromarray(face), face, rgb):
+        answer = model.predict(image)
+        assert answer["faces"][0]["label"] == expected["faces"][0]["label"]
+        assert answer["faces"][0]["probs"] == pytest.approx(expected["faces"][0]["probs"], abs=1e-6)
+    assert len(model.predict_many([face, path])) == 2
+    with pytest.raises(InputError, match="dtype float64"):
+        model.predict(face.astype(float))
+    with pytest.raises(InputError, match="a list"):
+        model.predict([1, 2, 3])
+    with pytest.raises(InputError, match="no such file"):
+        model.predict(tmp_path / "missing.jpg")

@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from ferray.explain import explain_faces, guided_backprop, guided_copy, map_to_image
+from ferray.explain import explain_faces, guided_backprop, guided_copy
+from ferray.figures import map_to_image
 
 EXPERIMENT = Path(__file__).resolve().parents[1] / "experiments" / "debug_a.yaml"
 

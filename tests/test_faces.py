@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import struct
 import zlib
@@ -121,3 +122,30 @@ def test_pixel_rows_parse_and_every_mistake_is_located():
     for payload in ({"pixel": row}, [row], {"pixels": []}, {"pixels": 5}):
         with pytest.raises(InputError):
             faces_from_pixels(payload)
+
+
+def test_exif_orientation_is_applied_before_detection():
+    """A phone photo stores its rotation in EXIF: decoding must return the upright image."""
+    from PIL import Image
+
+    upright = np.zeros((40, 60), np.uint8)
+    upright[:, :30] = 200  # left half bright
+    stored = Image.fromarray(np.rot90(upright, k=1).copy())  # the sensor's pixels, turned
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 clockwise to display
+    buffer = io.BytesIO()
+    stored.save(buffer, format="JPEG", exif=exif, quality=95)
+    gray = decode_image(buffer.getvalue(), "phone.jpg")
+    assert gray.shape == (40, 60)
+    assert gray[:, :25].mean() > 150 and gray[:, 35:].mean() < 50
+
+
+def test_sixteen_bit_images_are_scaled_not_clipped():
+    from PIL import Image
+
+    wide = np.full((48, 48), 32768, np.uint16)
+    wide[:, 24:] = 65535
+    buffer = io.BytesIO()
+    Image.fromarray(wide).save(buffer, format="PNG")
+    gray = decode_image(buffer.getvalue(), "scan.png")
+    assert gray.dtype == np.uint8 and gray[0, 0] == 128 and gray[0, 47] == 255

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from ferray.cli import format_models
+from ferray.models.registry import models_table
 from ferray.models import build_model, keras_params, list_models, model_entry, num_params
 from ferray.models.xception import keras_depth
 
@@ -57,5 +57,5 @@ def test_registry_lists_and_refuses_unknown_names():
 
 
 def test_models_table_shows_counts_and_depth():
-    table = format_models()
+    table = models_table()
     assert "xception_a" in table and "2,716,359" in table and " 83 " in table

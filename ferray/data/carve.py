@@ -68,20 +68,30 @@ def write_split(root: Path, split: str, table: pa.Table) -> None:
         pq.write_table(table.slice(start, ROWS_PER_FILE), folder / f"part-{part:05d}.parquet")
 
 
+def carve_table(table: pa.Table, fraction: float, seed: int = 0) -> tuple[pa.Table, pa.Table | None, dict]:
+    """(Training in a seeded order, Validation or None, what to record) from a Training table with
+    id, label and pixels: the same faces whoever calls it (`ferray prepare`, the Ray-free benches)."""
+    record = {"training_order": f"shuffled (seed {seed})"}
+    validation = None
+    if fraction > 0:
+        picked = stratified_pick(table.column("label").to_numpy(), row_digests(f"carve:{seed}", table), fraction)
+        validation = table.filter(pa.array(picked))
+        table = table.filter(pa.array(~picked))
+        validation = validation.take(seeded_order(validation, seed, "order"))
+        record[VALIDATION.lower()] = {"carved_from": TRAINING, "fraction": fraction, "seed": seed,
+                                      "stratified": True, "rows": validation.num_rows}
+    return table.take(seeded_order(table, seed, "order")), validation, record
+
+
 def carve_and_shuffle(root: str | Path, fraction: float, seed: int = 0) -> dict:
     """Move a stratified `fraction` of Training into Validation (if fraction > 0) and rewrite Training
     in a seeded order. Returns what to record in the manifest."""
     root = Path(root)
     if split_dir(root, VALIDATION).exists():
         raise DataError(f"{root}: already has a {VALIDATION} split")
-    table = read_split(root, TRAINING, columns=["id", "label", "pixels"])
-    record = {"training_order": f"shuffled (seed {seed})"}
-    if fraction > 0:
-        picked = stratified_pick(table.column("label").to_numpy(), row_digests(f"carve:{seed}", table), fraction)
-        validation = table.filter(pa.array(picked))
-        table = table.filter(pa.array(~picked))
-        write_split(root, VALIDATION, validation.take(seeded_order(validation, seed, "order")))
-        record[VALIDATION.lower()] = {"carved_from": TRAINING, "fraction": fraction, "seed": seed,
-                                      "stratified": True, "rows": validation.num_rows}
-    write_split(root, TRAINING, table.take(seeded_order(table, seed, "order")))
+    training, validation, record = carve_table(read_split(root, TRAINING, columns=["id", "label", "pixels"]),
+                                               fraction, seed)
+    if validation is not None:
+        write_split(root, VALIDATION, validation)
+    write_split(root, TRAINING, training)
     return record

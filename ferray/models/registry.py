@@ -63,3 +63,16 @@ def keras_params(model: nn.Module) -> int:
     moving = sum(m.running_mean.numel() + m.running_var.numel() for m in model.modules()
                  if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None)
     return num_params(model) + moving
+
+
+def models_table() -> str:
+    """Every registered model with its parameter counts, depth and input (what `ferray models` prints)."""
+    rows = [("model", "params", "keras params", "depth", "input", "description")]
+    for entry in list_models():
+        model = build_model(entry.name)
+        depth = getattr(model, "keras_depth", lambda: None)()
+        rows.append((entry.name, f"{num_params(model):,}", f"{keras_params(model):,}", str(depth or "-"),
+                     f"{entry.in_channels}x{entry.input_size}x{entry.input_size}", entry.description))
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    return "\n".join("  ".join(c.ljust(w) if i in (0, 4) else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+                     + "  " + r[5] for r in rows)

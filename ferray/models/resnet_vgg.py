@@ -12,6 +12,11 @@ figures; kept exactly, so gray is fed as three equal channels), on 48x48 faces w
 (1x1x512 after the five pools), and a small head: 512 -> 256 -> 7 (dropout before the last layer from model.dropout). Depth 16 and 19
 as their names count (weight layers; our head has 2 fully connected layers, the original 3).
 
+Model B from scratch (`resnet50_b_scratch`): without ImageNet weights the 7x7/2 stem and max pool,
+made to cut 224-pixel photos down fast, throw away most of an 88-pixel face in two steps; this
+variant has a 3x3/2 stem and no max pool (layer1 sees 44x44 instead of 22x22; 23,513,543
+parameters). experiments/model_b_scratch.yaml trains it with its own recipe.
+
 Pretrained weights (`pretrained`): "none"; "imagenet" from torchvision's cache under TORCH_HOME
 (`ferray` never downloads: clusters and CI machines are often offline, and the error says which
 file to put where); or the path of a state dict file.
@@ -59,6 +64,19 @@ def pretrained_state_dict(arch: str, pretrained: str) -> dict | None:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def pretrained_available(model_name: str, pretrained: str) -> bool:
+    """Whether the weights `pretrained` names for a registered model are on this machine."""
+    from ferray.models.registry import build_model
+
+    if pretrained in ("none", "", None):
+        return True
+    try:
+        build_model(model_name, pretrained=pretrained)
+    except PretrainedWeightsError:
+        return False
+    return True
+
+
 def gray_stem(conv: nn.Conv2d) -> nn.Conv2d:
     """A 1-channel copy of an RGB conv whose filters are the sums over the input channels."""
     stem = nn.Conv2d(1, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, bias=conv.bias is not None)
@@ -90,16 +108,22 @@ class ResNetGray(_PooledClassifier):
     DEPTH = {"resnet50": 50, "resnet18": 18}
 
     def __init__(self, arch: str = "resnet50", num_classes: int = NUM_CLASSES, pretrained: str = "none",
-                 dropout: float = 0.0):
+                 dropout: float = 0.0, small_stem: bool = False):
         super().__init__()
         import torchvision.models as tvm
 
+        if small_stem and pretrained not in ("none", "", None):
+            raise ValueError("the small-face stem has no pretrained weights: it is the from-scratch variant")
         net = getattr(tvm, arch)()
         state = pretrained_state_dict(arch, pretrained)
         if state is not None:
             net.load_state_dict(state)
         self.arch, self.pretrained = arch, state is not None
-        net.conv1 = gray_stem(net.conv1)
+        if small_stem:
+            net.conv1 = nn.Conv2d(1, net.conv1.out_channels, 3, stride=2, padding=1, bias=False)  # (B, 64, 44, 44)
+            net.maxpool = nn.Identity()
+        else:
+            net.conv1 = gray_stem(net.conv1)
         self.num_features = net.fc.in_features
         net.fc = nn.Identity()
         self.backbone = net
@@ -175,6 +199,13 @@ class VGGGray(_PooledClassifier):
 def resnet50_b(num_classes: int = NUM_CLASSES, pretrained: str = "none", dropout: float = 0.0, **_) -> ResNetGray:
     """Model B; `pretrained`: none | imagenet | a state-dict path."""
     return ResNetGray("resnet50", num_classes, pretrained, dropout)
+
+
+@register_model("resnet50_b_scratch", input_size=88,
+                description="Model B from scratch: ResNet50 with a 3x3/2 stem for small faces, no max pool")
+def resnet50_b_scratch(num_classes: int = NUM_CLASSES, pretrained: str = "none", dropout: float = 0.0, **_) -> ResNetGray:
+    """Model B when no ImageNet weights are available (experiments/model_b_scratch.yaml)."""
+    return ResNetGray("resnet50", num_classes, pretrained, dropout, small_stem=True)
 
 
 @register_model("resnet18_b", input_size=88, description="Model B's layout on ResNet18, for debug runs on a laptop")

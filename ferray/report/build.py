@@ -6,7 +6,8 @@ GPU when the driver is on a cluster, in this process otherwise):
 
   1. the 48x48 classifiers of the plan (VGG16, VGG19, Model A), then the SRGAN;
   2. the data upscaled 48 -> 96 by the SRGAN, then the classifiers on it (Model B);
-  3. every classifier on PublicTest (and PrivateTest where the data has it), TTA off and on;
+  3. every classifier on the selection split and every untouched split (Validation + PublicTest for
+     the image-folder download, PublicTest + PrivateTest for the full data), TTA off and on;
   4. the SR evaluation and grid (Figure 2), the ensemble bundle of A and B and its evaluation
      (Figure 5), training crops (Figure 3), guided backprop of A (Figure 4);
   5. report.json (every number, read from the runs' own files), report.md and report.html.
@@ -26,10 +27,8 @@ from pathlib import Path
 from typing import Callable
 
 from ferray.config import ConfigError, ExperimentConfig, from_dict, to_dict
-from ferray.data.contract import FER_SIZE, DataError, load_split, read_manifest
+from ferray.data.contract import FER_SIZE, DataError, load_split, read_manifest, selection_split, untouched_splits
 from ferray.report.plan import ReportPlan
-
-EVAL_SPLITS = ("PublicTest", "PrivateTest")
 
 
 # ----------------------------------------------------------------------------------------- steps
@@ -168,10 +167,12 @@ def model_facts(checkpoint: str) -> dict:
     from ferray.engine import load_checkpoint
     from ferray.models import build_model, keras_params, num_params
 
-    cfg = from_dict(load_checkpoint(checkpoint)["config"])
+    payload = load_checkpoint(checkpoint)
+    cfg = from_dict(payload["config"])
     model = build_model(cfg.model.name)
     depth = getattr(model, "keras_depth", lambda: None)()
-    return {"model": cfg.model.name, "params": num_params(model), "keras_params": keras_params(model), "depth": depth}
+    return {"model": cfg.model.name, "params": num_params(model), "keras_params": keras_params(model), "depth": depth,
+            "pretrained": bool(payload.get("pretrained", False)), "experiment": cfg.name}
 
 
 def hardware() -> dict:
@@ -208,9 +209,10 @@ def run_report(plan: ReportPlan, out: str | Path, reuse: list[Path] = (), echo: 
         raise DataError(f"{plan.data}: the report starts from the prepared 48x48 faces, not "
                         f"{manifest['image_size'][0]}x{manifest['image_size'][1]}")
     plan.data = plan.data.absolute()
-    splits = [s for s in EVAL_SPLITS if manifest["splits"].get(s, {}).get("rows")]
-    if "PublicTest" not in splits:
-        raise DataError(f"{plan.data}: no PublicTest faces; the report selects and reports on PublicTest")
+    selection = selection_split(manifest, "auto", str(plan.data))
+    splits = [selection, *untouched_splits(manifest, selection)]
+    if "PublicTest" not in manifest["splits"]:
+        raise DataError(f"{plan.data}: no PublicTest faces; Figures 2 and 4 and the paper's columns need them")
     reuse = [Path(r).absolute() for r in reuse]
     for folder in reuse:
         if not folder.is_dir():
@@ -220,15 +222,17 @@ def run_report(plan: ReportPlan, out: str | Path, reuse: list[Path] = (), echo: 
     info = connect()
     check_shared_paths({"data": plan.data, "report folder": out})
     steps = Steps(info.mode == "cluster" if remote_steps is None else remote_steps)
-    echo(f"report: {plan.name} on {plan.data} ({', '.join(splits)}); {len(plan.runs)} classifiers + SRGAN + ensemble; "
+    echo(f"report: {plan.name} on {plan.data} (selecting on {selection}, testing on {', '.join(splits[1:])}); "
+         f"{len(plan.runs)} classifiers + SRGAN + ensemble; "
          f"out {out}; ray {info.mode}{'; evaluations as Ray tasks' if steps.remote else ''}")
 
     runs_record = obtain_all_runs(plan, out, reuse, echo)
     echo("report: evaluating every model (TTA off and on)")
     evaluations, probs = evaluate_all(plan, runs_record["runs"], runs_record.pop("data_of"), splits, out, steps)
-    from ferray.cli import describe_source
+    from ferray.data.describe import describe_source
 
     record = {"plan": plan.name, "plan_file": str(plan.source), "data": str(plan.data), "splits": splits,
+              "selection_split": selection, "headline_split": headline_split(splits),
               "data_source": describe_source(manifest.get("source", {})), "data_checksum": manifest["checksum"],
               **runs_record, "evaluations": evaluations,
               "models": {k: model_facts(r["best_checkpoint"]) for k, r in runs_record["runs"].items()}}
@@ -251,7 +255,11 @@ def obtain_all_runs(plan: ReportPlan, out: Path, reuse: list[Path], echo: Callab
         results[spec.key] = obtain_run(plan.config(spec.experiment, plan.data), runs, reuse, echo)
         data_of[spec.key] = plan.data
     echo(f"report: [SRGAN] {plan.sr_experiment.name}")
-    srgan = obtain_run(plan.config(plan.sr_experiment, plan.data), runs, reuse, echo, task="sr")
+    sr_cfg = plan.config(plan.sr_experiment, plan.data)
+    if plan.ensemble[0] in results and not sr_cfg.sr.content_checkpoint:
+        # without VGG19's ImageNet weights (content: auto), the content loss uses Model A's features
+        sr_cfg.sr.content_checkpoint = results[plan.ensemble[0]]["best_checkpoint"]
+    srgan = obtain_run(sr_cfg, runs, reuse, echo, task="sr")
     on_sr = [s for s in plan.runs if s.on_sr]
     if not on_sr:
         return {"runs": results, "data_of": data_of, "srgan": srgan, "data_sr": None, "data_sr_reused": False}
@@ -275,6 +283,13 @@ def _run_data(run_dir: Path) -> Path | None:
         return None
 
 
+def headline_split(splits: list[str]) -> str:
+    """The split a report leads with: a test (never the selection split, the first of `splits`),
+    PrivateTest where there is one, as FER2013's own protocol reports."""
+    tests = splits[1:]
+    return "PrivateTest" if "PrivateTest" in tests else (tests[0] if tests else splits[0])
+
+
 def make_figures(plan: ReportPlan, record: dict, probs: dict, figures: Path, out: Path, splits: list[str],
                  steps: Steps, echo: Callable[[str], None]) -> dict:
     from ferray.ensemble import build_bundle, fused_report, write_fused_report
@@ -290,9 +305,10 @@ def make_figures(plan: ReportPlan, record: dict, probs: dict, figures: Path, out
     # The members' probabilities from the evaluations above: B's on the upscaled faces equal what the
     # bundle computes (SR on the fly, rounded to uint8 as `sr upscale` writes), so nothing is run twice.
     bundle = out / "bundle"
+    selection = record["selection_split"]
     card = build_bundle(runs[key_a]["best_checkpoint"], runs[key_b]["best_checkpoint"], record["srgan"]["best_checkpoint"],
-                        plan.data, bundle, overwrite=True, echo=_quiet,
-                        probs=member_probs(probs, key_a, key_b, "PublicTest", "tta"))
+                        plan.data, bundle, split=selection, overwrite=True, echo=_quiet, tests=False,
+                        probs=member_probs(probs, key_a, key_b, selection, "tta"))
     weight, ensemble = card["fusion"]["weight_a"], {}
     for split in splits:
         labels = load_split(plan.data, split)[1]

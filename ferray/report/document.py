@@ -42,42 +42,57 @@ def _q(path) -> str:
 
 
 # ------------------------------------------------------------------------------------------ tables
+def row_label(spec, facts: dict) -> str:
+    """A run's label; "(from scratch)" where its experiment fine-tunes pretrained weights but the run
+    trained without them (its scratch recipe, or a bench without the weights)."""
+    from ferray.config import load_config
+
+    wanted = load_config(spec.experiment).model.pretrained not in ("none", "")
+    return f"{spec.label} (from scratch)" if wanted and facts.get("pretrained") is False else spec.label
+
+
 def table1_rows(plan: ReportPlan, record: dict) -> list[list[str]]:
     splits, rows = record["splits"], []
     for spec in plan.runs:
         facts, evals, paper = record["models"][spec.key], record["evaluations"][spec.key], plan.paper.get(spec.key, {})
-        rows.append([spec.label, count(facts["keras_params"]), str(facts["depth"] or "-"),
-                     *[pct(evals[s][v]["accuracy"]) if s in evals else "n/a" for s in ("PublicTest", "PrivateTest")
-                       for v in ("plain", "tta")],
+        rows.append([row_label(spec, facts), count(facts["keras_params"]), str(facts["depth"] or "-"),
+                     *[pct(evals[s][v]["accuracy"]) if s in evals else "n/a" for s in splits for v in ("plain", "tta")],
                      count(paper.get("params")), str(paper.get("depth", "n/a")),
                      paper_pct(paper.get("PublicTest")), paper_pct(paper.get("PrivateTest"))])
     a, b = plan.ensemble
     ensemble, paper = record["ensemble"], plan.paper.get("ensemble", {})
     params = record["models"][a]["keras_params"] + record["models"][b]["keras_params"]
     rows.append([f"Ensemble ({a} + {b})", count(params), "-",
-                 *[pct(ensemble[s][v]["accuracy"]) if s in ensemble else "n/a" for s in ("PublicTest", "PrivateTest")
-                   for v in ("plain", "tta")],
+                 *[pct(ensemble[s][v]["accuracy"]) if s in ensemble else "n/a" for s in splits for v in ("plain", "tta")],
                  count(paper.get("params")), str(paper.get("depth", "n/a")),
                  paper_pct(paper.get("PublicTest")), paper_pct(paper.get("PrivateTest"))])
     return rows
 
 
-TABLE1_HEADER = ["model", "params", "depth", "PublicTest", "PublicTest TTA", "PrivateTest", "PrivateTest TTA",
-                 "paper params", "paper depth", "paper PublicTest", "paper PrivateTest"]
+def split_label(record: dict, split: str) -> str:
+    """A split's column name: the selection split says so (its figures chose things: not a test)."""
+    return f"{split} (selection)" if split == record.get("selection_split") else split
+
+
+def table1_header(record: dict) -> list[str]:
+    columns = [f"{split_label(record, s)}{v}" for s in record["splits"] for v in ("", " TTA")]
+    return ["model", "params", "depth", *columns, "paper params", "paper depth", "paper PublicTest", "paper PrivateTest"]
 
 
 def per_class_rows(plan: ReportPlan, record: dict) -> tuple[list[str], list[list[str]]]:
-    columns = [(spec.label, record["evaluations"][spec.key]["PublicTest"]["tta"]) for spec in plan.runs]
-    columns += [(f"Ensemble {s}", record["ensemble"][s]["tta"]) for s in record["splits"]]
-    header = ["class", "faces (PublicTest)", *[name for name, _ in columns]]
-    support = record["ensemble"]["PublicTest"]["tta"]["support"]
+    headline = record.get("headline_split", "PublicTest")
+    columns = [(row_label(spec, record["models"][spec.key]), record["evaluations"][spec.key][headline]["tta"]) for spec in plan.runs]
+    columns += [(f"Ensemble {split_label(record, s)}", record["ensemble"][s]["tta"]) for s in record["splits"]]
+    header = ["class", f"faces ({headline})", *[name for name, _ in columns]]
+    support = record["ensemble"][headline]["tta"]["support"]
     rows = [[name, count(support[name]), *[pct(result["per_class"][name]) for _, result in columns]] for name in EMOTIONS]
     return header, rows
 
 
 def run_rows(plan: ReportPlan, record: dict, out: Path) -> list[list[str]]:
     rows = []
-    for label, run in [(s.label, record["runs"][s.key]) for s in plan.runs] + [("SRGAN", record["srgan"])]:
+    labelled = [(row_label(s, record["models"][s.key]), record["runs"][s.key]) for s in plan.runs]
+    for label, run in labelled + [(f"SRGAN ({record['sr_eval']['content_loss']} content loss)", record["srgan"])]:
         metric = "best_eval_psnr" if "best_eval_psnr" in run else "best_eval_acc"
         best = f"{run[metric]:.2f} dB" if metric == "best_eval_psnr" else pct(run[metric])
         rows.append([label, run["model"], str(run["epochs"]), str(run["best_epoch"]), best,
@@ -136,8 +151,14 @@ def build_document(plan: ReportPlan, record: dict, out: Path) -> Document:
     if record.get("made_by"):
         doc.paragraph(f"Made by `{record['made_by']}`, Ray-free on one device; the commands below are the Ray "
                       "path's equivalents (`ferray prepare` the data first).")
-    if "PrivateTest" not in record["splits"]:
-        doc.paragraph("This data has no PrivateTest faces: the PrivateTest columns are n/a.")
+    selection = record.get("selection_split")
+    if selection:
+        tests = [s for s in record["splits"] if s != selection]
+        doc.paragraph(f"Protocol: every choice made from data (best epochs, the fusion weight) was made on "
+                      f"**{selection}**, so its columns are not a test; {', '.join(tests) or 'no split'} "
+                      f"{'was' if len(tests) == 1 else 'were'} never used to choose anything. Headline: "
+                      f"**{record['headline_split']}**. The paper's own columns select on PublicTest and test on "
+                      "PrivateTest.")
     _table1(doc, plan, record)
     _figures(doc, plan, record, out)
     header, rows = per_class_rows(plan, record)
@@ -153,14 +174,14 @@ def build_document(plan: ReportPlan, record: dict, out: Path) -> Document:
 def _table1(doc: Document, plan: ReportPlan, record: dict) -> None:
     fusion = record["fusion"]
     doc.heading("Table 1: accuracy, parameters and depth")
-    doc.table(TABLE1_HEADER, table1_rows(plan, record),
+    doc.table(table1_header(record), table1_rows(plan, record),
               note="Params are counted as a Keras summary totals them (weights + batch-norm moving statistics), "
                    "as the paper counts; depth is weight layers. The paper's VGG figures count the conv base only. "
                    f"Ensemble: w_A = {fusion['weight_a']:.2f} fitted on {fusion['fitted_on']} ({fusion['how']}), the same w "
                    "for the plain and TTA columns; its params are A's plus B's (the SR generator adds "
                    "its own at inference). n/a: not measured here, or not given in the plan's `paper:` section.")
     alternatives = record["fusion_alternatives"]
-    doc.paragraph("Other fusions measured on PublicTest when the bundle was built: " + "; ".join(
+    doc.paragraph(f"Other fusions measured on {fusion['fitted_on']} when the bundle was built: " + "; ".join(
         f"{name} {pct(v['accuracy'])}" for name, v in alternatives.items()) + ".")
 
 

@@ -22,7 +22,11 @@ from pathlib import Path
 
 import yaml
 
-from ferray.config import ConfigError, ExperimentConfig, load_config
+from ferray.config import ConfigError, ExperimentConfig, load_runnable_config
+
+
+def _quiet(_: str) -> None:
+    pass
 
 FIGURE_DEFAULTS = {"crops": 8, "explain_per_class": 2, "sr_faces": 6}
 PAPER_KEYS = {"params", "depth", "PublicTest", "PrivateTest"}
@@ -52,8 +56,9 @@ class ReportPlan:
     paper: dict = field(default_factory=dict)
 
     def config(self, experiment: Path, data: Path) -> ExperimentConfig:
-        """An experiment as this plan runs it: on `data`, with the plan's overrides."""
-        return load_config(experiment, [f"data.path={Path(data).absolute()}", *self.sets])
+        """An experiment as this plan runs it: on `data`, with the plan's overrides (its scratch recipe
+        where its pretrained weights are not on this machine)."""
+        return load_runnable_config(experiment, [f"data.path={Path(data).absolute()}", *self.sets], echo=_quiet)
 
     def run(self, key: str) -> RunSpec:
         return next(r for r in self.runs if r.key == key)

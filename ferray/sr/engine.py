@@ -126,12 +126,24 @@ def evaluate_sr(generator: nn.Module, batches: Iterable, device: torch.device) -
             "ssim_gain": s - bs, "samples": count}
 
 
+ADVERSARIAL_RANK = 1_000_000
+
+
+def sr_choice(epoch: int, adversarial: bool) -> int:
+    """The score the kept generator is chosen by: the last adversarial epoch, else the last epoch.
+    Not PSNR: the pixel-MSE pre-training always has the best PSNR (adversarial training trades PSNR
+    for texture), so choosing by PSNR would throw the SRGAN away and keep an SRResNet."""
+    return epoch + (ADVERSARIAL_RANK if adversarial else 0)
+
+
 def end_sr_epoch(state: SRState, train_metrics: dict, eval_metrics: dict) -> dict:
+    adversarial = state.phase() == "adversarial"  # the phase of the epoch just trained
     state.epoch += 1
     improved = eval_metrics["psnr"] > state.best_psnr
     state.best_psnr = max(state.best_psnr, eval_metrics["psnr"])
     row = {"epoch": state.epoch, **train_metrics, **{f"eval_{k}": v for k, v in eval_metrics.items()},
-           "best_eval_psnr": state.best_psnr, "improved": improved, "content_loss": state.content.kind}
+           "best_eval_psnr": state.best_psnr, "improved": improved, "content_loss": state.content.kind,
+           "sr_choice": sr_choice(state.epoch, adversarial)}
     state.history.append(row)
     return row
 

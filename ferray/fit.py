@@ -1,0 +1,101 @@
+"""The one training loop (Ray-free): epochs -> evaluation on the selection split -> the time budget
+-> whatever the runner does with each epoch.
+
+Every runner calls `fit`: the Ray Train worker (ferray.train, which reports each epoch to Ray with
+a checkpoint), the Tune trials (through it), and the Ray-free GPU benches (through `LocalRun`, which
+keeps the files a Ray run keeps). What differs between them is passed in: how batches come, how the
+evaluation is shared among workers, what an epoch's end does.
+
+    run = LocalRun(run_dir, cfg)
+    result = fit(get_task("classifier"), state, lambda: train_batches, lambda s: task.evaluate(s, val),
+                 steps_per_epoch, on_epoch=run.on_epoch)
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Callable, Iterable
+
+from ferray.engine import planned_epochs
+
+METRICS_FILE = "metrics.jsonl"
+RESULT_FILE = "result.json"
+BEST_FILE = "best.pt"
+LATEST_FILE = "latest.pt"
+
+
+def fit(task, state, train: Callable[[], Iterable], evaluate: Callable[[object], dict], steps_per_epoch: int, *,
+        on_epoch: Callable[[object, dict], None] | None = None, agree: Callable[[int], int] = lambda n: n,
+        workers: int = 1) -> list[dict]:
+    """Train `state` until its planned epochs are done; returns the rows of the epochs trained here.
+
+    `train()` gives one epoch's batches; `evaluate(state)` the selection split's results (every
+    worker must get the same ones); `agree(n)` makes every worker take the same plan (rank 0's);
+    `on_epoch(state, row)` checkpoints, logs and reports. With train.budget_minutes the run is
+    re-planned after each epoch from the epoch times of the whole run (resumes included)."""
+    cfg, rows = state.cfg, []
+    loop_start = time.perf_counter()
+    while state.epoch < task.planned_epochs(state):
+        epoch_start = time.perf_counter()
+        train_metrics = task.train_epoch(state, train(), steps_per_epoch)
+        row = task.end_epoch(state, train_metrics, evaluate(state))
+        row["workers"] = workers
+        row["images_per_s"] = train_metrics["images_per_s"] * workers  # each worker saw its shard
+        row["loop_seconds"] = time.perf_counter() - loop_start
+        row["epoch_seconds"] = time.perf_counter() - epoch_start
+        if cfg.train.budget_minutes > 0:
+            seconds = [r.get("epoch_seconds", 0.0) for r in state.history]
+            task.replan(state, agree(planned_epochs(seconds, cfg.train.budget_minutes * 60, cfg.train.epochs)))
+        row["planned_epochs"] = task.planned_epochs(state)
+        rows.append(row)
+        if on_epoch is not None:
+            on_epoch(state, row)
+    return rows
+
+
+class LocalRun:
+    """A run folder written as `ferray train` writes one, without Ray: config.yaml, metrics.jsonl,
+    best.pt (by the task's metric on the selection split), latest.pt and result.json, the last two
+    rewritten after every epoch so a run killed at any moment keeps what it measured."""
+
+    def __init__(self, run_dir: str | Path, task, cfg, facts: dict | None = None, echo: Callable[[str], None] = print):
+        from ferray.config import dump_yaml
+
+        self.run_dir, self.task, self.cfg, self.echo = Path(run_dir), task, cfg, echo
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "config.yaml").write_text(dump_yaml(cfg))
+        (self.run_dir / METRICS_FILE).write_text("")
+        self.facts = dict(facts or {})
+        self.best: dict | None = None
+        self.started = time.perf_counter()
+
+    def on_epoch(self, state, row: dict) -> None:
+        with open(self.run_dir / METRICS_FILE, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        self.task.save(self.run_dir / LATEST_FILE, state, row)
+        if self.best is None or row[self.task.select_by] > self.best[self.task.select_by]:
+            self.best = row
+            self.task.save(self.run_dir / BEST_FILE, state, row)
+        self.echo(self.task.format_epoch(row, self.cfg))
+        self.write_result(state)
+
+    def write_result(self, state, **extra) -> dict:
+        """result.json as `ferray train` writes it (plus `extra`, e.g. test evaluations)."""
+        self.facts.update(extra)
+        best = self.best or {}
+        history = state.history
+        summary = {
+            "name": self.run_dir.name, "task": self.task.name,
+            "model": "srgan" if self.task.name == "sr" else self.cfg.model.name,
+            "run_dir": str(self.run_dir), "best_checkpoint": str(self.run_dir / BEST_FILE),
+            "best_epoch": best.get("epoch"), f"best_{self.task.metric}": best.get(self.task.metric),
+            "selection_split": self.cfg.data.selection_split, "epochs": state.epoch,
+            "planned_epochs": self.task.planned_epochs(state),
+            "seconds": round(time.perf_counter() - self.started, 1),
+            "train_seconds": round(sum(r.get("epoch_seconds", 0.0) for r in history), 1),
+            "budget_minutes": self.cfg.train.budget_minutes or None, "workers": 1, **self.facts,
+        }
+        (self.run_dir / RESULT_FILE).write_text(json.dumps(summary, indent=2, default=str) + "\n")
+        return summary

@@ -1,0 +1,114 @@
+"""Selection never touches a test split: with a test split's labels shuffled, every choice made from
+data stays the same (the kept checkpoint, the fusion weight, the SR generator, Tune's best trial),
+while the test figures change (so the shuffle was real)."""
+
+import shutil
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from ferray.data.carve import carve_and_shuffle
+from ferray.data.contract import faces_table, load_split, read_split, split_dir
+from ferray.data.synth import SynthSpec, synthesize
+
+
+def shuffle_labels(root, split: str, seed: int = 0) -> None:
+    table = read_split(root, split)
+    labels = np.random.default_rng(seed).permutation(table.column("label").to_numpy())
+    images = load_split(root, split)[0]  # sorted by id, as the table is below
+    table = table.sort_by("id")
+    for f in split_dir(root, split).glob("*.parquet"):
+        f.unlink()
+    pq.write_table(faces_table(table.column("id").to_pylist(), labels, images), split_dir(root, split) / "part-0.parquet")
+
+
+@pytest.fixture(scope="module")
+def twin_data(tmp_path_factory):
+    """(data, the same data with PublicTest's labels shuffled): no PrivateTest, so Validation selects."""
+    root = tmp_path_factory.mktemp("protocol")
+    data = root / "data"
+    synthesize(data, SynthSpec(n=700, seed=4))
+    shutil.rmtree(split_dir(data, "PrivateTest"))
+    carve_and_shuffle(data, 0.15, seed=0)
+    rigged = root / "rigged"
+    shutil.copytree(data, rigged)
+    shuffle_labels(rigged, "PublicTest")
+    from ferray.data.contract import build_manifest, read_manifest, write_manifest
+
+    for folder in (data, rigged):  # manifests that describe what is on disk
+        write_manifest(folder, build_manifest(folder, source=read_manifest(folder)["source"]))
+    assert not np.array_equal(load_split(data, "PublicTest")[1], load_split(rigged, "PublicTest")[1])
+    return data, rigged
+
+
+def test_the_core_loop_and_the_fusion_ignore_the_test_split(twin_data, tmp_path):
+    from ferray.config import load_config
+    from ferray.data.contract import read_manifest, selection_split
+    from ferray.data.memory import load_faces
+    from ferray.ensemble import build_bundle
+    from ferray.local import train_local
+
+    kept, cards = [], []
+    for name, data in zip(("data", "rigged"), twin_data):
+        assert selection_split(read_manifest(data)) == "Validation"
+        splits = load_faces(data)
+        for member in ("a", "b"):
+            cfg = load_config(None, ["model.name=xception_a_tiny", "train.epochs=3", "train.batch_size=32",
+                                     "optim.lr=0.003", f"train.seed={ord(member)}", "data.selection_split=Validation",
+                                     f"data.path={data}"])
+            state, run = train_local(cfg, splits["Training"], splits["Validation"], torch.device("cpu"),
+                                     tmp_path / name / member, echo=lambda _: None)
+            kept.append((name, member, run.best["epoch"], {k: v.clone() for k, v in state.core.state_dict().items()}))
+        cards.append(build_bundle(tmp_path / name / "a" / "best.pt", tmp_path / name / "b" / "best.pt", None, data,
+                                  tmp_path / name / "bundle", tta=False, echo=lambda _: None))
+    for (_, member, epoch, weights), (_, member2, epoch2, weights2) in zip(kept[:2], kept[2:]):
+        assert member == member2 and epoch == epoch2 and all(torch.equal(weights[k], weights2[k]) for k in weights)
+    plain, rigged = cards
+    assert plain["selection_split"] == rigged["selection_split"] == "Validation"
+    assert plain["fusion"] == rigged["fusion"] and plain["accuracy"] == rigged["accuracy"]
+    assert plain["evaluations"]["PublicTest"] != rigged["evaluations"]["PublicTest"]  # the test did see the shuffle
+
+
+@pytest.mark.slow
+def test_train_sr_and_tune_ignore_the_test_split(ray_session, twin_data, tmp_path):
+    import yaml
+
+    from ferray.config import load_config
+    from ferray.engine import load_checkpoint
+    from ferray.train import run_training
+    from ferray.tune import load_search, run_search
+
+    experiments = __import__("pathlib").Path(__file__).resolve().parents[1] / "experiments"
+    outcomes = []
+    for name, data in zip(("data", "rigged"), twin_data):
+        quiet = dict(echo=lambda _: None)
+        common = [f"data.path={data}", "scaling.workers=1", "scaling.cpus_per_worker=1", "train.batch_size=32"]
+        run = run_training(load_config(experiments / "debug_a.yaml", [*common, "train.epochs=2"]), tmp_path / name, **quiet)
+        sr = run_training(load_config(experiments / "debug_srgan.yaml", [*common, "train.epochs=2", "sr.pretrain_epochs=1",
+                                                                          "sr.content=mse", "sr.generator_blocks=1"]),
+                          tmp_path / name, task="sr", **quiet)
+        search = tmp_path / name / "s.yaml"
+        search.write_text(yaml.safe_dump({"experiment": str(experiments / "debug_a.yaml"), "set": ["train.epochs=1"],
+                                          "search": {"samples": 2, "max_concurrent": 1, "seed": 0, "asha": "off",
+                                                     "space": {"optim.lr": {"distribution": "loguniform",
+                                                                            "low": 1e-3, "high": 0.01}}}}))
+        tuned = run_search(load_search(search, common), tmp_path / name / "tune", **quiet)
+        outcomes.append({
+            "selection": (run["selection_split"], tuned["selection_split"]),
+            "best_epoch": run["best_epoch"], "best_acc": run["best_eval_acc"],
+            "weights": load_checkpoint(run["best_checkpoint"])["model"],
+            "sr_epoch": sr["best_epoch"], "sr_psnr": sr["best_eval_psnr"],
+            "tune_best": (tuned["best"]["trial"].split("_")[-1], tuned["best"]["optim.lr"], tuned["best"]["eval_acc"]),
+        })
+    plain, rigged = outcomes
+    assert plain["selection"] == rigged["selection"] == ("Validation", "Validation")
+    assert sr_last_adversarial(plain) and plain["sr_epoch"] == rigged["sr_epoch"] and plain["sr_psnr"] == rigged["sr_psnr"]
+    assert (plain["best_epoch"], plain["best_acc"]) == (rigged["best_epoch"], rigged["best_acc"])
+    assert all(torch.equal(plain["weights"][k], rigged["weights"][k]) for k in plain["weights"])
+    assert plain["tune_best"][1:] == rigged["tune_best"][1:]
+
+
+def sr_last_adversarial(outcome) -> bool:
+    return outcome["sr_epoch"] == 2  # one pre-training epoch, then the adversarial one is kept

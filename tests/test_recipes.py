@@ -1,0 +1,89 @@
+"""The recipes: fine-tuning never on random weights, the scratch fallback, the SR generator kept,
+compilation that falls back to eager (Ray-free)."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from ferray.config import ConfigError, load_config, load_runnable_config
+from ferray.models import build_model, num_params
+
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+
+
+@pytest.fixture()
+def no_weights(tmp_path):
+    """A torch hub folder with no cached weights in it."""
+    previous = torch.hub.get_dir()
+    torch.hub.set_dir(str(tmp_path / "hub"))
+    yield
+    torch.hub.set_dir(previous)
+
+
+def test_the_fine_tuning_recipe_refuses_random_weights():
+    with pytest.raises(ConfigError, match="fine-tuning recipe"):
+        load_config(EXPERIMENTS / "model_b.yaml", ["model.pretrained=none"])
+    assert load_config(EXPERIMENTS / "model_b.yaml", ["model.pretrained=none", "optim.backbone_lr_ratio=1"])
+
+
+def test_missing_weights_switch_to_the_scratch_recipe(no_weights):
+    said = []
+    cfg = load_runnable_config(EXPERIMENTS / "model_b.yaml", ["data.path=/data/sr", "train.epochs=3"], echo=said.append)
+    assert cfg.name == "model_b_scratch" and cfg.model.name == "resnet50_b_scratch" and cfg.model.pretrained == "none"
+    assert cfg.optim.backbone_lr_ratio == 1.0 and (cfg.data.path, cfg.train.epochs) == ("/data/sr", 3)
+    assert "not on this machine" in said[0] and "model_b_scratch.yaml" in said[0]
+
+
+def test_missing_weights_without_a_scratch_recipe_name_the_file(no_weights):
+    with pytest.raises(ConfigError, match="model_b_bicubic.yaml: model.pretrained=imagenet: resnet50's ImageNet weights"):
+        load_runnable_config(EXPERIMENTS / "model_b_bicubic.yaml")
+    with pytest.raises(ConfigError, match="model.name: .*unknown model 'resnet51'"):
+        load_runnable_config(EXPERIMENTS / "model_b.yaml", ["model.name=resnet51"])
+
+
+def test_the_scratch_model_has_a_stem_for_small_faces():
+    model = build_model("resnet50_b_scratch").eval()
+    # resnet50_b less its 7x7 one-channel stem (3,136), plus a 3x3 one (576)
+    assert num_params(model) == 23_516_103 - 3_136 + 576 == 23_513_543
+    stem = model.backbone.conv1
+    assert stem.kernel_size == (3, 3) and stem.stride == (2, 2) and isinstance(model.backbone.maxpool, torch.nn.Identity)
+    logits = model(torch.rand(2, 1, 88, 88))
+    assert logits.shape == (2, 7) and torch.isfinite(logits).all()
+    with pytest.raises(ValueError, match="no pretrained weights"):
+        build_model("resnet50_b_scratch", pretrained=__file__)
+
+
+def test_the_kept_generator_is_the_adversarial_one(tmp_path, synth_faces):
+    """PSNR favors the pixel-MSE pre-training; the run must keep the adversarial generator."""
+    from ferray.data.memory import Faces
+    from ferray.local import train_local
+    from ferray.sr.engine import sr_choice
+
+    assert sr_choice(2, adversarial=True) > sr_choice(9, adversarial=False) and sr_choice(3, True) > sr_choice(2, True)
+    images, labels, _ = synth_faces
+    faces = Faces(images[:64], labels[:64], [str(i) for i in range(64)])
+    cfg = load_config(EXPERIMENTS / "debug_srgan.yaml", ["sr.generator_channels=8", "sr.generator_blocks=1",
+                                                          "sr.discriminator_channels=8", "sr.pretrain_epochs=2",
+                                                          "train.epochs=3", "sr.content=mse"])
+    state, run = train_local(cfg, faces, faces, torch.device("cpu"), tmp_path / "sr", task_name="sr", echo=lambda _: None)
+    rows = state.history
+    assert [r["phase"] for r in rows] == ["pretrain", "pretrain", "adversarial"] or rows[-1]["sr_choice"] > 10**6
+    assert run.best["epoch"] == 3
+    assert torch.load(tmp_path / "sr" / "best.pt", weights_only=True)["epoch"] == 3
+
+
+def test_compilation_falls_back_to_eager(monkeypatch):
+    from ferray import engine
+
+    def broken_compile(model, **_):
+        def run(*args, **kwargs):
+            raise RuntimeError("no C++ compiler here")
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    model = build_model("xception_a_tiny").eval()
+    wrapped = engine.compiled(model)
+    x = torch.rand(2, 1, 44, 44)
+    assert torch.equal(wrapped(x), model(x)) and "no C++ compiler" in wrapped.fallback
+    assert engine.unwrap(wrapped) is model  # checkpoints and evaluation see the bare model
