@@ -49,9 +49,7 @@ def load_data(args, out: Path) -> tuple[dict, dict]:
     the test splits (the untouched ones, plus --private's PrivateTest). --smoke: random subsets, and
     a PrivateTest CSV made from PublicTest faces when --private is not given, so its path runs too."""
     from ferray.data.contract import selection_split
-    from ferray.data.memory import load_private
-
-    from ferray.data.memory import load_faces
+    from ferray.data.memory import load_faces, load_private
 
     data = find_fer2013(args.data)
     if data is None:

@@ -1,7 +1,7 @@
 """The default model's cost on the CPU: one face, one face with ten-crop TTA, and a batch of 256,
 each in fp32 and on the fast path, in one run.
 
-    python bench/cpu_infer.py [--bundle default] [--threads 2] [--repeats 30]
+    python -m bench.cpu_infer [--bundle default] [--threads 2] [--repeats 30]
 
 Times ferray's own inference (Ensemble.probs_a: preprocessing, the views, the model, softmax) on
 random 48x48 faces, after warm-up: the median of --repeats calls for the single faces, the best

@@ -1,6 +1,6 @@
 """Model A's training step on the CPU: fp32 against the fast path ferray picks, in one run.
 
-    python bench/cpu_train.py [--steps 12] [--threads 2] [--model xception_a] [--batch 64]
+    python -m bench.cpu_train [--steps 12] [--threads 2] [--model xception_a] [--batch 64]
 
 The same engine step (ferray.engine.train_one_epoch: augmentation, forward, joint loss, backward,
 AdaMax, center update) on the same random faces, timed after warm-up steps:

@@ -118,11 +118,11 @@ def _quiet(_: str) -> None:
 def assemble(plan, out: Path, faces: dict, selection: str, runs, srgan, evaluations, probs, cores, configs, generator,
              device) -> dict:
     """The record `ferray report` builds, from this process's runs: ensemble, figures, hardware."""
+    from ferray.distributed.report import hardware, headline_split, model_facts
     from ferray.ensemble import fit_fusion, fused_report, write_fused_report
     from ferray.explain import explain_grid
     from ferray.figures import plot_crops
     from ferray.metrics import plot_confusion
-    from ferray.report.build import hardware, headline_split, model_facts
     from ferray.sr.evaluation import sr_report
 
     key_a, key_b = plan.ensemble

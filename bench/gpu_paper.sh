@@ -6,4 +6,4 @@
 #   bash bench/gpu_paper.sh --smoke            # a CPU check of the script (a subset, tiny models)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-exec python bench/gpu_paper.py "$@"
+exec python -m bench.gpu_paper "$@"

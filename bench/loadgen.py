@@ -77,7 +77,7 @@ def run_load(url: str, bodies: list[bytes], clients: int, seconds: float, path: 
 def face_bodies(n: int = 64, seed: int = 0) -> list[bytes]:
     """PNG bytes of synthetic 48x48 faces."""
     from ferray.data.synth import SynthSpec, generate
-    from ferray.serving import png_bytes
+    from ferray.testing import png_bytes
 
     images = generate(SynthSpec(n=max(n, 7), seed=seed))[0]
     return [png_bytes(face) for face in images[:n]]

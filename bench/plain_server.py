@@ -2,14 +2,10 @@
 one request at a time (the handler runs the models synchronously on the event loop), every core
 given to torch. Same decoding and answer code as the Serve app (ferray.predict).
 
-    python bench/plain_server.py --bundle BUNDLE --port PORT
+    python -m bench.plain_server --bundle BUNDLE --port PORT
 """
 
 import argparse
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def make_app(bundle: str):

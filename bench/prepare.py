@@ -1,6 +1,6 @@
 """Benchmark `ferray prepare` against the loader most FER2013 repositories use, in one run.
 
-    python bench/prepare.py [--fer2013 ../shared/data/fer2013] [--work .cache/bench]
+    python -m bench.prepare [--fer2013 ../shared/data/fer2013] [--work .cache/bench]
 
 Both sources come from the shared FER2013 image folder: the folder itself, and a Kaggle-style
 fer2013.csv that this script writes from it once (cached under --work, never in git).
@@ -92,9 +92,9 @@ def timed(fn, *args, **kwargs):
 # ------------------------------------------------------------------------------------ sources
 def write_fer2013_csv(folder: Path, path: Path) -> int:
     """A Kaggle-style fer2013.csv with the folder's faces (Ray-free, via ferray's own decoder)."""
+    from ferray.data.contract import pixels_to_images
     from ferray.data.records import decode_unit
     from ferray.data.sources import open_source
-    from ferray.data.contract import pixels_to_images
     from ferray.data.synth import write_csv
 
     images, labels, splits = [], [], []
@@ -139,9 +139,9 @@ def baseline_folder(root: Path) -> np.ndarray:
 # -------------------------------------------------------------------------------------- ferray
 def start_ray(scratch: Path) -> None:
     """ray.init, then a few tiny prepares so that every worker process exists and has imported ferray."""
-    from ferray.data.prepare import prepare
     from ferray.data.synth import SynthSpec, synthesize
-    from ferray.runtime import connect
+    from ferray.distributed.prepare import prepare
+    from ferray.distributed.runtime import connect
 
     info = connect(progress=False)
     synthesize(scratch / "warm", SynthSpec(n=70), fmt="folder")
@@ -179,7 +179,7 @@ def _wait_for_settled_processes(quiet_s: float = 2.0, limit_s: float = 30.0) -> 
 
 
 def ferray_prepare(source: Path, out: Path) -> dict:
-    from ferray.data.prepare import prepare
+    from ferray.distributed.prepare import prepare
 
     return prepare(source, out, overwrite=True, echo=lambda _: None)
 

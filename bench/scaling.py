@@ -1,7 +1,7 @@
 """Data-parallel scaling of `ferray train`: 1 and 2 workers on two simulated nodes of this machine,
 and an estimate of epoch times on 1, 4 and 16 GPUs.
 
-    python bench/scaling.py [--model xception_a] [--n 1400] [--epochs 3]
+    python -m bench.scaling [--model xception_a] [--n 1400] [--epochs 3]
 
 A Ray cluster of a head (1 CPU, for Ray Data) and two worker nodes (1 CPU each) is started on
 this machine with ray.cluster_utils.Cluster. The same training epochs run with 1 worker and with
@@ -26,13 +26,12 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 FER_TRAIN = 28_709
 
 
 def run(workers: int, data: Path, out: Path, args) -> dict:
     from ferray.config import load_config
-    from ferray.train import run_training
+    from ferray.distributed.train import run_training
 
     cfg = load_config(REPO / "experiments" / "debug_a.yaml", [
         f"data.path={data}", f"model.name={args.model}", f"train.epochs={args.epochs}",
@@ -73,8 +72,8 @@ def main() -> int:
     from ray.cluster_utils import Cluster
 
     from ferray.data.synth import SynthSpec, synthesize
+    from ferray.distributed.runtime import connect
     from ferray.models import build_model, num_params
-    from ferray.runtime import connect
 
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": True,

@@ -1,6 +1,6 @@
 """The Serve app under load while replicas are killed: errors and recovery time.
 
-    python bench/serve_faults.py [--bundle BUNDLE] [--clients 8] [--seconds 40]
+    python -m bench.serve_faults [--bundle BUNDLE] [--clients 8] [--seconds 40]
 
 N clients POST faces to /predict for T seconds. At T/4 a Model B replica is killed (ray.kill, as a
 crashed process would die), at T/2 a Model A replica. For each kill it prints: the requests that
@@ -16,11 +16,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "bench"))
-
-from loadgen import face_bodies, run_load  # noqa: E402
+from bench.loadgen import face_bodies, run_load
 
 
 def replica_names(deployment: str) -> list[str]:
@@ -41,8 +37,8 @@ def main() -> int:
     from ray import serve
 
     from ferray.data.synth import SynthSpec, synthesize
-    from ferray.serving import free_port, start
-    from ferray.testing import untrained_bundle
+    from ferray.distributed.serving import start
+    from ferray.testing import free_port, untrained_bundle
 
     with tempfile.TemporaryDirectory() as tmp:
         bundle = args.bundle

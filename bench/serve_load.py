@@ -1,6 +1,6 @@
 """Serving throughput and latency under a bounded load on 127.0.0.1.
 
-    python bench/serve_load.py [--bundle BUNDLE] [--clients 16] [--seconds 20]
+    python -m bench.serve_load [--bundle BUNDLE] [--clients 16] [--seconds 20]
 
 N concurrent clients POST 48x48 face PNGs to /predict for T seconds (after a warm-up), against
   (a) the Serve app of serve/config.yaml, batching on (@serve.batch, max_batch_size from the config);
@@ -25,11 +25,9 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "bench"))
+from bench.loadgen import HEADER, face_bodies, format_row, run_load
 
-from loadgen import HEADER, face_bodies, format_row, run_load  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 
 def sr_share(bundle: Path) -> str:
@@ -59,7 +57,8 @@ def sr_share(bundle: Path) -> str:
 def serve_phase(name, bundle, overrides, bodies, args) -> dict:
     from ray import serve
 
-    from ferray.serving import free_port, start
+    from ferray.distributed.serving import start
+    from ferray.testing import free_port
 
     url = start(bundle, port=free_port(), overrides=overrides)
     try:
@@ -70,11 +69,12 @@ def serve_phase(name, bundle, overrides, bodies, args) -> dict:
 
 
 def plain_phase(bundle, bodies, args) -> dict:
-    from ferray.serving import free_port, wait_healthy
+    from ferray.distributed.serving import wait_healthy
+    from ferray.testing import free_port
 
     port = free_port()
-    process = subprocess.Popen([sys.executable, str(REPO / "bench" / "plain_server.py"), "--bundle", str(bundle),
-                                "--port", str(port)])
+    process = subprocess.Popen([sys.executable, "-m", "bench.plain_server", "--bundle", str(bundle),
+                                "--port", str(port)], cwd=REPO)
     try:
         url = f"http://127.0.0.1:{port}"
         wait_healthy(url, 120)
@@ -96,7 +96,7 @@ def main() -> int:
     args = parser.parse_args()
 
     from ferray.data.synth import SynthSpec, synthesize
-    from ferray.runtime import connect
+    from ferray.distributed.runtime import connect
     from ferray.testing import untrained_bundle
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -1,6 +1,6 @@
 """How much better than bicubic the SR generator gets at 24 -> 48, after a short training.
 
-    python bench/sr_quality.py [--data ../shared/data/fer2013] [--epochs 3] [--channels 32] [--blocks 6]
+    python -m bench.sr_quality [--data ../shared/data/fer2013] [--epochs 3] [--channels 32] [--blocks 6]
 
 Trains the SRResNet generator (pixel MSE, the pre-training phase of `ferray sr train`, which is
 what PSNR rewards) on FER2013 Training with the Ray-free engine, and prints PSNR and SSIM of SR and
@@ -17,9 +17,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 
 def main() -> int:

@@ -1,8 +1,9 @@
 """What Ray Train costs over the bare engine: the same epochs on the same data, both ways.
 
-    python bench/train_overhead.py [--epochs 4] [--n 2800] [--model xception_a_tiny] [--threads 2]
+    python -m bench.train_overhead [--epochs 4] [--n 2800] [--model xception_a_tiny] [--threads 2]
 
-Bare: the engine's loop in this process (train epoch, evaluation, checkpoint file each epoch).
+Bare: the core loop in this process (ferray.fit through ferray.local: train epoch, evaluation,
+checkpoint and metrics files each epoch).
 Ray Train: `ferray train`'s TorchTrainer with one worker of --threads CPUs, same config, same
 synthetic faces (written once as a prepared dataset). Both are timed from the start of their
 first epoch to the end of their last (worker start-up and data loading excluded, reported apart),
@@ -31,29 +32,21 @@ def config(data: Path, args):
 
 
 def bare(cfg, folder: Path) -> tuple[float, int, float]:
-    from ferray import engine
-    from ferray.data.contract import load_split
+    """The core loop alone (ferray.local: ferray.fit + a run folder), on the same split files."""
+    from ferray.data.memory import load_faces
+    from ferray.local import train_local
 
     torch.set_num_threads(int(cfg.scaling.cpus_per_worker))
-    device = torch.device("cpu")
-    x, y, _ = load_split(cfg.data.path, cfg.data.train_split)
-    xe, ye, _ = load_split(cfg.data.path, cfg.data.selection_split)
-    train = engine.TensorBatches(torch.from_numpy(x), torch.from_numpy(y), cfg.train.batch_size, seed=cfg.train.seed)
-    test = engine.TensorBatches(torch.from_numpy(xe), torch.from_numpy(ye), cfg.train.eval_batch_size,
-                                shuffle=False, drop_last=False)
-    state = engine.build_state(cfg, device)
-    images, t0 = 0, time.perf_counter()
-    for _ in range(cfg.train.epochs):
-        metrics = engine.train_one_epoch(state, train, len(train))
-        evaluation = engine.evaluate(state.model, test, cfg.augment.crop, False, device)
-        row = engine.end_epoch(state, metrics, evaluation)
-        engine.save_checkpoint(folder / "bare.pt", state, row)
-        images += metrics["train_images"]
-    return time.perf_counter() - t0, images, state.best_accuracy
+    splits = load_faces(cfg.data.path)
+    cfg.data.selection_split = "PublicTest"  # synthetic data has PrivateTest: FER2013's protocol
+    state, run = train_local(cfg, splits[cfg.data.train_split], splits["PublicTest"], torch.device("cpu"),
+                             folder / "bare", echo=lambda _: None)
+    rows = state.history
+    return rows[-1]["loop_seconds"], sum(r["train_images"] for r in rows), run.best["eval_acc"]
 
 
 def ray_train(cfg, folder: Path) -> tuple[float, int, float, float]:
-    from ferray.train import run_training
+    from ferray.distributed.train import run_training
 
     t0 = time.perf_counter()
     result = run_training(cfg, folder, name="overhead", echo=lambda _: None)
@@ -71,7 +64,7 @@ def main() -> int:
     args = parser.parse_args()
 
     from ferray.data.synth import SynthSpec, synthesize
-    from ferray.runtime import connect
+    from ferray.distributed.runtime import connect
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)

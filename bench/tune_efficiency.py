@@ -1,6 +1,6 @@
 """What ASHA saves: the same budget of trials with and without early stopping.
 
-    python bench/tune_efficiency.py [--samples 6] [--epochs 4] [--n 1400]
+    python -m bench.tune_efficiency [--samples 6] [--epochs 4] [--n 1400]
 
 Runs experiments/debug_tune.yaml (Model A's layout at 1/8 width, lr and center-loss lambda by
 Optuna TPE with the same seed) on synthetic faces twice: with ASHA (grace period 1, reduction
@@ -26,7 +26,7 @@ def main() -> int:
     args = parser.parse_args()
 
     from ferray.data.synth import SynthSpec, synthesize
-    from ferray.tune import load_search, run_search
+    from ferray.distributed.tune import load_search, run_search
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -1,6 +1,6 @@
 """`ferray sr upscale` throughput: 1 and 2 actors, against a plain single-process loop.
 
-    python bench/upscale_scaling.py [--n 4000] [--channels 32] [--blocks 4] [--batch-size 128]
+    python -m bench.upscale_scaling [--n 4000] [--channels 32] [--blocks 4] [--batch-size 128]
 
 The same generator (a checkpoint written by this script; throughput does not depend on the
 weights) upscales the same prepared synthetic faces 48 -> 96: through the Ray Data actor pool with
@@ -21,9 +21,6 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
 
 def write_generator(path: Path, channels: int, blocks: int) -> None:
     from ferray.config import load_config
@@ -43,9 +40,9 @@ def main() -> int:
     args = parser.parse_args()
 
     from ferray.data.synth import SynthSpec, synthesize
-    from ferray.runtime import connect
+    from ferray.distributed.runtime import connect
+    from ferray.distributed.upscale import upscale
     from ferray.sr.inference import upscale_local
-    from ferray.upscale import upscale
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

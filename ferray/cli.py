@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from ferray import __version__
+from ferray.errors import UsageError
 
 EPILOG = """\
 stages: synth | prepare -> sr train -> sr upscale -> train / tune -> evaluate -> ensemble -> serve / predict
@@ -120,16 +121,36 @@ def _add_train(sub) -> None:
                        "restarted from the latest checkpoint. The run folder OUT/NAME holds config.yaml, "
                        "metrics.jsonl, TensorBoard events, Ray's checkpoints, best.pt and result.json.")
     p.add_argument("experiment", type=Path, help="an experiments/*.yaml file")
-    p.add_argument("--data", help="prepared data folder (overrides data.path)")
-    p.add_argument("--workers", type=int, help="data-parallel workers (overrides scaling.workers)")
-    p.add_argument("--gpus-per-worker", type=float, help="GPUs per worker (overrides scaling.gpus_per_worker)")
-    p.add_argument("--epochs", type=int, help="epochs (overrides train.epochs)")
-    p.add_argument("--out", type=Path, default=Path("runs"), help="folder of runs (default: ./runs)")
-    p.add_argument("--name", help="run name (default: the experiment's name)")
-    p.add_argument("--resume", action="store_true", help="continue the interrupted run OUT/NAME from its latest checkpoint")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override any config value, e.g. --set optim.lr=0.003 (repeatable)")
+    _run_flags(p, "run", "--workers", "data-parallel workers", "epochs", "e.g. --set optim.lr=0.003")
     p.set_defaults(func=cmd_train)
+
+
+# Flags shared by the commands that train (train, sr train, tune): each maps onto one config key.
+RUN_FLAGS = {"data": "data.path", "workers": "scaling.workers", "workers_per_trial": "scaling.workers",
+             "gpus_per_worker": "scaling.gpus_per_worker", "epochs": "train.epochs"}
+
+
+def _run_flags(p, what: str, workers_flag: str, workers_help: str, epochs_help: str, set_example: str) -> None:
+    p.add_argument("--data", help="prepared data folder (overrides data.path)")
+    p.add_argument(workers_flag, type=int, help=f"{workers_help} (overrides scaling.workers)")
+    p.add_argument("--gpus-per-worker", type=float, help="GPUs per worker (overrides scaling.gpus_per_worker)")
+    p.add_argument("--epochs", type=int, help=f"{epochs_help} (overrides train.epochs)")
+    p.add_argument("--out", type=Path, default=Path("runs"), help="folder of runs (default: ./runs)")
+    p.add_argument("--name", help=f"{what} name (default: the file's name)")
+    p.add_argument("--resume", action="store_true", help=f"continue the interrupted {what} OUT/NAME without repeating "
+                   "what finished")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help=f"override any config value, {set_example} (repeatable)")
+
+
+def _flag_overrides(args) -> list[str]:
+    """--set values, then the dedicated flags given (each the override of its config key)."""
+    overrides = list(args.overrides)
+    for flag, key in RUN_FLAGS.items():
+        value = getattr(args, flag, None)
+        if value is not None:
+            overrides.append(f"{key}={value}")
+    return overrides
 
 
 def _add_evaluate(sub) -> None:
@@ -216,15 +237,8 @@ def _add_sr(sub) -> None:
                          "adversarially (content + 1e-3 adversarial loss), through Ray Train like `ferray train` "
                          "(checkpoints, --resume, metrics.jsonl). The run records which content loss was used.")
     t.add_argument("experiment", type=Path, help="an experiments/*srgan*.yaml file")
-    t.add_argument("--data", help="prepared 48x48 data (overrides data.path)")
-    t.add_argument("--workers", type=int, help="data-parallel workers")
-    t.add_argument("--gpus-per-worker", type=float, help="GPUs per worker")
-    t.add_argument("--epochs", type=int, help="total epochs, pre-training included (overrides train.epochs)")
-    t.add_argument("--out", type=Path, default=Path("runs"), help="folder of runs (default: ./runs)")
-    t.add_argument("--name", help="run name (default: the experiment's name)")
-    t.add_argument("--resume", action="store_true", help="continue the interrupted run OUT/NAME")
-    t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override any config value, e.g. --set sr.content=mse (repeatable)")
+    _run_flags(t, "run", "--workers", "data-parallel workers", "total epochs, pre-training included",
+               "e.g. --set sr.content=mse")
     t.set_defaults(func=cmd_sr_train)
     u = srsub.add_parser("upscale", formatter_class=_formatter, help="upscale a prepared dataset 48 -> 96",
                          description="Apply the generator to every split 48 -> 96 with Ray Data map_batches over "
@@ -261,15 +275,8 @@ def _add_tune(sub) -> None:
     p.add_argument("search", type=Path, help="a search file, e.g. experiments/tune_a.yaml")
     p.add_argument("--samples", type=int, help="number of trials (overrides search.samples)")
     p.add_argument("--max-concurrent", type=int, help="trials at a time (default: what the resources allow)")
-    p.add_argument("--workers-per-trial", type=int, help="Ray Train workers per trial (overrides scaling.workers)")
-    p.add_argument("--gpus-per-worker", type=float, help="GPUs per worker (overrides scaling.gpus_per_worker)")
-    p.add_argument("--data", help="prepared data folder (overrides data.path)")
-    p.add_argument("--epochs", type=int, help="epochs per trial (overrides train.epochs; ASHA's max_t)")
-    p.add_argument("--out", type=Path, default=Path("runs"), help="folder of runs (default: ./runs)")
-    p.add_argument("--name", help="search name (default: the search file's name)")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted search without repeating finished trials")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a value of the base experiment (repeatable)")
+    _run_flags(p, "search", "--workers-per-trial", "Ray Train workers per trial", "epochs per trial (ASHA's max_t)",
+               "of the base experiment, e.g. --set train.batch_size=32")
     p.set_defaults(func=cmd_tune)
 
 
@@ -330,17 +337,11 @@ def _add_report(sub) -> None:
 def experiment_config(args):
     from ferray.config import load_runnable_config
 
-    overrides = list(args.overrides)
-    for flag, key in (("data", "data.path"), ("workers", "scaling.workers"),
-                      ("gpus_per_worker", "scaling.gpus_per_worker"), ("epochs", "train.epochs")):
-        value = getattr(args, flag, None)
-        if value is not None:
-            overrides.append(f"{key}={value}")
-    return load_runnable_config(args.experiment, overrides, echo=_echo)
+    return load_runnable_config(args.experiment, _flag_overrides(args), echo=_echo)
 
 
 def cmd_train(args) -> int:
-    from ferray.train import run_training
+    from ferray.distributed.train import run_training
 
     cfg = experiment_config(args)
     run_training(cfg, args.out, name=args.name, resume=args.resume, echo=_echo)
@@ -348,14 +349,14 @@ def cmd_train(args) -> int:
 
 
 def cmd_sr_train(args) -> int:
-    from ferray.train import run_training
+    from ferray.distributed.train import run_training
 
     run_training(experiment_config(args), args.out, name=args.name, resume=args.resume, echo=_echo, task="sr")
     return 0
 
 
 def cmd_sr_upscale(args) -> int:
-    from ferray.upscale import upscale
+    from ferray.distributed.upscale import upscale
 
     manifest = upscale(args.data, args.out, args.method, str(args.checkpoint) if args.checkpoint else None,
                        args.actors, args.gpus_per_actor, args.batch_size, args.overwrite, echo=_echo,
@@ -372,14 +373,9 @@ def cmd_sr_eval(args) -> int:
 
 
 def cmd_tune(args) -> int:
-    from ferray.tune import load_search, run_search
+    from ferray.distributed.tune import load_search, run_search
 
-    overrides = list(args.overrides)
-    for flag, key in (("data", "data.path"), ("workers_per_trial", "scaling.workers"),
-                      ("gpus_per_worker", "scaling.gpus_per_worker"), ("epochs", "train.epochs")):
-        if getattr(args, flag) is not None:
-            overrides.append(f"{key}={getattr(args, flag)}")
-    spec = load_search(args.search, overrides)
+    spec = load_search(args.search, _flag_overrides(args))
     if args.samples is not None:
         spec.samples = args.samples
     if args.max_concurrent is not None:
@@ -423,7 +419,7 @@ def cmd_predict(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from ferray.serving import serve_forever
+    from ferray.distributed.serving import serve_forever
 
     serve_forever(args.bundle, port=args.port, host=args.host, config=args.config, overrides=args.overrides, echo=_echo)
     return 0
@@ -437,7 +433,7 @@ def cmd_models(args) -> int:
 
 
 def cmd_prepare(args) -> int:
-    from ferray.data.prepare import prepare
+    from ferray.distributed.prepare import prepare
 
     manifest = prepare(args.source, args.out, on_bad=args.on_bad_record, resize=args.resize,
                        overwrite=args.overwrite, validation=args.validation, seed=args.seed, echo=_echo)
@@ -460,20 +456,19 @@ def cmd_synth(args) -> int:
 
 
 def cmd_info(args) -> int:
-    from ferray.data.contract import read_manifest, summarize
+    from ferray.data.contract import read_manifest, verify
 
     manifest = read_manifest(args.dir)
     print(json.dumps(manifest, indent=2) if args.json else _format_manifest(manifest, args.dir))
     if args.verify:
-        found = summarize(args.dir)
-        ok = found.checksum == manifest["checksum"] and found.splits() == manifest["splits"]
+        ok, found = verify(args.dir, manifest)
         print(f"verify: {'OK' if ok else 'MISMATCH'} (files: {found.rows} rows, {found.checksum})")
         return 0 if ok else 1
     return 0
 
 
 def cmd_demo(args) -> int:
-    from ferray.demo import run_demo
+    from ferray.distributed.demo import run_demo
 
     run_demo(args.out, n=args.n, seed=args.seed, echo=_echo)
     return 0
@@ -501,38 +496,21 @@ def cmd_explain(args) -> int:
 
 
 def cmd_crops(args) -> int:
-    from ferray.config import from_dict, load_config
-    from ferray.data.contract import load_split
-    from ferray.engine import load_checkpoint
-    from ferray.figures import plot_crops
+    from ferray.figures import training_views
 
-    if args.checkpoint is not None:
-        from ferray.config import apply_overrides
-
-        cfg = from_dict(apply_overrides(load_checkpoint(args.checkpoint)["config"], args.overrides))
-    else:
-        cfg = load_config(args.experiment, args.overrides)
-    faces, _, _ = load_split(args.data, cfg.data.train_split)
-    if not 0 <= args.index < len(faces) or args.count < 1:
-        raise UsageError(f"--index must be in 0..{len(faces) - 1} ({args.data} has {len(faces):,} "
-                         f"{cfg.data.train_split} faces) and --count at least 1")
-    path = plot_crops(faces[args.index], cfg.augment, args.out, args.count, args.seed,
-                      title=f"random {cfg.augment.crop}x{cfg.augment.crop} training views ({cfg.name})")
+    path = training_views(args.data, args.out, checkpoint=args.checkpoint, experiment=args.experiment,
+                          overrides=args.overrides, index=args.index, count=args.count, seed=args.seed)
     _echo(f"wrote {path}")
     return 0
 
 
 def cmd_report(args) -> int:
-    from ferray.report.build import run_report
+    from ferray.distributed.report import run_report
     from ferray.report.plan import load_plan
 
     plan = load_plan(args.plan, data=args.data, sets=args.overrides)
     run_report(plan, args.out, reuse=args.reuse, echo=_echo)
     return 0
-
-
-class UsageError(Exception):
-    pass
 
 
 def _format_manifest(manifest: dict, root) -> str:
@@ -546,17 +524,13 @@ def _echo(message: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ferray.config import ConfigError
-    from ferray.data.contract import DataError
-    from ferray.engine import CheckpointError
-    from ferray.faces import InputError
-    from ferray.sr.losses import ContentError
+    from ferray.errors import FerrayError
 
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (DataError, UsageError, ConfigError, CheckpointError, ContentError, InputError) as e:
+    except FerrayError as e:
         print(f"ferray {args.command}: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as e:

@@ -16,9 +16,7 @@ from pathlib import Path
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A config that cannot be used; the message names the file or override and the key."""
+from ferray.errors import ConfigError
 
 
 @dataclass
@@ -172,7 +170,9 @@ def _coerce(value, annotation, where: str):
     raise ConfigError(f"{where}: expected {getattr(kind, '__name__', kind)}, got {value!r}")
 
 
-def _build(cls, data: dict, where: str):
+def build_typed(cls, data: dict, where: str):
+    """A dataclass (nested ones too) from a mapping: unknown keys and wrong types are ConfigErrors
+    naming `where` and the key. Every YAML kind goes through it (experiments, serve settings)."""
     if not isinstance(data, dict):
         raise ConfigError(f"{where or 'top level'}: expected a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
@@ -186,7 +186,7 @@ def _build(cls, data: dict, where: str):
         hint = hints[name]
         key = f"{where}.{name}" if where else name
         if dataclasses.is_dataclass(hint):
-            kwargs[name] = _build(hint, value, key)
+            kwargs[name] = build_typed(hint, value, key)
         else:
             kwargs[name] = _coerce(value, hint, key)
     return cls(**kwargs)
@@ -235,7 +235,7 @@ def _rename_legacy(data: dict) -> dict:
 
 
 def from_dict(data: dict) -> ExperimentConfig:
-    return validate(_build(ExperimentConfig, _rename_legacy(dict(data)), ""))
+    return validate(build_typed(ExperimentConfig, _rename_legacy(dict(data)), ""))
 
 
 def to_dict(cfg: ExperimentConfig) -> dict:
@@ -262,18 +262,28 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
+def read_yaml(path: str | Path, what: str) -> dict:
+    """A YAML file's top-level mapping; ConfigError naming the file if it is missing, not YAML, or
+    not a mapping. The one reader of every YAML kind: experiments, searches, report plans, serve configs."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such {what}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> ExperimentConfig:
     """Read a YAML experiment, apply overrides, validate. `path=None` starts from the defaults."""
     data: dict = {}
     where = "defaults"
     if path is not None:
         path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"{path}: no such experiment file")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML ({e})") from None
+        data = read_yaml(path, "experiment file")
         where = str(path)
         data.setdefault("name", path.stem)
     data = apply_overrides(data, list(overrides))

@@ -1,6 +1,6 @@
 """The training engine: one epoch of training, evaluation, checkpoints (plain PyTorch, no Ray).
 
-Every runner calls these unchanged: the Ray Train loop (ferray.train), the Tune trials, the
+Every runner calls these unchanged: the Ray Train loop (ferray.distributed.train), the Tune trials, the
 Ray-free GPU bench, and the tests. Batches are (uint8 faces (B, H, W), labels (B,)) on any
 device; augmentation happens on the batch's device.
 """
@@ -20,11 +20,12 @@ import torch.nn as nn
 from ferray import __version__
 from ferray.augment import predict_proba, train_views
 from ferray.config import ExperimentConfig, OptimConfig, from_dict, to_dict
-from ferray.data.contract import NUM_CLASSES
+from ferray.labels import NUM_CLASSES
 from ferray.device import autocast, use_bf16
 from ferray.losses import JointLoss
 from ferray.metrics import confusion_matrix, summarize_confusion
 from ferray.models import build_model
+from ferray.errors import CheckpointError
 
 CHECKPOINT_FORMAT = "ferray.checkpoint/1"
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -324,10 +325,6 @@ def save_checkpoint(path: str | Path, state: TrainState, metrics: dict) -> Path:
     return path
 
 
-class CheckpointError(ValueError):
-    pass
-
-
 def load_checkpoint(path: str | Path, kind: str = "classifier") -> dict:
     """Read a ferray checkpoint (a file, or a folder holding checkpoint.pt) with weights_only=True."""
     path = Path(path)
@@ -354,6 +351,11 @@ def restore_state(state: TrainState, payload: dict) -> None:
     state.schedule.load_state_dict(payload["schedule"])
     state.epoch, state.best_accuracy = payload["epoch"], payload["best_accuracy"]
     state.history = list(payload["history"])
+    # The plan follows this run's config, not the checkpoint's: a resume may ask for more epochs
+    # (--set train.epochs=N), and a time budget re-plans from the epoch times recorded so far.
+    train = state.cfg.train
+    seconds = [row.get("epoch_seconds", 0.0) for row in state.history]
+    state.schedule.epochs = planned_epochs(seconds, train.budget_minutes * 60, train.epochs)
 
 
 def model_from_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, ExperimentConfig, dict]:

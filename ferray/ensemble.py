@@ -27,7 +27,7 @@ import torch
 
 from ferray import __version__
 from ferray.augment import predict_proba
-from ferray.device import use_bf16
+from ferray.device import default_device, use_bf16
 from ferray.config import ExperimentConfig
 from ferray.data.contract import (
     EMOTIONS, FER_SIZE, DataError, atomic_output, load_split, read_manifest, selection_split, untouched_splits,
@@ -243,7 +243,7 @@ def build_bundle(a: str | Path, b: str | Path | None, sr: str | Path | None, dat
     write the serving bundle to `out`; with `tests`, also evaluate every split that neither trained
     nor selected (center crop and TTA: the figures of the model card). `b` None: a bundle of A alone.
     `probs`: the members' (P_A, P_B) on the selection split with that TTA, when already computed."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device()
     manifest = read_manifest(data)
     if manifest["image_size"] != [FER_SIZE, FER_SIZE]:
         raise DataError(f"{data}: the ensemble is fitted on the prepared 48x48 faces (B's SR input is made from them)")
@@ -368,7 +368,7 @@ def load_bundle(path: str | Path | None = None, device: str | torch.device | Non
     client names). `members` picks what to load: a Serve replica of Model A needs neither B nor the generator."""
     path = resolve_bundle(path)
     card = read_bundle_card(path)
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(device) if device else default_device()
     parts = card["members"]
     a = path / parts["a"]["checkpoint"] if "a" in members else None
     b = path / parts["b"]["checkpoint"] if "b" in members and parts.get("b") else None

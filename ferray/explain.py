@@ -22,7 +22,8 @@ import torch
 import torch.nn as nn
 
 from ferray.augment import standardize, to_input
-from ferray.data.contract import EMOTIONS, FER_SIZE
+from ferray.labels import EMOTIONS, FER_SIZE
+from ferray.device import default_device
 
 ACTIVATIONS = (nn.ReLU, nn.PReLU, nn.LeakyReLU, nn.ReLU6, nn.ELU, nn.GELU, nn.SiLU)
 
@@ -120,7 +121,7 @@ def explain_image(checkpoint: str | Path, image: str | Path, out: str | Path | N
         raise InputError(f"{image}: no such image file")
     if target is not None and target not in EMOTIONS:
         raise InputError(f"--target {target!r}: not one of {', '.join(EMOTIONS)}")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device()
     model, cfg, _ = model_from_checkpoint(checkpoint, device)
     gray = decode_image(image.read_bytes(), name=str(image))
     faces = faces_in_image(gray, detect=detect, name=str(image))
@@ -166,7 +167,7 @@ def explain_split(checkpoint: str | Path, data: str | Path, split: str = "Public
     from ferray.data.contract import load_split
     from ferray.engine import model_from_checkpoint
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device()
     model, cfg, _ = model_from_checkpoint(checkpoint, device)
     images, labels, _ = load_split(data, split)
     out = Path(out) if out is not None else Path(checkpoint).parent / f"guided-{split}.png"

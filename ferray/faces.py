@@ -19,19 +19,12 @@ from functools import lru_cache
 import numpy as np
 
 from ferray.data.contract import FER_SIZE
+from ferray.errors import InputError
 
 ALLOWED_FORMATS = ("PNG", "JPEG", "BMP", "WEBP")
 DEFAULT_MAX_BYTES = 10 * 1024 * 1024
 DEFAULT_MAX_PIXELS = 40_000_000  # a 40-megapixel photo decodes to ~120 MB of RGB; more is a bomb, not a photo
 BOX_MARGIN = 0.1  # fraction of the Haar box added on each side (FER2013 crops include some hair and chin)
-
-
-class InputError(ValueError):
-    """A client's input that cannot be used; `status` is the HTTP status to answer with."""
-
-    def __init__(self, message: str, status: int = 400):
-        super().__init__(message)
-        self.status = status
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from ferray.augment import MEAN, STD, train_views
+from ferray.plotting import pyplot, save
 from ferray.config import AugmentConfig
 from ferray.data.contract import EMOTIONS
 
@@ -21,23 +22,6 @@ def map_to_image(saliency: np.ndarray) -> np.ndarray:
     spread = np.percentile(np.abs(saliency), 99) or 1.0
     return np.clip(0.5 + 0.5 * saliency / spread, 0, 1)
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig, path: str | Path, title: str = "") -> Path:
-    if title:
-        fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    _pyplot().close(fig)
-    return path
 
 
 def _unit(face: np.ndarray) -> np.ndarray:
@@ -56,7 +40,7 @@ def training_crops(face: np.ndarray, augment: AugmentConfig, count: int = 8, see
 def plot_crops(face: np.ndarray, augment: AugmentConfig, path: str | Path, count: int = 8, seed: int = 0,
                title: str = "") -> Path:
     """The face, then `count` random training views (crop, flip, rotation, shift, zoom, jitter)."""
-    plt = _pyplot()
+    plt = pyplot()
     crops = training_crops(face, augment, count, seed)
     columns = min(count + 1, 5)
     rows = -(-(count + 1) // columns)
@@ -68,14 +52,14 @@ def plot_crops(face: np.ndarray, augment: AugmentConfig, path: str | Path, count
     for ax, (image, name) in zip(axes.flat, panels):
         ax.imshow(image, cmap="gray", vmin=0, vmax=1)
         ax.set_title(name, fontsize=7)
-    return _save(fig, path, title)
+    return save(fig, path, title)
 
 
 def plot_guided_grid(columns: dict[int, list[dict]], path: str | Path, title: str = "") -> Path:
     """Classes as columns; for each face a row pair: the face, then its guided-backprop map.
     `columns` maps a class index to rows of {crop, map, probs} (as ferray.explain makes them)."""
 
-    plt = _pyplot()
+    plt = pyplot()
     per_class = max(len(rows) for rows in columns.values())
     fig, axes = plt.subplots(2 * per_class, len(columns), figsize=(1.35 * len(columns), 1.45 * 2 * per_class),
                              squeeze=False)
@@ -89,13 +73,13 @@ def plot_guided_grid(columns: dict[int, list[dict]], path: str | Path, title: st
             axes[2 * i + 1, j].imshow(map_to_image(row["map"]), cmap="gray", vmin=0, vmax=1)
             axes[2 * i + 1, j].text(0.5, -0.08, f"pred {EMOTIONS[predicted]}", transform=axes[2 * i + 1, j].transAxes,
                                     ha="center", va="top", fontsize=6)
-    return _save(fig, path, title)
+    return save(fig, path, title)
 
 
 def plot_explanations(rows: list[dict], path: str | Path, title: str = "") -> Path:
     """Rows of (face, guided map, |map| over the face); a row holds crop, map, probs and label (or None)."""
 
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(len(rows), 3, figsize=(5.4, 1.8 * len(rows)), squeeze=False)
     for i, row in enumerate(rows):
         face = _unit(row["crop"])
@@ -111,4 +95,25 @@ def plot_explanations(rows: list[dict], path: str | Path, title: str = "") -> Pa
         axes[i, 0].set_ylabel(f"{truth}predicted {EMOTIONS[predicted]}\n{row['probs'][predicted]:.0%}", fontsize=7)
     for ax, name in zip(axes[0], ("face (center crop)", "guided backprop", "|map| over face")):
         ax.set_title(name, fontsize=8)
-    return _save(fig, path, title)
+    return save(fig, path, title)
+
+
+def training_views(data, out, checkpoint=None, experiment=None, overrides=(), index: int = 0, count: int = 8,
+                   seed: int = 0):
+    """`ferray crops`: a Training face of `data` and `count` random views of it, with the augmentation of
+    a checkpoint's config or an experiment file (plus `overrides`); the PNG's path."""
+    from ferray.config import apply_overrides, from_dict, load_config
+    from ferray.data.contract import load_split
+    from ferray.engine import load_checkpoint
+    from ferray.errors import UsageError
+
+    if checkpoint is not None:
+        cfg = from_dict(apply_overrides(load_checkpoint(checkpoint)["config"], list(overrides)))
+    else:
+        cfg = load_config(experiment, list(overrides))
+    faces, _, _ = load_split(data, cfg.data.train_split)
+    if not 0 <= index < len(faces) or count < 1:
+        raise UsageError(f"--index must be in 0..{len(faces) - 1} ({data} has {len(faces):,} "
+                         f"{cfg.data.train_split} faces) and --count at least 1")
+    return plot_crops(faces[index], cfg.augment, out, count, seed,
+                      title=f"random {cfg.augment.crop}x{cfg.augment.crop} training views ({cfg.name})")

@@ -1,7 +1,7 @@
 """The one training loop (Ray-free): epochs -> evaluation on the selection split -> the time budget
 -> whatever the runner does with each epoch.
 
-Every runner calls `fit`: the Ray Train worker (ferray.train, which reports each epoch to Ray with
+Every runner calls `fit`: the Ray Train worker (ferray.distributed.train, which reports each epoch to Ray with
 a checkpoint), the Tune trials (through it), and the Ray-free GPU benches (through `LocalRun`, which
 keeps the files a Ray run keeps). What differs between them is passed in: how batches come, how the
 evaluation is shared among workers, what an epoch's end does.

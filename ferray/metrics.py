@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ferray.data.contract import EMOTIONS
+from ferray.labels import EMOTIONS
 
 
 def confusion_matrix(labels, predictions, num_classes: int = len(EMOTIONS)) -> np.ndarray:
@@ -40,10 +40,9 @@ def most_confused(cm: np.ndarray, top: int = 3) -> list[tuple[str, str, float]]:
 
 def plot_confusion(cm: np.ndarray, path: str | Path, title: str) -> Path:
     """A normalized confusion matrix as a PNG (what the paper's Figure 5 shows)."""
-    import matplotlib
+    from ferray.plotting import pyplot, save
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     cm = np.asarray(cm, float)
     normalized = cm / np.maximum(cm.sum(1, keepdims=True), 1)
@@ -59,8 +58,4 @@ def plot_confusion(cm: np.ndarray, path: str | Path, title: str) -> Path:
             ax.text(j, i, f"{normalized[i, j]:.2f}", ha="center", va="center", fontsize=8,
                     color="white" if normalized[i, j] > 0.5 else "black")
     fig.colorbar(image, ax=ax, fraction=0.046)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save(fig, path, dpi=120)

@@ -1,7 +1,7 @@
 """What the Ray Train loop trains, as one small interface (Ray-free).
 
 `ferray train` (classifiers) and `ferray sr train` (the SRGAN) share one Ray Train runner
-(ferray.train); a Task supplies the parts that differ: building and restoring the state, one
+(ferray.distributed.train); a Task supplies the parts that differ: building and restoring the state, one
 training epoch, the evaluation, the per-epoch row, the checkpoint and the progress line.
 """
 
@@ -20,6 +20,21 @@ class ClassifierTask:
     # metric: what the run reports as its figure; select_by: what chooses the kept checkpoint (higher wins)
     name, kind, metric, select_by = "classifier", "classifier", "eval_acc", "eval_acc"
     shared_keys = ("accuracy", "loss")  # evaluation results every worker needs (rank 0 computes them)
+    # what each epoch reports (to Ray Train and Tune): a search may optimize any of them
+    reported_metrics = ("eval_acc", "best_eval_acc", "eval_loss", "train_acc", "train_loss")
+
+    def check_data(self, manifest: dict, cfg: ExperimentConfig) -> None:
+        size = manifest["image_size"][0]
+        if cfg.augment.crop > size:
+            from ferray.errors import ConfigError
+
+            raise ConfigError(f"augment.crop {cfg.augment.crop} is larger than the {size}x{size} faces in {cfg.data.path}")
+
+    def model_name(self, cfg: ExperimentConfig) -> str:
+        return cfg.model.name
+
+    def format_value(self, value: float) -> str:
+        return f"accuracy {value:.2%}"
 
     def build(self, cfg: ExperimentConfig, device: torch.device, wrap=None, rank: int = 0):
         return engine.build_state(cfg, device, wrap, rank)
@@ -65,6 +80,21 @@ class ClassifierTask:
 class SRTask:
     name, kind, metric, select_by = "sr", sr_engine.SR_KIND, "eval_psnr", "sr_choice"
     shared_keys = ("psnr", "ssim", "bicubic_psnr", "bicubic_ssim", "psnr_gain", "ssim_gain", "samples")
+    reported_metrics = ("eval_psnr", "eval_ssim", "eval_psnr_gain", "best_eval_psnr")
+
+    def check_data(self, manifest: dict, cfg: ExperimentConfig) -> None:
+        from ferray.data.contract import FER_SIZE
+        from ferray.errors import DataError
+
+        if manifest["image_size"][0] != FER_SIZE:
+            raise DataError(f"{cfg.data.path}: {manifest['image_size'][0]}x{manifest['image_size'][1]} faces; the SRGAN "
+                            f"trains on {FER_SIZE}x{FER_SIZE} faces (24 -> 48 pairs)")
+
+    def model_name(self, cfg: ExperimentConfig) -> str:
+        return "srgan"
+
+    def format_value(self, value: float) -> str:
+        return f"PSNR {value:.2f} dB"
 
     def build(self, cfg: ExperimentConfig, device: torch.device, wrap=None, rank: int = 0):
         return sr_engine.build_sr_state(cfg, device, wrap, rank)

@@ -1,11 +1,12 @@
 """Untrained but real checkpoints and bundles, for tests and benchmarks whose result does not depend
-on the weights (plumbing, shapes, speed). Never used by a training or serving path."""
+on the weights (plumbing, shapes, speed), and the HTTP client helpers that tests, benches and the
+demo talk to a served bundle with. Never used by a training or serving path."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+EXPERIMENTS = Path(__file__).resolve().parent / "experiments"  # links to the top-level experiments/
 
 
 def untrained_members(folder: str | Path, model_a: str = "xception_a_tiny", model_b: str = "xception_a_tiny",
@@ -40,3 +41,36 @@ def untrained_bundle(folder: str | Path, data: str | Path, tta: bool = True, **m
     paths = untrained_members(folder / "members", **members)
     build_bundle(paths["a"], paths["b"], paths["sr"], data, folder / "bundle", tta=tta, echo=lambda _: None)
     return folder / "bundle"
+
+
+# ------------------------------------------------------------------------------ HTTP helpers
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def post(url: str, body: bytes, content_type: str, timeout: float = 60.0) -> tuple[int, dict]:
+    """(status, JSON) of a POST; 4xx/5xx answers are returned, not raised."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(url, data=body, headers={"Content-Type": content_type}, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read() or b"{}")
+
+
+def png_bytes(gray) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(gray).save(buffer, format="PNG")
+    return buffer.getvalue()

@@ -27,7 +27,7 @@ from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 
-from serve.settings import ReplicaSettings, ServeSettings, parse_settings
+from .settings import ReplicaSettings, ServeSettings, parse_settings
 
 logger = logging.getLogger("ferray.serve")
 PAGE = Path(__file__).with_name("static") / "index.html"

@@ -1,17 +1,16 @@
 """Typed settings of the Serve application, read from the `args` of serve/config.yaml.
 
-`serve run serve/config.yaml` and `ferray serve` both pass that mapping to `serve.app:build`, so the
+`serve run serve/config.yaml` and `ferray serve` both pass that mapping to `ferray.serve_app.app:build`, so the
 replica resources, batching and autoscaling come from the YAML (or `--set` overrides), never from
 literals in the code. Unknown keys are errors, named with their path.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-from ferray.config import ConfigError
+from ferray.config import ConfigError, build_typed, read_yaml
 
 CONFIG_FILE = Path(__file__).with_name("config.yaml")
 
@@ -80,45 +79,14 @@ class ServeSettings:
         return self
 
 
-def _build(cls, values: dict, where: str):
-    if not isinstance(values, dict):
-        raise ConfigError(f"{where or 'args'}: expected a mapping, got {type(values).__name__}")
-    known = {f.name: f for f in fields(cls)}
-    unknown = sorted(set(values) - set(known))
-    if unknown:
-        raise ConfigError(f"{where or 'args'}: unknown key(s) {', '.join(unknown)}; known: {', '.join(known)}")
-    kwargs: dict[str, Any] = {}
-    for name, value in values.items():
-        default = getattr(cls(), name)
-        path = f"{where}.{name}" if where else name
-        if hasattr(default, "__dataclass_fields__"):
-            kwargs[name] = _build(type(default), value, path)
-        else:
-            kwargs[name] = _scalar(value, default, path)
-    return cls(**kwargs)
-
-
-def _scalar(value, default, path: str):
-    ok = {str: isinstance(value, str),
-          int: isinstance(value, int) and not isinstance(value, bool),
-          float: isinstance(value, (int, float)) and not isinstance(value, bool)}[type(default)]
-    if not ok:
-        raise ConfigError(f"{path}: expected {type(default).__name__}, got {value!r}")
-    return type(default)(value)
-
-
 def parse_settings(args: dict | None) -> ServeSettings:
-    return _build(ServeSettings, dict(args or {}), "").check()
+    return build_typed(ServeSettings, dict(args or {}), "args").check()
 
 
 def load_config(path: str | Path = CONFIG_FILE) -> dict:
     """The Serve config file (a `serve run`/`serve deploy` config) as a dict."""
-    import yaml
-
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: no such Serve config")
-    config = yaml.safe_load(path.read_text()) or {}
+    config = read_yaml(path, "Serve config")
     apps = config.get("applications") or []
     if len(apps) != 1:
         raise ConfigError(f"{path}: expected exactly one application, found {len(apps)}")

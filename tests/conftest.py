@@ -18,7 +18,7 @@ def ray_session():
     """
     import ray
 
-    from ferray.runtime import configure_train_env, connect
+    from ferray.distributed.runtime import configure_train_env, connect
 
     os.environ.pop("RAY_ADDRESS", None)
     configure_train_env()
@@ -63,3 +63,11 @@ def tiny_bundle(tmp_path_factory, prepared_synth):
     from ferray.testing import untrained_bundle
 
     return untrained_bundle(tmp_path_factory.mktemp("bundle"), prepared_synth)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tiers: a test that uses Ray (the ray_session fixture) is marked `ray`, so `-m "not ray and not slow"`
+    is the fast Ray-free tier."""
+    for item in items:
+        if "ray_session" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.ray)

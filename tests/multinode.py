@@ -29,7 +29,7 @@ def start_cluster():
     from ray.cluster_utils import Cluster
 
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
-    from ferray.serving import free_port
+    from ferray.testing import free_port
 
     # ports of its own: the test session's Ray holds the default ones
     head = HEAD | {"dashboard_port": free_port(), "dashboard_agent_listen_port": free_port(),
@@ -43,7 +43,7 @@ def start_cluster():
     nodes = [cluster.add_node(**WORKER) for _ in range(3)]
     ray.init(address=cluster.address, logging_level="ERROR")
     cluster.wait_for_nodes()
-    from ferray.runtime import connect
+    from ferray.distributed.runtime import connect
 
     connect(progress=False)
     return cluster, nodes
@@ -68,7 +68,7 @@ def kill_node_holding(cluster, nodes, class_name: str) -> dict:
 def train(out: Path) -> dict:
     from ferray.config import load_config
     from ferray.data.synth import SynthSpec, synthesize
-    from ferray.train import run_training
+    from ferray.distributed.train import run_training
 
     synthesize(out / "data", SynthSpec(n=420, seed=5))
     cluster, nodes = start_cluster()
@@ -104,7 +104,7 @@ def train(out: Path) -> dict:
 def upscale_run(out: Path) -> dict:
     from ferray.data.contract import load_split, read_manifest
     from ferray.data.synth import SynthSpec, synthesize
-    from ferray.upscale import upscale
+    from ferray.distributed.upscale import upscale
 
     synthesize(out / "data", SynthSpec(n=4000, seed=6))
     cluster, nodes = start_cluster()

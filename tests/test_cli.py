@@ -8,8 +8,24 @@ import pytest
 
 from ferray.cli import build_parser
 
-COMMANDS = ["demo", "prepare", "synth", "info", "train", "evaluate", "models", "sr", "tune", "ensemble", "predict",
-            "serve"]
+def _commands(parser=None) -> list[str]:
+    """Every subcommand the parser has (read from it, so a new command is never left out)."""
+    import argparse
+
+    parser = parser or build_parser()
+    actions = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return sorted(actions[0].choices) if actions else []
+
+
+COMMANDS = _commands()
+
+
+def test_the_command_list_is_complete():
+    expected = {"demo", "prepare", "synth", "info", "train", "evaluate", "models", "sr", "tune", "ensemble", "predict",
+                "serve", "explain", "crops", "report"}
+    assert set(COMMANDS) == expected
+    sr = [a for a in build_parser()._actions if hasattr(a, "choices") and a.choices and "sr" in a.choices][0].choices["sr"]
+    assert set(_commands(sr)) == {"train", "upscale", "eval"}
 
 
 def ferray(*args, **kw):
@@ -61,10 +77,31 @@ def test_info_on_a_folder_that_is_not_prepared(tmp_path):
     assert result.returncode == 1 and "run `ferray prepare` first" in result.stderr
 
 
+@pytest.fixture(scope="module")
+def installed_ferray(tmp_path_factory):
+    """`pip install .` (not editable) into a fresh venv, as a user installs a wheel; the venv sees
+    this machine's packages (torch, Ray) so that only ferray itself is built and installed."""
+    from pathlib import Path
+
+    venv = tmp_path_factory.mktemp("wheel") / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
+    repo = Path(__file__).resolve().parents[1]
+    built = subprocess.run([str(venv / "bin" / "pip"), "install", "-q", "--no-deps", str(repo)],
+                           capture_output=True, text=True, timeout=600)
+    assert built.returncode == 0, built.stderr[-3000:]
+    return venv
+
+
 @pytest.mark.slow
-def test_demo_runs_end_to_end(tmp_path):
+def test_demo_runs_end_to_end(tmp_path, installed_ferray):
+    # the installed `ferray` script of a non-editable install: recipes, bundle and Serve app come
+    # from the package, not from this checkout
+    where = subprocess.run([str(installed_ferray / "bin" / "python"), "-c", "import ferray; print(ferray.__file__)"],
+                           capture_output=True, text=True, cwd=tmp_path)
+    assert where.stdout.startswith(str(installed_ferray)), where
     out = tmp_path / "demo"  # given relative, as users do: every stage must resolve it (Tune trials chdir)
-    result = ferray("demo", "--out", "demo", "--n", 210, timeout=900, env=_clean_env(), cwd=tmp_path)
+    result = subprocess.run([str(installed_ferray / "bin" / "ferray"), "demo", "--out", "demo", "--n", "210"],
+                            capture_output=True, text=True, timeout=900, env=_clean_env(), cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "checksum:" in result.stdout and (out / "data" / "manifest.json").exists()
     assert (out / "runs" / "debug_a" / "best.pt").exists()
@@ -95,11 +132,14 @@ def test_demo_runs_end_to_end(tmp_path):
     assert "## Table 1" in md and "## Figure 5" in md and (out / "report" / "report.html").stat().st_size > 0
     for figure in ("sr-grid-PublicTest.png", "fig3-crops.png", "fig4-guided-backprop.png", "fig5-confusion-PrivateTest.png"):
         assert (out / "report" / "figures" / figure).stat().st_size > 0
+    # the last step: the model that ships with ferray (trained on real faces) answers through ferray.load()
+    assert "default model: xception_a, PublicTest accuracy" in result.stdout
+    assert result.stdout.count("synthetic face ") == 4
 
 
 def test_demo_folder_is_reused_only_if_it_is_a_demo(tmp_path):
     from ferray.data.contract import DataError
-    from ferray.demo import MARKER, claim_folder
+    from ferray.distributed.demo import MARKER, claim_folder
 
     claim_folder(tmp_path / "d")
     (tmp_path / "d" / "old").write_text("x")

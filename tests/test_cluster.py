@@ -47,8 +47,8 @@ def test_rayignore_keeps_data_runs_and_caches_out_of_job_uploads():
         assert entry in ignored
 
 
-def test_requests_the_cluster_can_never_satisfy_fail_at_once(ray_session, monkeypatch):
-    from ferray.train import check_resources
+def test_requests_the_cluster_can_never_satisfy_fail_at_once(ray_session, monkeypatch, prepared_synth, tmp_path):
+    from ferray.distributed.train import check_resources
 
     gpu = load_config(None, ["scaling.workers=2", "scaling.gpus_per_worker=1"])
     with pytest.raises(ConfigError, match="need 2 GPUs; this Ray cluster has 0 and can have at most 0"):
@@ -58,10 +58,17 @@ def test_requests_the_cluster_can_never_satisfy_fail_at_once(ray_session, monkey
     monkeypatch.setenv("FERRAY_MAX_GPUS", "1")
     with pytest.raises(ConfigError, match="at most 1"):
         check_resources(gpu)
+    # the same mistake is the same error in every stage: the upscaling pool too
+    from ferray.distributed.upscale import upscale
+
+    monkeypatch.delenv("FERRAY_MAX_GPUS")
+    with pytest.raises(ConfigError, match="2 actors x 1 GPU need 2 GPUs; this Ray cluster has 0"):
+        upscale(prepared_synth, tmp_path / "never-written", "bicubic", actors=2, gpus_per_actor=1, echo=lambda _: None)
+    assert not (tmp_path / "never-written").exists()
 
 
 def test_paths_some_node_cannot_see_are_named(ray_session, tmp_path):
-    from ferray.cluster import check_shared_paths, missing_on_nodes
+    from ferray.distributed.cluster import check_shared_paths, missing_on_nodes
 
     assert missing_on_nodes({"data": tmp_path}) == []
     with pytest.raises(ConfigError, match=r"data /nowhere/fer2013 \(.*\).*every node mounts"):
@@ -70,7 +77,7 @@ def test_paths_some_node_cannot_see_are_named(ray_session, tmp_path):
 
 # ------------------------------------------------------------------------------------ a real head
 def _free_port() -> int:
-    from ferray.serving import free_port
+    from ferray.testing import free_port
 
     return free_port()
 

@@ -4,26 +4,48 @@ from pathlib import Path
 
 import pytest
 
-from ferray.config import ConfigError, dump_yaml, from_dict, load_config, to_dict
+from ferray.config import ConfigError, dump_yaml, from_dict, load_config, read_yaml, to_dict
 
 ALL_FILES = sorted((Path(__file__).parents[1] / "experiments").glob("*.yaml"))
-# the others are Tune search files and report plans (tests/test_tune.py, tests/test_report.py)
-EXPERIMENTS = [p for p in ALL_FILES if "search:" not in p.read_text() and "runs:" not in p.read_text()]
+# the others are Tune search files and report plans (tests/test_tune.py, tests/test_report.py), told
+# apart by their top-level keys
+EXPERIMENTS = [p for p in ALL_FILES if not {"search", "runs"} & set(read_yaml(p, "file"))]
 
 
 @pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: p.name)
-def test_every_experiment_file_loads(path):
+def test_every_experiment_file_loads(path, tmp_path):
     cfg = load_config(path)
     assert cfg.name and from_dict(to_dict(cfg)) == cfg
-    assert load_config_from_text(dump_yaml(cfg)) == cfg
+    (tmp_path / "again.yaml").write_text(dump_yaml(cfg))
+    assert load_config(tmp_path / "again.yaml") == cfg
 
 
-def load_config_from_text(text, tmp=Path("/tmp")):
-    import tempfile
+@pytest.mark.parametrize("what, load", [
+    ("experiment file", lambda p: load_config(p)),
+    ("search file", lambda p: __import__("ferray.distributed.tune", fromlist=["load_search"]).load_search(p)),
+    ("report plan", lambda p: __import__("ferray.report.plan", fromlist=["load_plan"]).load_plan(p)),
+    ("Serve config", lambda p: __import__("ferray.serve_app.settings", fromlist=["load_config"]).load_config(p)),
+])
+def test_every_yaml_kind_is_read_by_one_loader_with_the_same_errors(tmp_path, what, load):
+    with pytest.raises(ConfigError, match=f"missing.yaml: no such {what}"):
+        load(tmp_path / "missing.yaml")
+    (tmp_path / "broken.yaml").write_text("a: [1, 2\n")
+    with pytest.raises(ConfigError, match="broken.yaml: not valid YAML"):
+        load(tmp_path / "broken.yaml")
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="list.yaml: expected a mapping at the top level"):
+        load(tmp_path / "list.yaml")
 
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
-        f.write(text)
-    return load_config(f.name)
+
+def test_serve_settings_use_the_same_typed_builder_and_set_syntax():
+    from ferray.distributed.serving import app_args
+
+    args, _ = app_args(None, overrides=["model_a.max_batch_size=4", "model_a.max_ongoing_requests=16"])
+    assert args["model_a"]["max_batch_size"] == 4
+    for bad, message in [("model_a.max_batch_size=four", "args.model_a.max_batch_size: expected int"),
+                         ("model_a.nope=1", r"args.model_a: unknown key\(s\) nope"), ("model_a", "expected key=value")]:
+        with pytest.raises(ConfigError, match=message):
+            app_args(None, overrides=[bad])
 
 
 def test_paper_recipe_is_the_papers():

@@ -58,6 +58,17 @@ def test_checkpoint_round_trip_rebuilds_the_model_from_the_file_alone(tmp_path, 
     assert resumed.epoch == 1 and torch.equal(resumed.loss_fn.center.centers, state.loss_fn.center.centers)
     assert resumed.history == state.history
 
+    # A resume plans from its own config: more epochs extend the run (the checkpoint planned 4)...
+    longer = engine.build_state(tiny_config("train.epochs=6"), torch.device("cpu"))
+    engine.restore_state(longer, engine.load_checkpoint(path))
+    assert longer.schedule.epochs == 6
+    # ...and a time budget re-plans from the epoch times recorded so far (one epoch of 60 s here).
+    state.history[-1]["epoch_seconds"] = 60.0
+    path = engine.save_checkpoint(tmp_path / "c.pt", state, row)
+    budgeted = engine.build_state(tiny_config("train.epochs=10", "train.budget_minutes=3"), torch.device("cpu"))
+    engine.restore_state(budgeted, engine.load_checkpoint(path))
+    assert budgeted.schedule.epochs == 3
+
 
 def test_evaluate_reports_accuracy_per_class_and_confusion(synth_tensors):
     _, _, xt, yt = synth_tensors

@@ -12,7 +12,7 @@ from ferray.engine import CheckpointError
 from ferray.ensemble import build_bundle, evaluate_bundle, fit_weight, load_bundle, stacking_cv_accuracy
 from ferray.faces import InputError
 from ferray.predict import answer_images, local_predictor, predict_files
-from ferray.serving import png_bytes
+from ferray.testing import png_bytes
 
 
 def one_hot(labels, n=7, sharp=0.9):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from ferray.data.contract import DataError, load_split, read_manifest, summarize
-from ferray.data.prepare import prepare
+from ferray.distributed.prepare import prepare
 from ferray.data.synth import write_csv, write_folder, write_zip
 
 pytestmark = pytest.mark.slow
@@ -127,8 +127,12 @@ EXPECTED_FER2013 = {
 
 def test_real_fer2013_image_folder(ray_session, tmp_path, shared_fer2013):
     manifest = prepare(shared_fer2013, tmp_path / "fer", echo=quiet)
-    assert manifest["splits"]["Training"]["rows"] == 28_709
-    assert manifest["splits"]["PublicTest"]["rows"] == 3_589
-    for split, counts in EXPECTED_FER2013.items():
-        assert list(manifest["splits"][split]["classes"].values()) == counts
+    splits = manifest["splits"]
+    # no PrivateTest here, so prepare carves a Validation split (10%, class-stratified) from Training
+    assert splits["Training"]["rows"] + splits["Validation"]["rows"] == 28_709
+    assert splits["Validation"]["rows"] == pytest.approx(2_871, abs=7)
+    assert splits["PublicTest"]["rows"] == 3_589
+    carved = [t + v for t, v in zip(splits["Training"]["classes"].values(), splits["Validation"]["classes"].values())]
+    assert carved == EXPECTED_FER2013["Training"]
+    assert list(splits["PublicTest"]["classes"].values()) == EXPECTED_FER2013["PublicTest"]
     assert manifest["skipped"]["total"] == 0

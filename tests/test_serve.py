@@ -12,7 +12,7 @@ import urllib.request
 import numpy as np
 import pytest
 
-from ferray.serving import free_port, png_bytes, post
+from ferray.testing import free_port, png_bytes, post
 from support import encode, multipart
 
 pytestmark = pytest.mark.slow
@@ -23,7 +23,7 @@ BODY_LIMIT = 300_000
 def server(ray_session, tiny_bundle):
     from ray import serve
 
-    from ferray.serving import start
+    from ferray.distributed.serving import start
 
     overrides = [f"max_body_bytes={BODY_LIMIT}", "ingress.num_cpus=0.25",
                  "model_a.num_cpus=0.5", "model_b.num_cpus=0.5", "model_a.max_replicas=1", "model_b.max_replicas=1"]

@@ -122,7 +122,7 @@ def test_a_classifier_checkpoint_is_not_a_generator(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["srgan", "bicubic"])
 def test_two_actors_match_the_single_process_loop(ray_session, tmp_path, sr_checkpoint, method):
-    from ferray.upscale import upscale
+    from ferray.distributed.upscale import upscale
 
     synthesize(tmp_path / "d", SynthSpec(n=140, seed=5))
     checkpoint = str(sr_checkpoint) if method == "srgan" else None

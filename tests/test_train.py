@@ -8,7 +8,7 @@ from ferray.config import load_config
 from ferray.data.contract import read_manifest
 from ferray.data.synth import SynthSpec, synthesize
 from ferray.evaluate import evaluate_checkpoint
-from ferray.train import run_training
+from ferray.distributed.train import run_training
 
 pytestmark = pytest.mark.slow
 
@@ -48,3 +48,38 @@ def test_two_workers_train_then_an_interrupted_run_resumes_and_evaluates(ray_ses
     report = evaluate_checkpoint(run_dir / "best.pt", synth_data, "PrivateTest", tta=True, echo=lambda _: None)
     private = read_manifest(synth_data)["splits"]["PrivateTest"]["rows"]
     assert report["samples"] == private and (run_dir / "eval-PrivateTest-tta.png").stat().st_size > 1000
+
+
+def test_each_workers_shard_has_the_global_class_mix(ray_session, tmp_path):
+    """Image folders come out in class order; prepare's shuffle must reach every Train worker."""
+    import threading
+
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from ferray.data.carve import carve_and_shuffle
+    from ferray.data.contract import NUM_CLASSES, read_split, split_dir
+    from ferray.distributed.train import build_datasets
+
+    data = tmp_path / "faces"
+    synthesize(data, SynthSpec(n=2800, seed=5))
+    table = read_split(data, "Training").sort_by("label")  # as an image folder lists its faces
+    for f in split_dir(data, "Training").glob("*.parquet"):
+        f.unlink()
+    pq.write_table(table, split_dir(data, "Training") / "part-0.parquet")
+    carve_and_shuffle(data, 0.0)
+    shards = build_datasets(tiny(data, 1))["train"].streaming_split(2, equal=True)
+    counts = [None, None]
+
+    def consume(i):
+        labels = [batch["label"] for batch in shards[i].iter_batches(batch_size=256, batch_format="numpy")]
+        counts[i] = np.bincount(np.concatenate(labels), minlength=NUM_CLASSES)
+
+    threads = [threading.Thread(target=consume, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    overall = np.bincount(table.column("label").to_numpy(), minlength=NUM_CLASSES) / table.num_rows
+    for shard in counts:
+        assert np.abs(shard / shard.sum() - overall).max() < 0.04, (shard, overall)

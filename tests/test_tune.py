@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from ferray.config import ConfigError, load_config
-from ferray.tune import feasible_concurrency, load_search, optuna_space
+from ferray.distributed.tune import feasible_concurrency, load_search, optuna_space
 
 EXPERIMENTS = Path(__file__).parents[1] / "experiments"
 
@@ -37,7 +37,10 @@ def test_space_parses_to_optuna_distributions(tmp_path):
     assert dists["optim.lr"].log and dists["optim.lr"].low == 1e-4
     assert not dists["loss.center_alpha"].log and dists["train.batch_size"].high == 64
     assert dists["optim.name"].choices == ("adamax", "sgd")
-    assert spec.first == [{"optim.lr": 0.003, "loss.center_alpha": 0.5, "train.batch_size": 64}]  # the base recipe
+    # the base recipe first, every parameter given (Tune's searchers refuse incomplete points)
+    assert spec.first == [{"optim.lr": 0.003, "loss.center_alpha": 0.5, "train.batch_size": 64, "optim.name": "adamax"}]
+    no_base = load_search(search_file(tmp_path, {"optim.name": {"distribution": "choice", "choices": ["sgd"]}}))
+    assert no_base.first == []  # the base value is not a choice: no base point, the sampler starts
     assert spec.asha == {"grace_period": 2, "reduction_factor": 2}
     for path in (EXPERIMENTS / "tune_a.yaml", EXPERIMENTS / "debug_tune.yaml"):
         assert load_search(path).params
@@ -52,6 +55,9 @@ def test_space_parses_to_optuna_distributions(tmp_path):
     ({"optim.lr": {"distribution": "uniform", "low": 0.1, "high": 0.2}}, {}, "outside"),
     ({"optim.lr": {"distribution": "uniform", "low": 0.001, "high": 0.2}}, {"metric": "eval_f1"}, "not reported"),
     ({}, {}, "space is empty"),
+    ({"optim.lr": {"distribution": "loguniform", "low": 1e-4, "high": 0.01},
+      "optim.name": {"distribution": "choice", "choices": ["adamax", "sgd"]}},
+     {"first": [{"optim.lr": 0.001}]}, r"first\[0\] must give every parameter.*lacks optim.name"),
 ])
 def test_bad_search_files_fail_before_any_trial(tmp_path, space, extra, message):
     with pytest.raises(ConfigError, match=message):
@@ -81,7 +87,7 @@ def read_trials(search_dir):
 
 @pytest.mark.slow
 def test_rigged_search_stops_the_bad_trial_and_writes_its_outputs(ray_session, tiny_data, tmp_path):
-    from ferray.tune import run_search
+    from ferray.distributed.tune import run_search
 
     # Rigged through the loss itself, not through training dynamics: a center-loss weight of 10 makes
     # the epoch-1 train_loss several times that of lambda 0, whatever the optimizer did meanwhile.

@@ -27,19 +27,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ferray import __version__
+from ferray.errors import DataError
+from ferray.labels import EMOTIONS, FER_SIZE, NUM_CLASSES  # noqa: F401  (re-exported: part of the contract)
 
-EMOTIONS = ("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral")
-NUM_CLASSES = len(EMOTIONS)
 USAGES = ("Training", "PublicTest", "PrivateTest")  # FER2013's "Usage" values, the splits a source holds
 VALIDATION = "Validation"  # carved from Training by `ferray prepare` where there is no PrivateTest
 SPLITS = ("Training", VALIDATION, "PublicTest", "PrivateTest")  # every split a prepared folder may hold
-FER_SIZE = 48
 MANIFEST = "manifest.json"
 FORMAT = "ferray.faces/1"
-
-
-class DataError(Exception):
-    """A dataset or source that cannot be used as given; the message names the path."""
 
 
 def split_dir(root: str | os.PathLike, split: str) -> Path:
@@ -192,6 +187,12 @@ def summarize(root: str | os.PathLike) -> Summary:
             for batch in pq.ParquetFile(f).iter_batches(batch_size=8192):
                 summary.add(split, pa.Table.from_batches([batch]))
     return summary
+
+
+def verify(root: str | os.PathLike, manifest: dict) -> tuple[bool, "Summary"]:
+    """(whether the files match the manifest's counts and checksum, what the files hold)."""
+    found = summarize(root)
+    return found.checksum == manifest["checksum"] and found.splits() == manifest["splits"], found
 
 
 # ---------------------------------------------------------------------------------------- manifest

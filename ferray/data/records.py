@@ -2,7 +2,7 @@
 
 A work unit is a small dict that names a slice of a source: a byte range of a CSV, or a list of
 image files in a folder or a zip. `decode_unit` turns one into a contract table plus a report of
-what it rejected or changed. Ray Data runs units in parallel (ferray.data.prepare); the GPU bench
+what it rejected or changed. Ray Data runs units in parallel (ferray.distributed.prepare); the GPU bench
 runs the same function in a plain loop.
 
 CSV chunks take a vectorized fast path; any chunk it cannot prove clean is re-read row by row by

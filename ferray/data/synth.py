@@ -35,7 +35,6 @@ EXPRESSIONS = {
     "surprise": (0.00, 0.15, 0.20, 1.45, 0.11, 0.03, 0.00, 0.0),
     "neutral":  (0.00, 0.00, 0.29, 1.00, 0.00, 0.00, 0.00, 0.0),
 }
-PARAM_NAMES = ("curve", "open", "width", "eye", "brow", "slant", "asym", "wrinkle")
 # Spread of each parameter around its class mean: about half the gap between close classes.
 PARAM_SPREAD = np.array([0.035, 0.03, 0.04, 0.22, 0.035, 0.04, 0.035, 0.35], np.float32)
 

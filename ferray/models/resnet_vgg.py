@@ -29,8 +29,9 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from ferray.data.contract import NUM_CLASSES
+from ferray.labels import NUM_CLASSES
 from ferray.models.registry import register_model
+from ferray.errors import PretrainedWeightsError
 
 IMAGENET_FILES = {
     "resnet50": "resnet50-0676ba61.pth",  # torchvision ResNet50_Weights.IMAGENET1K_V1
@@ -38,10 +39,6 @@ IMAGENET_FILES = {
     "vgg16": "vgg16-397923af.pth",  # VGG16_Weights.IMAGENET1K_V1
     "vgg19": "vgg19-dcbb9e9d.pth",  # VGG19_Weights.IMAGENET1K_V1
 }
-
-
-class PretrainedWeightsError(FileNotFoundError):
-    pass
 
 
 def pretrained_state_dict(arch: str, pretrained: str) -> dict | None:

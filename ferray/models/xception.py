@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from ferray.data.contract import NUM_CLASSES
+from ferray.labels import NUM_CLASSES
 from ferray.models.registry import register_model
 
 

@@ -1,6 +1,6 @@
 """The report itself: Table 1, Figures 2-5, per-class accuracy, confusions, runs, commands, configs.
 
-Every number comes from `record` (built by ferray.report.build from the runs' own files); report.json
+Every number comes from `record` (built by ferray.distributed.report from the runs' own files); report.json
 holds that record, so the tables can be checked against the files they came from.
 """
 
@@ -12,7 +12,7 @@ import shlex
 from pathlib import Path
 
 from ferray import __version__
-from ferray.data.contract import EMOTIONS
+from ferray.labels import EMOTIONS
 from ferray.metrics import most_confused
 from ferray.report.plan import ReportPlan
 from ferray.report.render import Document

@@ -20,9 +20,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
 
-from ferray.config import ConfigError, ExperimentConfig, load_runnable_config
+from ferray.config import ConfigError, ExperimentConfig, load_runnable_config, read_yaml
 
 
 def _quiet(_: str) -> None:
@@ -55,10 +54,17 @@ class ReportPlan:
     figures: dict = field(default_factory=lambda: dict(FIGURE_DEFAULTS))
     paper: dict = field(default_factory=dict)
 
-    def config(self, experiment: Path, data: Path) -> ExperimentConfig:
+    def config(self, experiment: Path, data: Path, resolve_split: bool = True) -> ExperimentConfig:
         """An experiment as this plan runs it: on `data`, with the plan's overrides (its scratch recipe
-        where its pretrained weights are not on this machine)."""
-        return load_runnable_config(experiment, [f"data.path={Path(data).absolute()}", *self.sets], echo=_quiet)
+        where its pretrained weights are not on this machine), its selection split resolved from the
+        prepared data as `ferray train` resolves it (so a finished run's config.yaml compares equal).
+        `resolve_split=False` checks the experiment alone, before the data is prepared."""
+        from ferray.data.contract import read_manifest, selection_split
+
+        cfg = load_runnable_config(experiment, [f"data.path={Path(data).absolute()}", *self.sets], echo=_quiet)
+        if resolve_split:
+            cfg.data.selection_split = selection_split(read_manifest(data), cfg.data.selection_split, str(data))
+        return cfg
 
     def run(self, key: str) -> RunSpec:
         return next(r for r in self.runs if r.key == key)
@@ -94,12 +100,7 @@ def _run_spec(base: Path, item, where: str) -> RunSpec:
 
 def load_plan(path: str | Path, data: str | Path | None = None, sets: list[str] = ()) -> ReportPlan:
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: no such report plan")
-    try:
-        raw = _mapping(yaml.safe_load(path.read_text()) or {}, str(path))
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({e})") from None
+    raw = read_yaml(path, "report plan")
     known = {"name", "description", "data", "sets", "runs", "sr", "ensemble", "figures", "paper"}
     if set(raw) - known:
         raise ConfigError(f"{path}: unknown key(s) {', '.join(sorted(set(raw) - known))} (known: {', '.join(sorted(known))})")
@@ -137,6 +138,6 @@ def load_plan(path: str | Path, data: str | Path | None = None, sets: list[str] 
                       sets=[str(s) for s in sets_] + list(sets), sr_actors=int(sr.get("actors", 1)),
                       sr_gpus_per_actor=float(sr.get("gpus_per_actor", 0)), figures=figures, paper=paper)
     for spec in specs:  # every experiment must load as the plan would run it: fail now, not after hours
-        plan.config(spec.experiment, plan.data)
-    plan.config(plan.sr_experiment, plan.data)
+        plan.config(spec.experiment, plan.data, resolve_split=False)
+    plan.config(plan.sr_experiment, plan.data, resolve_split=False)
     return plan

@@ -13,11 +13,12 @@ from ferray.data.contract import load_split
 from ferray.engine import TensorBatches
 from ferray.sr.engine import evaluate_sr, generator_from_checkpoint
 from ferray.sr.nets import bicubic, make_lr
+from ferray.device import default_device
 
 
 def evaluate_generator(checkpoint: str | Path, data: str | Path, split: str = "PublicTest", out: str | Path | None = None,
                        faces: int = 6, echo: Callable[[str], None] = print) -> dict:
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device()
     generator, cfg, payload = generator_from_checkpoint(checkpoint, device)
     images, _, _ = load_split(data, split)
     if images.shape[1:] != (48, 48):
@@ -51,10 +52,9 @@ def sr_report(generator, images: np.ndarray, split: str, out: Path, faces: int, 
 @torch.no_grad()
 def plot_sr_grid(generator, faces: np.ndarray, device, path: Path) -> Path:
     """Rows of faces; columns LR (24x24), bicubic, SR and HR (48x48), like the paper's Figure 2."""
-    import matplotlib
+    from ferray.plotting import pyplot, save
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     hr = torch.from_numpy(faces).float().unsqueeze(1).to(device) / 255.0
     lr = make_lr(hr)
@@ -68,7 +68,4 @@ def plot_sr_grid(generator, faces: np.ndarray, device, path: Path) -> Path:
             ax.set_yticks([])
             if i == 0:
                 ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save(fig, path, dpi=110)

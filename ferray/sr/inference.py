@@ -1,7 +1,7 @@
 """Upscaling faces 48 -> 96 with the SR generator or bicubic (Ray-free).
 
 `Upscaler` is a callable over contract tables: it loads the generator once in __init__ and runs it
-under torch.inference_mode, so Ray Data can use it as the class of an actor pool (ferray.upscale)
+under torch.inference_mode, so Ray Data can use it as the class of an actor pool (ferray.distributed.upscale)
 and `upscale_local` as a plain loop (the baseline of bench/upscale_scaling.py, and the Ray-free
 path of the GPU benches). Both write the same contract at 96x96.
 """
@@ -20,6 +20,7 @@ from ferray.data.contract import (
     read_manifest, schema, split_dir, write_manifest,
 )
 from ferray.sr.nets import bicubic
+from ferray.device import default_device
 
 METHODS = ("srgan", "bicubic")
 # The generator always runs on chunks of this many faces (the last one padded): convolution
@@ -37,7 +38,7 @@ class Upscaler:
             raise ValueError(f"method must be one of {', '.join(METHODS)}, not {method!r}")
         if threads:
             torch.set_num_threads(threads)
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = torch.device(device) if device else default_device()
         self.method, self.generator = method, None
         if method == "srgan":
             if checkpoint is None:

@@ -16,14 +16,12 @@ import torch.nn.functional as F
 
 from ferray.augment import standardize
 from ferray.config import SRConfig
+from ferray.errors import ContentError
+
 
 VGG19_FILE = "vgg19-dcbb9e9d.pth"  # torchvision's VGG19_Weights.IMAGENET1K_V1
 VGG_LAYERS = {"vgg22": 9, "vgg54": 36}  # features[:n] ends after relu2_2 / relu5_4
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-
-
-class ContentError(ValueError):
-    pass
 
 
 def vgg19_weights_path(cfg: SRConfig) -> Path | None:

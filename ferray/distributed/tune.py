@@ -17,7 +17,7 @@ A search file names a base experiment, overrides, and a search space of dotted c
       asha: {grace_period: 2, reduction_factor: 2}     # or `asha: off`
       max_failures: 2
 
-Each trial is the same Ray Train run as `ferray train` (ferray.train.build_trainer, Train V2 inside
+Each trial is the same Ray Train run as `ferray train` (ferray.distributed.train.build_trainer, Train V2 inside
 Tune through TuneReportCallback), so multi-worker and GPU trials work. Outputs under OUT/NAME:
 trials.csv, search.png, best.yaml (an experiment `ferray train` accepts), best.pt, and the Tune
 and Train state that `--resume` continues from.
@@ -34,14 +34,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import yaml
 
+from ferray.tasks import get_task
 from ferray.config import (
-    ConfigError, ExperimentConfig, apply_overrides, dump_yaml, from_dict, load_runnable_config, to_dict,
+    ConfigError, ExperimentConfig, apply_overrides, dump_yaml, from_dict, load_runnable_config, read_yaml, to_dict,
 )
 
 DISTRIBUTIONS = ("uniform", "loguniform", "int", "choice")
-CLASSIFIER_METRICS = ("eval_acc", "best_eval_acc", "eval_loss", "train_acc", "train_loss")
 
 
 @dataclass
@@ -113,9 +112,7 @@ def parse_param(key: str, spec: dict, base: ExperimentConfig, where: str) -> Par
 
 def load_search(path: str | Path, overrides: list[str] = ()) -> SearchSpec:
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: no such search file")
-    data = yaml.safe_load(path.read_text()) or {}
+    data = read_yaml(path, "search file")
     where = str(path)
     unknown = set(data) - {"name", "experiment", "set", "search", "description"}
     if unknown:
@@ -135,9 +132,10 @@ def load_search(path: str | Path, overrides: list[str] = ()) -> SearchSpec:
                       metric=search.get("metric", "eval_acc"), mode=search.get("mode", "max"),
                       samples=int(search.get("samples", 10)), max_concurrent=search.get("max_concurrent"),
                       seed=int(search.get("seed", 0)), max_failures=int(search.get("max_failures", 2)))
-    if spec.metric not in CLASSIFIER_METRICS:
+    reported = get_task("classifier").reported_metrics
+    if spec.metric not in reported:
         raise ConfigError(f"{where}: metric {spec.metric!r} is not reported by the trainer (reported: "
-                          f"{', '.join(CLASSIFIER_METRICS)})")
+                          f"{', '.join(reported)})")
     if spec.mode not in ("max", "min"):
         raise ConfigError(f"{where}: mode must be max or min, not {spec.mode!r}")
     if spec.samples < 1:
@@ -146,12 +144,19 @@ def load_search(path: str | Path, overrides: list[str] = ()) -> SearchSpec:
     spec.asha = None if asha in (None, False, "off") else {"grace_period": 1, "reduction_factor": 2, **asha}
     first = search.get("first")
     first = [first] if isinstance(first, dict) else list(first or [])
-    for point in first:
+    keys = [p.key for p in params]
+    for i, point in enumerate(first):
         for key in point:
-            if key not in {p.key for p in params}:
+            if key not in keys:
                 raise ConfigError(f"{where}: search.first names {key!r}, which is not in the search space")
-    # The base config's own values are evaluated first unless told otherwise: the paper's recipe.
-    spec.first = first or [{p.key: _config_field(base, p.key, where) for p in params if p.distribution != "choice"}]
+        if set(point) != set(keys):  # Tune's searchers take only complete points
+            raise ConfigError(f"{where}: search.first[{i}] must give every parameter of the space "
+                              f"({', '.join(keys)}); it lacks {', '.join(k for k in keys if k not in point)}")
+    # The base config's own values are evaluated first unless told otherwise: the paper's recipe
+    # (where a `choice` parameter's base value is not among its choices there is no such point).
+    base_point = {p.key: _config_field(base, p.key, where) for p in params}
+    complete = all(base_point[p.key] in p.choices for p in params if p.distribution == "choice")
+    spec.first = first or ([base_point] if complete else [])
     for point in spec.first:
         for p in params:
             value = point.get(p.key)
@@ -190,8 +195,8 @@ def run_trial(config: dict, base: dict, trials_dir: str, train_rows: int) -> Non
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from ferray.runtime import quiet_worker_logs
-    from ferray.train import build_trainer
+    from ferray.distributed.runtime import quiet_worker_logs
+    from ferray.distributed.train import build_trainer
 
     quiet_worker_logs()
     cfg = trial_config(from_dict(base), config)
@@ -221,9 +226,9 @@ def run_search(spec: SearchSpec, out: Path, resume: bool = False, echo: Callable
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search.optuna import OptunaSearch
 
-    from ferray.cluster import check_shared_paths
-    from ferray.runtime import connect
-    from ferray.train import check_data, check_resources
+    from ferray.distributed.cluster import check_shared_paths
+    from ferray.distributed.runtime import connect
+    from ferray.distributed.train import check_data, check_resources
 
     manifest = check_data(spec.base)  # makes data.path absolute: trials run in directories of their own
     search_dir = (Path(out) / spec.name).absolute()
@@ -299,7 +304,7 @@ class TrialEnds:
     * frees its workers' placement group. When ASHA (or an error) stops a trial, Tune kills its
       actor and with it the Train V2 controller, but the group stays reserved for the rest of the
       driver's life (ray-project/ray#54305): on a small cluster the next Train run then waits
-      forever for those CPUs/GPUs. Each run records its group's id (ferray.train).
+      forever for those CPUs/GPUs. Each run records its group's id (ferray.distributed.train).
     """
 
     def __init__(self, search_dir: Path):
@@ -335,7 +340,7 @@ class TrialEnds:
             self.release(run_dir.name)
 
     def release(self, trial_id: str) -> None:
-        from ferray.train import release_placement_group
+        from ferray.distributed.placement import release_placement_group
 
         try:
             release_placement_group(self.trials_dir / trial_id)
@@ -421,10 +426,9 @@ def format_table(spec: SearchSpec, rows: list[dict]) -> str:
 def plot_search(spec: SearchSpec, rows: list[dict], path: Path) -> Path:
     """Left: the first two parameters (log axes where loguniform), colored by the metric.
     Right: the metric in trial order with the running best."""
-    import matplotlib
+    from ferray.plotting import pyplot, save
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     scored = [r for r in rows if r[spec.metric] is not None]
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
@@ -457,7 +461,5 @@ def plot_search(spec: SearchSpec, rows: list[dict], path: Path) -> Path:
     right.set_ylabel(spec.metric)
     right.set_title("progress")
     right.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path, dpi=110)
     return path

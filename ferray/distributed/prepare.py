@@ -68,7 +68,7 @@ def prepare(source: str | Path, out: str | Path, *, on_bad: str = "error", resiz
     source has no PrivateTest, so that PublicTest stays an untouched test; "none": never)."""
     import ray
 
-    from ferray.runtime import connect
+    from ferray.distributed.runtime import connect
 
     if on_bad not in ("error", "skip"):
         raise DataError(f"--on-bad-record must be 'error' or 'skip', not {on_bad!r}")

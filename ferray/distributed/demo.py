@@ -18,7 +18,7 @@ from typing import Callable
 from ferray.data.contract import DataError
 
 MARKER = ".ferray-demo"
-EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"  # ferray/experiments links to experiments/
 DEFAULT_OUT = Path("ferray-demo")
 
 
@@ -35,17 +35,16 @@ def claim_folder(out: Path) -> None:
 def run_demo(out: Path | None, n: int = 1400, seed: int = 0, echo: Callable[[str], None] = print) -> dict:
     from ferray.data.describe import format_manifest
     from ferray.config import load_config
-    from ferray.data.prepare import prepare
+    from ferray.distributed.prepare import prepare
     from ferray.data.synth import SynthSpec, synthesize
     from ferray.ensemble import build_bundle, evaluate_bundle
     from ferray.evaluate import evaluate_checkpoint
     from ferray.sr.evaluation import evaluate_generator
-    from ferray.train import run_training
-    from ferray.tune import load_search, run_search
-    from ferray.report.build import run_report
+    from ferray.distributed.train import run_training
+    from ferray.distributed.tune import load_search, run_search
+    from ferray.distributed.report import run_report
     from ferray.report.plan import load_plan
-    from ferray.serving import demo_requests
-    from ferray.upscale import upscale
+    from ferray.distributed.upscale import upscale
 
     if out is None:
         out = DEFAULT_OUT
@@ -134,3 +133,33 @@ def predict_with_default(data, faces: int = 4, echo: Callable[[str], None] = pri
     echo("  (drawings, not photos: on a real face, `ferray predict photo.jpg` or "
          "`python -c \"import ferray; print(ferray.load().predict('photo.jpg'))\"`)")
     return answers
+
+
+def demo_requests(bundle, data, faces: int = 4, echo: Callable[[str], None] = print) -> dict:
+    """The demo's last step: serve the bundle, POST a few PublicTest faces as PNGs and as a pixel row,
+    print the answers, shut Serve down."""
+    import json
+
+    from ray import serve
+
+    from ferray.data.contract import EMOTIONS, load_split
+    from ferray.distributed.serving import start
+    from ferray.testing import free_port, png_bytes, post
+
+    images, labels, _ = load_split(data, "PublicTest")
+    url = start(bundle, port=free_port())
+    echo(f"serve: {url} is up; POST {url}/predict with {faces} PublicTest faces")
+    answers = []
+    try:
+        for index in range(faces):
+            status, answer = post(f"{url}/predict", png_bytes(images[index]), "image/png")
+            face = answer["faces"][0]
+            echo(f"  face {index}: HTTP {status}, true {EMOTIONS[labels[index]]:<8} predicted {face['label']:<8}"
+                 f" p={face['probs'][face['label']]:.2f}")
+            answers.append(answer)
+        row = json.dumps({"pixels": images[0].reshape(-1).tolist()}).encode()
+        status, answer = post(f"{url}/predict/pixels", row, "application/json")
+        echo(f"  POST /predict/pixels (face 0 as a FER2013 row): HTTP {status}, {answer['faces'][0]['label']}")
+    finally:
+        serve.shutdown()
+    return {"url": url, "answers": answers}

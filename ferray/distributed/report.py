@@ -80,7 +80,7 @@ def config_differences(run_dir: Path, cfg: ExperimentConfig) -> list[str]:
 
 
 def finished_run(run_dir: Path) -> dict | None:
-    from ferray.train import BEST_FILE, RESULT_FILE
+    from ferray.distributed.train import BEST_FILE, RESULT_FILE
 
     if (run_dir / RESULT_FILE).is_file() and (run_dir / BEST_FILE).is_file():
         return json.loads((run_dir / RESULT_FILE).read_text())
@@ -90,7 +90,7 @@ def finished_run(run_dir: Path) -> dict | None:
 def obtain_run(cfg: ExperimentConfig, runs: Path, reuse: list[Path], echo: Callable[[str], None],
                task: str = "classifier") -> dict:
     """A finished run of `cfg`: reused from `reuse` or `runs` when its config matches, else trained."""
-    from ferray.train import run_training
+    from ferray.distributed.train import run_training
 
     for folder in [*reuse, runs]:
         run_dir = folder / cfg.name
@@ -114,7 +114,7 @@ def obtain_run(cfg: ExperimentConfig, runs: Path, reuse: list[Path], echo: Calla
 def upscaled_data(plan: ReportPlan, generator: str, candidates: list[Path], out: Path,
                   echo: Callable[[str], None]) -> tuple[Path, bool]:
     """(folder, reused): faces upscaled from the plan's data by this generator, found or made."""
-    from ferray.upscale import upscale
+    from ferray.distributed.upscale import upscale
 
     checksum = read_manifest(plan.data)["checksum"]
     for folder in candidates:
@@ -199,8 +199,8 @@ def hardware() -> dict:
 # ---------------------------------------------------------------------------------------- report
 def run_report(plan: ReportPlan, out: str | Path, reuse: list[Path] = (), echo: Callable[[str], None] = print,
                remote_steps: bool | None = None) -> dict:
-    from ferray.cluster import check_shared_paths
-    from ferray.runtime import connect
+    from ferray.distributed.cluster import check_shared_paths
+    from ferray.distributed.runtime import connect
 
     t0 = time.perf_counter()
     out = Path(out).absolute()

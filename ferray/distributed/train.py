@@ -24,7 +24,7 @@ import pyarrow as pa
 from ferray.config import ConfigError, ExperimentConfig, dump_yaml, from_dict, to_dict
 from ferray.fit import BEST_FILE, METRICS_FILE, RESULT_FILE, fit
 from ferray.data.contract import (
-    FER_SIZE, DataError, load_split, pixels_to_images, read_manifest, selection_split, split_dir, untouched_splits,
+    DataError, load_split, pixels_to_images, read_manifest, selection_split, split_dir, untouched_splits,
 )
 
 SHUFFLE_BUFFER = 4096
@@ -47,18 +47,15 @@ def check_data(cfg: ExperimentConfig, task: str = "classifier") -> dict:
     is made absolute here, in the driver: workers and trials run in working directories of their own."""
     if "://" not in cfg.data.path:
         cfg.data.path = str(Path(cfg.data.path).absolute())
+    from ferray.tasks import get_task
+
     manifest = read_manifest(cfg.data.path)
-    if task == "sr" and manifest["image_size"][0] != FER_SIZE:
-        raise DataError(f"{cfg.data.path}: {manifest['image_size'][0]}x{manifest['image_size'][1]} faces; the SRGAN "
-                        f"trains on {FER_SIZE}x{FER_SIZE} faces (24 -> 48 pairs)")
+    get_task(task).check_data(manifest, cfg)
     if cfg.data.train_split not in manifest["splits"]:
         raise DataError(f"{cfg.data.path}: no {cfg.data.train_split!r} split (has: {', '.join(manifest['splits'])})")
     cfg.data.selection_split = selection_split(manifest, cfg.data.selection_split, cfg.data.path)
     if cfg.data.selection_split == cfg.data.train_split:
         raise ConfigError(f"data.selection_split {cfg.data.selection_split!r} is the training split; choose another")
-    size = manifest["image_size"][0]
-    if task == "classifier" and cfg.augment.crop > size:
-        raise ConfigError(f"augment.crop {cfg.augment.crop} is larger than the {size}x{size} faces in {cfg.data.path}")
     return manifest
 
 
@@ -137,7 +134,8 @@ def train_loop(loop_config: dict) -> None:
     import torch
 
     from ferray import engine
-    from ferray.runtime import quiet_worker_logs
+    from ferray.distributed.placement import record_placement_group
+    from ferray.distributed.runtime import quiet_worker_logs
     from ferray.tasks import get_task
 
     quiet_worker_logs()
@@ -160,7 +158,7 @@ def train_loop(loop_config: dict) -> None:
             print(f"resumed from the checkpoint of epoch {state.epoch}", flush=True)
 
     if rank == 0:
-        _record_placement_group(run_dir)
+        record_placement_group(run_dir)
         _record_machine(run_dir, state, task)
     steps_per_epoch = max(1, loop_config["train_rows"] // (cfg.train.batch_size * world))
     data = _EpochData(cfg, device, rank)
@@ -182,7 +180,6 @@ def train_loop(loop_config: dict) -> None:
         writer.close()
 
 
-PLACEMENT_GROUP_FILE = "placement_group"
 MACHINE_FILE = "machine.json"
 
 
@@ -192,32 +189,6 @@ def _record_machine(run_dir: Path, state, task) -> None:
 
     bf16 = bool(getattr(state, "use_amp", False))
     (run_dir / MACHINE_FILE).write_text(json.dumps(machine_facts(state.device, bf16), indent=2) + "\n")
-
-
-def _record_placement_group(run_dir: Path) -> None:
-    """Write the id of the workers' placement group into the run folder: when Tune stops a trial,
-    Train V2 leaves that group reserved (ray-project/ray#54305) and ferray.tune removes it by this id."""
-    import ray.util
-
-    group = ray.util.get_current_placement_group()
-    if group is not None:
-        (run_dir / PLACEMENT_GROUP_FILE).write_text(group.id.hex() + "\n")
-
-
-def release_placement_group(run_dir: Path) -> bool:
-    """Remove the placement group a run recorded if it is still reserved; True if one was removed."""
-    import ray.util
-    from ray._raylet import PlacementGroupID
-    from ray.util.placement_group import PlacementGroup
-
-    path = Path(run_dir) / PLACEMENT_GROUP_FILE
-    if not path.is_file():
-        return False
-    group_id = path.read_text().strip()
-    if ray.util.placement_group_table().get(group_id, {}).get("state") != "CREATED":
-        return False
-    ray.util.remove_placement_group(PlacementGroup(PlacementGroupID(bytes.fromhex(group_id))))
-    return True
 
 
 def _from_rank0(value: int, device, world: int) -> int:
@@ -309,17 +280,10 @@ def build_trainer(cfg: ExperimentConfig, run_dir: Path, train_rows: int, task: s
 
 def check_resources(cfg: ExperimentConfig) -> None:
     """Refuse, before starting, a request the cluster can never satisfy (instead of waiting forever)."""
-    import ray
+    from ferray.distributed.cluster import require
 
-    from ferray.cluster import ceiling
-
-    total = ray.cluster_resources()
-    for resource, per_worker in (("GPU", cfg.scaling.gpus_per_worker), ("CPU", cfg.scaling.cpus_per_worker)):
-        need, have = cfg.scaling.workers * per_worker, total.get(resource, 0)
-        if need > ceiling(resource, have):
-            raise ConfigError(f"{cfg.scaling.workers} workers x {per_worker:g} {resource} need {need:g} {resource}s; "
-                              f"this Ray cluster has {have:g} and can have at most {ceiling(resource, have):g} "
-                              f"(an autoscaling cluster declares more in FERRAY_MAX_{resource}S)")
+    require("GPU", cfg.scaling.workers, cfg.scaling.gpus_per_worker, "workers")
+    require("CPU", cfg.scaling.workers, cfg.scaling.cpus_per_worker, "workers")
 
 
 def prepare_run_dir(out: Path, name: str, resume: bool) -> Path:
@@ -335,8 +299,9 @@ def prepare_run_dir(out: Path, name: str, resume: bool) -> Path:
 def run_training(cfg: ExperimentConfig, out: Path, name: str | None = None, resume: bool = False,
                  echo: Callable[[str], None] = print, task: str = "classifier") -> dict:
     """Train `cfg` under Ray Train; returns the run's result (also written to RUN/result.json)."""
-    from ferray.cluster import check_shared_paths
-    from ferray.runtime import connect
+    from ferray.distributed.cluster import check_shared_paths
+    from ferray.distributed.runtime import connect
+    from ferray.tasks import get_task
 
     manifest = check_data(cfg, task)
     train_rows = manifest["splits"][cfg.data.train_split]["rows"]
@@ -345,7 +310,7 @@ def run_training(cfg: ExperimentConfig, out: Path, name: str | None = None, resu
     check_resources(cfg)
     check_shared_paths({"data": cfg.data.path, "run folder": run_dir})
     (run_dir / "config.yaml").write_text(dump_yaml(cfg))
-    what = "SRGAN x2" if task == "sr" else cfg.model.name
+    what = get_task(task).model_name(cfg)
     echo(f"train: {what} on {cfg.data.path} ({train_rows:,} {cfg.data.train_split} faces), "
          f"{cfg.scaling.workers} worker(s) x {cfg.scaling.gpus_per_worker:g} GPU, {cfg.train.epochs} epochs; "
          f"ray {info.mode}; run folder {run_dir}")
@@ -391,7 +356,7 @@ def finish_run(cfg: ExperimentConfig, run_dir: Path, result, seconds: float, ech
         shutil.copy(Path(folder) / CHECKPOINT_FILE, run_dir / BEST_FILE)
     payload = load_checkpoint(run_dir / BEST_FILE, kind=spec.kind)
     summary = {
-        "name": run_dir.name, "task": task, "model": "srgan" if task == "sr" else cfg.model.name,
+        "name": run_dir.name, "task": task, "model": spec.model_name(cfg),
         "run_dir": str(run_dir), "best_checkpoint": str(run_dir / BEST_FILE), "best_epoch": payload["epoch"],
         f"best_{spec.metric}": spec.best(payload), "selection_split": cfg.data.selection_split,
         "test_splits": untouched_splits(read_manifest(cfg.data.path), cfg.data.selection_split, cfg.data.train_split),
@@ -402,7 +367,7 @@ def finish_run(cfg: ExperimentConfig, run_dir: Path, result, seconds: float, ech
     }
     (run_dir / RESULT_FILE).write_text(json.dumps(summary, indent=2) + "\n")
     value = summary[f"best_{spec.metric}"]
-    shown = f"PSNR {value:.2f} dB" if task == "sr" else f"accuracy {value:.2%}"
+    shown = spec.format_value(value)
     echo(f"train: done in {seconds:.0f}s; best {cfg.data.selection_split} (selection) {shown} at epoch {summary['best_epoch']}; "
          f"checkpoint {run_dir / BEST_FILE}")
     return summary

@@ -55,6 +55,18 @@ def check_shared_paths(paths: dict[str, str | Path]) -> None:
                           "see cluster.yaml), or the workers on other nodes cannot read or write them")
 
 
+def require(resource: str, count: int, each: float, what: str) -> None:
+    """Refuse, before anything starts, `count` x `each` of a resource ("CPU" or "GPU") that this
+    cluster can never hold (Ray would wait for it forever). The same ConfigError for every stage."""
+    import ray
+
+    need, have = count * each, ray.cluster_resources().get(resource, 0)
+    if need > ceiling(resource, have):
+        raise ConfigError(f"{count} {what} x {each:g} {resource} need {need:g} {resource}s; this Ray cluster has "
+                          f"{have:g} and can have at most {ceiling(resource, have):g} (an autoscaling cluster declares "
+                          f"more in FERRAY_MAX_{resource}S)")
+
+
 def ceiling(resource: str, current: float) -> float:
     """The most of `resource` ("CPU" or "GPU") this cluster can ever offer: what it has now, or the
     autoscaler's ceiling declared in FERRAY_MAX_CPUS / FERRAY_MAX_GPUS, whichever is larger."""

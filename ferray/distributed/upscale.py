@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Callable
 
 from ferray.data.contract import DataError, atomic_output, build_manifest, write_manifest
+from ferray.errors import UsageError
 from ferray.sr.inference import METHODS, Upscaler, check_input, upscaled_source
 
 
@@ -22,26 +23,24 @@ def upscale(data: str | Path, out: str | Path, method: str = "srgan", checkpoint
     import ray
     import ray.data
 
-    from ferray.cluster import check_shared_paths
-    from ferray.runtime import connect
+    from ferray.distributed.cluster import check_shared_paths, require
+    from ferray.distributed.runtime import connect
 
     if method not in METHODS:
-        raise DataError(f"--method must be one of {', '.join(METHODS)}, not {method!r}")
+        raise UsageError(f"--method must be one of {', '.join(METHODS)}, not {method!r}")
     if method == "srgan" and checkpoint is None:
-        raise DataError("--checkpoint is required with --method srgan (or use --method bicubic)")
+        raise UsageError("--checkpoint is required with --method srgan (or use --method bicubic)")
     if actors < 1 or batch_size < 1:
-        raise DataError("--actors and --batch-size must be at least 1")
+        raise UsageError("--actors and --batch-size must be at least 1")
     manifest = check_input(data)
     if checkpoint is not None:  # fail here, not inside an actor, if it is not an SR generator
         from ferray.sr.engine import generator_from_checkpoint
 
         generator_from_checkpoint(checkpoint)
-    info = connect()
+    connect()
     Path(out).absolute().parent.mkdir(parents=True, exist_ok=True)
     check_shared_paths({"data": data, "output folder": Path(out).absolute().parent})
-    if gpus_per_actor * actors > info.gpus:
-        raise DataError(f"{actors} actors x {gpus_per_actor:g} GPU need {actors * gpus_per_actor:g} GPUs; "
-                        f"this Ray cluster has {info.gpus:g}")
+    require("GPU", actors, gpus_per_actor, "actors")
     echo(f"upscale: {manifest['rows']:,} faces 48 -> 96 by {method} with {actors} actor(s)"
          f"{f' x {gpus_per_actor:g} GPU' if gpus_per_actor else ' on CPU'}, batches of {batch_size}")
     t0 = time.perf_counter()

@@ -1,0 +1,107 @@
+"""The model that ships with ferray: Model A trained on FER2013 (ferray/bundles/default)."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ferray.data.contract import EMOTIONS
+from ferray.ensemble import default_bundle_path, load_bundle, read_bundle_card
+
+BUNDLE = default_bundle_path()
+SUBSET = 300
+
+
+@pytest.fixture(scope="module")
+def card():
+    return read_bundle_card(None)
+
+
+def test_the_default_bundle_loads_with_weights_only_and_answers_in_fer_order(card):
+    assert card["labels"] == list(EMOTIONS) == ["angry", "disgust", "fear", "happy", "sad", "surprise", "neutral"]
+    weights = BUNDLE / card["members"]["a"]["checkpoint"]
+    assert weights.stat().st_size <= 6 * 2**20  # half precision, inside the package
+    payload = torch.load(weights, map_location="cpu", weights_only=True)
+    assert payload["config"]["model"]["name"] == "xception_a"  # the paper's model at full width
+    assert card["members"]["b"] is None and card["members"]["a"]["pretrained"] is False
+    ensemble, _ = load_bundle(None, "cpu")
+    probs = ensemble.predict(torch.zeros(2, 48, 48, dtype=torch.uint8))["probs"]
+    assert probs.shape == (2, 7) and torch.allclose(probs.sum(1), torch.ones(2), atol=1e-4)
+
+
+def test_the_model_card_is_written_from_the_runs_own_files(card):
+    """No number on the card is typed by hand: it renders from bundle.json, whose run facts are the
+    training run's result.json, whose selection figure is the best epoch of metrics.jsonl."""
+    from ferray.report.model_card import render_model_card
+
+    assert (BUNDLE / "MODEL_CARD.md").read_text() == render_model_card(card)
+    run = BUNDLE / "run_a"
+    result = json.loads((run / "result.json").read_text())
+    facts = card["members"]["a"]["run"]
+    assert {k: result[k] for k in facts} == facts
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    best = max(rows, key=lambda r: r["eval_acc"])
+    assert card["members"]["a"]["selection_accuracy"] == best["eval_acc"] == result["best_eval_acc"]
+    assert card["members"]["a"]["epochs"] == best["epoch"] == result["best_epoch"]
+    assert result["train_seconds"] == pytest.approx(sum(r["epoch_seconds"] for r in rows), abs=0.2)
+    assert result["budget_minutes"] and result["train_seconds"] <= result["budget_minutes"] * 60 + 1
+    assert card["selection_split"] == result["selection_split"] == "Validation"
+    assert card["evaluations"]["PublicTest"]["selection"] is False
+    assert (BUNDLE / "confusion-PublicTest.png").stat().st_size > 10_000
+
+
+def public_test_subset(shared_fer2013, count: int = SUBSET):
+    """A fixed subset of FER2013's PublicTest: every face's file name sorted, then every k-th."""
+    from PIL import Image
+
+    files = sorted((shared_fer2013 / "test").glob("*/PublicTest_*.jpg"))
+    picked = files[:: len(files) // count][:count]
+    faces = np.stack([np.asarray(Image.open(f).convert("L"), np.uint8) for f in picked])
+    labels = np.array([EMOTIONS.index(f.parent.name) for f in picked])
+    return faces, labels
+
+
+def test_accuracy_on_real_faces_matches_the_card(card, shared_fer2013):
+    """A broken preprocessing path or a wrong label order would fall far below the card's figure."""
+    faces, labels = public_test_subset(shared_fer2013)
+    ensemble, _ = load_bundle(None, "cpu")
+    ensemble.tta = False  # the center view: ten times cheaper than TTA, and the same preprocessing path
+    predicted = ensemble.predict(torch.from_numpy(faces))["probs"].argmax(1).numpy()
+    accuracy = float((predicted == labels).mean())
+    expected = card["evaluations"]["PublicTest"]["views"]["center"]["accuracy"]
+    assert accuracy >= expected - 0.04, (accuracy, expected)
+
+
+def test_bf16_and_fp32_agree_on_the_trained_model(shared_fer2013):
+    """The bf16 fast path classifies as fp32 does (within 0.3 points on a trained checkpoint). 500
+    faces: where bf16 is emulated (AVX2 CPUs, this test's CI) it runs at ~9 faces/s."""
+    faces, labels = public_test_subset(shared_fer2013, 500)
+    ensemble, _ = load_bundle(None, "cpu")
+    ensemble.tta = False
+    accuracy, predicted = {}, {}
+    for bf16 in (False, True):
+        ensemble.bf16 = bf16
+        predicted[bf16] = ensemble.predict(torch.from_numpy(faces))["probs"].argmax(1).numpy()
+        accuracy[bf16] = float((predicted[bf16] == labels).mean())
+    assert abs(accuracy[True] - accuracy[False]) <= 0.003, accuracy
+    assert (predicted[True] != predicted[False]).mean() <= 0.01  # and few faces change their answer at all
+
+
+def test_predict_and_serve_use_the_default_model_without_a_bundle(tmp_path, capsys):
+    from ferray.cli import main
+    from ferray.distributed.serving import app_args
+    from ferray.testing import png_bytes
+
+    face = np.tile(np.linspace(40, 200, 48, dtype=np.uint8), (48, 1))
+    path = tmp_path / "face.png"
+    path.write_bytes(png_bytes(face))
+    assert main(["predict", str(path)]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    import ferray
+
+    expected = ferray.load().predict(path)
+    assert printed[0]["faces"][0]["probs"] == pytest.approx(expected["faces"][0]["probs"], abs=1e-6)
+    args, _ = app_args(None)
+    assert Path(args["bundle"]) == BUNDLE.absolute()
