@@ -17,6 +17,9 @@ REPO = Path(__file__).resolve().parents[1]
 SMOKE_ROWS = {"Training": 600, "Validation": 140, "PublicTest": 140, "PrivateTest": 140}
 
 
+SMOKE_MINUTES = 0.5
+
+
 def find_fer2013(given: Path | None) -> Path | None:
     """--data, else FER2013 carried into the repo (.fer2013/), else ../shared/data/fer2013."""
     return given or next((p for p in (REPO / ".fer2013", REPO.parent / "shared" / "data" / "fer2013") if p.exists()), None)
@@ -27,8 +30,10 @@ def add_common_args(parser: argparse.ArgumentParser, out: str, minutes: float) -
                         "(default: .fer2013/ in the repo if carried there, else ../shared/data/fer2013)")
     parser.add_argument("--private", type=Path, help="a folder or CSV holding PrivateTest (e.g. the full fer2013.csv): "
                         "evaluated at the end, center crop and ten-crop TTA")
-    parser.add_argument("--minutes", type=float, default=minutes,
-                        help=f"training time: the epochs that fit, the schedule planned over them (default: {minutes:g})")
+    parser.add_argument("--minutes", type=float, default=None,
+                        help=f"training time: the epochs that fit, the schedule planned over them (default: {minutes:g}; "
+                        f"with --smoke: {SMOKE_MINUTES:g})")
+    parser.set_defaults(full_minutes=minutes)
     parser.add_argument("--out", type=Path, default=Path(out), help=f"output folder (default: {out})")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override the experiment, e.g. --set train.batch_size=128")
@@ -51,6 +56,8 @@ def load_data(args, out: Path) -> tuple[dict, dict]:
     from ferray.data.contract import selection_split
     from ferray.data.memory import load_faces, load_private
 
+    if args.minutes is None:  # a smoke run plans its epochs too, over a budget of seconds
+        args.minutes = SMOKE_MINUTES if args.smoke else args.full_minutes
     data = find_fer2013(args.data)
     if data is None:
         sys.exit("no FER2013 found; pass --data")
