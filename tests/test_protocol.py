@@ -43,6 +43,7 @@ def twin_data(tmp_path_factory):
     return data, rigged
 
 
+@pytest.mark.slow  # six short trainings, Ray-free
 def test_the_core_loop_and_the_fusion_ignore_the_test_split(twin_data, tmp_path):
     from ferray.config import load_config
     from ferray.data.contract import read_manifest, selection_split
