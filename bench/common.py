@@ -15,8 +15,6 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE_ROWS = {"Training": 600, "Validation": 140, "PublicTest": 140, "PrivateTest": 140}
-
-
 SMOKE_MINUTES = 0.5
 
 

@@ -88,7 +88,7 @@ class LocalRun:
         history = state.history
         summary = {
             "name": self.run_dir.name, "task": self.task.name,
-            "model": "srgan" if self.task.name == "sr" else self.cfg.model.name,
+            "model": self.task.model_name(self.cfg),
             "run_dir": str(self.run_dir), "best_checkpoint": str(self.run_dir / BEST_FILE),
             "best_epoch": best.get("epoch"), f"best_{self.task.metric}": best.get(self.task.metric),
             "selection_split": self.cfg.data.selection_split, "epochs": state.epoch,

@@ -3,6 +3,7 @@ data stays the same (the kept checkpoint, the fusion weight, the SR generator, T
 while the test figures change (so the shuffle was real)."""
 
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -95,7 +96,7 @@ def test_train_and_tune_ignore_the_test_split(ray_session, twin_data, tmp_path):
     from ferray.distributed.tune import load_search, run_search
     from ferray.engine import load_checkpoint
 
-    experiments = __import__("pathlib").Path(__file__).resolve().parents[1] / "experiments"
+    experiments = Path(__file__).resolve().parents[1] / "experiments"
     quiet = dict(echo=lambda _: None)
     data, rigged = twin_data
     common = ["scaling.workers=1", "scaling.cpus_per_worker=1", "train.batch_size=32", "train.epochs=1"]

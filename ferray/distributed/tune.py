@@ -34,11 +34,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-
-from ferray.tasks import get_task
 from ferray.config import (
     ConfigError, ExperimentConfig, apply_overrides, dump_yaml, from_dict, load_runnable_config, read_yaml, to_dict,
 )
+from ferray.tasks import get_task
 
 DISTRIBUTIONS = ("uniform", "loguniform", "int", "choice")
 
