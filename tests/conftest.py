@@ -21,7 +21,7 @@ def ray_session():
     from ferray.distributed.runtime import configure_train_env, connect
 
     os.environ.pop("RAY_ADDRESS", None)
-    configure_train_env()
+    configure_train_env(single_machine=True)
     os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")
     if not ray.is_initialized():
         ray.init(address="local", num_cpus=4, object_store_memory=300 << 20, include_dashboard=True,

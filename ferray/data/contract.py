@@ -78,6 +78,18 @@ def pixels_to_images(pixels: pa.Array | pa.ChunkedArray) -> np.ndarray:
     return flat[start : start + n * side * side].reshape(n, side, side)
 
 
+def decode_faces(table: pa.Table) -> dict:
+    """A batch of a prepared split (pyarrow) -> {"image": (B, H, W) uint8, "label": (B,) int64, "key":
+    (B,) int64}, the key a hash of the face's id: a Train worker that caches its shard orders it by key,
+    so a run's batches do not depend on the order in which Ray Data's read tasks finish. It lives here,
+    not in the Train module, because Ray Data runs it in fresh worker processes: importing it from a
+    module that imports torch cost each of them ~5 s on 2 cores."""
+    from pandas.util import hash_array
+
+    keys = hash_array(table.column("id").to_numpy(zero_copy_only=False).astype(object)).view("int64")
+    return {"image": pixels_to_images(table.column("pixels")), "label": table.column("label").to_numpy(), "key": keys}
+
+
 def read_split(root: str | os.PathLike, split: str, columns=None) -> pa.Table:
     """One split of a prepared dataset as an Arrow table; DataError if it is not there."""
     folder = split_dir(root, split)

@@ -104,11 +104,16 @@ def run_demo(out: Path | None, n: int = 1400, seed: int = 0, echo: Callable[[str
         ("predict: ferray's default model (Model A trained on real FER2013 faces) through the Python API",
          lambda: done.update(default_model=predict_with_default(data, echo=print))),
     ]
+    seconds = {}
     for i, (title, run) in enumerate(steps, 1):
         echo(f"[{i}/{len(steps)}] {title}")
+        started = time.perf_counter()
         run()
+        seconds[f"{i}. {title.split(':')[0]}"] = time.perf_counter() - started
     echo(f"demo: done in {time.perf_counter() - t0:.0f}s; artifacts under {out.absolute()}; the report: "
          f"{(out / 'report' / 'report.html').absolute()}")
+    echo("demo: seconds per step: " + ", ".join(f"{step} {s:.0f}" for step, s in seconds.items()))
+    done["seconds"] = seconds
     return done
 
 

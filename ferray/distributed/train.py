@@ -19,28 +19,16 @@ import time
 from pathlib import Path
 from typing import Callable
 
-import pyarrow as pa
-
 from ferray.config import ConfigError, ExperimentConfig, dump_yaml, from_dict, to_dict
 from ferray.fit import BEST_FILE, METRICS_FILE, RESULT_FILE, fit
 from ferray.data.contract import (
-    DataError, load_split, pixels_to_images, read_manifest, selection_split, split_dir, untouched_splits,
+    DataError, decode_faces, load_split, read_manifest, selection_split, split_dir, untouched_splits,
 )
 
 SHUFFLE_BUFFER = 4096
 
 
 # ------------------------------------------------------------------------------------------ data
-def decode_faces(table: pa.Table) -> dict:
-    """Ray Data batch (pyarrow) -> {"image": (B, H, W) uint8, "label": (B,) int64, "key": (B,) int64},
-    the key a hash of the face's id: a worker that caches its shard orders it by key, so a run's
-    batches do not depend on the order in which Ray Data's read tasks finish."""
-    from pandas.util import hash_array
-
-    keys = hash_array(table.column("id").to_numpy(zero_copy_only=False).astype(object)).view("int64")
-    return {"image": pixels_to_images(table.column("pixels")), "label": table.column("label").to_numpy(), "key": keys}
-
-
 def check_data(cfg: ExperimentConfig, task: str = "classifier") -> dict:
     """The manifest of cfg.data.path, after checking that the splits are there and resolving the
     selection split (written back into cfg, so every checkpoint and result names it). A relative path
