@@ -284,6 +284,13 @@ def prepare_run_dir(out: Path, name: str, resume: bool) -> Path:
     return run_dir
 
 
+def planned(cfg: ExperimentConfig) -> str:
+    """The epochs a run asks for, as its first line says them."""
+    if cfg.train.budget_minutes > 0:
+        return f"the epochs that fit {cfg.train.budget_minutes:g} minutes (at most {cfg.train.epochs})"
+    return f"{cfg.train.epochs} epochs"
+
+
 def run_training(cfg: ExperimentConfig, out: Path, name: str | None = None, resume: bool = False,
                  echo: Callable[[str], None] = print, task: str = "classifier") -> dict:
     """Train `cfg` under Ray Train; returns the run's result (also written to RUN/result.json)."""
@@ -300,7 +307,7 @@ def run_training(cfg: ExperimentConfig, out: Path, name: str | None = None, resu
     (run_dir / "config.yaml").write_text(dump_yaml(cfg))
     what = get_task(task).model_name(cfg)
     echo(f"train: {what} on {cfg.data.path} ({train_rows:,} {cfg.data.train_split} faces), "
-         f"{cfg.scaling.workers} worker(s) x {cfg.scaling.gpus_per_worker:g} GPU, {cfg.train.epochs} epochs; "
+         f"{cfg.scaling.workers} worker(s) x {cfg.scaling.gpus_per_worker:g} GPU, {planned(cfg)}; "
          f"ray {info.mode}; run folder {run_dir}")
     from ferray.device import code_version
 
