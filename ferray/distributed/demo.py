@@ -113,7 +113,6 @@ def run_demo(out: Path | None, n: int = 1400, seed: int = 0, echo: Callable[[str
     echo(f"demo: done in {time.perf_counter() - t0:.0f}s; artifacts under {out.absolute()}; the report: "
          f"{(out / 'report' / 'report.html').absolute()}")
     echo("demo: seconds per step: " + ", ".join(f"{step} {s:.0f}" for step, s in seconds.items()))
-    done["seconds"] = seconds
     return done
 
 

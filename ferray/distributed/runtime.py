@@ -96,7 +96,8 @@ def connect(quiet: bool | None = None, progress: bool | None = None) -> RayInfo:
 
     if quiet is None:
         quiet = not is_verbose()
-    configure_train_env()
+    embedded = not ray.is_initialized() and not os.environ.get("RAY_ADDRESS")  # a Ray of our own, on this machine
+    configure_train_env(single_machine=embedded)
 
     level = logging.WARNING if quiet else logging.INFO
     if quiet:
@@ -114,7 +115,6 @@ def connect(quiet: bool | None = None, progress: bool | None = None) -> RayInfo:
         mode = "cluster"
         print(f"ferray: using the Ray cluster at {os.environ['RAY_ADDRESS']}", file=sys.stderr, flush=True)
     else:
-        configure_train_env(single_machine=True)
         cpus, store = embedded_resources()
         # The dashboard serves the State API, which Ray Train V2 polls to clean up after a run
         # (without it every run logs "State API may be temporarily unavailable" each second).
