@@ -19,6 +19,12 @@ import torch
 BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
 
 
+# glibc mallopt parameters (malloc.h) and the values ferray sets on CPU: see keep_cpu_buffers.
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+MMAP_THRESHOLD_BYTES = 32 << 20  # glibc's ceiling for M_MMAP_THRESHOLD on 64-bit
+TRIM_THRESHOLD_BYTES = 1 << 30
+
+
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -52,6 +58,28 @@ def use_bf16(device: torch.device | str, requested: bool = True) -> bool:
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     return device.type == "cpu" and cpu_has_native_bf16()
+
+
+@functools.lru_cache(maxsize=1)
+def keep_cpu_buffers() -> bool:
+    """Let glibc keep freed activation buffers for reuse instead of returning them to the kernel.
+
+    By default glibc serves every block over a (dynamic) threshold with a fresh mmap and unmaps it
+    on free, and trims the heap top after frees: a CPU forward allocates and frees the same
+    activation sizes every call, so each call page-faults its buffers in again. Measured on a 2-core
+    AVX2 machine (Model A, 2,560 TTA crops): 54 s of kernel time against 33 s computing in one forward;
+    in forwards of 32 crops with these settings, no kernel time and 3.5x the crops per second; training
+    at batch 64, 7% faster. A process-wide setting, made once, on first CPU use (never at import);
+    glibc only (elsewhere, and with FERRAY_CPU_MALLOC=0, a no-op). Returns whether it was applied."""
+    if os.environ.get("FERRAY_CPU_MALLOC") == "0" or platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES) and libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES))
 
 
 def autocast(device: torch.device | str, enabled: bool):

@@ -21,7 +21,7 @@ from ferray import __version__
 from ferray.augment import predict_proba, train_views
 from ferray.config import ExperimentConfig, OptimConfig, from_dict, to_dict
 from ferray.labels import NUM_CLASSES
-from ferray.device import autocast, use_bf16
+from ferray.device import autocast, keep_cpu_buffers, use_bf16
 from ferray.losses import JointLoss
 from ferray.metrics import confusion_matrix, summarize_confusion
 from ferray.models import build_model
@@ -177,6 +177,8 @@ def build_state(cfg: ExperimentConfig, device: torch.device,
     """Model, loss, optimizer and schedule from a config; `wrap` (e.g. DDP) is applied to the model.
     Every rank builds the same initial weights (seeded by the run's seed alone)."""
     torch.manual_seed(cfg.train.seed)
+    if device.type == "cpu":
+        keep_cpu_buffers()  # training at batch 64: 7% faster (measured in ferray.device)
     model = build_model(cfg.model.name, num_classes=NUM_CLASSES, dropout=cfg.model.dropout,
                         pretrained=cfg.model.pretrained).to(device)
     if cfg.train.channels_last:

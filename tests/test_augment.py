@@ -66,3 +66,27 @@ def test_predict_proba_averages_softmax_over_views():
     views = augment.eval_views(images, 44, tta=True)
     manual = torch.stack([model(v).softmax(-1) for v in views]).mean(0)
     assert torch.allclose(probs, manual, atol=1e-6)
+
+
+def test_cpu_inference_goes_in_slices_that_give_the_whole_batch_answer():
+    calls = []
+
+    class Recording(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = torch.nn.Linear(44 * 44, 7)
+
+        def forward(self, x):
+            calls.append(len(x))
+            return self.linear(torch.nn.functional.adaptive_avg_pool2d(x, 44).flatten(1))
+
+    model = Recording()
+    images = faces(40)
+    probs = augment.predict_proba(model, images, 44, tta=True)  # 400 crops
+    assert sum(calls) == 400 and max(calls) == augment.CPU_SLICE_PIXELS // (44 * 44) < 400
+    views = augment.eval_views(images, 44, tta=True)
+    whole = model.linear(views.flatten(2)).softmax(-1).mean(0)
+    assert torch.allclose(probs, whole, atol=1e-6)
+    calls.clear()
+    augment.predict_proba(model, faces(40, size=96), 88, tta=False, scale=1)  # bigger crops, smaller slices
+    assert max(calls) == augment.CPU_SLICE_PIXELS // (88 * 88) and sum(calls) == 40

@@ -31,3 +31,16 @@ def test_autocast_switches_matmul_precision():
         assert (x @ w).dtype == torch.bfloat16
     with device.autocast("cpu", False):
         assert (x @ w).dtype == torch.float32
+
+
+def test_cpu_buffer_setting_is_applied_on_glibc_and_can_be_turned_off(monkeypatch):
+    import platform
+
+    device.keep_cpu_buffers.cache_clear()
+    monkeypatch.setenv("FERRAY_CPU_MALLOC", "0")
+    assert device.keep_cpu_buffers() is False
+    device.keep_cpu_buffers.cache_clear()
+    monkeypatch.delenv("FERRAY_CPU_MALLOC")
+    glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+    assert device.keep_cpu_buffers() is glibc
+    device.keep_cpu_buffers.cache_clear()
