@@ -60,6 +60,11 @@ def test_bundle_round_trip(tiny_bundle, prepared_synth, tmp_path):
     # a replica that loads only one member computes the same probabilities
     only_a, _ = load_bundle(tiny_bundle, members=("a",))
     assert only_a.model_b is None and torch.allclose(only_a.probs_a(faces), result["a"])
+    # served with the batch norms folded into the convolutions: the answers of the models as trained
+    as_trained, _ = load_bundle(tiny_bundle, fold=False)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in ensemble.model_a.modules())
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in as_trained.model_a.modules())
+    assert torch.allclose(as_trained.predict(faces)["probs"], result["probs"], atol=1e-5)
     report = evaluate_bundle(tiny_bundle, prepared_synth, "PublicTest", out=tmp_path, echo=lambda _: None)
     assert report["accuracy"] == pytest.approx(card["accuracy"]["PublicTest"]["ensemble"])
     assert report["members"]["a"] == pytest.approx(card["accuracy"]["PublicTest"]["a"])

@@ -59,3 +59,24 @@ def test_registry_lists_and_refuses_unknown_names():
 def test_models_table_shows_counts_and_depth():
     table = models_table()
     assert "xception_a" in table and "2,716,359" in table and " 83 " in table
+
+
+@pytest.mark.parametrize("name", ["xception_a_tiny", "resnet18_b", "resnet50_b_scratch"])
+def test_folding_batch_norms_removes_them_and_keeps_the_answers(name):
+    from ferray.models.folding import fold_batch_norms
+
+    torch.manual_seed(0)
+    model = build_model(name, num_classes=7)
+    size = model_entry(name).input_size
+    with torch.no_grad():
+        model(torch.randn(16, 1, size, size) * 2 + 1)  # running statistics away from their (0, 1) start
+    model.eval()
+    with pytest.raises(ValueError, match="eval mode"):
+        fold_batch_norms(build_model(name, num_classes=7))
+    x = torch.randn(3, 1, size, size)
+    with torch.no_grad():
+        before = model(x)
+        batch_norms = sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+        assert fold_batch_norms(model) == batch_norms > 0
+        assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+        assert torch.allclose(model(x), before, atol=1e-4, rtol=1e-4)

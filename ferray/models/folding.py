@@ -1,0 +1,53 @@
+"""Batch norms folded into the convolutions before them, for inference (Ray-free).
+
+In eval mode a BatchNorm2d is a fixed per-channel scale and shift, so it can live in the weights and
+bias of the convolution that feeds it: the same function with one pass over the activations fewer.
+On one face on a 2-core CPU Model A's 24 batch norms took ~18% of the forward (torch.profiler).
+Training keeps the batch norms; only loaded, frozen models are folded.
+"""
+
+from __future__ import annotations
+
+import torch.nn as nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+
+def _last_conv(module: nn.Module) -> tuple[nn.Module, str] | None:
+    """(owner, attribute) of the convolution whose output `module` returns: itself, or a separable
+    convolution's pointwise part."""
+    if isinstance(module, nn.Conv2d):
+        return None  # the caller owns it
+    pointwise = getattr(module, "pointwise", None)
+    if isinstance(pointwise, nn.Conv2d):
+        return module, "pointwise"
+    return None
+
+
+def _pairs(module: nn.Module) -> list[tuple[str, str]]:
+    """Names of (producer, batch norm) children of `module`: neighbours in a Sequential, or
+    torchvision's convN/bnN attributes (ResNet blocks and stems)."""
+    names = list(module._modules)
+    if isinstance(module, nn.Sequential):
+        return list(zip(names, names[1:]))
+    return [(f"conv{name[2:]}", name) for name in names if name.startswith("bn") and f"conv{name[2:]}" in module._modules]
+
+
+def fold_batch_norms(model: nn.Module) -> int:
+    """Fold, in place, every BatchNorm2d that directly follows a convolution into it; the batch norm
+    becomes an identity. The model must be in eval mode (folding uses the running statistics).
+    Returns how many were folded."""
+    if model.training:
+        raise ValueError("fold_batch_norms: put the model in eval mode first (folding uses the running statistics)")
+    folded = 0
+    for module in list(model.modules()):
+        for producer_name, bn_name in _pairs(module):
+            producer, bn = module._modules[producer_name], module._modules[bn_name]
+            if not isinstance(bn, nn.BatchNorm2d) or bn.running_mean is None:
+                continue
+            owner, attribute = (module, producer_name) if isinstance(producer, nn.Conv2d) else (_last_conv(producer) or (None, None))
+            if owner is None:
+                continue
+            setattr(owner, attribute, fuse_conv_bn_eval(getattr(owner, attribute), bn))
+            module._modules[bn_name] = nn.Identity()
+            folded += 1
+    return folded
