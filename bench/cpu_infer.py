@@ -65,10 +65,10 @@ def main() -> None:
           f"({card['members']['a']['parameters']:,} parameters) from {args.bundle}; fast path: channels_last"
           f"{' + bf16' if fast_bf16 else ' (no native bf16 here: fp32)'} + batch norms folded", flush=True)
     rows = {}
-    for name, model, channels_last, bf16 in (("fp32", as_trained, False, False), ("fast path", ensemble, True, fast_bf16)):
-        model.model_a = model.model_a.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-        model.bf16 = bf16
-        rows[name] = timings(model, args.repeats)
+    for name, variant, channels_last, bf16 in (("fp32", as_trained, False, False), ("fast path", ensemble, True, fast_bf16)):
+        variant.model_a = variant.model_a.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        variant.bf16 = bf16
+        rows[name] = timings(variant, args.repeats)
         r = rows[name]
         print(f"{name:>9}: one face {r['center_ms']:6.2f} ms (target <= 5), ten-crop TTA {r['tta_ms']:6.2f} ms "
               f"(target <= 20), batch of 256 {r['batch_faces_per_s']:7.0f} faces/s (target >= 800)", flush=True)

@@ -262,7 +262,7 @@ def build_bundle(a: str | Path, b: str | Path | None, sr: str | Path | None, dat
     if manifest["image_size"] != [FER_SIZE, FER_SIZE]:
         raise DataError(f"{data}: the ensemble is fitted on the prepared 48x48 faces (B's SR input is made from them)")
     ensemble = load_members(a, b, sr, device, fold=False)
-    members = {  # the members as trained (their parameter counts), before folding for the evaluations
+    member_cards = {  # the members as trained (their parameter counts), before folding for the evaluations
         "a": _member_card(ensemble.model_a, ensemble.cfg_a, a, "model_a.pt"),
         "b": None if b is None else _member_card(ensemble.model_b, ensemble.cfg_b, b, "model_b.pt"),
         "sr": None if sr is None else {"checkpoint": "sr.pt", "source": str(sr),
@@ -288,7 +288,7 @@ def build_bundle(a: str | Path, b: str | Path | None, sr: str | Path | None, dat
         "ferray_version": __version__, "labels": list(EMOTIONS), "tta": tta, "selection_split": split,
         "fusion": fusion, "accuracy": {split: accuracy}, "alternatives": alternatives, "evaluations": evaluations,
         "data": {"path": str(Path(data).absolute()), "checksum": manifest["checksum"], "splits": manifest["splits"]},
-        "members": members,
+        "members": member_cards,
     }
     _write_bundle(out, card, a, b, sr, overwrite)
     members = f"A {accuracy['a']:.2%}" + (f", B {accuracy['b']:.2%}" if b is not None else "")

@@ -12,14 +12,14 @@ import torch.nn as nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 
-def _last_conv(module: nn.Module) -> tuple[nn.Module, str] | None:
-    """(owner, attribute) of the convolution whose output `module` returns: itself, or a separable
-    convolution's pointwise part."""
-    if isinstance(module, nn.Conv2d):
-        return None  # the caller owns it
-    pointwise = getattr(module, "pointwise", None)
-    if isinstance(pointwise, nn.Conv2d):
-        return module, "pointwise"
+def _conv_slot(parent: nn.Module, name: str) -> tuple[nn.Module, str] | None:
+    """(owner, attribute) of the convolution whose output the child `name` of `parent` returns: the
+    child itself, or a separable convolution's pointwise part; None for anything else."""
+    child = parent._modules[name]
+    if isinstance(child, nn.Conv2d):
+        return parent, name
+    if isinstance(getattr(child, "pointwise", None), nn.Conv2d):
+        return child, "pointwise"
     return None
 
 
@@ -41,12 +41,10 @@ def fold_batch_norms(model: nn.Module) -> int:
     folded = 0
     for module in list(model.modules()):
         for producer_name, bn_name in _pairs(module):
-            producer, bn = module._modules[producer_name], module._modules[bn_name]
-            if not isinstance(bn, nn.BatchNorm2d) or bn.running_mean is None:
+            bn, slot = module._modules[bn_name], _conv_slot(module, producer_name)
+            if slot is None or not isinstance(bn, nn.BatchNorm2d) or bn.running_mean is None:
                 continue
-            owner, attribute = (module, producer_name) if isinstance(producer, nn.Conv2d) else (_last_conv(producer) or (None, None))
-            if owner is None:
-                continue
+            owner, attribute = slot
             setattr(owner, attribute, fuse_conv_bn_eval(getattr(owner, attribute), bn))
             module._modules[bn_name] = nn.Identity()
             folded += 1
