@@ -8,7 +8,10 @@ random 48x48 faces, after warm-up: the median of --repeats calls for the single 
 of 5 batches for the throughput. fp32: the model as trained, NCHW, without autocast; fast path: as
 ferray serves it (batch norms folded into the convolutions), channels_last, and bf16 autocast where
 the CPU has native bf16 (ferray.device). Targets on 2 threads: one face <= 5 ms
-(center crop) and <= 20 ms (TTA); a batch of 256 >= 800 faces/s. Prints the fast path's figures last.
+(center crop) and <= 20 ms (TTA); a batch of 256 >= 800 faces/s. Prints the fast path's figures last,
+then the ceiling this CPU puts on them: the model's FLOPs per crop (counted by torch) against the
+machine's fp32 matrix-multiply rate measured in the same run (the best a dense kernel gets here), so a
+target above the ceiling is seen to need other arithmetic (bf16 units, a GPU), not a faster kernel.
 """
 
 from __future__ import annotations
@@ -39,6 +42,32 @@ def timings(ensemble, repeats: int) -> dict:
     best = min(_timed(ensemble.probs_a, batch) for _ in range(5))
     result["batch_faces_per_s"] = len(batch) / best
     return result
+
+
+def model_flops(model, crop: int) -> float:
+    """Floating-point operations of one forward of one crop (a multiply-add counts two)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        model(torch.zeros(1, 1, crop, crop).to(memory_format=torch.channels_last))
+    return float(counter.get_total_flops())
+
+
+def matmul_flops_per_s(size: int = 2048, repeats: int = 5) -> float:
+    """The CPU's fp32 rate on a large matrix multiply (best of `repeats`): a ceiling no conv net beats."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b
+    best = min(_timed(lambda x: x @ b, a) for _ in range(repeats))
+    return 2 * size ** 3 / best
+
+
+def ceiling(flops_per_crop: float, flops_per_s: float) -> str:
+    need = {"one face in 5 ms": flops_per_crop / 5e-3, "ten crops in 20 ms": 10 * flops_per_crop / 20e-3,
+            "800 faces/s": 800 * flops_per_crop}
+    return (f"ceiling: the model is {flops_per_crop / 1e6:.0f} MFLOPs per crop; this CPU multiplies fp32 matrices at "
+            f"{flops_per_s / 1e9:.0f} GFLOP/s, so at best {flops_per_s / flops_per_crop:.0f} faces/s, one face "
+            f"{1e3 * flops_per_crop / flops_per_s:.1f} ms, ten crops {1e4 * flops_per_crop / flops_per_s:.1f} ms; "
+            "the targets need " + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in need.items()))
 
 
 def _timed(fn, x) -> float:
@@ -74,6 +103,7 @@ def main() -> None:
               f"(target <= 20), batch of 256 {r['batch_faces_per_s']:7.0f} faces/s (target >= 800)", flush=True)
     print(f"fast path / fp32: batch {rows['fast path']['batch_faces_per_s'] / rows['fp32']['batch_faces_per_s']:.2f}x, "
           f"one face {rows['fp32']['center_ms'] / rows['fast path']['center_ms']:.2f}x")
+    print(ceiling(model_flops(ensemble.model_a, ensemble.cfg_a.augment.crop), matmul_flops_per_s()))
 
 
 if __name__ == "__main__":

@@ -44,3 +44,13 @@ def test_cpu_buffer_setting_is_applied_on_glibc_and_can_be_turned_off(monkeypatc
     glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
     assert device.keep_cpu_buffers() is glibc
     device.keep_cpu_buffers.cache_clear()
+
+
+def test_the_cpu_bench_counts_a_convolution_as_two_flops_per_multiply_add():
+    from bench.cpu_infer import ceiling, model_flops
+
+    conv = torch.nn.Conv2d(1, 8, 3, padding=1, bias=False)
+    assert model_flops(conv, 44) == 2 * 8 * 9 * 44 * 44
+    # A machine at 1 GFLOP/s and a 1 MFLOP model: 1000 faces/s, 1 ms per face, the 800 faces/s target 0.8 GFLOP/s.
+    text = ceiling(1e6, 1e9)
+    assert "at best 1000 faces/s, one face 1.0 ms, ten crops 10.0 ms" in text and "800 faces/s 1 GFLOP/s" in text
