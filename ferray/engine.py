@@ -217,6 +217,32 @@ class compiled(nn.Module):
         return self.module(*args, **kwargs)
 
 
+class EpochProgress:
+    """A line every `every_s` seconds within a long epoch, on rank 0 only: how far it is, how fast it
+    goes and how long is left ("epoch 17/25: step 161/403 (40%), 33 img/s, ~7 min left")."""
+
+    def __init__(self, epoch: int, planned: int, steps: int, every_s: float, rank: int = 0,
+                 echo: Callable[[str], None] = lambda line: print(line, flush=True), clock=time.perf_counter):
+        self.epoch, self.planned, self.steps, self.every_s = epoch, planned, steps, every_s
+        self.enabled, self.echo, self.clock = every_s > 0 and rank == 0, echo, clock
+        self.start = self.last = clock()
+
+    def update(self, step: int, images: int) -> None:
+        """After `step` steps and `images` images of this epoch."""
+        if not self.enabled or self.clock() - self.last < self.every_s:
+            return
+        self.last = now = self.clock()
+        elapsed = max(now - self.start, 1e-9)
+        line = f"epoch {self.epoch}/{self.planned}: step {step}"
+        if self.steps > 0:
+            left = max(self.steps - step, 0) * elapsed / max(step, 1)
+            line += f"/{self.steps} ({min(step / self.steps, 1):.0%})"
+        line += f", {images / elapsed:,.0f} img/s"
+        if self.steps > 0:
+            line += f", ~{left / 60:.0f} min left" if left >= 90 else f", ~{left:.0f} s left"
+        self.echo(line)
+
+
 def train_one_epoch(state: TrainState, batches: Iterable, steps_per_epoch: int) -> dict:
     """One pass over `batches`; returns loss parts, training accuracy, images and seconds."""
     cfg, device = state.cfg, state.device
@@ -225,6 +251,8 @@ def train_one_epoch(state: TrainState, batches: Iterable, steps_per_epoch: int) 
     torch.manual_seed(epoch_seed(cfg.train.seed, state.rank, state.epoch))
     totals = torch.zeros(4, device=device)  # loss * n, ce * n, center * n, correct
     images_seen, step, t0 = 0, 0, time.perf_counter()
+    progress = EpochProgress(state.epoch + 1, state.schedule.epochs, steps_per_epoch, cfg.train.progress_seconds,
+                             state.rank)
     for images, labels in batches:
         images = images.to(device, non_blocking=True)
         labels = labels.to(device, non_blocking=True).long()
@@ -248,6 +276,7 @@ def train_one_epoch(state: TrainState, batches: Iterable, steps_per_epoch: int) 
                                (logits.argmax(1) == labels).sum().float()])
         images_seen += n
         step += 1
+        progress.update(step, images_seen)
     if images_seen == 0:
         raise RuntimeError("the training data produced no batch (fewer rows than one batch?)")
     loss_sum, ce_sum, center_sum, correct = (totals / images_seen).tolist()

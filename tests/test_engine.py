@@ -151,3 +151,26 @@ def test_center_share_is_reported(synth_tensors):
     state = engine.build_state(tiny_config("loss.center_lambda=0.1"), torch.device("cpu"))
     row = engine.train_one_epoch(state, [(x[:32], y[:32])], 1)
     assert row["train_center_share"] == pytest.approx(0.1 * row["train_center"] / row["train_ce"])
+
+
+def test_a_long_epoch_says_how_far_it_is_and_how_long_is_left():
+    now, lines = [0.0], []
+    progress = engine.EpochProgress(17, 25, 400, every_s=60, echo=lines.append, clock=lambda: now[0])
+    for step in range(1, 401):
+        now[0] = step * 2.0  # 2 s a step of 64 faces: 32 img/s
+        progress.update(step, step * 64)
+    assert len(lines) == 13  # one a minute of the 800 s
+    assert lines[0] == "epoch 17/25: step 30/400 (8%), 32 img/s, ~12 min left"
+    assert lines[-1].startswith("epoch 17/25: step 390/400 (98%)") and lines[-1].endswith("~20 s left")
+    quiet = engine.EpochProgress(1, 2, 10, every_s=60, rank=1, echo=lines.append, clock=lambda: now[0] + 1e6)
+    quiet.update(5, 320)  # other ranks stay quiet, as does every_s 0
+    engine.EpochProgress(1, 2, 10, every_s=0, echo=lines.append, clock=lambda: now[0] + 1e6).update(5, 320)
+    assert len(lines) == 13
+
+
+def test_training_prints_progress_within_the_epoch(synth_tensors, capsys):
+    x, y, _, _ = synth_tensors
+    state = engine.build_state(tiny_config("train.progress_seconds=1e-9"), torch.device("cpu"))
+    engine.train_one_epoch(state, engine.TensorBatches(x[:96], y[:96], 32), 3)
+    printed = capsys.readouterr().out.splitlines()
+    assert [line.split(",")[0] for line in printed] == [f"epoch 1/4: step {i}/3 ({i / 3:.0%})" for i in (1, 2, 3)]

@@ -65,6 +65,14 @@ def test_a_few_steps_reduce_the_content_loss(synth_faces):
     assert row["phase"] == "adversarial" and row["train_d_loss"] > 0
 
 
+def test_sr_training_prints_progress_within_the_epoch(synth_faces, capsys):
+    images, labels, _ = synth_faces
+    state = sr_engine.build_sr_state(sr_config("train.progress_seconds=1e-9"), torch.device("cpu"))
+    sr_engine.train_sr_epoch(state, TensorBatches(torch.from_numpy(images[:32]), torch.from_numpy(labels[:32]), 16), 2)
+    printed = capsys.readouterr().out.splitlines()
+    assert [line.split(",")[0] for line in printed] == ["epoch 1/2: step 1/2 (50%)", "epoch 1/2: step 2/2 (100%)"]
+
+
 def test_content_loss_choice_is_what_exists(tmp_path):
     assert resolve_content(SRConfig(content="auto")) == "mse"  # nothing cached on this machine
     with pytest.raises(ContentError, match="vgg19-dcbb9e9d.pth"):

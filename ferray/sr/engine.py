@@ -16,7 +16,7 @@ import torch.nn as nn
 
 from ferray import __version__
 from ferray.config import ExperimentConfig, from_dict, to_dict
-from ferray.engine import CHECKPOINT_FORMAT, epoch_seed, load_checkpoint, unwrap
+from ferray.engine import CHECKPOINT_FORMAT, EpochProgress, epoch_seed, load_checkpoint, unwrap
 from ferray.sr.losses import ContentLoss, adversarial_loss, perceptual_loss, resolve_content
 from ferray.sr.nets import Discriminator, Generator, GeneratorSpec, bicubic, make_lr
 from ferray.sr.quality import psnr, ssim
@@ -72,7 +72,9 @@ def train_sr_epoch(state: SRState, batches: Iterable, steps_per_epoch: int = 0) 
     torch.manual_seed(epoch_seed(state.cfg.train.seed, state.rank, state.epoch))
     totals = torch.zeros(4, device=device)  # pixel mse, content, g adversarial, d loss (x n)
     seen, t0 = 0, time.perf_counter()
-    for images, _ in batches:
+    progress = EpochProgress(state.epoch + 1, state.cfg.train.epochs, steps_per_epoch,
+                             state.cfg.train.progress_seconds, state.rank)
+    for step, (images, _) in enumerate(batches, 1):
         hr = images.to(device, non_blocking=True).float().unsqueeze(1) / 255.0  # (B, 1, 48, 48)
         lr = make_lr(hr)  # (B, 1, 24, 24)
         sr = g(lr)
@@ -95,6 +97,7 @@ def train_sr_epoch(state: SRState, batches: Iterable, steps_per_epoch: int = 0) 
         n = hr.shape[0]
         totals += torch.stack([pixel.detach(), content.detach(), g_adv.detach(), d_loss.detach()]) * n
         seen += n
+        progress.update(step, seen)
     if seen == 0:
         raise RuntimeError("the training data produced no batch")
     pixel, content, g_adv, d_loss = (totals / seen).tolist()
