@@ -233,14 +233,13 @@ class EpochProgress:
             return
         self.last = now = self.clock()
         elapsed = max(now - self.start, 1e-9)
-        line = f"epoch {self.epoch}/{self.planned}: step {step}"
-        if self.steps > 0:
-            left = max(self.steps - step, 0) * elapsed / max(step, 1)
-            line += f"/{self.steps} ({min(step / self.steps, 1):.0%})"
-        line += f", {images / elapsed:,.0f} img/s"
-        if self.steps > 0:
-            line += f", ~{left / 60:.0f} min left" if left >= 90 else f", ~{left:.0f} s left"
-        self.echo(line)
+        rate = f"{images / elapsed:,.0f} img/s"
+        if self.steps <= 0:  # a streamed epoch of unknown length
+            self.echo(f"epoch {self.epoch}/{self.planned}: step {step}, {rate}")
+            return
+        left = max(self.steps - step, 0) * elapsed / max(step, 1)
+        self.echo(f"epoch {self.epoch}/{self.planned}: step {step}/{self.steps} ({min(step / self.steps, 1):.0%}), "
+                  f"{rate}, ~{f'{left / 60:.0f} min' if left >= 90 else f'{left:.0f} s'} left")
 
 
 def train_one_epoch(state: TrainState, batches: Iterable, steps_per_epoch: int) -> dict:
