@@ -10,7 +10,7 @@ ferray serves it (batch norms folded into the convolutions), channels_last, and 
 the CPU has native bf16 (ferray.device). Targets on 2 threads: one face <= 5 ms
 (center crop) and <= 20 ms (TTA); a batch of 256 >= 800 faces/s. Prints the fast path's figures last,
 then the ceiling this CPU puts on them: the model's FLOPs per crop (counted by torch) against the
-machine's fp32 matrix-multiply rate measured in the same run (the best a dense kernel gets here), so a
+machine's matrix-multiply rate in the fast path's precision measured in the same run (the best a dense kernel gets here), so a
 target above the ceiling is seen to need other arithmetic (bf16 units, a GPU), not a faster kernel.
 """
 
@@ -56,19 +56,20 @@ def model_flops(model, crop: int) -> float:
     return float(counter.get_total_flops())
 
 
-def matmul_flops_per_s(size: int = 2048, repeats: int = 5) -> float:
-    """The CPU's fp32 rate on a large matrix multiply (best of `repeats`): a ceiling no conv net beats."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
+def matmul_flops_per_s(size: int = 2048, repeats: int = 5, dtype: torch.dtype = torch.float32) -> float:
+    """The CPU's rate on a large matrix multiply in `dtype` (best of `repeats`): a ceiling no conv net
+    in that precision beats (bf16 where the fast path computes in bf16: the CPU's bf16 dot-product units)."""
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
     a @ b
     best = min(_timed(lambda x: x @ b, a) for _ in range(repeats))
     return 2 * size ** 3 / best
 
 
-def ceiling(flops_per_crop: float, flops_per_s: float) -> str:
+def ceiling(flops_per_crop: float, flops_per_s: float, precision: str = "fp32") -> str:
     need = {f"one face in {TARGET_ONE_MS} ms": flops_per_crop / (TARGET_ONE_MS / 1e3),
             f"ten crops in {TARGET_TTA_MS} ms": 10 * flops_per_crop / (TARGET_TTA_MS / 1e3),
             f"{TARGET_FACES_PER_S} faces/s": TARGET_FACES_PER_S * flops_per_crop}
-    return (f"ceiling: the model is {flops_per_crop / 1e6:.0f} MFLOPs per crop; this CPU multiplies fp32 matrices at "
+    return (f"ceiling: the model is {flops_per_crop / 1e6:.0f} MFLOPs per crop; this CPU multiplies {precision} matrices at "
             f"{flops_per_s / 1e9:.0f} GFLOP/s, so at best {flops_per_s / flops_per_crop:.0f} faces/s, one face "
             f"{1e3 * flops_per_crop / flops_per_s:.1f} ms, ten crops {1e4 * flops_per_crop / flops_per_s:.1f} ms; "
             "the targets need " + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in need.items()))
@@ -108,7 +109,9 @@ def main() -> None:
               f"(target >= {TARGET_FACES_PER_S})", flush=True)
     print(f"fast path / fp32: batch {rows['fast path']['batch_faces_per_s'] / rows['fp32']['batch_faces_per_s']:.2f}x, "
           f"one face {rows['fp32']['center_ms'] / rows['fast path']['center_ms']:.2f}x")
-    print(ceiling(model_flops(ensemble.model_a, ensemble.cfg_a.augment.crop), matmul_flops_per_s()))
+    precision = torch.bfloat16 if fast_bf16 else torch.float32
+    print(ceiling(model_flops(ensemble.model_a, ensemble.cfg_a.augment.crop), matmul_flops_per_s(dtype=precision),
+                  "bf16" if fast_bf16 else "fp32"))
 
 
 if __name__ == "__main__":

@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +37,7 @@ from ferray.engine import CheckpointError, load_checkpoint, model_from_checkpoin
 from ferray.metrics import confusion_matrix, summarize_confusion
 from ferray.models import num_params
 from ferray.models.folding import fold_batch_norms
+from ferray.models.frozen import freeze_for_cpu
 
 BUNDLE_FORMAT = "ferray.bundle/1"
 BUNDLE_FILE = "bundle.json"
@@ -56,12 +58,16 @@ class Ensemble:
     tta: bool = True
     device: torch.device = torch.device("cpu")
     bf16: bool | None = None  # None: where it is fast (ferray.device.use_bf16); False forces fp32
+    # bf16 CPU inference forwards frozen bf16 copies of the members (ferray.models.frozen), made on first use
+    _frozen: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+    _freezing: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False, compare=False)
 
     @torch.no_grad()
     def probs_a(self, faces: torch.Tensor) -> torch.Tensor:
         """uint8 48x48 faces (N, 48, 48) -> P_A (N, 7) on the CPU."""
         faces = self._check(faces).to(self.device)
-        return predict_proba(self.model_a, faces, self.cfg_a.augment.crop, self.tta, self._amp,
+        model, autocast = self.runner("a")
+        return predict_proba(model, faces, self.cfg_a.augment.crop, self.tta, autocast,
                              self.cfg_a.data.input_scale).cpu()
 
     @torch.no_grad()
@@ -73,7 +79,21 @@ class Ensemble:
             x = faces.float().unsqueeze(1) / 255.0
             faces = (self.generator(x).clamp(0, 1) * 255).round().to(torch.uint8).squeeze(1)  # as `sr upscale` writes it
             scale = 1
-        return predict_proba(self.model_b, faces, crop, self.tta, self._amp, scale).cpu()
+        model, autocast = self.runner("b")
+        return predict_proba(model, faces, crop, self.tta, autocast, scale).cpu()
+
+    def runner(self, which: str) -> tuple[torch.nn.Module, bool]:
+        """(the module that forwards member `which`, whether it needs bf16 autocast). In bf16 on a CPU,
+        a frozen bf16 copy of the member (made once, on first use; it runs in bf16 by itself); else the
+        member itself, under autocast where bf16 is used (CUDA)."""
+        model, cfg = (self.model_a, self.cfg_a) if which == "a" else (self.model_b, self.cfg_b)
+        if not self._amp or self.device.type != "cpu":
+            return model, self._amp
+        key = (which, id(model))
+        with self._freezing:  # Serve replicas forward from executor threads
+            if key not in self._frozen:
+                self._frozen[key] = freeze_for_cpu(model, cfg.augment.crop)  # the views it is given
+        return self._frozen[key], False
 
     def member_probs(self, faces: torch.Tensor, batch: int = 256) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(P_A, P_B) of (N, 48, 48) uint8 faces, in chunks of `batch`; P_B is None in a bundle of A alone."""

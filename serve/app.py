@@ -52,6 +52,8 @@ class Member:
         torch.set_num_threads(replica.threads)
         ensemble, _ = load_bundle(bundle, members=(which,))
         self._forward = ensemble.probs_a if which == "a" else ensemble.probs_b
+        # The first forward makes what inference runs (a frozen bf16 copy on bf16 CPUs, ~1 s): here, not in a request.
+        self._forward(torch.zeros(1, 48, 48, dtype=torch.uint8))
         self.predict.set_max_batch_size(replica.max_batch_size)
         self.predict.set_batch_wait_timeout_s(replica.batch_wait_timeout_s)
         self.which = which

@@ -61,10 +61,12 @@ def test_bundle_round_trip(tiny_bundle, prepared_synth, tmp_path):
     only_a, _ = load_bundle(tiny_bundle, members=("a",))
     assert only_a.model_b is None and torch.allclose(only_a.probs_a(faces), result["a"])
     # served with the batch norms folded into the convolutions: the answers of the models as trained
+    # (compared in fp32: on a CPU with native bf16 both would round to bf16, each in its own way)
     as_trained, _ = load_bundle(tiny_bundle, fold=False)
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in ensemble.model_a.modules())
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in as_trained.model_a.modules())
-    assert torch.allclose(as_trained.predict(faces)["probs"], result["probs"], atol=1e-5)
+    ensemble.bf16 = as_trained.bf16 = False
+    assert torch.allclose(as_trained.predict(faces)["probs"], ensemble.predict(faces)["probs"], atol=1e-5)
     report = evaluate_bundle(tiny_bundle, prepared_synth, "PublicTest", out=tmp_path, echo=lambda _: None)
     assert report["accuracy"] == pytest.approx(card["accuracy"]["PublicTest"]["ensemble"])
     assert report["members"]["a"] == pytest.approx(card["accuracy"]["PublicTest"]["a"])
@@ -151,3 +153,41 @@ def test_python_api_answers_like_ferray_predict(tiny_bundle, synth_faces, tmp_pa
         model.predict([1, 2, 3])
     with pytest.raises(InputError, match="no such file"):
         model.predict(tmp_path / "missing.jpg")
+
+
+def test_bf16_cpu_inference_runs_a_frozen_copy_that_answers_as_autocast(tiny_bundle):
+    from ferray.augment import predict_proba
+    from ferray.models.frozen import FrozenClassifier
+
+    ensemble, _ = load_bundle(tiny_bundle, "cpu")
+    ensemble.bf16 = True  # forced: where bf16 is only emulated (AVX2 CPUs) this path is slow, but right
+    faces = torch.randint(0, 256, (6, 48, 48), dtype=torch.uint8)
+    got = ensemble.predict(faces)
+    for which, model, cfg in (("a", ensemble.model_a, ensemble.cfg_a), ("b", ensemble.model_b, ensemble.cfg_b)):
+        runner, autocast = ensemble.runner(which)
+        assert isinstance(runner, FrozenClassifier) and runner.how == "bfloat16, frozen TorchScript"
+        assert autocast is False and ensemble.runner(which)[0] is runner  # made once
+        assert next(model.parameters()).dtype == torch.float32  # the member itself is untouched
+    eager = predict_proba(ensemble.model_a, faces.clone(), ensemble.cfg_a.augment.crop, True, amp=True)
+    assert torch.allclose(got["a"], eager, atol=1e-6)
+    ensemble.bf16 = False  # fp32 forwards the member itself
+    assert ensemble.runner("a") == (ensemble.model_a, False)
+    assert (ensemble.predict(faces)["probs"] - got["probs"]).abs().max() < 0.05  # bf16 rounding, no more
+
+
+def test_freezing_that_fails_falls_back_to_the_eager_copy(tiny_bundle, monkeypatch):
+    from ferray.models.frozen import freeze_for_cpu
+
+    ensemble, _ = load_bundle(tiny_bundle, "cpu", members=("a",))
+    x = torch.randn(3, 1, 44, 44)
+    frozen = freeze_for_cpu(ensemble.model_a, 44)
+
+    def no_tracing(*_, **__):
+        raise RuntimeError("no TorchScript here")
+
+    monkeypatch.setattr(torch.jit, "trace", no_tracing)
+    eager = freeze_for_cpu(ensemble.model_a, 44)
+    assert "eager (RuntimeError: no TorchScript here)" in eager.how
+    assert torch.allclose(eager(x).float(), frozen(x).float(), atol=1e-2)
+    with pytest.raises(ValueError, match="eval mode"):
+        freeze_for_cpu(ensemble.model_a.train(), 44)

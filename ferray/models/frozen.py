@@ -1,0 +1,56 @@
+"""A trained classifier in the form CPU inference runs it: bf16 weights, traced and frozen (Ray-free).
+
+Where the CPU has native bf16 (ferray.device.use_bf16), inference forwards a copy of the loaded
+(batch-norm-folded) model whose weights are bf16 constants of a frozen TorchScript graph. On one face
+~70% of the eager forward was aten::mkldnn_convolution re-ordering every convolution's weights into
+oneDNN's layout on every call, and autocast re-casting them to bf16 (~13%, aten::_to_copy;
+torch.profiler, one thread); freezing does both once, when the model is loaded, and lets oneDNN keep
+prepacked weights. Same answers as eager bf16 autocast (tests/test_ensemble.py), and
+bench/cpu_infer.py measures the speed against the model as trained.
+
+TorchScript is deprecated upstream in favour of torch.compile, which would need a compile of tens of
+seconds per batch shape on a 2-core CPU (too slow for `ferray predict`): so tracing that fails (or a
+torch without torch.jit) falls back to the bf16 copy run eagerly, and `reason` says why.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import torch
+import torch.nn as nn
+
+
+class FrozenClassifier(nn.Module):
+    """`graph(x)` with x cast to the graph's dtype and memory format; the logits it returns are in
+    that dtype (callers take .float() before the softmax)."""
+
+    def __init__(self, graph, dtype: torch.dtype, how: str):
+        super().__init__()
+        self.graph, self.dtype, self.how = graph, dtype, how
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.graph(x.to(self.dtype).contiguous(memory_format=torch.channels_last))
+
+
+def freeze_for_cpu(model: nn.Module, crop: int, dtype: torch.dtype = torch.bfloat16) -> FrozenClassifier:
+    """A frozen `dtype` copy of an eval-mode classifier that takes (N, 1, crop, crop) crops; the model
+    itself is not touched. Falls back to the eager copy where tracing fails."""
+    if model.training:
+        raise ValueError("freeze_for_cpu: put the model in eval mode first")
+    inference_copy = copy.deepcopy(model).to(dtype=dtype, memory_format=torch.channels_last)
+    example = torch.zeros(2, 1, crop, crop, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore", FutureWarning)  # "torch.jit.trace is deprecated": see the module note
+            graph = torch.jit.freeze(torch.jit.trace(inference_copy, example))
+            graph(example)  # the first call runs TorchScript's optimization passes: pay them at load time
+        return FrozenClassifier(graph, dtype, f"{_dtype_name(dtype)}, frozen TorchScript")
+    except Exception as error:  # noqa: BLE001 - any failure means the eager copy, which is always right
+        return FrozenClassifier(inference_copy, dtype, f"{_dtype_name(dtype)}, eager ({type(error).__name__}: "
+                                f"{str(error)[:200]})")
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
