@@ -58,7 +58,8 @@ class Ensemble:
     tta: bool = True
     device: torch.device = torch.device("cpu")
     bf16: bool | None = None  # None: where it is fast (ferray.device.use_bf16); False forces fp32
-    # bf16 CPU inference forwards frozen bf16 copies of the members (ferray.models.frozen), made on first use
+    # bf16 CPU inference forwards frozen bf16 copies of the members (ferray.models.frozen), made on first use:
+    # member name -> (the member it was made from, its frozen copy)
     _frozen: dict = field(default_factory=dict, init=False, repr=False, compare=False)
     _freezing: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False, compare=False)
 
@@ -89,11 +90,12 @@ class Ensemble:
         model, cfg = (self.model_a, self.cfg_a) if which == "a" else (self.model_b, self.cfg_b)
         if not self._amp or self.device.type != "cpu":
             return model, self._amp
-        key = (which, id(model))
         with self._freezing:  # Serve replicas forward from executor threads
-            if key not in self._frozen:
-                self._frozen[key] = freeze_for_cpu(model, cfg.augment.crop)  # the views it is given
-        return self._frozen[key], False
+            source, frozen = self._frozen.get(which, (None, None))
+            if source is not model:  # first use, or the member was replaced since
+                frozen = freeze_for_cpu(model, cfg.augment.crop)  # the views it is given
+                self._frozen[which] = (model, frozen)
+        return frozen, False
 
     def member_probs(self, faces: torch.Tensor, batch: int = 256) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(P_A, P_B) of (N, 48, 48) uint8 faces, in chunks of `batch`; P_B is None in a bundle of A alone."""

@@ -10,7 +10,7 @@ bench/cpu_infer.py measures the speed against the model as trained.
 
 TorchScript is deprecated upstream in favour of torch.compile, which would need a compile of tens of
 seconds per batch shape on a 2-core CPU (too slow for `ferray predict`): so tracing that fails (or a
-torch without torch.jit) falls back to the bf16 copy run eagerly, and `reason` says why.
+torch without torch.jit) falls back to the bf16 copy run eagerly, and `how` says why.
 """
 
 from __future__ import annotations
@@ -41,16 +41,12 @@ def freeze_for_cpu(model: nn.Module, crop: int, dtype: torch.dtype = torch.bfloa
         raise ValueError("freeze_for_cpu: put the model in eval mode first")
     inference_copy = copy.deepcopy(model).to(dtype=dtype, memory_format=torch.channels_last)
     example = torch.zeros(2, 1, crop, crop, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    precision = str(dtype).removeprefix("torch.")
     try:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore", FutureWarning)  # "torch.jit.trace is deprecated": see the module note
             graph = torch.jit.freeze(torch.jit.trace(inference_copy, example))
             graph(example)  # the first call runs TorchScript's optimization passes: pay them at load time
-        return FrozenClassifier(graph, dtype, f"{_dtype_name(dtype)}, frozen TorchScript")
+        return FrozenClassifier(graph, dtype, f"{precision}, frozen TorchScript")
     except Exception as error:  # noqa: BLE001 - any failure means the eager copy, which is always right
-        return FrozenClassifier(inference_copy, dtype, f"{_dtype_name(dtype)}, eager ({type(error).__name__}: "
-                                f"{str(error)[:200]})")
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
+        return FrozenClassifier(inference_copy, dtype, f"{precision}, eager ({type(error).__name__}: {str(error)[:200]})")
