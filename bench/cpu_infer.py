@@ -1,17 +1,20 @@
 """The default model's cost on the CPU: one face, one face with ten-crop TTA, and a batch of 256,
-each in fp32 and on the fast path, in one run.
+each in fp32, on the fast path and in int8, in one run.
 
     python -m bench.cpu_infer [--bundle default] [--threads 2] [--repeats 30]
 
 Times ferray's own inference (Ensemble.probs_a: preprocessing, the views, the model, softmax) on
 random 48x48 faces, after warm-up: the median of --repeats calls for the single faces, the best
 of 5 batches for the throughput. fp32: the model as trained, NCHW, without autocast; fast path: as
-ferray serves it (batch norms folded into the convolutions), channels_last, and bf16 autocast where
-the CPU has native bf16 (ferray.device). Targets on 2 threads: one face <= 5 ms
-(center crop) and <= 20 ms (TTA); a batch of 256 >= 800 faces/s. Prints the fast path's figures last,
-then the ceiling this CPU puts on them: the model's FLOPs per crop (counted by torch) against the
-machine's matrix-multiply rate in the fast path's precision measured in the same run (the best a dense kernel gets here), so a
-target above the ceiling is seen to need other arithmetic (bf16 units, a GPU), not a faster kernel.
+ferray serves it by default (batch norms folded into the convolutions, channels_last, a frozen bf16
+copy where the CPU has native bf16: ferray.device); int8: as `--int8` / `model_a.int8` serve it,
+where the bundle is calibrated (`ferray quantize`) and torchao is installed (its batch shapes are
+compiled first; that time is printed, not counted). Targets on 2 threads: one face <= 5 ms (center
+crop) and <= 20 ms (TTA); a batch of 256 >= 800 faces/s.
+
+Last, the ceiling this CPU puts on each path: the model's FLOPs per crop (counted by torch) against
+the machine's matrix-multiply rate in that path's precision, measured in the same run (the best a
+dense kernel gets here), so a target above a ceiling is seen to need other arithmetic, not a faster kernel.
 """
 
 from __future__ import annotations
@@ -58,10 +61,16 @@ def model_flops(model, crop: int) -> float:
 
 def matmul_flops_per_s(size: int = 2048, repeats: int = 5, dtype: torch.dtype = torch.float32) -> float:
     """The CPU's rate on a large matrix multiply in `dtype` (best of `repeats`): a ceiling no conv net
-    in that precision beats (bf16 where the fast path computes in bf16: the CPU's bf16 dot-product units)."""
-    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
-    a @ b
-    best = min(_timed(lambda x: x @ b, a) for _ in range(repeats))
+    in that precision beats (bf16 where the fast path computes in bf16: the CPU's bf16 dot-product units;
+    int8: int8 x int8 -> int32, the VNNI units the int8 path uses)."""
+    if dtype == torch.int8:
+        a, b = (torch.randint(-128, 128, (size, size), dtype=torch.int8) for _ in range(2))
+        multiply = lambda x: torch._int_mm(x, b)  # noqa: E731
+    else:
+        a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+        multiply = lambda x: x @ b  # noqa: E731
+    multiply(a)
+    best = min(_timed(multiply, a) for _ in range(repeats))
     return 2 * size ** 3 / best
 
 
@@ -103,15 +112,43 @@ def main() -> None:
         variant.model_a = variant.model_a.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
         variant.bf16 = bf16
         rows[name] = timings(variant, args.repeats)
-        r = rows[name]
-        print(f"{name:>9}: one face {r['center_ms']:6.2f} ms (target <= {TARGET_ONE_MS}), ten-crop TTA "
-              f"{r['tta_ms']:6.2f} ms (target <= {TARGET_TTA_MS}), batch of 256 {r['batch_faces_per_s']:7.0f} faces/s "
-              f"(target >= {TARGET_FACES_PER_S})", flush=True)
-    print(f"fast path / fp32: batch {rows['fast path']['batch_faces_per_s'] / rows['fp32']['batch_faces_per_s']:.2f}x, "
-          f"one face {rows['fp32']['center_ms'] / rows['fast path']['center_ms']:.2f}x")
+        _print_row(name, rows[name])
+    int8 = int8_variant(args.bundle)
+    if int8 is not None:
+        rows["int8"] = timings(int8, args.repeats)
+        _print_row("int8", rows["int8"])
+    for name in [n for n in ("fast path", "int8") if n in rows]:
+        print(f"{name} / fp32: batch {rows[name]['batch_faces_per_s'] / rows['fp32']['batch_faces_per_s']:.2f}x, "
+              f"one face {rows['fp32']['center_ms'] / rows[name]['center_ms']:.2f}x")
+    flops = model_flops(ensemble.model_a, ensemble.cfg_a.augment.crop)
     precision = torch.bfloat16 if fast_bf16 else torch.float32
-    print(ceiling(model_flops(ensemble.model_a, ensemble.cfg_a.augment.crop), matmul_flops_per_s(dtype=precision),
-                  "bf16" if fast_bf16 else "fp32"))
+    print("fast path " + ceiling(flops, matmul_flops_per_s(dtype=precision), "bf16" if fast_bf16 else "fp32"))
+    if int8 is not None:
+        print("int8 " + ceiling(flops, matmul_flops_per_s(dtype=torch.int8), "int8"))
+
+
+def int8_variant(bundle: str):
+    """The bundle's Model A in int8 (ferray quantize), compiled for every batch shape it uses; None
+    (and why, printed) where the bundle is not calibrated or torchao is missing."""
+    from ferray.ensemble import load_bundle
+    from ferray.errors import FerrayError
+
+    ensemble, _ = load_bundle(bundle, "cpu", members=("a",), int8=True)
+    started = time.perf_counter()
+    try:
+        ensemble.warm_up("a")
+    except FerrayError as error:
+        print(f"     int8: not measured: {error}", flush=True)
+        return None
+    print(f"     int8: compiled its batch shapes in {time.perf_counter() - started:.0f} s "
+          f"({ensemble.runner('a')[0].how})", flush=True)
+    return ensemble
+
+
+def _print_row(name: str, r: dict) -> None:
+    print(f"{name:>9}: one face {r['center_ms']:6.2f} ms (target <= {TARGET_ONE_MS}), ten-crop TTA "
+          f"{r['tta_ms']:6.2f} ms (target <= {TARGET_TTA_MS}), batch of 256 {r['batch_faces_per_s']:7.0f} faces/s "
+          f"(target >= {TARGET_FACES_PER_S})", flush=True)
 
 
 if __name__ == "__main__":

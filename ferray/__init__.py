@@ -8,8 +8,8 @@ PyTorch.
 __version__ = "0.1.0"
 
 
-def load(bundle=None, device=None):
+def load(bundle=None, device=None, int8=False):
     """A predictor for a serving bundle; None: the model that ships with ferray. See ferray.api."""
     from ferray.api import load as _load
 
-    return _load(bundle, device)
+    return _load(bundle, device, int8)

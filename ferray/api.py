@@ -24,12 +24,13 @@ class Predictor:
     """A loaded bundle. `predict` takes a path, image bytes, a PIL image or a numpy array (H, W)
     grayscale or (H, W, 3) RGB, uint8."""
 
-    def __init__(self, bundle: str | Path | None = None, device: str | None = None, limits: Limits = Limits()):
+    def __init__(self, bundle: str | Path | None = None, device: str | None = None, limits: Limits = Limits(),
+                 int8: bool = False):
         from ferray.ensemble import load_bundle, resolve_bundle
         from ferray.predict import local_predictor
 
         self.bundle = resolve_bundle(bundle)
-        self.ensemble, self.card = load_bundle(self.bundle, device)
+        self.ensemble, self.card = load_bundle(self.bundle, device, int8=int8)
         self.limits = limits
         self._members = local_predictor(self.ensemble)
 
@@ -86,6 +87,7 @@ def _array_to_gray(array: np.ndarray, name: str) -> np.ndarray:
     raise InputError(f"{name}: shape {array.shape}; pass (H, W) grayscale or (H, W, 3) RGB")
 
 
-def load(bundle: str | Path | None = None, device: str | None = None) -> Predictor:
-    """A predictor for `bundle` (a folder from `ferray ensemble`); None: the model that ships with ferray."""
-    return Predictor(bundle, device)
+def load(bundle: str | Path | None = None, device: str | None = None, int8: bool = False) -> Predictor:
+    """A predictor for `bundle` (a folder from `ferray ensemble`); None: the model that ships with ferray.
+    `int8`: Model A in int8 on the CPU (a bundle calibrated by `ferray quantize`; needs torchao)."""
+    return Predictor(bundle, device, int8=int8)

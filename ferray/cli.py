@@ -15,7 +15,7 @@ from ferray import __version__
 from ferray.errors import UsageError
 
 EPILOG = """\
-stages: synth | prepare -> sr train -> sr upscale -> train / tune -> evaluate -> ensemble -> serve / predict
+stages: synth | prepare -> sr train -> sr upscale -> train / tune -> evaluate -> ensemble [-> quantize] -> serve / predict
 the paper: report (every run, Table 1, Figures 2-5); explain (guided backprop); crops (training views)
 Ray: set RAY_ADDRESS (or run under `ray job submit`) to use a cluster; otherwise an embedded Ray
 is started on this machine. Run `ferray <command> --help` for each command's options.
@@ -43,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sr(sub)
     _add_tune(sub)
     _add_ensemble(sub)
+    _add_quantize(sub)
     _add_predict(sub)
     _add_serve(sub)
     _add_explain(sub)
@@ -168,7 +169,29 @@ def _add_evaluate(sub) -> None:
                    "checkpoint, as the bundle says for --bundle")
     p.add_argument("--out", type=Path, help="folder for eval-<split>[-tta].json/.png (default: beside the checkpoint; "
                    "for --bundle, none are written unless --out is given: a bundle may be the installed default)")
+    _add_int8_flag(p)
     p.set_defaults(func=cmd_evaluate)
+
+
+def _add_int8_flag(p) -> None:
+    p.add_argument("--int8", action="store_true",
+                   help="forward Model A in int8 on the CPU (a bundle calibrated by `ferray quantize`; needs "
+                   "torchao: pip install 'ferray[int8]'); each batch shape compiles once, ~15 s apiece on 2 cores")
+
+
+def _add_quantize(sub) -> None:
+    p = sub.add_parser("quantize", formatter_class=_formatter, help="calibrate a bundle's Model A for int8 CPU inference",
+                       description="Record Model A's activation ranges on the ten TTA views of --faces Training "
+                       "faces (the test splits stay untouched), write them into BUNDLE (model_a.int8.json, a few kB; "
+                       "the int8 weights are made from the bundle's own on load), then evaluate the int8 model on "
+                       "the splits the bundle was evaluated on and add those accuracies to bundle.json and "
+                       "MODEL_CARD.md. Needs torchao (pip install 'ferray[int8]'). About 3-4 minutes for the "
+                       "default model on 2 cores.")
+    p.add_argument("bundle", type=Path, help="the bundle folder to calibrate (written into; copy the installed default first)")
+    p.add_argument("--data", required=True, type=Path, help="prepared 48x48 data folder with a Training split")
+    p.add_argument("--faces", type=int, default=256, help="Training faces to calibrate on (default: 256, ten views each)")
+    p.add_argument("--seed", type=int, default=0, help="which faces (default: 0)")
+    p.set_defaults(func=cmd_quantize)
 
 
 def _add_ensemble(sub) -> None:
@@ -201,6 +224,7 @@ def _add_predict(sub) -> None:
     p.add_argument("--no-detect", dest="detect", action="store_false",
                    help="classify each whole image as one face (no face detection)")
     p.add_argument("--json-out", type=Path, help="write the JSON here instead of stdout")
+    _add_int8_flag(p)
     p.set_defaults(func=cmd_predict)
 
 
@@ -390,8 +414,10 @@ def cmd_evaluate(args) -> int:
     if args.bundle is not None:
         from ferray.ensemble import evaluate_bundle
 
-        evaluate_bundle(args.bundle, args.data, args.split, args.out, tta=args.tta)
+        evaluate_bundle(args.bundle, args.data, args.split, args.out, tta=args.tta, int8=args.int8)
         return 0
+    if args.int8:
+        raise UsageError("--int8 needs --bundle: the int8 calibration lives in a bundle (`ferray quantize BUNDLE`)")
     from ferray.evaluate import evaluate_checkpoint
 
     evaluate_checkpoint(args.checkpoint, args.data, args.split, bool(args.tta), args.out)
@@ -406,10 +432,17 @@ def cmd_ensemble(args) -> int:
     return 0
 
 
+def cmd_quantize(args) -> int:
+    from ferray.quantize import quantize_bundle
+
+    quantize_bundle(args.bundle, args.data, faces=args.faces, seed=args.seed, echo=_echo)
+    return 0
+
+
 def cmd_predict(args) -> int:
     from ferray.predict import format_answers, predict_files, to_json
 
-    answers = predict_files(args.bundle, args.images, detect=args.detect)
+    answers = predict_files(args.bundle, args.images, detect=args.detect, int8=args.int8)
     _echo(format_answers(answers))
     if args.json_out:
         args.json_out.write_text(to_json(answers) + "\n")

@@ -58,6 +58,10 @@ class Ensemble:
     tta: bool = True
     device: torch.device = torch.device("cpu")
     bf16: bool | None = None  # None: where it is fast (ferray.device.use_bf16); False forces fp32
+    # int8 CPU inference (ferray.models.quantized) for the members calibrated in `int8_ranges`
+    # (member name -> its activation ranges, from the bundle's `ferray quantize`); off unless asked for
+    int8: bool = False
+    int8_ranges: dict = field(default_factory=dict, repr=False, compare=False)
     # bf16 CPU inference forwards frozen bf16 copies of the members (ferray.models.frozen), made on first use:
     # member name -> (the member it was made from, its frozen copy)
     _frozen: dict = field(default_factory=dict, init=False, repr=False, compare=False)
@@ -88,14 +92,30 @@ class Ensemble:
         a frozen bf16 copy of the member (made once, on first use; it runs in bf16 by itself); else the
         member itself, under autocast where bf16 is used (CUDA)."""
         model, cfg = (self.model_a, self.cfg_a) if which == "a" else (self.model_b, self.cfg_b)
-        if not self._amp or self.device.type != "cpu":
+        int8 = self.int8 and which in self.int8_ranges  # a member that was not calibrated runs as it would
+        if not int8 and (not self._amp or self.device.type != "cpu"):
             return model, self._amp
         with self._freezing:  # Serve replicas forward from executor threads
             source, frozen = self._frozen.get(which, (None, None))
             if source is not model:  # first use, or the member was replaced since
-                frozen = freeze_for_cpu(model, cfg.augment.crop)  # the views it is given
+                frozen = self._int8_copy(which, model) if int8 else freeze_for_cpu(model, cfg.augment.crop)
                 self._frozen[which] = (model, frozen)
         return frozen, False
+
+    def _int8_copy(self, which: str, model: torch.nn.Module) -> torch.nn.Module:
+        from ferray.models.quantized import Int8Unavailable, quantize_for_cpu
+
+        if self.device.type != "cpu":
+            raise Int8Unavailable(f"int8 inference runs on the CPU, not on {self.device}")
+        return quantize_for_cpu(model, self.int8_ranges[which], where=f"member {which.upper()}'s int8 calibration")
+
+    def warm_up(self, which: str) -> None:
+        """Make now what member `which` forwards (a frozen or int8 copy; int8 compiles each batch
+        shape it uses, ~15 s apiece on 2 cores), so that no request pays for it."""
+        runner, _ = self.runner(which)
+        if hasattr(runner, "warm_up"):
+            runner.warm_up()
+        (self.probs_a if which == "a" else self.probs_b)(torch.zeros(1, FER_SIZE, FER_SIZE, dtype=torch.uint8))
 
     def member_probs(self, faces: torch.Tensor, batch: int = 256) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(P_A, P_B) of (N, 48, 48) uint8 faces, in chunks of `batch`; P_B is None in a bundle of A alone."""
@@ -401,10 +421,11 @@ def resolve_bundle(path: str | Path | None) -> Path:
 
 
 def load_bundle(path: str | Path | None = None, device: str | torch.device | None = None,
-                members: tuple[str, ...] = ("a", "b"), fold: bool = True) -> tuple[Ensemble, dict]:
+                members: tuple[str, ...] = ("a", "b"), fold: bool = True, int8: bool = False) -> tuple[Ensemble, dict]:
     """The ensemble of a bundle folder (None: the default one), from the folder alone (never a path a
     client names). `members` picks what to load: a Serve replica of Model A needs neither B nor the
-    generator. `fold`: batch norms folded for inference (False: the models exactly as trained)."""
+    generator. `fold`: batch norms folded for inference (False: the models exactly as trained).
+    `int8`: forward in int8 on the CPU (the bundle must be calibrated: `ferray quantize`)."""
     path = resolve_bundle(path)
     card = read_bundle_card(path)
     device = torch.device(device) if device else default_device()
@@ -414,7 +435,27 @@ def load_bundle(path: str | Path | None = None, device: str | torch.device | Non
     sr = path / parts["sr"]["checkpoint"] if b is not None and parts.get("sr") else None
     ensemble = load_members(a, b, sr, device, fold)
     ensemble.weight_a, ensemble.tta = card["fusion"]["weight_a"], card["tta"]
+    ensemble.int8 = int8
+    for name in members:
+        ranges = (parts.get(name) or {}).get("int8", {}).get("ranges")
+        if ranges:
+            ensemble.int8_ranges[name] = _read_json(path / ranges, "int8 calibration")
+    if int8 and not ensemble.int8_ranges:
+        from ferray.models.quantized import Int8Unavailable
+
+        loaded = " or ".join(m.upper() for m in members if parts.get(m))
+        raise Int8Unavailable(f"{path}: int8 asked for, but member {loaded} has no int8 calibration: make one with "
+                              f"`ferray quantize {path} --data DIR`")
     return ensemble, card
+
+
+def _read_json(path: Path, what: str) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: the bundle names this {what} file but it is missing") from None
+    except json.JSONDecodeError as error:
+        raise CheckpointError(f"{path}: not valid JSON ({error})") from None
 
 
 def bundle_members(card: dict) -> tuple[str, ...]:
@@ -430,23 +471,20 @@ def read_bundle_card(path: str | Path | None) -> dict:
         hint = ("the default bundle is missing from this installation" if path == default_bundle_path()
                 else "make one with `ferray ensemble`")
         raise CheckpointError(f"{path}: not a ferray bundle (no {BUNDLE_FILE}); {hint}")
-    try:
-        card = json.loads(card_file.read_text())
-    except json.JSONDecodeError as error:
-        raise CheckpointError(f"{card_file}: not valid JSON ({error})") from None
+    card = _read_json(card_file, "bundle card")
     if card.get("format") != BUNDLE_FORMAT:
         raise CheckpointError(f"{card_file}: format {card.get('format')!r}, expected {BUNDLE_FORMAT!r}")
     return card
 
 
 def evaluate_bundle(bundle: str | Path | None, data: str | Path, split: str = "PublicTest", out: str | Path | None = None,
-                    echo=print, tta: bool | None = None) -> dict:
+                    echo=print, tta: bool | None = None, int8: bool = False) -> dict:
     """The ensemble's report on a split, with each member's accuracy beside it; `tta` None: as the
     bundle says (the fusion weight is the bundle's either way). With `out`, writes
     eval-<split>[-tta].{json,png} there (never into the bundle: it may be the installed default)."""
     from ferray.evaluate import format_report
 
-    ensemble, card = load_bundle(bundle)
+    ensemble, card = load_bundle(bundle, int8=int8)
     if tta is not None:
         ensemble.tta = tta
     faces, labels, _ = load_split(data, split)
@@ -454,17 +492,24 @@ def evaluate_bundle(bundle: str | Path | None, data: str | Path, split: str = "P
         raise DataError(f"{data}: the bundle takes the prepared 48x48 faces, not {faces.shape[1]}x{faces.shape[2]}")
     pa, pb = _numpy(ensemble.member_probs(torch.from_numpy(faces)))
     report = fused_report(pa, pb, labels, ensemble.weight_a, split, ensemble.tta, resolve_bundle(bundle))
+    report["precision"] = _precision(ensemble, "a")
     report["selection_split"] = card.get("selection_split")
     report["selection"] = (split == card.get("selection_split")
                            and read_manifest(data)["checksum"] == card["data"]["checksum"])
     if out is not None:
-        write_fused_report(report, Path(out))
-        echo(f"wrote {Path(out) / ('eval-' + split + ('-tta' if ensemble.tta else '') + '.json')}")
+        echo(f"wrote {write_fused_report(report, Path(out))}")
     echo(format_report(report))
     members = ", ".join(f"{name.upper()} {acc:.2%}" for name, acc in report["members"].items())
-    echo(f"members on {split}: {members}, ensemble {report['accuracy']:.2%} (w_A = {ensemble.weight_a:.2f})"
+    echo(f"members on {split} (A: {report['precision']}): {members}, ensemble {report['accuracy']:.2%} "
+         f"(w_A = {ensemble.weight_a:.2f})"
          + ("  [the bundle's selection split: not a test]" if report["selection"] else ""))
     return report
+
+
+def _precision(ensemble: Ensemble, which: str) -> str:
+    """How member `which` was forwarded: the copy's own account (frozen bf16, int8), else fp32 or autocast."""
+    runner, autocast = ensemble.runner(which)
+    return getattr(runner, "how", "bf16 autocast" if autocast else "fp32")
 
 
 def fused_report(pa: np.ndarray, pb: np.ndarray | None, labels: np.ndarray, weight_a: float, split: str, tta: bool,
@@ -477,11 +522,12 @@ def fused_report(pa: np.ndarray, pb: np.ndarray | None, labels: np.ndarray, weig
 
 
 def write_fused_report(report: dict, out: Path) -> Path:
-    """eval-<split>[-tta].json and .png (the normalized confusion matrix) in `out`."""
+    """eval-<split>[-tta][-int8].json and .png (the normalized confusion matrix) in `out`."""
     from ferray.metrics import plot_confusion
 
     out.mkdir(parents=True, exist_ok=True)
-    stem = out / (f"eval-{report['split']}" + ("-tta" if report["tta"] else ""))
+    int8 = report.get("precision", "").startswith("int8")
+    stem = out / (f"eval-{report['split']}" + ("-tta" if report["tta"] else "") + ("-int8" if int8 else ""))
     stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
     plot_confusion(report["confusion"], stem.with_suffix(".png"),
                    f"{report['model']} on {report['split']}{' (TTA)' if report['tta'] else ''}: {report['accuracy']:.2%}")

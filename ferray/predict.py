@@ -73,9 +73,9 @@ def local_predictor(ensemble) -> Callable[[np.ndarray], tuple[np.ndarray, np.nda
 
 
 def predict_files(bundle: str | Path | None, paths: Sequence[str | Path], detect: bool = True,
-                  limits: Limits = Limits()) -> list[dict]:
+                  limits: Limits = Limits(), int8: bool = False) -> list[dict]:
     """`ferray predict`: the HTTP API's answer for image files, without a server (bundle None: the
-    default model that ships with ferray)."""
+    default model that ships with ferray; `int8`: Model A in int8, see ferray.quantize)."""
     from ferray.ensemble import load_bundle
 
     images = []
@@ -84,7 +84,7 @@ def predict_files(bundle: str | Path | None, paths: Sequence[str | Path], detect
         if not path.is_file():
             raise InputError(f"{path}: no such file")
         images.append((str(path), path.read_bytes()))
-    ensemble, _ = load_bundle(bundle)
+    ensemble, _ = load_bundle(bundle, int8=int8)
     return answer_images(images, local_predictor(ensemble), ensemble.weight_a, detect, limits)
 
 

@@ -21,8 +21,8 @@ COMMANDS = _commands()
 
 
 def test_the_command_list_is_complete():
-    expected = {"demo", "prepare", "synth", "info", "train", "evaluate", "models", "sr", "tune", "ensemble", "predict",
-                "serve", "explain", "crops", "report"}
+    expected = {"demo", "prepare", "synth", "info", "train", "evaluate", "models", "sr", "tune", "ensemble", "quantize",
+                "predict", "serve", "explain", "crops", "report"}
     assert set(COMMANDS) == expected
     sr = [a for a in build_parser()._actions if hasattr(a, "choices") and a.choices and "sr" in a.choices][0].choices["sr"]
     assert set(_commands(sr)) == {"train", "upscale", "eval"}

@@ -123,5 +123,22 @@ def render_model_card(card: dict) -> str:
     else:
         acc = card["accuracy"][selection]
         lines += [f"- {selection} (selection, not a test): ensemble {_pct(acc['ensemble'])}"]
+    lines += _int8_lines(a.get("int8"))
     lines += ["", f"Data: {card['data']['path']} (checksum `{card['data']['checksum']}`).", ""]
     return "\n".join(lines)
+
+
+def _int8_lines(int8: dict | None) -> list[str]:
+    """Member A in int8 (`ferray quantize`), measured by that command on the same splits."""
+    if not int8:
+        return []
+    source = int8["calibration"]
+    lines = ["", "## int8 (CPU throughput)", "",
+             f"Model A also runs in int8 on a CPU ({int8['how']}), with activation ranges calibrated on the ten "
+             f"views of {source['faces']:,} {source['split']} faces (seed {source['seed']}; `{int8['ranges']}`). "
+             "Measured by `ferray quantize`:", "",
+             "| split | center crop | ten-crop TTA |", "| --- | --- | --- |"]
+    for split, e in int8["evaluations"].items():
+        role = "selection" if e["selection"] else "test"
+        lines.append(f"| {split} ({role}) | {_pct(e['accuracy'].get('center'))} | {_pct(e['accuracy'].get('tta'))} |")
+    return lines

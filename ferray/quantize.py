@@ -1,0 +1,99 @@
+"""`ferray quantize`: calibrate a bundle's Model A for int8 CPU inference, and measure it (Ray-free).
+
+    ferray quantize BUNDLE --data DIR [--faces 256] [--seed 0]
+
+Feeds the ten TTA views of `--faces` Training faces (seeded) through Model A to record its activation
+ranges (ferray.models.quantized.calibrate), writes them to BUNDLE/model_a.int8.json, then evaluates
+the int8 model on the bundle's selection split and on every split the bundle was tested on, center
+crop and TTA, and records those accuracies in bundle.json (members.a.int8) and MODEL_CARD.md beside
+the bf16/fp32 ones. Calibration uses Training faces only, so the test splits stay untouched.
+`ferray evaluate --bundle BUNDLE --int8`, `ferray predict --int8`, `ferray.load(..., int8=True)` and
+the Serve setting `model_a.int8` then forward in int8.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ferray.augment import eval_views
+from ferray.data.contract import FER_SIZE, DataError, load_split, read_manifest
+from ferray.ensemble import (
+    BUNDLE_FILE, default_bundle_path, evaluate_views, load_bundle, model_card, read_bundle_card, resolve_bundle,
+)
+from ferray.errors import UsageError
+
+RANGES_FILE = "model_a.int8.json"
+
+
+def calibration_crops(data, crop: int, faces: int, seed: int, split: str = "Training") -> tuple[torch.Tensor, dict]:
+    """The ten TTA views (standardized, as inference makes them) of `faces` faces of `split`, drawn
+    without replacement with `seed`; and where they came from."""
+    images, _, _ = load_split(data, split)
+    if faces < 1 or faces > len(images):
+        raise UsageError(f"--faces {faces}: {data} has {len(images):,} {split} faces; give 1..{len(images):,}")
+    pick = np.sort(np.random.default_rng(seed).choice(len(images), faces, replace=False))
+    views = eval_views(torch.from_numpy(images[pick]), crop, tta=True)
+    source = {"split": split, "faces": faces, "seed": seed, "checksum": read_manifest(data)["checksum"]}
+    return views.reshape(-1, 1, crop, crop), source
+
+
+def quantize_bundle(bundle, data, faces: int = 256, seed: int = 0, echo=print) -> dict:
+    """Calibrate member A of `bundle` on `data`, write its ranges and the measured int8 accuracies
+    into the bundle; returns the card's new members.a.int8 entry."""
+    from ferray.models.quantized import calibrate
+
+    path = resolve_bundle(bundle)
+    if str(bundle) == "default":
+        raise UsageError(f"ferray quantize writes into the bundle, and `default` is the one installed with ferray "
+                         f"({default_bundle_path()}): copy it (cp -r {default_bundle_path()} mybundle) and quantize "
+                         "the copy, or name the folder itself")
+    card = read_bundle_card(path)
+    manifest = read_manifest(data)
+    if manifest["image_size"] != [FER_SIZE, FER_SIZE]:
+        raise DataError(f"{data}: the bundle takes the prepared 48x48 faces, not {manifest['image_size']}")
+    ensemble, _ = load_bundle(path, "cpu", members=("a",))
+    crop = ensemble.cfg_a.augment.crop
+    crops, source = calibration_crops(data, crop, faces, seed)
+    echo(f"quantize: calibrating Model A on {len(crops):,} views of {faces:,} {source['split']} faces ...")
+    started = time.perf_counter()
+    ranges = calibrate(ensemble.model_a, crop, crops)
+    ranges["calibration"] = source
+    calibrated = time.perf_counter() - started
+    echo(f"quantize: {len(ranges['observers'])} activation ranges in {calibrated:.0f} s; compiling the int8 "
+         "model (each batch shape once, ~15 s apiece on 2 cores) ...")
+    ensemble.int8, ensemble.int8_ranges = True, {"a": ranges}
+    ensemble.warm_up("a")
+    splits = list(card.get("evaluations") or {}) or [card["selection_split"]]
+    selection = card["selection_split"]
+    evaluations = evaluate_views(ensemble, data, splits, selection, echo=lambda line: echo(line.replace("ensemble:", "quantize (int8):")))
+    entry = {
+        "ranges": RANGES_FILE, "how": "torchao PT2E, X86InductorQuantizer: int8 weights per channel, uint8 "
+        "activations per tensor; compiled by inductor", "calibration": source, "made_with": ranges["made_with"],
+        "calibration_seconds": round(calibrated, 1),
+        "evaluations": {split: {"selection": split == selection, "data_checksum": manifest["checksum"],
+                                "accuracy": {view: report["accuracy"] for view, report in e["views"].items()}}
+                        for split, e in evaluations.items()},
+    }
+    _replace(path / RANGES_FILE, json.dumps(ranges, indent=1) + "\n")
+    card["members"]["a"]["int8"] = entry
+    _replace(path / BUNDLE_FILE, json.dumps(card, indent=2) + "\n")
+    _replace(path / "MODEL_CARD.md", model_card(card))
+    for split, e in entry["evaluations"].items():
+        before = (card.get("evaluations") or {}).get(split, {}).get("views", {})
+        figures = ", ".join(f"{view} {acc:.2%}" + (f" (was {before[view]['accuracy']:.2%})" if view in before else "")
+                            for view, acc in e["accuracy"].items())
+        echo(f"quantize: {split} ({'selection' if e['selection'] else 'test'}) int8 accuracy: {figures}")
+    echo(f"quantize: wrote {path / RANGES_FILE} and the int8 figures into {path / BUNDLE_FILE}")
+    return entry
+
+
+def _replace(file: Path, text: str) -> None:
+    """`file` replaced whole (a reader, a Serve replica loading the bundle, never sees half of it)."""
+    partial = file.with_name(f".{file.name}.partial")
+    partial.write_text(text)
+    partial.replace(file)
