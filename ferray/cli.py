@@ -185,7 +185,7 @@ def _add_quantize(sub) -> None:
                        "faces (the test splits stay untouched), write them into BUNDLE (model_a.int8.json, a few kB; "
                        "the int8 weights are made from the bundle's own on load), then evaluate the int8 model on "
                        "the splits the bundle was evaluated on and add those accuracies to bundle.json and "
-                       "MODEL_CARD.md. Needs torchao (pip install 'ferray[int8]'). About 3-4 minutes for the "
+                       "MODEL_CARD.md. Needs torchao (pip install 'ferray[int8]'). About 3 minutes for the "
                        "default model on 2 cores.")
     p.add_argument("bundle", type=Path, help="the bundle folder to calibrate (written into; copy the installed default first)")
     p.add_argument("--data", required=True, type=Path, help="prepared 48x48 data folder with a Training split")
