@@ -500,8 +500,8 @@ def evaluate_bundle(bundle: str | Path | None, data: str | Path, split: str = "P
         echo(f"wrote {write_fused_report(report, Path(out))}")
     echo(format_report(report))
     members = ", ".join(f"{name.upper()} {acc:.2%}" for name, acc in report["members"].items())
-    echo(f"members on {split} (A: {report['precision']}): {members}, ensemble {report['accuracy']:.2%} "
-         f"(w_A = {ensemble.weight_a:.2f})"
+    echo(f"members on {split}: {members}, ensemble {report['accuracy']:.2%} (w_A = {ensemble.weight_a:.2f}; "
+         f"A forwarded in {report['precision']})"
          + ("  [the bundle's selection split: not a test]" if report["selection"] else ""))
     return report
 

@@ -45,6 +45,11 @@ def test_ranges_that_do_not_fit_the_model_are_refused_by_name(tiny):
         quantize_for_cpu(model, short, where="bundle X's int8 calibration", compile=False)
     with pytest.raises(CheckpointError, match="format"):
         quantize_for_cpu(model, {**ranges, "format": "other"}, compile=False)
+    bad = {**ranges, "observers": [{**ranges["observers"][0], "scale": -1.0}, *ranges["observers"][1:]]}
+    with pytest.raises(CheckpointError, match=r"malformed .*observers\[0\]: scale -1.0"):
+        quantize_for_cpu(model, bad, compile=False)
+    with pytest.raises(CheckpointError, match="malformed .*KeyError"):
+        quantize_for_cpu(model, {k: v for k, v in ranges.items() if k != "crop"}, compile=False)
     with pytest.raises(ValueError, match="crops"):
         calibrate(model, CROP, torch.zeros(3, 3, CROP, CROP))
 

@@ -122,11 +122,9 @@ def quantize_for_cpu(model: nn.Module, qparams: dict, where: str = "int8 calibra
     itself is not touched. `compile` False: the quantized graph run eagerly (quantize/dequantize
     around fp32 kernels: the same arithmetic, slowly; for checks)."""
     _, fixed_qparams, _, _, convert_pt2e = _torchao()
-    if qparams.get("format") != INT8_FORMAT:
-        raise CheckpointError(f"{where}: format {qparams.get('format')!r}, expected {INT8_FORMAT!r}")
-    crop = int(qparams["crop"])
+    crop, stored = _checked(qparams, where)
     prepared = _prepared(model, crop)
-    found, stored = activation_observers(prepared), qparams["observers"]
+    found = activation_observers(prepared)
     if [(n, s) for n, s, _ in found] != [(o["observer"], o["input"]) for o in stored]:
         raise CheckpointError(
             f"{where}: its {len(stored)} activation ranges do not match this model's {len(found)} quantization points "
@@ -139,6 +137,24 @@ def quantize_for_cpu(model: nn.Module, qparams: dict, where: str = "int8 calibra
     with torch.no_grad():
         prepared(torch.zeros(1, 1, crop, crop))  # the weight observers see the weights
     return QuantizedClassifier(convert_pt2e(prepared), crop, compile)
+
+
+def _checked(qparams: dict, where: str) -> tuple[int, list[dict]]:
+    """(crop, observers) of stored ranges, or a CheckpointError naming what is wrong."""
+    if not isinstance(qparams, dict) or qparams.get("format") != INT8_FORMAT:
+        found = qparams.get("format") if isinstance(qparams, dict) else type(qparams).__name__
+        raise CheckpointError(f"{where}: format {found!r}, expected {INT8_FORMAT!r}")
+    try:
+        crop, stored = int(qparams["crop"]), list(qparams["observers"])
+        for index, entry in enumerate(stored):
+            missing = {"observer", "input", "scale", "zero_point"} - set(entry)
+            if missing:
+                raise ValueError(f"observers[{index}] has no {', '.join(sorted(missing))}")
+            if not (float(entry["scale"]) > 0 and 0 <= int(entry["zero_point"]) <= 255):
+                raise ValueError(f"observers[{index}]: scale {entry['scale']}, zero point {entry['zero_point']}")
+    except (KeyError, TypeError, ValueError) as error:
+        raise CheckpointError(f"{where}: malformed ({type(error).__name__}: {error})") from None
+    return crop, stored
 
 
 class QuantizedClassifier(nn.Module):
