@@ -107,7 +107,12 @@ class Ensemble:
 
         if self.device.type != "cpu":
             raise Int8Unavailable(f"int8 inference runs on the CPU, not on {self.device}")
-        return quantize_for_cpu(model, self.int8_ranges[which], where=f"member {which.upper()}'s int8 calibration")
+        ranges, where = self.int8_ranges[which], f"member {which.upper()}'s int8 calibration"
+        crop = (self.cfg_a if which == "a" else self.cfg_b).augment.crop
+        if ranges.get("crop") != crop:
+            raise CheckpointError(f"{where}: made for {ranges.get('crop')}x{ranges.get('crop')} crops, but the member "
+                                  f"is given {crop}x{crop}: calibrate again with `ferray quantize`")
+        return quantize_for_cpu(model, ranges, where=where)
 
     def warm_up(self, which: str) -> None:
         """Make now what member `which` forwards (a frozen or int8 copy; int8 compiles each batch

@@ -83,6 +83,15 @@ def test_int8_without_a_calibration_says_how_to_make_one(tiny_bundle):
         load_bundle(tiny_bundle, "cpu", members=("a",), int8=True)
 
 
+def test_ranges_made_for_other_crops_are_refused(tiny_bundle, tiny):
+    from ferray.ensemble import load_bundle
+
+    ensemble, _ = load_bundle(tiny_bundle, "cpu", members=("a",))
+    ensemble.int8, ensemble.int8_ranges = True, {"a": {**tiny[2], "crop": 40}}
+    with pytest.raises(CheckpointError, match="made for 40x40 crops"):
+        ensemble.probs_a(torch.zeros(1, 48, 48, dtype=torch.uint8))
+
+
 def test_quantize_refuses_the_installed_default_and_bad_face_counts(tiny_bundle, prepared_synth, tmp_path):
     from ferray.quantize import quantize_bundle
 
