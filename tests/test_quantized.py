@@ -1,24 +1,35 @@
 """int8 CPU inference: calibration, its storage in a bundle, the bucketed compiled forward."""
 
+import importlib.util
 import json
 import shutil
+import sys
 
 import pytest
 import torch
 
-pytest.importorskip("torchao")
-
-from ferray.errors import CheckpointError, UsageError  # noqa: E402
-from ferray.models import build_model  # noqa: E402
-from ferray.models.quantized import (  # noqa: E402
-    BUCKETS, Int8Unavailable, QuantizedClassifier, calibrate, quantize_for_cpu,
-)
+from ferray.errors import CheckpointError, UsageError
+from ferray.models import build_model
+from ferray.models.quantized import BUCKETS, Int8Unavailable, QuantizedClassifier, calibrate, quantize_for_cpu
 
 CROP = 44
+# torchao is the `int8` extra (pip install -e '.[dev,int8]'); without it these tests skip and the
+# ones below that never reach torchao still run
+needs_torchao = pytest.mark.skipif(importlib.util.find_spec("torchao") is None, reason="torchao not installed")
+
+
+def test_without_torchao_int8_says_how_to_install_it(monkeypatch, tiny_bundle):
+    monkeypatch.setitem(sys.modules, "torchao", None)  # an import of torchao now fails, as where it is absent
+    for name in [m for m in sys.modules if m.startswith("torchao.")]:
+        monkeypatch.delitem(sys.modules, name)
+    with pytest.raises(Int8Unavailable, match=r"pip install 'ferray\[int8\]'"):
+        calibrate(build_model("xception_a_tiny").eval(), CROP, torch.zeros(2, 1, CROP, CROP))
 
 
 @pytest.fixture(scope="module")
 def tiny():
+    if importlib.util.find_spec("torchao") is None:
+        pytest.skip("torchao not installed")
     torch.manual_seed(0)
     model = build_model("xception_a_tiny").eval()
     crops = torch.randn(64, 1, CROP, CROP)
@@ -120,6 +131,7 @@ def test_compiled_int8_matches_the_eager_int8_graph(tiny):
             assert torch.allclose(compiled(crops[:n]), eager(crops[:n]), atol=0.05, rtol=0.05), n
 
 
+@needs_torchao
 @pytest.mark.slow  # calibrates, compiles and evaluates a tiny bundle: ~1 min
 def test_quantize_writes_ranges_and_figures_that_evaluate_reproduces(tiny_bundle, prepared_synth, tmp_path):
     from ferray.ensemble import evaluate_bundle, read_bundle_card
