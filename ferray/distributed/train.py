@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Callable
 
 from ferray.config import ConfigError, ExperimentConfig, dump_yaml, from_dict, to_dict
+from ferray.device import cpu_worker_env
 from ferray.fit import BEST_FILE, METRICS_FILE, RESULT_FILE, fit
 from ferray.data.contract import (
     DataError, decode_faces, load_split, read_manifest, selection_split, split_dir, untouched_splits,
@@ -261,7 +262,8 @@ def build_trainer(cfg: ExperimentConfig, run_dir: Path, train_rows: int, task: s
                                                          checkpoint_score_order="max"),
             callbacks=callbacks,
             # Ray Train patches print() to log as well, which shows every epoch line twice.
-            worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", "FERRAY_VERBOSE": os.environ.get("FERRAY_VERBOSE", "")}},
+            worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", "FERRAY_VERBOSE": os.environ.get("FERRAY_VERBOSE", ""),
+                                             **cpu_worker_env(gpus)}},
         ),
     )
 
