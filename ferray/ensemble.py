@@ -62,8 +62,8 @@ class Ensemble:
     # (member name -> its activation ranges, from the bundle's `ferray quantize`); off unless asked for
     int8: bool = False
     int8_ranges: dict = field(default_factory=dict, repr=False, compare=False)
-    # bf16 CPU inference forwards frozen bf16 copies of the members (ferray.models.frozen), made on first use:
-    # member name -> (the member it was made from, its frozen copy)
+    # bf16 CPU inference forwards frozen bf16 copies of the members (ferray.models.frozen), int8 their int8
+    # copies, made on first use: (member name, int8) -> (the member it was made from, its copy)
     _frozen: dict = field(default_factory=dict, init=False, repr=False, compare=False)
     _freezing: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False, compare=False)
 
@@ -96,19 +96,19 @@ class Ensemble:
         if not int8 and (not self._amp or self.device.type != "cpu"):
             return model, self._amp
         with self._freezing:  # Serve replicas forward from executor threads
-            source, frozen = self._frozen.get(which, (None, None))
+            source, copy = self._frozen.get((which, int8), (None, None))
             if source is not model:  # first use, or the member was replaced since
-                frozen = self._int8_copy(which, model) if int8 else freeze_for_cpu(model, cfg.augment.crop)
-                self._frozen[which] = (model, frozen)
-        return frozen, False
+                crop = cfg.augment.crop  # the views it is given
+                copy = self._int8_copy(which, model, crop) if int8 else freeze_for_cpu(model, crop)
+                self._frozen[which, int8] = (model, copy)
+        return copy, False
 
-    def _int8_copy(self, which: str, model: torch.nn.Module) -> torch.nn.Module:
+    def _int8_copy(self, which: str, model: torch.nn.Module, crop: int) -> torch.nn.Module:
         from ferray.models.quantized import Int8Unavailable, quantize_for_cpu
 
         if self.device.type != "cpu":
             raise Int8Unavailable(f"int8 inference runs on the CPU, not on {self.device}")
         ranges, where = self.int8_ranges[which], f"member {which.upper()}'s int8 calibration"
-        crop = (self.cfg_a if which == "a" else self.cfg_b).augment.crop
         if ranges.get("crop") != crop:
             raise CheckpointError(f"{where}: made for {ranges.get('crop')}x{ranges.get('crop')} crops, but the member "
                                   f"is given {crop}x{crop}: calibrate again with `ferray quantize`")
@@ -441,11 +441,13 @@ def load_bundle(path: str | Path | None = None, device: str | torch.device | Non
     ensemble = load_members(a, b, sr, device, fold)
     ensemble.weight_a, ensemble.tta = card["fusion"]["weight_a"], card["tta"]
     ensemble.int8 = int8
+    if not int8:  # the ranges are read only where they are used
+        return ensemble, card
     for name in members:
         ranges = (parts.get(name) or {}).get("int8", {}).get("ranges")
         if ranges:
             ensemble.int8_ranges[name] = _read_json(path / ranges, "int8 calibration")
-    if int8 and not ensemble.int8_ranges:
+    if not ensemble.int8_ranges:
         from ferray.models.quantized import Int8Unavailable
 
         loaded = " or ".join(m.upper() for m in members if parts.get(m))

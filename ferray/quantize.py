@@ -23,23 +23,22 @@ import torch
 from ferray.augment import eval_views
 from ferray.data.contract import FER_SIZE, DataError, load_split, read_manifest
 from ferray.ensemble import (
-    BUNDLE_FILE, default_bundle_path, evaluate_views, load_bundle, model_card, read_bundle_card, resolve_bundle,
+    BUNDLE_FILE, default_bundle_path, evaluate_views, load_bundle, model_card, resolve_bundle,
 )
 from ferray.errors import UsageError
 
 RANGES_FILE = "model_a.int8.json"
+CALIBRATION_SPLIT = "Training"  # never a split that selects or tests
 
 
-def calibration_crops(data, crop: int, faces: int, seed: int, split: str = "Training") -> tuple[torch.Tensor, dict]:
+def calibration_crops(data, crop: int, faces: int, seed: int, split: str = CALIBRATION_SPLIT) -> torch.Tensor:
     """The ten TTA views (standardized, as inference makes them) of `faces` faces of `split`, drawn
-    without replacement with `seed`; and where they came from."""
+    without replacement with `seed`."""
     images, _, _ = load_split(data, split)
     if faces < 1 or faces > len(images):
         raise UsageError(f"--faces {faces}: {data} has {len(images):,} {split} faces; give 1..{len(images):,}")
     pick = np.sort(np.random.default_rng(seed).choice(len(images), faces, replace=False))
-    views = eval_views(torch.from_numpy(images[pick]), crop, tta=True)
-    source = {"split": split, "faces": faces, "seed": seed, "checksum": read_manifest(data)["checksum"]}
-    return views.reshape(-1, 1, crop, crop), source
+    return eval_views(torch.from_numpy(images[pick]), crop, tta=True).reshape(-1, 1, crop, crop)
 
 
 def quantize_bundle(bundle, data, faces: int = 256, seed: int = 0, echo=print) -> dict:
@@ -52,13 +51,13 @@ def quantize_bundle(bundle, data, faces: int = 256, seed: int = 0, echo=print) -
         raise UsageError(f"ferray quantize writes into the bundle, and `default` is the one installed with ferray "
                          f"({default_bundle_path()}): copy it (cp -r {default_bundle_path()} mybundle) and quantize "
                          "the copy, or name the folder itself")
-    card = read_bundle_card(path)
     manifest = read_manifest(data)
     if manifest["image_size"] != [FER_SIZE, FER_SIZE]:
         raise DataError(f"{data}: the bundle takes the prepared 48x48 faces, not {manifest['image_size']}")
-    ensemble, _ = load_bundle(path, "cpu", members=("a",))
+    ensemble, card = load_bundle(path, "cpu", members=("a",))
     crop = ensemble.cfg_a.augment.crop
-    crops, source = calibration_crops(data, crop, faces, seed)
+    crops = calibration_crops(data, crop, faces, seed)
+    source = {"split": CALIBRATION_SPLIT, "faces": faces, "seed": seed, "checksum": manifest["checksum"]}
     echo(f"quantize: calibrating Model A on {len(crops):,} views of {faces:,} {source['split']} faces ...")
     started = time.perf_counter()
     ranges = calibrate(ensemble.model_a, crop, crops)
