@@ -56,6 +56,9 @@ class AugmentConfig:
 class OptimConfig:
     name: str = "adamax"  # adamax | adam | adamw | sgd
     lr: float = 0.01
+    # Decoupled from the gradient for every optimizer (w <- w - lr * weight_decay * w, as AdamW),
+    # and only on convolution and linear weights: batch norm, PReLU slopes and biases are spared
+    # (decaying them fights the normalisation instead of limiting capacity).
     weight_decay: float = 0.0
     momentum: float = 0.9  # sgd only
     schedule: str = "none"  # none | cosine | step | plateau
@@ -70,9 +73,13 @@ class OptimConfig:
 
 @dataclass
 class LossConfig:
-    center_lambda: float = 0.1  # measured: ~5% of the cross-entropy once the centers settle (model_a.yaml)
+    # The weight of the center term; every epoch line prints its share of the cross-entropy.
+    center_lambda: float = 0.1
     center_alpha: float = 0.5
     center_reduction: str = "mean"  # mean | sum over the batch
+    # normalized: the term acts on L2-normalised embeddings, where shrinking the features cannot
+    # cancel it; raw: the paper's term on the pooled features as they are (ferray.losses).
+    center_features: str = "normalized"
     label_smoothing: float = 0.0
 
 
@@ -80,7 +87,9 @@ class LossConfig:
 class TrainConfig:
     epochs: int = 250
     # > 0: a wall-time budget for the epochs (training + selection evaluation). The run trains the
-    # epochs that fit, at most `epochs`, re-planned after each epoch; the schedule spans the plan.
+    # epochs that fit, at most `epochs`, re-planned after each epoch; the schedule spans the plan,
+    # so it moves as the plan does. 0: one fixed schedule over `epochs`, which --resume continues
+    # exactly (what a long run wants).
     budget_minutes: float = 0.0
     batch_size: int = 64  # per worker
     seed: int = 0
@@ -91,9 +100,13 @@ class TrainConfig:
     compile: bool = False  # torch.compile the training step's model; falls back to eager if it fails
     compile_mode: str = "default"  # default | reduce-overhead (CUDA graphs: for launch-bound small models) | max-autotune
     eval_tta: bool = False  # ten-crop TTA in the per-epoch evaluation (slower)
+    # > 0: keep an exponential moving average of the weights (this decay per step, warmed up over
+    # the first steps), evaluate it beside the raw weights on the selection split every epoch, and
+    # let each epoch's checkpoint ship whichever of the two scored higher there.
+    ema_decay: float = 0.0
     eval_batch_size: int = 256
     # a progress line (step, share, img/s, time left) this often within an epoch, from rank 0: an
-    # epoch of FER2013 takes ~13 minutes on a 2-core CPU. 0: only the line at each epoch's end.
+    # epoch of FER2013 takes minutes on a CPU. 0: only the line at each epoch's end.
     progress_seconds: float = 60.0
     # cache: each worker reads its shard once into (GPU) memory and reshuffles it every epoch;
     # stream: Ray Data streams the shard every epoch (for data larger than a worker's memory).
@@ -144,6 +157,7 @@ CHOICES = {
     ("optim", "name"): ("adamax", "adam", "adamw", "sgd"),
     ("optim", "schedule"): ("none", "cosine", "step", "plateau"),
     ("loss", "center_reduction"): ("mean", "sum"),
+    ("loss", "center_features"): ("normalized", "raw"),
     ("train", "loader"): ("cache", "stream"),
     ("train", "compile_mode"): ("default", "reduce-overhead", "max-autotune"),
     ("sr", "content"): ("auto", "vgg19", "model_a", "mse"),
@@ -207,6 +221,9 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
         (cfg.train.progress_seconds >= 0, "train.progress_seconds must be >= 0"),
         (cfg.train.batch_size >= 1, "train.batch_size must be >= 1"),
         (cfg.loss.center_lambda >= 0, "loss.center_lambda must be >= 0"),
+        (0 <= cfg.loss.label_smoothing < 1, "loss.label_smoothing must be in [0, 1)"),
+        (cfg.optim.weight_decay >= 0, "optim.weight_decay must be >= 0"),
+        (0 <= cfg.train.ema_decay < 1, "train.ema_decay must be in [0, 1) (0: no moving average)"),
         (0 < cfg.loss.center_alpha <= 1, "loss.center_alpha must be in (0, 1]"),
         (0 <= cfg.model.dropout < 1, "model.dropout must be in [0, 1)"),
         (8 <= cfg.augment.crop, "augment.crop must be >= 8"),

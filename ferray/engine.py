@@ -22,6 +22,7 @@ from ferray.augment import predict_proba, train_views
 from ferray.config import ExperimentConfig, OptimConfig, from_dict, to_dict
 from ferray.labels import NUM_CLASSES
 from ferray.device import autocast, keep_cpu_buffers, use_bf16
+from ferray.ema import WeightEMA
 from ferray.losses import JointLoss
 from ferray.metrics import confusion_matrix, summarize_confusion
 from ferray.models import build_model
@@ -33,45 +34,89 @@ CHECKPOINT_FILE = "checkpoint.pt"
 
 # ------------------------------------------------------------------------------------------ batches
 class TensorBatches:
-    """In-memory faces as shuffled batches, a new order each epoch (the data can live on the GPU)."""
+    """In-memory faces as shuffled batches (the data can live on the GPU). Each epoch's order is a
+    function of (seed, rank, epoch) alone, so a resumed run sees the batches an uninterrupted one
+    would: `epoch(e)` gives epoch e's batches; plain iteration goes through epochs 0, 1, 2, ..."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, shuffle: bool = True,
-                 drop_last: bool = True, seed: int = 0):
+                 drop_last: bool = True, seed: int = 0, rank: int = 0):
         if len(images) != len(labels):
             raise ValueError(f"{len(images)} images but {len(labels)} labels")
         self.images, self.labels = images, labels
         self.batch_size, self.shuffle, self.drop_last = batch_size, shuffle, drop_last
-        self.generator = torch.Generator().manual_seed(seed)
+        self.seed, self.rank, self.next_epoch = seed, rank, 0
 
     def __len__(self) -> int:
         n = len(self.labels)
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def epoch(self, epoch: int) -> "TensorBatches":
+        """These batches, set to give epoch `epoch`'s order next (0-based)."""
+        self.next_epoch = epoch
+        return self
+
+    def order(self, epoch: int) -> torch.Tensor:
         n = len(self.labels)
-        order = torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
-        order = order.to(self.images.device)
+        if not self.shuffle:
+            return torch.arange(n)
+        generator = torch.Generator().manual_seed(epoch_seed(self.seed, self.rank, epoch))
+        return torch.randperm(n, generator=generator)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        order = self.order(self.next_epoch).to(self.images.device)
+        self.next_epoch += 1
         for i in range(len(self)):
             idx = order[i * self.batch_size : (i + 1) * self.batch_size]
             yield self.images[idx], self.labels[idx]
 
 
 # -------------------------------------------------------------------------------------- optimizing
-def make_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
-    """The optimizer, with the head and the backbone as separate groups when their rates differ."""
-    params = model.parameters()
+def decays(name: str, param: nn.Parameter) -> bool:
+    """Whether weight decay applies: to convolution and linear weights, not to batch norm, PReLU
+    slopes or biases (all of them 1-D)."""
+    return param.ndim > 1 and not name.endswith(".bias")
+
+
+def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
+    """The optimizer's groups: (backbone, head) when their rates differ, each split into the
+    parameters that decay and those that do not. Each group carries its `lr_scale` and its
+    `decoupled_wd` (applied by `apply_weight_decay`, not by the optimizer's own coupled term)."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    parts = [(named, 1.0)]
     if cfg.backbone_lr_ratio != 1.0 and hasattr(model, "head_parameters"):
-        head = model.head_parameters()
-        head_ids = {id(p) for p in head}
-        params = [{"params": [p for p in model.parameters() if id(p) not in head_ids], "lr_scale": cfg.backbone_lr_ratio},
-                  {"params": head, "lr_scale": 1.0}]
+        head_ids = {id(p) for p in model.head_parameters()}
+        parts = [([(n, p) for n, p in named if id(p) not in head_ids], cfg.backbone_lr_ratio),
+                 ([(n, p) for n, p in named if id(p) in head_ids], 1.0)]
+    groups = []
+    for members, lr_scale in parts:
+        for decayed in (True, False):
+            params = [p for n, p in members if decays(n, p) == decayed]
+            if params:
+                groups.append({"params": params, "lr_scale": lr_scale,
+                               "decoupled_wd": cfg.weight_decay if decayed else 0.0})
+    return groups
+
+
+def make_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+    """The optimizer over `param_groups` (weight decay is decoupled: see apply_weight_decay)."""
+    groups = param_groups(model, cfg)
     if cfg.name == "adamax":
-        return torch.optim.Adamax(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.Adamax(groups, lr=cfg.lr, weight_decay=0.0)
     if cfg.name == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.Adam(groups, lr=cfg.lr, weight_decay=0.0)
     if cfg.name == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=True)
+        return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=0.0)
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=0.0, nesterov=True)
+
+
+@torch.no_grad()
+def apply_weight_decay(optimizer: torch.optim.Optimizer) -> None:
+    """w <- w * (1 - lr * wd) for each group's decayed weights, before the optimizer's step (AdamW's
+    rule, for every optimizer: the decay does not pass through Adam's or AdaMax's normalisation)."""
+    for group in optimizer.param_groups:
+        wd = group.get("decoupled_wd", 0.0)
+        if wd > 0:
+            torch._foreach_mul_(group["params"], 1.0 - group["lr"] * wd)
 
 
 class LRSchedule:
@@ -139,6 +184,7 @@ class TrainState:
     schedule: LRSchedule
     device: torch.device
     rank: int = 0  # this worker's rank: its augmentation and dropout draw their own random stream
+    ema: WeightEMA | None = None  # the moving average of the weights (train.ema_decay > 0)
     epoch: int = 0  # epochs completed
     best_accuracy: float = 0.0
     history: list = field(default_factory=list)
@@ -184,13 +230,14 @@ def build_state(cfg: ExperimentConfig, device: torch.device,
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     loss_fn = JointLoss(NUM_CLASSES, model.num_features, cfg.loss.center_lambda, cfg.loss.center_alpha,
-                        cfg.loss.label_smoothing, cfg.loss.center_reduction).to(device)
+                        cfg.loss.label_smoothing, cfg.loss.center_reduction, cfg.loss.center_features).to(device)
     optimizer = make_optimizer(model, cfg.optim)
+    ema = WeightEMA(model, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
     if wrap is not None:
         model = wrap(model)
     if cfg.train.compile:
         model = compiled(model, cfg.train.compile_mode)
-    return TrainState(cfg, model, loss_fn, optimizer, LRSchedule(cfg.optim, cfg.train.epochs), device, rank)
+    return TrainState(cfg, model, loss_fn, optimizer, LRSchedule(cfg.optim, cfg.train.epochs), device, rank, ema)
 
 
 class compiled(nn.Module):
@@ -268,8 +315,11 @@ def train_one_epoch(state: TrainState, batches: Iterable, steps_per_epoch: int) 
         loss.backward()
         if cfg.optim.grad_clip > 0:
             nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+        apply_weight_decay(optimizer)
         optimizer.step()
         loss_fn.after_step(features, labels)
+        if state.ema is not None:
+            state.ema.update(state.core)
         n = labels.shape[0]
         totals += torch.stack([loss.detach() * n, parts["ce"] * n, parts["center"] * n,
                                (logits.argmax(1) == labels).sum().float()])
@@ -313,8 +363,27 @@ def evaluate(model: nn.Module, batches: Iterable, crop: int, tta: bool, device: 
     return result
 
 
+def evaluate_state(state: TrainState, batches: Iterable, tta: bool = False) -> dict:
+    """The selection split's results for this epoch's candidate weights: the raw weights, and with
+    an EMA the moving average too, whichever scores higher (ties go to the raw weights). Returns
+    "accuracy" and "loss" of the candidate, "raw_accuracy", "ema_accuracy" (the raw one without an
+    EMA) and "ema_selected" (1.0 or 0.0): plain numbers, so workers can share them by broadcast."""
+    cfg = state.cfg
+    scored = {}
+    for name, model in (("raw", state.core), ("ema", state.ema.module if state.ema is not None else None)):
+        if model is not None:
+            scored[name] = evaluate(model, batches, cfg.augment.crop, tta, state.device, state.use_amp,
+                                    cfg.data.input_scale, channels_last=state.channels_last)
+    ema_wins = "ema" in scored and scored["ema"]["accuracy"] > scored["raw"]["accuracy"]
+    chosen = scored["ema" if ema_wins else "raw"]
+    return {**chosen, "raw_accuracy": scored["raw"]["accuracy"], "raw_loss": scored["raw"]["loss"],
+            "ema_accuracy": scored.get("ema", scored["raw"])["accuracy"], "ema_selected": float(ema_wins)}
+
+
 def end_epoch(state: TrainState, train_metrics: dict, eval_metrics: dict) -> dict:
-    """Record an epoch: schedule step, best accuracy, history; returns the epoch's flat metrics."""
+    """Record an epoch: schedule step, best accuracy, history; returns the epoch's flat metrics.
+    With an EMA, eval_acc is the accuracy of the weights this epoch's checkpoint ships
+    (eval_weights: "ema" or "raw"), and both accuracies are in the row."""
     state.epoch += 1
     accuracy = eval_metrics["accuracy"]
     state.schedule.on_eval(accuracy)
@@ -322,20 +391,35 @@ def end_epoch(state: TrainState, train_metrics: dict, eval_metrics: dict) -> dic
     state.best_accuracy = max(state.best_accuracy, accuracy)
     row = {"epoch": state.epoch, **train_metrics, "eval_acc": accuracy, "eval_loss": eval_metrics["loss"],
            "best_eval_acc": state.best_accuracy, "improved": improved}
+    if state.ema is not None:
+        row.update(eval_raw_acc=eval_metrics.get("raw_accuracy", accuracy), eval_ema_acc=eval_metrics.get("ema_accuracy"),
+                   eval_weights="ema" if eval_metrics.get("ema_selected") else "raw")
     state.history.append(row)
     return row
 
 
 # -------------------------------------------------------------------------------------- checkpoints
 def checkpoint_payload(state: TrainState, metrics: dict) -> dict:
-    """Everything in plain types and tensors, so torch.load(weights_only=True) can read it."""
+    """Everything in plain types and tensors, so torch.load(weights_only=True) can read it.
+
+    "model" holds the weights this checkpoint ships, the ones every reader loads (evaluate, the
+    bundles, explain): the EMA's when metrics["eval_weights"] is "ema", else the raw ones; "weights"
+    names which. With an EMA, "train_model" (the raw weights) and "ema" (the average and its step
+    count) are there too, for --resume."""
+    raw = {k: v.detach().cpu() for k, v in state.core.state_dict().items()}
+    weights = metrics.get("eval_weights", "raw") if state.ema is not None else "raw"
+    extra = {}
+    if state.ema is not None:
+        extra = {"train_model": raw, "ema": state.ema.state_dict()}
     return {
         "format": CHECKPOINT_FORMAT,
         "kind": "classifier",
         "ferray_version": __version__,
         "config": to_dict(state.cfg),
         "pretrained": bool(getattr(state.core, "pretrained", False)),
-        "model": {k: v.detach().cpu() for k, v in state.core.state_dict().items()},
+        "model": extra["ema"]["model"] if weights == "ema" else raw,
+        "weights": weights,
+        **extra,
         "centers": state.loss_fn.center.centers.detach().cpu(),
         "optimizer": state.optimizer.state_dict(),
         "schedule": state.schedule.state_dict(),
@@ -374,18 +458,35 @@ def load_checkpoint(path: str | Path, kind: str = "classifier") -> dict:
 
 
 def restore_state(state: TrainState, payload: dict) -> None:
-    """Continue a run from a checkpoint payload (model, centers, optimizer, schedule, counters)."""
-    state.core.load_state_dict(payload["model"])
+    """Continue a run from a checkpoint payload (model, EMA, centers, optimizer, schedule, counters)."""
+    state.core.load_state_dict(payload.get("train_model", payload["model"]))
+    if state.ema is not None:
+        if "ema" in payload:
+            state.ema.load_state_dict(payload["ema"])
+        else:  # a run that trained without an average starts one from its current weights
+            state.ema.module.load_state_dict(state.core.state_dict())
     state.loss_fn.center.centers.copy_(payload["centers"].to(state.device))
-    state.optimizer.load_state_dict(payload["optimizer"])
+    try:
+        state.optimizer.load_state_dict(payload["optimizer"])
+    except ValueError as e:  # other parameter groups: written by a ferray before decoupled weight decay
+        raise CheckpointError(f"the checkpoint's optimizer state does not fit this optimizer ({e}); it was written "
+                              "by an older ferray: start the run again") from None
     state.schedule.load_state_dict(payload["schedule"])
     state.epoch, state.best_accuracy = payload["epoch"], payload["best_accuracy"]
     state.history = list(payload["history"])
-    # The plan follows this run's config, not the checkpoint's: a resume may ask for more epochs
-    # (--set train.epochs=N), and a time budget re-plans from the epoch times recorded so far.
-    train = state.cfg.train
-    seconds = [row.get("epoch_seconds", 0.0) for row in state.history]
-    state.schedule.epochs = planned_epochs(seconds, train.budget_minutes * 60, train.epochs)
+    state.schedule.epochs = resumed_plan(state.cfg, payload)
+
+
+def resumed_plan(cfg: ExperimentConfig, payload: dict) -> int:
+    """The epochs a resumed run's schedule spans. The same train.epochs and budget as the
+    checkpoint's: the plan the checkpoint was following, so the schedule continues exactly where it
+    stopped. Changed ones (--set train.epochs=N, a new budget): a new plan from them, the time
+    budget counting the epoch times recorded so far (the cosine then bends to the new length)."""
+    train, saved = cfg.train, payload["config"].get("train", {})
+    if (saved.get("epochs"), saved.get("budget_minutes", 0.0)) == (train.epochs, train.budget_minutes):
+        return int(payload["schedule"].get("epochs", train.epochs))
+    seconds = [row.get("epoch_seconds", 0.0) for row in payload["history"]]
+    return planned_epochs(seconds, train.budget_minutes * 60, train.epochs)
 
 
 def model_from_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, ExperimentConfig, dict]:

@@ -208,7 +208,8 @@ def stacking_cv_accuracy(pa: np.ndarray, pb: np.ndarray, labels: np.ndarray, fol
 def _slim(payload: dict) -> dict:
     """What inference needs from a training checkpoint: weights (in half precision: a bundle ships
     inside the package, and fp16 weights classify as fp32 ones do), config, and the run's facts."""
-    keep = ("format", "kind", "ferray_version", "config", "model", "epoch", "metrics", "pretrained", "content_loss")
+    keep = ("format", "kind", "ferray_version", "config", "model", "weights", "epoch", "metrics", "pretrained",
+            "content_loss")
     slim = {k: payload[k] for k in keep if k in payload}
     slim["model"] = {k: v.half() if v.is_floating_point() else v for k, v in payload["model"].items()}
     return slim
@@ -389,6 +390,7 @@ def _member_card(model, cfg: ExperimentConfig, source, filename: str) -> dict:
             "depth": getattr(model, "keras_depth", lambda: None)(), "crop": cfg.augment.crop,
             "input_scale": cfg.data.input_scale, "pretrained": bool(payload.get("pretrained", False)),
             "trained_on": cfg.data.path, "epochs": payload["epoch"], "selection_split": cfg.data.selection_split,
+            "weights": payload.get("weights", "raw"),
             "selection_accuracy": payload.get("metrics", {}).get("eval_acc"), "run": run_facts(source)}
 
 

@@ -7,7 +7,7 @@ keeps the files a Ray run keeps). What differs between them is passed in: how ba
 evaluation is shared among workers, what an epoch's end does.
 
     run = LocalRun(run_dir, cfg)
-    result = fit(get_task("classifier"), state, lambda: train_batches, lambda s: task.evaluate(s, val),
+    result = fit(get_task("classifier"), state, train_batches.epoch, lambda s: task.evaluate(s, val),
                  steps_per_epoch, on_epoch=run.on_epoch)
 """
 
@@ -26,12 +26,13 @@ BEST_FILE = "best.pt"
 LATEST_FILE = "latest.pt"
 
 
-def fit(task, state, train: Callable[[], Iterable], evaluate: Callable[[object], dict], steps_per_epoch: int, *,
+def fit(task, state, train: Callable[[int], Iterable], evaluate: Callable[[object], dict], steps_per_epoch: int, *,
         on_epoch: Callable[[object, dict], None] | None = None, agree: Callable[[int], int] = lambda n: n,
         workers: int = 1) -> list[dict]:
     """Train `state` until its planned epochs are done; returns the rows of the epochs trained here.
 
-    `train()` gives one epoch's batches; `evaluate(state)` the selection split's results (every
+    `train(epoch)` gives that epoch's batches (0-based; their order must depend on the run's seed,
+    the rank and the epoch only, so a resumed run sees what an uninterrupted one sees); `evaluate(state)` the selection split's results (every
     worker must get the same ones); `agree(n)` makes every worker take the same plan (rank 0's);
     `on_epoch(state, row)` checkpoints, logs and reports. With train.budget_minutes the run is
     re-planned after each epoch from the epoch times of the whole run (resumes included)."""
@@ -39,7 +40,7 @@ def fit(task, state, train: Callable[[], Iterable], evaluate: Callable[[object],
     loop_start = time.perf_counter()
     while state.epoch < task.planned_epochs(state):
         epoch_start = time.perf_counter()
-        train_metrics = task.train_epoch(state, train(), steps_per_epoch)
+        train_metrics = task.train_epoch(state, train(state.epoch), steps_per_epoch)
         row = task.end_epoch(state, train_metrics, evaluate(state))
         row["workers"] = workers
         row["images_per_s"] = train_metrics["images_per_s"] * workers  # each worker saw its shard

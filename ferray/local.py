@@ -42,7 +42,7 @@ def train_local(cfg: ExperimentConfig, train: Faces, selection: Faces, device, r
     train_batches = on_device(train, device, cfg.train.batch_size, True, cfg.train.seed)
     selection_batches = on_device(selection, device, cfg.train.eval_batch_size, False)
     t0 = time.perf_counter()
-    fit(task, state, lambda: train_batches, lambda s: task.evaluate(s, selection_batches), len(train_batches),
+    fit(task, state, train_batches.epoch, lambda s: task.evaluate(s, selection_batches), len(train_batches),
         on_epoch=lambda s, row: _on_epoch(run, s, row))
     run.facts["compile"] = _compile_outcome(state, cfg)
     run.facts["loop_seconds"] = round(time.perf_counter() - t0, 1)

@@ -3,9 +3,15 @@
     L = L_S + lambda * L_C,   L_C = 1/2 * sum_i ||x_i - c_{y_i}||^2   (divided by the batch size
                                                                      with reduction="mean")
 
-x_i is the feature vector before the classifier, c_j the center of class j. Centers are not
-learned by the optimizer: after each step they move toward their class's features at their own
-rate alpha (Wen et al., eq. 4):
+x_i is the feature vector before the classifier, c_j the center of class j. With
+features="normalized" (the default) x_i is the L2-normalised embedding: on the raw pooled
+BN -> PReLU features the network can shrink every feature (batch norm's scale is free) and the
+term with them, so it stops acting after the first epoch; on the unit sphere no rescaling moves
+it, and 1/2||x - c||^2 lies in [0, 2], so lambda sets the term's share of the loss. "raw" is the
+paper's term as written.
+
+Centers are not learned by the optimizer: after each step they move toward their class's
+features at their own rate alpha (Wen et al., eq. 4):
 
     delta_c_j = sum_{i: y_i = j} (c_j - x_i) / (1 + #{i: y_i = j}),    c_j <- c_j - alpha * delta_c_j
 
@@ -20,23 +26,33 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+FEATURE_SPACES = ("normalized", "raw")
+
 
 class CenterLoss(nn.Module):
-    def __init__(self, num_classes: int, feature_dim: int, alpha: float = 0.5, reduction: str = "mean"):
+    def __init__(self, num_classes: int, feature_dim: int, alpha: float = 0.5, reduction: str = "mean",
+                 features: str = "normalized"):
         super().__init__()
         if reduction not in ("mean", "sum"):
             raise ValueError(f"reduction must be 'mean' or 'sum', not {reduction!r}")
-        self.alpha, self.reduction = alpha, reduction
+        if features not in FEATURE_SPACES:
+            raise ValueError(f"features must be one of {', '.join(FEATURE_SPACES)}, not {features!r}")
+        self.alpha, self.reduction, self.normalize = alpha, reduction, features == "normalized"
         self.register_buffer("centers", torch.zeros(num_classes, feature_dim))
 
+    def embed(self, features: torch.Tensor) -> torch.Tensor:
+        """The vectors the term acts on: (B, D) float32, on the unit sphere when normalising."""
+        features = features.float()
+        return F.normalize(features, dim=1) if self.normalize else features
+
     def forward(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        diff = features.float() - self.centers[labels]  # (B, D); centers carry no gradient
+        diff = self.embed(features) - self.centers[labels]  # (B, D); centers carry no gradient
         loss = 0.5 * diff.pow(2).sum()
         return loss / features.shape[0] if self.reduction == "mean" else loss
 
     @torch.no_grad()
     def update_centers(self, features: torch.Tensor, labels: torch.Tensor) -> None:
-        features = features.detach().float()
+        features = self.embed(features.detach())
         num_classes = self.centers.shape[0]
         # index_add rather than bincount: bincount reads its result back to the host on CUDA,
         # a synchronization in every training step.
@@ -54,10 +70,10 @@ class JointLoss(nn.Module):
     """Cross-entropy (optionally label-smoothed) + lambda * center loss; returns the parts too."""
 
     def __init__(self, num_classes: int, feature_dim: int, center_lambda: float, center_alpha: float,
-                 label_smoothing: float = 0.0, reduction: str = "mean"):
+                 label_smoothing: float = 0.0, reduction: str = "mean", features: str = "normalized"):
         super().__init__()
         self.center_lambda, self.label_smoothing = center_lambda, label_smoothing
-        self.center = CenterLoss(num_classes, feature_dim, center_alpha, reduction)
+        self.center = CenterLoss(num_classes, feature_dim, center_alpha, reduction, features)
 
     def forward(self, logits, features, labels) -> tuple[torch.Tensor, dict]:
         ce = F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing)

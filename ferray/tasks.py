@@ -19,7 +19,8 @@ from ferray.sr import engine as sr_engine
 class ClassifierTask:
     # metric: what the run reports as its figure; select_by: what chooses the kept checkpoint (higher wins)
     name, kind, metric, select_by = "classifier", "classifier", "eval_acc", "eval_acc"
-    shared_keys = ("accuracy", "loss")  # evaluation results every worker needs (rank 0 computes them)
+    # evaluation results every worker needs (rank 0 computes them): see engine.evaluate_state
+    shared_keys = ("accuracy", "loss", "raw_accuracy", "ema_accuracy", "ema_selected")
     # what each epoch reports (to Ray Train and Tune): a search may optimize any of them
     reported_metrics = ("eval_acc", "best_eval_acc", "eval_loss", "train_acc", "train_loss")
 
@@ -46,9 +47,7 @@ class ClassifierTask:
         return engine.train_one_epoch(state, batches, steps_per_epoch)
 
     def evaluate(self, state, batches) -> dict:
-        cfg = state.cfg
-        return engine.evaluate(state.core, batches, cfg.augment.crop, cfg.train.eval_tta, state.device, state.use_amp,
-                               cfg.data.input_scale, channels_last=state.channels_last)
+        return engine.evaluate_state(state, batches, state.cfg.train.eval_tta)
 
     def end_epoch(self, state, train_metrics: dict, eval_metrics: dict) -> dict:
         return engine.end_epoch(state, train_metrics, eval_metrics)
@@ -71,9 +70,11 @@ class ClassifierTask:
         return payload["metrics"][self.metric]
 
     def format_epoch(self, row: dict, cfg: ExperimentConfig) -> str:
+        ema = (f" [raw {row['eval_raw_acc']:.2%}, EMA {row['eval_ema_acc']:.2%}: {row['eval_weights']}]"
+               if "eval_weights" in row else "")
         return (f"epoch {row['epoch']:>3}/{row['planned_epochs']}  loss {row['train_loss']:.4f}  "
-                f"(center {row['train_center_share']:.0%} of CE)  train {row['train_acc']:6.2%}  "
-                f"{cfg.data.selection_split} {row['eval_acc']:6.2%} (best {row['best_eval_acc']:6.2%})  "
+                f"(center {row['train_center_share']:.1%} of CE)  train {row['train_acc']:6.2%}  "
+                f"{cfg.data.selection_split} {row['eval_acc']:6.2%}{ema} (best {row['best_eval_acc']:6.2%})  "
                 f"{row['images_per_s']:,.0f} img/s  {row['epoch_seconds']:.0f}s  lr {row['lr']:.2e}")
 
 

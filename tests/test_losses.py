@@ -7,7 +7,7 @@ from ferray.losses import CenterLoss, JointLoss
 
 
 def test_center_loss_value_by_hand():
-    loss = CenterLoss(num_classes=2, feature_dim=2, reduction="sum")
+    loss = CenterLoss(num_classes=2, feature_dim=2, reduction="sum", features="raw")
     loss.centers.copy_(torch.tensor([[0.0, 0.0], [1.0, 1.0]]))
     x = torch.tensor([[1.0, 2.0], [1.0, 0.0], [3.0, 1.0]])
     y = torch.tensor([0, 1, 1])
@@ -18,7 +18,7 @@ def test_center_loss_value_by_hand():
 
 
 def test_center_update_by_hand():
-    loss = CenterLoss(num_classes=3, feature_dim=2, alpha=0.5)
+    loss = CenterLoss(num_classes=3, feature_dim=2, alpha=0.5, features="raw")
     loss.centers.copy_(torch.tensor([[0.0, 0.0], [1.0, 1.0], [5.0, 5.0]]))
     x = torch.tensor([[1.0, 2.0], [1.0, 0.0], [3.0, 1.0]])
     y = torch.tensor([0, 1, 1])
@@ -31,7 +31,7 @@ def test_center_update_by_hand():
 
 
 def test_center_loss_gradient_pulls_features_to_their_center():
-    loss = CenterLoss(num_classes=2, feature_dim=2)
+    loss = CenterLoss(num_classes=2, feature_dim=2, features="raw")
     x = torch.tensor([[2.0, 0.0]], requires_grad=True)
     loss(x, torch.tensor([0])).backward()
     assert torch.allclose(x.grad, torch.tensor([[2.0, 0.0]]))  # d/dx 1/2 |x - 0|^2 = x
@@ -47,3 +47,22 @@ def test_joint_loss_combines_parts_with_lambda():
     assert off(logits, features, labels)[0].item() == pytest.approx(parts["ce"].item(), rel=1e-5)
     with pytest.raises(ValueError):
         CenterLoss(3, 2, reduction="max")
+    with pytest.raises(ValueError, match="features"):
+        CenterLoss(3, 2, features="whitened")
+
+
+def test_normalized_center_term_cannot_be_cancelled_by_rescaling_the_features():
+    """The failure it fixes: the raw term falls 100x when batch norm shrinks the features 10x; the
+    normalised term (the default) is the same at any scale, and so is where the centers move."""
+    torch.manual_seed(0)
+    x, y = torch.randn(16, 8) + 2.0, torch.arange(16) % 4
+    raw, normalized = CenterLoss(4, 8, features="raw"), CenterLoss(4, 8)
+    for loss in (raw, normalized):
+        loss.update_centers(x, y)
+    assert raw(x * 0.1, y).item() < raw(x, y).item() / 5
+    for scale in (1e-3, 0.1, 10.0, 1e3):
+        assert normalized(x * scale, y).item() == pytest.approx(normalized(x, y).item(), rel=1e-4)
+    moved = CenterLoss(4, 8)
+    moved.update_centers(x * 1e3, y)
+    assert torch.allclose(moved.centers, normalized.centers, atol=1e-6)
+    assert 0 < normalized(x, y).item() <= 2.0  # 1/2 |a - b|^2 of unit-ball vectors: a known range for lambda

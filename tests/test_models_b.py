@@ -81,11 +81,12 @@ def test_backbone_gets_a_lower_learning_rate(tmp_path):
     cfg = load_config(None, ["model.name=resnet18_b", f"model.pretrained={weights}", "optim.backbone_lr_ratio=0.1",
                              "optim.lr=0.01", "augment.crop=88", "loss.center_lambda=0", "train.batch_size=4"])
     state = build_state(cfg, torch.device("cpu"))
-    assert [g["lr_scale"] for g in state.optimizer.param_groups] == [0.1, 1.0]
+    # (backbone, head) x (decayed weights, spared norms and biases)
+    assert [g["lr_scale"] for g in state.optimizer.param_groups] == [0.1, 0.1, 1.0, 1.0]
     images = torch.randint(0, 256, (4, 96, 96), dtype=torch.uint8)
     metrics = train_one_epoch(state, TensorBatches(images, torch.tensor([0, 1, 2, 3]), 4), 1)
     lrs = [g["lr"] for g in state.optimizer.param_groups]
-    assert lrs[0] == pytest.approx(0.1 * lrs[1]) and metrics["lr"] == lrs[1]
+    assert lrs[0] == lrs[1] == pytest.approx(0.1 * lrs[2]) and lrs[2] == lrs[3] == metrics["lr"]
 
 
 def test_bicubic_on_the_fly_input_scale():

@@ -26,6 +26,11 @@ def tiny(data, epochs, *extra):
                               "scaling.workers=2", "scaling.cpus_per_worker=1", *extra])
 
 
+# the terms of experiments/model_a_cpu_v2.yaml that change what a worker does each step and epoch
+SECOND_GENERATION = ("train.ema_decay=0.9", "optim.weight_decay=0.05", "augment.erase_prob=0.5",
+                     "loss.label_smoothing=0.1", "model.dropout=0.2")
+
+
 def epochs_logged(run_dir):
     path = run_dir / "metrics.jsonl"
     return [json.loads(line)["epoch"] for line in path.read_text().splitlines()] if path.exists() else []
@@ -34,7 +39,7 @@ def epochs_logged(run_dir):
 def test_two_workers_train_then_an_interrupted_run_resumes_and_evaluates(ray_session, synth_data, tmp_path):
     # (a worker lost mid-run, with its node, is tests/test_cluster.py's multi-node test)
     run_dir = tmp_path / "run"
-    first = run_training(tiny(synth_data, 2), tmp_path, name="run", echo=lambda _: None)
+    first = run_training(tiny(synth_data, 2, *SECOND_GENERATION), tmp_path, name="run", echo=lambda _: None)
     assert first["epochs"] == 2 and first["workers"] == 2
     assert epochs_logged(run_dir) == [1, 2]
     assert {"config.yaml", "metrics.jsonl", "best.pt", "result.json"} <= {p.name for p in run_dir.iterdir()}
@@ -42,8 +47,12 @@ def test_two_workers_train_then_an_interrupted_run_resumes_and_evaluates(ray_ses
     with pytest.raises(Exception, match="exists: pass --resume"):
         run_training(tiny(synth_data, 3), tmp_path, name="run", echo=lambda _: None)
 
-    resumed = run_training(tiny(synth_data, 3), tmp_path, name="run", resume=True, echo=lambda _: None)
+    resumed = run_training(tiny(synth_data, 3, *SECOND_GENERATION), tmp_path, name="run", resume=True,
+                           echo=lambda _: None)
     assert resumed["epochs"] == 3 and epochs_logged(run_dir) == [1, 2, 3]  # continued, not restarted
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    # the EMA was evaluated beside the raw weights on both workers' epochs, and the better one kept
+    assert all(r["eval_acc"] == max(r["eval_raw_acc"], r["eval_ema_acc"]) for r in rows)
 
     report = evaluate_checkpoint(run_dir / "best.pt", synth_data, "PrivateTest", tta=True, echo=lambda _: None)
     private = read_manifest(synth_data)["splits"]["PrivateTest"]["rows"]

@@ -58,13 +58,14 @@ def build_datasets(cfg: ExperimentConfig) -> dict:
     return {"train": ray.data.read_parquet(path).map_batches(decode_faces, batch_format="pyarrow")}
 
 
-def _batches(shard, batch_size: int, device, train: bool):
-    """Stream a shard as (uint8 faces, labels) batches on `device`."""
+def _batches(shard, batch_size: int, device, train: bool, seed: int | None = None):
+    """Stream a shard as (uint8 faces, labels) batches on `device` (`seed`: the shuffle buffer's)."""
     import torch
 
     iterator = shard.iter_torch_batches(
         batch_size=batch_size, dtypes={"image": torch.uint8, "label": torch.int64}, device=device,
         drop_last=train, local_shuffle_buffer_size=SHUFFLE_BUFFER if train else None,
+        local_shuffle_seed=seed if train else None,
     )
     for batch in iterator:
         yield batch["image"], batch["label"]
@@ -93,11 +94,11 @@ class _EpochData:
 
         from ferray.engine import TensorBatches
 
-        self.cfg, self.device = cfg, device
+        self.cfg, self.device, self.rank = cfg, device, rank
         self.train_shard = ray.train.get_dataset_shard("train")
         if cfg.train.loader == "cache":
             images, labels = _cached(self.train_shard, device)
-            self.train_cache = TensorBatches(images, labels, cfg.train.batch_size, seed=cfg.train.seed + rank)
+            self.train_cache = TensorBatches(images, labels, cfg.train.batch_size, seed=cfg.train.seed, rank=rank)
         self.eval_batches = None
         if rank == 0:
             import torch
@@ -106,10 +107,14 @@ class _EpochData:
             self.eval_batches = TensorBatches(torch.from_numpy(images).to(device), torch.from_numpy(labels).to(device),
                                               cfg.train.eval_batch_size, shuffle=False, drop_last=False)
 
-    def train(self):
+    def train(self, epoch: int):
+        """Epoch `epoch`'s batches, in an order fixed by (seed, rank, epoch)."""
+        from ferray.engine import epoch_seed
+
         if self.cfg.train.loader == "cache":
-            return self.train_cache
-        return _batches(self.train_shard, self.cfg.train.batch_size, self.device, True)
+            return self.train_cache.epoch(epoch)
+        seed = epoch_seed(self.cfg.train.seed, self.rank, epoch) % 2**32  # the buffer's numpy generator takes 32 bits
+        return _batches(self.train_shard, self.cfg.train.batch_size, self.device, True, seed)
 
     def eval(self):
         return self.eval_batches
@@ -349,8 +354,10 @@ def finish_run(cfg: ExperimentConfig, run_dir: Path, result, seconds: float, ech
 
     spec = get_task(task)
     best = result.get_best_checkpoint(spec.select_by, "max") if result.best_checkpoints else result.checkpoint
-    with best.as_directory() as folder:
-        shutil.copy(Path(folder) / CHECKPOINT_FILE, run_dir / BEST_FILE)
+    with best.as_directory() as folder:  # copied beside, then renamed: a kill never leaves half a best.pt
+        partial = run_dir / (BEST_FILE + ".partial")
+        shutil.copy(Path(folder) / CHECKPOINT_FILE, partial)
+        partial.replace(run_dir / BEST_FILE)
     payload = load_checkpoint(run_dir / BEST_FILE, kind=spec.kind)
     summary = {
         "name": run_dir.name, "task": task, "model": spec.model_name(cfg),

@@ -9,11 +9,13 @@ count with Xception's numbers, since the paper does not list them):
                  block 256: sep, sep, max-pool, + separable shortcut    -> 11x11 (12x12)
                  block 256: sep, sep, max-pool, + separable shortcut    -> 6x6   (6x6)
     middle flow  4 modules of 3 separable convs at 256, identity residual  6x6x256
-    exit flow    sep 768 -> sep 1536 -> [dropout] -> conv 3x3 to 7 classes -> global average pool
+    exit flow    sep 768 -> sep 1536 -> [channel dropout] -> conv 3x3 to 7 classes -> global average pool
     softmax over the 7 classes (applied by the loss and at inference)
 
 Every convolution is followed by batch norm and PReLU (per-channel slopes), except the final one
-whose 7 maps are pooled into the class scores. 3 regular convolutions and 22 depthwise separable
+whose 7 maps are pooled into the class scores. The paper's "dropout before the final layer" drops
+whole channels of the 6x6x1536 map (Dropout2d): an element-wise mask there is filled in by the
+neighbouring positions of the same channel and barely regularises. 3 regular convolutions and 22 depthwise separable
 ones (6 + 2 shortcuts in the entry flow, 12 in the middle, 2 in the exit). Max-pooling is 3x3,
 stride 2, padding 1 (Keras "same"), so 44x44 crops also end at 6x6.
 
@@ -119,7 +121,7 @@ class XceptionA(nn.Module):
             width = w
         self.exit = nn.Sequential(*exit_layers)
         self.num_features = width
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else None
+        self.dropout = nn.Dropout2d(dropout) if dropout > 0 else None
         self.classifier = nn.Conv2d(width, num_classes, spec.head_kernel, padding=spec.head_kernel // 2)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
@@ -147,7 +149,7 @@ class XceptionA(nn.Module):
 
 def keras_depth(model: XceptionA) -> int:
     """Layers as a Keras summary lists them (see the module docstring for the rule)."""
-    counted = (nn.Conv2d, SeparableConv2d, nn.BatchNorm2d, nn.PReLU, nn.MaxPool2d, nn.Dropout)
+    counted = (nn.Conv2d, SeparableConv2d, nn.BatchNorm2d, nn.PReLU, nn.MaxPool2d, nn.Dropout, nn.Dropout2d)
     layers = 0
     for module in model.modules():
         if isinstance(module, counted) and not _inside_separable(model, module):
