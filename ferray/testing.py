@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-EXPERIMENTS = Path(__file__).resolve().parent / "experiments"  # links to the top-level experiments/
 
 
 def untrained_members(folder: str | Path, model_a: str = "xception_a_tiny", model_b: str = "xception_a_tiny",
@@ -19,13 +18,14 @@ def untrained_members(folder: str | Path, model_a: str = "xception_a_tiny", mode
 
     from ferray.config import load_config
     from ferray.engine import build_state, save_checkpoint
+    from ferray.resources import recipe
     from ferray.sr.engine import build_sr_state, save_sr_checkpoint
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    cfg_a = load_config(EXPERIMENTS / "debug_a.yaml", [f"model.name={model_a}", "train.seed=1"])
-    cfg_b = load_config(EXPERIMENTS / "debug_b.yaml", [f"model.name={model_b}", "train.seed=2"])
-    cfg_sr = load_config(EXPERIMENTS / "debug_srgan.yaml", ["sr.content=mse", f"sr.generator_channels={sr_channels}",
+    cfg_a = load_config(recipe("debug_a.yaml"), [f"model.name={model_a}", "train.seed=1"])
+    cfg_b = load_config(recipe("debug_b.yaml"), [f"model.name={model_b}", "train.seed=2"])
+    cfg_sr = load_config(recipe("debug_srgan.yaml"), ["sr.content=mse", f"sr.generator_channels={sr_channels}",
                                                            f"sr.generator_blocks={sr_blocks}"])
     cpu = torch.device("cpu")
     return {"a": save_checkpoint(folder / "a.pt", build_state(cfg_a, cpu), {"eval_acc": 0.0}),

@@ -45,3 +45,15 @@ def test_the_library_never_imports_the_cli():
     offenders = [str(p.relative_to(FERRAY.parent)) for p in FERRAY.rglob("*.py")
                  if p.name != "cli.py" and "ferray.cli" in p.read_text()]
     assert offenders == []
+
+
+def test_the_package_list_names_every_package_and_maps_serve_and_experiments():
+    """pyproject lists the packages by hand (serve/ and experiments/ live at the top level and install
+    inside ferray): a new subpackage of ferray/ must be listed too, or a wheel would lack it."""
+    import tomllib
+
+    setup = tomllib.loads((FERRAY.parent / "pyproject.toml").read_text())["tool"]["setuptools"]
+    found = {".".join(p.parent.relative_to(FERRAY.parent).parts) for p in FERRAY.rglob("__init__.py")}
+    assert set(setup["packages"]) == found | {"ferray.serve_app", "ferray.experiments"}
+    assert setup["package-dir"] == {"ferray.serve_app": "serve", "ferray.experiments": "experiments"}
+    assert not (FERRAY / "serve_app").exists() and not (FERRAY / "experiments").exists()  # no links into the checkout

@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Callable
 
 from ferray.data.contract import DataError
+from ferray.resources import recipe
 
 MARKER = ".ferray-demo"
-EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"  # ferray/experiments links to experiments/
 DEFAULT_OUT = Path("ferray-demo")
 
 
@@ -55,13 +55,13 @@ def run_demo(out: Path | None, n: int = 1400, seed: int = 0, echo: Callable[[str
     data, runs, done = out / "data", out / "runs", {"out": out}
 
     def search(name: str, samples: int):
-        spec = load_search(EXPERIMENTS / f"{name}.yaml", [f"data.path={data}", f"train.seed={seed}"])
+        spec = load_search(recipe(f"{name}.yaml"), [f"data.path={data}", f"train.seed={seed}"])
         spec.samples = samples
         return spec
 
     def experiment(name: str, **values):
         sets = [f"data.path={values.get('data', data)}", f"train.seed={seed}", *values.get("sets", [])]
-        return load_config(EXPERIMENTS / f"{name}.yaml", sets)
+        return load_config(recipe(f"{name}.yaml"), sets)
 
     steps = [
         ("synth: synthetic faces as a Kaggle-style fer2013.csv",
@@ -98,7 +98,7 @@ def run_demo(out: Path | None, n: int = 1400, seed: int = 0, echo: Callable[[str
         ("serve: the bundle with Ray Serve, a few faces sent over HTTP",
          lambda: done.update(served=demo_requests(out / "bundle", data, echo=print))),
         ("report: experiments/paper_debug.yaml (Table 1, Figures 2-5), reusing the runs above, training the VGGs",
-         lambda: done.update(report=run_report(load_plan(EXPERIMENTS / "paper_debug.yaml", data=data,
+         lambda: done.update(report=run_report(load_plan(recipe("paper_debug.yaml"), data=data,
                                                          sets=[f"train.seed={seed}"]),
                                                out / "report", reuse=[runs], echo=echo))),
         ("predict: ferray's default model (Model A trained on real FER2013 faces) through the Python API",
