@@ -263,6 +263,23 @@ def to_dict(cfg: ExperimentConfig) -> dict:
     return dataclasses.asdict(cfg)
 
 
+def flatten(data: dict, prefix: str = "") -> dict:
+    """{"train": {"epochs": 3}} -> {"train.epochs": 3}: the keys --set takes."""
+    flat = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def differences(old: ExperimentConfig, new: ExperimentConfig, ignore: tuple[str, ...] = ()) -> dict[str, tuple]:
+    """{key: (old value, new value)} for every --set key whose value differs, but those in `ignore`."""
+    a, b = flatten(to_dict(old)), flatten(to_dict(new))
+    return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if k not in ignore and a.get(k) != b.get(k)}
+
+
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
     """Apply `section.key=value` overrides (values parsed as YAML) to a config mapping."""
     for item in overrides:

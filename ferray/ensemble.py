@@ -356,7 +356,7 @@ RUN_FILES = ("config.yaml", "result.json", "metrics.jsonl", "machine.json", "pro
 def _write_bundle(out, card: dict, a, b, sr, overwrite: bool) -> None:
     from ferray.metrics import plot_confusion
 
-    with atomic_output(out, overwrite=overwrite) as tmp:
+    with atomic_output(out, overwrite=overwrite, kind="bundle") as tmp:
         torch.save(_slim(load_checkpoint(a)), tmp / "model_a.pt")
         _copy_run_files(Path(a).parent, tmp / "run_a")
         if b is not None:

@@ -76,8 +76,31 @@ def test_atomic_output_leaves_nothing_on_error_and_refuses_existing(tmp_path):
             pass
     with C.atomic_output(out, overwrite=True) as tmp:
         (tmp / "b").write_text("2")
-    assert sorted(p.name for p in out.iterdir()) == ["b"]
+    assert sorted(p.name for p in out.iterdir()) == [C.OUTPUT_MARKER, "b"]
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_overwrite_replaces_only_what_ferray_wrote(tmp_path):
+    """`--out ~ --overwrite` must not delete a home folder: a folder without ferray's marker (or a
+    manifest or bundle card, from before the marker) is refused, and nothing in it is touched."""
+    home = tmp_path / "home"
+    (home / "photos").mkdir(parents=True)
+    (home / "notes.txt").write_text("mine")
+    with pytest.raises(C.DataError, match="a folder ferray did not write.*remove it yourself"):
+        with C.atomic_output(home, overwrite=True):
+            pass
+    assert (home / "notes.txt").read_text() == "mine" and (home / "photos").is_dir()
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(C.DataError, match="is a file"):
+        with C.atomic_output(tmp_path / "file", overwrite=True):
+            pass
+    legacy = tmp_path / "older-dataset"
+    legacy.mkdir()
+    (legacy / C.MANIFEST).write_text("{}")
+    with C.atomic_output(legacy, overwrite=True, kind="prepared data") as tmp:
+        (tmp / "new").write_text("1")
+    assert json.loads((legacy / C.OUTPUT_MARKER).read_text())["kind"] == "prepared data"
+    assert not (legacy / C.MANIFEST).exists()  # replaced as a whole
 
 
 def test_read_manifest_errors_name_the_path(tmp_path):

@@ -277,19 +277,36 @@ def untouched_splits(manifest: dict, selection: str, train: str = "Training") ->
 
 
 # ------------------------------------------------------------------------------- atomic outputs
+OUTPUT_MARKER = ".ferray-output"  # in every folder atomic_output writes: what --overwrite may replace
+# what marks folders written before the marker existed: a prepared dataset, a bundle
+LEGACY_MARKERS = (MANIFEST, "bundle.json")
+
+
+def is_ferray_output(folder: str | os.PathLike) -> bool:
+    folder = Path(folder)
+    return folder.is_dir() and any((folder / name).is_file() for name in (OUTPUT_MARKER, *LEGACY_MARKERS))
+
+
 @contextlib.contextmanager
-def atomic_output(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+def atomic_output(out: str | os.PathLike, overwrite: bool = False, kind: str = "output") -> Iterator[Path]:
     """Yield a fresh temporary folder beside `out`; rename it to `out` only if the block succeeds.
 
     A crash, an error or Ctrl-C leaves no half-written `out` behind, and an existing `out` is
-    only replaced (with --overwrite) once the new one is complete.
+    only replaced (with --overwrite) once the new one is complete, and only if ferray wrote it
+    (its OUTPUT_MARKER, or a manifest or bundle card): `--out ~ --overwrite` must not delete a
+    home folder. `kind` (e.g. "prepared data") is recorded in the marker.
     """
     out = Path(out).absolute()
     if out.exists() and not overwrite:
         raise DataError(f"{out} already exists; choose another --out or pass --overwrite")
+    if out.exists() and not is_ferray_output(out):
+        what = "a file" if not out.is_dir() else "a folder ferray did not write"
+        raise DataError(f"{out} is {what} (no {OUTPUT_MARKER}, {' or '.join(LEGACY_MARKERS)} in it): --overwrite "
+                        "replaces only ferray's own outputs; choose another --out, or remove it yourself")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
+    (tmp / OUTPUT_MARKER).write_text(json.dumps({"kind": kind, "ferray_version": __version__}) + "\n")
     try:
         yield tmp
     except BaseException:

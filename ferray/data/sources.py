@@ -19,7 +19,7 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from ferray.data.contract import DataError
+from ferray.data.contract import OUTPUT_MARKER, DataError
 from ferray.data.records import EMOTION_ALIASES, IMAGE_SUFFIXES, SPLIT_FOLDERS
 
 CSV_COLUMNS = {"emotion": "emotion", "pixels": "pixels", "usage": "usage"}
@@ -144,6 +144,8 @@ def _image_folder(path: Path) -> Source:
         dirnames.sort()
         for name in filenames:
             rel = os.path.relpath(os.path.join(dirpath, name), path).replace(os.sep, "/")
+            if rel == OUTPUT_MARKER:  # `ferray synth --format folder` marks its output; not a stray file
+                continue
             is_image = name.lower().endswith(IMAGE_SUFFIXES) and not _is_junk(rel)
             (images if is_image else ignored).append(rel)
     if not images:

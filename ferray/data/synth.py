@@ -267,7 +267,7 @@ def synthesize(out: str | os.PathLike, spec: SynthSpec, fmt: str = "parquet", ov
     images, labels, splits = generate(spec)
     source = {"kind": "synthetic", "n": spec.n, "seed": spec.seed, "balance": spec.balance,
               "difficulty": spec.difficulty}
-    with atomic_output(out, overwrite=overwrite) as tmp:
+    with atomic_output(out, overwrite=overwrite, kind="synthetic faces") as tmp:
         if fmt == "parquet":
             write_parquet_dataset(tmp, images, labels, splits)
             manifest = build_manifest(tmp, source=source)

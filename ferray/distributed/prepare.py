@@ -74,7 +74,7 @@ def prepare(source: str | Path, out: str | Path, *, on_bad: str = "error", resiz
         raise DataError(f"--on-bad-record must be 'error' or 'skip', not {on_bad!r}")
     resolve_fraction(validation, set())  # a bad fraction fails before any work
     t0 = time.perf_counter()
-    with atomic_output(out, overwrite=overwrite) as tmp:
+    with atomic_output(out, overwrite=overwrite, kind="prepared data") as tmp:
         scratch = tmp / "_scratch"
         scratch.mkdir()
         src = open_source(source, scratch)
@@ -106,8 +106,8 @@ def prepare(source: str | Path, out: str | Path, *, on_bad: str = "error", resiz
             carved = manifest["notes"]["validation"]
             echo(f"validation: {carved['rows']:,} faces ({carved['fraction']:.0%} of Training per class, seed {seed}) "
                  "carved as the selection split; PublicTest stays a test")
-    manifest["seconds"] = round(time.perf_counter() - t0, 2)
-    write_manifest(out, manifest)
+        manifest["seconds"] = round(time.perf_counter() - t0, 2)
+        write_manifest(tmp, manifest)  # inside: the folder appears complete, manifest and all, or not at all
     return manifest
 
 

@@ -26,7 +26,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from ferray.config import ConfigError, ExperimentConfig, from_dict, to_dict
+from ferray.config import ConfigError, ExperimentConfig, from_dict
+from ferray.config import differences as config_diff
 from ferray.data.contract import FER_SIZE, DataError, load_split, read_manifest, selection_split, untouched_splits
 from ferray.report.plan import ReportPlan
 
@@ -49,16 +50,6 @@ class Steps:
 
 
 # ------------------------------------------------------------------------------------------ runs
-def _flatten(data: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in data.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 def config_differences(run_dir: Path, cfg: ExperimentConfig) -> list[str]:
     """What differs between a finished run and `cfg`: config values, and the data by checksum."""
     import yaml
@@ -67,9 +58,8 @@ def config_differences(run_dir: Path, cfg: ExperimentConfig) -> list[str]:
         found = from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
     except (OSError, ConfigError, yaml.YAMLError) as e:
         return [f"its config.yaml is unreadable ({e})"]
-    mine, theirs = _flatten(to_dict(cfg)), _flatten(to_dict(found))
-    differences = [f"{k}: {theirs.get(k)!r} (plan: {mine.get(k)!r})" for k in sorted(set(mine) | set(theirs))
-                   if k != "data.path" and mine.get(k) != theirs.get(k)]
+    differences = [f"{k}: {theirs!r} (plan: {mine!r})"
+                   for k, (theirs, mine) in config_diff(found, cfg, ignore=("data.path",)).items()]
     try:
         same_data = read_manifest(found.data.path)["checksum"] == read_manifest(cfg.data.path)["checksum"]
     except DataError:

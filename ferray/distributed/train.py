@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from ferray.config import ConfigError, ExperimentConfig, dump_yaml, from_dict, to_dict
+from ferray.config import ConfigError, ExperimentConfig, differences, dump_yaml, from_dict, to_dict
 from ferray.device import cpu_worker_env
 from ferray.fit import BEST_FILE, METRICS_FILE, RESULT_FILE, fit
 from ferray.data.contract import (
@@ -291,6 +291,40 @@ def prepare_run_dir(out: Path, name: str, resume: bool) -> Path:
     return run_dir
 
 
+# What a resume may change: how long the run goes on (the schedule re-plans to the new length and
+# says so), how often it prints, how many restarts it allows, and where the same faces now lie.
+SAFE_RESUME_CHANGES = ("train.epochs", "train.budget_minutes", "train.progress_seconds", "scaling.max_failures",
+                       "data.path")
+
+
+def check_resume(run_dir: Path, cfg: ExperimentConfig, manifest: dict, echo: Callable[[str], None] = print) -> None:
+    """Refuse to continue a run with another config or other faces than it trained with: the
+    checkpoint's weights, optimizer and schedule belong to the run's own config.yaml. Only the
+    SAFE_RESUME_CHANGES pass, each said."""
+    import yaml
+
+    try:
+        saved = from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
+    except (OSError, yaml.YAMLError, ConfigError) as e:
+        raise ConfigError(f"--resume: {run_dir / 'config.yaml'} is missing or unreadable ({e}); cannot check "
+                          "that this is the same run") from None
+    changed = differences(saved, cfg)
+    refused = {k: v for k, v in changed.items() if k not in SAFE_RESUME_CHANGES}
+    if refused:
+        listed = "; ".join(f"{k}: {old!r} in the run, {new!r} now" for k, (old, new) in refused.items())
+        raise ConfigError(f"--resume of {run_dir}: the config differs from the run's ({listed}). A resume continues "
+                          f"the same run; it may change only {', '.join(SAFE_RESUME_CHANGES)}. Start a new run "
+                          "(another --name) for another config")
+    provenance = run_dir / "provenance.json"
+    recorded = json.loads(provenance.read_text()).get("data_checksum") if provenance.is_file() else None
+    if recorded is not None and recorded != manifest["checksum"]:
+        raise ConfigError(f"--resume of {run_dir}: {cfg.data.path} holds other faces than the run trained on "
+                          f"(checksum {manifest['checksum']}, the run's {recorded})")
+    for key, (old, new) in changed.items():
+        echo(f"resume: {key} {old!r} -> {new!r}" + (" (the schedule re-plans to the new length)"
+                                                     if key in ("train.epochs", "train.budget_minutes") else ""))
+
+
 def planned(cfg: ExperimentConfig) -> str:
     """The epochs a run asks for, as its first line says them."""
     if cfg.train.budget_minutes > 0:
@@ -308,6 +342,8 @@ def run_training(cfg: ExperimentConfig, out: Path, name: str | None = None, resu
     manifest = check_data(cfg, task)
     train_rows = manifest["splits"][cfg.data.train_split]["rows"]
     run_dir = prepare_run_dir(out, name or cfg.name, resume)
+    if resume:
+        check_resume(run_dir, cfg, manifest, echo)
     info = connect()
     check_resources(cfg)
     check_shared_paths({"data": cfg.data.path, "run folder": run_dir})

@@ -44,7 +44,7 @@ def upscale(data: str | Path, out: str | Path, method: str = "srgan", checkpoint
     echo(f"upscale: {manifest['rows']:,} faces 48 -> 96 by {method} with {actors} actor(s)"
          f"{f' x {gpus_per_actor:g} GPU' if gpus_per_actor else ' on CPU'}, batches of {batch_size}")
     t0 = time.perf_counter()
-    with atomic_output(out, overwrite=overwrite) as tmp:
+    with atomic_output(out, overwrite=overwrite, kind="upscaled data") as tmp:
         # hive partitioning gives the split column back from split=X. Every actor needs blocks of
         # its own: a small dataset of a few files is cut into more (a big one has enough files).
         ds = ray.data.read_parquet(str(Path(data).absolute()), file_extensions=["parquet"])

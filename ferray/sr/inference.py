@@ -98,7 +98,7 @@ def upscale_local(data: str | Path, out: str | Path, method: str = "srgan", chec
 
 
 def _write_upscaled(data, out, manifest, upscaler, method, checkpoint, batch_size, overwrite) -> dict:
-    with atomic_output(out, overwrite=overwrite) as tmp:
+    with atomic_output(out, overwrite=overwrite, kind="upscaled data") as tmp:
         for split in manifest["splits"]:
             folder = split_dir(data, split)
             (tmp / folder.name).mkdir()
