@@ -75,6 +75,9 @@ class OptimConfig:
 class LossConfig:
     # The weight of the center term; every epoch line prints its share of the cross-entropy.
     center_lambda: float = 0.1
+    # > 0: lambda follows this share of the cross-entropy instead (re-set every step from running
+    # means, at most center_lambda): the term's scale drifts several-fold during training.
+    center_share: float = 0.0
     center_alpha: float = 0.5
     center_reduction: str = "mean"  # mean | sum over the batch
     # normalized: the term acts on L2-normalised embeddings, where shrinking the features cannot
@@ -222,6 +225,7 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
         (cfg.train.batch_size >= 1, "train.batch_size must be >= 1"),
         (cfg.loss.center_lambda >= 0, "loss.center_lambda must be >= 0"),
         (0 <= cfg.loss.label_smoothing < 1, "loss.label_smoothing must be in [0, 1)"),
+        (0 <= cfg.loss.center_share < 1, "loss.center_share must be in [0, 1) (0: a fixed center_lambda)"),
         (cfg.optim.weight_decay >= 0, "optim.weight_decay must be >= 0"),
         (0 <= cfg.train.ema_decay < 1, "train.ema_decay must be in [0, 1) (0: no moving average)"),
         (0 < cfg.loss.center_alpha <= 1, "loss.center_alpha must be in (0, 1]"),

@@ -230,7 +230,8 @@ def build_state(cfg: ExperimentConfig, device: torch.device,
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     loss_fn = JointLoss(NUM_CLASSES, model.num_features, cfg.loss.center_lambda, cfg.loss.center_alpha,
-                        cfg.loss.label_smoothing, cfg.loss.center_reduction, cfg.loss.center_features).to(device)
+                        cfg.loss.label_smoothing, cfg.loss.center_reduction, cfg.loss.center_features,
+                        cfg.loss.center_share).to(device)
     optimizer = make_optimizer(model, cfg.optim)
     ema = WeightEMA(model, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
     if wrap is not None:
@@ -295,7 +296,7 @@ def train_one_epoch(state: TrainState, batches: Iterable, steps_per_epoch: int) 
     model, loss_fn, optimizer = state.model, state.loss_fn, state.optimizer
     model.train()
     torch.manual_seed(epoch_seed(cfg.train.seed, state.rank, state.epoch))
-    totals = torch.zeros(4, device=device)  # loss * n, ce * n, center * n, correct
+    totals = torch.zeros(5, device=device)  # loss * n, ce * n, center * n, correct, lambda * center * n
     images_seen, step, t0 = 0, 0, time.perf_counter()
     progress = EpochProgress(state.epoch + 1, state.schedule.epochs, steps_per_epoch, cfg.train.progress_seconds,
                              state.rank)
@@ -322,18 +323,20 @@ def train_one_epoch(state: TrainState, batches: Iterable, steps_per_epoch: int) 
             state.ema.update(state.core)
         n = labels.shape[0]
         totals += torch.stack([loss.detach() * n, parts["ce"] * n, parts["center"] * n,
-                               (logits.argmax(1) == labels).sum().float()])
+                               (logits.argmax(1) == labels).sum().float(), parts["lambda"] * parts["center"] * n])
         images_seen += n
         step += 1
         progress.update(step, images_seen)
     if images_seen == 0:
         raise RuntimeError("the training data produced no batch (fewer rows than one batch?)")
-    loss_sum, ce_sum, center_sum, correct = (totals / images_seen).tolist()
+    loss_sum, ce_sum, center_sum, correct, weighted_center = (totals / images_seen).tolist()
     seconds = time.perf_counter() - t0
-    # How much the center term weighs against the cross-entropy: the measurement lambda is chosen by.
-    center_share = cfg.loss.center_lambda * center_sum / max(ce_sum, 1e-12)
+    # How much the center term weighs against the cross-entropy (the figure lambda is chosen by),
+    # and the lambda that weighed it (fixed, or following loss.center_share).
+    center_share = weighted_center / max(ce_sum, 1e-12)
     return {"train_loss": loss_sum, "train_ce": ce_sum, "train_center": center_sum,
-            "train_center_share": center_share, "train_acc": correct,
+            "train_center_share": center_share, "train_center_lambda": weighted_center / max(center_sum, 1e-12),
+            "train_acc": correct,
             "train_images": images_seen, "train_seconds": seconds, "lr": optimizer.param_groups[-1]["lr"],
             "images_per_s": images_seen / max(seconds, 1e-9)}
 
@@ -421,6 +424,7 @@ def checkpoint_payload(state: TrainState, metrics: dict) -> dict:
         "weights": weights,
         **extra,
         "centers": state.loss_fn.center.centers.detach().cpu(),
+        "center_balance": torch.cat([state.loss_fn.balance, state.loss_fn.balanced[None]]).detach().cpu(),
         "optimizer": state.optimizer.state_dict(),
         "schedule": state.schedule.state_dict(),
         "epoch": state.epoch,
@@ -466,6 +470,10 @@ def restore_state(state: TrainState, payload: dict) -> None:
         else:  # a run that trained without an average starts one from its current weights
             state.ema.module.load_state_dict(state.core.state_dict())
     state.loss_fn.center.centers.copy_(payload["centers"].to(state.device))
+    if "center_balance" in payload:  # (log CE, log center, started): loss.center_share's running means
+        balance = payload["center_balance"].to(state.device)
+        state.loss_fn.balance.copy_(balance[:2])
+        state.loss_fn.balanced.copy_(balance[2])
     try:
         state.optimizer.load_state_dict(payload["optimizer"])
     except ValueError as e:  # other parameter groups: written by a ferray before decoupled weight decay

@@ -67,20 +67,52 @@ class CenterLoss(nn.Module):
 
 
 class JointLoss(nn.Module):
-    """Cross-entropy (optionally label-smoothed) + lambda * center loss; returns the parts too."""
+    """Cross-entropy (optionally label-smoothed) + lambda * center loss; returns the parts too.
+
+    With `center_share` > 0, lambda is not fixed: before each step it is set so that the center
+    term is that share of the cross-entropy, from running means of both (of their logarithms, with
+    momentum BALANCE_MOMENTUM: one batch does not swing it, and a scale that falls tenfold is
+    followed as fast as one that rises), at most `center_lambda`. The center term's scale changes
+    several-fold during training (the embeddings start nearly collinear and spread out as classes
+    separate), so a fixed lambda that is a secondary term in one epoch is noise or dominant in
+    another; a share is what one means to choose."""
+
+    BALANCE_MOMENTUM = 0.98
 
     def __init__(self, num_classes: int, feature_dim: int, center_lambda: float, center_alpha: float,
-                 label_smoothing: float = 0.0, reduction: str = "mean", features: str = "normalized"):
+                 label_smoothing: float = 0.0, reduction: str = "mean", features: str = "normalized",
+                 center_share: float = 0.0):
         super().__init__()
-        self.center_lambda, self.label_smoothing = center_lambda, label_smoothing
+        self.center_lambda, self.label_smoothing, self.center_share = center_lambda, label_smoothing, center_share
         self.center = CenterLoss(num_classes, feature_dim, center_alpha, reduction, features)
+        # running means of log cross-entropy and log center term; `balanced` 0 until the first step
+        self.register_buffer("balance", torch.zeros(2))
+        self.register_buffer("balanced", torch.zeros(()))
+
+    def current_lambda(self, ce: torch.Tensor, center: torch.Tensor) -> torch.Tensor:
+        """The lambda of this step (a tensor: no host synchronisation)."""
+        if self.center_share <= 0:
+            return torch.full((), self.center_lambda, device=ce.device)
+        means = torch.where(self.balanced > 0, self.balance, self._logs(ce, center))
+        return (self.center_share * torch.exp(means[0] - means[1])).clamp(max=self.center_lambda)
+
+    @staticmethod
+    def _logs(ce: torch.Tensor, center: torch.Tensor) -> torch.Tensor:
+        return torch.stack([ce.detach(), center.detach()]).clamp_min(1e-8).log()
 
     def forward(self, logits, features, labels) -> tuple[torch.Tensor, dict]:
         ce = F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing)
+        zero = torch.zeros((), device=ce.device)
         if self.center_lambda == 0:
-            return ce, {"ce": ce.detach(), "center": torch.zeros((), device=ce.device)}
+            return ce, {"ce": ce.detach(), "center": zero, "lambda": zero}
         center = self.center(features, labels)
-        return ce + self.center_lambda * center, {"ce": ce.detach(), "center": center.detach()}
+        lam = self.current_lambda(ce, center)
+        if self.center_share > 0:
+            with torch.no_grad():
+                measured, m = self._logs(ce, center), self.BALANCE_MOMENTUM
+                self.balance.copy_(torch.where(self.balanced > 0, m * self.balance + (1 - m) * measured, measured))
+                self.balanced.fill_(1.0)
+        return ce + lam * center, {"ce": ce.detach(), "center": center.detach(), "lambda": lam.detach()}
 
     def after_step(self, features, labels) -> None:
         if self.center_lambda != 0:

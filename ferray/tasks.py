@@ -73,7 +73,7 @@ class ClassifierTask:
         ema = (f" [raw {row['eval_raw_acc']:.2%}, EMA {row['eval_ema_acc']:.2%}: {row['eval_weights']}]"
                if "eval_weights" in row else "")
         return (f"epoch {row['epoch']:>3}/{row['planned_epochs']}  loss {row['train_loss']:.4f}  "
-                f"(center {row['train_center_share']:.1%} of CE)  train {row['train_acc']:6.2%}  "
+                f"(center {row['train_center_share']:.1%} of CE, lambda {row.get('train_center_lambda', 0):.3g})  train {row['train_acc']:6.2%}  "
                 f"{cfg.data.selection_split} {row['eval_acc']:6.2%}{ema} (best {row['best_eval_acc']:6.2%})  "
                 f"{row['images_per_s']:,.0f} img/s  {row['epoch_seconds']:.0f}s  lr {row['lr']:.2e}")
 

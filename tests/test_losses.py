@@ -66,3 +66,25 @@ def test_normalized_center_term_cannot_be_cancelled_by_rescaling_the_features():
     moved.update_centers(x * 1e3, y)
     assert torch.allclose(moved.centers, normalized.centers, atol=1e-6)
     assert 0 < normalized(x, y).item() <= 2.0  # 1/2 |a - b|^2 of unit-ball vectors: a known range for lambda
+
+
+def test_a_center_share_keeps_the_term_at_that_share_whatever_its_scale():
+    """The normalised term's scale drifts during training; with center_share lambda follows it."""
+    torch.manual_seed(0)
+    joint = JointLoss(7, 8, center_lambda=100.0, center_alpha=0.5, center_share=0.05)
+    shares = []
+    for step in range(400):
+        spread = 1.0 if step < 200 else 0.1  # the embeddings gather 10x closer round their centers
+        labels = torch.arange(32) % 7
+        base = torch.eye(8)[labels] * 5
+        features = base + spread * torch.randn(32, 8)
+        total, parts = joint(torch.randn(32, 7), features, labels)
+        joint.after_step(features, labels)
+        shares.append((parts["lambda"] * parts["center"] / parts["ce"]).item())
+        assert total.item() == pytest.approx((parts["ce"] + parts["lambda"] * parts["center"]).item(), rel=1e-5)
+    assert sum(shares[150:200]) / 50 == pytest.approx(0.05, rel=0.25)
+    assert sum(shares[350:]) / 50 == pytest.approx(0.05, rel=0.25)  # re-balanced after the 10x drop
+    fixed = JointLoss(7, 8, center_lambda=0.3, center_alpha=0.5)
+    assert fixed(torch.randn(4, 7), torch.randn(4, 8), torch.arange(4))[1]["lambda"].item() == pytest.approx(0.3)
+    capped = JointLoss(7, 8, center_lambda=1e-3, center_alpha=0.5, center_share=0.5)
+    assert capped(torch.randn(4, 7), torch.randn(4, 8), torch.arange(4))[1]["lambda"].item() == pytest.approx(1e-3)

@@ -14,7 +14,8 @@ def tiny_config(*extra):
     return load_config(None, ["model.name=xception_a_tiny", "train.epochs=3", "train.batch_size=16",
                               "optim.lr=0.003", "optim.schedule=cosine", "optim.warmup_epochs=0.5",
                               "optim.weight_decay=0.05", "train.ema_decay=0.9", "model.dropout=0.2",
-                              "augment.erase_prob=0.5", "loss.label_smoothing=0.1", "loss.center_lambda=0.3",
+                              "augment.erase_prob=0.5", "loss.label_smoothing=0.1", "loss.center_lambda=10",
+                              "loss.center_share=0.05",
                               "train.progress_seconds=0", *extra])
 
 
