@@ -20,23 +20,48 @@ SMOKE_MINUTES = 0.5
 
 def find_fer2013(given: Path | None) -> Path | None:
     """--data, else FER2013 carried into the repo (.fer2013/), else ../shared/data/fer2013."""
-    return given or next((p for p in (REPO / ".fer2013", REPO.parent / "shared" / "data" / "fer2013") if p.exists()), None)
+    return given or next(
+        (p for p in (REPO / ".fer2013", REPO.parent / "shared" / "data" / "fer2013") if p.exists()), None
+    )
 
 
 def add_common_args(parser: argparse.ArgumentParser, out: str, minutes: float) -> None:
-    parser.add_argument("--data", type=Path, default=None, help="FER2013 folder/CSV/zip or a prepared folder "
-                        "(default: .fer2013/ in the repo if carried there, else ../shared/data/fer2013)")
-    parser.add_argument("--private", type=Path, help="a folder or CSV holding PrivateTest (e.g. the full fer2013.csv): "
-                        "evaluated at the end, center crop and ten-crop TTA")
-    parser.add_argument("--minutes", type=float, default=None,
-                        help=f"training time: the epochs that fit, the schedule planned over them (default: {minutes:g}; "
-                        f"with --smoke: {SMOKE_MINUTES:g})")
+    parser.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        help="FER2013 folder/CSV/zip or a prepared folder "
+        "(default: .fer2013/ in the repo if carried there, else ../shared/data/fer2013)",
+    )
+    parser.add_argument(
+        "--private",
+        type=Path,
+        help="a folder or CSV holding PrivateTest (e.g. the full fer2013.csv): "
+        "evaluated at the end, center crop and ten-crop TTA",
+    )
+    parser.add_argument(
+        "--minutes",
+        type=float,
+        default=None,
+        help=f"training time: the epochs that fit, the schedule planned over them (default: {minutes:g}; "
+        f"with --smoke: {SMOKE_MINUTES:g})",
+    )
     parser.set_defaults(full_minutes=minutes)
     parser.add_argument("--out", type=Path, default=Path(out), help=f"output folder (default: {out})")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override the experiment, e.g. --set train.batch_size=128")
-    parser.add_argument("--smoke", action="store_true", help="a subset and tiny models: a CPU check of every path of "
-                        "the script (--private and --minutes included) in a minute or two")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override the experiment, e.g. --set train.batch_size=128",
+    )
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="a subset and tiny models: a CPU check of every path of "
+        "the script (--private and --minutes included) in a minute or two",
+    )
 
 
 def device_and_flags() -> tuple[torch.device, str]:

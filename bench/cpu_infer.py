@@ -71,17 +71,22 @@ def matmul_flops_per_s(size: int = 2048, repeats: int = 5, dtype: torch.dtype = 
         multiply = lambda x: x @ b  # noqa: E731
     multiply(a)
     best = min(_timed(multiply, a) for _ in range(repeats))
-    return 2 * size ** 3 / best
+    return 2 * size**3 / best
 
 
 def ceiling(flops_per_crop: float, flops_per_s: float, precision: str = "fp32") -> str:
-    need = {f"one face in {TARGET_ONE_MS} ms": flops_per_crop / (TARGET_ONE_MS / 1e3),
-            f"ten crops in {TARGET_TTA_MS} ms": 10 * flops_per_crop / (TARGET_TTA_MS / 1e3),
-            f"{TARGET_FACES_PER_S} faces/s": TARGET_FACES_PER_S * flops_per_crop}
-    return (f"ceiling: the model is {flops_per_crop / 1e6:.0f} MFLOPs per crop; this CPU multiplies {precision} matrices at "
-            f"{flops_per_s / 1e9:.0f} GFLOP/s, so at best {flops_per_s / flops_per_crop:.0f} faces/s, one face "
-            f"{1e3 * flops_per_crop / flops_per_s:.1f} ms, ten crops {1e4 * flops_per_crop / flops_per_s:.1f} ms; "
-            "the targets need " + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in need.items()))
+    need = {
+        f"one face in {TARGET_ONE_MS} ms": flops_per_crop / (TARGET_ONE_MS / 1e3),
+        f"ten crops in {TARGET_TTA_MS} ms": 10 * flops_per_crop / (TARGET_TTA_MS / 1e3),
+        f"{TARGET_FACES_PER_S} faces/s": TARGET_FACES_PER_S * flops_per_crop,
+    }
+    return (
+        f"ceiling: the model is {flops_per_crop / 1e6:.0f} MFLOPs per crop; this CPU multiplies {precision} "
+        "matrices at "
+        f"{flops_per_s / 1e9:.0f} GFLOP/s, so at best {flops_per_s / flops_per_crop:.0f} faces/s, one face "
+        f"{1e3 * flops_per_crop / flops_per_s:.1f} ms, ten crops {1e4 * flops_per_crop / flops_per_s:.1f} ms; "
+        "the targets need " + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in need.items())
+    )
 
 
 def _timed(fn, x) -> float:
@@ -104,12 +109,20 @@ def main() -> None:
     ensemble, card = load_bundle(args.bundle, "cpu", members=("a",))
     as_trained, _ = load_bundle(args.bundle, "cpu", members=("a",), fold=False)
     fast_bf16 = device.use_bf16("cpu")
-    print(f"cpu: {device.cpu_model()}, {args.threads} threads; model {card['members']['a']['model']} "
-          f"({card['members']['a']['parameters']:,} parameters) from {args.bundle}; fast path: channels_last"
-          f"{' + bf16' if fast_bf16 else ' (no native bf16 here: fp32)'} + batch norms folded", flush=True)
+    print(
+        f"cpu: {device.cpu_model()}, {args.threads} threads; model {card['members']['a']['model']} "
+        f"({card['members']['a']['parameters']:,} parameters) from {args.bundle}; fast path: channels_last"
+        f"{' + bf16' if fast_bf16 else ' (no native bf16 here: fp32)'} + batch norms folded",
+        flush=True,
+    )
     rows = {}
-    for name, variant, channels_last, bf16 in (("fp32", as_trained, False, False), ("fast path", ensemble, True, fast_bf16)):
-        variant.model_a = variant.model_a.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    for name, variant, channels_last, bf16 in (
+        ("fp32", as_trained, False, False),
+        ("fast path", ensemble, True, fast_bf16),
+    ):
+        variant.model_a = variant.model_a.to(
+            memory_format=torch.channels_last if channels_last else torch.contiguous_format
+        )
         variant.bf16 = bf16
         rows[name] = timings(variant, args.repeats)
         _print_row(name, rows[name])
@@ -118,8 +131,10 @@ def main() -> None:
         rows["int8"] = timings(int8, args.repeats)
         _print_row("int8", rows["int8"])
     for name in [n for n in ("fast path", "int8") if n in rows]:
-        print(f"{name} / fp32: batch {rows[name]['batch_faces_per_s'] / rows['fp32']['batch_faces_per_s']:.2f}x, "
-              f"one face {rows['fp32']['center_ms'] / rows[name]['center_ms']:.2f}x")
+        print(
+            f"{name} / fp32: batch {rows[name]['batch_faces_per_s'] / rows['fp32']['batch_faces_per_s']:.2f}x, "
+            f"one face {rows['fp32']['center_ms'] / rows[name]['center_ms']:.2f}x"
+        )
     flops = model_flops(ensemble.model_a, ensemble.cfg_a.augment.crop)
     precision = torch.bfloat16 if fast_bf16 else torch.float32
     print("fast path " + ceiling(flops, matmul_flops_per_s(dtype=precision), "bf16" if fast_bf16 else "fp32"))
@@ -140,15 +155,21 @@ def int8_variant(bundle: str):
     except FerrayError as error:
         print(f"     int8: not measured: {error}", flush=True)
         return None
-    print(f"     int8: compiled its batch shapes in {time.perf_counter() - started:.0f} s "
-          f"({ensemble.runner('a')[0].how})", flush=True)
+    print(
+        f"     int8: compiled its batch shapes in {time.perf_counter() - started:.0f} s "
+        f"({ensemble.runner('a')[0].how})",
+        flush=True,
+    )
     return ensemble
 
 
 def _print_row(name: str, r: dict) -> None:
-    print(f"{name:>9}: one face {r['center_ms']:6.2f} ms (target <= {TARGET_ONE_MS}), ten-crop TTA "
-          f"{r['tta_ms']:6.2f} ms (target <= {TARGET_TTA_MS}), batch of 256 {r['batch_faces_per_s']:7.0f} faces/s "
-          f"(target >= {TARGET_FACES_PER_S})", flush=True)
+    print(
+        f"{name:>9}: one face {r['center_ms']:6.2f} ms (target <= {TARGET_ONE_MS}), ten-crop TTA "
+        f"{r['tta_ms']:6.2f} ms (target <= {TARGET_TTA_MS}), batch of 256 {r['batch_faces_per_s']:7.0f} faces/s "
+        f"(target >= {TARGET_FACES_PER_S})",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

@@ -48,9 +48,12 @@ def main() -> None:
     fp32 = load_config(None, [*base, "train.amp=false", "train.channels_last=false"])
     fast = load_config(None, base)  # the defaults: amp and channels_last on, as every experiment has them
     bf16 = use_bf16("cpu", fast.train.amp)
-    print(f"cpu: {cpu_model()}, {args.threads} threads; native bf16: {cpu_has_native_bf16()}; fast path: channels_last"
-          f"{' + bf16 autocast' if bf16 else ' (fp32: no native bf16 here)'}; {args.model}, batch {args.batch}, "
-          f"{args.steps} timed steps", flush=True)
+    print(
+        f"cpu: {cpu_model()}, {args.threads} threads; native bf16: {cpu_has_native_bf16()}; fast path: channels_last"
+        f"{' + bf16 autocast' if bf16 else ' (fp32: no native bf16 here)'}; {args.model}, batch {args.batch}, "
+        f"{args.steps} timed steps",
+        flush=True,
+    )
     baseline = images_per_s(fp32, args.steps, args.batch)
     print(f"fp32 NCHW (baseline): {baseline:7.1f} img/s", flush=True)
     quick = images_per_s(fast, args.steps, args.batch)

@@ -37,20 +37,35 @@ def main() -> int:
     out = args.out.absolute()
     splits, tests = load_data(args, out)
     selection = splits["selection"]
-    cfg = load_runnable_config(args.experiment, [f"data.path={splits['data']}", f"data.selection_split={selection}",
-                                                 *overrides(args, SMOKE)])
-    print(f"data: {', '.join(f'{len(f):,} {s}' for s, f in splits.items() if s not in ('data', 'selection'))} faces "
-          f"from {splits['data']}; selecting on {selection}, testing on {', '.join(tests)}; device {name}; "
-          f"{cfg.model.name}, up to {cfg.train.epochs} epochs in {args.minutes:g} min", flush=True)
-    state, run = train_local(cfg, splits["Training"], splits[selection], device, out,
-                             facts={"made_by": " ".join(["python -m bench.gpu_model_a", *sys.argv[1:]]),
-                                    "smoke": args.smoke, "test_splits": list(tests)})
+    cfg = load_runnable_config(
+        args.experiment, [f"data.path={splits['data']}", f"data.selection_split={selection}", *overrides(args, SMOKE)]
+    )
+    print(
+        f"data: {', '.join(f'{len(f):,} {s}' for s, f in splits.items() if s not in ('data', 'selection'))} faces "
+        f"from {splits['data']}; selecting on {selection}, testing on {', '.join(tests)}; device {name}; "
+        f"{cfg.model.name}, up to {cfg.train.epochs} epochs in {args.minutes:g} min",
+        flush=True,
+    )
+    state, run = train_local(
+        cfg,
+        splits["Training"],
+        splits[selection],
+        device,
+        out,
+        facts={
+            "made_by": " ".join(["python -m bench.gpu_model_a", *sys.argv[1:]]),
+            "smoke": args.smoke,
+            "test_splits": list(tests),
+        },
+    )
     results = evaluate_tests(state, run, tests, device)
     summary = run.write_result(state, tests=results)
-    print(f"done: {summary['epochs']} epochs in {summary['train_seconds'] / 60:.1f} min (compile {summary['compile']}); "
-          f"best epoch {summary['best_epoch']}, {selection} (selection) {summary['best_eval_acc']:.2%}; "
-          + "; ".join(f"{s} {r['center']['accuracy']:.2%}, TTA {r['tta']['accuracy']:.2%}" for s, r in results.items())
-          + f"; {out / 'result.json'}")
+    print(
+        f"done: {summary['epochs']} epochs in {summary['train_seconds'] / 60:.1f} min (compile {summary['compile']}); "
+        f"best epoch {summary['best_epoch']}, {selection} (selection) {summary['best_eval_acc']:.2%}; "
+        + "; ".join(f"{s} {r['center']['accuracy']:.2%}, TTA {r['tta']['accuracy']:.2%}" for s, r in results.items())
+        + f"; {out / 'result.json'}"
+    )
     return 0
 
 

@@ -28,8 +28,15 @@ import torch
 from bench.common import REPO, add_common_args, device_and_flags, load_data, overrides
 
 SMOKE_B = ["model.name=resnet18_b", "train.batch_size=16", "train.compile=false"]
-SMOKE_SR = ["sr.generator_channels=8", "sr.generator_blocks=1", "sr.discriminator_channels=8", "sr.pretrain_epochs=1",
-            "train.batch_size=32", "train.epochs=2", "train.budget_minutes=0"]  # one pre-training, one adversarial epoch
+SMOKE_SR = [
+    "sr.generator_channels=8",
+    "sr.generator_blocks=1",
+    "sr.discriminator_channels=8",
+    "sr.pretrain_epochs=1",
+    "train.batch_size=32",
+    "train.epochs=2",
+    "train.budget_minutes=0",
+]  # one pre-training, one adversarial epoch
 SR_SHARE = 0.2
 
 
@@ -63,13 +70,18 @@ def make_generator(args, splits, device, out: Path, minutes: float, content_chec
         from ferray.sr.engine import generator_from_checkpoint
 
         return generator_from_checkpoint(args.sr_checkpoint, device)[0], f"SRGAN {args.sr_checkpoint}"
-    sets = [f"train.budget_minutes={minutes}", f"data.selection_split={splits['selection']}",
-            *(SMOKE_SR if args.smoke else [])]
+    sets = [
+        f"train.budget_minutes={minutes}",
+        f"data.selection_split={splits['selection']}",
+        *(SMOKE_SR if args.smoke else []),
+    ]
     if content_checkpoint:
         sets.append(f"sr.content_checkpoint={content_checkpoint}")
     cfg = load_runnable_config(REPO / "experiments" / "srgan.yaml", sets)
     print(f"SRGAN: up to {cfg.train.epochs} epochs in {minutes:.1f} min", flush=True)
-    state, run = train_local(cfg, splits["Training"], splits[splits["selection"]], device, out / "srgan", task_name="sr")
+    state, run = train_local(
+        cfg, splits["Training"], splits[splits["selection"]], device, out / "srgan", task_name="sr"
+    )
     kind = state.content.kind
     return state.core.eval(), f"SRGAN trained here ({kind} content loss, epoch {run.best['epoch']} of {state.epoch})"
 
@@ -89,8 +101,11 @@ def main() -> int:
     splits, tests = load_data(args, out)
     selection = splits["selection"]
     sr_minutes = 0.0 if args.bicubic or args.sr_checkpoint else args.minutes * SR_SHARE
-    print(f"data: {len(splits['Training']):,} Training faces from {splits['data']}; selecting on {selection}, testing on "
-          f"{', '.join(tests)}; device {name}", flush=True)
+    print(
+        f"data: {len(splits['Training']):,} Training faces from {splits['data']}; selecting on {selection}, testing on "
+        f"{', '.join(tests)}; device {name}",
+        flush=True,
+    )
     t0 = time.perf_counter()
     generator, how = make_generator(args, splits, device, out, sr_minutes)
     big = {s: upscaled(splits[s], generator, device) for s in ("Training", selection)}
@@ -98,22 +113,44 @@ def main() -> int:
     print(f"upscaled 48 -> 96 by {how} ({time.perf_counter() - t0:.0f}s with the SR training)", flush=True)
 
     args.minutes -= sr_minutes
-    cfg = load_runnable_config(REPO / "experiments" / "model_b.yaml",
-                               [f"data.path={splits['data']} (upscaled in memory)", f"data.selection_split={selection}",
-                                *overrides(args, SMOKE_B)])
-    print(f"model B: {cfg.name} ({cfg.model.name}, {'ImageNet weights' if cfg.model.pretrained != 'none' else 'from scratch'}), "
-          f"up to {cfg.train.epochs} epochs in {args.minutes:.1f} min", flush=True)
-    state, run = train_local(cfg, big["Training"], big[selection], device, out,
-                             facts={"made_by": " ".join(["python -m bench.gpu_model_b", *sys.argv[1:]]),
-                                    "upscale": how, "smoke": args.smoke, "test_splits": list(tests)})
+    cfg = load_runnable_config(
+        REPO / "experiments" / "model_b.yaml",
+        [
+            f"data.path={splits['data']} (upscaled in memory)",
+            f"data.selection_split={selection}",
+            *overrides(args, SMOKE_B),
+        ],
+    )
+    print(
+        f"model B: {cfg.name} ({cfg.model.name}, "
+        f"{'ImageNet weights' if cfg.model.pretrained != 'none' else 'from scratch'}), "
+        f"up to {cfg.train.epochs} epochs in {args.minutes:.1f} min",
+        flush=True,
+    )
+    state, run = train_local(
+        cfg,
+        big["Training"],
+        big[selection],
+        device,
+        out,
+        facts={
+            "made_by": " ".join(["python -m bench.gpu_model_b", *sys.argv[1:]]),
+            "upscale": how,
+            "smoke": args.smoke,
+            "test_splits": list(tests),
+        },
+    )
     run.facts["pretrained"] = bool(getattr(state.core, "pretrained", False))
     results = evaluate_tests(state, run, big_tests, device)
     summary = run.write_result(state, tests=results)
-    print(f"done: {cfg.name} {'(from scratch)' if not run.facts['pretrained'] else '(ImageNet)'}, {summary['epochs']} "
-          f"epochs in {summary['train_seconds'] / 60:.1f} min; best epoch {summary['best_epoch']}, {selection} (selection) "
-          f"{summary['best_eval_acc']:.2%}; "
-          + "; ".join(f"{s} {r['center']['accuracy']:.2%}, TTA {r['tta']['accuracy']:.2%}" for s, r in results.items())
-          + f"; {out / 'result.json'}")
+    print(
+        f"done: {cfg.name} {'(from scratch)' if not run.facts['pretrained'] else '(ImageNet)'}, {summary['epochs']} "
+        f"epochs in {summary['train_seconds'] / 60:.1f} min; best epoch {summary['best_epoch']}, {selection} "
+        "(selection) "
+        f"{summary['best_eval_acc']:.2%}; "
+        + "; ".join(f"{s} {r['center']['accuracy']:.2%}, TTA {r['tta']['accuracy']:.2%}" for s, r in results.items())
+        + f"; {out / 'result.json'}"
+    )
     return 0
 
 

@@ -31,11 +31,18 @@ from bench.gpu_model_b import upscaled
 
 SHARES = {"vgg16": 0.12, "vgg19": 0.13, "model_a": 0.33, "srgan": 0.10, "model_b": 0.32}
 SMOKE = {  # tiny stand-ins with the same code paths, for a CPU check of the script
-    "vgg16": ["model.name=vgg16_tiny"], "vgg19": ["model.name=vgg19_tiny"],
+    "vgg16": ["model.name=vgg16_tiny"],
+    "vgg19": ["model.name=vgg19_tiny"],
     "model_a": ["model.name=xception_a_tiny", "train.compile=false"],
     "model_b": ["model.name=resnet18_b", "train.batch_size=32", "train.compile=false"],
-    "srgan": ["sr.generator_channels=8", "sr.generator_blocks=1", "sr.discriminator_channels=8", "sr.pretrain_epochs=1",
-              "train.epochs=2", "train.budget_minutes=0"],
+    "srgan": [
+        "sr.generator_channels=8",
+        "sr.generator_blocks=1",
+        "sr.discriminator_channels=8",
+        "sr.pretrain_epochs=1",
+        "train.epochs=2",
+        "train.budget_minutes=0",
+    ],
 }
 
 
@@ -55,12 +62,20 @@ def main() -> int:
     splits, tests = load_data(args, out)
     selection = splits["selection"]
     plan = load_plan(args.plan, data=splits["data"])
-    print(f"data: {len(splits['Training']):,} Training faces from {splits['data']}; selecting on {selection}, testing on "
-          f"{', '.join(tests)}; device {name}; torch {torch.__version__}; {args.minutes:g} min of training", flush=True)
+    print(
+        f"data: {len(splits['Training']):,} Training faces from {splits['data']}; selecting on {selection}, testing on "
+        f"{', '.join(tests)}; device {name}; torch {torch.__version__}; {args.minutes:g} min of training",
+        flush=True,
+    )
 
     def config(experiment: Path, key: str, *extra: str):
-        sets = [f"data.selection_split={selection}", f"train.budget_minutes={args.minutes * SHARES[key]:.4f}",
-                *args.overrides, *extra, *(SMOKE[key] if args.smoke else [])]
+        sets = [
+            f"data.selection_split={selection}",
+            f"train.budget_minutes={args.minutes * SHARES[key]:.4f}",
+            *args.overrides,
+            *extra,
+            *(SMOKE[key] if args.smoke else []),
+        ]
         return load_runnable_config(experiment, [f"data.path={Path(splits['data']).absolute()}", *plan.sets, *sets])
 
     runs, cores, configs, evaluations, probs = {}, {}, {}, {}, {}
@@ -69,13 +84,24 @@ def main() -> int:
     def classifier(spec, faces: dict):
         """Train on faces["Training"], select on the selection split, evaluate it and every test split."""
         cfg = config(spec.experiment, spec.key)
-        print(f"{spec.label}: {cfg.name} ({cfg.model.name}), up to {cfg.train.epochs} epochs in "
-              f"{cfg.train.budget_minutes:.1f} min", flush=True)
-        state, run = train_local(cfg, faces["Training"], faces[selection], device, out / "runs" / cfg.name,
-                                 facts={"made_by": made_by})
+        print(
+            f"{spec.label}: {cfg.name} ({cfg.model.name}), up to {cfg.train.epochs} epochs in "
+            f"{cfg.train.budget_minutes:.1f} min",
+            flush=True,
+        )
+        state, run = train_local(
+            cfg, faces["Training"], faces[selection], device, out / "runs" / cfg.name, facts={"made_by": made_by}
+        )
         found = {}
-        evaluated = evaluate_tests(state, run, {s: faces[s] for s in [selection, *tests]}, device, echo=_quiet,
-                                   selection=selection, probs=found)
+        evaluated = evaluate_tests(
+            state,
+            run,
+            {s: faces[s] for s in [selection, *tests]},
+            device,
+            echo=_quiet,
+            selection=selection,
+            probs=found,
+        )
         evaluations[spec.key] = {s: {"plain": v["center"], "tta": v["tta"]} for s, v in evaluated.items()}
         probs.update({(spec.key, s, "plain" if view == "center" else view): p for (s, view), p in found.items()})
         cores[spec.key], configs[spec.key] = state.core.eval(), cfg
@@ -85,24 +111,39 @@ def main() -> int:
     for spec in [s for s in plan.runs if not s.on_sr]:
         classifier(spec, small)
     key_a = plan.ensemble[0]
-    cfg_sr = config(plan.sr_experiment, "srgan", f"sr.content_checkpoint={out / 'runs' / configs[key_a].name / 'best.pt'}")
+    cfg_sr = config(
+        plan.sr_experiment, "srgan", f"sr.content_checkpoint={out / 'runs' / configs[key_a].name / 'best.pt'}"
+    )
     print(f"SRGAN: up to {cfg_sr.train.epochs} epochs in {cfg_sr.train.budget_minutes:.1f} min", flush=True)
-    sr_state, sr_run = train_local(cfg_sr, splits["Training"], splits[selection], device, out / "runs" / cfg_sr.name,
-                                   task_name="sr", facts={"made_by": made_by})
+    sr_state, sr_run = train_local(
+        cfg_sr,
+        splits["Training"],
+        splits[selection],
+        device,
+        out / "runs" / cfg_sr.name,
+        task_name="sr",
+        facts={"made_by": made_by},
+    )
     generator = sr_state.core.eval()
-    srgan = sr_run.write_result(sr_state) | {"content_loss": sr_state.content.kind, "reused": False,
-                                             "best_eval_psnr": sr_run.best["eval_psnr"],
-                                             "gpus_per_worker": int(device.type == "cuda")}
+    srgan = sr_run.write_result(sr_state) | {
+        "content_loss": sr_state.content.kind,
+        "reused": False,
+        "best_eval_psnr": sr_run.best["eval_psnr"],
+        "gpus_per_worker": int(device.type == "cuda"),
+    }
     t0 = time.perf_counter()
     big = {s: upscaled(f, generator, device) for s, f in small.items()}
-    print(f"upscaled {sum(len(f) for f in big.values()):,} faces 48 -> 96 in {time.perf_counter() - t0:.1f}s", flush=True)
+    print(
+        f"upscaled {sum(len(f) for f in big.values()):,} faces 48 -> 96 in {time.perf_counter() - t0:.1f}s", flush=True
+    )
     for spec in [s for s in plan.runs if s.on_sr]:
         classifier(spec, big)
 
     record = assemble(plan, out, small, selection, runs, srgan, evaluations, probs, cores, configs, generator, device)
     record["seconds"] = round(time.perf_counter() - t_start, 1)
-    record["made_by"] = made_by + (" (smoke: a subset and tiny stand-ins for every model; the labels are the plan's)"
-                                   if args.smoke else "")
+    record["made_by"] = made_by + (
+        " (smoke: a subset and tiny stand-ins for every model; the labels are the plan's)" if args.smoke else ""
+    )
     from ferray.report.document import table1_header, table1_rows, write_report
 
     paths = write_report(plan, record, out)
@@ -115,8 +156,9 @@ def _quiet(_: str) -> None:
     pass
 
 
-def assemble(plan, out: Path, faces: dict, selection: str, runs, srgan, evaluations, probs, cores, configs, generator,
-             device) -> dict:
+def assemble(
+    plan, out: Path, faces: dict, selection: str, runs, srgan, evaluations, probs, cores, configs, generator, device
+) -> dict:
     """The record `ferray report` builds, from this process's runs: ensemble, figures, hardware."""
     from ferray.distributed.report import hardware, headline_split, model_facts
     from ferray.ensemble import fit_fusion, fused_report, write_fused_report
@@ -128,10 +170,18 @@ def assemble(plan, out: Path, faces: dict, selection: str, runs, srgan, evaluati
     key_a, key_b = plan.ensemble
     figures = out / "figures"
     names = [s for s in faces if s != "Training"]  # the selection split first, then the tests
-    fusion, alternatives = fit_fusion(probs[key_a, selection, "tta"], probs[key_b, selection, "tta"],
-                                      faces[selection].labels, selection)
-    ensemble = {s: {v: fused_report(probs[key_a, s, v], probs[key_b, s, v], faces[s].labels, fusion["weight_a"], s,
-                                    v == "tta", "-") for v in ("plain", "tta")} for s in names}
+    fusion, alternatives = fit_fusion(
+        probs[key_a, selection, "tta"], probs[key_b, selection, "tta"], faces[selection].labels, selection
+    )
+    ensemble = {
+        s: {
+            v: fused_report(
+                probs[key_a, s, v], probs[key_b, s, v], faces[s].labels, fusion["weight_a"], s, v == "tta", "-"
+            )
+            for v in ("plain", "tta")
+        }
+        for s in names
+    }
     for split in ensemble.values():
         for report in split.values():
             write_fused_report(report, out / "evaluations" / "ensemble")
@@ -139,20 +189,56 @@ def assemble(plan, out: Path, faces: dict, selection: str, runs, srgan, evaluati
     sr, grid = sr_report(generator, public.images, "PublicTest", figures, plan.figures["sr_faces"], device)
     sr.update({"epoch": srgan["best_epoch"], "content_loss": srgan["content_loss"]})
     cfg_a = configs[key_a]
-    crops = plot_crops(faces["Training"].images[0], cfg_a.augment, figures / "fig3-crops.png", plan.figures["crops"],
-                       title=f"random {cfg_a.augment.crop}x{cfg_a.augment.crop} training views ({cfg_a.name})")
-    guided = explain_grid(cores[key_a], cfg_a, public.images, public.labels, plan.figures["explain_per_class"],
-                          figures / "fig4-guided-backprop.png", f"{cfg_a.model.name}: guided backprop on PublicTest", device)
-    fig5 = {s: str(plot_confusion(ensemble[s]["tta"]["confusion"], figures / f"fig5-confusion-{s}.png",
-                                  f"ensemble on {s} (TTA): {ensemble[s]['tta']['accuracy']:.2%}")) for s in names}
-    return {"plan": plan.name, "plan_file": str(plan.source), "data": str(plan.data), "splits": names,
-            "selection_split": selection, "headline_split": headline_split(names),
-            "data_source": f"read by bench/gpu_paper.py, Ray-free; {len(faces['Training']):,} Training faces",
-            "runs": runs, "srgan": srgan, "evaluations": evaluations, "data_sr": None, "data_sr_reused": False,
-            "models": {k: model_facts(r["best_checkpoint"]) for k, r in runs.items()}, "bundle": None,
-            "fusion": fusion, "fusion_alternatives": alternatives, "ensemble": ensemble, "sr_eval": sr,
-            "guided_faces": guided["faces"], "hardware": hardware(),
-            "figures": {"fig2": str(grid), "fig3": str(crops), "fig4": guided["figure"], "fig5": fig5}}
+    crops = plot_crops(
+        faces["Training"].images[0],
+        cfg_a.augment,
+        figures / "fig3-crops.png",
+        plan.figures["crops"],
+        title=f"random {cfg_a.augment.crop}x{cfg_a.augment.crop} training views ({cfg_a.name})",
+    )
+    guided = explain_grid(
+        cores[key_a],
+        cfg_a,
+        public.images,
+        public.labels,
+        plan.figures["explain_per_class"],
+        figures / "fig4-guided-backprop.png",
+        f"{cfg_a.model.name}: guided backprop on PublicTest",
+        device,
+    )
+    fig5 = {
+        s: str(
+            plot_confusion(
+                ensemble[s]["tta"]["confusion"],
+                figures / f"fig5-confusion-{s}.png",
+                f"ensemble on {s} (TTA): {ensemble[s]['tta']['accuracy']:.2%}",
+            )
+        )
+        for s in names
+    }
+    return {
+        "plan": plan.name,
+        "plan_file": str(plan.source),
+        "data": str(plan.data),
+        "splits": names,
+        "selection_split": selection,
+        "headline_split": headline_split(names),
+        "data_source": f"read by bench/gpu_paper.py, Ray-free; {len(faces['Training']):,} Training faces",
+        "runs": runs,
+        "srgan": srgan,
+        "evaluations": evaluations,
+        "data_sr": None,
+        "data_sr_reused": False,
+        "models": {k: model_facts(r["best_checkpoint"]) for k, r in runs.items()},
+        "bundle": None,
+        "fusion": fusion,
+        "fusion_alternatives": alternatives,
+        "ensemble": ensemble,
+        "sr_eval": sr,
+        "guided_faces": guided["faces"],
+        "hardware": hardware(),
+        "figures": {"fig2": str(grid), "fig3": str(crops), "fig4": guided["figure"], "fig5": fig5},
+    }
 
 
 def print_table(header: list[str], rows: list[list[str]]) -> None:

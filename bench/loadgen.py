@@ -28,13 +28,24 @@ class LoadResult:
         chosen = [r for r in self.records if since <= r.start < until]
         ok = np.array([r.latency for r in chosen if r.status == 200])
         span = min(until, self.seconds) - max(since, 0.0)
-        return {"requests": len(chosen), "ok": int(len(ok)), "errors": len(chosen) - len(ok),
-                "rps": len(ok) / span if span > 0 else 0.0,
-                **{f"p{q}": float(np.percentile(ok, q)) if len(ok) else float("nan") for q in (50, 95, 99)}}
+        return {
+            "requests": len(chosen),
+            "ok": int(len(ok)),
+            "errors": len(chosen) - len(ok),
+            "rps": len(ok) / span if span > 0 else 0.0,
+            **{f"p{q}": float(np.percentile(ok, q)) if len(ok) else float("nan") for q in (50, 95, 99)},
+        }
 
 
-def run_load(url: str, bodies: list[bytes], clients: int, seconds: float, path: str = "/predict",
-             content_type: str = "image/png", on_tick=None) -> LoadResult:
+def run_load(
+    url: str,
+    bodies: list[bytes],
+    clients: int,
+    seconds: float,
+    path: str = "/predict",
+    content_type: str = "image/png",
+    on_tick=None,
+) -> LoadResult:
     """`clients` threads POST `bodies` (round robin) to url+path for `seconds`; times are relative to start."""
     parts = urlsplit(url)
     result = LoadResult()
@@ -84,8 +95,9 @@ def face_bodies(n: int = 64, seed: int = 0) -> list[bytes]:
 
 
 def format_row(name: str, s: dict) -> str:
-    return (f"{name:<34}{s['rps']:>8.1f}{s['p50'] * 1e3:>9.0f}{s['p95'] * 1e3:>9.0f}{s['p99'] * 1e3:>9.0f}"
-            f"{s['errors']:>8}")
+    return (
+        f"{name:<34}{s['rps']:>8.1f}{s['p50'] * 1e3:>9.0f}{s['p95'] * 1e3:>9.0f}{s['p99'] * 1e3:>9.0f}{s['errors']:>8}"
+    )
 
 
 HEADER = f"{'server':<34}{'req/s':>8}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'errors':>8}"

@@ -223,15 +223,23 @@ def main() -> int:
         _, t_start, _ = timed(start_ray, scratch)
         manifest, t_csv, first_csv, m_csv = repeated(ferray_prepare, csv_path, scratch / "csv-out")
         assert manifest["rows"] == rows, (manifest["rows"], rows)
-        lines.append(report(f"ferray prepare, CSV (median of {RUNS})", rows, t_csv, m_csv,
-                            f"   (first run {first_csv:.2f} s)"))
+        lines.append(
+            report(f"ferray prepare, CSV (median of {RUNS})", rows, t_csv, m_csv, f"   (first run {first_csv:.2f} s)")
+        )
         ratio_csv = t_base / t_csv
         if not args.skip_folder:
             folder_faces, t_bf, m_bf = timed(baseline_folder, args.fer2013)
             lines.append(report("baseline folder: PIL per image", len(folder_faces), t_bf, m_bf))
             manifest, t_fold, first_fold, m_fold = repeated(ferray_prepare, args.fer2013, scratch / "folder-out")
-            lines.append(report(f"ferray prepare, folder (median of {RUNS})", manifest["rows"], t_fold, m_fold,
-                                f"   (first run {first_fold:.2f} s)"))
+            lines.append(
+                report(
+                    f"ferray prepare, folder (median of {RUNS})",
+                    manifest["rows"],
+                    t_fold,
+                    m_fold,
+                    f"   (first run {first_fold:.2f} s)",
+                )
+            )
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
@@ -239,9 +247,11 @@ def main() -> int:
     print(f"  Ray start-up (ray.init + first tasks), excluded above: {t_start:.2f} s")
     from ferray.data.records import pixel_parser
 
-    print(f"CSV: ferray / baseline rows/s = {ratio_csv:.2f}x (target >= 5x; first run {t_base / first_csv:.2f}x); "
-          f"vs the np.fromstring variant {t_fast / t_csv:.2f}x; with start-up {t_base / (t_csv + t_start):.2f}x "
-          f"[pixel parser: {pixel_parser()}]")
+    print(
+        f"CSV: ferray / baseline rows/s = {ratio_csv:.2f}x (target >= 5x; first run {t_base / first_csv:.2f}x); "
+        f"vs the np.fromstring variant {t_fast / t_csv:.2f}x; with start-up {t_base / (t_csv + t_start):.2f}x "
+        f"[pixel parser: {pixel_parser()}]"
+    )
     if not args.skip_folder:
         print(f"folder: ferray / baseline rows/s = {t_bf / t_fold:.2f}x")
     return 0

@@ -33,26 +33,40 @@ def run(workers: int, data: Path, out: Path, args) -> dict:
     from ferray.config import load_config
     from ferray.distributed.train import run_training
 
-    cfg = load_config(REPO / "experiments" / "debug_a.yaml", [
-        f"data.path={data}", f"model.name={args.model}", f"train.epochs={args.epochs}",
-        f"scaling.workers={workers}", "scaling.cpus_per_worker=1", f"train.batch_size={args.batch_size}"])
+    cfg = load_config(
+        REPO / "experiments" / "debug_a.yaml",
+        [
+            f"data.path={data}",
+            f"model.name={args.model}",
+            f"train.epochs={args.epochs}",
+            f"scaling.workers={workers}",
+            "scaling.cpus_per_worker=1",
+            f"train.batch_size={args.batch_size}",
+        ],
+    )
     run_training(cfg, out, name=f"w{workers}", echo=lambda _: None)
     rows = [json.loads(line) for line in (out / f"w{workers}" / "metrics.jsonl").read_text().splitlines()]
     steady = rows[1:] or rows
-    return {"images_per_s": sum(r["images_per_s"] for r in steady) / len(steady),
-            "epoch_s": sum(r["train_seconds"] for r in steady) / len(steady)}
+    return {
+        "images_per_s": sum(r["images_per_s"] for r in steady) / len(steady),
+        "epoch_s": sum(r["train_seconds"] for r in steady) / len(steady),
+    }
 
 
 def estimate(name: str, params: int, rate: float, batch: int, bandwidth_gbs: float) -> str:
     grad_bytes = params * 4
-    lines = [f"{name}: {params:,} parameters = {grad_bytes / 1e6:.1f} MB of fp32 gradients; "
-             f"per-GPU rate {rate:,.0f} img/s, batch {batch} per GPU"]
+    lines = [
+        f"{name}: {params:,} parameters = {grad_bytes / 1e6:.1f} MB of fp32 gradients; "
+        f"per-GPU rate {rate:,.0f} img/s, batch {batch} per GPU"
+    ]
     for gpus in (1, 4, 16):
         steps = FER_TRAIN / (batch * gpus)
         compute = batch / rate
         comm = 0.0 if gpus == 1 else 2 * (gpus - 1) / gpus * grad_bytes / (bandwidth_gbs * 1e9)
-        lines.append(f"  {gpus:>2} GPU(s): {steps:,.0f} steps x ({compute * 1e3:.1f} ms compute + {comm * 1e3:.2f} ms "
-                     f"all-reduce) = {steps * (compute + comm):.1f} s per epoch")
+        lines.append(
+            f"  {gpus:>2} GPU(s): {steps:,.0f} steps x ({compute * 1e3:.1f} ms compute + {comm * 1e3:.2f} ms "
+            f"all-reduce) = {steps * (compute + comm):.1f} s per epoch"
+        )
     return "\n".join(lines)
 
 
@@ -63,8 +77,12 @@ def main() -> int:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--bandwidth-gbs", type=float, default=25.0)
-    parser.add_argument("--gpu-rate-a", type=float, default=None,
-                        help="Model A img/s on one GPU (default: the figure bench/gpu_model_a.py printed, if given)")
+    parser.add_argument(
+        "--gpu-rate-a",
+        type=float,
+        default=None,
+        help="Model A img/s on one GPU (default: the figure bench/gpu_model_a.py printed, if given)",
+    )
     parser.add_argument("--gpu-rate-b", type=float, default=None, help="Model B img/s on one GPU")
     args = parser.parse_args()
 
@@ -76,8 +94,10 @@ def main() -> int:
     from ferray.models import build_model, num_params
 
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": True,
-                                                            "object_store_memory": 300 << 20})
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": 1, "include_dashboard": True, "object_store_memory": 300 << 20},
+    )
     for _ in range(2):
         cluster.add_node(num_cpus=1, object_store_memory=150 << 20)
     ray.init(address=cluster.address, logging_level="ERROR")
@@ -91,8 +111,10 @@ def main() -> int:
     finally:
         ray.shutdown()
         cluster.shutdown()
-    print(f"{args.model}, {args.epochs} epochs of {int(args.n * 0.8):,} synthetic faces, batch {args.batch_size} "
-          f"per worker, 1 CPU per worker, nodes of 1 CPU (steady epochs)")
+    print(
+        f"{args.model}, {args.epochs} epochs of {int(args.n * 0.8):,} synthetic faces, batch {args.batch_size} "
+        f"per worker, 1 CPU per worker, nodes of 1 CPU (steady epochs)"
+    )
     print(f"  1 worker : {one['images_per_s']:8.1f} img/s, {one['epoch_s']:.1f} s per epoch")
     print(f"  2 workers: {two['images_per_s']:8.1f} img/s, {two['epoch_s']:.1f} s per epoch")
     print(f"  2 workers / 1 worker: {two['images_per_s'] / one['images_per_s']:.2f}x (ideal 2.00x)")

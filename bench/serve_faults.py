@@ -22,8 +22,11 @@ from bench.loadgen import face_bodies, run_load
 def replica_names(deployment: str) -> list[str]:
     from ray.util.state import list_actors
 
-    return [a.name for a in list_actors(filters=[("state", "=", "ALIVE")])
-            if f":{deployment}" in (a.class_name or "") and a.name]
+    return [
+        a.name
+        for a in list_actors(filters=[("state", "=", "ALIVE")])
+        if f":{deployment}" in (a.class_name or "") and a.name
+    ]
 
 
 def main() -> int:
@@ -44,8 +47,15 @@ def main() -> int:
         bundle = args.bundle
         if bundle is None:
             synthesize(Path(tmp) / "data", SynthSpec(n=140, seed=0))
-            bundle = untrained_bundle(tmp, Path(tmp) / "data", tta=False, model_a="xception_a",
-                                      model_b="resnet18_b", sr_channels=32, sr_blocks=4)
+            bundle = untrained_bundle(
+                tmp,
+                Path(tmp) / "data",
+                tta=False,
+                model_a="xception_a",
+                model_b="resnet18_b",
+                sr_channels=32,
+                sr_blocks=4,
+            )
         url = start(bundle, port=free_port(), overrides=["model_a.max_replicas=1", "model_b.max_replicas=1"])
         bodies = face_bodies()
         run_load(url, bodies, args.clients, 3)  # warm-up
@@ -68,17 +78,21 @@ def main() -> int:
         result = run_load(url, bodies, args.clients, args.seconds, on_tick=on_tick)
         serve.shutdown()
     whole = result.summary()
-    print(f"{args.clients} clients for {args.seconds:.0f} s: {whole['requests']} requests, {whole['errors']} errors, "
-          f"{whole['rps']:.1f} req/s, p99 {whole['p99'] * 1e3:.0f} ms")
+    print(
+        f"{args.clients} clients for {args.seconds:.0f} s: {whole['requests']} requests, {whole['errors']} errors, "
+        f"{whole['rps']:.1f} req/s, p99 {whole['p99'] * 1e3:.0f} ms"
+    )
     for kill in kills:
         at = kill["at"]
         before, after = result.summary(max(0.0, at - 5), at), result.summary(at, at + 10)
         worst = max((r.latency for r in result.records if r.start >= at - 0.5 and r.start < at + 10), default=0.0)
         statuses = sorted({r.status for r in result.records if at <= r.start < at + 10})
         healthy = f"{kill['healthy_after']:.1f} s" if kill["healthy_after"] is not None else "not within the run"
-        print(f"kill {kill['deployment']} replica at {at:.1f} s: {after['errors']} failed requests in the next 10 s "
-              f"(statuses {statuses}), longest latency {worst * 1e3:.0f} ms, deployment HEALTHY with a new replica "
-              f"after {healthy}; throughput {before['rps']:.1f} req/s before, {after['rps']:.1f} after")
+        print(
+            f"kill {kill['deployment']} replica at {at:.1f} s: {after['errors']} failed requests in the next 10 s "
+            f"(statuses {statuses}), longest latency {worst * 1e3:.0f} ms, deployment HEALTHY with a new replica "
+            f"after {healthy}; throughput {before['rps']:.1f} req/s before, {after['rps']:.1f} after"
+        )
     return 0
 
 

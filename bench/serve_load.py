@@ -41,6 +41,7 @@ def sr_share(bundle: Path) -> str:
     ensemble, _ = load_bundle(bundle, members=("b",))
     faces = torch.randint(0, 256, (16, 48, 48), dtype=torch.uint8)
     with torch.no_grad():
+
         def timed(fn, repeat=5):
             fn()
             start = time.perf_counter()
@@ -51,7 +52,10 @@ def sr_share(bundle: Path) -> str:
         sr = timed(lambda: ensemble.generator(faces.float().unsqueeze(1) / 255))
         up = (ensemble.generator(faces.float().unsqueeze(1) / 255).clamp(0, 1) * 255).to(torch.uint8).squeeze(1)
         b = timed(lambda: predict_proba(ensemble.model_b, up, ensemble.cfg_b.augment.crop, ensemble.tta))
-    return f"Model B deployment per face: SR generator {sr * 1e3:.1f} ms, classifier {b * 1e3:.1f} ms ({sr / (sr + b):.0%} SR)"
+    return (
+        f"Model B deployment per face: SR generator {sr * 1e3:.1f} ms, classifier {b * 1e3:.1f} ms "
+        f"({sr / (sr + b):.0%} SR)"
+    )
 
 
 def serve_phase(name, bundle, overrides, bodies, args) -> dict:
@@ -73,8 +77,9 @@ def plain_phase(bundle, bodies, args) -> dict:
     from ferray.testing import free_port
 
     port = free_port()
-    process = subprocess.Popen([sys.executable, "-m", "bench.plain_server", "--bundle", str(bundle),
-                                "--port", str(port)], cwd=REPO)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "bench.plain_server", "--bundle", str(bundle), "--port", str(port)], cwd=REPO
+    )
     try:
         url = f"http://127.0.0.1:{port}"
         wait_healthy(url, 120)
@@ -103,8 +108,15 @@ def main() -> int:
         bundle = args.bundle
         if bundle is None:
             synthesize(Path(tmp) / "data", SynthSpec(n=140, seed=0))
-            bundle = untrained_bundle(tmp, Path(tmp) / "data", tta=args.tta, model_a="xception_a",
-                                      model_b=args.model_b, sr_channels=32, sr_blocks=4)
+            bundle = untrained_bundle(
+                tmp,
+                Path(tmp) / "data",
+                tta=args.tta,
+                model_a="xception_a",
+                model_b=args.model_b,
+                sr_channels=32,
+                sr_blocks=4,
+            )
             print(f"bundle: untrained xception_a + {args.model_b} on SR faces, TTA {'on' if args.tta else 'off'}")
         print(sr_share(bundle))
         bodies = face_bodies()
@@ -112,8 +124,10 @@ def main() -> int:
         results = {}
         print(f"{args.clients} clients, {args.seconds:.0f} s each after {args.warmup:.0f} s warm-up")
         print(HEADER)
-        for name, overrides in (("(a) Serve, batching", []),
-                                ("(b) Serve, no batching", ["model_a.max_batch_size=1", "model_b.max_batch_size=1"])):
+        for name, overrides in (
+            ("(a) Serve, batching", []),
+            ("(b) Serve, no batching", ["model_a.max_batch_size=1", "model_b.max_batch_size=1"]),
+        ):
             results[name] = serve_phase(name, bundle, overrides, bodies, args)
             print(format_row(name, results[name]), flush=True)
         results["(c) plain process"] = plain_phase(bundle, bodies, args)

@@ -21,7 +21,9 @@ import torch
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", type=Path, default=None, help="FER2013 (default: .fer2013/ or ../shared/data/fer2013)")
+    parser.add_argument(
+        "--data", type=Path, default=None, help="FER2013 (default: .fer2013/ or ../shared/data/fer2013)"
+    )
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--channels", type=int, default=32)
     parser.add_argument("--blocks", type=int, default=6)
@@ -46,24 +48,41 @@ def main() -> int:
         pick = np.random.default_rng(0).permutation(len(y))[: args.subset]
         x, y = x[pick], y[pick]
     xt, yt = splits["PublicTest"]
-    cfg = load_config(None, [f"sr.generator_channels={args.channels}", f"sr.generator_blocks={args.blocks}",
-                             f"sr.pretrain_epochs={args.epochs}", f"train.epochs={args.epochs}", "sr.content=mse",
-                             f"sr.lr_g={args.lr}", f"train.batch_size={args.batch_size}"])
+    cfg = load_config(
+        None,
+        [
+            f"sr.generator_channels={args.channels}",
+            f"sr.generator_blocks={args.blocks}",
+            f"sr.pretrain_epochs={args.epochs}",
+            f"train.epochs={args.epochs}",
+            "sr.content=mse",
+            f"sr.lr_g={args.lr}",
+            f"train.batch_size={args.batch_size}",
+        ],
+    )
     state = sr_engine.build_sr_state(cfg, device)
     train = TensorBatches(torch.from_numpy(x).to(device), torch.from_numpy(y).to(device), args.batch_size)
-    test = TensorBatches(torch.from_numpy(xt).to(device), torch.from_numpy(yt).to(device), 512, shuffle=False, drop_last=False)
+    test = TensorBatches(
+        torch.from_numpy(xt).to(device), torch.from_numpy(yt).to(device), 512, shuffle=False, drop_last=False
+    )
     params = sum(p.numel() for p in state.core.parameters())
-    print(f"SRResNet {args.channels} channels x {args.blocks} blocks ({params:,} parameters), pixel MSE, "
-          f"{len(y):,} Training faces, {len(yt):,} PublicTest faces, device {device}", flush=True)
+    print(
+        f"SRResNet {args.channels} channels x {args.blocks} blocks ({params:,} parameters), pixel MSE, "
+        f"{len(y):,} Training faces, {len(yt):,} PublicTest faces, device {device}",
+        flush=True,
+    )
     result = None
     for epoch in range(args.epochs):
         t0 = time.perf_counter()
         train_metrics = sr_engine.train_sr_epoch(state, train)
         result = sr_engine.evaluate_sr(state.core, test, device)
         sr_engine.end_sr_epoch(state, train_metrics, result)
-        print(f"epoch {epoch + 1}/{args.epochs} ({time.perf_counter() - t0:.0f}s): PSNR {result['psnr']:.2f} dB vs "
-              f"bicubic {result['bicubic_psnr']:.2f} dB ({result['psnr_gain']:+.2f} dB); SSIM {result['ssim']:.4f} vs "
-              f"{result['bicubic_ssim']:.4f} ({result['ssim_gain']:+.4f})", flush=True)
+        print(
+            f"epoch {epoch + 1}/{args.epochs} ({time.perf_counter() - t0:.0f}s): PSNR {result['psnr']:.2f} dB vs "
+            f"bicubic {result['bicubic_psnr']:.2f} dB ({result['psnr_gain']:+.2f} dB); SSIM {result['ssim']:.4f} vs "
+            f"{result['bicubic_ssim']:.4f} ({result['ssim_gain']:+.4f})",
+            flush=True,
+        )
     print(f"PSNR gain over bicubic at 24 -> 48 on PublicTest: {result['psnr_gain']:+.2f} dB (target >= +1.0 dB)")
     return 0
 

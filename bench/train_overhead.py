@@ -25,10 +25,20 @@ import torch
 def config(data: Path, args):
     from ferray.config import load_config
 
-    return load_config(None, [f"data.path={data}", f"model.name={args.model}", f"train.epochs={args.epochs}",
-                              "train.batch_size=64", "optim.lr=0.003", "optim.schedule=cosine",
-                              "loss.center_lambda=0.001", "scaling.workers=1",
-                              f"scaling.cpus_per_worker={args.threads}"])
+    return load_config(
+        None,
+        [
+            f"data.path={data}",
+            f"model.name={args.model}",
+            f"train.epochs={args.epochs}",
+            "train.batch_size=64",
+            "optim.lr=0.003",
+            "optim.schedule=cosine",
+            "loss.center_lambda=0.001",
+            "scaling.workers=1",
+            f"scaling.cpus_per_worker={args.threads}",
+        ],
+    )
 
 
 def bare(cfg, folder: Path) -> tuple[float, int, float]:
@@ -39,8 +49,14 @@ def bare(cfg, folder: Path) -> tuple[float, int, float]:
     torch.set_num_threads(int(cfg.scaling.cpus_per_worker))
     splits = load_faces(cfg.data.path)
     cfg.data.selection_split = "PublicTest"  # synthetic data has PrivateTest: FER2013's protocol
-    state, run = train_local(cfg, splits[cfg.data.train_split], splits["PublicTest"], torch.device("cpu"),
-                             folder / "bare", echo=lambda _: None)
+    state, run = train_local(
+        cfg,
+        splits[cfg.data.train_split],
+        splits["PublicTest"],
+        torch.device("cpu"),
+        folder / "bare",
+        echo=lambda _: None,
+    )
     rows = state.history
     return rows[-1]["loop_seconds"], sum(r["train_images"] for r in rows), run.best["eval_acc"]
 
@@ -73,11 +89,15 @@ def main() -> int:
         connect(progress=False)
         bare_s, bare_images, bare_acc = bare(cfg, folder)
         ray_s, ray_images, ray_acc, ray_total = ray_train(cfg, folder)
-    print(f"{args.model}, {args.epochs} epochs of {bare_images // args.epochs:,} synthetic faces, "
-          f"batch 64, {args.threads} CPU threads, {torch.__version__}")
+    print(
+        f"{args.model}, {args.epochs} epochs of {bare_images // args.epochs:,} synthetic faces, "
+        f"batch 64, {args.threads} CPU threads, {torch.__version__}"
+    )
     print(f"  bare engine      {bare_s:7.1f} s  {bare_images / bare_s:8.1f} images/s  best eval {bare_acc:.1%}")
-    print(f"  Ray Train (1 w)  {ray_s:7.1f} s  {ray_images / ray_s:8.1f} images/s  best eval {ray_acc:.1%}"
-          f"   (whole fit() incl. start-up: {ray_total:.1f} s)")
+    print(
+        f"  Ray Train (1 w)  {ray_s:7.1f} s  {ray_images / ray_s:8.1f} images/s  best eval {ray_acc:.1%}"
+        f"   (whole fit() incl. start-up: {ray_total:.1f} s)"
+    )
     ratio = (ray_images / ray_s) / (bare_images / bare_s)
     print(f"Ray Train / bare images/s = {ratio:.3f}  (target >= 0.90; overhead {1 - ratio:+.1%})")
     return 0

@@ -33,8 +33,9 @@ def main() -> int:
         synthesize(tmp / "faces", SynthSpec(n=args.n, seed=0))
         results = {}
         for label, asha in (("ASHA", True), ("no early stopping", False)):
-            spec = load_search(REPO / "experiments" / "debug_tune.yaml",
-                               [f"data.path={tmp / 'faces'}", f"train.epochs={args.epochs}"])
+            spec = load_search(
+                REPO / "experiments" / "debug_tune.yaml", [f"data.path={tmp / 'faces'}", f"train.epochs={args.epochs}"]
+            )
             spec.samples, spec.max_concurrent = args.samples, 2
             spec.name = "asha" if asha else "fifo"
             if not asha:
@@ -42,13 +43,18 @@ def main() -> int:
             results[label] = run_search(spec, tmp / "runs", echo=lambda _: None)
     print(f"{args.samples} trials x up to {args.epochs} epochs of debug_a on {args.n:,} synthetic faces, 2 at a time")
     for label, r in results.items():
-        print(f"  {label:<18} best PublicTest {float(r['best']['eval_acc']):6.2%}   trial-epochs {r['trial_epochs']:3d}   "
-              f"stopped early {r['stopped_early']}   {r['seconds']:6.0f} s")
+        print(
+            f"  {label:<18} best PublicTest {float(r['best']['eval_acc']):6.2%}   trial-epochs "
+            f"{r['trial_epochs']:3d}   "
+            f"stopped early {r['stopped_early']}   {r['seconds']:6.0f} s"
+        )
     asha, fifo = results["ASHA"], results["no early stopping"]
-    print(f"ASHA spent {asha['trial_epochs'] / fifo['trial_epochs']:.0%} of the trial-epochs "
-          f"({1 - asha['trial_epochs'] / fifo['trial_epochs']:.0%} saved) and {asha['seconds'] / fifo['seconds']:.0%} of "
-          f"the time, for a best accuracy {float(asha['best']['eval_acc']) - float(fifo['best']['eval_acc']):+.2%} "
-          f"from the full search's")
+    print(
+        f"ASHA spent {asha['trial_epochs'] / fifo['trial_epochs']:.0%} of the trial-epochs "
+        f"({1 - asha['trial_epochs'] / fifo['trial_epochs']:.0%} saved) and {asha['seconds'] / fifo['seconds']:.0%} of "
+        f"the time, for a best accuracy {float(asha['best']['eval_acc']) - float(fifo['best']['eval_acc']):+.2%} "
+        f"from the full search's"
+    )
     return 0
 
 

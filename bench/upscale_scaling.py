@@ -26,8 +26,15 @@ def write_generator(path: Path, channels: int, blocks: int) -> None:
     from ferray.config import load_config
     from ferray.sr import engine as sr_engine
 
-    cfg = load_config(None, [f"sr.generator_channels={channels}", f"sr.generator_blocks={blocks}",
-                             "sr.discriminator_channels=8", "sr.content=mse"])
+    cfg = load_config(
+        None,
+        [
+            f"sr.generator_channels={channels}",
+            f"sr.generator_blocks={blocks}",
+            "sr.discriminator_channels=8",
+            "sr.content=mse",
+        ],
+    )
     sr_engine.save_sr_checkpoint(path, sr_engine.build_sr_state(cfg, torch.device("cpu")), {})
 
 
@@ -57,9 +64,17 @@ def main() -> int:
 
         def pool(actors):
             def run(n):
-                manifest = upscale(tmp / f"faces{n}", tmp / f"ray{actors}-{n}", "srgan", str(tmp / "g.pt"),
-                                   actors=actors, batch_size=args.batch_size, echo=lambda _: None)
+                manifest = upscale(
+                    tmp / f"faces{n}",
+                    tmp / f"ray{actors}-{n}",
+                    "srgan",
+                    str(tmp / "g.pt"),
+                    actors=actors,
+                    batch_size=args.batch_size,
+                    echo=lambda _: None,
+                )
                 assert manifest["rows"] == n
+
             return run
 
         runs["plain loop (1 process)"] = plain
@@ -73,19 +88,27 @@ def main() -> int:
                 t0 = time.perf_counter()
                 run(n)
                 timings[name].append(time.perf_counter() - t0)
-    print(f"generator {args.channels} ch x {args.blocks} blocks, {args.n:,} and {2 * args.n:,} faces 48 -> 96, "
-          f"batch {args.batch_size}, 1 thread per worker")
+    print(
+        f"generator {args.channels} ch x {args.blocks} blocks, {args.n:,} and {2 * args.n:,} faces 48 -> 96, "
+        f"batch {args.batch_size}, 1 thread per worker"
+    )
     marginal = {}
     for name, (t1, t2) in timings.items():
         marginal[name] = args.n / max(t2 - t1, 1e-9)
-        print(f"  {name:<24} {t1:7.1f} s / {t2:7.1f} s   steady {marginal[name]:7.1f} img/s   "
-              f"end-to-end {2 * args.n / t2:7.1f} img/s")
+        print(
+            f"  {name:<24} {t1:7.1f} s / {t2:7.1f} s   steady {marginal[name]:7.1f} img/s   "
+            f"end-to-end {2 * args.n / t2:7.1f} img/s"
+        )
     one, two, loop = marginal["ray, 1 actor"], marginal["ray, 2 actors"], marginal["plain loop (1 process)"]
-    print(f"2 actors / 1 actor = {two / one:.2f}x (target >= 1.7x); 1 actor / plain loop = {one / loop:.2f}x "
-          f"(target >= 1.0x)  [steady state]")
+    print(
+        f"2 actors / 1 actor = {two / one:.2f}x (target >= 1.7x); 1 actor / plain loop = {one / loop:.2f}x "
+        f"(target >= 1.0x)  [steady state]"
+    )
     end = {name: 2 * args.n / t[1] for name, t in timings.items()}
-    print(f"end-to-end on {2 * args.n:,} faces: 2 actors / 1 actor = {end['ray, 2 actors'] / end['ray, 1 actor']:.2f}x; "
-          f"1 actor / plain loop = {end['ray, 1 actor'] / end['plain loop (1 process)']:.2f}x")
+    print(
+        f"end-to-end on {2 * args.n:,} faces: 2 actors / 1 actor = {end['ray, 2 actors'] / end['ray, 1 actor']:.2f}x; "
+        f"1 actor / plain loop = {end['ray, 1 actor'] / end['plain loop (1 process)']:.2f}x"
+    )
     return 0
 
 

@@ -12,8 +12,9 @@ all three go through ferray.predict. A PIL image or a numpy array skips only the
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -24,8 +25,9 @@ class Predictor:
     """A loaded bundle. `predict` takes a path, image bytes, a PIL image or a numpy array (H, W)
     grayscale or (H, W, 3) RGB, uint8."""
 
-    def __init__(self, bundle: str | Path | None = None, device: str | None = None, limits: Limits = Limits(),
-                 int8: bool = False):
+    def __init__(
+        self, bundle: str | Path | None = None, device: str | None = None, limits: Limits = Limits(), int8: bool = False
+    ):
         from ferray.ensemble import load_bundle, resolve_bundle
         from ferray.predict import local_predictor
 
@@ -44,8 +46,8 @@ class Predictor:
 
     def predict_many(self, images: Sequence[Any], detect: bool = True) -> list[dict]:
         """The answers for several images, their faces classified in one batch."""
-        from ferray.predict import all_faces, assemble
         from ferray.faces import faces_in_image
+        from ferray.predict import all_faces, assemble
 
         found = []
         for index, image in enumerate(images):
@@ -67,8 +69,9 @@ class Predictor:
             return f"array {index}", _array_to_gray(image, f"array {index}")
         if hasattr(image, "mode") and hasattr(image, "convert"):  # a PIL image, without importing PIL here
             return f"image {index}", to_gray(image)
-        raise InputError(f"image {index}: a {type(image).__name__}; pass a path, image bytes, a PIL image or a "
-                         "numpy array")
+        raise InputError(
+            f"image {index}: a {type(image).__name__}; pass a path, image bytes, a PIL image or a numpy array"
+        )
 
     def __repr__(self) -> str:
         members = "+".join(m.upper() for m in ("a", "b") if self.card["members"].get(m))

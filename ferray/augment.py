@@ -51,7 +51,9 @@ def random_affine(batch: int, size: int, crop: int, cfg: AugmentConfig, device) 
     u = lambda: torch.rand(batch, device=device) * 2 - 1  # noqa: E731  uniform in [-1, 1]
     angle = u() * math.radians(cfg.rotation)
     zoom = 1 + u() * cfg.scale
-    flip = torch.where(torch.rand(batch, device=device) < 0.5, -1.0, 1.0) if cfg.flip else torch.ones(batch, device=device)
+    flip = (
+        torch.where(torch.rand(batch, device=device) < 0.5, -1.0, 1.0) if cfg.flip else torch.ones(batch, device=device)
+    )
     ratio = crop / size
     cos, sin = torch.cos(angle) * ratio / zoom, torch.sin(angle) * ratio / zoom
     theta = torch.zeros(batch, 2, 3, device=device)
@@ -92,8 +94,12 @@ def random_erase(x: torch.Tensor, prob: float, max_area: float = 0.25) -> torch.
     left = torch.rand(batch, device=x.device) * (w - ew)
     rows = torch.arange(h, device=x.device)[None, :, None]
     cols = torch.arange(w, device=x.device)[None, None, :]
-    inside = ((rows >= top[:, None, None]) & (rows < (top + eh)[:, None, None])
-              & (cols >= left[:, None, None]) & (cols < (left + ew)[:, None, None]))
+    inside = (
+        (rows >= top[:, None, None])
+        & (rows < (top + eh)[:, None, None])
+        & (cols >= left[:, None, None])
+        & (cols < (left + ew)[:, None, None])
+    )
     chosen = (torch.rand(batch, device=x.device) < prob)[:, None, None]
     mask = (inside & chosen).unsqueeze(1)
     return torch.where(mask, torch.rand_like(x), x)
@@ -117,8 +123,9 @@ def eval_views(images: torch.Tensor, crop: int, tta: bool, scale: int = 1) -> to
 
 
 @torch.no_grad()
-def predict_proba(model, images: torch.Tensor, crop: int, tta: bool, amp: bool = False, scale: int = 1,
-                  channels_last: bool = False) -> torch.Tensor:
+def predict_proba(
+    model, images: torch.Tensor, crop: int, tta: bool, amp: bool = False, scale: int = 1, channels_last: bool = False
+) -> torch.Tensor:
     """Class probabilities (B, C) of uint8 faces; with TTA the mean softmax over the ten views.
     `amp`: bf16 autocast (the caller decides where it pays off: ferray.device.use_bf16)."""
     views = eval_views(images, crop, tta, scale)

@@ -15,7 +15,8 @@ from ferray import __version__
 from ferray.errors import UsageError
 
 EPILOG = """\
-stages: synth | prepare -> sr train -> sr upscale -> train / tune -> evaluate -> ensemble [-> quantize] -> serve / predict
+stages: synth | prepare -> sr train -> sr upscale -> train / tune -> evaluate -> ensemble [-> quantize]
+        -> serve / predict
 the paper: report (every run, Table 1, Figures 2-5); explain (guided backprop); crops (training views)
 Ray: set RAY_ADDRESS (or run under `ray job submit`) to use a cluster; otherwise an embedded Ray
 is started on this machine. Run `ferray <command> --help` for each command's options.
@@ -28,7 +29,9 @@ def _formatter(prog):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="ferray", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
+        prog="ferray",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EPILOG,
         description="Facial-expression recognition on FER2013, trained, tuned and served with Ray.",
     )
     parser.add_argument("--version", action="version", version=f"ferray {__version__}")
@@ -53,12 +56,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_demo(sub) -> None:
-    p = sub.add_parser("demo", formatter_class=_formatter, help="run the pipeline end to end on synthetic faces",
-                       description="Run the whole pipeline on synthetic faces on an embedded Ray: a synthetic "
-                       "fer2013.csv -> prepare -> Model A -> SRGAN -> upscale -> a Tune search -> Model B -> the "
-                       "ensemble bundle -> Ray Serve over HTTP -> the paper's report (OUT/report/report.html). About "
-                       "8 minutes on 2 CPU cores. Every artifact goes under --out; rerunning replaces the previous "
-                       "demo there.")
+    p = sub.add_parser(
+        "demo",
+        formatter_class=_formatter,
+        help="run the pipeline end to end on synthetic faces",
+        description="Run the whole pipeline on synthetic faces on an embedded Ray: a synthetic "
+        "fer2013.csv -> prepare -> Model A -> SRGAN -> upscale -> a Tune search -> Model B -> the "
+        "ensemble bundle -> Ray Serve over HTTP -> the paper's report (OUT/report/report.html). About "
+        "8 minutes on 2 CPU cores. Every artifact goes under --out; rerunning replaces the previous "
+        "demo there.",
+    )
     p.add_argument("--out", type=Path, default=None, help="folder for every artifact (default: ./ferray-demo)")
     p.add_argument("--n", type=int, default=1400, help="synthetic faces to make (default: 1400)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
@@ -66,49 +73,82 @@ def _add_demo(sub) -> None:
 
 
 def _add_prepare(sub) -> None:
-    p = sub.add_parser("prepare", formatter_class=_formatter, help="FER2013 in any common form -> Parquet + manifest",
-                       description="Turn FER2013 into the prepared-data contract (Parquet per split + "
-                       "manifest.json) with Ray Data. Sources: Kaggle fer2013.csv, icml_face_data.csv, "
-                       "an image folder ROOT/{train,test}/<emotion>/<Usage>_<id>.jpg, or a .zip of "
-                       "either. The output appears only when complete.")
+    p = sub.add_parser(
+        "prepare",
+        formatter_class=_formatter,
+        help="FER2013 in any common form -> Parquet + manifest",
+        description="Turn FER2013 into the prepared-data contract (Parquet per split + "
+        "manifest.json) with Ray Data. Sources: Kaggle fer2013.csv, icml_face_data.csv, "
+        "an image folder ROOT/{train,test}/<emotion>/<Usage>_<id>.jpg, or a .zip of "
+        "either. The output appears only when complete.",
+    )
     p.add_argument("--source", required=True, type=Path, help="fer2013.csv, icml_face_data.csv, image folder or .zip")
     p.add_argument("--out", required=True, type=Path, help="output folder (must not exist unless --overwrite)")
-    p.add_argument("--on-bad-record", choices=("error", "skip"), default="error",
-                   help="error (default): stop at the first bad record, naming it; skip: skip bad records, "
-                   "count them by kind in the manifest and list them in rejected.csv")
-    p.add_argument("--resize", action="store_true",
-                   help="resize images that are not 48x48 (counted in the manifest) instead of rejecting them")
-    p.add_argument("--validation", default="auto", metavar="auto|none|FRACTION",
-                   help="carve a class-stratified Validation split from Training to select models on: auto "
-                   "(default) carves 10%% when the source has no PrivateTest, so that PublicTest stays an "
-                   "untouched test; with PrivateTest, FER2013's own protocol selects on PublicTest")
-    p.add_argument("--seed", type=int, default=0, help="seed of the Validation faces and the Training order (default: 0)")
-    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists (only once the new one is complete)")
+    p.add_argument(
+        "--on-bad-record",
+        choices=("error", "skip"),
+        default="error",
+        help="error (default): stop at the first bad record, naming it; skip: skip bad records, "
+        "count them by kind in the manifest and list them in rejected.csv",
+    )
+    p.add_argument(
+        "--resize",
+        action="store_true",
+        help="resize images that are not 48x48 (counted in the manifest) instead of rejecting them",
+    )
+    p.add_argument(
+        "--validation",
+        default="auto",
+        metavar="auto|none|FRACTION",
+        help="carve a class-stratified Validation split from Training to select models on: auto "
+        "(default) carves 10%% when the source has no PrivateTest, so that PublicTest stays an "
+        "untouched test; with PrivateTest, FER2013's own protocol selects on PublicTest",
+    )
+    p.add_argument(
+        "--seed", type=int, default=0, help="seed of the Validation faces and the Training order (default: 0)"
+    )
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace --out if it exists (only once the new one is complete)"
+    )
     p.set_defaults(func=cmd_prepare)
 
 
 def _add_synth(sub) -> None:
     from ferray.data.synth import FORMATS
 
-    p = sub.add_parser("synth", formatter_class=_formatter, help="write synthetic FER-like faces",
-                       description="Write synthetic 48x48 faces whose expression follows the 7 FER2013 "
-                       "labels, with random pose, lighting, noise and occluders. parquet writes the "
-                       "prepared contract directly; the other formats write a source for `ferray prepare`.")
+    p = sub.add_parser(
+        "synth",
+        formatter_class=_formatter,
+        help="write synthetic FER-like faces",
+        description="Write synthetic 48x48 faces whose expression follows the 7 FER2013 "
+        "labels, with random pose, lighting, noise and occluders. parquet writes the "
+        "prepared contract directly; the other formats write a source for `ferray prepare`.",
+    )
     p.add_argument("--out", required=True, type=Path, help="output folder")
     p.add_argument("--n", type=int, default=2000, help="number of faces (default: 2000)")
     p.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same faces")
     p.add_argument("--format", choices=FORMATS, default="parquet", help="output form (default: parquet)")
-    p.add_argument("--balance", choices=("uniform", "fer"), default="uniform",
-                   help="class balance: uniform (default) or FER2013's Training frequencies")
-    p.add_argument("--difficulty", type=float, default=1.0, help="scale of expression spread and nuisances (default: 1)")
+    p.add_argument(
+        "--balance",
+        choices=("uniform", "fer"),
+        default="uniform",
+        help="class balance: uniform (default) or FER2013's Training frequencies",
+    )
+    p.add_argument(
+        "--difficulty", type=float, default=1.0, help="scale of expression spread and nuisances (default: 1)"
+    )
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.set_defaults(func=cmd_synth)
 
 
 def _add_info(sub) -> None:
-    p = sub.add_parser("info", formatter_class=_formatter, help="print a prepared dataset's manifest",
-                       description="Print a prepared dataset's manifest: source, counts per split and class, "
-                       "skipped records, checksum.")
+    p = sub.add_parser(
+        "info",
+        formatter_class=_formatter,
+        help="print a prepared dataset's manifest",
+        description="Print a prepared dataset's manifest: source, counts per split and class, "
+        "skipped records, checksum.",
+    )
     p.add_argument("dir", type=Path, help="a folder written by `ferray prepare` or `ferray synth`")
     p.add_argument("--json", action="store_true", help="print the raw manifest.json")
     p.add_argument("--verify", action="store_true", help="re-read every file and check counts and checksum")
@@ -116,19 +156,28 @@ def _add_info(sub) -> None:
 
 
 def _add_train(sub) -> None:
-    p = sub.add_parser("train", formatter_class=_formatter, help="train a model with Ray Train",
-                       description="Train the experiment's model with Ray Train (TorchTrainer, DDP across "
-                       "workers): a checkpoint every epoch, the best kept by eval accuracy, lost workers "
-                       "restarted from the latest checkpoint. The run folder OUT/NAME holds config.yaml, "
-                       "metrics.jsonl, TensorBoard events, Ray's checkpoints, best.pt and result.json.")
+    p = sub.add_parser(
+        "train",
+        formatter_class=_formatter,
+        help="train a model with Ray Train",
+        description="Train the experiment's model with Ray Train (TorchTrainer, DDP across "
+        "workers): a checkpoint every epoch, the best kept by eval accuracy, lost workers "
+        "restarted from the latest checkpoint. The run folder OUT/NAME holds config.yaml, "
+        "metrics.jsonl, TensorBoard events, Ray's checkpoints, best.pt and result.json.",
+    )
     p.add_argument("experiment", type=Path, help="an experiments/*.yaml file")
     _run_flags(p, "run", "--workers", "data-parallel workers", "epochs", "e.g. --set optim.lr=0.003")
     p.set_defaults(func=cmd_train)
 
 
 # Flags shared by the commands that train (train, sr train, tune): each maps onto one config key.
-RUN_FLAGS = {"data": "data.path", "workers": "scaling.workers", "workers_per_trial": "scaling.workers",
-             "gpus_per_worker": "scaling.gpus_per_worker", "epochs": "train.epochs"}
+RUN_FLAGS = {
+    "data": "data.path",
+    "workers": "scaling.workers",
+    "workers_per_trial": "scaling.workers",
+    "gpus_per_worker": "scaling.gpus_per_worker",
+    "epochs": "train.epochs",
+}
 
 
 def _run_flags(p, what: str, workers_flag: str, workers_help: str, epochs_help: str, set_example: str) -> None:
@@ -138,10 +187,19 @@ def _run_flags(p, what: str, workers_flag: str, workers_help: str, epochs_help: 
     p.add_argument("--epochs", type=int, help=f"{epochs_help} (overrides train.epochs)")
     p.add_argument("--out", type=Path, default=Path("runs"), help="folder of runs (default: ./runs)")
     p.add_argument("--name", help=f"{what} name (default: the file's name)")
-    p.add_argument("--resume", action="store_true", help=f"continue the interrupted {what} OUT/NAME without repeating "
-                   "what finished")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help=f"override any config value, {set_example} (repeatable)")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help=f"continue the interrupted {what} OUT/NAME without repeating what finished",
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help=f"override any config value, {set_example} (repeatable)",
+    )
 
 
 def _flag_overrides(args) -> list[str]:
@@ -155,134 +213,226 @@ def _flag_overrides(args) -> list[str]:
 
 
 def _add_evaluate(sub) -> None:
-    p = sub.add_parser("evaluate", formatter_class=_formatter, help="evaluate a checkpoint on a split",
-                       description="Accuracy, per-class accuracy and the normalized confusion matrix (PNG and "
-                       "JSON) of a checkpoint on any split of a prepared dataset. Runs on a GPU if there is one.")
+    p = sub.add_parser(
+        "evaluate",
+        formatter_class=_formatter,
+        help="evaluate a checkpoint on a split",
+        description="Accuracy, per-class accuracy and the normalized confusion matrix (PNG and "
+        "JSON) of a checkpoint on any split of a prepared dataset. Runs on a GPU if there is one.",
+    )
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--checkpoint", type=Path, help="a checkpoint file (e.g. RUN/best.pt)")
-    what.add_argument("--bundle", help="a serving bundle (`ferray ensemble`), or `default` for the model that ships "
-                      "with ferray: the bundle's report with each member's accuracy beside it")
+    what.add_argument(
+        "--bundle",
+        help="a serving bundle (`ferray ensemble`), or `default` for the model that ships "
+        "with ferray: the bundle's report with each member's accuracy beside it",
+    )
     p.add_argument("--data", required=True, type=Path, help="prepared data folder")
     p.add_argument("--split", default="PublicTest", help="split to evaluate (default: PublicTest)")
-    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
-                   help="ten-crop test-time augmentation (4 corners + center, mirrored); default: off for a "
-                   "checkpoint, as the bundle says for --bundle")
-    p.add_argument("--out", type=Path, help="folder for eval-<split>[-tta].json/.png (default: beside the checkpoint; "
-                   "for --bundle, none are written unless --out is given: a bundle may be the installed default)")
+    p.add_argument(
+        "--tta",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="ten-crop test-time augmentation (4 corners + center, mirrored); default: off for a "
+        "checkpoint, as the bundle says for --bundle",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        help="folder for eval-<split>[-tta].json/.png (default: beside the checkpoint; "
+        "for --bundle, none are written unless --out is given: a bundle may be the installed default)",
+    )
     _add_int8_flag(p)
     p.set_defaults(func=cmd_evaluate)
 
 
 def _add_int8_flag(p) -> None:
-    p.add_argument("--int8", action="store_true",
-                   help="forward Model A in int8 on the CPU (a bundle calibrated by `ferray quantize`; needs "
-                   "torchao: pip install 'ferray[int8]'); each batch shape compiles once, ~15 s apiece on 2 cores")
+    p.add_argument(
+        "--int8",
+        action="store_true",
+        help="forward Model A in int8 on the CPU (a bundle calibrated by `ferray quantize`; needs "
+        "torchao: pip install 'ferray[int8]'); each batch shape compiles once, ~15 s apiece on 2 cores",
+    )
 
 
 def _add_quantize(sub) -> None:
-    p = sub.add_parser("quantize", formatter_class=_formatter, help="calibrate a bundle's Model A for int8 CPU inference",
-                       description="Record Model A's activation ranges on the ten TTA views of --faces Training "
-                       "faces (the test splits stay untouched), write them into BUNDLE (model_a.int8.json, a few kB; "
-                       "the int8 weights are made from the bundle's own on load), then evaluate the int8 model on "
-                       "the splits the bundle was evaluated on and add those accuracies to bundle.json and "
-                       "MODEL_CARD.md. Needs torchao (pip install 'ferray[int8]'). About 3 minutes for the "
-                       "default model on 2 cores.")
-    p.add_argument("bundle", type=Path, help="the bundle folder to calibrate (written into; copy the installed default first)")
+    p = sub.add_parser(
+        "quantize",
+        formatter_class=_formatter,
+        help="calibrate a bundle's Model A for int8 CPU inference",
+        description="Record Model A's activation ranges on the ten TTA views of --faces Training "
+        "faces (the test splits stay untouched), write them into BUNDLE (model_a.int8.json, a few kB; "
+        "the int8 weights are made from the bundle's own on load), then evaluate the int8 model on "
+        "the splits the bundle was evaluated on and add those accuracies to bundle.json and "
+        "MODEL_CARD.md. Needs torchao (pip install 'ferray[int8]'). About 3 minutes for the "
+        "default model on 2 cores.",
+    )
+    p.add_argument(
+        "bundle", type=Path, help="the bundle folder to calibrate (written into; copy the installed default first)"
+    )
     p.add_argument("--data", required=True, type=Path, help="prepared 48x48 data folder with a Training split")
-    p.add_argument("--faces", type=int, default=256, help="Training faces to calibrate on (default: 256, ten views each)")
+    p.add_argument(
+        "--faces", type=int, default=256, help="Training faces to calibrate on (default: 256, ten views each)"
+    )
     p.add_argument("--seed", type=int, default=0, help="which faces (default: 0)")
     p.set_defaults(func=cmd_quantize)
 
 
 def _add_ensemble(sub) -> None:
-    p = sub.add_parser("ensemble", formatter_class=_formatter, help="fuse A and B (or A alone) into a serving bundle",
-                       description="Fuse Model A (48x48 faces) and Model B (faces upscaled by the SR generator) by "
-                       "a weighted mean of their probabilities, the weight fitted on the selection split (a grid "
-                       "over [0, 1], max accuracy); logit averaging and stacking are measured too and recorded. "
-                       "Without --b the bundle holds Model A alone. Every untouched split is then evaluated "
-                       "(center crop and TTA) for the model card. Writes the serving bundle OUT: bundle.json, "
-                       "half-precision checkpoints, confusion matrices and MODEL_CARD.md.")
+    p = sub.add_parser(
+        "ensemble",
+        formatter_class=_formatter,
+        help="fuse A and B (or A alone) into a serving bundle",
+        description="Fuse Model A (48x48 faces) and Model B (faces upscaled by the SR generator) by "
+        "a weighted mean of their probabilities, the weight fitted on the selection split (a grid "
+        "over [0, 1], max accuracy); logit averaging and stacking are measured too and recorded. "
+        "Without --b the bundle holds Model A alone. Every untouched split is then evaluated "
+        "(center crop and TTA) for the model card. Writes the serving bundle OUT: bundle.json, "
+        "half-precision checkpoints, confusion matrices and MODEL_CARD.md.",
+    )
     p.add_argument("--a", required=True, type=Path, help="Model A checkpoint (e.g. runs/model_a/best.pt)")
     p.add_argument("--b", type=Path, help="Model B checkpoint (omit for a bundle of Model A alone)")
-    p.add_argument("--sr", type=Path, help="SR generator checkpoint B was trained behind (omit for a B on bicubic input)")
+    p.add_argument(
+        "--sr", type=Path, help="SR generator checkpoint B was trained behind (omit for a B on bicubic input)"
+    )
     p.add_argument("--data", required=True, type=Path, help="prepared 48x48 data folder")
     p.add_argument("--out", required=True, type=Path, help="bundle folder to write")
-    p.add_argument("--split", help="split the fusion weight is fitted on (default: the selection split A was chosen on)")
+    p.add_argument(
+        "--split", help="split the fusion weight is fitted on (default: the selection split A was chosen on)"
+    )
     p.add_argument("--no-tta", dest="tta", action="store_false", help="no ten-crop test-time augmentation")
-    p.add_argument("--no-tests", dest="tests", action="store_false",
-                   help="do not evaluate the untouched splits (faster; the model card then has no test figures)")
+    p.add_argument(
+        "--no-tests",
+        dest="tests",
+        action="store_false",
+        help="do not evaluate the untouched splits (faster; the model card then has no test figures)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.set_defaults(func=cmd_ensemble)
 
 
 def _add_predict(sub) -> None:
-    p = sub.add_parser("predict", formatter_class=_formatter, help="classify the faces in images, without a server",
-                       description="The answer the HTTP API gives (/predict), for image files, from a bundle in "
-                       "this process: a summary on stderr and the JSON on stdout (or --json-out).")
+    p = sub.add_parser(
+        "predict",
+        formatter_class=_formatter,
+        help="classify the faces in images, without a server",
+        description="The answer the HTTP API gives (/predict), for image files, from a bundle in "
+        "this process: a summary on stderr and the JSON on stdout (or --json-out).",
+    )
     p.add_argument("images", nargs="+", type=Path, help="PNG, JPEG, BMP or WebP files")
-    p.add_argument("--bundle", help="serving bundle (default: the model that ships with ferray, Model A trained on FER2013)")
-    p.add_argument("--no-detect", dest="detect", action="store_false",
-                   help="classify each whole image as one face (no face detection)")
+    p.add_argument(
+        "--bundle", help="serving bundle (default: the model that ships with ferray, Model A trained on FER2013)"
+    )
+    p.add_argument(
+        "--no-detect",
+        dest="detect",
+        action="store_false",
+        help="classify each whole image as one face (no face detection)",
+    )
     p.add_argument("--json-out", type=Path, help="write the JSON here instead of stdout")
     _add_int8_flag(p)
     p.set_defaults(func=cmd_predict)
 
 
 def _add_serve(sub) -> None:
-    p = sub.add_parser("serve", formatter_class=_formatter, help="serve the ensemble over HTTP with Ray Serve",
-                       description="Start the Serve application of serve/config.yaml for BUNDLE on the Ray this "
-                       "command connects to (embedded by default) and print its URL. Ctrl-C or SIGTERM shuts the "
-                       "application (and an embedded Ray) down. API docs at URL/docs, a web page at URL/.")
-    p.add_argument("--bundle", help="serving bundle (`ferray ensemble` or `ferray demo`; default: the model that ships "
-                   "with ferray, Model A trained on FER2013)")
+    p = sub.add_parser(
+        "serve",
+        formatter_class=_formatter,
+        help="serve the ensemble over HTTP with Ray Serve",
+        description="Start the Serve application of serve/config.yaml for BUNDLE on the Ray this "
+        "command connects to (embedded by default) and print its URL. Ctrl-C or SIGTERM shuts the "
+        "application (and an embedded Ray) down. API docs at URL/docs, a web page at URL/.",
+    )
+    p.add_argument(
+        "--bundle",
+        help="serving bundle (`ferray ensemble` or `ferray demo`; default: the model that ships "
+        "with ferray, Model A trained on FER2013)",
+    )
     p.add_argument("--port", type=int, default=8000, help="HTTP port (default: 8000)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1; 0.0.0.0 for all)")
     p.add_argument("--config", type=Path, help="Serve config (default: serve/config.yaml of the package)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override an application arg, e.g. --set model_a.max_batch_size=1 (repeatable)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override an application arg, e.g. --set model_a.max_batch_size=1 (repeatable)",
+    )
     p.set_defaults(func=cmd_serve)
 
 
 def _add_models(sub) -> None:
-    p = sub.add_parser("models", formatter_class=_formatter, help="list the registered models",
-                       description="Every registered model with its parameters (PyTorch and Keras counting), "
-                       "depth and training input size.")
+    p = sub.add_parser(
+        "models",
+        formatter_class=_formatter,
+        help="list the registered models",
+        description="Every registered model with its parameters (PyTorch and Keras counting), "
+        "depth and training input size.",
+    )
     p.set_defaults(func=cmd_models)
 
 
 def _add_sr(sub) -> None:
-    p = sub.add_parser("sr", formatter_class=_formatter, help="SRGAN x2: train, upscale a dataset, evaluate",
-                       description="Super-resolution of the faces (SRGAN x2): train the generator on 24 -> 48 "
-                       "pairs made from the faces themselves, upscale a prepared dataset 48 -> 96 with a Ray "
-                       "Data actor pool, and measure PSNR/SSIM against bicubic.")
+    p = sub.add_parser(
+        "sr",
+        formatter_class=_formatter,
+        help="SRGAN x2: train, upscale a dataset, evaluate",
+        description="Super-resolution of the faces (SRGAN x2): train the generator on 24 -> 48 "
+        "pairs made from the faces themselves, upscale a prepared dataset 48 -> 96 with a Ray "
+        "Data actor pool, and measure PSNR/SSIM against bicubic.",
+    )
     srsub = p.add_subparsers(dest="sr_command", metavar="<sr command>", required=True)
-    t = srsub.add_parser("train", formatter_class=_formatter, help="train the SRGAN with Ray Train",
-                         description="Pre-train the generator with pixel MSE (SRResNet), then train it "
-                         "adversarially (content + 1e-3 adversarial loss), through Ray Train like `ferray train` "
-                         "(checkpoints, --resume, metrics.jsonl). The run records which content loss was used.")
+    t = srsub.add_parser(
+        "train",
+        formatter_class=_formatter,
+        help="train the SRGAN with Ray Train",
+        description="Pre-train the generator with pixel MSE (SRResNet), then train it "
+        "adversarially (content + 1e-3 adversarial loss), through Ray Train like `ferray train` "
+        "(checkpoints, --resume, metrics.jsonl). The run records which content loss was used.",
+    )
     t.add_argument("experiment", type=Path, help="an experiments/*srgan*.yaml file")
-    _run_flags(t, "run", "--workers", "data-parallel workers", "total epochs, pre-training included",
-               "e.g. --set sr.content=mse")
+    _run_flags(
+        t,
+        "run",
+        "--workers",
+        "data-parallel workers",
+        "total epochs, pre-training included",
+        "e.g. --set sr.content=mse",
+    )
     t.set_defaults(func=cmd_sr_train)
-    u = srsub.add_parser("upscale", formatter_class=_formatter, help="upscale a prepared dataset 48 -> 96",
-                         description="Apply the generator to every split 48 -> 96 with Ray Data map_batches over "
-                         "an actor pool (one GPU per actor where there are GPUs), writing the prepared-data "
-                         "contract at 96x96 with a manifest that records the generator checkpoint.")
+    u = srsub.add_parser(
+        "upscale",
+        formatter_class=_formatter,
+        help="upscale a prepared dataset 48 -> 96",
+        description="Apply the generator to every split 48 -> 96 with Ray Data map_batches over "
+        "an actor pool (one GPU per actor where there are GPUs), writing the prepared-data "
+        "contract at 96x96 with a manifest that records the generator checkpoint.",
+    )
     u.add_argument("--checkpoint", type=Path, help="an `ferray sr train` checkpoint (e.g. RUN/best.pt)")
     u.add_argument("--data", required=True, type=Path, help="prepared 48x48 data")
     u.add_argument("--out", required=True, type=Path, help="output folder (must not exist unless --overwrite)")
-    u.add_argument("--method", choices=("srgan", "bicubic"), default="srgan",
-                   help="srgan (default) or the bicubic baseline (no --checkpoint needed)")
+    u.add_argument(
+        "--method",
+        choices=("srgan", "bicubic"),
+        default="srgan",
+        help="srgan (default) or the bicubic baseline (no --checkpoint needed)",
+    )
     u.add_argument("--actors", type=int, default=1, help="actors in the pool (default: 1)")
     u.add_argument("--gpus-per-actor", type=float, default=0.0, help="GPUs per actor (default: 0, CPU)")
-    u.add_argument("--cpus-per-actor", type=float, default=1.0,
-                   help="CPUs (and torch threads) per actor when on CPU (default: 1)")
+    u.add_argument(
+        "--cpus-per-actor", type=float, default=1.0, help="CPUs (and torch threads) per actor when on CPU (default: 1)"
+    )
     u.add_argument("--batch-size", type=int, default=256, help="faces per batch (default: 256)")
     u.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     u.set_defaults(func=cmd_sr_upscale)
-    e = srsub.add_parser("eval", formatter_class=_formatter, help="PSNR/SSIM of SR vs bicubic, and a figure",
-                         description="PSNR and SSIM of the generator against bicubic at 24 -> 48 on a split "
-                         "of the 48x48 data, and a PNG grid of LR / bicubic / SR / HR faces (the paper's Figure 2).")
+    e = srsub.add_parser(
+        "eval",
+        formatter_class=_formatter,
+        help="PSNR/SSIM of SR vs bicubic, and a figure",
+        description="PSNR and SSIM of the generator against bicubic at 24 -> 48 on a split "
+        "of the 48x48 data, and a PNG grid of LR / bicubic / SR / HR faces (the paper's Figure 2).",
+    )
     e.add_argument("--checkpoint", required=True, type=Path, help="an `ferray sr train` checkpoint")
     e.add_argument("--data", required=True, type=Path, help="prepared 48x48 data")
     e.add_argument("--split", default="PublicTest", help="split (default: PublicTest)")
@@ -291,25 +441,39 @@ def _add_sr(sub) -> None:
 
 
 def _add_tune(sub) -> None:
-    p = sub.add_parser("tune", formatter_class=_formatter, help="search hyperparameters with Ray Tune + Optuna + ASHA",
-                       description="Search an experiment's hyperparameters (e.g. the learning rate and the center-loss "
-                       "lambda) with Ray Tune: Optuna's TPE (seeded; the base config's values evaluated first), ASHA "
-                       "stopping weak trials early, each trial a Ray Train run like `ferray train`. Writes trials.csv, "
-                       "search.png, best.yaml (ready for `ferray train`) and best.pt under OUT/NAME.")
+    p = sub.add_parser(
+        "tune",
+        formatter_class=_formatter,
+        help="search hyperparameters with Ray Tune + Optuna + ASHA",
+        description="Search an experiment's hyperparameters (e.g. the learning rate and the center-loss "
+        "lambda) with Ray Tune: Optuna's TPE (seeded; the base config's values evaluated first), ASHA "
+        "stopping weak trials early, each trial a Ray Train run like `ferray train`. Writes trials.csv, "
+        "search.png, best.yaml (ready for `ferray train`) and best.pt under OUT/NAME.",
+    )
     p.add_argument("search", type=Path, help="a search file, e.g. experiments/tune_a.yaml")
     p.add_argument("--samples", type=int, help="number of trials (overrides search.samples)")
     p.add_argument("--max-concurrent", type=int, help="trials at a time (default: what the resources allow)")
-    _run_flags(p, "search", "--workers-per-trial", "Ray Train workers per trial", "epochs per trial (ASHA's max_t)",
-               "of the base experiment, e.g. --set train.batch_size=32")
+    _run_flags(
+        p,
+        "search",
+        "--workers-per-trial",
+        "Ray Train workers per trial",
+        "epochs per trial (ASHA's max_t)",
+        "of the base experiment, e.g. --set train.batch_size=32",
+    )
     p.set_defaults(func=cmd_tune)
 
 
 def _add_explain(sub) -> None:
-    p = sub.add_parser("explain", formatter_class=_formatter, help="guided-backprop maps of a classifier's decision",
-                       description="Guided back-propagation (Springenberg et al. 2015): which pixels of a face raise "
-                       "a class's score. Give image files (each a face, or a photo with --detect), or --data to draw "
-                       "--per-class faces of each class of a split as one grid (the report's Figure 4). Writes PNG "
-                       "(+ JSON for images).")
+    p = sub.add_parser(
+        "explain",
+        formatter_class=_formatter,
+        help="guided-backprop maps of a classifier's decision",
+        description="Guided back-propagation (Springenberg et al. 2015): which pixels of a face raise "
+        "a class's score. Give image files (each a face, or a photo with --detect), or --data to draw "
+        "--per-class faces of each class of a split as one grid (the report's Figure 4). Writes PNG "
+        "(+ JSON for images).",
+    )
     p.add_argument("checkpoint", type=Path, help="a classifier checkpoint (RUN/best.pt, or a bundle's model_a.pt)")
     p.add_argument("images", nargs="*", type=Path, help="PNG, JPEG, BMP or WebP files")
     p.add_argument("--data", type=Path, help="prepared data: explain faces of --split instead of images")
@@ -317,16 +481,24 @@ def _add_explain(sub) -> None:
     p.add_argument("--per-class", type=int, default=2, help="faces per class for --data (default: 2)")
     p.add_argument("--target", help="class to explain, e.g. happy (default: each face's predicted class)")
     p.add_argument("--detect", action="store_true", help="find faces in the images first (Haar cascade)")
-    p.add_argument("--out", type=Path, help="PNG to write (one image or --data), or a folder (several images); "
-                   "default: beside the image / the checkpoint")
+    p.add_argument(
+        "--out",
+        type=Path,
+        help="PNG to write (one image or --data), or a folder (several images); "
+        "default: beside the image / the checkpoint",
+    )
     p.set_defaults(func=cmd_explain)
 
 
 def _add_crops(sub) -> None:
-    p = sub.add_parser("crops", formatter_class=_formatter, help="draw a face's random training views",
-                       description="A Training face and COUNT random views of it exactly as training makes them "
-                       "(crop, flip, rotation, shift, zoom, jitter per the experiment's augment section): the "
-                       "report's Figure 3, and a quick look at an augmentation before training with it.")
+    p = sub.add_parser(
+        "crops",
+        formatter_class=_formatter,
+        help="draw a face's random training views",
+        description="A Training face and COUNT random views of it exactly as training makes them "
+        "(crop, flip, rotation, shift, zoom, jitter per the experiment's augment section): the "
+        "report's Figure 3, and a quick look at an augmentation before training with it.",
+    )
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--checkpoint", type=Path, help="take the augmentation from a checkpoint's config")
     what.add_argument("--experiment", type=Path, help="take it from an experiments/*.yaml file")
@@ -334,26 +506,50 @@ def _add_crops(sub) -> None:
     p.add_argument("--index", type=int, default=0, help="which Training face (default: 0)")
     p.add_argument("--count", type=int, default=8, help="views to draw (default: 8)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set augment.rotation=20 (repeatable)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set augment.rotation=20 (repeatable)",
+    )
     p.add_argument("--out", type=Path, default=Path("crops.png"), help="PNG to write (default: crops.png)")
     p.set_defaults(func=cmd_crops)
 
 
 def _add_report(sub) -> None:
-    p = sub.add_parser("report", formatter_class=_formatter, help="the paper reproduced: every run, Table 1, Figures 2-5",
-                       description="Run (or reuse) every experiment of a report plan on prepared data: the VGG "
-                       "baselines, Model A, the SRGAN and the upscaled faces, Model B, the ensemble; evaluate each "
-                       "on PublicTest and PrivateTest with TTA off and on; draw Figures 2-5; write OUT/report.md, "
-                       "report.html and report.json. Training runs are Ray Train runs (on a cluster, they use the "
-                       "cluster). A finished run whose config matches is reused, an interrupted one resumed.")
+    p = sub.add_parser(
+        "report",
+        formatter_class=_formatter,
+        help="the paper reproduced: every run, Table 1, Figures 2-5",
+        description="Run (or reuse) every experiment of a report plan on prepared data: the VGG "
+        "baselines, Model A, the SRGAN and the upscaled faces, Model B, the ensemble; evaluate each "
+        "on PublicTest and PrivateTest with TTA off and on; draw Figures 2-5; write OUT/report.md, "
+        "report.html and report.json. Training runs are Ray Train runs (on a cluster, they use the "
+        "cluster). A finished run whose config matches is reused, an interrupted one resumed.",
+    )
     p.add_argument("plan", type=Path, help="a report plan, e.g. experiments/paper.yaml or experiments/paper_debug.yaml")
     p.add_argument("--data", type=Path, help="prepared 48x48 data (overrides the plan's data)")
-    p.add_argument("--out", type=Path, default=Path("report"), help="folder for the runs, figures and report (default: ./report)")
-    p.add_argument("--reuse", type=Path, action="append", default=[], metavar="RUNS",
-                   help="a folder of finished runs to reuse where their config matches (repeatable), e.g. ferray-demo/runs")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a value in every run, e.g. --set scaling.gpus_per_worker=1 (repeatable)")
+    p.add_argument(
+        "--out", type=Path, default=Path("report"), help="folder for the runs, figures and report (default: ./report)"
+    )
+    p.add_argument(
+        "--reuse",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="RUNS",
+        help="a folder of finished runs to reuse where their config matches (repeatable), e.g. ferray-demo/runs",
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a value in every run, e.g. --set scaling.gpus_per_worker=1 (repeatable)",
+    )
     p.set_defaults(func=cmd_report)
 
 
@@ -382,9 +578,18 @@ def cmd_sr_train(args) -> int:
 def cmd_sr_upscale(args) -> int:
     from ferray.distributed.upscale import upscale
 
-    manifest = upscale(args.data, args.out, args.method, str(args.checkpoint) if args.checkpoint else None,
-                       args.actors, args.gpus_per_actor, args.batch_size, args.overwrite, echo=_echo,
-                       cpus_per_actor=args.cpus_per_actor)
+    manifest = upscale(
+        args.data,
+        args.out,
+        args.method,
+        str(args.checkpoint) if args.checkpoint else None,
+        args.actors,
+        args.gpus_per_actor,
+        args.batch_size,
+        args.overwrite,
+        echo=_echo,
+        cpus_per_actor=args.cpus_per_actor,
+    )
     print(_format_manifest(manifest, args.out))
     return 0
 
@@ -427,8 +632,18 @@ def cmd_evaluate(args) -> int:
 def cmd_ensemble(args) -> int:
     from ferray.ensemble import build_bundle
 
-    build_bundle(args.a, args.b, args.sr, args.data, args.out, split=args.split, tta=args.tta,
-                 overwrite=args.overwrite, echo=_echo, tests=args.tests)
+    build_bundle(
+        args.a,
+        args.b,
+        args.sr,
+        args.data,
+        args.out,
+        split=args.split,
+        tta=args.tta,
+        overwrite=args.overwrite,
+        echo=_echo,
+        tests=args.tests,
+    )
     return 0
 
 
@@ -468,8 +683,16 @@ def cmd_models(args) -> int:
 def cmd_prepare(args) -> int:
     from ferray.distributed.prepare import prepare
 
-    manifest = prepare(args.source, args.out, on_bad=args.on_bad_record, resize=args.resize,
-                       overwrite=args.overwrite, validation=args.validation, seed=args.seed, echo=_echo)
+    manifest = prepare(
+        args.source,
+        args.out,
+        on_bad=args.on_bad_record,
+        resize=args.resize,
+        overwrite=args.overwrite,
+        validation=args.validation,
+        seed=args.seed,
+        echo=_echo,
+    )
     print(_format_manifest(manifest, args.out))
     return 0
 
@@ -479,8 +702,12 @@ def cmd_synth(args) -> int:
 
     if args.n < 1:
         raise UsageError("--n must be at least 1")
-    result = synthesize(args.out, SynthSpec(n=args.n, seed=args.seed, balance=args.balance,
-                                            difficulty=args.difficulty), args.format, args.overwrite)
+    result = synthesize(
+        args.out,
+        SynthSpec(n=args.n, seed=args.seed, balance=args.balance, difficulty=args.difficulty),
+        args.format,
+        args.overwrite,
+    )
     if args.format == "parquet":
         print(_format_manifest(result, args.out))
     else:
@@ -531,8 +758,16 @@ def cmd_explain(args) -> int:
 def cmd_crops(args) -> int:
     from ferray.figures import training_views
 
-    path = training_views(args.data, args.out, checkpoint=args.checkpoint, experiment=args.experiment,
-                          overrides=args.overrides, index=args.index, count=args.count, seed=args.seed)
+    path = training_views(
+        args.data,
+        args.out,
+        checkpoint=args.checkpoint,
+        experiment=args.experiment,
+        overrides=args.overrides,
+        index=args.index,
+        count=args.count,
+        seed=args.seed,
+    )
     _echo(f"wrote {path}")
     return 0
 

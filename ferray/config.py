@@ -101,7 +101,9 @@ class TrainConfig:
     amp: bool = True
     channels_last: bool = True  # NHWC activations (faster convolutions on GPUs and oneDNN CPUs)
     compile: bool = False  # torch.compile the training step's model; falls back to eager if it fails
-    compile_mode: str = "default"  # default | reduce-overhead (CUDA graphs: for launch-bound small models) | max-autotune
+    compile_mode: str = (
+        "default"  # default | reduce-overhead (CUDA graphs: for launch-bound small models) | max-autotune
+    )
     eval_tta: bool = False  # ten-crop TTA in the per-epoch evaluation (slower)
     # > 0: keep an exponential moving average of the weights (this decay per step, warmed up over
     # the first steps), evaluate it beside the raw weights on the selection split every epoch, and
@@ -135,7 +137,9 @@ class SRConfig:
     pretrain_epochs: int = 10  # pixel-MSE (SRResNet) epochs before the adversarial ones
     lr_g: float = 1e-4
     lr_d: float = 1e-4
-    content: str = "auto"  # auto | vgg19 | model_a | mse  (auto: vgg19 if its weights are local, else model_a if content_checkpoint is set, else mse)
+    # auto | vgg19 | model_a | mse (auto: vgg19 if its weights are local, else model_a if
+    # content_checkpoint is set, else mse)
+    content: str = "auto"
     content_layer: str = "vgg54"  # vgg22 | vgg54 (SRGAN's names), for content: vgg19
     content_weights: str = ""  # a VGG19 state dict file; default: torchvision's cache
     content_checkpoint: str = ""  # a Model A checkpoint, for content: model_a
@@ -199,8 +203,9 @@ def build_typed(cls, data: dict, where: str):
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
-        raise ConfigError(f"{where or 'top level'}: unknown key(s) {', '.join(unknown)} "
-                          f"(known: {', '.join(sorted(names))})")
+        raise ConfigError(
+            f"{where or 'top level'}: unknown key(s) {', '.join(unknown)} (known: {', '.join(sorted(names))})"
+        )
     kwargs = {}
     for name, value in data.items():
         hint = hints[name]
@@ -240,10 +245,12 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
         if not ok:
             raise ConfigError(message)
     if cfg.optim.backbone_lr_ratio < 1 and cfg.model.pretrained in ("none", ""):
-        raise ConfigError(f"optim.backbone_lr_ratio {cfg.optim.backbone_lr_ratio:g} is a fine-tuning recipe (the "
-                          "backbone learns slower than the head), and model.pretrained is none: random weights would "
-                          "barely train. Train from scratch with its own recipe (e.g. experiments/model_b_scratch.yaml) "
-                          "or set optim.backbone_lr_ratio=1")
+        raise ConfigError(
+            f"optim.backbone_lr_ratio {cfg.optim.backbone_lr_ratio:g} is a fine-tuning recipe (the "
+            "backbone learns slower than the head), and model.pretrained is none: random weights would "
+            "barely train. Train from scratch with its own recipe (e.g. experiments/model_b_scratch.yaml) "
+            "or set optim.backbone_lr_ratio=1"
+        )
     return cfg
 
 
@@ -357,12 +364,13 @@ def load_runnable_config(path: str | Path, overrides: list[str] = (), echo=print
         except FileNotFoundError as e:
             raise ConfigError(f"{path}: {e}") from None
     scratch = Path(path).parent / cfg.model.scratch_recipe
-    echo(f"{path}: model.pretrained={cfg.model.pretrained} weights are not on this machine; training {scratch} "
-         "instead (from scratch, with the recipe made for that)")
+    echo(
+        f"{path}: model.pretrained={cfg.model.pretrained} weights are not on this machine; training {scratch} "
+        "instead (from scratch, with the recipe made for that)"
+    )
     kept = [o for o in overrides if o.split("=", 1)[0].strip() not in ("model.pretrained", "optim.backbone_lr_ratio")]
     return load_runnable_config(scratch, kept, echo)
 
 
 def dump_yaml(cfg: ExperimentConfig) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
-

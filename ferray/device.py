@@ -79,7 +79,9 @@ def keep_cpu_buffers() -> bool:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:
         return False
-    return bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES) and libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES))
+    return bool(
+        libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES) and libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES)
+    )
 
 
 def cpu_worker_env(gpus_per_worker: float) -> dict:
@@ -125,10 +127,17 @@ def machine_facts(device: torch.device | str, bf16: bool) -> dict:
     """What a result needs to say about where it was measured."""
     device = torch.device(device)
     accelerator = torch.cuda.get_device_name(device) if device.type == "cuda" else "no GPU"
-    return {"cpu": cpu_model(), "logical_cpus": os.cpu_count(), "threads": torch.get_num_threads(),
-            "native_bf16_cpu": cpu_has_native_bf16(), "accelerator": accelerator,
-            "precision": precision_name(device, bf16), "torch": torch.__version__, "python": platform.python_version(),
-            "system": platform.platform(terse=True)}
+    return {
+        "cpu": cpu_model(),
+        "logical_cpus": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "native_bf16_cpu": cpu_has_native_bf16(),
+        "accelerator": accelerator,
+        "precision": precision_name(device, bf16),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "system": platform.platform(terse=True),
+    }
 
 
 def code_version() -> str | None:
@@ -138,10 +147,20 @@ def code_version() -> str | None:
 
     root = Path(__file__).resolve().parents[1]
     try:
-        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"], capture_output=True,
-                                text=True, timeout=5, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no", "--", "ferray"],
-                               capture_output=True, text=True, timeout=5, check=True).stdout.strip()
+        commit = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no", "--", "ferray"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
     return commit + ("+dirty" if dirty else "")

@@ -53,8 +53,11 @@ class WeightEMA:
             mine.copy_(theirs)
 
     def state_dict(self) -> dict:
-        return {"decay": self.decay, "updates": self.updates,
-                "model": {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()}}
+        return {
+            "decay": self.decay,
+            "updates": self.updates,
+            "model": {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()},
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.updates = int(state["updates"])

@@ -10,9 +10,9 @@ from __future__ import annotations
 import math
 import statistics
 import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
 
 import torch
 import torch.nn as nn
@@ -20,13 +20,13 @@ import torch.nn as nn
 from ferray import __version__
 from ferray.augment import predict_proba, train_views
 from ferray.config import ExperimentConfig, OptimConfig, from_dict, to_dict
-from ferray.labels import NUM_CLASSES
 from ferray.device import autocast, keep_cpu_buffers, use_bf16
 from ferray.ema import WeightEMA
+from ferray.errors import CheckpointError
+from ferray.labels import NUM_CLASSES
 from ferray.losses import JointLoss
 from ferray.metrics import confusion_matrix, summarize_confusion
 from ferray.models import build_model
-from ferray.errors import CheckpointError
 
 CHECKPOINT_FORMAT = "ferray.checkpoint/1"
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -38,8 +38,16 @@ class TensorBatches:
     function of (seed, rank, epoch) alone, so a resumed run sees the batches an uninterrupted one
     would: `epoch(e)` gives epoch e's batches; plain iteration goes through epochs 0, 1, 2, ..."""
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, shuffle: bool = True,
-                 drop_last: bool = True, seed: int = 0, rank: int = 0):
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        batch_size: int,
+        shuffle: bool = True,
+        drop_last: bool = True,
+        seed: int = 0,
+        rank: int = 0,
+    ):
         if len(images) != len(labels):
             raise ValueError(f"{len(images)} images but {len(labels)} labels")
         self.images, self.labels = images, labels
@@ -50,7 +58,7 @@ class TensorBatches:
         n = len(self.labels)
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
 
-    def epoch(self, epoch: int) -> "TensorBatches":
+    def epoch(self, epoch: int) -> TensorBatches:
         """These batches, set to give epoch `epoch`'s order next (0-based)."""
         self.next_epoch = epoch
         return self
@@ -85,15 +93,18 @@ def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
     parts = [(named, 1.0)]
     if cfg.backbone_lr_ratio != 1.0 and hasattr(model, "head_parameters"):
         head_ids = {id(p) for p in model.head_parameters()}
-        parts = [([(n, p) for n, p in named if id(p) not in head_ids], cfg.backbone_lr_ratio),
-                 ([(n, p) for n, p in named if id(p) in head_ids], 1.0)]
+        parts = [
+            ([(n, p) for n, p in named if id(p) not in head_ids], cfg.backbone_lr_ratio),
+            ([(n, p) for n, p in named if id(p) in head_ids], 1.0),
+        ]
     groups = []
     for members, lr_scale in parts:
         for decayed in (True, False):
             params = [p for n, p in members if decays(n, p) == decayed]
             if params:
-                groups.append({"params": params, "lr_scale": lr_scale,
-                               "decoupled_wd": cfg.weight_decay if decayed else 0.0})
+                groups.append(
+                    {"params": params, "lr_scale": lr_scale, "decoupled_wd": cfg.weight_decay if decayed else 0.0}
+                )
     return groups
 
 
@@ -152,8 +163,12 @@ class LRSchedule:
             self.bad_epochs = 0
 
     def state_dict(self) -> dict:
-        return {"plateau_scale": self.plateau_scale, "best": self.best, "bad_epochs": self.bad_epochs,
-                "epochs": self.epochs}
+        return {
+            "plateau_scale": self.plateau_scale,
+            "best": self.best,
+            "bad_epochs": self.bad_epochs,
+            "epochs": self.epochs,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.plateau_scale, self.best, self.bad_epochs = state["plateau_scale"], state["best"], state["bad_epochs"]
@@ -218,20 +233,29 @@ def epoch_seed(seed: int, rank: int, epoch: int) -> int:
     return (seed * 1_000_003 + rank * 10_007 + epoch) % 2**63
 
 
-def build_state(cfg: ExperimentConfig, device: torch.device,
-                wrap: Callable[[nn.Module], nn.Module] | None = None, rank: int = 0) -> TrainState:
+def build_state(
+    cfg: ExperimentConfig, device: torch.device, wrap: Callable[[nn.Module], nn.Module] | None = None, rank: int = 0
+) -> TrainState:
     """Model, loss, optimizer and schedule from a config; `wrap` (e.g. DDP) is applied to the model.
     Every rank builds the same initial weights (seeded by the run's seed alone)."""
     torch.manual_seed(cfg.train.seed)
     if device.type == "cpu":
         keep_cpu_buffers()  # training at batch 64: 7% faster (measured in ferray.device)
-    model = build_model(cfg.model.name, num_classes=NUM_CLASSES, dropout=cfg.model.dropout,
-                        pretrained=cfg.model.pretrained).to(device)
+    model = build_model(
+        cfg.model.name, num_classes=NUM_CLASSES, dropout=cfg.model.dropout, pretrained=cfg.model.pretrained
+    ).to(device)
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    loss_fn = JointLoss(NUM_CLASSES, model.num_features, cfg.loss.center_lambda, cfg.loss.center_alpha,
-                        cfg.loss.label_smoothing, cfg.loss.center_reduction, cfg.loss.center_features,
-                        cfg.loss.center_share).to(device)
+    loss_fn = JointLoss(
+        NUM_CLASSES,
+        model.num_features,
+        cfg.loss.center_lambda,
+        cfg.loss.center_alpha,
+        cfg.loss.label_smoothing,
+        cfg.loss.center_reduction,
+        cfg.loss.center_features,
+        cfg.loss.center_share,
+    ).to(device)
     optimizer = make_optimizer(model, cfg.optim)
     ema = WeightEMA(model, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
     if wrap is not None:
@@ -269,8 +293,16 @@ class EpochProgress:
     """A line every `every_s` seconds within a long epoch, on rank 0 only: how far it is, how fast it
     goes and how long is left ("epoch 17/25: step 161/403 (40%), 33 img/s, ~7 min left")."""
 
-    def __init__(self, epoch: int, planned: int, steps: int, every_s: float, rank: int = 0,
-                 echo: Callable[[str], None] = lambda line: print(line, flush=True), clock=time.perf_counter):
+    def __init__(
+        self,
+        epoch: int,
+        planned: int,
+        steps: int,
+        every_s: float,
+        rank: int = 0,
+        echo: Callable[[str], None] = lambda line: print(line, flush=True),
+        clock=time.perf_counter,
+    ):
         self.epoch, self.planned, self.steps, self.every_s = epoch, planned, steps, every_s
         self.enabled, self.echo, self.clock = every_s > 0 and rank == 0, echo, clock
         self.start = self.last = clock()
@@ -286,8 +318,10 @@ class EpochProgress:
             self.echo(f"epoch {self.epoch}/{self.planned}: step {step}, {rate}")
             return
         left = max(self.steps - step, 0) * elapsed / max(step, 1)
-        self.echo(f"epoch {self.epoch}/{self.planned}: step {step}/{self.steps} ({min(step / self.steps, 1):.0%}), "
-                  f"{rate}, ~{f'{left / 60:.0f} min' if left >= 90 else f'{left:.0f} s'} left")
+        self.echo(
+            f"epoch {self.epoch}/{self.planned}: step {step}/{self.steps} ({min(step / self.steps, 1):.0%}), "
+            f"{rate}, ~{f'{left / 60:.0f} min' if left >= 90 else f'{left:.0f} s'} left"
+        )
 
 
 def train_one_epoch(state: TrainState, batches: Iterable, steps_per_epoch: int) -> dict:
@@ -298,8 +332,9 @@ def train_one_epoch(state: TrainState, batches: Iterable, steps_per_epoch: int) 
     torch.manual_seed(epoch_seed(cfg.train.seed, state.rank, state.epoch))
     totals = torch.zeros(5, device=device)  # loss * n, ce * n, center * n, correct, lambda * center * n
     images_seen, step, t0 = 0, 0, time.perf_counter()
-    progress = EpochProgress(state.epoch + 1, state.schedule.epochs, steps_per_epoch, cfg.train.progress_seconds,
-                             state.rank)
+    progress = EpochProgress(
+        state.epoch + 1, state.schedule.epochs, steps_per_epoch, cfg.train.progress_seconds, state.rank
+    )
     for images, labels in batches:
         images = images.to(device, non_blocking=True)
         labels = labels.to(device, non_blocking=True).long()
@@ -322,8 +357,15 @@ def train_one_epoch(state: TrainState, batches: Iterable, steps_per_epoch: int) 
         if state.ema is not None:
             state.ema.update(state.core)
         n = labels.shape[0]
-        totals += torch.stack([loss.detach() * n, parts["ce"] * n, parts["center"] * n,
-                               (logits.argmax(1) == labels).sum().float(), parts["lambda"] * parts["center"] * n])
+        totals += torch.stack(
+            [
+                loss.detach() * n,
+                parts["ce"] * n,
+                parts["center"] * n,
+                (logits.argmax(1) == labels).sum().float(),
+                parts["lambda"] * parts["center"] * n,
+            ]
+        )
         images_seen += n
         step += 1
         progress.update(step, images_seen)
@@ -334,16 +376,32 @@ def train_one_epoch(state: TrainState, batches: Iterable, steps_per_epoch: int) 
     # How much the center term weighs against the cross-entropy (the figure lambda is chosen by),
     # and the lambda that weighed it (fixed, or following loss.center_share).
     center_share = weighted_center / max(ce_sum, 1e-12)
-    return {"train_loss": loss_sum, "train_ce": ce_sum, "train_center": center_sum,
-            "train_center_share": center_share, "train_center_lambda": weighted_center / max(center_sum, 1e-12),
-            "train_acc": correct,
-            "train_images": images_seen, "train_seconds": seconds, "lr": optimizer.param_groups[-1]["lr"],
-            "images_per_s": images_seen / max(seconds, 1e-9)}
+    return {
+        "train_loss": loss_sum,
+        "train_ce": ce_sum,
+        "train_center": center_sum,
+        "train_center_share": center_share,
+        "train_center_lambda": weighted_center / max(center_sum, 1e-12),
+        "train_acc": correct,
+        "train_images": images_seen,
+        "train_seconds": seconds,
+        "lr": optimizer.param_groups[-1]["lr"],
+        "images_per_s": images_seen / max(seconds, 1e-9),
+    }
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches: Iterable, crop: int, tta: bool, device: torch.device,
-             amp: bool = False, scale: int = 1, keep_probs: bool = False, channels_last: bool = False) -> dict:
+def evaluate(
+    model: nn.Module,
+    batches: Iterable,
+    crop: int,
+    tta: bool,
+    device: torch.device,
+    amp: bool = False,
+    scale: int = 1,
+    keep_probs: bool = False,
+    channels_last: bool = False,
+) -> dict:
     """Accuracy, per-class accuracy, confusion matrix and mean log-loss over `batches`; with
     `keep_probs` also "probs", the (N, C) probabilities in the batches' order (a numpy array)."""
     was_training = model.training
@@ -375,12 +433,25 @@ def evaluate_state(state: TrainState, batches: Iterable, tta: bool = False) -> d
     scored = {}
     for name, model in (("raw", state.core), ("ema", state.ema.module if state.ema is not None else None)):
         if model is not None:
-            scored[name] = evaluate(model, batches, cfg.augment.crop, tta, state.device, state.use_amp,
-                                    cfg.data.input_scale, channels_last=state.channels_last)
+            scored[name] = evaluate(
+                model,
+                batches,
+                cfg.augment.crop,
+                tta,
+                state.device,
+                state.use_amp,
+                cfg.data.input_scale,
+                channels_last=state.channels_last,
+            )
     ema_wins = "ema" in scored and scored["ema"]["accuracy"] > scored["raw"]["accuracy"]
     chosen = scored["ema" if ema_wins else "raw"]
-    return {**chosen, "raw_accuracy": scored["raw"]["accuracy"], "raw_loss": scored["raw"]["loss"],
-            "ema_accuracy": scored.get("ema", scored["raw"])["accuracy"], "ema_selected": float(ema_wins)}
+    return {
+        **chosen,
+        "raw_accuracy": scored["raw"]["accuracy"],
+        "raw_loss": scored["raw"]["loss"],
+        "ema_accuracy": scored.get("ema", scored["raw"])["accuracy"],
+        "ema_selected": float(ema_wins),
+    }
 
 
 def end_epoch(state: TrainState, train_metrics: dict, eval_metrics: dict) -> dict:
@@ -392,11 +463,20 @@ def end_epoch(state: TrainState, train_metrics: dict, eval_metrics: dict) -> dic
     state.schedule.on_eval(accuracy)
     improved = accuracy > state.best_accuracy
     state.best_accuracy = max(state.best_accuracy, accuracy)
-    row = {"epoch": state.epoch, **train_metrics, "eval_acc": accuracy, "eval_loss": eval_metrics["loss"],
-           "best_eval_acc": state.best_accuracy, "improved": improved}
+    row = {
+        "epoch": state.epoch,
+        **train_metrics,
+        "eval_acc": accuracy,
+        "eval_loss": eval_metrics["loss"],
+        "best_eval_acc": state.best_accuracy,
+        "improved": improved,
+    }
     if state.ema is not None:
-        row.update(eval_raw_acc=eval_metrics.get("raw_accuracy", accuracy), eval_ema_acc=eval_metrics.get("ema_accuracy"),
-                   eval_weights="ema" if eval_metrics.get("ema_selected") else "raw")
+        row.update(
+            eval_raw_acc=eval_metrics.get("raw_accuracy", accuracy),
+            eval_ema_acc=eval_metrics.get("ema_accuracy"),
+            eval_weights="ema" if eval_metrics.get("ema_selected") else "raw",
+        )
     state.history.append(row)
     return row
 
@@ -455,7 +535,10 @@ def load_checkpoint(path: str | Path, kind: str = "classifier") -> dict:
     except Exception as e:  # pickle errors, truncated files, non-ferray pickles
         raise CheckpointError(f"{path}: not a readable ferray checkpoint ({type(e).__name__}: {e})") from None
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path}: not a ferray checkpoint (format {payload.get('format') if isinstance(payload, dict) else type(payload).__name__})")
+        raise CheckpointError(
+            f"{path}: not a ferray checkpoint (format "
+            f"{payload.get('format') if isinstance(payload, dict) else type(payload).__name__})"
+        )
     if payload.get("kind") != kind:
         raise CheckpointError(f"{path}: a {payload.get('kind')} checkpoint, expected a {kind} one")
     return payload
@@ -477,8 +560,10 @@ def restore_state(state: TrainState, payload: dict) -> None:
     try:
         state.optimizer.load_state_dict(payload["optimizer"])
     except ValueError as e:  # other parameter groups: written by a ferray before decoupled weight decay
-        raise CheckpointError(f"the checkpoint's optimizer state does not fit this optimizer ({e}); it was written "
-                              "by an older ferray: start the run again") from None
+        raise CheckpointError(
+            f"the checkpoint's optimizer state does not fit this optimizer ({e}); it was written "
+            "by an older ferray: start the run again"
+        ) from None
     state.schedule.load_state_dict(payload["schedule"])
     state.epoch, state.best_accuracy = payload["epoch"], payload["best_accuracy"]
     state.history = list(payload["history"])
@@ -497,7 +582,9 @@ def resumed_plan(cfg: ExperimentConfig, payload: dict) -> int:
     return planned_epochs(seconds, train.budget_minutes * 60, train.epochs)
 
 
-def model_from_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, ExperimentConfig, dict]:
+def model_from_checkpoint(
+    path: str | Path, device: str | torch.device = "cpu"
+) -> tuple[nn.Module, ExperimentConfig, dict]:
     """Rebuild the model a checkpoint was trained as, from the checkpoint alone, in eval mode."""
     payload = load_checkpoint(path)
     cfg = from_dict(payload["config"])

@@ -28,11 +28,18 @@ import torch
 
 from ferray import __version__
 from ferray.augment import predict_proba
-from ferray.device import default_device, use_bf16
 from ferray.config import ExperimentConfig
 from ferray.data.contract import (
-    EMOTIONS, FER_SIZE, DataError, atomic_output, load_split, read_manifest, selection_split, untouched_splits,
+    EMOTIONS,
+    FER_SIZE,
+    DataError,
+    atomic_output,
+    load_split,
+    read_manifest,
+    selection_split,
+    untouched_splits,
 )
+from ferray.device import default_device, use_bf16
 from ferray.engine import CheckpointError, load_checkpoint, model_from_checkpoint
 from ferray.metrics import confusion_matrix, summarize_confusion
 from ferray.models import num_params
@@ -72,8 +79,9 @@ class Ensemble:
         """uint8 48x48 faces (N, 48, 48) -> P_A (N, 7) on the CPU."""
         faces = self._check(faces).to(self.device)
         model, autocast = self.runner("a")
-        return predict_proba(model, faces, self.cfg_a.augment.crop, self.tta, autocast,
-                             self.cfg_a.data.input_scale).cpu()
+        return predict_proba(
+            model, faces, self.cfg_a.augment.crop, self.tta, autocast, self.cfg_a.data.input_scale
+        ).cpu()
 
     @torch.no_grad()
     def probs_b(self, faces: torch.Tensor) -> torch.Tensor:
@@ -82,7 +90,9 @@ class Ensemble:
         crop, scale = self.cfg_b.augment.crop, self.cfg_b.data.input_scale
         if self.generator is not None:
             x = faces.float().unsqueeze(1) / 255.0
-            faces = (self.generator(x).clamp(0, 1) * 255).round().to(torch.uint8).squeeze(1)  # as `sr upscale` writes it
+            faces = (
+                (self.generator(x).clamp(0, 1) * 255).round().to(torch.uint8).squeeze(1)
+            )  # as `sr upscale` writes it
             scale = 1
         model, autocast = self.runner("b")
         return predict_proba(model, faces, crop, self.tta, autocast, scale).cpu()
@@ -110,8 +120,10 @@ class Ensemble:
             raise Int8Unavailable(f"int8 inference runs on the CPU, not on {self.device}")
         ranges, where = self.int8_ranges[which], f"member {which.upper()}'s int8 calibration"
         if ranges.get("crop") != crop:
-            raise CheckpointError(f"{where}: made for {ranges.get('crop')}x{ranges.get('crop')} crops, but the member "
-                                  f"is given {crop}x{crop}: calibrate again with `ferray quantize`")
+            raise CheckpointError(
+                f"{where}: made for {ranges.get('crop')}x{ranges.get('crop')} crops, but the member "
+                f"is given {crop}x{crop}: calibrate again with `ferray quantize`"
+            )
         return quantize_for_cpu(model, ranges, where=where)
 
     def warm_up(self, which: str) -> None:
@@ -192,9 +204,12 @@ def stacking_cv_accuracy(pa: np.ndarray, pb: np.ndarray, labels: np.ndarray, fol
         layer = torch.nn.Linear(features.shape[1], len(EMOTIONS))
         optimizer = torch.optim.LBFGS(layer.parameters(), max_iter=200)
 
-        def closure():
+        def closure(layer=layer, optimizer=optimizer, train=train):  # bound now: LBFGS calls it in this fold
             optimizer.zero_grad()
-            loss = torch.nn.functional.cross_entropy(layer(features[train]), targets[train]) + 1e-3 * layer.weight.pow(2).sum()
+            loss = (
+                torch.nn.functional.cross_entropy(layer(features[train]), targets[train])
+                + 1e-3 * layer.weight.pow(2).sum()
+            )
             loss.backward()
             return loss
 
@@ -208,35 +223,50 @@ def stacking_cv_accuracy(pa: np.ndarray, pb: np.ndarray, labels: np.ndarray, fol
 def _slim(payload: dict) -> dict:
     """What inference needs from a training checkpoint: weights (in half precision: a bundle ships
     inside the package, and fp16 weights classify as fp32 ones do), config, and the run's facts."""
-    keep = ("format", "kind", "ferray_version", "config", "model", "weights", "epoch", "metrics", "pretrained",
-            "content_loss")
+    keep = (
+        "format",
+        "kind",
+        "ferray_version",
+        "config",
+        "model",
+        "weights",
+        "epoch",
+        "metrics",
+        "pretrained",
+        "content_loss",
+    )
     slim = {k: payload[k] for k in keep if k in payload}
     slim["model"] = {k: v.half() if v.is_floating_point() else v for k, v in payload["model"].items()}
     return slim
 
 
-def load_members(a: str | Path | None, b: str | Path | None, sr: str | Path | None, device,
-                 fold: bool = True) -> Ensemble:
+def load_members(
+    a: str | Path | None, b: str | Path | None, sr: str | Path | None, device, fold: bool = True
+) -> Ensemble:
     """The members named (None skips one), each checked to fit its place in the ensemble; with
     `fold`, ready for inference (batch norms folded: Ensemble.fold_batch_norms)."""
     model_a = cfg_a = model_b = cfg_b = generator = None
     if a is not None:
         model_a, cfg_a, _ = model_from_checkpoint(a, device)
         if cfg_a.data.input_scale != 1 or cfg_a.augment.crop > FER_SIZE:
-            raise CheckpointError(f"{a}: member A must take the 48x48 faces directly (it was trained with "
-                                  f"input_scale {cfg_a.data.input_scale}, crop {cfg_a.augment.crop})")
+            raise CheckpointError(
+                f"{a}: member A must take the 48x48 faces directly (it was trained with "
+                f"input_scale {cfg_a.data.input_scale}, crop {cfg_a.augment.crop})"
+            )
     if b is not None:
         model_b, cfg_b, _ = model_from_checkpoint(b, device)
         if sr is not None:
             if cfg_b.data.input_scale != 1:
-                raise CheckpointError(f"{b} takes bicubic input (data.input_scale {cfg_b.data.input_scale}); "
-                                      "no SR generator with it")
+                raise CheckpointError(
+                    f"{b} takes bicubic input (data.input_scale {cfg_b.data.input_scale}); no SR generator with it"
+                )
             from ferray.sr.engine import generator_from_checkpoint
 
             generator = generator_from_checkpoint(sr, device)[0]
         elif cfg_b.data.input_scale == 1 and cfg_b.augment.crop > FER_SIZE:
-            raise CheckpointError(f"{b} was trained on upscaled faces (crop {cfg_b.augment.crop}): "
-                                  "give its SR checkpoint (--sr)")
+            raise CheckpointError(
+                f"{b} was trained on upscaled faces (crop {cfg_b.augment.crop}): give its SR checkpoint (--sr)"
+            )
     elif sr is not None:
         raise CheckpointError(f"{sr}: an SR generator feeds Model B; give B's checkpoint too (--b)")
     ensemble = Ensemble(model_a, cfg_a, model_b, cfg_b, generator, device=torch.device(device))
@@ -258,10 +288,16 @@ def fit_fusion(pa: np.ndarray, pb: np.ndarray | None, labels: np.ndarray, split:
         return {"method": "single model (A)", "weight_a": 1.0, "fitted_on": None, "how": "nothing to fit"}, {}
     weight, _ = fit_weight(pa, pb, labels)
     weight_log, accuracy_log = fit_weight(pa, pb, labels, log=True)
-    fusion = {"method": "probability mean", "weight_a": weight, "fitted_on": split,
-              "how": "grid over w in [0, 1] step 0.01, max accuracy, ties by log-loss"}
-    alternatives = {"logit mean": {"weight_a": weight_log, "accuracy": accuracy_log},
-                    "stacking (logistic regression, 5-fold CV)": {"accuracy": stacking_cv_accuracy(pa, pb, labels)}}
+    fusion = {
+        "method": "probability mean",
+        "weight_a": weight,
+        "fitted_on": split,
+        "how": "grid over w in [0, 1] step 0.01, max accuracy, ties by log-loss",
+    }
+    alternatives = {
+        "logit mean": {"weight_a": weight_log, "accuracy": accuracy_log},
+        "stacking (logistic regression, 5-fold CV)": {"accuracy": stacking_cv_accuracy(pa, pb, labels)},
+    }
     return fusion, alternatives
 
 
@@ -272,8 +308,9 @@ def member_accuracies(pa: np.ndarray, pb: np.ndarray | None, labels: np.ndarray,
     return accuracies
 
 
-def evaluate_views(ensemble: Ensemble, data, splits: list[str], selection: str, known: dict | None = None,
-                   echo=print) -> dict:
+def evaluate_views(
+    ensemble: Ensemble, data, splits: list[str], selection: str, known: dict | None = None, echo=print
+) -> dict:
     """Every split x {center crop, ten-crop TTA}: the fused report with each member's accuracy, the
     selection split marked as such. `known`: {(split, tta): (P_A, P_B)} already computed."""
     known = dict(known or {})
@@ -298,9 +335,19 @@ def _numpy(pair) -> tuple[np.ndarray, np.ndarray | None]:
     return pa.numpy(), None if pb is None else pb.numpy()
 
 
-def build_bundle(a: str | Path, b: str | Path | None, sr: str | Path | None, data: str | Path, out: str | Path,
-                 split: str | None = None, tta: bool = True, overwrite: bool = False, echo=print,
-                 probs: tuple[np.ndarray, np.ndarray] | None = None, tests: bool = True) -> dict:
+def build_bundle(
+    a: str | Path,
+    b: str | Path | None,
+    sr: str | Path | None,
+    data: str | Path,
+    out: str | Path,
+    split: str | None = None,
+    tta: bool = True,
+    overwrite: bool = False,
+    echo=print,
+    probs: tuple[np.ndarray, np.ndarray] | None = None,
+    tests: bool = True,
+) -> dict:
     """Fit the fusion on the selection split of `data` (`split`, else the one A was selected on) and
     write the serving bundle to `out`; with `tests`, also evaluate every split that neither trained
     nor selected (center crop and TTA: the figures of the model card). `b` None: a bundle of A alone.
@@ -313,8 +360,13 @@ def build_bundle(a: str | Path, b: str | Path | None, sr: str | Path | None, dat
     member_cards = {  # the members as trained (their parameter counts), before folding for the evaluations
         "a": _member_card(ensemble.model_a, ensemble.cfg_a, a, "model_a.pt"),
         "b": None if b is None else _member_card(ensemble.model_b, ensemble.cfg_b, b, "model_b.pt"),
-        "sr": None if sr is None else {"checkpoint": "sr.pt", "source": str(sr),
-                                      "content_loss": load_checkpoint(sr, kind="sr").get("content_loss")},
+        "sr": None
+        if sr is None
+        else {
+            "checkpoint": "sr.pt",
+            "source": str(sr),
+            "content_loss": load_checkpoint(sr, kind="sr").get("content_loss"),
+        },
     }
     ensemble.fold_batch_norms()
     split = split or bundle_selection_split(ensemble.cfg_a, manifest, data)
@@ -325,24 +377,37 @@ def build_bundle(a: str | Path, b: str | Path | None, sr: str | Path | None, dat
         probs = _numpy(ensemble.member_probs(torch.from_numpy(faces)))
     pa, pb = probs
     if (pb is not None and pa.shape != pb.shape) or len(pa) != len(labels):
-        raise ValueError(f"probs: shapes {pa.shape} and {None if pb is None else pb.shape} for {len(labels)} {split} faces")
+        raise ValueError(
+            f"probs: shapes {pa.shape} and {None if pb is None else pb.shape} for {len(labels)} {split} faces"
+        )
     fusion, alternatives = fit_fusion(pa, pb, labels, split)
     ensemble.weight_a = fusion["weight_a"]
     accuracy = member_accuracies(pa, pb, labels, ensemble.weight_a)
     splits = [split] + (untouched_splits(manifest, split, ensemble.cfg_a.data.train_split) if tests else [])
     evaluations = evaluate_views(ensemble, data, splits, split, {(split, tta): (pa, pb)}, echo) if tests else {}
     card = {
-        "format": BUNDLE_FORMAT, "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "ferray_version": __version__, "labels": list(EMOTIONS), "tta": tta, "selection_split": split,
-        "fusion": fusion, "accuracy": {split: accuracy}, "alternatives": alternatives, "evaluations": evaluations,
+        "format": BUNDLE_FORMAT,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "ferray_version": __version__,
+        "labels": list(EMOTIONS),
+        "tta": tta,
+        "selection_split": split,
+        "fusion": fusion,
+        "accuracy": {split: accuracy},
+        "alternatives": alternatives,
+        "evaluations": evaluations,
         "data": {"path": str(Path(data).absolute()), "checksum": manifest["checksum"], "splits": manifest["splits"]},
         "members": member_cards,
     }
     _write_bundle(out, card, a, b, sr, overwrite)
     members = f"A {accuracy['a']:.2%}" + (f", B {accuracy['b']:.2%}" if b is not None else "")
-    fused = (f"; w_A = {fusion['weight_a']:.2f}, ensemble {accuracy['ensemble']:.2%} (logit mean "
-             f"{alternatives['logit mean']['accuracy']:.2%}, stacking "
-             f"{alternatives['stacking (logistic regression, 5-fold CV)']['accuracy']:.2%} by 5-fold CV)" if b else "")
+    fused = (
+        f"; w_A = {fusion['weight_a']:.2f}, ensemble {accuracy['ensemble']:.2%} (logit mean "
+        f"{alternatives['logit mean']['accuracy']:.2%}, stacking "
+        f"{alternatives['stacking (logistic regression, 5-fold CV)']['accuracy']:.2%} by 5-fold CV)"
+        if b
+        else ""
+    )
     echo(f"ensemble: {split} (selection) accuracy {members}{fused}; bundle {out}")
     for name in splits[1:]:
         view = evaluations[name]["views"]["tta" if tta else "center"]
@@ -368,8 +433,11 @@ def _write_bundle(out, card: dict, a, b, sr, overwrite: bool) -> None:
         for split, evaluation in card["evaluations"].items():
             report = evaluation["views"][view]
             role = "selection" if evaluation["selection"] else "test"
-            plot_confusion(report["confusion"], tmp / f"confusion-{split}.png",
-                           f"{split} ({role}){' TTA' if card['tta'] else ''}: {report['accuracy']:.2%}")
+            plot_confusion(
+                report["confusion"],
+                tmp / f"confusion-{split}.png",
+                f"{split} ({role}){' TTA' if card['tta'] else ''}: {report['accuracy']:.2%}",
+            )
         (tmp / BUNDLE_FILE).write_text(json.dumps(card, indent=2) + "\n")
         (tmp / "MODEL_CARD.md").write_text(model_card(card))
 
@@ -386,12 +454,22 @@ def _copy_run_files(run_dir: Path, into: Path) -> None:
 
 def _member_card(model, cfg: ExperimentConfig, source, filename: str) -> dict:
     payload = load_checkpoint(source)
-    return {"checkpoint": filename, "source": str(source), "model": cfg.model.name, "parameters": num_params(model),
-            "depth": getattr(model, "keras_depth", lambda: None)(), "crop": cfg.augment.crop,
-            "input_scale": cfg.data.input_scale, "pretrained": bool(payload.get("pretrained", False)),
-            "trained_on": cfg.data.path, "epochs": payload["epoch"], "selection_split": cfg.data.selection_split,
-            "weights": payload.get("weights", "raw"),
-            "selection_accuracy": payload.get("metrics", {}).get("eval_acc"), "run": run_facts(source)}
+    return {
+        "checkpoint": filename,
+        "source": str(source),
+        "model": cfg.model.name,
+        "parameters": num_params(model),
+        "depth": getattr(model, "keras_depth", lambda: None)(),
+        "crop": cfg.augment.crop,
+        "input_scale": cfg.data.input_scale,
+        "pretrained": bool(payload.get("pretrained", False)),
+        "trained_on": cfg.data.path,
+        "epochs": payload["epoch"],
+        "selection_split": cfg.data.selection_split,
+        "weights": payload.get("weights", "raw"),
+        "selection_accuracy": payload.get("metrics", {}).get("eval_acc"),
+        "run": run_facts(source),
+    }
 
 
 def run_facts(checkpoint) -> dict | None:
@@ -400,8 +478,20 @@ def run_facts(checkpoint) -> dict | None:
     if not result.is_file():
         return None
     facts = json.loads(result.read_text())
-    keep = ("name", "best_epoch", "epochs", "seconds", "train_seconds", "workers", "gpus_per_worker", "machine",
-            "commit", "data_checksum", "budget_minutes", "images_per_s")
+    keep = (
+        "name",
+        "best_epoch",
+        "epochs",
+        "seconds",
+        "train_seconds",
+        "workers",
+        "gpus_per_worker",
+        "machine",
+        "commit",
+        "data_checksum",
+        "budget_minutes",
+        "images_per_s",
+    )
     return {k: facts[k] for k in keep if k in facts}
 
 
@@ -427,8 +517,13 @@ def resolve_bundle(path: str | Path | None) -> Path:
     return Path(path)
 
 
-def load_bundle(path: str | Path | None = None, device: str | torch.device | None = None,
-                members: tuple[str, ...] = ("a", "b"), fold: bool = True, int8: bool = False) -> tuple[Ensemble, dict]:
+def load_bundle(
+    path: str | Path | None = None,
+    device: str | torch.device | None = None,
+    members: tuple[str, ...] = ("a", "b"),
+    fold: bool = True,
+    int8: bool = False,
+) -> tuple[Ensemble, dict]:
     """The ensemble of a bundle folder (None: the default one), from the folder alone (never a path a
     client names). `members` picks what to load: a Serve replica of Model A needs neither B nor the
     generator. `fold`: batch norms folded for inference (False: the models exactly as trained).
@@ -453,8 +548,10 @@ def load_bundle(path: str | Path | None = None, device: str | torch.device | Non
         from ferray.models.quantized import Int8Unavailable
 
         loaded = " or ".join(m.upper() for m in members if parts.get(m))
-        raise Int8Unavailable(f"{path}: int8 asked for, but member {loaded} has no int8 calibration: make one with "
-                              f"`ferray quantize {path} --data DIR`")
+        raise Int8Unavailable(
+            f"{path}: int8 asked for, but member {loaded} has no int8 calibration: make one with "
+            f"`ferray quantize {path} --data DIR`"
+        )
     return ensemble, card
 
 
@@ -477,8 +574,11 @@ def read_bundle_card(path: str | Path | None) -> dict:
     path = resolve_bundle(path)
     card_file = path / BUNDLE_FILE
     if not card_file.is_file():
-        hint = ("the default bundle is missing from this installation" if path == default_bundle_path()
-                else "make one with `ferray ensemble`")
+        hint = (
+            "the default bundle is missing from this installation"
+            if path == default_bundle_path()
+            else "make one with `ferray ensemble`"
+        )
         raise CheckpointError(f"{path}: not a ferray bundle (no {BUNDLE_FILE}); {hint}")
     card = _read_json(card_file, "bundle card")
     if card.get("format") != BUNDLE_FORMAT:
@@ -486,8 +586,15 @@ def read_bundle_card(path: str | Path | None) -> dict:
     return card
 
 
-def evaluate_bundle(bundle: str | Path | None, data: str | Path, split: str = "PublicTest", out: str | Path | None = None,
-                    echo=print, tta: bool | None = None, int8: bool = False) -> dict:
+def evaluate_bundle(
+    bundle: str | Path | None,
+    data: str | Path,
+    split: str = "PublicTest",
+    out: str | Path | None = None,
+    echo=print,
+    tta: bool | None = None,
+    int8: bool = False,
+) -> dict:
     """The ensemble's report on a split, with each member's accuracy beside it; `tta` None: as the
     bundle says (the fusion weight is the bundle's either way). With `out`, writes
     eval-<split>[-tta].{json,png} there (never into the bundle: it may be the installed default)."""
@@ -503,15 +610,18 @@ def evaluate_bundle(bundle: str | Path | None, data: str | Path, split: str = "P
     report = fused_report(pa, pb, labels, ensemble.weight_a, split, ensemble.tta, resolve_bundle(bundle))
     report["precision"] = _precision(ensemble, "a")
     report["selection_split"] = card.get("selection_split")
-    report["selection"] = (split == card.get("selection_split")
-                           and read_manifest(data)["checksum"] == card["data"]["checksum"])
+    report["selection"] = (
+        split == card.get("selection_split") and read_manifest(data)["checksum"] == card["data"]["checksum"]
+    )
     if out is not None:
         echo(f"wrote {write_fused_report(report, Path(out))}")
     echo(format_report(report))
     members = ", ".join(f"{name.upper()} {acc:.2%}" for name, acc in report["members"].items())
-    echo(f"members on {split}: {members}, ensemble {report['accuracy']:.2%} (w_A = {ensemble.weight_a:.2f}; "
-         f"A forwarded in {report['precision']})"
-         + ("  [the bundle's selection split: not a test]" if report["selection"] else ""))
+    echo(
+        f"members on {split}: {members}, ensemble {report['accuracy']:.2%} (w_A = {ensemble.weight_a:.2f}; "
+        f"A forwarded in {report['precision']})"
+        + ("  [the bundle's selection split: not a test]" if report["selection"] else "")
+    )
     return report
 
 
@@ -521,13 +631,28 @@ def _precision(ensemble: Ensemble, which: str) -> str:
     return getattr(runner, "how", "bf16 autocast" if autocast else "fp32")
 
 
-def fused_report(pa: np.ndarray, pb: np.ndarray | None, labels: np.ndarray, weight_a: float, split: str, tta: bool,
-                 bundle: str | Path) -> dict:
+def fused_report(
+    pa: np.ndarray,
+    pb: np.ndarray | None,
+    labels: np.ndarray,
+    weight_a: float,
+    split: str,
+    tta: bool,
+    bundle: str | Path,
+) -> dict:
     """The ensemble's evaluation from its members' probabilities, each member's accuracy beside it."""
     report = summarize_confusion(confusion_matrix(labels, fuse(pa, pb, weight_a).argmax(1)))
     members = {"a": _score(pa, labels)[0]} | ({"b": _score(pb, labels)[0]} if pb is not None else {})
-    return {**report, "split": split, "tta": tta, "model": "ensemble (A + B)" if pb is not None else "Model A",
-            "epoch": "-", "members": members, "bundle": str(bundle), "weight_a": weight_a}
+    return {
+        **report,
+        "split": split,
+        "tta": tta,
+        "model": "ensemble (A + B)" if pb is not None else "Model A",
+        "epoch": "-",
+        "members": members,
+        "bundle": str(bundle),
+        "weight_a": weight_a,
+    }
 
 
 def write_fused_report(report: dict, out: Path) -> Path:
@@ -538,6 +663,9 @@ def write_fused_report(report: dict, out: Path) -> Path:
     int8 = report.get("precision", "").startswith("int8")
     stem = out / (f"eval-{report['split']}" + ("-tta" if report["tta"] else "") + ("-int8" if int8 else ""))
     stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    plot_confusion(report["confusion"], stem.with_suffix(".png"),
-                   f"{report['model']} on {report['split']}{' (TTA)' if report['tta'] else ''}: {report['accuracy']:.2%}")
+    plot_confusion(
+        report["confusion"],
+        stem.with_suffix(".png"),
+        f"{report['model']} on {report['split']}{' (TTA)' if report['tta'] else ''}: {report['accuracy']:.2%}",
+    )
     return stem.with_suffix(".json")

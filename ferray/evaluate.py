@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -14,29 +14,61 @@ from ferray.engine import TensorBatches, evaluate, model_from_checkpoint
 from ferray.metrics import most_confused, plot_confusion
 
 
-def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, split: str = "PublicTest", tta: bool = False,
-                        out: str | Path | None = None, batch_size: int = 256,
-                        echo: Callable[[str], None] = print, keep_probs: bool = False) -> dict:
+def evaluate_checkpoint(
+    checkpoint: str | Path,
+    data: str | Path,
+    split: str = "PublicTest",
+    tta: bool = False,
+    out: str | Path | None = None,
+    batch_size: int = 256,
+    echo: Callable[[str], None] = print,
+    keep_probs: bool = False,
+) -> dict:
     """Accuracy, per-class accuracy and the confusion matrix; writes eval-<split>[-tta].{json,png}.
     `keep_probs`: the result also holds "probs" (N, 7) and the faces' "ids" in the split's order
     (not written to the JSON)."""
     device = default_device()
     model, cfg, payload = model_from_checkpoint(checkpoint, device)
     images, labels, ids = load_split(data, split)
-    batches = TensorBatches(torch.from_numpy(images), torch.from_numpy(labels), batch_size, shuffle=False, drop_last=False)
-    result = evaluate(model, batches, cfg.augment.crop, tta, device, amp=use_bf16(device, cfg.train.amp), scale=cfg.data.input_scale,
-                      keep_probs=keep_probs)
+    batches = TensorBatches(
+        torch.from_numpy(images), torch.from_numpy(labels), batch_size, shuffle=False, drop_last=False
+    )
+    result = evaluate(
+        model,
+        batches,
+        cfg.augment.crop,
+        tta,
+        device,
+        amp=use_bf16(device, cfg.train.amp),
+        scale=cfg.data.input_scale,
+        keep_probs=keep_probs,
+    )
     if keep_probs:
         result["ids"] = list(ids)
-    result.update({"checkpoint": str(checkpoint), "data": str(data), "split": split, "tta": tta,
-                   "model": cfg.model.name, "epoch": payload["epoch"], "pretrained": payload.get("pretrained", False),
-                   "selection_split": cfg.data.selection_split, "selection": is_selection(cfg, split, data)})
+    result.update(
+        {
+            "checkpoint": str(checkpoint),
+            "data": str(data),
+            "split": split,
+            "tta": tta,
+            "model": cfg.model.name,
+            "epoch": payload["epoch"],
+            "pretrained": payload.get("pretrained", False),
+            "selection_split": cfg.data.selection_split,
+            "selection": is_selection(cfg, split, data),
+        }
+    )
     out = Path(out) if out is not None else Path(checkpoint).parent
     out.mkdir(parents=True, exist_ok=True)
     stem = f"eval-{split}" + ("-tta" if tta else "")
-    (out / f"{stem}.json").write_text(json.dumps({k: v for k, v in result.items() if k not in ("probs", "ids")}, indent=2) + "\n")
-    plot_confusion(result["confusion"], out / f"{stem}.png",
-                   f"{cfg.model.name} on {split}{' (TTA)' if tta else ''}: {result['accuracy']:.2%}")
+    (out / f"{stem}.json").write_text(
+        json.dumps({k: v for k, v in result.items() if k not in ("probs", "ids")}, indent=2) + "\n"
+    )
+    plot_confusion(
+        result["confusion"],
+        out / f"{stem}.png",
+        f"{cfg.model.name} on {split}{' (TTA)' if tta else ''}: {result['accuracy']:.2%}",
+    )
     echo(format_report(result))
     echo(f"wrote {out / (stem + '.json')} and {out / (stem + '.png')}")
     return result
@@ -59,11 +91,19 @@ def is_selection(cfg, split: str, data) -> bool:
 def format_report(result: dict) -> str:
     role = ""
     if "selection" in result:
-        role = ("  [the selection split: it chose this model, so this is not a test]" if result["selection"]
-                else "  [a test split: never used to choose anything]" if result.get("selection_split") else "")
-    lines = [f"{result['model']} (epoch {result['epoch']}) on {result['split']}"
-             f"{' with ten-crop TTA' if result['tta'] else ''}: accuracy {result['accuracy']:.2%} "
-             f"({result['samples']:,} faces){role}", f"{'class':<10}{'accuracy':>10}{'faces':>8}"]
+        role = (
+            "  [the selection split: it chose this model, so this is not a test]"
+            if result["selection"]
+            else "  [a test split: never used to choose anything]"
+            if result.get("selection_split")
+            else ""
+        )
+    lines = [
+        f"{result['model']} (epoch {result['epoch']}) on {result['split']}"
+        f"{' with ten-crop TTA' if result['tta'] else ''}: accuracy {result['accuracy']:.2%} "
+        f"({result['samples']:,} faces){role}",
+        f"{'class':<10}{'accuracy':>10}{'faces':>8}",
+    ]
     for name in EMOTIONS:
         lines.append(f"{name:<10}{result['per_class'][name]:>10.2%}{result['support'][name]:>8,}")
     pairs = ", ".join(f"{a}->{b} {r:.0%}" for a, b, r in most_confused(result["confusion"]))

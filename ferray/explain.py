@@ -14,16 +14,16 @@ guided wrapper. `ferray explain CKPT IMAGE` draws the map of one face; the repor
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn as nn
 
 from ferray.augment import standardize, to_input
-from ferray.labels import EMOTIONS, FER_SIZE
 from ferray.device import default_device
+from ferray.labels import EMOTIONS, FER_SIZE
 
 ACTIVATIONS = (nn.ReLU, nn.PReLU, nn.LeakyReLU, nn.ReLU6, nn.ELU, nn.GELU, nn.SiLU)
 
@@ -67,8 +67,9 @@ def guided_copy(model: nn.Module) -> nn.Module:
     return guided
 
 
-def guided_backprop(model: nn.Module, inputs: torch.Tensor, target: int | torch.Tensor | None = None,
-                    guided: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def guided_backprop(
+    model: nn.Module, inputs: torch.Tensor, target: int | torch.Tensor | None = None, guided: nn.Module | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(maps, logits): d score_target / d input through guided activations, shape of `inputs`.
 
     `inputs` are the model's inputs as it takes them (standardized crops); `target` is a class
@@ -80,8 +81,11 @@ def guided_backprop(model: nn.Module, inputs: torch.Tensor, target: int | torch.
     logits = guided(x)
     if target is None:
         target = logits.argmax(1)
-    target = torch.as_tensor(target, device=logits.device).expand(len(x)) if torch.as_tensor(target).dim() == 0 \
+    target = (
+        torch.as_tensor(target, device=logits.device).expand(len(x))
+        if torch.as_tensor(target).dim() == 0
         else torch.as_tensor(target, device=logits.device)
+    )
     score = logits.gather(1, target.long().view(-1, 1)).sum()
     (maps,) = torch.autograd.grad(score, x)
     return maps.detach(), logits.detach()
@@ -92,23 +96,34 @@ def center_view(faces: torch.Tensor, crop: int, scale: int = 1) -> torch.Tensor:
     x = to_input(faces, scale)
     top = (x.shape[-2] - crop) // 2
     left = (x.shape[-1] - crop) // 2
-    return standardize(x[..., top:top + crop, left:left + crop])
+    return standardize(x[..., top : top + crop, left : left + crop])
 
 
-def explain_faces(model: nn.Module, faces: np.ndarray, crop: int, scale: int = 1, target=None,
-                  device: str | torch.device = "cpu") -> dict:
+def explain_faces(
+    model: nn.Module, faces: np.ndarray, crop: int, scale: int = 1, target=None, device: str | torch.device = "cpu"
+) -> dict:
     """Guided-backprop maps of uint8 faces (B, H, W): the crops, maps, probabilities and classes."""
     model = model.to(device).eval()
     x = center_view(torch.from_numpy(np.ascontiguousarray(faces)).to(device), crop, scale)
     maps, logits = guided_backprop(model, x, target)
     probs = logits.float().softmax(1)
     classes = probs.argmax(1) if target is None else torch.as_tensor(target).expand(len(x))
-    return {"crops": x[:, 0].cpu().numpy(), "maps": maps[:, 0].cpu().numpy(), "probs": probs.cpu().numpy(),
-            "classes": classes.cpu().numpy()}
+    return {
+        "crops": x[:, 0].cpu().numpy(),
+        "maps": maps[:, 0].cpu().numpy(),
+        "probs": probs.cpu().numpy(),
+        "classes": classes.cpu().numpy(),
+    }
 
 
-def explain_image(checkpoint: str | Path, image: str | Path, out: str | Path | None = None, target: str | None = None,
-                  detect: bool = False, echo: Callable[[str], None] = print) -> dict:
+def explain_image(
+    checkpoint: str | Path,
+    image: str | Path,
+    out: str | Path | None = None,
+    target: str | None = None,
+    detect: bool = False,
+    echo: Callable[[str], None] = print,
+) -> dict:
     """`ferray explain`: the guided-backprop map of the face in an image file, as a PNG and JSON."""
     import json
 
@@ -129,20 +144,40 @@ def explain_image(checkpoint: str | Path, image: str | Path, out: str | Path | N
     # what the classifier looks at, not what the SR generator adds.
     size = 2 * FER_SIZE if cfg.data.input_scale == 1 and cfg.augment.crop > FER_SIZE else FER_SIZE
     pixels = np.stack([_resize(face.pixels, size) for face in faces])
-    result = explain_faces(model, pixels, cfg.augment.crop, cfg.data.input_scale,
-                           None if target is None else EMOTIONS.index(target), device)
+    result = explain_faces(
+        model,
+        pixels,
+        cfg.augment.crop,
+        cfg.data.input_scale,
+        None if target is None else EMOTIONS.index(target),
+        device,
+    )
     out = Path(out) if out is not None else image.with_name(f"{image.stem}-explain.png")
-    rows = [{"crop": c, "map": m, "probs": p, "label": None} for c, m, p in zip(result["crops"], result["maps"], result["probs"])]
+    rows = [
+        {"crop": c, "map": m, "probs": p, "label": None}
+        for c, m, p in zip(result["crops"], result["maps"], result["probs"])
+    ]
     plot_explanations(rows, out, f"{cfg.model.name}: guided backprop of {image.name}")
-    answer = {"image": str(image), "checkpoint": str(checkpoint), "figure": str(out),
-              "faces": [{"box": list(face.box) if face.box else None,
-                         "predicted": EMOTIONS[int(np.argmax(p))], "explained": EMOTIONS[int(c)],
-                         "probabilities": {n: round(float(v), 4) for n, v in zip(EMOTIONS, p)}}
-                        for face, p, c in zip(faces, result["probs"], result["classes"])]}
+    answer = {
+        "image": str(image),
+        "checkpoint": str(checkpoint),
+        "figure": str(out),
+        "faces": [
+            {
+                "box": list(face.box) if face.box else None,
+                "predicted": EMOTIONS[int(np.argmax(p))],
+                "explained": EMOTIONS[int(c)],
+                "probabilities": {n: round(float(v), 4) for n, v in zip(EMOTIONS, p)},
+            }
+            for face, p, c in zip(faces, result["probs"], result["classes"])
+        ],
+    }
     out.with_suffix(".json").write_text(json.dumps(answer, indent=2) + "\n")
     for face in answer["faces"]:
-        echo(f"{image.name}: predicted {face['predicted']} ({face['probabilities'][face['predicted']]:.0%}); "
-             f"map of {face['explained']}")
+        echo(
+            f"{image.name}: predicted {face['predicted']} ({face['probabilities'][face['predicted']]:.0%}); "
+            f"map of {face['explained']}"
+        )
     echo(f"wrote {out}")
     return answer
 
@@ -153,7 +188,13 @@ def _resize(face: np.ndarray, size: int) -> np.ndarray:
     import torch.nn.functional as F
 
     x = torch.from_numpy(face).float()[None, None]
-    return F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False).clamp(0, 255).round().byte()[0, 0].numpy()
+    return (
+        F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False)
+        .clamp(0, 255)
+        .round()
+        .byte()[0, 0]
+        .numpy()
+    )
 
 
 def pick_per_class(labels: np.ndarray, per_class: int) -> dict[int, np.ndarray]:
@@ -161,8 +202,14 @@ def pick_per_class(labels: np.ndarray, per_class: int) -> dict[int, np.ndarray]:
     return {c: np.flatnonzero(labels == c)[:per_class] for c in range(len(EMOTIONS)) if (labels == c).any()}
 
 
-def explain_split(checkpoint: str | Path, data: str | Path, split: str = "PublicTest", per_class: int = 2,
-                  out: str | Path | None = None, echo: Callable[[str], None] = print) -> dict:
+def explain_split(
+    checkpoint: str | Path,
+    data: str | Path,
+    split: str = "PublicTest",
+    per_class: int = 2,
+    out: str | Path | None = None,
+    echo: Callable[[str], None] = print,
+) -> dict:
     """Guided-backprop maps of `per_class` faces of each class of a split, as one grid (Figure 4)."""
     from ferray.data.contract import load_split
     from ferray.engine import model_from_checkpoint
@@ -171,14 +218,30 @@ def explain_split(checkpoint: str | Path, data: str | Path, split: str = "Public
     model, cfg, _ = model_from_checkpoint(checkpoint, device)
     images, labels, _ = load_split(data, split)
     out = Path(out) if out is not None else Path(checkpoint).parent / f"guided-{split}.png"
-    result = explain_grid(model, cfg, images, labels, per_class, out, f"{cfg.model.name}: guided backprop on {split} "
-                          "(map of the predicted class)", device)
+    result = explain_grid(
+        model,
+        cfg,
+        images,
+        labels,
+        per_class,
+        out,
+        f"{cfg.model.name}: guided backprop on {split} (map of the predicted class)",
+        device,
+    )
     echo(f"explain: guided-backprop maps of {len(result['faces'])} {split} faces ({per_class} per class); wrote {out}")
     return {**result, "split": split, "checkpoint": str(checkpoint)}
 
 
-def explain_grid(model: nn.Module, cfg, images: np.ndarray, labels: np.ndarray, per_class: int, out: Path, title: str,
-                 device: torch.device) -> dict:
+def explain_grid(
+    model: nn.Module,
+    cfg,
+    images: np.ndarray,
+    labels: np.ndarray,
+    per_class: int,
+    out: Path,
+    title: str,
+    device: torch.device,
+) -> dict:
     """The grid of `explain_split` from faces in memory (the Ray-free GPU bench calls it directly)."""
     from ferray.figures import plot_guided_grid
 
@@ -188,8 +251,10 @@ def explain_grid(model: nn.Module, cfg, images: np.ndarray, labels: np.ndarray, 
     rows = [{"crop": c, "map": m, "probs": p} for c, m, p in zip(result["crops"], result["maps"], result["probs"])]
     columns, faces, start = {}, [], 0
     for label, chosen in picked.items():
-        columns[label], start = rows[start:start + len(chosen)], start + len(chosen)
-        faces += [{"index": int(i), "label": EMOTIONS[label], "predicted": EMOTIONS[int(row["probs"].argmax())]}
-                  for i, row in zip(chosen, columns[label])]
+        columns[label], start = rows[start : start + len(chosen)], start + len(chosen)
+        faces += [
+            {"index": int(i), "label": EMOTIONS[label], "predicted": EMOTIONS[int(row["probs"].argmax())]}
+            for i, row in zip(chosen, columns[label])
+        ]
     plot_guided_grid(columns, out, title)
     return {"figure": str(out), "faces": faces}

@@ -54,16 +54,20 @@ def decode_image(data: bytes, name: str = "image", limits: Limits = Limits()) ->
     except DecompressionBombError as error:  # PIL's own guard fires on headers past ~179 MP
         raise InputError(f"{name}: {error}; refused before decoding", status=413) from None
     except UnidentifiedImageError:
-        raise InputError(f"{name}: not an image this API reads ({_sniff(data)}); send PNG, JPEG, BMP or WebP",
-                         status=415) from None
+        raise InputError(
+            f"{name}: not an image this API reads ({_sniff(data)}); send PNG, JPEG, BMP or WebP", status=415
+        ) from None
     except Exception as error:  # PIL raises a zoo of types for broken headers
         raise InputError(f"{name}: unreadable image header ({error})") from None
     if image.format not in ALLOWED_FORMATS:
         raise InputError(f"{name}: {image.format} images are not accepted; send PNG, JPEG, BMP or WebP", status=415)
     width, height = image.size
     if width < 1 or height < 1 or width * height > limits.max_pixels:
-        raise InputError(f"{name}: declared size {width}x{height} ({width * height:,} pixels) is over the limit of "
-                         f"{limits.max_pixels:,} pixels (a decompression bomb is refused before decoding)", status=413)
+        raise InputError(
+            f"{name}: declared size {width}x{height} ({width * height:,} pixels) is over the limit of "
+            f"{limits.max_pixels:,} pixels (a decompression bomb is refused before decoding)",
+            status=413,
+        )
     try:
         return to_gray(image)
     except Exception as error:  # truncated or corrupt data surfaces only when the pixels are decoded
@@ -112,8 +116,9 @@ def detect_boxes(gray: np.ndarray) -> list[tuple[int, int, int, int]]:
     import cv2
 
     smallest = max(24, min(gray.shape) // 20)
-    found = _cascade().detectMultiScale(cv2.equalizeHist(gray), scaleFactor=1.1, minNeighbors=5,
-                                        minSize=(smallest, smallest))
+    found = _cascade().detectMultiScale(
+        cv2.equalizeHist(gray), scaleFactor=1.1, minNeighbors=5, minSize=(smallest, smallest)
+    )
     boxes = [tuple(int(v) for v in box) for box in found]
     return sorted(boxes, key=lambda b: -b[2] * b[3])
 
@@ -146,8 +151,11 @@ def faces_in_image(gray: np.ndarray, detect: bool = True, name: str = "image") -
         return [Face((0, 0, width, height), resize48(gray))]
     boxes = detect_boxes(gray)
     if not boxes:
-        raise InputError(f"{name}: no face found in the {width}x{height} image; send a closer photo, or "
-                         "?detect=false to classify the whole image as one face", status=422)
+        raise InputError(
+            f"{name}: no face found in the {width}x{height} image; send a closer photo, or "
+            "?detect=false to classify the whole image as one face",
+            status=422,
+        )
     return [Face(box, crop_face(gray, box)) for box in boxes]
 
 
@@ -156,8 +164,9 @@ def faces_from_pixels(payload, name: str = "body") -> np.ndarray:
     """JSON {"pixels": row} or {"pixels": [row, ...]}, a row being 2,304 ints 0..255 in FER2013 order
     (row-major 48x48) -> (N, 48, 48) uint8."""
     if not isinstance(payload, dict) or "pixels" not in payload:
-        raise InputError(f"{name}: expected a JSON object {{\"pixels\": [2304 ints]}} or {{\"pixels\": [[...], ...]}}",
-                         status=422)
+        raise InputError(
+            f'{name}: expected a JSON object {{"pixels": [2304 ints]}} or {{"pixels": [[...], ...]}}', status=422
+        )
     rows = payload["pixels"]
     if not isinstance(rows, list) or not rows:
         raise InputError(f"{name}: 'pixels' must be a non-empty list", status=422)
@@ -177,8 +186,12 @@ def _pixel_row(row, where: str) -> np.ndarray:
         raise InputError(f"{where}: {len(row)} values, expected {expected} (48x48)", status=422)
     for position, value in enumerate(row):
         # bool is an int in Python, and NaN / 3.5 are not pixels: name the first bad value exactly
-        if (isinstance(value, bool) or not isinstance(value, (int, float))
-                or not math.isfinite(value) or value != int(value)):
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or not math.isfinite(value)
+            or value != int(value)
+        ):
             raise InputError(f"{where}[{position}]: {value!r} is not an integer pixel value", status=422)
         if not 0 <= value <= 255:
             raise InputError(f"{where}[{position}]: {value!r} is out of range 0..255", status=422)

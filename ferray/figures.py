@@ -10,10 +10,9 @@ import numpy as np
 import torch
 
 from ferray.augment import MEAN, STD, train_views
-from ferray.plotting import pyplot, save
 from ferray.config import AugmentConfig
 from ferray.data.contract import EMOTIONS
-
+from ferray.plotting import pyplot, save
 
 
 def map_to_image(saliency: np.ndarray) -> np.ndarray:
@@ -21,7 +20,6 @@ def map_to_image(saliency: np.ndarray) -> np.ndarray:
     saliency = saliency - saliency.mean()
     spread = np.percentile(np.abs(saliency), 99) or 1.0
     return np.clip(0.5 + 0.5 * saliency / spread, 0, 1)
-
 
 
 def _unit(face: np.ndarray) -> np.ndarray:
@@ -37,8 +35,9 @@ def training_crops(face: np.ndarray, augment: AugmentConfig, count: int = 8, see
     return (views * STD + MEAN).clamp(0, 1)[:, 0].numpy()
 
 
-def plot_crops(face: np.ndarray, augment: AugmentConfig, path: str | Path, count: int = 8, seed: int = 0,
-               title: str = "") -> Path:
+def plot_crops(
+    face: np.ndarray, augment: AugmentConfig, path: str | Path, count: int = 8, seed: int = 0, title: str = ""
+) -> Path:
     """The face, then `count` random training views (crop, flip, rotation, shift, zoom, jitter)."""
     plt = pyplot()
     crops = training_crops(face, augment, count, seed)
@@ -61,8 +60,9 @@ def plot_guided_grid(columns: dict[int, list[dict]], path: str | Path, title: st
 
     plt = pyplot()
     per_class = max(len(rows) for rows in columns.values())
-    fig, axes = plt.subplots(2 * per_class, len(columns), figsize=(1.35 * len(columns), 1.45 * 2 * per_class),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        2 * per_class, len(columns), figsize=(1.35 * len(columns), 1.45 * 2 * per_class), squeeze=False
+    )
     for ax in axes.flat:
         ax.axis("off")
     for j, (label, rows) in enumerate(sorted(columns.items())):
@@ -71,8 +71,15 @@ def plot_guided_grid(columns: dict[int, list[dict]], path: str | Path, title: st
             predicted = int(np.argmax(row["probs"]))
             axes[2 * i, j].imshow(_unit(row["crop"]), cmap="gray", vmin=0, vmax=1)
             axes[2 * i + 1, j].imshow(map_to_image(row["map"]), cmap="gray", vmin=0, vmax=1)
-            axes[2 * i + 1, j].text(0.5, -0.08, f"pred {EMOTIONS[predicted]}", transform=axes[2 * i + 1, j].transAxes,
-                                    ha="center", va="top", fontsize=6)
+            axes[2 * i + 1, j].text(
+                0.5,
+                -0.08,
+                f"pred {EMOTIONS[predicted]}",
+                transform=axes[2 * i + 1, j].transAxes,
+                ha="center",
+                va="top",
+                fontsize=6,
+            )
     return save(fig, path, title)
 
 
@@ -98,8 +105,9 @@ def plot_explanations(rows: list[dict], path: str | Path, title: str = "") -> Pa
     return save(fig, path, title)
 
 
-def training_views(data, out, checkpoint=None, experiment=None, overrides=(), index: int = 0, count: int = 8,
-                   seed: int = 0):
+def training_views(
+    data, out, checkpoint=None, experiment=None, overrides=(), index: int = 0, count: int = 8, seed: int = 0
+):
     """`ferray crops`: a Training face of `data` and `count` random views of it, with the augmentation of
     a checkpoint's config or an experiment file (plus `overrides`); the PNG's path."""
     from ferray.config import apply_overrides, from_dict, load_config
@@ -113,7 +121,15 @@ def training_views(data, out, checkpoint=None, experiment=None, overrides=(), in
         cfg = load_config(experiment, list(overrides))
     faces, _, _ = load_split(data, cfg.data.train_split)
     if not 0 <= index < len(faces) or count < 1:
-        raise UsageError(f"--index must be in 0..{len(faces) - 1} ({data} has {len(faces):,} "
-                         f"{cfg.data.train_split} faces) and --count at least 1")
-    return plot_crops(faces[index], cfg.augment, out, count, seed,
-                      title=f"random {cfg.augment.crop}x{cfg.augment.crop} training views ({cfg.name})")
+        raise UsageError(
+            f"--index must be in 0..{len(faces) - 1} ({data} has {len(faces):,} "
+            f"{cfg.data.train_split} faces) and --count at least 1"
+        )
+    return plot_crops(
+        faces[index],
+        cfg.augment,
+        out,
+        count,
+        seed,
+        title=f"random {cfg.augment.crop}x{cfg.augment.crop} training views ({cfg.name})",
+    )

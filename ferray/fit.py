@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Callable, Iterable
 
 from ferray.engine import planned_epochs
 
@@ -26,14 +26,23 @@ BEST_FILE = "best.pt"
 LATEST_FILE = "latest.pt"
 
 
-def fit(task, state, train: Callable[[int], Iterable], evaluate: Callable[[object], dict], steps_per_epoch: int, *,
-        on_epoch: Callable[[object, dict], None] | None = None, agree: Callable[[int], int] = lambda n: n,
-        workers: int = 1) -> list[dict]:
+def fit(
+    task,
+    state,
+    train: Callable[[int], Iterable],
+    evaluate: Callable[[object], dict],
+    steps_per_epoch: int,
+    *,
+    on_epoch: Callable[[object, dict], None] | None = None,
+    agree: Callable[[int], int] = lambda n: n,
+    workers: int = 1,
+) -> list[dict]:
     """Train `state` until its planned epochs are done; returns the rows of the epochs trained here.
 
     `train(epoch)` gives that epoch's batches (0-based; their order must depend on the run's seed,
-    the rank and the epoch only, so a resumed run sees what an uninterrupted one sees); `evaluate(state)` the selection split's results (every
-    worker must get the same ones); `agree(n)` makes every worker take the same plan (rank 0's);
+    the rank and the epoch only, so a resumed run sees what an uninterrupted one sees);
+    `evaluate(state)` the selection split's results (every worker must get the same ones);
+    `agree(n)` makes every worker take the same plan (rank 0's);
     `on_epoch(state, row)` checkpoints, logs and reports. With train.budget_minutes the run is
     re-planned after each epoch from the epoch times of the whole run (resumes included)."""
     cfg, rows = state.cfg, []
@@ -88,15 +97,21 @@ class LocalRun:
         best = self.best or {}
         history = state.history
         summary = {
-            "name": self.run_dir.name, "task": self.task.name,
+            "name": self.run_dir.name,
+            "task": self.task.name,
             "model": self.task.model_name(self.cfg),
-            "run_dir": str(self.run_dir), "best_checkpoint": str(self.run_dir / BEST_FILE),
-            "best_epoch": best.get("epoch"), f"best_{self.task.metric}": best.get(self.task.metric),
-            "selection_split": self.cfg.data.selection_split, "epochs": state.epoch,
+            "run_dir": str(self.run_dir),
+            "best_checkpoint": str(self.run_dir / BEST_FILE),
+            "best_epoch": best.get("epoch"),
+            f"best_{self.task.metric}": best.get(self.task.metric),
+            "selection_split": self.cfg.data.selection_split,
+            "epochs": state.epoch,
             "planned_epochs": self.task.planned_epochs(state),
             "seconds": round(time.perf_counter() - self.started, 1),
             "train_seconds": round(sum(r.get("epoch_seconds", 0.0) for r in history), 1),
-            "budget_minutes": self.cfg.train.budget_minutes or None, "workers": 1, **self.facts,
+            "budget_minutes": self.cfg.train.budget_minutes or None,
+            "workers": 1,
+            **self.facts,
         }
         (self.run_dir / RESULT_FILE).write_text(json.dumps(summary, indent=2, default=str) + "\n")
         return summary

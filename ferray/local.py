@@ -10,8 +10,8 @@ killed at any moment keeps everything it measured.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -24,26 +24,46 @@ from ferray.tasks import get_task
 
 def on_device(faces: Faces, device, batch_size: int, train: bool, seed: int = 0) -> TensorBatches:
     """Faces as batches on `device` (uint8 there: 2.3 kB a face), shuffled each epoch when training."""
-    return TensorBatches(torch.from_numpy(faces.images).to(device), torch.from_numpy(faces.labels).to(device),
-                         batch_size, shuffle=train, drop_last=train, seed=seed)
+    return TensorBatches(
+        torch.from_numpy(faces.images).to(device),
+        torch.from_numpy(faces.labels).to(device),
+        batch_size,
+        shuffle=train,
+        drop_last=train,
+        seed=seed,
+    )
 
 
-def train_local(cfg: ExperimentConfig, train: Faces, selection: Faces, device, run_dir: str | Path,
-                task_name: str = "classifier", facts: dict | None = None,
-                echo: Callable[[str], None] = print) -> tuple[object, LocalRun]:
+def train_local(
+    cfg: ExperimentConfig,
+    train: Faces,
+    selection: Faces,
+    device,
+    run_dir: str | Path,
+    task_name: str = "classifier",
+    facts: dict | None = None,
+    echo: Callable[[str], None] = print,
+) -> tuple[object, LocalRun]:
     """(state with the kept checkpoint's weights loaded, the run). cfg.train.compile uses
     torch.compile, falling back to eager (said in the output and the run's facts) if it fails."""
     from ferray.device import machine_facts
 
     task = get_task(task_name)
     state = task.build(cfg, device)
-    run = LocalRun(run_dir, task, cfg, {**(facts or {}), "machine": machine_facts(device, getattr(state, "use_amp", False))},
-                   echo)
+    run = LocalRun(
+        run_dir, task, cfg, {**(facts or {}), "machine": machine_facts(device, getattr(state, "use_amp", False))}, echo
+    )
     train_batches = on_device(train, device, cfg.train.batch_size, True, cfg.train.seed)
     selection_batches = on_device(selection, device, cfg.train.eval_batch_size, False)
     t0 = time.perf_counter()
-    fit(task, state, train_batches.epoch, lambda s: task.evaluate(s, selection_batches), len(train_batches),
-        on_epoch=lambda s, row: _on_epoch(run, s, row))
+    fit(
+        task,
+        state,
+        train_batches.epoch,
+        lambda s: task.evaluate(s, selection_batches),
+        len(train_batches),
+        on_epoch=lambda s, row: _on_epoch(run, s, row),
+    )
     run.facts["compile"] = _compile_outcome(state, cfg)
     run.facts["loop_seconds"] = round(time.perf_counter() - t0, 1)
     task.restore_weights(state, run.run_dir / BEST_FILE)
@@ -63,9 +83,16 @@ def _compile_outcome(state, cfg) -> str:
     return f"failed, trained in eager mode ({fallback})" if fallback else f"on ({cfg.train.compile_mode})"
 
 
-def evaluate_tests(state, run: LocalRun, tests: dict[str, Faces], device, batch_size: int = 512,
-                   echo: Callable[[str], None] = print, selection: str | None = None,
-                   probs: dict | None = None) -> dict:
+def evaluate_tests(
+    state,
+    run: LocalRun,
+    tests: dict[str, Faces],
+    device,
+    batch_size: int = 512,
+    echo: Callable[[str], None] = print,
+    selection: str | None = None,
+    probs: dict | None = None,
+) -> dict:
     """{split: {"center": eval, "tta": eval}} of the kept checkpoint on each split of `tests` (the
     `selection` split may be among them, marked so); result.json gains each as soon as it is
     measured. `probs`, if given, receives {(split, view): (N, 7) probabilities}."""
@@ -76,13 +103,24 @@ def evaluate_tests(state, run: LocalRun, tests: dict[str, Faces], device, batch_
         batches = on_device(faces, device, batch_size, False)
         results[split] = {"selection": split == selection}
         for view in ("center", "tta"):
-            result = engine.evaluate(state.core, batches, cfg.augment.crop, view == "tta", device, state.use_amp,
-                                     cfg.data.input_scale, keep_probs=probs is not None, channels_last=state.channels_last)
+            result = engine.evaluate(
+                state.core,
+                batches,
+                cfg.augment.crop,
+                view == "tta",
+                device,
+                state.use_amp,
+                cfg.data.input_scale,
+                keep_probs=probs is not None,
+                channels_last=state.channels_last,
+            )
             if probs is not None:
                 probs[split, view] = result.pop("probs")
             results[split][view] = result
             run.write_result(state, tests=results)
             role = "selection" if split == selection else "test"
-            echo(f"{split} ({role}, {len(faces):,} faces){' ten-crop TTA' if view == 'tta' else ' center crop'}: "
-                 f"{result['accuracy']:.2%}")
+            echo(
+                f"{split} ({role}, {len(faces):,} faces){' ten-crop TTA' if view == 'tta' else ' center crop'}: "
+                f"{result['accuracy']:.2%}"
+            )
     return results

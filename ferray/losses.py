@@ -30,8 +30,14 @@ FEATURE_SPACES = ("normalized", "raw")
 
 
 class CenterLoss(nn.Module):
-    def __init__(self, num_classes: int, feature_dim: int, alpha: float = 0.5, reduction: str = "mean",
-                 features: str = "normalized"):
+    def __init__(
+        self,
+        num_classes: int,
+        feature_dim: int,
+        alpha: float = 0.5,
+        reduction: str = "mean",
+        features: str = "normalized",
+    ):
         super().__init__()
         if reduction not in ("mean", "sum"):
             raise ValueError(f"reduction must be 'mean' or 'sum', not {reduction!r}")
@@ -79,9 +85,17 @@ class JointLoss(nn.Module):
 
     BALANCE_MOMENTUM = 0.98
 
-    def __init__(self, num_classes: int, feature_dim: int, center_lambda: float, center_alpha: float,
-                 label_smoothing: float = 0.0, reduction: str = "mean", features: str = "normalized",
-                 center_share: float = 0.0):
+    def __init__(
+        self,
+        num_classes: int,
+        feature_dim: int,
+        center_lambda: float,
+        center_alpha: float,
+        label_smoothing: float = 0.0,
+        reduction: str = "mean",
+        features: str = "normalized",
+        center_share: float = 0.0,
+    ):
         super().__init__()
         self.center_lambda, self.label_smoothing, self.center_share = center_lambda, label_smoothing, center_share
         self.center = CenterLoss(num_classes, feature_dim, center_alpha, reduction, features)

@@ -55,7 +55,14 @@ def plot_confusion(cm: np.ndarray, path: str | Path, title: str) -> Path:
     ax.set_title(title)
     for i in range(len(cm)):
         for j in range(len(cm)):
-            ax.text(j, i, f"{normalized[i, j]:.2f}", ha="center", va="center", fontsize=8,
-                    color="white" if normalized[i, j] > 0.5 else "black")
+            ax.text(
+                j,
+                i,
+                f"{normalized[i, j]:.2f}",
+                ha="center",
+                va="center",
+                fontsize=8,
+                color="white" if normalized[i, j] > 0.5 else "black",
+            )
     fig.colorbar(image, ax=ax, fraction=0.046)
     return save(fig, path, dpi=120)

@@ -4,8 +4,8 @@ that the HTTP API returns, so both give the same answer for the same bytes (Ray-
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -24,12 +24,20 @@ def describe(faces: Sequence[Face], pa: np.ndarray, pb: np.ndarray | None, weigh
     from ferray.ensemble import fuse
 
     fused = fuse(pa, pb, weight_a)
-    return [{"box": list(face.box), "label": EMOTIONS[int(fused[i].argmax())], "probs": labelled(fused[i]),
-             "members": {"a": labelled(pa[i])} | ({"b": labelled(pb[i])} if pb is not None else {})}
-            for i, face in enumerate(faces)]
+    return [
+        {
+            "box": list(face.box),
+            "label": EMOTIONS[int(fused[i].argmax())],
+            "probs": labelled(fused[i]),
+            "members": {"a": labelled(pa[i])} | ({"b": labelled(pb[i])} if pb is not None else {}),
+        }
+        for i, face in enumerate(faces)
+    ]
 
 
-def find_faces(images: Sequence[tuple[str, bytes]], detect: bool, limits: Limits) -> list[tuple[str, tuple, list[Face]]]:
+def find_faces(
+    images: Sequence[tuple[str, bytes]], detect: bool, limits: Limits
+) -> list[tuple[str, tuple, list[Face]]]:
     """(name, (height, width), faces) of each named image; InputError on anything unusable."""
     found = []
     for name, data in images:
@@ -48,14 +56,25 @@ def assemble(found, pa: np.ndarray, pb: np.ndarray, weight_a: float) -> list[dic
     answers, start = [], 0
     for name, (height, width), faces in found:
         stop = start + len(faces)
-        answers.append({"image": name, "width": width, "height": height,
-                        "faces": describe(faces, pa[start:stop], None if pb is None else pb[start:stop], weight_a)})
+        answers.append(
+            {
+                "image": name,
+                "width": width,
+                "height": height,
+                "faces": describe(faces, pa[start:stop], None if pb is None else pb[start:stop], weight_a),
+            }
+        )
         start = stop
     return answers
 
 
-def answer_images(images: Sequence[tuple[str, bytes]], predict_members: Callable[[np.ndarray], tuple],
-                  weight_a: float, detect: bool = True, limits: Limits = Limits()) -> list[dict]:
+def answer_images(
+    images: Sequence[tuple[str, bytes]],
+    predict_members: Callable[[np.ndarray], tuple],
+    weight_a: float,
+    detect: bool = True,
+    limits: Limits = Limits(),
+) -> list[dict]:
     """The answer for each named image; `predict_members` maps (N, 48, 48) uint8 -> (P_A, P_B)."""
     found = find_faces(images, detect, limits)
     pa, pb = predict_members(all_faces(found))
@@ -72,8 +91,13 @@ def local_predictor(ensemble) -> Callable[[np.ndarray], tuple[np.ndarray, np.nda
     return predict
 
 
-def predict_files(bundle: str | Path | None, paths: Sequence[str | Path], detect: bool = True,
-                  limits: Limits = Limits(), int8: bool = False) -> list[dict]:
+def predict_files(
+    bundle: str | Path | None,
+    paths: Sequence[str | Path],
+    detect: bool = True,
+    limits: Limits = Limits(),
+    int8: bool = False,
+) -> list[dict]:
     """`ferray predict`: the HTTP API's answer for image files, without a server (bundle None: the
     default model that ships with ferray; `int8`: Model A in int8, see ferray.quantize)."""
     from ferray.ensemble import load_bundle
@@ -95,8 +119,7 @@ def format_answers(answers: list[dict]) -> str:
         lines.append(f"{answer['image']} ({answer['width']}x{answer['height']}): {len(answer['faces'])} face(s)")
         for face in answer["faces"]:
             top = sorted(face["probs"].items(), key=lambda kv: -kv[1])[:3]
-            lines.append(f"  box {face['box']}: {face['label']}  ("
-                         + ", ".join(f"{k} {v:.0%}" for k, v in top) + ")")
+            lines.append(f"  box {face['box']}: {face['label']}  (" + ", ".join(f"{k} {v:.0%}" for k, v in top) + ")")
     return "\n".join(lines)
 
 

@@ -23,7 +23,12 @@ import torch
 from ferray.augment import eval_views
 from ferray.data.contract import FER_SIZE, DataError, load_split, read_manifest
 from ferray.ensemble import (
-    BUNDLE_FILE, default_bundle_path, evaluate_views, load_bundle, model_card, resolve_bundle,
+    BUNDLE_FILE,
+    default_bundle_path,
+    evaluate_views,
+    load_bundle,
+    model_card,
+    resolve_bundle,
 )
 from ferray.errors import UsageError
 
@@ -48,9 +53,11 @@ def quantize_bundle(bundle, data, faces: int = 256, seed: int = 0, echo=print) -
 
     path = resolve_bundle(bundle)
     if str(bundle) == "default":
-        raise UsageError(f"ferray quantize writes into the bundle, and `default` is the one installed with ferray "
-                         f"({default_bundle_path()}): copy it (cp -r {default_bundle_path()} mybundle) and quantize "
-                         "the copy, or name the folder itself")
+        raise UsageError(
+            f"ferray quantize writes into the bundle, and `default` is the one installed with ferray "
+            f"({default_bundle_path()}): copy it (cp -r {default_bundle_path()} mybundle) and quantize "
+            "the copy, or name the folder itself"
+        )
     manifest = read_manifest(data)
     if manifest["image_size"] != [FER_SIZE, FER_SIZE]:
         raise DataError(f"{data}: the bundle takes the prepared 48x48 faces, not {manifest['image_size']}")
@@ -63,20 +70,32 @@ def quantize_bundle(bundle, data, faces: int = 256, seed: int = 0, echo=print) -
     ranges = calibrate(ensemble.model_a, crop, crops)
     ranges["calibration"] = source
     calibrated = time.perf_counter() - started
-    echo(f"quantize: {len(ranges['observers'])} activation ranges in {calibrated:.0f} s; compiling the int8 "
-         "model (each batch shape once, ~15 s apiece on 2 cores) ...")
+    echo(
+        f"quantize: {len(ranges['observers'])} activation ranges in {calibrated:.0f} s; compiling the int8 "
+        "model (each batch shape once, ~15 s apiece on 2 cores) ..."
+    )
     ensemble.int8, ensemble.int8_ranges = True, {"a": ranges}
     ensemble.warm_up("a")
     splits = list(card.get("evaluations") or {}) or [card["selection_split"]]
     selection = card["selection_split"]
-    evaluations = evaluate_views(ensemble, data, splits, selection, echo=lambda line: echo(line.replace("ensemble:", "quantize (int8):")))
+    evaluations = evaluate_views(
+        ensemble, data, splits, selection, echo=lambda line: echo(line.replace("ensemble:", "quantize (int8):"))
+    )
     entry = {
-        "ranges": RANGES_FILE, "how": "torchao PT2E, X86InductorQuantizer: int8 weights per channel, uint8 "
-        "activations per tensor; compiled by inductor", "calibration": source, "made_with": ranges["made_with"],
+        "ranges": RANGES_FILE,
+        "how": "torchao PT2E, X86InductorQuantizer: int8 weights per channel, uint8 "
+        "activations per tensor; compiled by inductor",
+        "calibration": source,
+        "made_with": ranges["made_with"],
         "calibration_seconds": round(calibrated, 1),
-        "evaluations": {split: {"selection": split == selection, "data_checksum": manifest["checksum"],
-                                "accuracy": {view: report["accuracy"] for view, report in e["views"].items()}}
-                        for split, e in evaluations.items()},
+        "evaluations": {
+            split: {
+                "selection": split == selection,
+                "data_checksum": manifest["checksum"],
+                "accuracy": {view: report["accuracy"] for view, report in e["views"].items()},
+            }
+            for split, e in evaluations.items()
+        },
     }
     _replace(path / RANGES_FILE, json.dumps(ranges, indent=1) + "\n")
     card["members"]["a"]["int8"] = entry
@@ -84,8 +103,10 @@ def quantize_bundle(bundle, data, faces: int = 256, seed: int = 0, echo=print) -
     _replace(path / "MODEL_CARD.md", model_card(card))
     for split, e in entry["evaluations"].items():
         before = (card.get("evaluations") or {}).get(split, {}).get("views", {})
-        figures = ", ".join(f"{view} {acc:.2%}" + (f" (was {before[view]['accuracy']:.2%})" if view in before else "")
-                            for view, acc in e["accuracy"].items())
+        figures = ", ".join(
+            f"{view} {acc:.2%}" + (f" (was {before[view]['accuracy']:.2%})" if view in before else "")
+            for view, acc in e["accuracy"].items()
+        )
         echo(f"quantize: {split} ({'selection' if e['selection'] else 'test'}) int8 accuracy: {figures}")
     echo(f"quantize: wrote {path / RANGES_FILE} and the int8 figures into {path / BUNDLE_FILE}")
     return entry

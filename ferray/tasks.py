@@ -29,7 +29,9 @@ class ClassifierTask:
         if cfg.augment.crop > size:
             from ferray.errors import ConfigError
 
-            raise ConfigError(f"augment.crop {cfg.augment.crop} is larger than the {size}x{size} faces in {cfg.data.path}")
+            raise ConfigError(
+                f"augment.crop {cfg.augment.crop} is larger than the {size}x{size} faces in {cfg.data.path}"
+            )
 
     def model_name(self, cfg: ExperimentConfig) -> str:
         return cfg.model.name
@@ -70,12 +72,18 @@ class ClassifierTask:
         return payload["metrics"][self.metric]
 
     def format_epoch(self, row: dict, cfg: ExperimentConfig) -> str:
-        ema = (f" [raw {row['eval_raw_acc']:.2%}, EMA {row['eval_ema_acc']:.2%}: {row['eval_weights']}]"
-               if "eval_weights" in row else "")
-        return (f"epoch {row['epoch']:>3}/{row['planned_epochs']}  loss {row['train_loss']:.4f}  "
-                f"(center {row['train_center_share']:.1%} of CE, lambda {row.get('train_center_lambda', 0):.3g})  train {row['train_acc']:6.2%}  "
-                f"{cfg.data.selection_split} {row['eval_acc']:6.2%}{ema} (best {row['best_eval_acc']:6.2%})  "
-                f"{row['images_per_s']:,.0f} img/s  {row['epoch_seconds']:.0f}s  lr {row['lr']:.2e}")
+        ema = (
+            f" [raw {row['eval_raw_acc']:.2%}, EMA {row['eval_ema_acc']:.2%}: {row['eval_weights']}]"
+            if "eval_weights" in row
+            else ""
+        )
+        return (
+            f"epoch {row['epoch']:>3}/{row['planned_epochs']}  loss {row['train_loss']:.4f}  "
+            f"(center {row['train_center_share']:.1%} of CE, lambda {row.get('train_center_lambda', 0):.3g})  "
+            f"train {row['train_acc']:6.2%}  "
+            f"{cfg.data.selection_split} {row['eval_acc']:6.2%}{ema} (best {row['best_eval_acc']:6.2%})  "
+            f"{row['images_per_s']:,.0f} img/s  {row['epoch_seconds']:.0f}s  lr {row['lr']:.2e}"
+        )
 
 
 class SRTask:
@@ -88,8 +96,10 @@ class SRTask:
         from ferray.errors import DataError
 
         if manifest["image_size"][0] != FER_SIZE:
-            raise DataError(f"{cfg.data.path}: {manifest['image_size'][0]}x{manifest['image_size'][1]} faces; the SRGAN "
-                            f"trains on {FER_SIZE}x{FER_SIZE} faces (24 -> 48 pairs)")
+            raise DataError(
+                f"{cfg.data.path}: {manifest['image_size'][0]}x{manifest['image_size'][1]} faces; the SRGAN "
+                f"trains on {FER_SIZE}x{FER_SIZE} faces (24 -> 48 pairs)"
+            )
 
     def model_name(self, cfg: ExperimentConfig) -> str:
         return "srgan"
@@ -128,10 +138,13 @@ class SRTask:
         return payload["metrics"][self.metric]
 
     def format_epoch(self, row: dict, cfg: ExperimentConfig) -> str:
-        return (f"epoch {row['epoch']:>3}/{row['planned_epochs']} [{row['phase']}]  pixel mse {row['train_pixel_mse']:.5f}  "
-                f"content {row['train_content']:.4f}  D {row['train_d_loss']:.3f}  {cfg.data.selection_split} PSNR "
-                f"{row['eval_psnr']:.2f} dB (bicubic {row['eval_bicubic_psnr']:.2f}, {row['eval_psnr_gain']:+.2f})  "
-                f"SSIM {row['eval_ssim']:.4f}  {row['images_per_s']:,.0f} img/s")
+        return (
+            f"epoch {row['epoch']:>3}/{row['planned_epochs']} [{row['phase']}]  pixel mse "
+            f"{row['train_pixel_mse']:.5f}  "
+            f"content {row['train_content']:.4f}  D {row['train_d_loss']:.3f}  {cfg.data.selection_split} PSNR "
+            f"{row['eval_psnr']:.2f} dB (bicubic {row['eval_bicubic_psnr']:.2f}, {row['eval_psnr_gain']:+.2f})  "
+            f"SSIM {row['eval_ssim']:.4f}  {row['images_per_s']:,.0f} img/s"
+        )
 
 
 TASKS = {task.name: task for task in (ClassifierTask(), SRTask())}

@@ -7,9 +7,13 @@ from __future__ import annotations
 from pathlib import Path
 
 
-
-def untrained_members(folder: str | Path, model_a: str = "xception_a_tiny", model_b: str = "xception_a_tiny",
-                      sr_channels: int = 16, sr_blocks: int = 2) -> dict[str, Path]:
+def untrained_members(
+    folder: str | Path,
+    model_a: str = "xception_a_tiny",
+    model_b: str = "xception_a_tiny",
+    sr_channels: int = 16,
+    sr_blocks: int = 2,
+) -> dict[str, Path]:
     """Checkpoints of an A (48x48 faces, 44x44 crops), a B on SR faces (88x88 crops) and an SR generator.
 
     The defaults are the smallest members that exercise every code path (B on Model A's layout at
@@ -25,12 +29,16 @@ def untrained_members(folder: str | Path, model_a: str = "xception_a_tiny", mode
     folder.mkdir(parents=True, exist_ok=True)
     cfg_a = load_config(recipe("debug_a.yaml"), [f"model.name={model_a}", "train.seed=1"])
     cfg_b = load_config(recipe("debug_b.yaml"), [f"model.name={model_b}", "train.seed=2"])
-    cfg_sr = load_config(recipe("debug_srgan.yaml"), ["sr.content=mse", f"sr.generator_channels={sr_channels}",
-                                                           f"sr.generator_blocks={sr_blocks}"])
+    cfg_sr = load_config(
+        recipe("debug_srgan.yaml"),
+        ["sr.content=mse", f"sr.generator_channels={sr_channels}", f"sr.generator_blocks={sr_blocks}"],
+    )
     cpu = torch.device("cpu")
-    return {"a": save_checkpoint(folder / "a.pt", build_state(cfg_a, cpu), {"eval_acc": 0.0}),
-            "b": save_checkpoint(folder / "b.pt", build_state(cfg_b, cpu), {"eval_acc": 0.0}),
-            "sr": save_sr_checkpoint(folder / "sr.pt", build_sr_state(cfg_sr, cpu), {"eval_psnr": 0.0})}
+    return {
+        "a": save_checkpoint(folder / "a.pt", build_state(cfg_a, cpu), {"eval_acc": 0.0}),
+        "b": save_checkpoint(folder / "b.pt", build_state(cfg_b, cpu), {"eval_acc": 0.0}),
+        "sr": save_sr_checkpoint(folder / "sr.pt", build_sr_state(cfg_sr, cpu), {"eval_psnr": 0.0}),
+    }
 
 
 def untrained_bundle(folder: str | Path, data: str | Path, tta: bool = True, **members) -> Path:

@@ -82,7 +82,7 @@ async def _awaited(response):
 api = FastAPI(
     title="ferray",
     description="Facial-expression recognition: the ensemble of Model A (Xception-style CNN on 48x48 faces) "
-                "and Model B (ResNet on faces super-resolved 2x), fused by a weighted mean of probabilities.",
+    "and Model B (ResNet on faces super-resolved 2x), fused by a weighted mean of probabilities.",
     version="1",
 )
 
@@ -112,7 +112,9 @@ class Ingress:
                 return await asyncio.wait_for(_awaited(response), timeout)
             except asyncio.TimeoutError:
                 response.cancel()
-                raise MemberUnavailable(f"model {which.upper()} did not answer within {timeout:g} s; retry shortly") from None
+                raise MemberUnavailable(
+                    f"model {which.upper()} did not answer within {timeout:g} s; retry shortly"
+                ) from None
             except MEMBER_FAILURES as error:
                 logger.warning("member %s failed (attempt %d): %s", which, attempt + 1, type(error).__name__)
                 await asyncio.sleep(delay)
@@ -156,6 +158,7 @@ class Ingress:
         content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
         body = await self._body(request)
         if content_type == "multipart/form-data":
+
             async def replay():
                 return {"type": "http.request", "body": body, "more_body": False}
 
@@ -163,20 +166,25 @@ class Ingress:
                 form = await Request(request.scope, replay).form(max_files=self.settings.max_batch_images + 1)
             except Exception as error:
                 raise InputError(f"malformed multipart body ({error})") from None
-            images = [(item.filename or key, await item.read()) for key, item in form.multi_items()
-                      if hasattr(item, "read")]
+            images = [
+                (item.filename or key, await item.read()) for key, item in form.multi_items() if hasattr(item, "read")
+            ]
             if not images:
                 raise InputError("multipart body has no file part; send the image as a file field", status=422)
         elif content_type.startswith("image/") or content_type == "application/octet-stream":
             images = [("body", body)]
         else:
-            raise InputError(f"content type {content_type or '(none)'!r} is not accepted: send the image as the raw "
-                             "body (image/png, image/jpeg, ...) or as multipart/form-data", status=415)
+            raise InputError(
+                f"content type {content_type or '(none)'!r} is not accepted: send the image as the raw "
+                "body (image/png, image/jpeg, ...) or as multipart/form-data",
+                status=415,
+            )
         if not many and len(images) > 1:
             raise InputError(f"{len(images)} files sent to /predict; use /predict/batch for several", status=422)
         if len(images) > self.settings.max_batch_images:
-            raise InputError(f"{len(images)} images in one request; the limit is {self.settings.max_batch_images}",
-                             status=413)
+            raise InputError(
+                f"{len(images)} images in one request; the limit is {self.settings.max_batch_images}", status=413
+            )
         return images
 
     async def _guarded(self, work):
@@ -195,9 +203,15 @@ class Ingress:
         return HTMLResponse(self.page)
 
     @api.post("/predict", summary="Classify the faces in one image")
-    async def predict(self, request: Request, detect: bool = Query(True, description="find faces in photos "
-                      "larger than 48x48; false classifies the whole image as one face")):
+    async def predict(
+        self,
+        request: Request,
+        detect: bool = Query(
+            True, description="find faces in photos larger than 48x48; false classifies the whole image as one face"
+        ),
+    ):
         """The image is the raw body (image/png, image/jpeg, image/bmp, image/webp) or one multipart file."""
+
         async def work():
             return (await self._answer(await self._images(request, many=False), detect))[0]
 
@@ -239,7 +253,9 @@ class Ingress:
 
     @api.get("/model", summary="The model card of the served bundle")
     async def model(self):
-        return {key: value for key, value in self.card.items() if key != "data"} | {"bundle": Path(self.settings.bundle).name}
+        return {key: value for key, value in self.card.items() if key != "data"} | {
+            "bundle": Path(self.settings.bundle).name
+        }
 
 
 # -------------------------------------------------------------------------------------------- build
@@ -256,9 +272,10 @@ def build(args: dict | None = None):
         if which not in bundle_members(card):
             continue  # a bundle of Model A alone: no ModelB deployment
         name = f"Model{which.upper()}"
-        members[which] = Member.options(name=name, **replica.deployment_options()).bind(
-            bundle, which, replica.__dict__)
-    ingress = Ingress.options(num_replicas=settings.ingress.replicas,
-                              max_ongoing_requests=settings.ingress.max_ongoing_requests,
-                              ray_actor_options={"num_cpus": settings.ingress.num_cpus})
+        members[which] = Member.options(name=name, **replica.deployment_options()).bind(bundle, which, replica.__dict__)
+    ingress = Ingress.options(
+        num_replicas=settings.ingress.replicas,
+        max_ongoing_requests=settings.ingress.max_ongoing_requests,
+        ray_actor_options={"num_cpus": settings.ingress.num_cpus},
+    )
     return ingress.bind(members["a"], members["b"], plain)

@@ -36,21 +36,33 @@ class ReplicaSettings:
             raise ConfigError(f"{where}: max_batch_size and threads must be >= 1")
         if self.max_ongoing_requests < self.max_batch_size:
             # a batch never exceeds the requests a replica may hold, so a larger batch size would be a lie
-            raise ConfigError(f"{where}: max_ongoing_requests ({self.max_ongoing_requests}) must be >= "
-                             f"max_batch_size ({self.max_batch_size})")
+            raise ConfigError(
+                f"{where}: max_ongoing_requests ({self.max_ongoing_requests}) must be >= "
+                f"max_batch_size ({self.max_batch_size})"
+            )
         if not 1 <= self.min_replicas <= self.max_replicas:
-            raise ConfigError(f"{where}: need 1 <= min_replicas ({self.min_replicas}) <= max_replicas ({self.max_replicas})")
+            raise ConfigError(
+                f"{where}: need 1 <= min_replicas ({self.min_replicas}) <= max_replicas ({self.max_replicas})"
+            )
         if self.max_replicas > self.min_replicas and self.target_ongoing_requests >= self.max_ongoing_requests:
-            raise ConfigError(f"{where}: target_ongoing_requests ({self.target_ongoing_requests}) must be below "
-                             f"max_ongoing_requests ({self.max_ongoing_requests}) or autoscaling never triggers")
+            raise ConfigError(
+                f"{where}: target_ongoing_requests ({self.target_ongoing_requests}) must be below "
+                f"max_ongoing_requests ({self.max_ongoing_requests}) or autoscaling never triggers"
+            )
 
     def deployment_options(self) -> dict:
-        options = {"ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus},
-                   "max_ongoing_requests": self.max_ongoing_requests}
+        options = {
+            "ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus},
+            "max_ongoing_requests": self.max_ongoing_requests,
+        }
         if self.max_replicas > self.min_replicas:
-            options["autoscaling_config"] = {"min_replicas": self.min_replicas, "max_replicas": self.max_replicas,
-                                             "target_ongoing_requests": self.target_ongoing_requests,
-                                             "upscale_delay_s": 2.0, "downscale_delay_s": 60.0}
+            options["autoscaling_config"] = {
+                "min_replicas": self.min_replicas,
+                "max_replicas": self.max_replicas,
+                "target_ongoing_requests": self.target_ongoing_requests,
+                "upscale_delay_s": 2.0,
+                "downscale_delay_s": 60.0,
+            }
         else:
             options["num_replicas"] = self.min_replicas
         return options
@@ -75,7 +87,7 @@ class ServeSettings:
     model_a: ReplicaSettings = field(default_factory=ReplicaSettings)
     model_b: ReplicaSettings = field(default_factory=ReplicaSettings)
 
-    def check(self) -> "ServeSettings":
+    def check(self) -> ServeSettings:
         self.model_a.check("model_a")
         self.model_b.check("model_b")
         if self.max_body_bytes < 1 or self.max_image_pixels < 1 or self.max_batch_images < 1:

@@ -24,8 +24,9 @@ def ray_session():
     configure_train_env(single_machine=True)
     os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")
     if not ray.is_initialized():
-        ray.init(address="local", num_cpus=4, object_store_memory=300 << 20, include_dashboard=True,
-                 logging_level="ERROR")
+        ray.init(
+            address="local", num_cpus=4, object_store_memory=300 << 20, include_dashboard=True, logging_level="ERROR"
+        )
     connect(progress=False)
     yield ray
     ray.shutdown()

@@ -32,12 +32,18 @@ def start_cluster():
     from ferray.testing import free_port
 
     # ports of its own: the test session's Ray holds the default ones
-    head = HEAD | {"dashboard_port": free_port(), "dashboard_agent_listen_port": free_port(),
-                   "metrics_export_port": free_port(),
-                   # a killed node is declared dead after ~1.5 s instead of Ray's ~15 s: the test waits
-                   # for that before the run restarts, and a real cluster's timing is not what it checks
-                   "_system_config": {"health_check_period_ms": 500, "health_check_failure_threshold": 3,
-                                      "health_check_timeout_ms": 500}}
+    head = HEAD | {
+        "dashboard_port": free_port(),
+        "dashboard_agent_listen_port": free_port(),
+        "metrics_export_port": free_port(),
+        # a killed node is declared dead after ~1.5 s instead of Ray's ~15 s: the test waits
+        # for that before the run restarts, and a real cluster's timing is not what it checks
+        "_system_config": {
+            "health_check_period_ms": 500,
+            "health_check_failure_threshold": 3,
+            "health_check_timeout_ms": 500,
+        },
+    }
     cluster = Cluster(initialize_head=True, head_node_args=head)
     CLUSTER.append(cluster)
     nodes = [cluster.add_node(**WORKER) for _ in range(3)]
@@ -73,9 +79,17 @@ def train(out: Path) -> dict:
     synthesize(out / "data", SynthSpec(n=420, seed=5))
     cluster, nodes = start_cluster()
     experiments = Path(__file__).resolve().parents[1] / "experiments"
-    cfg = load_config(experiments / "debug_a.yaml", [f"data.path={out / 'data'}", "train.epochs=4",
-                                                     "scaling.workers=2", "scaling.cpus_per_worker=2",
-                                                     "scaling.max_failures=2", "train.batch_size=32"])
+    cfg = load_config(
+        experiments / "debug_a.yaml",
+        [
+            f"data.path={out / 'data'}",
+            "train.epochs=4",
+            "scaling.workers=2",
+            "scaling.cpus_per_worker=2",
+            "scaling.max_failures=2",
+            "train.batch_size=32",
+        ],
+    )
     run_dir, events = out / "runs" / "debug_a", {}
 
     def checkpoints() -> int:
@@ -120,14 +134,25 @@ def upscale_run(out: Path) -> dict:
 
     watcher = threading.Thread(target=kill_an_actor_node, daemon=True)
     watcher.start()
-    upscale(out / "data", out / "sr", "bicubic", None, actors=2, echo=lambda line: print(line, flush=True),
-            cpus_per_actor=2, batch_size=32)  # many small batches: the kill lands mid-stream
+    upscale(
+        out / "data",
+        out / "sr",
+        "bicubic",
+        None,
+        actors=2,
+        echo=lambda line: print(line, flush=True),
+        cpus_per_actor=2,
+        batch_size=32,
+    )  # many small batches: the kill lands mid-stream
     watcher.join(timeout=5)
     counts = {}
     for split in read_manifest(out / "data")["splits"]:
         _, labels, ids = load_split(out / "sr", split)
-        counts[split] = {"rows": len(ids), "unique": len(set(ids)),
-                         "expected": read_manifest(out / "data")["splits"][split]["rows"]}
+        counts[split] = {
+            "rows": len(ids),
+            "unique": len(set(ids)),
+            "expected": read_manifest(out / "data")["splits"][split]["rows"],
+        }
     return {"splits": counts, **events}
 
 

@@ -26,7 +26,7 @@ def test_crop_without_other_changes_copies_pixels_exactly():
     out = augment.train_views(images, STILL)
     x = augment.standardize(images.float() / 255)
     for k in range(8):  # each output is one of the 25 integer-offset 44x44 windows of its face
-        windows = [x[k, i:i + 44, j:j + 44] for i in range(5) for j in range(5)]
+        windows = [x[k, i : i + 44, j : j + 44] for i in range(5) for j in range(5)]
         assert any(torch.allclose(out[k, 0], w, atol=1e-5) for w in windows)
 
 

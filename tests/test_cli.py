@@ -8,6 +8,7 @@ import pytest
 
 from ferray.cli import build_parser
 
+
 def _commands(parser=None) -> list[str]:
     """Every subcommand the parser has (read from it, so a new command is never left out)."""
     import argparse
@@ -21,16 +22,33 @@ COMMANDS = _commands()
 
 
 def test_the_command_list_is_complete():
-    expected = {"demo", "prepare", "synth", "info", "train", "evaluate", "models", "sr", "tune", "ensemble", "quantize",
-                "predict", "serve", "explain", "crops", "report"}
+    expected = {
+        "demo",
+        "prepare",
+        "synth",
+        "info",
+        "train",
+        "evaluate",
+        "models",
+        "sr",
+        "tune",
+        "ensemble",
+        "quantize",
+        "predict",
+        "serve",
+        "explain",
+        "crops",
+        "report",
+    }
     assert set(COMMANDS) == expected
-    sr = [a for a in build_parser()._actions if hasattr(a, "choices") and a.choices and "sr" in a.choices][0].choices["sr"]
+    sr = [a for a in build_parser()._actions if hasattr(a, "choices") and a.choices and "sr" in a.choices][0].choices[
+        "sr"
+    ]
     assert set(_commands(sr)) == {"train", "upscale", "eval"}
 
 
 def ferray(*args, **kw):
-    return subprocess.run([sys.executable, "-m", "ferray.cli", *map(str, args)], capture_output=True,
-                          text=True, **kw)
+    return subprocess.run([sys.executable, "-m", "ferray.cli", *map(str, args)], capture_output=True, text=True, **kw)
 
 
 def test_top_level_help_lists_every_command():
@@ -90,12 +108,20 @@ def installed_ferray(tmp_path_factory):
     venv = tmp_path_factory.mktemp("wheel") / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
     ours = [p for p in [*site.getsitepackages(), site.getusersitepackages()] if Path(p).is_dir()]
-    inner = subprocess.run([str(venv / "bin" / "python"), "-c", "import site; print(site.getsitepackages()[0])"],
-                           capture_output=True, text=True, check=True).stdout.strip()
+    inner = subprocess.run(
+        [str(venv / "bin" / "python"), "-c", "import site; print(site.getsitepackages()[0])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     (Path(inner) / "_ferray_test_outer_site.pth").write_text("\n".join(ours) + "\n")
     repo = Path(__file__).resolve().parents[1]
-    built = subprocess.run([str(venv / "bin" / "pip"), "install", "-q", "--no-deps", str(repo)],
-                           capture_output=True, text=True, timeout=600)
+    built = subprocess.run(
+        [str(venv / "bin" / "pip"), "install", "-q", "--no-deps", str(repo)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert built.returncode == 0, built.stderr[-3000:]
     return venv
 
@@ -104,12 +130,22 @@ def installed_ferray(tmp_path_factory):
 def test_demo_runs_end_to_end(tmp_path, installed_ferray):
     # the installed `ferray` script of a non-editable install: recipes, bundle and Serve app come
     # from the package, not from this checkout
-    where = subprocess.run([str(installed_ferray / "bin" / "python"), "-c", "import ferray; print(ferray.__file__)"],
-                           capture_output=True, text=True, cwd=tmp_path)
+    where = subprocess.run(
+        [str(installed_ferray / "bin" / "python"), "-c", "import ferray; print(ferray.__file__)"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
     assert where.stdout.startswith(str(installed_ferray)), where
     out = tmp_path / "demo"  # given relative, as users do: every stage must resolve it (Tune trials chdir)
-    result = subprocess.run([str(installed_ferray / "bin" / "ferray"), "demo", "--out", "demo", "--n", "210"],
-                            capture_output=True, text=True, timeout=900, env=_clean_env(), cwd=tmp_path)
+    result = subprocess.run(
+        [str(installed_ferray / "bin" / "ferray"), "demo", "--out", "demo", "--n", "210"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=_clean_env(),
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "checksum:" in result.stdout and (out / "data" / "manifest.json").exists()
     assert (out / "runs" / "debug_a" / "best.pt").exists()
@@ -125,20 +161,31 @@ def test_demo_runs_end_to_end(tmp_path, installed_ferray):
 
     payload = torch.load(out / "runs" / "debug_b" / "best.pt", weights_only=True)
     assert payload["pretrained"] is False and payload["config"]["augment"]["crop"] == 88
-    assert (out / "runs" / "debug_tune" / "best.yaml").exists() and (out / "runs" / "debug_tune" / "search.png").exists()
+    assert (out / "runs" / "debug_tune" / "best.yaml").exists() and (
+        out / "runs" / "debug_tune" / "search.png"
+    ).exists()
     card = json.loads((out / "bundle" / "bundle.json").read_text())
     assert card["members"]["sr"] is not None and 0 <= card["fusion"]["weight_a"] <= 1
     assert "members on PublicTest: A" in result.stdout
     assert result.stdout.count("HTTP 200") == 5  # four PNG faces and one pixel row, answered over HTTP
     # the paper's report (experiments/paper_debug.yaml): the demo's runs reused, the two VGGs trained
     record = json.loads((out / "report" / "report.json").read_text())
-    assert {k: r["reused"] for k, r in record["runs"].items()} == {"vgg16": False, "vgg19": False, "model_a": True,
-                                                                  "model_b": True}
+    assert {k: r["reused"] for k, r in record["runs"].items()} == {
+        "vgg16": False,
+        "vgg19": False,
+        "model_a": True,
+        "model_b": True,
+    }
     assert record["srgan"]["reused"] and record["data_sr_reused"] and record["splits"] == ["PublicTest", "PrivateTest"]
     assert record["runs"]["model_a"]["run_dir"] == str((out / "runs" / "debug_a").absolute())
     md = (out / "report" / "report.md").read_text()
     assert "## Table 1" in md and "## Figure 5" in md and (out / "report" / "report.html").stat().st_size > 0
-    for figure in ("sr-grid-PublicTest.png", "fig3-crops.png", "fig4-guided-backprop.png", "fig5-confusion-PrivateTest.png"):
+    for figure in (
+        "sr-grid-PublicTest.png",
+        "fig3-crops.png",
+        "fig4-guided-backprop.png",
+        "fig5-confusion-PrivateTest.png",
+    ):
         assert (out / "report" / "figures" / figure).stat().st_size > 0
     # the last step: the model that ships with ferray (trained on real faces) answers through ferray.load()
     assert "default model: xception_a, PublicTest accuracy" in result.stdout

@@ -37,7 +37,7 @@ def test_cluster_yaml_passes_the_autoscalers_own_validation():
     assert f"=={ray.__version__}" in " ".join(raw["setup_commands"])
     broken = copy.deepcopy(raw)
     broken["available_node_types"]["gpu_worker"]["min_workers"] = "two"
-    with pytest.raises(Exception):
+    with pytest.raises(Exception, match="min_workers|two"):  # the schema's own error, naming the field
         validate_config(prepare_config(broken))
 
 
@@ -89,12 +89,29 @@ def head_node(tmp_path):
     the `ray job` client use the one in ~/.ray/auth_token (made on first use)."""
     port, dashboard, agent, metrics = (_free_port() for _ in range(4))
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {
-        "RAY_AUTH_MODE": "token", "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "2"}  # a test head has nothing to drain
-    process = subprocess.Popen(["ray", "start", "--head", "--block", f"--port={port}", "--num-cpus=4",
-                                "--include-dashboard=true", f"--dashboard-port={dashboard}",
-                                f"--dashboard-agent-listen-port={agent}", f"--metrics-export-port={metrics}",
-                                "--object-store-memory=200000000", "--disable-usage-stats"],
-                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        "RAY_AUTH_MODE": "token",
+        "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "2",
+    }  # a test head has nothing to drain
+    process = subprocess.Popen(
+        [
+            "ray",
+            "start",
+            "--head",
+            "--block",
+            f"--port={port}",
+            "--num-cpus=4",
+            "--include-dashboard=true",
+            f"--dashboard-port={dashboard}",
+            f"--dashboard-agent-listen-port={agent}",
+            f"--metrics-export-port={metrics}",
+            "--object-store-memory=200000000",
+            "--disable-usage-stats",
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     address = f"http://127.0.0.1:{dashboard}"
     try:
         deadline = time.monotonic() + 90
@@ -127,9 +144,23 @@ def test_jobs_submitted_to_a_head_node_use_the_cluster(head_node, tmp_path):
     from ferray.data.synth import SynthSpec, synthesize
 
     synthesize(tmp_path / "csv", SynthSpec(n=140, seed=1), fmt="csv")
-    submitted = ray_cli("job", "submit", "--address", address, "--working-dir", str(REPO), "--no-wait", "--",
-                        "ferray", "prepare", "--source", str(tmp_path / "csv" / "fer2013.csv"),
-                        "--out", str(tmp_path / "data"), env=env)
+    submitted = ray_cli(
+        "job",
+        "submit",
+        "--address",
+        address,
+        "--working-dir",
+        str(REPO),
+        "--no-wait",
+        "--",
+        "ferray",
+        "prepare",
+        "--source",
+        str(tmp_path / "csv" / "fer2013.csv"),
+        "--out",
+        str(tmp_path / "data"),
+        env=env,
+    )
     assert submitted.returncode == 0, submitted.stderr
     job = re.search(r"raysubmit_\w+", submitted.stdout + submitted.stderr).group(0)
     logs = ray_cli("job", "logs", "--address", address, "--follow", job, env=env)
@@ -139,19 +170,37 @@ def test_jobs_submitted_to_a_head_node_use_the_cluster(head_node, tmp_path):
     assert json.loads((tmp_path / "data" / "manifest.json").read_text())["rows"] == 140
 
     # bad input is an early, clear failure of the job, not a hang
-    bad = ray_cli("job", "submit", "--address", address, "--working-dir", str(REPO), "--",
-                  "ferray", "train", "experiments/debug_a.yaml", "--data", "/nowhere/fer2013", env=env)
+    bad = ray_cli(
+        "job",
+        "submit",
+        "--address",
+        address,
+        "--working-dir",
+        str(REPO),
+        "--",
+        "ferray",
+        "train",
+        "experiments/debug_a.yaml",
+        "--data",
+        "/nowhere/fer2013",
+        env=env,
+    )
     assert bad.returncode != 0 and "/nowhere/fer2013" in bad.stdout + bad.stderr
 
 
 # ------------------------------------------------------------------------------------ multi-node
 def multinode(what: str, out: Path) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    done = subprocess.run([sys.executable, str(REPO / "tests" / "multinode.py"), what, str(out)], env=env,
-                          capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [sys.executable, str(REPO / "tests" / "multinode.py"), what, str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     assert done.returncode == 0 and lines, (done.stdout[-3000:], done.stderr[-3000:])
-    return json.loads(lines[-1][len("RESULT "):]) | {"stdout": done.stdout}
+    return json.loads(lines[-1][len("RESULT ") :]) | {"stdout": done.stdout}
 
 
 @pytest.mark.slow

@@ -20,12 +20,15 @@ def test_every_experiment_file_loads(path, tmp_path):
     assert load_config(tmp_path / "again.yaml") == cfg
 
 
-@pytest.mark.parametrize("what, load", [
-    ("experiment file", lambda p: load_config(p)),
-    ("search file", lambda p: __import__("ferray.distributed.tune", fromlist=["load_search"]).load_search(p)),
-    ("report plan", lambda p: __import__("ferray.report.plan", fromlist=["load_plan"]).load_plan(p)),
-    ("Serve config", lambda p: __import__("ferray.serve_app.settings", fromlist=["load_config"]).load_config(p)),
-])
+@pytest.mark.parametrize(
+    "what, load",
+    [
+        ("experiment file", lambda p: load_config(p)),
+        ("search file", lambda p: __import__("ferray.distributed.tune", fromlist=["load_search"]).load_search(p)),
+        ("report plan", lambda p: __import__("ferray.report.plan", fromlist=["load_plan"]).load_plan(p)),
+        ("Serve config", lambda p: __import__("ferray.serve_app.settings", fromlist=["load_config"]).load_config(p)),
+    ],
+)
 def test_every_yaml_kind_is_read_by_one_loader_with_the_same_errors(tmp_path, what, load):
     with pytest.raises(ConfigError, match=f"missing.yaml: no such {what}"):
         load(tmp_path / "missing.yaml")
@@ -42,8 +45,11 @@ def test_serve_settings_use_the_same_typed_builder_and_set_syntax():
 
     args, _ = app_args(None, overrides=["model_a.max_batch_size=4", "model_a.max_ongoing_requests=16"])
     assert args["model_a"]["max_batch_size"] == 4
-    for bad, message in [("model_a.max_batch_size=four", "args.model_a.max_batch_size: expected int"),
-                         ("model_a.nope=1", r"args.model_a: unknown key\(s\) nope"), ("model_a", "expected key=value")]:
+    for bad, message in [
+        ("model_a.max_batch_size=four", "args.model_a.max_batch_size: expected int"),
+        ("model_a.nope=1", r"args.model_a: unknown key\(s\) nope"),
+        ("model_a", "expected key=value"),
+    ]:
         with pytest.raises(ConfigError, match=message):
             app_args(None, overrides=[bad])
 
@@ -57,9 +63,13 @@ def test_paper_recipe_is_the_papers():
 def test_overrides_types_and_errors(tmp_path):
     cfg = load_config(None, ["optim.lr=3e-4", "train.epochs=7", "optim.step_epochs=[3, 5]", "augment.flip=false"])
     assert (cfg.optim.lr, cfg.train.epochs, cfg.optim.step_epochs, cfg.augment.flip) == (3e-4, 7, [3, 5], False)
-    for bad, message in [("optim.lr=fast", "optim.lr: expected float"), ("optim.nope=1", "unknown key"),
-                         ("train.epochs=2.5", "train.epochs: expected int"), ("optim.lr", "expected key=value"),
-                         ("optim.schedule=linear", "choose one of")]:
+    for bad, message in [
+        ("optim.lr=fast", "optim.lr: expected float"),
+        ("optim.nope=1", "unknown key"),
+        ("train.epochs=2.5", "train.epochs: expected int"),
+        ("optim.lr", "expected key=value"),
+        ("optim.schedule=linear", "choose one of"),
+    ]:
         with pytest.raises(ConfigError, match=message):
             load_config(None, [bad])
     path = tmp_path / "x.yaml"

@@ -26,7 +26,9 @@ def test_faces_table_round_trips_pixels_to_tensor(tmp_path):
 
 
 def test_pixels_to_images_honours_slices():
-    images = np.arange(4 * 4, dtype=np.uint8).reshape(1, 4, 4).repeat(3, 0) + np.arange(3, dtype=np.uint8)[:, None, None]
+    images = (
+        np.arange(4 * 4, dtype=np.uint8).reshape(1, 4, 4).repeat(3, 0) + np.arange(3, dtype=np.uint8)[:, None, None]
+    )
     col = C.faces_table(["a", "b", "c"], [0, 0, 0], images).column("pixels").combine_chunks()
     assert np.array_equal(C.pixels_to_images(col.slice(1, 2)), images[1:])
 
@@ -50,7 +52,9 @@ def test_checksum_ignores_row_order_but_not_content():
 def test_summary_merge_equals_one_pass():
     rng = np.random.default_rng(2)
     images = rng.integers(0, 256, (8, 48, 48), dtype=np.uint8)
-    table = C.faces_table([str(i) for i in range(8)], [i % 7 for i in range(8)], images, splits=["Training"] * 5 + ["PublicTest"] * 3)
+    table = C.faces_table(
+        [str(i) for i in range(8)], [i % 7 for i in range(8)], images, splits=["Training"] * 5 + ["PublicTest"] * 3
+    )
     whole = C.Summary()
     whole.add(None, table)
     parts = C.Summary()

@@ -10,20 +10,45 @@ from ferray.config import OptimConfig, load_config
 
 
 def tiny_config(*extra):
-    return load_config(None, ["model.name=xception_a_tiny", "train.epochs=4", "train.batch_size=32",
-                              "optim.lr=0.003", "loss.center_lambda=0.001", *extra])
+    return load_config(
+        None,
+        [
+            "model.name=xception_a_tiny",
+            "train.epochs=4",
+            "train.batch_size=32",
+            "optim.lr=0.003",
+            "loss.center_lambda=0.001",
+            *extra,
+        ],
+    )
 
 
 @pytest.fixture(scope="module")
 def synth_tensors(synth_faces):
     images, labels, splits = synth_faces
     train = splits == "Training"
-    return (torch.from_numpy(images[train]), torch.from_numpy(labels[train]),
-            torch.from_numpy(images[~train]), torch.from_numpy(labels[~train]))
+    return (
+        torch.from_numpy(images[train]),
+        torch.from_numpy(labels[train]),
+        torch.from_numpy(images[~train]),
+        torch.from_numpy(labels[~train]),
+    )
 
 
-@pytest.mark.parametrize("extra", [[], ["optim.name=sgd", "optim.lr=0.05", "loss.label_smoothing=0.1",
-                                        "augment.erase_prob=0.3", "model.dropout=0.1", "optim.grad_clip=5.0"]])
+@pytest.mark.parametrize(
+    "extra",
+    [
+        [],
+        [
+            "optim.name=sgd",
+            "optim.lr=0.05",
+            "loss.label_smoothing=0.1",
+            "augment.erase_prob=0.3",
+            "model.dropout=0.1",
+            "optim.grad_clip=5.0",
+        ],
+    ],
+)
 def test_loss_goes_down_in_a_few_steps(synth_tensors, extra):
     x, y, _, _ = synth_tensors
     cfg = tiny_config(*extra)
@@ -39,8 +64,9 @@ def test_checkpoint_round_trip_rebuilds_the_model_from_the_file_alone(tmp_path, 
     cfg = tiny_config()
     state = engine.build_state(cfg, torch.device("cpu"))
     train_metrics = engine.train_one_epoch(state, engine.TensorBatches(x, y, 32), 3)
-    eval_metrics = engine.evaluate(state.model, engine.TensorBatches(xt, yt, 64, shuffle=False, drop_last=False),
-                                   44, False, torch.device("cpu"))
+    eval_metrics = engine.evaluate(
+        state.model, engine.TensorBatches(xt, yt, 64, shuffle=False, drop_last=False), 44, False, torch.device("cpu")
+    )
     row = engine.end_epoch(state, train_metrics, eval_metrics)
     path = engine.save_checkpoint(tmp_path / "c.pt", state, row)
     payload = torch.load(path, weights_only=True)  # plain types and tensors only
@@ -73,8 +99,9 @@ def test_checkpoint_round_trip_rebuilds_the_model_from_the_file_alone(tmp_path, 
 def test_evaluate_reports_accuracy_per_class_and_confusion(synth_tensors):
     _, _, xt, yt = synth_tensors
     model = engine.build_state(tiny_config(), torch.device("cpu")).model
-    result = engine.evaluate(model, engine.TensorBatches(xt, yt, 16, shuffle=False, drop_last=False), 44, True,
-                             torch.device("cpu"))
+    result = engine.evaluate(
+        model, engine.TensorBatches(xt, yt, 16, shuffle=False, drop_last=False), 44, True, torch.device("cpu")
+    )
     assert result["samples"] == len(yt) and 0 <= result["accuracy"] <= 1
     assert sum(map(sum, result["confusion"])) == len(yt) and set(result["per_class"]) >= {"happy", "neutral"}
 
@@ -90,11 +117,14 @@ def test_bad_checkpoints_are_named(tmp_path):
         engine.load_checkpoint(tmp_path / "junk.pt")
 
 
-@pytest.mark.parametrize("schedule, checks", [
-    ("none", [(0, 1.0), (50, 1.0)]),
-    ("cosine", [(0, 1.0), (50, 0.5), (100, 0.0)]),
-    ("step", [(0, 1.0), (30, 0.1), (60, 0.01)]),
-])
+@pytest.mark.parametrize(
+    "schedule, checks",
+    [
+        ("none", [(0, 1.0), (50, 1.0)]),
+        ("cosine", [(0, 1.0), (50, 0.5), (100, 0.0)]),
+        ("step", [(0, 1.0), (30, 0.1), (60, 0.01)]),
+    ],
+)
 def test_lr_schedules(schedule, checks):
     sched = engine.LRSchedule(OptimConfig(schedule=schedule, step_epochs=[30, 60]), epochs=100)
     for epoch, factor in checks:

@@ -45,8 +45,16 @@ def test_stacking_is_cross_validated():
 
 def test_bundle_round_trip(tiny_bundle, prepared_synth, tmp_path):
     card = json.loads((tiny_bundle / "bundle.json").read_text())
-    assert sorted(p.name for p in tiny_bundle.iterdir()) == ["MODEL_CARD.md", "bundle.json", "confusion-PrivateTest.png",
-                                                             "confusion-PublicTest.png", "model_a.pt", "model_b.pt", "sr.pt"]
+    assert sorted(p.name for p in tiny_bundle.iterdir()) == [
+        ".ferray-output",
+        "MODEL_CARD.md",
+        "bundle.json",
+        "confusion-PrivateTest.png",
+        "confusion-PublicTest.png",
+        "model_a.pt",
+        "model_b.pt",
+        "sr.pt",
+    ]
     # synthetic data has PrivateTest: the fusion is fitted on PublicTest, PrivateTest is the test
     assert card["selection_split"] == "PublicTest" and card["fusion"]["fitted_on"] == "PublicTest"
     assert {s: e["selection"] for s, e in card["evaluations"].items()} == {"PublicTest": True, "PrivateTest": False}
@@ -163,7 +171,7 @@ def test_bf16_cpu_inference_runs_a_frozen_copy_that_answers_as_autocast(tiny_bun
     ensemble.bf16 = True  # forced: where bf16 is only emulated (AVX2 CPUs) this path is slow, but right
     faces = torch.randint(0, 256, (6, 48, 48), dtype=torch.uint8)
     got = ensemble.predict(faces)
-    for which, model, cfg in (("a", ensemble.model_a, ensemble.cfg_a), ("b", ensemble.model_b, ensemble.cfg_b)):
+    for which, model, _cfg in (("a", ensemble.model_a, ensemble.cfg_a), ("b", ensemble.model_b, ensemble.cfg_b)):
         runner, autocast = ensemble.runner(which)
         assert isinstance(runner, FrozenClassifier) and runner.how == "bfloat16, frozen TorchScript"
         assert autocast is False and ensemble.runner(which)[0] is runner  # made once

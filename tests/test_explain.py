@@ -126,7 +126,7 @@ def test_training_crops_are_windows_of_the_face_without_other_augmentation():
     plain = AugmentConfig(crop=44, flip=False, rotation=0, shift=0, scale=0)
     crops = training_crops(face, plain, count=6, seed=1)
     assert crops.shape == (6, 44, 44)
-    windows = {(i, j): face[i:i + 44, j:j + 44] / 255.0 for i in range(5) for j in range(5)}
+    windows = {(i, j): face[i : i + 44, j : j + 44] / 255.0 for i in range(5) for j in range(5)}
     for crop in crops:  # each view is one of the 25 possible 44x44 windows, pixel for pixel
         assert any(np.allclose(crop, w, atol=1e-4) for w in windows.values())
     jittered = training_crops(face, AugmentConfig(crop=44), count=6, seed=1)
@@ -139,8 +139,24 @@ def test_crops_command(tmp_path, prepared_synth, capsys):
     from ferray.cli import main
 
     out = tmp_path / "crops.png"
-    assert main(["crops", "--experiment", str(EXPERIMENT), "--data", str(prepared_synth), "--out", str(out),
-                 "--count", "4", "--set", "augment.rotation=30"]) == 0
+    assert (
+        main(
+            [
+                "crops",
+                "--experiment",
+                str(EXPERIMENT),
+                "--data",
+                str(prepared_synth),
+                "--out",
+                str(out),
+                "--count",
+                "4",
+                "--set",
+                "augment.rotation=30",
+            ]
+        )
+        == 0
+    )
     assert Image.open(out).size[0] > 100
     assert main(["crops", "--experiment", str(EXPERIMENT), "--data", str(prepared_synth), "--index", "100000"]) == 1
     assert "--index must be in 0..167" in capsys.readouterr().err

@@ -9,8 +9,9 @@ import zlib
 
 import numpy as np
 import pytest
-from ferray.faces import InputError, Limits, decode_image, detect_boxes, faces_from_pixels, faces_in_image
 from support import encode
+
+from ferray.faces import InputError, Limits, decode_image, detect_boxes, faces_from_pixels, faces_in_image
 
 
 def face_photo(face: np.ndarray, size: int = 192) -> np.ndarray:
@@ -18,7 +19,7 @@ def face_photo(face: np.ndarray, size: int = 192) -> np.ndarray:
     import cv2
 
     photo = np.full((320, 400), 128, np.uint8)
-    photo[60:60 + size, 100:100 + size] = cv2.resize(face, (size, size), interpolation=cv2.INTER_CUBIC)
+    photo[60 : 60 + size, 100 : 100 + size] = cv2.resize(face, (size, size), interpolation=cv2.INTER_CUBIC)
     return photo
 
 
@@ -49,13 +50,17 @@ def png_declaring(width: int, height: int) -> bytes:
     return data[:8] + struct.pack(">I", 13) + chunk + struct.pack(">I", zlib.crc32(chunk)) + data[33:]
 
 
-@pytest.mark.parametrize("body, status, words", [
-    (b"", 400, "empty body"),
-    (b"hello, this is not an image at all", 415, "not an image"),
-    (json.dumps({"pixels": [0] * 2304}).encode(), 415, "looks like JSON"),
-    (png_declaring(100_000, 100_000), 413, "decompression bomb"),
-    (png_declaring(9_000, 8_000), 413, "over the limit of 40,000,000 pixels"),
-], ids=["empty", "text", "json", "bomb", "too-large"])
+@pytest.mark.parametrize(
+    "body, status, words",
+    [
+        (b"", 400, "empty body"),
+        (b"hello, this is not an image at all", 415, "not an image"),
+        (json.dumps({"pixels": [0] * 2304}).encode(), 415, "looks like JSON"),
+        (png_declaring(100_000, 100_000), 413, "decompression bomb"),
+        (png_declaring(9_000, 8_000), 413, "over the limit of 40,000,000 pixels"),
+    ],
+    ids=["empty", "text", "json", "bomb", "too-large"],
+)
 def test_bad_bytes_are_named(body, status, words):
     with pytest.raises(InputError, match=words) as error:
         decode_image(body, "upload.png")

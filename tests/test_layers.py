@@ -42,8 +42,11 @@ def test_every_core_module_imports_without_ray():
 
 
 def test_the_library_never_imports_the_cli():
-    offenders = [str(p.relative_to(FERRAY.parent)) for p in FERRAY.rglob("*.py")
-                 if p.name != "cli.py" and "ferray.cli" in p.read_text()]
+    offenders = [
+        str(p.relative_to(FERRAY.parent))
+        for p in FERRAY.rglob("*.py")
+        if p.name != "cli.py" and "ferray.cli" in p.read_text()
+    ]
     assert offenders == []
 
 

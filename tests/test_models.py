@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from ferray.models.registry import models_table
 from ferray.models import build_model, keras_params, list_models, model_entry, num_params
+from ferray.models.registry import models_table
 from ferray.models.xception import keras_depth
 
 PAPER_PARAMS, PAPER_DEPTH = 2_720_439, 83

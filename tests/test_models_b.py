@@ -24,15 +24,26 @@ def test_tiny_vggs_keep_torchvisions_layout_at_an_eighth_of_the_width():
     for name, arch, total in (("vgg16_tiny", "vgg16", 232_879), ("vgg19_tiny", "vgg19", 315_983)):
         tiny, full = build_model(name), getattr(torchvision.models, arch)().features
         assert [type(m) for m in tiny.features] == [type(m) for m in full]
-        assert [m.out_channels * 8 for m in tiny.features if isinstance(m, torch.nn.Conv2d)] == \
-            [m.out_channels for m in full if isinstance(m, torch.nn.Conv2d)]
+        assert [m.out_channels * 8 for m in tiny.features if isinstance(m, torch.nn.Conv2d)] == [
+            m.out_channels for m in full if isinstance(m, torch.nn.Conv2d)
+        ]
         assert num_params(tiny) == total and tiny.keras_depth() == build_model(arch).keras_depth()
     with pytest.raises(ValueError, match="no pretrained weights"):
         build_model("vgg16_tiny", pretrained="imagenet")
 
 
-@pytest.mark.parametrize("name, size", [("resnet50_b", 88), ("resnet50_b", 96), ("resnet18_b", 88),
-                                        ("vgg16", 44), ("vgg19", 48), ("vgg16_tiny", 44), ("vgg19_tiny", 44)])
+@pytest.mark.parametrize(
+    "name, size",
+    [
+        ("resnet50_b", 88),
+        ("resnet50_b", 96),
+        ("resnet18_b", 88),
+        ("vgg16", 44),
+        ("vgg19", 48),
+        ("vgg16_tiny", 44),
+        ("vgg19_tiny", 44),
+    ],
+)
 def test_shapes(name, size):
     model = build_model(name).eval()
     logits, features = model(torch.rand(2, 1, size, size), return_embedding=True)
@@ -72,14 +83,24 @@ def test_offline_imagenet_request_says_which_file_goes_where(tmp_path, monkeypat
 def test_backbone_gets_a_lower_learning_rate(tmp_path):
     from torchvision.models import resnet18
 
-    from ferray.engine import build_state, train_one_epoch, TensorBatches
+    from ferray.engine import TensorBatches, build_state, train_one_epoch
 
     # The fine-tuning recipe needs pretrained weights (config refuses it on random ones): a state
     # dict file of torchvision's layout stands in for ImageNet's, which this machine lacks.
     weights = tmp_path / "resnet18.pth"
     torch.save(resnet18().state_dict(), weights)
-    cfg = load_config(None, ["model.name=resnet18_b", f"model.pretrained={weights}", "optim.backbone_lr_ratio=0.1",
-                             "optim.lr=0.01", "augment.crop=88", "loss.center_lambda=0", "train.batch_size=4"])
+    cfg = load_config(
+        None,
+        [
+            "model.name=resnet18_b",
+            f"model.pretrained={weights}",
+            "optim.backbone_lr_ratio=0.1",
+            "optim.lr=0.01",
+            "augment.crop=88",
+            "loss.center_lambda=0",
+            "train.batch_size=4",
+        ],
+    )
     state = build_state(cfg, torch.device("cpu"))
     # (backbone, head) x (decayed weights, spared norms and biases)
     assert [g["lr_scale"] for g in state.optimizer.param_groups] == [0.1, 0.1, 1.0, 1.0]

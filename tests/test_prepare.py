@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from ferray.data.contract import DataError, load_split, read_manifest, summarize
-from ferray.distributed.prepare import prepare
 from ferray.data.synth import write_csv, write_folder, write_zip
+from ferray.distributed.prepare import prepare
 
 pytestmark = pytest.mark.slow
 

@@ -22,7 +22,9 @@ def shuffle_labels(root, split: str, seed: int = 0) -> None:
     table = table.sort_by("id")
     for f in split_dir(root, split).glob("*.parquet"):
         f.unlink()
-    pq.write_table(faces_table(table.column("id").to_pylist(), labels, images), split_dir(root, split) / "part-0.parquet")
+    pq.write_table(
+        faces_table(table.column("id").to_pylist(), labels, images), split_dir(root, split) / "part-0.parquet"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -57,14 +59,38 @@ def test_the_core_loop_and_the_fusion_ignore_the_test_split(twin_data, tmp_path)
         assert selection_split(read_manifest(data)) == "Validation"
         splits = load_faces(data)
         for member in ("a", "b"):
-            cfg = load_config(None, ["model.name=xception_a_tiny", "train.epochs=3", "train.batch_size=32",
-                                     "optim.lr=0.003", f"train.seed={ord(member)}", "data.selection_split=Validation",
-                                     f"data.path={data}"])
-            state, run = train_local(cfg, splits["Training"], splits["Validation"], torch.device("cpu"),
-                                     tmp_path / name / member, echo=lambda _: None)
+            cfg = load_config(
+                None,
+                [
+                    "model.name=xception_a_tiny",
+                    "train.epochs=3",
+                    "train.batch_size=32",
+                    "optim.lr=0.003",
+                    f"train.seed={ord(member)}",
+                    "data.selection_split=Validation",
+                    f"data.path={data}",
+                ],
+            )
+            state, run = train_local(
+                cfg,
+                splits["Training"],
+                splits["Validation"],
+                torch.device("cpu"),
+                tmp_path / name / member,
+                echo=lambda _: None,
+            )
             kept.append((name, member, run.best["epoch"], {k: v.clone() for k, v in state.core.state_dict().items()}))
-        cards.append(build_bundle(tmp_path / name / "a" / "best.pt", tmp_path / name / "b" / "best.pt", None, data,
-                                  tmp_path / name / "bundle", tta=False, echo=lambda _: None))
+        cards.append(
+            build_bundle(
+                tmp_path / name / "a" / "best.pt",
+                tmp_path / name / "b" / "best.pt",
+                None,
+                data,
+                tmp_path / name / "bundle",
+                tta=False,
+                echo=lambda _: None,
+            )
+        )
     for (_, member, epoch, weights), (_, member2, epoch2, weights2) in zip(kept[:2], kept[2:]):
         assert member == member2 and epoch == epoch2 and all(torch.equal(weights[k], weights2[k]) for k in weights)
     plain, rigged = cards
@@ -73,11 +99,28 @@ def test_the_core_loop_and_the_fusion_ignore_the_test_split(twin_data, tmp_path)
     sr = []
     for name, data in zip(("data", "rigged"), twin_data):
         splits = load_faces(data)
-        cfg = load_config(None, ["train.epochs=2", "sr.pretrain_epochs=1", "sr.content=mse", "sr.generator_channels=8",
-                                 "sr.generator_blocks=1", "sr.discriminator_channels=8", "train.batch_size=32",
-                                 "data.selection_split=Validation"])
-        state, run = train_local(cfg, splits["Training"], splits["Validation"], torch.device("cpu"),
-                                 tmp_path / name / "sr", task_name="sr", echo=lambda _: None)
+        cfg = load_config(
+            None,
+            [
+                "train.epochs=2",
+                "sr.pretrain_epochs=1",
+                "sr.content=mse",
+                "sr.generator_channels=8",
+                "sr.generator_blocks=1",
+                "sr.discriminator_channels=8",
+                "train.batch_size=32",
+                "data.selection_split=Validation",
+            ],
+        )
+        state, run = train_local(
+            cfg,
+            splits["Training"],
+            splits["Validation"],
+            torch.device("cpu"),
+            tmp_path / name / "sr",
+            task_name="sr",
+            echo=lambda _: None,
+        )
         sr.append((run.best["epoch"], run.best["eval_psnr"]))
     assert sr[0] == sr[1] and sr[0][0] == 2
     assert plain["fusion"] == rigged["fusion"] and plain["accuracy"] == rigged["accuracy"]
@@ -100,15 +143,27 @@ def test_train_and_tune_ignore_the_test_split(ray_session, twin_data, tmp_path):
     quiet = dict(echo=lambda _: None)
     data, rigged = twin_data
     common = ["scaling.workers=1", "scaling.cpus_per_worker=1", "train.batch_size=32", "train.epochs=1"]
-    plain = run_training(load_config(experiments / "debug_a.yaml", [f"data.path={data}", *common]), tmp_path / "data",
-                         **quiet)
+    plain = run_training(
+        load_config(experiments / "debug_a.yaml", [f"data.path={data}", *common]), tmp_path / "data", **quiet
+    )
     assert plain["selection_split"] == "Validation"
 
     search = tmp_path / "s.yaml"
-    search.write_text(yaml.safe_dump({"experiment": str(experiments / "debug_a.yaml"), "set": ["train.epochs=1"],
-                                      "search": {"samples": 1, "max_concurrent": 1, "seed": 0, "asha": "off",
-                                                 "space": {"optim.lr": {"distribution": "choice",
-                                                                        "choices": [0.003]}}}}))  # debug_a's
+    search.write_text(
+        yaml.safe_dump(
+            {
+                "experiment": str(experiments / "debug_a.yaml"),
+                "set": ["train.epochs=1"],
+                "search": {
+                    "samples": 1,
+                    "max_concurrent": 1,
+                    "seed": 0,
+                    "asha": "off",
+                    "space": {"optim.lr": {"distribution": "choice", "choices": [0.003]}},
+                },
+            }
+        )
+    )  # debug_a's
     tuned = run_search(load_search(search, [f"data.path={rigged}", *common]), tmp_path / "tune", **quiet)
     assert tuned["selection_split"] == "Validation"
     assert tuned["best"]["eval_acc"] == pytest.approx(plain["best_eval_acc"], abs=1e-9)

@@ -90,7 +90,9 @@ def test_batches_are_padded_to_a_few_compiled_shapes_without_changing_any_row(n,
 def test_int8_without_a_calibration_says_how_to_make_one(tiny_bundle):
     from ferray.ensemble import load_bundle
 
-    with pytest.raises(Int8Unavailable, match=f"member A has no int8 calibration: make one with `ferray quantize {tiny_bundle}"):
+    with pytest.raises(
+        Int8Unavailable, match=f"member A has no int8 calibration: make one with `ferray quantize {tiny_bundle}"
+    ):
         load_bundle(tiny_bundle, "cpu", members=("a",), int8=True)
 
 
@@ -135,8 +137,8 @@ def test_compiled_int8_matches_the_eager_int8_graph(tiny):
 @pytest.mark.slow  # calibrates, compiles and evaluates a tiny bundle: ~1 min
 def test_quantize_writes_ranges_and_figures_that_evaluate_reproduces(tiny_bundle, prepared_synth, tmp_path):
     from ferray.ensemble import evaluate_bundle, read_bundle_card
-    from ferray.report.model_card import render_model_card
     from ferray.quantize import quantize_bundle
+    from ferray.report.model_card import render_model_card
 
     copy = tmp_path / "bundle"
     shutil.copytree(tiny_bundle, copy)

@@ -11,20 +11,38 @@ from ferray.tasks import get_task
 
 
 def tiny_config(*extra):
-    return load_config(None, ["model.name=xception_a_tiny", "train.epochs=3", "train.batch_size=16",
-                              "optim.lr=0.003", "optim.schedule=cosine", "optim.warmup_epochs=0.5",
-                              "optim.weight_decay=0.05", "train.ema_decay=0.9", "model.dropout=0.2",
-                              "augment.erase_prob=0.5", "loss.label_smoothing=0.1", "loss.center_lambda=10",
-                              "loss.center_share=0.05",
-                              "train.progress_seconds=0", *extra])
+    return load_config(
+        None,
+        [
+            "model.name=xception_a_tiny",
+            "train.epochs=3",
+            "train.batch_size=16",
+            "optim.lr=0.003",
+            "optim.schedule=cosine",
+            "optim.warmup_epochs=0.5",
+            "optim.weight_decay=0.05",
+            "train.ema_decay=0.9",
+            "model.dropout=0.2",
+            "augment.erase_prob=0.5",
+            "loss.label_smoothing=0.1",
+            "loss.center_lambda=10",
+            "loss.center_share=0.05",
+            "train.progress_seconds=0",
+            *extra,
+        ],
+    )
 
 
 @pytest.fixture(scope="module")
 def faces(synth_faces):
     images, labels, splits = synth_faces
     train = splits == "Training"
-    return (torch.from_numpy(images[train][:96]), torch.from_numpy(labels[train][:96]),
-            torch.from_numpy(images[~train][:64]), torch.from_numpy(labels[~train][:64]))
+    return (
+        torch.from_numpy(images[train][:96]),
+        torch.from_numpy(labels[train][:96]),
+        torch.from_numpy(images[~train][:64]),
+        torch.from_numpy(labels[~train][:64]),
+    )
 
 
 @pytest.mark.parametrize("optimizer", ["adamax", "adam", "adamw", "sgd"])
@@ -82,8 +100,14 @@ def _run(cfg, faces, run_dir, log, stop_after=None, resume_from=None):
             raise Stop
 
     try:
-        fit(task, state, lambda epoch: _recorded(train.epoch(epoch), log), lambda s: task.evaluate(s, val),
-            len(train), on_epoch=on_epoch)
+        fit(
+            task,
+            state,
+            lambda epoch: _recorded(train.epoch(epoch), log),
+            lambda s: task.evaluate(s, val),
+            len(train),
+            on_epoch=on_epoch,
+        )
     except Stop:
         pass
     return state
@@ -144,8 +168,10 @@ def test_the_ema_weights_are_what_the_checkpoint_and_bundle_hold_when_selected(t
         assert all(torch.equal(model.state_dict()[k], shipped[k]) for k in shipped)
         bundle_member = _slim(payload)
         assert bundle_member["weights"] == row["eval_weights"] and "train_model" not in bundle_member
-        assert all(torch.equal(bundle_member["model"][k], shipped[k].half() if shipped[k].is_floating_point()
-                               else shipped[k]) for k in shipped)
+        assert all(
+            torch.equal(bundle_member["model"][k], shipped[k].half() if shipped[k].is_floating_point() else shipped[k])
+            for k in shipped
+        )
 
 
 def test_the_ema_follows_the_weights_with_a_warmed_up_decay():

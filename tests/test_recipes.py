@@ -36,7 +36,9 @@ def test_missing_weights_switch_to_the_scratch_recipe(no_weights):
 
 
 def test_missing_weights_without_a_scratch_recipe_name_the_file(no_weights):
-    with pytest.raises(ConfigError, match="model_b_bicubic.yaml: model.pretrained=imagenet: resnet50's ImageNet weights"):
+    with pytest.raises(
+        ConfigError, match="model_b_bicubic.yaml: model.pretrained=imagenet: resnet50's ImageNet weights"
+    ):
         load_runnable_config(EXPERIMENTS / "model_b_bicubic.yaml")
     with pytest.raises(ConfigError, match="model.name: .*unknown model 'resnet51'"):
         load_runnable_config(EXPERIMENTS / "model_b.yaml", ["model.name=resnet51"])
@@ -47,7 +49,9 @@ def test_the_scratch_model_has_a_stem_for_small_faces():
     # resnet50_b less its 7x7 one-channel stem (3,136), plus a 3x3 one (576)
     assert num_params(model) == 23_516_103 - 3_136 + 576 == 23_513_543
     stem = model.backbone.conv1
-    assert stem.kernel_size == (3, 3) and stem.stride == (2, 2) and isinstance(model.backbone.maxpool, torch.nn.Identity)
+    assert (
+        stem.kernel_size == (3, 3) and stem.stride == (2, 2) and isinstance(model.backbone.maxpool, torch.nn.Identity)
+    )
     logits = model(torch.rand(2, 1, 88, 88))
     assert logits.shape == (2, 7) and torch.isfinite(logits).all()
     with pytest.raises(ValueError, match="no pretrained weights"):
@@ -63,10 +67,20 @@ def test_the_kept_generator_is_the_adversarial_one(tmp_path, synth_faces):
     assert sr_choice(2, adversarial=True) > sr_choice(9, adversarial=False) and sr_choice(3, True) > sr_choice(2, True)
     images, labels, _ = synth_faces
     faces = Faces(images[:64], labels[:64], [str(i) for i in range(64)])
-    cfg = load_config(EXPERIMENTS / "debug_srgan.yaml", ["sr.generator_channels=8", "sr.generator_blocks=1",
-                                                          "sr.discriminator_channels=8", "sr.pretrain_epochs=2",
-                                                          "train.epochs=3", "sr.content=mse"])
-    state, run = train_local(cfg, faces, faces, torch.device("cpu"), tmp_path / "sr", task_name="sr", echo=lambda _: None)
+    cfg = load_config(
+        EXPERIMENTS / "debug_srgan.yaml",
+        [
+            "sr.generator_channels=8",
+            "sr.generator_blocks=1",
+            "sr.discriminator_channels=8",
+            "sr.pretrain_epochs=2",
+            "train.epochs=3",
+            "sr.content=mse",
+        ],
+    )
+    state, run = train_local(
+        cfg, faces, faces, torch.device("cpu"), tmp_path / "sr", task_name="sr", echo=lambda _: None
+    )
     rows = state.history
     assert [r["phase"] for r in rows] == ["pretrain", "pretrain", "adversarial"] or rows[-1]["sr_choice"] > 10**6
     assert run.best["epoch"] == 3
@@ -79,6 +93,7 @@ def test_compilation_falls_back_to_eager(monkeypatch):
     def broken_compile(model, **_):
         def run(*args, **kwargs):
             raise RuntimeError("no C++ compiler here")
+
         return run
 
     monkeypatch.setattr(torch, "compile", broken_compile)

@@ -60,17 +60,20 @@ def test_fast_pixel_parser_matches_reference_on_edge_values(fast_parser):
     assert fast is not None and np.array_equal(fast, images)
 
 
-@pytest.mark.parametrize("mutate", [
-    lambda s: s + " 1",                 # one value too many
-    lambda s: s.rsplit(" ", 1)[0],      # one too few
-    lambda s: s.replace(" ", "  ", 1),  # double space
-    lambda s: " " + s,                  # leading space
-    lambda s: s + " ",                  # trailing space
-    lambda s: s.replace("12", "1x", 1) if "12" in s else "x" + s,  # not a digit
-    lambda s: "256" + s[s.index(" "):],  # out of range
-    lambda s: "1000" + s[s.index(" "):],  # four digits
-    lambda s: "-1" + s[s.index(" "):],   # negative
-])
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        lambda s: s + " 1",  # one value too many
+        lambda s: s.rsplit(" ", 1)[0],  # one too few
+        lambda s: s.replace(" ", "  ", 1),  # double space
+        lambda s: " " + s,  # leading space
+        lambda s: s + " ",  # trailing space
+        lambda s: s.replace("12", "1x", 1) if "12" in s else "x" + s,  # not a digit
+        lambda s: "256" + s[s.index(" ") :],  # out of range
+        lambda s: "1000" + s[s.index(" ") :],  # four digits
+        lambda s: "-1" + s[s.index(" ") :],  # negative
+    ],
+)
 def test_fast_pixel_parser_refuses_anything_unclean(mutate, fast_parser):
     rng = np.random.default_rng(1)
     rows = [pixel_string(rng.integers(0, 256, 2304)) for _ in range(3)]
@@ -89,15 +92,18 @@ COLUMNS = ["emotion", "pixels", "usage"]
 GOOD = pixel_string(np.full(2304, 9, np.uint8))
 
 
-@pytest.mark.parametrize("fields, kind", [
-    (["1", GOOD], "malformed_row"),
-    (["7", GOOD, "Training"], "bad_label"),
-    (["x", GOOD, "Training"], "bad_label"),
-    (["1", GOOD, "Validation"], "unknown_usage"),
-    (["1", GOOD + " 3", "Training"], "wrong_pixel_count"),
-    (["1", GOOD.replace("9", "9.5", 1), "Training"], "non_integer_pixel"),
-    (["1", GOOD.replace("9", "300", 1), "Training"], "pixel_out_of_range"),
-])
+@pytest.mark.parametrize(
+    "fields, kind",
+    [
+        (["1", GOOD], "malformed_row"),
+        (["7", GOOD, "Training"], "bad_label"),
+        (["x", GOOD, "Training"], "bad_label"),
+        (["1", GOOD, "Validation"], "unknown_usage"),
+        (["1", GOOD + " 3", "Training"], "wrong_pixel_count"),
+        (["1", GOOD.replace("9", "9.5", 1), "Training"], "non_integer_pixel"),
+        (["1", GOOD.replace("9", "300", 1), "Training"], "pixel_out_of_range"),
+    ],
+)
 def test_reference_row_parser_names_row_and_kind(fields, kind):
     with pytest.raises(R.BadRecord) as err:
         R.parse_csv_row(fields, COLUMNS, 41, "fer2013.csv")
@@ -116,21 +122,28 @@ def write_csv(path, rows, header="emotion,pixels,Usage"):
 
 
 def test_csv_unit_skip_mode_keeps_good_rows_and_reports_each_bad_one(tmp_path):
-    rows = [["0", GOOD, "Training"], ["9", GOOD, "Training"], ["2", GOOD, "PublicTest"],
-            ["3", GOOD + " 1", "Training"], ["4", GOOD, "PrivateTest"]]
+    rows = [
+        ["0", GOOD, "Training"],
+        ["9", GOOD, "Training"],
+        ["2", GOOD, "PublicTest"],
+        ["3", GOOD + " 1", "Training"],
+        ["4", GOOD, "PrivateTest"],
+    ]
     src = open_source(write_csv(tmp_path / "f.csv", rows))
     table, report = R.decode_unit(src.units[0], on_bad="skip")
     assert table.column("id").to_pylist() == ["f.csv:1", "f.csv:3", "f.csv:5"]
     assert table.column("split").to_pylist() == ["Training", "PublicTest", "PrivateTest"]
     assert [(r["kind"], r["where"]) for r in report.rejected] == [
-        ("bad_label", "f.csv row 2 (line 3)"), ("wrong_pixel_count", "f.csv row 4 (line 5)")]
+        ("bad_label", "f.csv row 2 (line 3)"),
+        ("wrong_pixel_count", "f.csv row 4 (line 5)"),
+    ]
     with pytest.raises(R.BadRecord, match="row 2"):
         R.decode_unit(src.units[0], on_bad="error")
 
 
 def test_fast_and_reference_paths_give_identical_tables(tmp_path, synth_faces):
     images, labels, splits = synth_faces
-    rows = [[str(l), pixel_string(i), s] for i, l, s in zip(images[:20], labels[:20], splits[:20])]
+    rows = [[str(label), pixel_string(i), s] for i, label, s in zip(images[:20], labels[:20], splits[:20])]
     clean = open_source(write_csv(tmp_path / "a.csv", rows)).units[0]
     fast, _ = R.decode_unit(clean)
     rows_blank = rows[:10] + [[""]] + rows[10:]  # a blank line forces the row-by-row path
@@ -148,21 +161,27 @@ def png(img):
     return buf.getvalue()
 
 
-@pytest.mark.parametrize("rel, expected", [
-    ("train/happy/Training_12.jpg", (3, "Training")),
-    ("test/sad/PrivateTest_99.jpg", (4, "PrivateTest")),
-    ("test/Surprise/img_1.jpg", (5, "PublicTest")),     # no Usage prefix: the folder decides
-    ("x/train/anger/5.png", (0, "Training")),
-])
+@pytest.mark.parametrize(
+    "rel, expected",
+    [
+        ("train/happy/Training_12.jpg", (3, "Training")),
+        ("test/sad/PrivateTest_99.jpg", (4, "PrivateTest")),
+        ("test/Surprise/img_1.jpg", (5, "PublicTest")),  # no Usage prefix: the folder decides
+        ("x/train/anger/5.png", (0, "Training")),
+    ],
+)
 def test_label_and_split_from_path(rel, expected):
     assert R.label_and_split(rel, rel) == expected
 
 
-@pytest.mark.parametrize("rel, kind", [
-    ("train/happpy/Training_1.jpg", "unknown_emotion"),
-    ("validation/happy/img_1.jpg", "unknown_split"),
-    ("happy/Training_1.jpg", "unknown_split"),
-])
+@pytest.mark.parametrize(
+    "rel, kind",
+    [
+        ("train/happpy/Training_1.jpg", "unknown_emotion"),
+        ("validation/happy/img_1.jpg", "unknown_split"),
+        ("happy/Training_1.jpg", "unknown_split"),
+    ],
+)
 def test_label_and_split_errors(rel, kind):
     with pytest.raises(R.BadRecord) as err:
         R.label_and_split(rel, "root/" + rel)

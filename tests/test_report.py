@@ -50,10 +50,21 @@ def fake_run(runs: Path, cfg, task: str = "classifier") -> Path:
     else:
         save_checkpoint(run_dir / "best.pt", build_state(cfg, cpu), {"eval_acc": 0.2})
         metric = {"best_eval_acc": 0.2}
-    summary = {"name": cfg.name, "task": task, "model": "srgan" if task == "sr" else cfg.model.name,
-               "run_dir": str(run_dir), "best_checkpoint": str(run_dir / "best.pt"), "best_epoch": 1, **metric,
-               "eval_split": "PublicTest", "epochs": 1, "final_metrics": {}, "seconds": 1.5, "workers": 1,
-               "gpus_per_worker": 0}
+    summary = {
+        "name": cfg.name,
+        "task": task,
+        "model": "srgan" if task == "sr" else cfg.model.name,
+        "run_dir": str(run_dir),
+        "best_checkpoint": str(run_dir / "best.pt"),
+        "best_epoch": 1,
+        **metric,
+        "eval_split": "PublicTest",
+        "epochs": 1,
+        "final_metrics": {},
+        "seconds": 1.5,
+        "workers": 1,
+        "gpus_per_worker": 0,
+    }
     (run_dir / "result.json").write_text(json.dumps(summary))
     return run_dir
 
@@ -67,14 +78,17 @@ def test_the_shipped_plans_load(prepared_synth):
     assert load_plan(EXPERIMENTS / "paper.yaml").paper["ensemble"] == {"PublicTest": 71.608, "PrivateTest": 73.244}
 
 
-@pytest.mark.parametrize("changes, message", [
-    ({"colour": 1}, r"unknown key\(s\) colour"),
-    ({"runs": []}, r"runs: a list"),
-    ({"ensemble": {"a": "model_a", "b": "resnet"}}, r"ensemble.b must name one of the runs"),
-    ({"figures": {"crops": 0}}, r"figures.crops: expected a positive integer"),
-    ({"paper": {"model_c": {"params": 1}}}, r"paper.model_c"),
-    ({"data": None}, r"no data"),
-])
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"colour": 1}, r"unknown key\(s\) colour"),
+        ({"runs": []}, r"runs: a list"),
+        ({"ensemble": {"a": "model_a", "b": "resnet"}}, r"ensemble.b must name one of the runs"),
+        ({"figures": {"crops": 0}}, r"figures.crops: expected a positive integer"),
+        ({"paper": {"model_c": {"params": 1}}}, r"paper.model_c"),
+        ({"data": None}, r"no data"),
+    ],
+)
 def test_bad_plans_are_refused_naming_the_file_and_field(tmp_path, changes, message):
     with pytest.raises(ConfigError, match=message) as caught:
         load_plan(write_plan(tmp_path, **changes))
@@ -129,8 +143,9 @@ def test_upscaled_faces_are_found_by_source_or_made_with_ray_data(tmp_path, prep
     upscale_local(prepared_synth, tmp_path / "mine", "srgan", str(generator))
     upscale_local(prepared_synth, tmp_path / "theirs", "srgan", str(other))
     said = []
-    assert upscaled_data(plan, str(generator), [tmp_path / "theirs", tmp_path / "mine"], tmp_path / "new",
-                         said.append) == (tmp_path / "mine", True)
+    assert upscaled_data(
+        plan, str(generator), [tmp_path / "theirs", tmp_path / "mine"], tmp_path / "new", said.append
+    ) == (tmp_path / "mine", True)
     folder, reused = upscaled_data(plan, str(generator), [tmp_path / "theirs"], tmp_path / "new", said.append)
     assert (folder, reused) == (tmp_path / "new", False)
     made, mine = (json.loads((tmp_path / p / "manifest.json").read_text()) for p in ("new", "mine"))
@@ -160,8 +175,9 @@ def finished_report(tmp_path_factory, prepared_synth, ray_session):
     root = tmp_path_factory.mktemp("report")
     plan = load_plan(write_plan(root), data=prepared_synth)
     runs = root / "finished"
-    made = {spec.key: fake_run(runs, plan.config(spec.experiment, prepared_synth)) for spec in plan.runs
-            if not spec.on_sr}
+    made = {
+        spec.key: fake_run(runs, plan.config(spec.experiment, prepared_synth)) for spec in plan.runs if not spec.on_sr
+    }
     sr_cfg = plan.config(plan.sr_experiment, prepared_synth)
     # as the report trains it: without VGG19's weights, the content loss uses Model A's features
     sr_cfg.sr.content_checkpoint = str(made[plan.ensemble[0]] / "best.pt")
@@ -187,8 +203,18 @@ def test_report_has_every_table_and_readable_figures(finished_report):
 
     out, record, _ = finished_report
     md = (out / "report.md").read_text()
-    for heading in ("Table 1", "Figure 2", "Figure 3", "Figure 4", "Figure 5", "Per-class accuracy",
-                    "Most confused pairs", "Runs: time and hardware", "Commands", "Configs"):
+    for heading in (
+        "Table 1",
+        "Figure 2",
+        "Figure 3",
+        "Figure 4",
+        "Figure 5",
+        "Per-class accuracy",
+        "Most confused pairs",
+        "Runs: time and hardware",
+        "Commands",
+        "Configs",
+    ):
         assert f"## {heading}" in md, heading
     images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
     assert len(images) == 5  # Figures 2, 3, 4 and 5 on PublicTest and PrivateTest
@@ -206,23 +232,37 @@ def test_table_numbers_are_the_evaluation_files(finished_report):
     from ferray.report.document import pct
 
     out, record, _ = finished_report
-    table = {row.split("|")[1].strip(): [c.strip() for c in row.split("|")[2:-1]]
-             for row in (out / "report.md").read_text().split("## Table 1")[1].split("\n\n")[1].splitlines()[2:]}
-    labels = {"vgg16": "VGG16 (1/8 width)", "vgg19": "VGG19 (1/8 width)", "model_a": "Model A (1/8 width)",
-              "model_b": "Model B (SRGAN + ResNet18)"}
+    table = {
+        row.split("|")[1].strip(): [c.strip() for c in row.split("|")[2:-1]]
+        for row in (out / "report.md").read_text().split("## Table 1")[1].split("\n\n")[1].splitlines()[2:]
+    }
+    labels = {
+        "vgg16": "VGG16 (1/8 width)",
+        "vgg19": "VGG19 (1/8 width)",
+        "model_a": "Model A (1/8 width)",
+        "model_b": "Model B (SRGAN + ResNet18)",
+    }
     for key, label in labels.items():
         files = out / "evaluations" / key
-        expected = [pct(json.loads((files / f"eval-{s}{t}.json").read_text())["accuracy"])
-                    for s in ("PublicTest", "PrivateTest") for t in ("", "-tta")]
+        expected = [
+            pct(json.loads((files / f"eval-{s}{t}.json").read_text())["accuracy"])
+            for s in ("PublicTest", "PrivateTest")
+            for t in ("", "-tta")
+        ]
         assert table[label][2:6] == expected, key
-    ensemble = [pct(json.loads((out / "evaluations" / "ensemble" / f"eval-{s}{t}.json").read_text())["accuracy"])
-                for s in ("PublicTest", "PrivateTest") for t in ("", "-tta")]
+    ensemble = [
+        pct(json.loads((out / "evaluations" / "ensemble" / f"eval-{s}{t}.json").read_text())["accuracy"])
+        for s in ("PublicTest", "PrivateTest")
+        for t in ("", "-tta")
+    ]
     assert table["Ensemble (model_a + model_b)"][2:6] == ensemble
     assert table["Model A (1/8 width)"][0] == f"{record['models']['model_a']['keras_params']:,}"
     assert table["Ensemble (model_a + model_b)"][8:] == ["71.608%", "73.244%"]  # the paper's, from the plan
     # synthetic data has PrivateTest: FER2013's protocol selects on PublicTest, and the table says so
     header = (out / "report.md").read_text().split("## Table 1")[1].split("\n\n")[1].splitlines()[0]
-    assert "PublicTest (selection)" in header and "PrivateTest TTA" in header and "PrivateTest (selection)" not in header
+    assert (
+        "PublicTest (selection)" in header and "PrivateTest TTA" in header and "PrivateTest (selection)" not in header
+    )
     assert record["selection_split"] == "PublicTest" and record["headline_split"] == "PrivateTest"
 
 

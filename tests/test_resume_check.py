@@ -36,8 +36,10 @@ def test_the_listed_safe_changes_pass_and_are_said(tmp_path):
     said = []
     longer = load_config(None, ["model.name=xception_a_tiny", "train.epochs=6", "train.progress_seconds=10"])
     check_resume(run_dir, longer, {"checksum": "sum:1"}, echo=said.append)
-    assert said == ["resume: train.epochs 4 -> 6 (the schedule re-plans to the new length)",
-                    "resume: train.progress_seconds 60.0 -> 10.0"]
+    assert said == [
+        "resume: train.epochs 4 -> 6 (the schedule re-plans to the new length)",
+        "resume: train.progress_seconds 60.0 -> 10.0",
+    ]
     (run_dir / "config.yaml").unlink()
     with pytest.raises(ConfigError, match="missing or unreadable"):
         check_resume(run_dir, longer, {"checksum": "sum:1"})

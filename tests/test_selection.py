@@ -8,7 +8,14 @@ import pytest
 
 from ferray.data.carve import ROWS_PER_FILE, carve_and_shuffle, resolve_fraction, stratified_pick
 from ferray.data.contract import (
-    NUM_CLASSES, DataError, load_split, read_split, selection_split, split_dir, summarize, untouched_splits,
+    NUM_CLASSES,
+    DataError,
+    load_split,
+    read_split,
+    selection_split,
+    split_dir,
+    summarize,
+    untouched_splits,
 )
 from ferray.data.synth import SynthSpec, synthesize
 
@@ -69,8 +76,9 @@ def test_carve_is_stratified_disjoint_and_independent_of_row_order(no_private, t
     table = read_split(copy, "Training")
     for f in split_dir(copy, "Training").glob("*.parquet"):
         f.unlink()
-    pq.write_table(table.take(np.random.default_rng(1).permutation(table.num_rows)),
-                   split_dir(copy, "Training") / "part-0.parquet")
+    pq.write_table(
+        table.take(np.random.default_rng(1).permutation(table.num_rows)), split_dir(copy, "Training") / "part-0.parquet"
+    )
 
     record = carve_and_shuffle(no_private, 0.1, seed=0)
     carve_and_shuffle(copy, 0.1, seed=0)
@@ -110,7 +118,7 @@ def test_training_is_written_in_a_class_mixed_order(tmp_path):
     # (what a streaming shuffle buffer sees) hold about the global mix.
     for part in np.array_split(labels, 2):
         assert np.abs(np.bincount(part, minlength=NUM_CLASSES) / len(part) - overall).max() < 0.03
-    windows = [labels[i:i + 256] for i in range(0, len(labels) - 256, 256)]
+    windows = [labels[i : i + 256] for i in range(0, len(labels) - 256, 256)]
     assert all(len(np.unique(w)) == NUM_CLASSES for w in windows)
     assert all(pq.read_metadata(f).num_rows <= ROWS_PER_FILE for f in files)
 

@@ -11,9 +11,9 @@ import urllib.request
 
 import numpy as np
 import pytest
+from support import encode, multipart
 
 from ferray.testing import free_port, png_bytes, post
-from support import encode, multipart
 
 pytestmark = pytest.mark.slow
 BODY_LIMIT = 300_000
@@ -25,8 +25,14 @@ def server(ray_session, tiny_bundle):
 
     from ferray.distributed.serving import start
 
-    overrides = [f"max_body_bytes={BODY_LIMIT}", "ingress.num_cpus=0.25",
-                 "model_a.num_cpus=0.5", "model_b.num_cpus=0.5", "model_a.max_replicas=1", "model_b.max_replicas=1"]
+    overrides = [
+        f"max_body_bytes={BODY_LIMIT}",
+        "ingress.num_cpus=0.25",
+        "model_a.num_cpus=0.5",
+        "model_b.num_cpus=0.5",
+        "model_a.max_replicas=1",
+        "model_b.max_replicas=1",
+    ]
     url = start(tiny_bundle, port=free_port(), overrides=overrides)
     yield url
     serve.shutdown()
@@ -78,7 +84,8 @@ def test_predict_routes_and_cli_agree(server, tiny_bundle, synth_faces, tmp_path
     status, batch = post(f"{server}/predict/batch", *multipart(files))
     assert status == 200 and [r["image"] for r in batch["results"]] == ["face0.png", "face1.png", "face2.png"]
     assert batch["results"][0]["faces"][0]["probs"] == pytest.approx(
-        post(f"{server}/predict", png_bytes(synth_faces[0][0]), "image/png")[1]["faces"][0]["probs"], abs=1e-6)
+        post(f"{server}/predict", png_bytes(synth_faces[0][0]), "image/png")[1]["faces"][0]["probs"], abs=1e-6
+    )
 
     rows = [synth_faces[0][i].reshape(-1).tolist() for i in (5, 6)]
     status, pixels = post(f"{server}/predict/pixels", json.dumps({"pixels": rows}).encode(), "application/json")
@@ -103,8 +110,13 @@ def bad_requests(face: np.ndarray) -> list:
         ("/predict/pixels", b"{not json", "application/json", 400, "malformed JSON"),
         ("/predict/pixels", json.dumps({"pixels": row[:100]}).encode(), "application/json", 422, "100 values"),
         ("/predict/pixels", json.dumps({"pixels": row[:-1] + [300]}).encode(), "application/json", 422, "out of range"),
-        ("/predict/pixels", (json.dumps({"pixels": row[:-1]})[:-2] + ", NaN]}").encode(), "application/json", 422,
-         "not an integer"),
+        (
+            "/predict/pixels",
+            (json.dumps({"pixels": row[:-1]})[:-2] + ", NaN]}").encode(),
+            "application/json",
+            422,
+            "not an integer",
+        ),
     ]
 
 
@@ -133,9 +145,17 @@ def test_web_page_in_headless_chromium(server, synth_faces, tmp_path):
     image.write_bytes(png_bytes(synth_faces[0][5]))
     options = webdriver.ChromeOptions()
     options.binary_location = chromium
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 f"--user-data-dir={tmp_path / 'profile'}"):
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={tmp_path / 'profile'}",
+    ):
         options.add_argument(flag)
     browser = webdriver.Chrome(service=Service(driver), options=options)
     try:
@@ -168,8 +188,9 @@ def test_a_killed_replica_is_replaced(server, synth_faces):
     thread.start()
     try:
         time.sleep(1.0)
-        replicas = [a for a in list_actors(filters=[("state", "=", "ALIVE")])
-                    if "ModelB" in (a.class_name or "") and a.name]
+        replicas = [
+            a for a in list_actors(filters=[("state", "=", "ALIVE")]) if "ModelB" in (a.class_name or "") and a.name
+        ]
         assert replicas, "no ModelB replica found"
         ray.kill(ray.get_actor(replicas[0].name, namespace="serve"), no_restart=True)
         killed_at = len(outcomes)
@@ -196,9 +217,25 @@ def test_ferray_serve_starts_answers_and_leaves_no_process_on_sigterm(tiny_bundl
 
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"FERRAY_NUM_CPUS": "4"}
-    process = subprocess.Popen([sys.executable, "-m", "ferray.cli", "serve", "--bundle", str(tiny_bundle),
-                                "--port", str(port), "--set", "model_a.max_replicas=1", "--set",
-                                "model_b.max_replicas=1"], env=env, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "ferray.cli",
+            "serve",
+            "--bundle",
+            str(tiny_bundle),
+            "--port",
+            str(port),
+            "--set",
+            "model_a.max_replicas=1",
+            "--set",
+            "model_b.max_replicas=1",
+        ],
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         url = f"http://127.0.0.1:{port}"
         lines = []

@@ -39,11 +39,14 @@ def test_csv_units_number_rows_across_chunks(tmp_path, synth_faces):
     assert ids == [f"fer2013.csv:{i}" for i in range(1, 26)]
 
 
-@pytest.mark.parametrize("header, message", [
-    ("emotion,pixels", "missing usage"),
-    ("label,pixels,Usage", "missing emotion"),
-    ("emotion,pixels,Usage,extra", "unexpected columns"),
-])
+@pytest.mark.parametrize(
+    "header, message",
+    [
+        ("emotion,pixels", "missing usage"),
+        ("label,pixels,Usage", "missing emotion"),
+        ("emotion,pixels,Usage,extra", "unexpected columns"),
+    ],
+)
 def test_bad_headers_name_the_file_and_column(tmp_path, header, message):
     path = tmp_path / "x.csv"
     path.write_text(header + "\n0,1 2,Training\n")

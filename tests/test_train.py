@@ -7,8 +7,8 @@ import pytest
 from ferray.config import load_config
 from ferray.data.contract import read_manifest
 from ferray.data.synth import SynthSpec, synthesize
-from ferray.evaluate import evaluate_checkpoint
 from ferray.distributed.train import run_training
+from ferray.evaluate import evaluate_checkpoint
 
 pytestmark = pytest.mark.slow
 
@@ -21,14 +21,30 @@ def synth_data(tmp_path_factory):
 
 
 def tiny(data, epochs, *extra):
-    return load_config(None, [f"data.path={data}", "model.name=xception_a_tiny", f"train.epochs={epochs}",
-                              "train.batch_size=32", "optim.lr=0.003", "loss.center_lambda=0.001",
-                              "scaling.workers=2", "scaling.cpus_per_worker=1", *extra])
+    return load_config(
+        None,
+        [
+            f"data.path={data}",
+            "model.name=xception_a_tiny",
+            f"train.epochs={epochs}",
+            "train.batch_size=32",
+            "optim.lr=0.003",
+            "loss.center_lambda=0.001",
+            "scaling.workers=2",
+            "scaling.cpus_per_worker=1",
+            *extra,
+        ],
+    )
 
 
 # the terms of experiments/model_a_cpu_v2.yaml that change what a worker does each step and epoch
-SECOND_GENERATION = ("train.ema_decay=0.9", "optim.weight_decay=0.05", "augment.erase_prob=0.5",
-                     "loss.label_smoothing=0.1", "model.dropout=0.2")
+SECOND_GENERATION = (
+    "train.ema_decay=0.9",
+    "optim.weight_decay=0.05",
+    "augment.erase_prob=0.5",
+    "loss.label_smoothing=0.1",
+    "model.dropout=0.2",
+)
 
 
 def epochs_logged(run_dir):
@@ -47,8 +63,9 @@ def test_two_workers_train_then_an_interrupted_run_resumes_and_evaluates(ray_ses
     with pytest.raises(Exception, match="exists: pass --resume"):
         run_training(tiny(synth_data, 3), tmp_path, name="run", echo=lambda _: None)
 
-    resumed = run_training(tiny(synth_data, 3, *SECOND_GENERATION), tmp_path, name="run", resume=True,
-                           echo=lambda _: None)
+    resumed = run_training(
+        tiny(synth_data, 3, *SECOND_GENERATION), tmp_path, name="run", resume=True, echo=lambda _: None
+    )
     assert resumed["epochs"] == 3 and epochs_logged(run_dir) == [1, 2, 3]  # continued, not restarted
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     # the EMA was evaluated beside the raw weights on both workers' epochs, and the better one kept

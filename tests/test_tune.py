@@ -20,19 +20,27 @@ EXPERIMENTS = Path(__file__).parents[1] / "experiments"
 
 def search_file(tmp_path, space, **search):
     path = tmp_path / "s.yaml"
-    body = {"experiment": str(EXPERIMENTS / "debug_a.yaml"), "set": ["train.epochs=3"],
-            "search": {"space": space, **search}}
+    body = {
+        "experiment": str(EXPERIMENTS / "debug_a.yaml"),
+        "set": ["train.epochs=3"],
+        "search": {"space": space, **search},
+    }
     path.write_text(yaml.safe_dump(body))
     return path
 
 
 def test_space_parses_to_optuna_distributions(tmp_path):
-    spec = load_search(search_file(tmp_path, {
-        "optim.lr": {"distribution": "loguniform", "low": 1e-4, "high": 0.01},
-        "loss.center_alpha": {"distribution": "uniform", "low": 0.1, "high": 0.9},
-        "train.batch_size": {"distribution": "int", "low": 16, "high": 64},
-        "optim.name": {"distribution": "choice", "choices": ["adamax", "sgd"]},
-    }))
+    spec = load_search(
+        search_file(
+            tmp_path,
+            {
+                "optim.lr": {"distribution": "loguniform", "low": 1e-4, "high": 0.01},
+                "loss.center_alpha": {"distribution": "uniform", "low": 0.1, "high": 0.9},
+                "train.batch_size": {"distribution": "int", "low": 16, "high": 64},
+                "optim.name": {"distribution": "choice", "choices": ["adamax", "sgd"]},
+            },
+        )
+    )
     dists = optuna_space(spec)
     assert dists["optim.lr"].log and dists["optim.lr"].low == 1e-4
     assert not dists["loss.center_alpha"].log and dists["train.batch_size"].high == 64
@@ -46,19 +54,27 @@ def test_space_parses_to_optuna_distributions(tmp_path):
         assert load_search(path).params
 
 
-@pytest.mark.parametrize("space, extra, message", [
-    ({"optim.lrr": {"distribution": "uniform", "low": 0, "high": 1}}, {}, "not a config key"),
-    ({"optim.lr": {"distribution": "loguniform", "low": 0.01, "high": 0.001}}, {}, "inverted range"),
-    ({"optim.lr": {"distribution": "uniform", "low": 0.01, "high": 0.01}}, {}, "empty or inverted range"),
-    ({"optim.lr": {"distribution": "loguniform", "low": 0, "high": 0.1}}, {}, "low > 0"),
-    ({"optim.lr": {"distribution": "normal", "low": 0, "high": 0.1}}, {}, "not one of"),
-    ({"optim.lr": {"distribution": "uniform", "low": 0.1, "high": 0.2}}, {}, "outside"),
-    ({"optim.lr": {"distribution": "uniform", "low": 0.001, "high": 0.2}}, {"metric": "eval_f1"}, "not reported"),
-    ({}, {}, "space is empty"),
-    ({"optim.lr": {"distribution": "loguniform", "low": 1e-4, "high": 0.01},
-      "optim.name": {"distribution": "choice", "choices": ["adamax", "sgd"]}},
-     {"first": [{"optim.lr": 0.001}]}, r"first\[0\] must give every parameter.*lacks optim.name"),
-])
+@pytest.mark.parametrize(
+    "space, extra, message",
+    [
+        ({"optim.lrr": {"distribution": "uniform", "low": 0, "high": 1}}, {}, "not a config key"),
+        ({"optim.lr": {"distribution": "loguniform", "low": 0.01, "high": 0.001}}, {}, "inverted range"),
+        ({"optim.lr": {"distribution": "uniform", "low": 0.01, "high": 0.01}}, {}, "empty or inverted range"),
+        ({"optim.lr": {"distribution": "loguniform", "low": 0, "high": 0.1}}, {}, "low > 0"),
+        ({"optim.lr": {"distribution": "normal", "low": 0, "high": 0.1}}, {}, "not one of"),
+        ({"optim.lr": {"distribution": "uniform", "low": 0.1, "high": 0.2}}, {}, "outside"),
+        ({"optim.lr": {"distribution": "uniform", "low": 0.001, "high": 0.2}}, {"metric": "eval_f1"}, "not reported"),
+        ({}, {}, "space is empty"),
+        (
+            {
+                "optim.lr": {"distribution": "loguniform", "low": 1e-4, "high": 0.01},
+                "optim.name": {"distribution": "choice", "choices": ["adamax", "sgd"]},
+            },
+            {"first": [{"optim.lr": 0.001}]},
+            r"first\[0\] must give every parameter.*lacks optim.name",
+        ),
+    ],
+)
 def test_bad_search_files_fail_before_any_trial(tmp_path, space, extra, message):
     with pytest.raises(ConfigError, match=message):
         load_search(search_file(tmp_path, space, **extra))
@@ -91,17 +107,26 @@ def test_rigged_search_stops_the_bad_trial_and_writes_its_outputs(ray_session, t
 
     # Rigged through the loss itself, not through training dynamics: a center-loss weight of 10 makes
     # the epoch-1 train_loss several times that of lambda 0, whatever the optimizer did meanwhile.
-    path = search_file(tmp_path, {"loss.center_lambda": {"distribution": "uniform", "low": 0.0, "high": 10.0}},
-                       samples=2, max_concurrent=1, seed=0, asha={"grace_period": 1, "reduction_factor": 2},
-                       metric="train_loss", mode="min",
-                       first=[{"loss.center_lambda": 0.0}, {"loss.center_lambda": 10.0}])  # good, then hopeless
-    spec = load_search(path, [f"data.path={tiny_data}", "scaling.cpus_per_worker=1", "train.batch_size=16",
-                              "train.epochs=2"])
+    path = search_file(
+        tmp_path,
+        {"loss.center_lambda": {"distribution": "uniform", "low": 0.0, "high": 10.0}},
+        samples=2,
+        max_concurrent=1,
+        seed=0,
+        asha={"grace_period": 1, "reduction_factor": 2},
+        metric="train_loss",
+        mode="min",
+        first=[{"loss.center_lambda": 0.0}, {"loss.center_lambda": 10.0}],
+    )  # good, then hopeless
+    spec = load_search(
+        path, [f"data.path={tiny_data}", "scaling.cpus_per_worker=1", "train.batch_size=16", "train.epochs=2"]
+    )
     summary = run_search(spec, tmp_path / "runs", echo=lambda _: None)
     search_dir = tmp_path / "runs" / "s"
     # No trial leaves its workers' placement group reserved, not even the one ASHA stopped (ray#54305)
-    groups = [(search_dir / "trials" / d / "placement_group").read_text().strip()
-              for d in os.listdir(search_dir / "trials")]
+    groups = [
+        (search_dir / "trials" / d / "placement_group").read_text().strip() for d in os.listdir(search_dir / "trials")
+    ]
     table = ray_session.util.placement_group_table()
     assert len(groups) == 2 and all(table[g]["state"] == "REMOVED" for g in groups)
     rows = read_trials(search_dir)
@@ -120,18 +145,42 @@ def test_rigged_search_stops_the_bad_trial_and_writes_its_outputs(ray_session, t
 @pytest.mark.slow
 def test_a_killed_search_resumes_without_repeating_finished_trials(tiny_data, tmp_path):
     """`ferray tune` as users run it: Ctrl-C after the first trial finished, then --resume."""
-    path = search_file(tmp_path, {"optim.lr": {"distribution": "loguniform", "low": 1e-3, "high": 0.01}},
-                       samples=2, max_concurrent=1, asha="off", first=[{"optim.lr": 0.005}])
+    path = search_file(
+        tmp_path,
+        {"optim.lr": {"distribution": "loguniform", "low": 1e-3, "high": 0.01}},
+        samples=2,
+        max_concurrent=1,
+        asha="off",
+        first=[{"optim.lr": 0.005}],
+    )
     env = {**os.environ, "FERRAY_NUM_CPUS": "4"}
     env.pop("RAY_ADDRESS", None)
-    args = [sys.executable, "-m", "ferray.cli", "tune", str(path), "--data", str(tiny_data), "--out", str(tmp_path / "runs"),
-            "--set", "scaling.cpus_per_worker=1", "--set", "train.batch_size=32", "--epochs", "2"]
+    args = [
+        sys.executable,
+        "-m",
+        "ferray.cli",
+        "tune",
+        str(path),
+        "--data",
+        str(tiny_data),
+        "--out",
+        str(tmp_path / "runs"),
+        "--set",
+        "scaling.cpus_per_worker=1",
+        "--set",
+        "train.batch_size=32",
+        "--epochs",
+        "2",
+    ]
     search_dir = tmp_path / "runs" / "s"
     trials = search_dir / "trials"
 
     def finished():
-        return [d for d in trials.glob("*") if (d / "metrics.jsonl").exists()
-                and len((d / "metrics.jsonl").read_text().splitlines()) == 2]
+        return [
+            d
+            for d in trials.glob("*")
+            if (d / "metrics.jsonl").exists() and len((d / "metrics.jsonl").read_text().splitlines()) == 2
+        ]
 
     log = open(tmp_path / "first.log", "w")
     first = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -144,7 +193,9 @@ def test_a_killed_search_resumes_without_repeating_finished_trials(tiny_data, tm
     done_before = {d.name: (d / "metrics.jsonl").read_text() for d in finished()}
     first.send_signal(signal.SIGINT)  # what Ctrl-C does
     first.wait(timeout=120)
-    assert not (search_dir / "trials.csv").exists(), (tmp_path / "first.log").read_text()[-4000:]  # interrupted, not finished
+    assert not (search_dir / "trials.csv").exists(), (tmp_path / "first.log").read_text()[
+        -4000:
+    ]  # interrupted, not finished
 
     resumed = subprocess.run(args + ["--resume"], capture_output=True, text=True, env=env, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]

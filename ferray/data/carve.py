@@ -78,8 +78,13 @@ def carve_table(table: pa.Table, fraction: float, seed: int = 0) -> tuple[pa.Tab
         validation = table.filter(pa.array(picked))
         table = table.filter(pa.array(~picked))
         validation = validation.take(seeded_order(validation, seed, "order"))
-        record[VALIDATION.lower()] = {"carved_from": TRAINING, "fraction": fraction, "seed": seed,
-                                      "stratified": True, "rows": validation.num_rows}
+        record[VALIDATION.lower()] = {
+            "carved_from": TRAINING,
+            "fraction": fraction,
+            "seed": seed,
+            "stratified": True,
+            "rows": validation.num_rows,
+        }
     return table.take(seeded_order(table, seed, "order")), validation, record
 
 
@@ -89,8 +94,9 @@ def carve_and_shuffle(root: str | Path, fraction: float, seed: int = 0) -> dict:
     root = Path(root)
     if split_dir(root, VALIDATION).exists():
         raise DataError(f"{root}: already has a {VALIDATION} split")
-    training, validation, record = carve_table(read_split(root, TRAINING, columns=["id", "label", "pixels"]),
-                                               fraction, seed)
+    training, validation, record = carve_table(
+        read_split(root, TRAINING, columns=["id", "label", "pixels"]), fraction, seed
+    )
     if validation is not None:
         write_split(root, VALIDATION, validation)
     write_split(root, TRAINING, training)

@@ -19,8 +19,8 @@ import json
 import os
 import shutil
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -143,7 +143,7 @@ class Summary:
             for s in np.unique(splits):
                 self.add(str(s), table.filter(pa.array(splits == s)))
             return
-        size = int(round(table.schema.field("pixels").type.byte_width**0.5))
+        size = int(round(table.schema.field("pixels").type.byte_width ** 0.5))
         if self.image_size not in (None, size):
             raise DataError(f"split {split}: {size}x{size} faces beside {self.image_size}x{self.image_size}")
         self.image_size = size
@@ -153,22 +153,27 @@ class Summary:
         # which parallel writers do not keep.
         self.digest_sum = (self.digest_sum + int(row_digests(split, table).sum(dtype=np.uint64))) % 2**64
 
-    def merge(self, other: "Summary") -> None:
+    def merge(self, other: Summary) -> None:
         for split, counts in other.counts.items():
             self.counts.setdefault(split, np.zeros(NUM_CLASSES, np.int64))
             self.counts[split] += counts
         if other.image_size is not None:
             if self.image_size not in (None, other.image_size):
-                raise DataError(f"{other.image_size}x{other.image_size} faces beside {self.image_size}x{self.image_size}")
+                raise DataError(
+                    f"{other.image_size}x{other.image_size} faces beside {self.image_size}x{self.image_size}"
+                )
             self.image_size = other.image_size
         self.digest_sum = (self.digest_sum + other.digest_sum) % 2**64
 
     def to_dict(self) -> dict:
-        return {"counts": {s: c.tolist() for s, c in self.counts.items()}, "digest_sum": self.digest_sum,
-                "image_size": self.image_size}
+        return {
+            "counts": {s: c.tolist() for s, c in self.counts.items()},
+            "digest_sum": self.digest_sum,
+            "image_size": self.image_size,
+        }
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Summary":
+    def from_dict(cls, d: dict) -> Summary:
         summary = cls()
         summary.counts = {s: np.asarray(c, np.int64) for s, c in d["counts"].items()}
         summary.digest_sum, summary.image_size = int(d["digest_sum"]), d["image_size"]
@@ -201,21 +206,23 @@ def summarize(root: str | os.PathLike) -> Summary:
     return summary
 
 
-def verify(root: str | os.PathLike, manifest: dict) -> tuple[bool, "Summary"]:
+def verify(root: str | os.PathLike, manifest: dict) -> tuple[bool, Summary]:
     """(whether the files match the manifest's counts and checksum, what the files hold)."""
     found = summarize(root)
     return found.checksum == manifest["checksum"] and found.splits() == manifest["splits"], found
 
 
 # ---------------------------------------------------------------------------------------- manifest
-def build_manifest(root: str | os.PathLike, *, source: dict, skipped: dict | None = None,
-                   notes: dict | None = None) -> dict:
+def build_manifest(
+    root: str | os.PathLike, *, source: dict, skipped: dict | None = None, notes: dict | None = None
+) -> dict:
     """A manifest for a folder already written, summarized by reading it back."""
     return build_manifest_from_summary(root, summarize(root), source=source, skipped=skipped, notes=notes)
 
 
-def build_manifest_from_summary(root: str | os.PathLike, summary: Summary, *, source: dict,
-                                skipped: dict | None = None, notes: dict | None = None) -> dict:
+def build_manifest_from_summary(
+    root: str | os.PathLike, summary: Summary, *, source: dict, skipped: dict | None = None, notes: dict | None = None
+) -> dict:
     if summary.image_size is None:
         raise DataError(f"{root}: no faces were written")
     files = sorted(p.relative_to(root).as_posix() for p in Path(root).glob("split=*/*.parquet"))
@@ -266,9 +273,11 @@ def selection_split(manifest: dict, requested: str = "auto", where: str = "data"
         return VALIDATION
     if "PrivateTest" in splits and "PublicTest" in splits:
         return "PublicTest"
-    raise DataError(f"{where}: no split to select on that leaves a test untouched (has: {', '.join(splits)}). "
-                    f"Prepare the data again (`ferray prepare` carves a {VALIDATION} split from Training when "
-                    "there is no PrivateTest), or name one with data.selection_split")
+    raise DataError(
+        f"{where}: no split to select on that leaves a test untouched (has: {', '.join(splits)}). "
+        f"Prepare the data again (`ferray prepare` carves a {VALIDATION} split from Training when "
+        "there is no PrivateTest), or name one with data.selection_split"
+    )
 
 
 def untouched_splits(manifest: dict, selection: str, train: str = "Training") -> list[str]:
@@ -301,8 +310,10 @@ def atomic_output(out: str | os.PathLike, overwrite: bool = False, kind: str = "
         raise DataError(f"{out} already exists; choose another --out or pass --overwrite")
     if out.exists() and not is_ferray_output(out):
         what = "a file" if not out.is_dir() else "a folder ferray did not write"
-        raise DataError(f"{out} is {what} (no {OUTPUT_MARKER}, {' or '.join(LEGACY_MARKERS)} in it): --overwrite "
-                        "replaces only ferray's own outputs; choose another --out, or remove it yourself")
+        raise DataError(
+            f"{out} is {what} (no {OUTPUT_MARKER}, {' or '.join(LEGACY_MARKERS)} in it): --overwrite "
+            "replaces only ferray's own outputs; choose another --out, or remove it yourself"
+        )
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()

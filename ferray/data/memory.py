@@ -28,7 +28,7 @@ class Faces:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def subset(self, index: np.ndarray) -> "Faces":
+    def subset(self, index: np.ndarray) -> Faces:
         return Faces(self.images[index], self.labels[index], [self.ids[i] for i in index])
 
 
@@ -39,12 +39,16 @@ def _decode(unit: dict) -> pa.Table:
 
 
 def _from_table(table: pa.Table) -> Faces:
-    return Faces(pixels_to_images(table.column("pixels")).copy(), table.column("label").to_numpy().copy(),
-                 table.column("id").to_pylist())
+    return Faces(
+        pixels_to_images(table.column("pixels")).copy(),
+        table.column("label").to_numpy().copy(),
+        table.column("id").to_pylist(),
+    )
 
 
-def load_faces(path: str | Path, validation: str | float = "auto", seed: int = 0,
-               workers: int | None = None) -> dict[str, Faces]:
+def load_faces(
+    path: str | Path, validation: str | float = "auto", seed: int = 0, workers: int | None = None
+) -> dict[str, Faces]:
     """{split: Faces}. A prepared folder is read as it is; a source is decoded in `workers` processes
     and Validation carved from Training as `ferray prepare --validation` would (same faces, same order)."""
     path = Path(path)
@@ -77,6 +81,8 @@ def load_private(path: str | Path) -> Faces:
     are named PrivateTest_*); DataError naming the path when it holds none."""
     splits = load_faces(path, validation="none")
     if "PrivateTest" not in splits:
-        raise DataError(f"{path}: no PrivateTest faces in it (found: {', '.join(splits) or 'none'}); pass the full "
-                        "fer2013.csv, or a folder of PrivateTest_<id> images")
+        raise DataError(
+            f"{path}: no PrivateTest faces in it (found: {', '.join(splits) or 'none'}); pass the full "
+            "fer2013.csv, or a folder of PrivateTest_<id> images"
+        )
     return splits["PrivateTest"]

@@ -30,15 +30,33 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".ti
 # Folder names seen in the FER2013 repackagings users download, mapped to the label order.
 EMOTION_ALIASES = {
     **{name: i for i, name in enumerate(EMOTIONS)},
-    "anger": 0, "disgusted": 1, "fearful": 2, "happiness": 3, "sadness": 4, "surprised": 5,
+    "anger": 0,
+    "disgusted": 1,
+    "fearful": 2,
+    "happiness": 3,
+    "sadness": 4,
+    "surprised": 5,
 }
 # Split from the folder when the file name carries no Usage prefix.
-SPLIT_FOLDERS = {"train": "Training", "training": "Training", "test": "PublicTest",
-                 "publictest": "PublicTest", "privatetest": "PrivateTest"}
+SPLIT_FOLDERS = {
+    "train": "Training",
+    "training": "Training",
+    "test": "PublicTest",
+    "publictest": "PublicTest",
+    "privatetest": "PrivateTest",
+}
 
 BAD_KINDS = (
-    "malformed_row", "bad_label", "unknown_usage", "wrong_pixel_count", "non_integer_pixel",
-    "pixel_out_of_range", "unreadable_image", "bad_image_size", "unknown_emotion", "unknown_split",
+    "malformed_row",
+    "bad_label",
+    "unknown_usage",
+    "wrong_pixel_count",
+    "non_integer_pixel",
+    "pixel_out_of_range",
+    "unreadable_image",
+    "bad_image_size",
+    "unknown_emotion",
+    "unknown_split",
 )
 
 
@@ -72,17 +90,16 @@ class Rows:
         self.parts: list[tuple] = []
 
     def add(self, ids, labels, splits, images: np.ndarray) -> None:
-        self.parts.append((list(ids), np.asarray(labels, np.int64), list(splits),
-                           images.reshape(-1, FER_SIZE, FER_SIZE)))
+        self.parts.append(
+            (list(ids), np.asarray(labels, np.int64), list(splits), images.reshape(-1, FER_SIZE, FER_SIZE))
+        )
 
     def table(self) -> pa.Table:
         """The contract table with a `split` column (write_parquet partitions on it)."""
         if not self.parts:
-            return faces_table([], np.zeros(0, np.int64), np.zeros((0, FER_SIZE, FER_SIZE), np.uint8),
-                               splits=[])
+            return faces_table([], np.zeros(0, np.int64), np.zeros((0, FER_SIZE, FER_SIZE), np.uint8), splits=[])
         ids, labels, splits, images = zip(*self.parts)
-        return faces_table(sum(ids, []), np.concatenate(labels), np.concatenate(images),
-                           splits=sum(splits, []))
+        return faces_table(sum(ids, []), np.concatenate(labels), np.concatenate(images), splits=sum(splits, []))
 
 
 def decode_unit(unit: dict, on_bad: str = "error", resize: bool = False) -> tuple[pa.Table, UnitReport]:
@@ -141,8 +158,9 @@ def parse_csv_row(fields: list[str], columns: list[str], row: int, display: str)
     """The reference parser of one CSV record -> (label, split, (2304,) uint8 pixels)."""
     where = csv_where(display, row)
     if len(fields) != len(columns):
-        raise BadRecord("malformed_row", where, f"has {len(fields)} fields, expected {len(columns)} "
-                        f"({', '.join(columns)})")
+        raise BadRecord(
+            "malformed_row", where, f"has {len(fields)} fields, expected {len(columns)} ({', '.join(columns)})"
+        )
     rec = dict(zip(columns, fields))
     label_text = rec["emotion"].strip()
     if not (label_text.isdigit() and int(label_text) < NUM_CLASSES):
@@ -221,7 +239,7 @@ def _match_names(raw: np.ndarray, starts: np.ndarray, ends: np.ndarray, names) -
 
 @functools.cache
 def pixel_parser() -> str:
-    """"c" when the optional C extension is built (and FERRAY_PIXEL_PARSER is not "numpy"), else "numpy"."""
+    """ "c" when the optional C extension is built (and FERRAY_PIXEL_PARSER is not "numpy"), else "numpy"."""
     if os.environ.get("FERRAY_PIXEL_PARSER", "").lower() == "numpy":
         return "numpy"
     try:
@@ -231,16 +249,18 @@ def pixel_parser() -> str:
     return "c"
 
 
-def parse_pixels(raw: np.ndarray, field_start: np.ndarray, field_end: np.ndarray, n_pixels: int,
-                 digits_outside: int = 0) -> np.ndarray | None:
+def parse_pixels(
+    raw: np.ndarray, field_start: np.ndarray, field_end: np.ndarray, n_pixels: int, digits_outside: int = 0
+) -> np.ndarray | None:
     """Pixel fields -> (rows, n_pixels) uint8, or None unless all are clean; C when built, else numpy."""
     if pixel_parser() == "numpy":
         return parse_pixel_fields(raw, field_start, field_end, n_pixels, digits_outside)
     from ferray.data import _pixels
 
     out = np.empty((len(field_start), n_pixels), np.uint8)
-    ok = _pixels.parse_fields(raw, np.ascontiguousarray(field_start, np.int64),
-                              np.ascontiguousarray(field_end, np.int64), n_pixels, out)
+    ok = _pixels.parse_fields(
+        raw, np.ascontiguousarray(field_start, np.int64), np.ascontiguousarray(field_end, np.int64), n_pixels, out
+    )
     return out if ok else None
 
 
@@ -256,8 +276,9 @@ def _digits_table() -> np.ndarray:
     return value.astype(np.uint16)
 
 
-def parse_pixel_fields(raw: np.ndarray, field_start: np.ndarray, field_end: np.ndarray, n_pixels: int,
-                       digits_outside: int = 0) -> np.ndarray | None:
+def parse_pixel_fields(
+    raw: np.ndarray, field_start: np.ndarray, field_end: np.ndarray, n_pixels: int, digits_outside: int = 0
+) -> np.ndarray | None:
     """Space-separated pixel fields raw[field_start[r]:field_end[r]] -> (rows, n_pixels) uint8.
 
     Returns None unless every field is clean: digits and single spaces only, n_pixels values of
@@ -311,15 +332,18 @@ def label_and_split(relpath: str, where: str) -> tuple[int, str]:
     split_dir, emotion, name = parts[-3], parts[-2], parts[-1]
     label = EMOTION_ALIASES.get(emotion.lower())
     if label is None:
-        raise BadRecord("unknown_emotion", where,
-                        f"emotion folder {emotion!r} is not one of {', '.join(EMOTIONS)}")
+        raise BadRecord("unknown_emotion", where, f"emotion folder {emotion!r} is not one of {', '.join(EMOTIONS)}")
     prefix = name.split("_", 1)[0] if "_" in name else ""
     if prefix in USAGES:
         return label, prefix
     split = SPLIT_FOLDERS.get(split_dir.lower())
     if split is None:
-        raise BadRecord("unknown_split", where, f"no Usage prefix in the file name and folder {split_dir!r} "
-                        f"is not one of {', '.join(sorted(SPLIT_FOLDERS))}")
+        raise BadRecord(
+            "unknown_split",
+            where,
+            f"no Usage prefix in the file name and folder {split_dir!r} "
+            f"is not one of {', '.join(sorted(SPLIT_FOLDERS))}",
+        )
     return label, split
 
 
@@ -336,8 +360,11 @@ def decode_image(data: bytes, where: str, resize: bool) -> tuple[np.ndarray, boo
     if gray.size == (FER_SIZE, FER_SIZE):
         return np.asarray(gray, np.uint8), False
     if not resize:
-        raise BadRecord("bad_image_size", where, f"is {gray.size[0]}x{gray.size[1]}, expected "
-                        f"{FER_SIZE}x{FER_SIZE} (pass --resize to resize such images)")
+        raise BadRecord(
+            "bad_image_size",
+            where,
+            f"is {gray.size[0]}x{gray.size[1]}, expected {FER_SIZE}x{FER_SIZE} (pass --resize to resize such images)",
+        )
     return np.asarray(gray.resize((FER_SIZE, FER_SIZE), Image.Resampling.LANCZOS), np.uint8), True
 
 

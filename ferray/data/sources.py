@@ -36,8 +36,13 @@ class Source:
 
     def describe(self) -> dict:
         size = self.path.stat().st_size if self.path.is_file() else None
-        return {"path": str(self.path), "kind": self.kind, "bytes": size, "units": len(self.units),
-                "ignored_files": len(self.ignored)}
+        return {
+            "path": str(self.path),
+            "kind": self.kind,
+            "bytes": size,
+            "units": len(self.units),
+            "ignored_files": len(self.ignored),
+        }
 
 
 def open_source(path: str | os.PathLike, scratch: str | os.PathLike | None = None) -> Source:
@@ -51,8 +56,10 @@ def open_source(path: str | os.PathLike, scratch: str | os.PathLike | None = Non
         return _zip(path, scratch)
     if path.suffix.lower() == ".csv":
         return _csv(path, path.name)
-    raise DataError(f"{path}: not a FER2013 source; expected fer2013.csv, icml_face_data.csv, an image "
-                    "folder with train/ and test/, or a .zip of one of these")
+    raise DataError(
+        f"{path}: not a FER2013 source; expected fer2013.csv, icml_face_data.csv, an image "
+        "folder with train/ and test/, or a .zip of one of these"
+    )
 
 
 # -------------------------------------------------------------------------------------------- CSV
@@ -74,16 +81,19 @@ def parse_header(line: bytes, path: Path) -> list[str]:
     names = [c.strip().strip('"').strip().lower() for c in line.decode("utf-8", "replace").strip().split(",")]
     missing = [c for c in CSV_COLUMNS if c not in names]
     if missing:
-        raise DataError(f"{path}: header has columns {names}; missing {', '.join(missing)} "
-                        "(expected emotion, pixels, Usage in any order)")
+        raise DataError(
+            f"{path}: header has columns {names}; missing {', '.join(missing)} "
+            "(expected emotion, pixels, Usage in any order)"
+        )
     extra = [c for c in names if c not in CSV_COLUMNS]
     if extra:
         raise DataError(f"{path}: unexpected columns {extra} (expected emotion, pixels, Usage)")
     return names
 
 
-def csv_units(path: Path, header_end: int, columns: list[str], display: str,
-              chunk_bytes: int = CSV_CHUNK_BYTES) -> list[dict]:
+def csv_units(
+    path: Path, header_end: int, columns: list[str], display: str, chunk_bytes: int = CSV_CHUNK_BYTES
+) -> list[dict]:
     """Cut the file into ~chunk_bytes ranges at line ends and number each range's first row.
 
     Counting lines means one sequential pass over the file (memchr speed); it lets every unit name
@@ -101,8 +111,17 @@ def csv_units(path: Path, header_end: int, columns: list[str], display: str,
                 block += tail
                 end += len(tail)
             lines = block.count(b"\n") + (0 if block.endswith(b"\n") else 1)
-            units.append({"kind": "csv", "path": str(path), "start": start, "end": end,
-                          "first_row": first_row, "columns": columns, "display": display})
+            units.append(
+                {
+                    "kind": "csv",
+                    "path": str(path),
+                    "start": start,
+                    "end": end,
+                    "first_row": first_row,
+                    "columns": columns,
+                    "display": display,
+                }
+            )
             first_row += lines
             start = end
     return units
@@ -121,7 +140,9 @@ def find_image_root(names: list[str]) -> str:
         if len(parts) >= 3 and parts[-3].lower() in SPLIT_FOLDERS:
             return "/".join(parts[:-3]) + ("/" if len(parts) > 3 else "")
         if len(parts) >= 3 and PurePosixPath(parts[-1]).stem.split("_", 1)[0] in (
-            "Training", "PublicTest", "PrivateTest"
+            "Training",
+            "PublicTest",
+            "PrivateTest",
         ):
             return "/".join(parts[:-3]) + ("/" if len(parts) > 3 else "")
     return ""
@@ -134,8 +155,17 @@ def _chunks(items: list, size: int) -> list[list]:
 def _image_units(root: Path, members: list[str], archive: bool, display: str) -> list[dict]:
     prefix = find_image_root(members)
     members = sorted(members)
-    return [{"kind": "images", "root": str(root), "archive": archive, "members": chunk,
-             "prefix": prefix, "display": display} for chunk in _chunks(members, IMAGES_PER_UNIT)]
+    return [
+        {
+            "kind": "images",
+            "root": str(root),
+            "archive": archive,
+            "members": chunk,
+            "prefix": prefix,
+            "display": display,
+        }
+        for chunk in _chunks(members, IMAGES_PER_UNIT)
+    ]
 
 
 def _image_folder(path: Path) -> Source:
@@ -160,9 +190,11 @@ def _check_emotion_folders(images: list[str], path: Path) -> None:
     """A typo'd emotion folder is caught per file later; say early when none is an emotion at all."""
     folders = {PurePosixPath(n).parts[-2].lower() for n in images if len(PurePosixPath(n).parts) >= 2}
     if folders and not folders & set(EMOTION_ALIASES):
-        raise DataError(f"{path}: image folders {sorted(folders)[:8]} are not emotions; expected "
-                        "<train|test>/<emotion>/<file> with emotions angry, disgust, fear, happy, sad, "
-                        "surprise, neutral")
+        raise DataError(
+            f"{path}: image folders {sorted(folders)[:8]} are not emotions; expected "
+            "<train|test>/<emotion>/<file> with emotions angry, disgust, fear, happy, sad, "
+            "surprise, neutral"
+        )
 
 
 def _zip(path: Path, scratch: str | os.PathLike | None) -> Source:

@@ -27,13 +27,13 @@ SUPERSAMPLE = 2
 #   asym: one-sided lip raise; wrinkle: nose wrinkle strength.
 EXPRESSIONS = {
     #            curve  open  width  eye   brow   slant  asym  wrinkle
-    "angry":    (-0.03, 0.02, 0.26, 0.60, -0.07, -0.10, 0.00, 0.2),
-    "disgust":  (-0.05, 0.03, 0.28, 0.55, -0.04, -0.05, 0.09, 1.0),
-    "fear":     (-0.03, 0.08, 0.34, 1.35, 0.07, 0.07, 0.00, 0.0),
-    "happy":    (0.10, 0.05, 0.36, 0.80, 0.00, 0.00, 0.00, 0.0),
-    "sad":      (-0.09, 0.00, 0.28, 0.75, 0.01, 0.09, 0.00, 0.0),
+    "angry": (-0.03, 0.02, 0.26, 0.60, -0.07, -0.10, 0.00, 0.2),
+    "disgust": (-0.05, 0.03, 0.28, 0.55, -0.04, -0.05, 0.09, 1.0),
+    "fear": (-0.03, 0.08, 0.34, 1.35, 0.07, 0.07, 0.00, 0.0),
+    "happy": (0.10, 0.05, 0.36, 0.80, 0.00, 0.00, 0.00, 0.0),
+    "sad": (-0.09, 0.00, 0.28, 0.75, 0.01, 0.09, 0.00, 0.0),
     "surprise": (0.00, 0.15, 0.20, 1.45, 0.11, 0.03, 0.00, 0.0),
-    "neutral":  (0.00, 0.00, 0.29, 1.00, 0.00, 0.00, 0.00, 0.0),
+    "neutral": (0.00, 0.00, 0.29, 1.00, 0.00, 0.00, 0.00, 0.0),
 }
 # Spread of each parameter around its class mean: about half the gap between close classes.
 PARAM_SPREAD = np.array([0.035, 0.03, 0.04, 0.22, 0.035, 0.04, 0.035, 0.35], np.float32)
@@ -214,8 +214,9 @@ def write_parquet_dataset(out: Path, images, labels, splits) -> None:
         mask = splits == split
         if mask.any():
             (out / f"split={split}").mkdir(parents=True)
-            pq.write_table(faces_table(ids[mask].tolist(), labels[mask], images[mask]),
-                           out / f"split={split}" / "part-0.parquet")
+            pq.write_table(
+                faces_table(ids[mask].tolist(), labels[mask], images[mask]), out / f"split={split}" / "part-0.parquet"
+            )
 
 
 def write_csv(path: Path, images, labels, splits, layout: str = "fer2013") -> None:
@@ -229,7 +230,7 @@ def write_csv(path: Path, images, labels, splits, layout: str = "fer2013") -> No
 
 def _image_paths(labels, splits) -> list[str]:
     folder = {"Training": "train", "PublicTest": "test", "PrivateTest": "test"}
-    return [f"{folder[s]}/{EMOTIONS[l]}/{s}_{i}.png" for i, (l, s) in enumerate(zip(labels, splits))]
+    return [f"{folder[s]}/{EMOTIONS[label]}/{s}_{i}.png" for i, (label, s) in enumerate(zip(labels, splits))]
 
 
 def _png(img: np.ndarray) -> bytes:
@@ -265,8 +266,13 @@ def synthesize(out: str | os.PathLike, spec: SynthSpec, fmt: str = "parquet", ov
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {', '.join(FORMATS)}, not {fmt!r}")
     images, labels, splits = generate(spec)
-    source = {"kind": "synthetic", "n": spec.n, "seed": spec.seed, "balance": spec.balance,
-              "difficulty": spec.difficulty}
+    source = {
+        "kind": "synthetic",
+        "n": spec.n,
+        "seed": spec.seed,
+        "balance": spec.balance,
+        "difficulty": spec.difficulty,
+    }
     with atomic_output(out, overwrite=overwrite, kind="synthetic faces") as tmp:
         if fmt == "parquet":
             write_parquet_dataset(tmp, images, labels, splits)

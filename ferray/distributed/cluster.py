@@ -50,9 +50,12 @@ def check_shared_paths(paths: dict[str, str | Path]) -> None:
     """Refuse to start when a path is missing on some node (not shared storage)."""
     missing = missing_on_nodes(paths)
     if missing:
-        raise ConfigError("not visible on every node of this Ray cluster: " + "; ".join(missing)
-                          + ". Runs and data must be on storage every node mounts (NFS/EFS at the same path; "
-                          "see cluster.yaml), or the workers on other nodes cannot read or write them")
+        raise ConfigError(
+            "not visible on every node of this Ray cluster: "
+            + "; ".join(missing)
+            + ". Runs and data must be on storage every node mounts (NFS/EFS at the same path; "
+            "see cluster.yaml), or the workers on other nodes cannot read or write them"
+        )
 
 
 def require(resource: str, count: int, each: float, what: str) -> None:
@@ -62,9 +65,11 @@ def require(resource: str, count: int, each: float, what: str) -> None:
 
     need, have = count * each, ray.cluster_resources().get(resource, 0)
     if need > ceiling(resource, have):
-        raise ConfigError(f"{count} {what} x {each:g} {resource} need {need:g} {resource}s; this Ray cluster has "
-                          f"{have:g} and can have at most {ceiling(resource, have):g} (an autoscaling cluster declares "
-                          f"more in FERRAY_MAX_{resource}S)")
+        raise ConfigError(
+            f"{count} {what} x {each:g} {resource} need {need:g} {resource}s; this Ray cluster has "
+            f"{have:g} and can have at most {ceiling(resource, have):g} (an autoscaling cluster declares "
+            f"more in FERRAY_MAX_{resource}S)"
+        )
 
 
 def ceiling(resource: str, current: float) -> float:

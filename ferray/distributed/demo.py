@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from ferray.data.contract import DataError
 from ferray.resources import recipe
@@ -33,18 +33,18 @@ def claim_folder(out: Path) -> None:
 
 
 def run_demo(out: Path | None, n: int = 1400, seed: int = 0, echo: Callable[[str], None] = print) -> dict:
-    from ferray.data.describe import format_manifest
     from ferray.config import load_config
-    from ferray.distributed.prepare import prepare
+    from ferray.data.describe import format_manifest
     from ferray.data.synth import SynthSpec, synthesize
-    from ferray.ensemble import build_bundle, evaluate_bundle
-    from ferray.evaluate import evaluate_checkpoint
-    from ferray.sr.evaluation import evaluate_generator
+    from ferray.distributed.prepare import prepare
+    from ferray.distributed.report import run_report
     from ferray.distributed.train import run_training
     from ferray.distributed.tune import load_search, run_search
-    from ferray.distributed.report import run_report
-    from ferray.report.plan import load_plan
     from ferray.distributed.upscale import upscale
+    from ferray.ensemble import build_bundle, evaluate_bundle
+    from ferray.evaluate import evaluate_checkpoint
+    from ferray.report.plan import load_plan
+    from ferray.sr.evaluation import evaluate_generator
 
     if out is None:
         out = DEFAULT_OUT
@@ -64,45 +64,103 @@ def run_demo(out: Path | None, n: int = 1400, seed: int = 0, echo: Callable[[str
         return load_config(recipe(f"{name}.yaml"), sets)
 
     steps = [
-        ("synth: synthetic faces as a Kaggle-style fer2013.csv",
-         lambda: synthesize(out / "source", SynthSpec(n=n, seed=seed), fmt="csv")),
-        ("prepare: fer2013.csv -> Parquet + manifest (Ray Data)",
-         lambda: done.update(manifest=prepare(out / "source" / "fer2013.csv", data, echo=echo))
-         or print(format_manifest(done["manifest"], data))),
-        ("train: experiments/debug_a.yaml (Model A layout at 1/8 width, Ray Train)",
-         lambda: done.update(model_a=run_training(experiment("debug_a"), runs, echo=echo))),
-        ("evaluate: Model A's best checkpoint on PublicTest with ten-crop TTA",
-         lambda: done.update(evaluation=evaluate_checkpoint(done["model_a"]["best_checkpoint"], data, "PublicTest",
-                                                            tta=True, echo=print))),
-        ("sr train: experiments/debug_srgan.yaml (SRGAN x2, Ray Train; content loss on Model A's features "
-         "where VGG19's ImageNet weights are absent)",
-         lambda: done.update(srgan=run_training(experiment("debug_srgan", sets=[
-             f"sr.content_checkpoint={done['model_a']['best_checkpoint']}"]), runs, echo=echo, task="sr"))),
-        ("sr upscale: every split 48 -> 96 with a Ray Data pool of 2 actors",
-         lambda: done.update(upscaled=upscale(data, out / "data_sr", "srgan", done["srgan"]["best_checkpoint"],
-                                              actors=2, echo=echo))),
-        ("sr eval: PSNR/SSIM against bicubic, and the LR/bicubic/SR/HR grid",
-         lambda: done.update(sr_eval=evaluate_generator(done["srgan"]["best_checkpoint"], data, echo=print))),
-        ("tune: experiments/debug_tune.yaml, 2 trials (Ray Tune + Optuna + ASHA over lr and center-loss lambda)",
-         lambda: done.update(tune=run_search(search("debug_tune", samples=2), runs, echo=echo))),
-        ("train: experiments/debug_b.yaml (Model B's layout on ResNet18, on the SR faces, Ray Train)",
-         lambda: done.update(model_b=run_training(experiment("debug_b", data=out / "data_sr"), runs, echo=echo))),
-        ("evaluate: Model B's best checkpoint on PublicTest with ten-crop TTA",
-         lambda: done.update(evaluation_b=evaluate_checkpoint(done["model_b"]["best_checkpoint"], out / "data_sr",
-                                                              "PublicTest", tta=True, echo=print))),
-        ("ensemble: A + (SR -> B), fusion weight fitted on PublicTest -> the serving bundle",
-         lambda: done.update(bundle=build_bundle(done["model_a"]["best_checkpoint"], done["model_b"]["best_checkpoint"],
-                                                 done["srgan"]["best_checkpoint"], data, out / "bundle", echo=echo))),
-        ("evaluate: the ensemble on PublicTest, members side by side",
-         lambda: done.update(evaluation_bundle=evaluate_bundle(out / "bundle", data, "PublicTest", echo=print))),
-        ("serve: the bundle with Ray Serve, a few faces sent over HTTP",
-         lambda: done.update(served=demo_requests(out / "bundle", data, echo=print))),
-        ("report: experiments/paper_debug.yaml (Table 1, Figures 2-5), reusing the runs above, training the VGGs",
-         lambda: done.update(report=run_report(load_plan(recipe("paper_debug.yaml"), data=data,
-                                                         sets=[f"train.seed={seed}"]),
-                                               out / "report", reuse=[runs], echo=echo))),
-        ("predict: ferray's default model (Model A trained on real FER2013 faces) through the Python API",
-         lambda: done.update(default_model=predict_with_default(data, echo=print))),
+        (
+            "synth: synthetic faces as a Kaggle-style fer2013.csv",
+            lambda: synthesize(out / "source", SynthSpec(n=n, seed=seed), fmt="csv"),
+        ),
+        (
+            "prepare: fer2013.csv -> Parquet + manifest (Ray Data)",
+            lambda: (
+                done.update(manifest=prepare(out / "source" / "fer2013.csv", data, echo=echo))
+                or print(format_manifest(done["manifest"], data))
+            ),
+        ),
+        (
+            "train: experiments/debug_a.yaml (Model A layout at 1/8 width, Ray Train)",
+            lambda: done.update(model_a=run_training(experiment("debug_a"), runs, echo=echo)),
+        ),
+        (
+            "evaluate: Model A's best checkpoint on PublicTest with ten-crop TTA",
+            lambda: done.update(
+                evaluation=evaluate_checkpoint(
+                    done["model_a"]["best_checkpoint"], data, "PublicTest", tta=True, echo=print
+                )
+            ),
+        ),
+        (
+            "sr train: experiments/debug_srgan.yaml (SRGAN x2, Ray Train; content loss on Model A's features "
+            "where VGG19's ImageNet weights are absent)",
+            lambda: done.update(
+                srgan=run_training(
+                    experiment("debug_srgan", sets=[f"sr.content_checkpoint={done['model_a']['best_checkpoint']}"]),
+                    runs,
+                    echo=echo,
+                    task="sr",
+                )
+            ),
+        ),
+        (
+            "sr upscale: every split 48 -> 96 with a Ray Data pool of 2 actors",
+            lambda: done.update(
+                upscaled=upscale(data, out / "data_sr", "srgan", done["srgan"]["best_checkpoint"], actors=2, echo=echo)
+            ),
+        ),
+        (
+            "sr eval: PSNR/SSIM against bicubic, and the LR/bicubic/SR/HR grid",
+            lambda: done.update(sr_eval=evaluate_generator(done["srgan"]["best_checkpoint"], data, echo=print)),
+        ),
+        (
+            "tune: experiments/debug_tune.yaml, 2 trials (Ray Tune + Optuna + ASHA over lr and center-loss lambda)",
+            lambda: done.update(tune=run_search(search("debug_tune", samples=2), runs, echo=echo)),
+        ),
+        (
+            "train: experiments/debug_b.yaml (Model B's layout on ResNet18, on the SR faces, Ray Train)",
+            lambda: done.update(model_b=run_training(experiment("debug_b", data=out / "data_sr"), runs, echo=echo)),
+        ),
+        (
+            "evaluate: Model B's best checkpoint on PublicTest with ten-crop TTA",
+            lambda: done.update(
+                evaluation_b=evaluate_checkpoint(
+                    done["model_b"]["best_checkpoint"], out / "data_sr", "PublicTest", tta=True, echo=print
+                )
+            ),
+        ),
+        (
+            "ensemble: A + (SR -> B), fusion weight fitted on PublicTest -> the serving bundle",
+            lambda: done.update(
+                bundle=build_bundle(
+                    done["model_a"]["best_checkpoint"],
+                    done["model_b"]["best_checkpoint"],
+                    done["srgan"]["best_checkpoint"],
+                    data,
+                    out / "bundle",
+                    echo=echo,
+                )
+            ),
+        ),
+        (
+            "evaluate: the ensemble on PublicTest, members side by side",
+            lambda: done.update(evaluation_bundle=evaluate_bundle(out / "bundle", data, "PublicTest", echo=print)),
+        ),
+        (
+            "serve: the bundle with Ray Serve, a few faces sent over HTTP",
+            lambda: done.update(served=demo_requests(out / "bundle", data, echo=print)),
+        ),
+        (
+            "report: experiments/paper_debug.yaml (Table 1, Figures 2-5), reusing the runs above, training the VGGs",
+            lambda: done.update(
+                report=run_report(
+                    load_plan(recipe("paper_debug.yaml"), data=data, sets=[f"train.seed={seed}"]),
+                    out / "report",
+                    reuse=[runs],
+                    echo=echo,
+                )
+            ),
+        ),
+        (
+            "predict: ferray's default model (Model A trained on real FER2013 faces) through the Python API",
+            lambda: done.update(default_model=predict_with_default(data, echo=print)),
+        ),
     ]
     seconds = {}
     for i, (title, run) in enumerate(steps, 1):
@@ -110,8 +168,10 @@ def run_demo(out: Path | None, n: int = 1400, seed: int = 0, echo: Callable[[str
         started = time.perf_counter()
         run()
         seconds[f"{i}. {title.split(':')[0]}"] = time.perf_counter() - started
-    echo(f"demo: done in {time.perf_counter() - t0:.0f}s; artifacts under {out.absolute()}; the report: "
-         f"{(out / 'report' / 'report.html').absolute()}")
+    echo(
+        f"demo: done in {time.perf_counter() - t0:.0f}s; artifacts under {out.absolute()}; the report: "
+        f"{(out / 'report' / 'report.html').absolute()}"
+    )
     echo("demo: seconds per step: " + ", ".join(f"{step} {s:.0f}" for step, s in seconds.items()))
     return done
 
@@ -126,16 +186,22 @@ def predict_with_default(data, faces: int = 4, echo: Callable[[str], None] = pri
     card = model.card
     test = next((s for s, e in card.get("evaluations", {}).items() if not e["selection"]), None)
     if test:
-        echo(f"default model: {card['members']['a']['model']}, {test} accuracy "
-             f"{card['evaluations'][test]['views']['tta']['accuracy']:.2%} with ten-crop TTA (its MODEL_CARD.md)")
+        echo(
+            f"default model: {card['members']['a']['model']}, {test} accuracy "
+            f"{card['evaluations'][test]['views']['tta']['accuracy']:.2%} with ten-crop TTA (its MODEL_CARD.md)"
+        )
     images, labels, _ = load_split(data, "PublicTest")
     answers = model.predict_many(list(images[:faces]))
     for index, answer in enumerate(answers):
         face = answer["faces"][0]
-        echo(f"  synthetic face {index} (drawn as {EMOTIONS[labels[index]]}): {face['label']} "
-             f"p={face['probs'][face['label']]:.2f}")
-    echo("  (drawings, not photos: on a real face, `ferray predict photo.jpg` or "
-         "`python -c \"import ferray; print(ferray.load().predict('photo.jpg'))\"`)")
+        echo(
+            f"  synthetic face {index} (drawn as {EMOTIONS[labels[index]]}): {face['label']} "
+            f"p={face['probs'][face['label']]:.2f}"
+        )
+    echo(
+        "  (drawings, not photos: on a real face, `ferray predict photo.jpg` or "
+        "`python -c \"import ferray; print(ferray.load().predict('photo.jpg'))\"`)"
+    )
     return answers
 
 
@@ -158,8 +224,10 @@ def demo_requests(bundle, data, faces: int = 4, echo: Callable[[str], None] = pr
         for index in range(faces):
             status, answer = post(f"{url}/predict", png_bytes(images[index]), "image/png")
             face = answer["faces"][0]
-            echo(f"  face {index}: HTTP {status}, true {EMOTIONS[labels[index]]:<8} predicted {face['label']:<8}"
-                 f" p={face['probs'][face['label']]:.2f}")
+            echo(
+                f"  face {index}: HTTP {status}, true {EMOTIONS[labels[index]]:<8} predicted {face['label']:<8}"
+                f" p={face['probs'][face['label']]:.2f}"
+            )
             answers.append(answer)
         row = json.dumps({"pixels": images[0].reshape(-1).tolist()}).encode()
         status, answer = post(f"{url}/predict/pixels", row, "application/json")

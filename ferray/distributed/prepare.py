@@ -15,15 +15,20 @@ import csv
 import json
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ferray.data.carve import carve_and_shuffle, resolve_fraction
 from ferray.data.contract import (
-    DataError, Summary, atomic_output, build_manifest_from_summary, summarize, write_manifest,
+    DataError,
+    Summary,
+    atomic_output,
+    build_manifest_from_summary,
+    summarize,
+    write_manifest,
 )
 from ferray.data.records import BAD_KINDS, BadRecord, decode_unit
 from ferray.data.sources import open_source
@@ -50,8 +55,10 @@ def decode_batch(batch: dict, on_bad: str, resize: bool, reports: str) -> pa.Tab
         raise
     summary = Summary()
     summary.add(None, table)
-    _write_json(Path(reports) / f"{index:06d}.json", {"summary": summary.to_dict(), "rejected": report.rejected,
-                                                      "resized": report.resized})
+    _write_json(
+        Path(reports) / f"{index:06d}.json",
+        {"summary": summary.to_dict(), "rejected": report.rejected, "resized": report.resized},
+    )
     return table
 
 
@@ -59,9 +66,17 @@ def _read_reports(folder: Path, pattern: str) -> dict[int, dict]:
     return {int(p.name.split(".")[0]): json.loads(p.read_text()) for p in sorted(folder.glob(pattern))}
 
 
-def prepare(source: str | Path, out: str | Path, *, on_bad: str = "error", resize: bool = False,
-            overwrite: bool = False, validation: str | float = "auto", seed: int = 0,
-            echo: Callable[[str], None] = print) -> dict:
+def prepare(
+    source: str | Path,
+    out: str | Path,
+    *,
+    on_bad: str = "error",
+    resize: bool = False,
+    overwrite: bool = False,
+    validation: str | float = "auto",
+    seed: int = 0,
+    echo: Callable[[str], None] = print,
+) -> dict:
     """Prepare `source` into `out`; returns the manifest. Raises DataError on bad input.
 
     `validation`: the fraction of Training carved into a Validation split ("auto": 10% when the
@@ -78,16 +93,23 @@ def prepare(source: str | Path, out: str | Path, *, on_bad: str = "error", resiz
         scratch = tmp / "_scratch"
         scratch.mkdir()
         src = open_source(source, scratch)
-        echo(f"source: {src.path} ({src.kind}, {len(src.units)} parts"
-             + (f", {len(src.ignored)} non-image files ignored" if src.ignored else "") + ")")
+        echo(
+            f"source: {src.path} ({src.kind}, {len(src.units)} parts"
+            + (f", {len(src.ignored)} non-image files ignored" if src.ignored else "")
+            + ")"
+        )
         info = connect()
         echo(f"ray: {info.mode} ({info.cpus:g} CPUs)")
         reports = tmp / REPORTS_DIR
         reports.mkdir()
         items = [{"index": i, "unit": json.dumps(u)} for i, u in enumerate(src.units)]
         ds = ray.data.from_items(items, override_num_blocks=len(items))
-        ds = ds.map_batches(decode_batch, batch_size=1, batch_format="numpy",
-                            fn_kwargs={"on_bad": on_bad, "resize": resize, "reports": str(reports)})
+        ds = ds.map_batches(
+            decode_batch,
+            batch_size=1,
+            batch_format="numpy",
+            fn_kwargs={"on_bad": on_bad, "resize": resize, "reports": str(reports)},
+        )
         try:
             ds.write_parquet(str(tmp), partition_cols=["split"])
         except Exception:
@@ -95,17 +117,21 @@ def prepare(source: str | Path, out: str | Path, *, on_bad: str = "error", resiz
             if not failures:
                 raise
             bad = failures[min(failures)]
-            raise DataError(f"bad record: {bad['where']}: {bad['detail']} [{bad['kind']}]\n(pass "
-                            "--on-bad-record skip to skip such records; each is then listed in rejected.csv "
-                            "and counted in the manifest)") from None
+            raise DataError(
+                f"bad record: {bad['where']}: {bad['detail']} [{bad['kind']}]\n(pass "
+                "--on-bad-record skip to skip such records; each is then listed in rejected.csv "
+                "and counted in the manifest)"
+            ) from None
         entries = _read_reports(reports, "[0-9]*[0-9].json")
         shutil.rmtree(scratch)
         shutil.rmtree(reports)
         manifest = _manifest(tmp, src, entries, validation, seed)
         if "validation" in manifest["notes"]:
             carved = manifest["notes"]["validation"]
-            echo(f"validation: {carved['rows']:,} faces ({carved['fraction']:.0%} of Training per class, seed {seed}) "
-                 "carved as the selection split; PublicTest stays a test")
+            echo(
+                f"validation: {carved['rows']:,} faces ({carved['fraction']:.0%} of Training per class, seed {seed}) "
+                "carved as the selection split; PublicTest stays a test"
+            )
         manifest["seconds"] = round(time.perf_counter() - t0, 2)
         write_manifest(tmp, manifest)  # inside: the folder appears complete, manifest and all, or not at all
     return manifest

@@ -23,8 +23,8 @@ import json
 import os
 import platform
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from ferray.config import ConfigError, ExperimentConfig, from_dict
 from ferray.config import differences as config_diff
@@ -58,8 +58,10 @@ def config_differences(run_dir: Path, cfg: ExperimentConfig) -> list[str]:
         found = from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
     except (OSError, ConfigError, yaml.YAMLError) as e:
         return [f"its config.yaml is unreadable ({e})"]
-    differences = [f"{k}: {theirs!r} (plan: {mine!r})"
-                   for k, (theirs, mine) in config_diff(found, cfg, ignore=("data.path",)).items()]
+    differences = [
+        f"{k}: {theirs!r} (plan: {mine!r})"
+        for k, (theirs, mine) in config_diff(found, cfg, ignore=("data.path",)).items()
+    ]
     try:
         same_data = read_manifest(found.data.path)["checksum"] == read_manifest(cfg.data.path)["checksum"]
     except DataError:
@@ -77,8 +79,9 @@ def finished_run(run_dir: Path) -> dict | None:
     return None
 
 
-def obtain_run(cfg: ExperimentConfig, runs: Path, reuse: list[Path], echo: Callable[[str], None],
-               task: str = "classifier") -> dict:
+def obtain_run(
+    cfg: ExperimentConfig, runs: Path, reuse: list[Path], echo: Callable[[str], None], task: str = "classifier"
+) -> dict:
     """A finished run of `cfg`: reused from `reuse` or `runs` when its config matches, else trained."""
     from ferray.distributed.train import run_training
 
@@ -92,8 +95,10 @@ def obtain_run(cfg: ExperimentConfig, runs: Path, reuse: list[Path], echo: Calla
             echo(f"report: reusing the finished run {run_dir}")
             return {**summary, "reused": True}
         if folder == runs:
-            raise ConfigError(f"{run_dir} is a finished run of another config ({'; '.join(differences[:3])}); "
-                              "remove it or choose another --out")
+            raise ConfigError(
+                f"{run_dir} is a finished run of another config ({'; '.join(differences[:3])}); "
+                "remove it or choose another --out"
+            )
         echo(f"report: not reusing {run_dir}: {'; '.join(differences[:3])}")
     resume = (runs / cfg.name).is_dir()
     if resume:
@@ -101,8 +106,9 @@ def obtain_run(cfg: ExperimentConfig, runs: Path, reuse: list[Path], echo: Calla
     return {**run_training(cfg, runs, resume=resume, echo=echo, task=task), "reused": False}
 
 
-def upscaled_data(plan: ReportPlan, generator: str, candidates: list[Path], out: Path,
-                  echo: Callable[[str], None]) -> tuple[Path, bool]:
+def upscaled_data(
+    plan: ReportPlan, generator: str, candidates: list[Path], out: Path, echo: Callable[[str], None]
+) -> tuple[Path, bool]:
     """(folder, reused): faces upscaled from the plan's data by this generator, found or made."""
     from ferray.distributed.upscale import upscale
 
@@ -112,17 +118,28 @@ def upscaled_data(plan: ReportPlan, generator: str, candidates: list[Path], out:
             source = read_manifest(folder).get("source", {})
         except DataError:
             continue
-        if source.get("from_checksum") == checksum and source.get("generator_checkpoint") == str(Path(generator).absolute()):
+        if source.get("from_checksum") == checksum and source.get("generator_checkpoint") == str(
+            Path(generator).absolute()
+        ):
             echo(f"report: reusing the upscaled faces {folder}")
             return folder, True
-    upscale(plan.data, out, "srgan", generator, actors=plan.sr_actors, gpus_per_actor=plan.sr_gpus_per_actor,
-            overwrite=True, echo=echo)
+    upscale(
+        plan.data,
+        out,
+        "srgan",
+        generator,
+        actors=plan.sr_actors,
+        gpus_per_actor=plan.sr_gpus_per_actor,
+        overwrite=True,
+        echo=echo,
+    )
     return out, False
 
 
 # ------------------------------------------------------------------------------------ evaluation
-def evaluate_all(plan: ReportPlan, results: dict, data_of: dict, splits: list[str], out: Path,
-                 steps: Steps) -> tuple[dict, dict]:
+def evaluate_all(
+    plan: ReportPlan, results: dict, data_of: dict, splits: list[str], out: Path, steps: Steps
+) -> tuple[dict, dict]:
     """({key: {split: {"plain": eval, "tta": eval}}}, {(key, split, view): (probs, ids)}): every
     classifier on every split, TTA off and on, each written to OUT/evaluations/KEY/eval-*.json."""
     from ferray.evaluate import evaluate_checkpoint
@@ -133,8 +150,16 @@ def evaluate_all(plan: ReportPlan, results: dict, data_of: dict, splits: list[st
         for split in splits:
             evaluations[spec.key][split] = {}
             for view in ("plain", "tta"):
-                result = steps(evaluate_checkpoint, results[spec.key]["best_checkpoint"], data_of[spec.key], split,
-                               tta=view == "tta", out=out / "evaluations" / spec.key, echo=_quiet, keep_probs=True)
+                result = steps(
+                    evaluate_checkpoint,
+                    results[spec.key]["best_checkpoint"],
+                    data_of[spec.key],
+                    split,
+                    tta=view == "tta",
+                    out=out / "evaluations" / spec.key,
+                    echo=_quiet,
+                    keep_probs=True,
+                )
                 probs[spec.key, split, view] = (result.pop("probs"), result.pop("ids"))
                 evaluations[spec.key][split][view] = result
     return evaluations, probs
@@ -144,8 +169,10 @@ def member_probs(probs: dict, key_a: str, key_b: str, split: str, view: str) -> 
     """(P_A, P_B) of one split on the same faces in the same order (B's data is the upscaled copy)."""
     (pa, ids_a), (pb, ids_b) = probs[key_a, split, view], probs[key_b, split, view]
     if ids_a != ids_b:
-        raise DataError(f"{split}: the upscaled faces are not the same faces as the 48x48 ones (ids differ); "
-                        "upscale again from this data")
+        raise DataError(
+            f"{split}: the upscaled faces are not the same faces as the 48x48 ones (ids differ); "
+            "upscale again from this data"
+        )
     return pa, pb
 
 
@@ -161,8 +188,14 @@ def model_facts(checkpoint: str) -> dict:
     cfg = from_dict(payload["config"])
     model = build_model(cfg.model.name)
     depth = getattr(model, "keras_depth", lambda: None)()
-    return {"model": cfg.model.name, "params": num_params(model), "keras_params": keras_params(model), "depth": depth,
-            "pretrained": bool(payload.get("pretrained", False)), "experiment": cfg.name}
+    return {
+        "model": cfg.model.name,
+        "params": num_params(model),
+        "keras_params": keras_params(model),
+        "depth": depth,
+        "pretrained": bool(payload.get("pretrained", False)),
+        "experiment": cfg.name,
+    }
 
 
 def hardware() -> dict:
@@ -178,17 +211,27 @@ def hardware() -> dict:
     accelerators = sorted(k.split(":", 1)[1] for k in resources if k.startswith("accelerator_type:"))
     if not live and torch.cuda.is_available():
         accelerators = [torch.cuda.get_device_name()]
-    return {"nodes": len([n for n in ray.nodes() if n.get("Alive")]) if live else 1,
-            "cpus": resources.get("CPU", os.cpu_count()), "gpus": resources.get("GPU", torch.cuda.device_count()),
-            "accelerators": accelerators, "driver": f"{platform.node()} ({platform.machine()}, {os.cpu_count()} CPUs)",
-            "driver_gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-            "python": platform.python_version(), "torch": torch.__version__,
-            "ray": ray.__version__ if ray is not None else "not installed"}
+    return {
+        "nodes": len([n for n in ray.nodes() if n.get("Alive")]) if live else 1,
+        "cpus": resources.get("CPU", os.cpu_count()),
+        "gpus": resources.get("GPU", torch.cuda.device_count()),
+        "accelerators": accelerators,
+        "driver": f"{platform.node()} ({platform.machine()}, {os.cpu_count()} CPUs)",
+        "driver_gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "ray": ray.__version__ if ray is not None else "not installed",
+    }
 
 
 # ---------------------------------------------------------------------------------------- report
-def run_report(plan: ReportPlan, out: str | Path, reuse: list[Path] = (), echo: Callable[[str], None] = print,
-               remote_steps: bool | None = None) -> dict:
+def run_report(
+    plan: ReportPlan,
+    out: str | Path,
+    reuse: list[Path] = (),
+    echo: Callable[[str], None] = print,
+    remote_steps: bool | None = None,
+) -> dict:
     from ferray.distributed.cluster import check_shared_paths
     from ferray.distributed.runtime import connect
 
@@ -196,8 +239,10 @@ def run_report(plan: ReportPlan, out: str | Path, reuse: list[Path] = (), echo: 
     out = Path(out).absolute()
     manifest = read_manifest(plan.data)
     if manifest["image_size"] != [FER_SIZE, FER_SIZE]:
-        raise DataError(f"{plan.data}: the report starts from the prepared 48x48 faces, not "
-                        f"{manifest['image_size'][0]}x{manifest['image_size'][1]}")
+        raise DataError(
+            f"{plan.data}: the report starts from the prepared 48x48 faces, not "
+            f"{manifest['image_size'][0]}x{manifest['image_size'][1]}"
+        )
     plan.data = plan.data.absolute()
     selection = selection_split(manifest, "auto", str(plan.data))
     splits = [selection, *untouched_splits(manifest, selection)]
@@ -212,20 +257,30 @@ def run_report(plan: ReportPlan, out: str | Path, reuse: list[Path] = (), echo: 
     info = connect()
     check_shared_paths({"data": plan.data, "report folder": out})
     steps = Steps(info.mode == "cluster" if remote_steps is None else remote_steps)
-    echo(f"report: {plan.name} on {plan.data} (selecting on {selection}, testing on {', '.join(splits[1:])}); "
-         f"{len(plan.runs)} classifiers + SRGAN + ensemble; "
-         f"out {out}; ray {info.mode}{'; evaluations as Ray tasks' if steps.remote else ''}")
+    echo(
+        f"report: {plan.name} on {plan.data} (selecting on {selection}, testing on {', '.join(splits[1:])}); "
+        f"{len(plan.runs)} classifiers + SRGAN + ensemble; "
+        f"out {out}; ray {info.mode}{'; evaluations as Ray tasks' if steps.remote else ''}"
+    )
 
     runs_record = obtain_all_runs(plan, out, reuse, echo)
     echo("report: evaluating every model (TTA off and on)")
     evaluations, probs = evaluate_all(plan, runs_record["runs"], runs_record.pop("data_of"), splits, out, steps)
     from ferray.data.describe import describe_source
 
-    record = {"plan": plan.name, "plan_file": str(plan.source), "data": str(plan.data), "splits": splits,
-              "selection_split": selection, "headline_split": headline_split(splits),
-              "data_source": describe_source(manifest.get("source", {})), "data_checksum": manifest["checksum"],
-              **runs_record, "evaluations": evaluations,
-              "models": {k: model_facts(r["best_checkpoint"]) for k, r in runs_record["runs"].items()}}
+    record = {
+        "plan": plan.name,
+        "plan_file": str(plan.source),
+        "data": str(plan.data),
+        "splits": splits,
+        "selection_split": selection,
+        "headline_split": headline_split(splits),
+        "data_source": describe_source(manifest.get("source", {})),
+        "data_checksum": manifest["checksum"],
+        **runs_record,
+        "evaluations": evaluations,
+        "models": {k: model_facts(r["best_checkpoint"]) for k, r in runs_record["runs"].items()},
+    }
     record.update(make_figures(plan, record, probs, figures, out, splits, steps, echo))
     record["hardware"] = hardware()
     record["seconds"] = round(time.perf_counter() - t0, 1)
@@ -254,8 +309,9 @@ def obtain_all_runs(plan: ReportPlan, out: Path, reuse: list[Path], echo: Callab
     if not on_sr:
         return {"runs": results, "data_of": data_of, "srgan": srgan, "data_sr": None, "data_sr_reused": False}
     candidates = [_run_data(folder / plan.config(s.experiment, plan.data).name) for folder in reuse for s in on_sr]
-    data_sr, reused = upscaled_data(plan, srgan["best_checkpoint"], [c for c in candidates if c] + [out / "data_sr"],
-                                    out / "data_sr", echo)
+    data_sr, reused = upscaled_data(
+        plan, srgan["best_checkpoint"], [c for c in candidates if c] + [out / "data_sr"], out / "data_sr", echo
+    )
     for spec in on_sr:
         echo(f"report: [{spec.label}] {spec.experiment.name} on {data_sr}")
         results[spec.key] = obtain_run(plan.config(spec.experiment, data_sr), runs, reuse, echo)
@@ -280,8 +336,16 @@ def headline_split(splits: list[str]) -> str:
     return "PrivateTest" if "PrivateTest" in tests else (tests[0] if tests else splits[0])
 
 
-def make_figures(plan: ReportPlan, record: dict, probs: dict, figures: Path, out: Path, splits: list[str],
-                 steps: Steps, echo: Callable[[str], None]) -> dict:
+def make_figures(
+    plan: ReportPlan,
+    record: dict,
+    probs: dict,
+    figures: Path,
+    out: Path,
+    splits: list[str],
+    steps: Steps,
+    echo: Callable[[str], None],
+) -> dict:
     from ferray.ensemble import build_bundle, fused_report, write_fused_report
     from ferray.explain import explain_split
     from ferray.figures import plot_crops
@@ -290,39 +354,88 @@ def make_figures(plan: ReportPlan, record: dict, probs: dict, figures: Path, out
 
     runs, (key_a, key_b) = record["runs"], plan.ensemble
     echo("report: Figure 2 (SR), the ensemble bundle (Figure 5), Figures 3 and 4")
-    sr = steps(evaluate_generator, record["srgan"]["best_checkpoint"], plan.data, "PublicTest", out=figures,
-               faces=plan.figures["sr_faces"], echo=_quiet)
+    sr = steps(
+        evaluate_generator,
+        record["srgan"]["best_checkpoint"],
+        plan.data,
+        "PublicTest",
+        out=figures,
+        faces=plan.figures["sr_faces"],
+        echo=_quiet,
+    )
     # The members' probabilities from the evaluations above: B's on the upscaled faces equal what the
     # bundle computes (SR on the fly, rounded to uint8 as `sr upscale` writes), so nothing is run twice.
     bundle = out / "bundle"
     selection = record["selection_split"]
-    card = build_bundle(runs[key_a]["best_checkpoint"], runs[key_b]["best_checkpoint"], record["srgan"]["best_checkpoint"],
-                        plan.data, bundle, split=selection, overwrite=True, echo=_quiet, tests=False,
-                        probs=member_probs(probs, key_a, key_b, selection, "tta"))
+    card = build_bundle(
+        runs[key_a]["best_checkpoint"],
+        runs[key_b]["best_checkpoint"],
+        record["srgan"]["best_checkpoint"],
+        plan.data,
+        bundle,
+        split=selection,
+        overwrite=True,
+        echo=_quiet,
+        tests=False,
+        probs=member_probs(probs, key_a, key_b, selection, "tta"),
+    )
     weight, ensemble = card["fusion"]["weight_a"], {}
     for split in splits:
         labels = load_split(plan.data, split)[1]
-        ensemble[split] = {view: fused_report(*member_probs(probs, key_a, key_b, split, view), labels, weight, split,
-                                              view == "tta", bundle) for view in ("plain", "tta")}
+        ensemble[split] = {
+            view: fused_report(
+                *member_probs(probs, key_a, key_b, split, view), labels, weight, split, view == "tta", bundle
+            )
+            for view in ("plain", "tta")
+        }
         for report in ensemble[split].values():
             write_fused_report(report, out / "evaluations" / "ensemble")
-    confusion = {split: str(plot_confusion(ensemble[split]["tta"]["confusion"], figures / f"fig5-confusion-{split}.png",
-                                           f"ensemble on {split} (TTA): {ensemble[split]['tta']['accuracy']:.2%}"))
-                 for split in splits}
+    confusion = {
+        split: str(
+            plot_confusion(
+                ensemble[split]["tta"]["confusion"],
+                figures / f"fig5-confusion-{split}.png",
+                f"ensemble on {split} (TTA): {ensemble[split]['tta']['accuracy']:.2%}",
+            )
+        )
+        for split in splits
+    }
     cfg_a = from_dict(_config_of(runs[key_a]["best_checkpoint"]))
     faces, _, _ = load_split(plan.data, "Training")
-    crops = plot_crops(faces[0], cfg_a.augment, figures / "fig3-crops.png", plan.figures["crops"], seed=0,
-                       title=f"random {cfg_a.augment.crop}x{cfg_a.augment.crop} training views ({cfg_a.name})")
-    guided = steps(explain_split, runs[key_a]["best_checkpoint"], plan.data, "PublicTest", plan.figures["explain_per_class"],
-                   figures / "fig4-guided-backprop.png", echo=_quiet)
-    return {"sr_eval": sr, "bundle": str(bundle), "fusion": card["fusion"], "fusion_alternatives": card["alternatives"],
-            "ensemble": ensemble, "figures": {"fig2": str(figures / "sr-grid-PublicTest.png"), "fig3": str(crops),
-                                              "fig4": guided["figure"], "fig5": confusion},
-            "guided_faces": guided["faces"]}
+    crops = plot_crops(
+        faces[0],
+        cfg_a.augment,
+        figures / "fig3-crops.png",
+        plan.figures["crops"],
+        seed=0,
+        title=f"random {cfg_a.augment.crop}x{cfg_a.augment.crop} training views ({cfg_a.name})",
+    )
+    guided = steps(
+        explain_split,
+        runs[key_a]["best_checkpoint"],
+        plan.data,
+        "PublicTest",
+        plan.figures["explain_per_class"],
+        figures / "fig4-guided-backprop.png",
+        echo=_quiet,
+    )
+    return {
+        "sr_eval": sr,
+        "bundle": str(bundle),
+        "fusion": card["fusion"],
+        "fusion_alternatives": card["alternatives"],
+        "ensemble": ensemble,
+        "figures": {
+            "fig2": str(figures / "sr-grid-PublicTest.png"),
+            "fig3": str(crops),
+            "fig4": guided["figure"],
+            "fig5": confusion,
+        },
+        "guided_faces": guided["faces"],
+    }
 
 
 def _config_of(checkpoint: str) -> dict:
     from ferray.engine import load_checkpoint
 
     return load_checkpoint(checkpoint)["config"]
-

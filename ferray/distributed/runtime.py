@@ -120,8 +120,7 @@ def connect(quiet: bool | None = None, progress: bool | None = None) -> RayInfo:
         # (without it every run logs "State API may be temporarily unavailable" each second).
         # address="local": a new Ray of our own even when `ray start` left one running on this machine
         # (ray.init() would join that one; joining it is what RAY_ADDRESS is for)
-        ray.init(address="local", num_cpus=cpus, object_store_memory=store, include_dashboard=True,
-                 logging_level=level)
+        ray.init(address="local", num_cpus=cpus, object_store_memory=store, include_dashboard=True, logging_level=level)
         mode = "embedded"
     configure_data(quiet=quiet, progress=sys.stderr.isatty() if progress is None else progress)
     resources = ray.cluster_resources()

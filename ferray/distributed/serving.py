@@ -10,19 +10,19 @@ import signal
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
-
 
 APP_NAME = "ferray"
 
 
-def app_args(bundle: str | Path | None, config: str | Path | None = None, overrides: list[str] = ()) -> tuple[dict, dict]:
+def app_args(
+    bundle: str | Path | None, config: str | Path | None = None, overrides: list[str] = ()
+) -> tuple[dict, dict]:
     """(application args, http_options) of a Serve config, with the bundle and `key=value` overrides applied."""
     from ferray.config import apply_overrides
-    from ferray.serve_app.settings import CONFIG_FILE, load_config, parse_settings
-
     from ferray.ensemble import resolve_bundle
+    from ferray.serve_app.settings import CONFIG_FILE, load_config, parse_settings
 
     document = load_config(config or CONFIG_FILE)
     args = copy.deepcopy(document["applications"][0].get("args") or {})
@@ -32,8 +32,15 @@ def app_args(bundle: str | Path | None, config: str | Path | None = None, overri
     return args, dict(document.get("http_options") or {})
 
 
-def start(bundle: str | Path, port: int = 8000, host: str = "127.0.0.1", config: str | Path | None = None,
-          overrides: list[str] = (), wait_s: float = 180.0, access_log: bool = False) -> str:
+def start(
+    bundle: str | Path,
+    port: int = 8000,
+    host: str = "127.0.0.1",
+    config: str | Path | None = None,
+    overrides: list[str] = (),
+    wait_s: float = 180.0,
+    access_log: bool = False,
+) -> str:
     """Deploy the application on the connected Ray (embedded if none) and wait until it answers; its URL.
     Replicas log warnings only, plus one line per request with `access_log` (or FERRAY_VERBOSE=1)."""
     from ray import serve
@@ -82,11 +89,17 @@ def stop(owns_ray: bool) -> None:
         serve.delete(APP_NAME)
 
 
-def serve_forever(bundle, port: int = 8000, host: str = "127.0.0.1", config=None, overrides: list[str] = (),
-                  echo: Callable[[str], None] = print) -> None:
+def serve_forever(
+    bundle,
+    port: int = 8000,
+    host: str = "127.0.0.1",
+    config=None,
+    overrides: list[str] = (),
+    echo: Callable[[str], None] = print,
+) -> None:
     """`ferray serve`: start, print the URL, block until Ctrl-C or SIGTERM, then shut everything down."""
-    from ferray.ensemble import resolve_bundle
     from ferray.distributed.runtime import connect
+    from ferray.ensemble import resolve_bundle
 
     stopping = threading.Event()
     previous = signal.signal(signal.SIGTERM, lambda *_: stopping.set())

@@ -16,15 +16,21 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from ferray.config import ConfigError, ExperimentConfig, differences, dump_yaml, from_dict, to_dict
+from ferray.data.contract import (
+    DataError,
+    decode_faces,
+    load_split,
+    read_manifest,
+    selection_split,
+    split_dir,
+    untouched_splits,
+)
 from ferray.device import cpu_worker_env
 from ferray.fit import BEST_FILE, METRICS_FILE, RESULT_FILE, fit
-from ferray.data.contract import (
-    DataError, decode_faces, load_split, read_manifest, selection_split, split_dir, untouched_splits,
-)
 
 SHUFFLE_BUFFER = 4096
 
@@ -63,8 +69,11 @@ def _batches(shard, batch_size: int, device, train: bool, seed: int | None = Non
     import torch
 
     iterator = shard.iter_torch_batches(
-        batch_size=batch_size, dtypes={"image": torch.uint8, "label": torch.int64}, device=device,
-        drop_last=train, local_shuffle_buffer_size=SHUFFLE_BUFFER if train else None,
+        batch_size=batch_size,
+        dtypes={"image": torch.uint8, "label": torch.int64},
+        device=device,
+        drop_last=train,
+        local_shuffle_buffer_size=SHUFFLE_BUFFER if train else None,
         local_shuffle_seed=seed if train else None,
     )
     for batch in iterator:
@@ -77,8 +86,9 @@ def _cached(shard, device):
     import torch
 
     images, labels, keys = [], [], []
-    for batch in shard.iter_torch_batches(batch_size=8192, dtypes={"image": torch.uint8, "label": torch.int64,
-                                                                   "key": torch.int64}):
+    for batch in shard.iter_torch_batches(
+        batch_size=8192, dtypes={"image": torch.uint8, "label": torch.int64, "key": torch.int64}
+    ):
         images.append(batch["image"])
         labels.append(batch["label"])
         keys.append(batch["key"])
@@ -104,8 +114,13 @@ class _EpochData:
             import torch
 
             images, labels, _ = load_split(cfg.data.path, cfg.data.selection_split)
-            self.eval_batches = TensorBatches(torch.from_numpy(images).to(device), torch.from_numpy(labels).to(device),
-                                              cfg.train.eval_batch_size, shuffle=False, drop_last=False)
+            self.eval_batches = TensorBatches(
+                torch.from_numpy(images).to(device),
+                torch.from_numpy(labels).to(device),
+                cfg.train.eval_batch_size,
+                shuffle=False,
+                drop_last=False,
+            )
 
     def train(self, epoch: int):
         """Epoch `epoch`'s batches, in an order fixed by (seed, rank, epoch)."""
@@ -168,8 +183,16 @@ def train_loop(loop_config: dict) -> None:
                 _log_epoch(run_dir, writer, task.format_epoch(row, cfg), row)
             ray.train.report({k: v for k, v in row.items() if isinstance(v, (int, float))}, checkpoint=reported)
 
-    fit(task, state, data.train, lambda s: _evaluate_on_rank0(task, s, data, device, rank, world), steps_per_epoch,
-        on_epoch=report, agree=lambda n: _from_rank0(n, device, world), workers=world)
+    fit(
+        task,
+        state,
+        data.train,
+        lambda s: _evaluate_on_rank0(task, s, data, device, rank, world),
+        steps_per_epoch,
+        on_epoch=report,
+        agree=lambda n: _from_rank0(n, device, world),
+        workers=world,
+    )
     if writer is not None:
         writer.close()
 
@@ -241,8 +264,14 @@ def _rewrite_metrics(run_dir: Path, history: list) -> None:
 
 
 # ---------------------------------------------------------------------------------------- driver
-def build_trainer(cfg: ExperimentConfig, run_dir: Path, train_rows: int, task: str = "classifier",
-                  callbacks: list | None = None, datasets: dict | None = None):
+def build_trainer(
+    cfg: ExperimentConfig,
+    run_dir: Path,
+    train_rows: int,
+    task: str = "classifier",
+    callbacks: list | None = None,
+    datasets: dict | None = None,
+):
     """A TorchTrainer for `cfg` writing to `run_dir` (= storage_path / name); shared with `ferray tune`."""
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -254,21 +283,28 @@ def build_trainer(cfg: ExperimentConfig, run_dir: Path, train_rows: int, task: s
     resources = {"CPU": cfg.scaling.cpus_per_worker, **({"GPU": gpus} if gpus else {})}
     return TorchTrainer(
         train_loop,
-        train_loop_config={"experiment": to_dict(cfg), "run_dir": str(run_dir), "train_rows": train_rows,
-                           "task": task},
-        scaling_config=ray.train.ScalingConfig(num_workers=cfg.scaling.workers, use_gpu=gpus > 0,
-                                               resources_per_worker=resources),
+        train_loop_config={"experiment": to_dict(cfg), "run_dir": str(run_dir), "train_rows": train_rows, "task": task},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.scaling.workers, use_gpu=gpus > 0, resources_per_worker=resources
+        ),
         datasets=datasets if datasets is not None else build_datasets(cfg),
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
         run_config=ray.train.RunConfig(
-            name=run_dir.name, storage_path=str(run_dir.parent),
+            name=run_dir.name,
+            storage_path=str(run_dir.parent),
             failure_config=ray.train.FailureConfig(max_failures=cfg.scaling.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=metric,
-                                                         checkpoint_score_order="max"),
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=1, checkpoint_score_attribute=metric, checkpoint_score_order="max"
+            ),
             callbacks=callbacks,
             # Ray Train patches print() to log as well, which shows every epoch line twice.
-            worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", "FERRAY_VERBOSE": os.environ.get("FERRAY_VERBOSE", ""),
-                                             **cpu_worker_env(gpus)}},
+            worker_runtime_env={
+                "env_vars": {
+                    "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+                    "FERRAY_VERBOSE": os.environ.get("FERRAY_VERBOSE", ""),
+                    **cpu_worker_env(gpus),
+                }
+            },
         ),
     )
 
@@ -293,8 +329,13 @@ def prepare_run_dir(out: Path, name: str, resume: bool) -> Path:
 
 # What a resume may change: how long the run goes on (the schedule re-plans to the new length and
 # says so), how often it prints, how many restarts it allows, and where the same faces now lie.
-SAFE_RESUME_CHANGES = ("train.epochs", "train.budget_minutes", "train.progress_seconds", "scaling.max_failures",
-                       "data.path")
+SAFE_RESUME_CHANGES = (
+    "train.epochs",
+    "train.budget_minutes",
+    "train.progress_seconds",
+    "scaling.max_failures",
+    "data.path",
+)
 
 
 def check_resume(run_dir: Path, cfg: ExperimentConfig, manifest: dict, echo: Callable[[str], None] = print) -> None:
@@ -306,23 +347,31 @@ def check_resume(run_dir: Path, cfg: ExperimentConfig, manifest: dict, echo: Cal
     try:
         saved = from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
     except (OSError, yaml.YAMLError, ConfigError) as e:
-        raise ConfigError(f"--resume: {run_dir / 'config.yaml'} is missing or unreadable ({e}); cannot check "
-                          "that this is the same run") from None
+        raise ConfigError(
+            f"--resume: {run_dir / 'config.yaml'} is missing or unreadable ({e}); cannot check "
+            "that this is the same run"
+        ) from None
     changed = differences(saved, cfg)
     refused = {k: v for k, v in changed.items() if k not in SAFE_RESUME_CHANGES}
     if refused:
         listed = "; ".join(f"{k}: {old!r} in the run, {new!r} now" for k, (old, new) in refused.items())
-        raise ConfigError(f"--resume of {run_dir}: the config differs from the run's ({listed}). A resume continues "
-                          f"the same run; it may change only {', '.join(SAFE_RESUME_CHANGES)}. Start a new run "
-                          "(another --name) for another config")
+        raise ConfigError(
+            f"--resume of {run_dir}: the config differs from the run's ({listed}). A resume continues "
+            f"the same run; it may change only {', '.join(SAFE_RESUME_CHANGES)}. Start a new run "
+            "(another --name) for another config"
+        )
     provenance = run_dir / "provenance.json"
     recorded = json.loads(provenance.read_text()).get("data_checksum") if provenance.is_file() else None
     if recorded is not None and recorded != manifest["checksum"]:
-        raise ConfigError(f"--resume of {run_dir}: {cfg.data.path} holds other faces than the run trained on "
-                          f"(checksum {manifest['checksum']}, the run's {recorded})")
+        raise ConfigError(
+            f"--resume of {run_dir}: {cfg.data.path} holds other faces than the run trained on "
+            f"(checksum {manifest['checksum']}, the run's {recorded})"
+        )
     for key, (old, new) in changed.items():
-        echo(f"resume: {key} {old!r} -> {new!r}" + (" (the schedule re-plans to the new length)"
-                                                     if key in ("train.epochs", "train.budget_minutes") else ""))
+        echo(
+            f"resume: {key} {old!r} -> {new!r}"
+            + (" (the schedule re-plans to the new length)" if key in ("train.epochs", "train.budget_minutes") else "")
+        )
 
 
 def planned(cfg: ExperimentConfig) -> str:
@@ -332,8 +381,14 @@ def planned(cfg: ExperimentConfig) -> str:
     return f"{cfg.train.epochs} epochs"
 
 
-def run_training(cfg: ExperimentConfig, out: Path, name: str | None = None, resume: bool = False,
-                 echo: Callable[[str], None] = print, task: str = "classifier") -> dict:
+def run_training(
+    cfg: ExperimentConfig,
+    out: Path,
+    name: str | None = None,
+    resume: bool = False,
+    echo: Callable[[str], None] = print,
+    task: str = "classifier",
+) -> dict:
     """Train `cfg` under Ray Train; returns the run's result (also written to RUN/result.json)."""
     from ferray.distributed.cluster import check_shared_paths
     from ferray.distributed.runtime import connect
@@ -349,13 +404,17 @@ def run_training(cfg: ExperimentConfig, out: Path, name: str | None = None, resu
     check_shared_paths({"data": cfg.data.path, "run folder": run_dir})
     (run_dir / "config.yaml").write_text(dump_yaml(cfg))
     what = get_task(task).model_name(cfg)
-    echo(f"train: {what} on {cfg.data.path} ({train_rows:,} {cfg.data.train_split} faces), "
-         f"{cfg.scaling.workers} worker(s) x {cfg.scaling.gpus_per_worker:g} GPU, {planned(cfg)}; "
-         f"ray {info.mode}; run folder {run_dir}")
+    echo(
+        f"train: {what} on {cfg.data.path} ({train_rows:,} {cfg.data.train_split} faces), "
+        f"{cfg.scaling.workers} worker(s) x {cfg.scaling.gpus_per_worker:g} GPU, {planned(cfg)}; "
+        f"ray {info.mode}; run folder {run_dir}"
+    )
     from ferray.device import code_version
 
-    (run_dir / "provenance.json").write_text(json.dumps({"commit": code_version(), "data_checksum": manifest["checksum"],
-                                                         "data": cfg.data.path}, indent=2) + "\n")
+    (run_dir / "provenance.json").write_text(
+        json.dumps({"commit": code_version(), "data_checksum": manifest["checksum"], "data": cfg.data.path}, indent=2)
+        + "\n"
+    )
     t0 = time.perf_counter()
     result = build_trainer(cfg, run_dir, train_rows, task).fit()
     if result.error is not None:
@@ -370,8 +429,10 @@ def _run_facts(run_dir: Path, cfg: ExperimentConfig) -> dict:
 
     metrics = run_dir / METRICS_FILE  # every epoch (the best checkpoint's history stops at the best one)
     history = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.is_file() else []
-    facts = {"train_seconds": round(sum(row.get("epoch_seconds", 0.0) for row in history), 1),
-             "budget_minutes": cfg.train.budget_minutes or None}
+    facts = {
+        "train_seconds": round(sum(row.get("epoch_seconds", 0.0) for row in history), 1),
+        "budget_minutes": cfg.train.budget_minutes or None,
+    }
     rates = [row["images_per_s"] for row in history if "images_per_s" in row]
     if rates:
         facts["images_per_s"] = round(statistics.median(rates), 1)
@@ -383,8 +444,14 @@ def _run_facts(run_dir: Path, cfg: ExperimentConfig) -> dict:
     return facts
 
 
-def finish_run(cfg: ExperimentConfig, run_dir: Path, result, seconds: float, echo: Callable[[str], None] = print,
-               task: str = "classifier") -> dict:
+def finish_run(
+    cfg: ExperimentConfig,
+    run_dir: Path,
+    result,
+    seconds: float,
+    echo: Callable[[str], None] = print,
+    task: str = "classifier",
+) -> dict:
     from ferray.engine import CHECKPOINT_FILE, load_checkpoint
     from ferray.tasks import get_task
 
@@ -396,19 +463,28 @@ def finish_run(cfg: ExperimentConfig, run_dir: Path, result, seconds: float, ech
         partial.replace(run_dir / BEST_FILE)
     payload = load_checkpoint(run_dir / BEST_FILE, kind=spec.kind)
     summary = {
-        "name": run_dir.name, "task": task, "model": spec.model_name(cfg),
-        "run_dir": str(run_dir), "best_checkpoint": str(run_dir / BEST_FILE), "best_epoch": payload["epoch"],
-        f"best_{spec.metric}": spec.best(payload), "selection_split": cfg.data.selection_split,
+        "name": run_dir.name,
+        "task": task,
+        "model": spec.model_name(cfg),
+        "run_dir": str(run_dir),
+        "best_checkpoint": str(run_dir / BEST_FILE),
+        "best_epoch": payload["epoch"],
+        f"best_{spec.metric}": spec.best(payload),
+        "selection_split": cfg.data.selection_split,
         "test_splits": untouched_splits(read_manifest(cfg.data.path), cfg.data.selection_split, cfg.data.train_split),
         "epochs": int((result.metrics or {}).get("epoch", payload["epoch"])),
         "final_metrics": {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))},
-        "seconds": round(seconds, 1), "workers": cfg.scaling.workers, "gpus_per_worker": cfg.scaling.gpus_per_worker,
+        "seconds": round(seconds, 1),
+        "workers": cfg.scaling.workers,
+        "gpus_per_worker": cfg.scaling.gpus_per_worker,
         **_run_facts(run_dir, cfg),
     }
     (run_dir / RESULT_FILE).write_text(json.dumps(summary, indent=2) + "\n")
     value = summary[f"best_{spec.metric}"]
     shown = spec.format_value(value)
-    echo(f"train: done in {seconds:.0f}s; best {cfg.data.selection_split} (selection) {shown} at epoch {summary['best_epoch']}; "
-         f"checkpoint {run_dir / BEST_FILE}")
+    echo(
+        f"train: done in {seconds:.0f}s; best {cfg.data.selection_split} (selection) {shown} at epoch "
+        f"{summary['best_epoch']}; "
+        f"checkpoint {run_dir / BEST_FILE}"
+    )
     return summary
-

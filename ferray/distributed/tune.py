@@ -30,12 +30,19 @@ import json
 import math
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from ferray.config import (
-    ConfigError, ExperimentConfig, apply_overrides, dump_yaml, from_dict, load_runnable_config, read_yaml, to_dict,
+    ConfigError,
+    ExperimentConfig,
+    apply_overrides,
+    dump_yaml,
+    from_dict,
+    load_runnable_config,
+    read_yaml,
+    to_dict,
 )
 from ferray.tasks import get_task
 
@@ -72,7 +79,9 @@ def _config_field(cfg: ExperimentConfig, key: str, where: str):
     parts = key.split(".")
     for part in parts:
         if not hasattr(node, part):
-            raise ConfigError(f"{where}: search space key {key!r} is not a config key (e.g. optim.lr, loss.center_lambda)")
+            raise ConfigError(
+                f"{where}: search space key {key!r} is not a config key (e.g. optim.lr, loss.center_lambda)"
+            )
         node = getattr(node, part)
     if isinstance(node, bool) or not isinstance(node, (int, float, str)):
         raise ConfigError(f"{where}: search space key {key!r} is not a number or a string")
@@ -115,7 +124,9 @@ def load_search(path: str | Path, overrides: list[str] = ()) -> SearchSpec:
     where = str(path)
     unknown = set(data) - {"name", "experiment", "set", "search", "description"}
     if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {', '.join(sorted(unknown))} (known: name, experiment, set, search)")
+        raise ConfigError(
+            f"{where}: unknown key(s) {', '.join(sorted(unknown))} (known: name, experiment, set, search)"
+        )
     if "experiment" not in data or "search" not in data:
         raise ConfigError(f"{where}: needs `experiment:` (a base experiment file) and `search:`")
     base = load_runnable_config(path.parent / data["experiment"], list(data.get("set", [])) + list(overrides))
@@ -127,14 +138,22 @@ def load_search(path: str | Path, overrides: list[str] = ()) -> SearchSpec:
     if not space:
         raise ConfigError(f"{where}: search.space is empty")
     params = [parse_param(k, v, base, where) for k, v in space.items()]
-    spec = SearchSpec(name=data.get("name", path.stem), base=base, params=params,
-                      metric=search.get("metric", "eval_acc"), mode=search.get("mode", "max"),
-                      samples=int(search.get("samples", 10)), max_concurrent=search.get("max_concurrent"),
-                      seed=int(search.get("seed", 0)), max_failures=int(search.get("max_failures", 2)))
+    spec = SearchSpec(
+        name=data.get("name", path.stem),
+        base=base,
+        params=params,
+        metric=search.get("metric", "eval_acc"),
+        mode=search.get("mode", "max"),
+        samples=int(search.get("samples", 10)),
+        max_concurrent=search.get("max_concurrent"),
+        seed=int(search.get("seed", 0)),
+        max_failures=int(search.get("max_failures", 2)),
+    )
     reported = get_task("classifier").reported_metrics
     if spec.metric not in reported:
-        raise ConfigError(f"{where}: metric {spec.metric!r} is not reported by the trainer (reported: "
-                          f"{', '.join(reported)})")
+        raise ConfigError(
+            f"{where}: metric {spec.metric!r} is not reported by the trainer (reported: {', '.join(reported)})"
+        )
     if spec.mode not in ("max", "min"):
         raise ConfigError(f"{where}: mode must be max or min, not {spec.mode!r}")
     if spec.samples < 1:
@@ -149,8 +168,10 @@ def load_search(path: str | Path, overrides: list[str] = ()) -> SearchSpec:
             if key not in keys:
                 raise ConfigError(f"{where}: search.first names {key!r}, which is not in the search space")
         if set(point) != set(keys):  # Tune's searchers take only complete points
-            raise ConfigError(f"{where}: search.first[{i}] must give every parameter of the space "
-                              f"({', '.join(keys)}); it lacks {', '.join(k for k in keys if k not in point)}")
+            raise ConfigError(
+                f"{where}: search.first[{i}] must give every parameter of the space "
+                f"({', '.join(keys)}); it lacks {', '.join(k for k in keys if k not in point)}"
+            )
     # The base config's own values are evaluated first unless told otherwise: the paper's recipe
     # (where a `choice` parameter's base value is not among its choices there is no such point).
     base_point = {p.key: _config_field(base, p.key, where) for p in params}
@@ -160,8 +181,10 @@ def load_search(path: str | Path, overrides: list[str] = ()) -> SearchSpec:
         for p in params:
             value = point.get(p.key)
             if value is not None and p.distribution != "choice" and not p.low <= value <= p.high:
-                raise ConfigError(f"{where}: the first point's {p.key} = {value} lies outside [{p.low}, {p.high}] "
-                                  "(set search.first, or widen the range)")
+                raise ConfigError(
+                    f"{where}: the first point's {p.key} = {value} lies outside [{p.low}, {p.high}] "
+                    "(set search.first, or widen the range)"
+                )
     return spec
 
 
@@ -209,7 +232,10 @@ def run_trial(config: dict, base: dict, trials_dir: str, train_rows: int) -> Non
 
 
 def per_trial_resources(cfg: ExperimentConfig) -> dict:
-    return {"CPU": cfg.scaling.workers * cfg.scaling.cpus_per_worker, "GPU": cfg.scaling.workers * cfg.scaling.gpus_per_worker}
+    return {
+        "CPU": cfg.scaling.workers * cfg.scaling.cpus_per_worker,
+        "GPU": cfg.scaling.workers * cfg.scaling.gpus_per_worker,
+    }
 
 
 def feasible_concurrency(cfg: ExperimentConfig, cluster: dict) -> int:
@@ -241,24 +267,40 @@ def run_search(spec: SearchSpec, out: Path, resume: bool = False, echo: Callable
     feasible = feasible_concurrency(spec.base, ray.cluster_resources())
     concurrent = spec.max_concurrent or max(1, min(feasible, spec.samples))
     if concurrent > feasible:
-        raise ConfigError(f"max_concurrent {concurrent}: each trial needs {per_trial_resources(spec.base)}, so this "
-                          f"cluster ({info.cpus:g} CPUs, {info.gpus:g} GPUs) runs at most {feasible} at once")
+        raise ConfigError(
+            f"max_concurrent {concurrent}: each trial needs {per_trial_resources(spec.base)}, so this "
+            f"cluster ({info.cpus:g} CPUs, {info.gpus:g} GPUs) runs at most {feasible} at once"
+        )
     search_dir.mkdir(parents=True, exist_ok=True)
     check_shared_paths({"data": spec.base.data.path, "search folder": search_dir})
     epochs = spec.base.train.epochs
-    scheduler = (ASHAScheduler(time_attr="epoch", max_t=epochs, grace_period=min(spec.asha["grace_period"], epochs),
-                               reduction_factor=spec.asha["reduction_factor"])
-                 if spec.asha else FIFOScheduler())
+    scheduler = (
+        ASHAScheduler(
+            time_attr="epoch",
+            max_t=epochs,
+            grace_period=min(spec.asha["grace_period"], epochs),
+            reduction_factor=spec.asha["reduction_factor"],
+        )
+        if spec.asha
+        else FIFOScheduler()
+    )
     # The trial only waits on its Train run, whose workers hold the real resources (a zero request
     # is refused by Tune, hence the token CPU share).
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, base=to_dict(spec.base), trials_dir=str(search_dir / "trials"),
-                             train_rows=manifest["splits"][spec.base.data.train_split]["rows"]),
-        {"CPU": 0.01})
-    echo(f"tune: {spec.samples} trials of {spec.base.name} over {', '.join(p.key for p in spec.params)}; "
-         f"Optuna TPE (seed {spec.seed}), {'ASHA' if spec.asha else 'no early stopping'} on {spec.metric} of "
-         f"{spec.base.data.selection_split} (the selection split), "
-         f"{concurrent} at a time; {search_dir}")
+        tune.with_parameters(
+            run_trial,
+            base=to_dict(spec.base),
+            trials_dir=str(search_dir / "trials"),
+            train_rows=manifest["splits"][spec.base.data.train_split]["rows"],
+        ),
+        {"CPU": 0.01},
+    )
+    echo(
+        f"tune: {spec.samples} trials of {spec.base.name} over {', '.join(p.key for p in spec.params)}; "
+        f"Optuna TPE (seed {spec.seed}), {'ASHA' if spec.asha else 'no early stopping'} on {spec.metric} of "
+        f"{spec.base.data.selection_split} (the selection split), "
+        f"{concurrent} at a time; {search_dir}"
+    )
     t0 = time.perf_counter()
     ends = TrialEnds(search_dir)
     if resume:
@@ -267,14 +309,30 @@ def run_search(spec: SearchSpec, out: Path, resume: bool = False, echo: Callable
     else:
         import optuna
 
-        searcher = OptunaSearch(space=optuna_space(spec), metric=spec.metric, mode=spec.mode,
-                                points_to_evaluate=spec.first, sampler=optuna.samplers.TPESampler(seed=spec.seed))
+        searcher = OptunaSearch(
+            space=optuna_space(spec),
+            metric=spec.metric,
+            mode=spec.mode,
+            points_to_evaluate=spec.first,
+            sampler=optuna.samplers.TPESampler(seed=spec.seed),
+        )
         tuner = tune.Tuner(
             trainable,
-            tune_config=tune.TuneConfig(metric=spec.metric, mode=spec.mode, search_alg=searcher, scheduler=scheduler,
-                                        num_samples=spec.samples, max_concurrent_trials=concurrent),
-            run_config=tune.RunConfig(name="search", storage_path=str(search_dir), verbose=1, callbacks=[ends.tune_callback()],
-                                      failure_config=tune.FailureConfig(max_failures=spec.max_failures)),
+            tune_config=tune.TuneConfig(
+                metric=spec.metric,
+                mode=spec.mode,
+                search_alg=searcher,
+                scheduler=scheduler,
+                num_samples=spec.samples,
+                max_concurrent_trials=concurrent,
+            ),
+            run_config=tune.RunConfig(
+                name="search",
+                storage_path=str(search_dir),
+                verbose=1,
+                callbacks=[ends.tune_callback()],
+                failure_config=tune.FailureConfig(max_failures=spec.max_failures),
+            ),
         )
     try:
         grid = tuner.fit()
@@ -282,8 +340,10 @@ def run_search(spec: SearchSpec, out: Path, resume: bool = False, echo: Callable
         ends.sweep()
     unfinished = unfinished_trials(spec, grid, ends.ended())
     if unfinished:
-        raise SearchInterrupted(f"search {search_dir} stopped with {unfinished} of {spec.samples} trials unfinished; "
-                                f"continue it with --resume")
+        raise SearchInterrupted(
+            f"search {search_dir} stopped with {unfinished} of {spec.samples} trials unfinished; "
+            f"continue it with --resume"
+        )
     return summarize_search(spec, search_dir, grid, time.perf_counter() - t0, echo)
 
 
@@ -368,16 +428,24 @@ def trial_rows(spec: SearchSpec, grid) -> list[dict]:
             if "checkpoint_path" in frame:
                 candidates = frame.loc[frame[spec.metric] == best, "checkpoint_path"].dropna()
                 checkpoint = candidates.iloc[-1] if len(candidates) else None
-        rows.append({
-            "trial": metrics.get("trial_id") or Path(result.path).name, "order": order,
-            **{p.key: result.config.get(p.key) for p in spec.params},
-            spec.metric: best, "epochs": epochs, "stopped_early": 0 < epochs < spec.base.train.epochs,
-            "status": "ERROR" if result.error else "TERMINATED", "checkpoint": checkpoint,
-        })
+        rows.append(
+            {
+                "trial": metrics.get("trial_id") or Path(result.path).name,
+                "order": order,
+                **{p.key: result.config.get(p.key) for p in spec.params},
+                spec.metric: best,
+                "epochs": epochs,
+                "stopped_early": 0 < epochs < spec.base.train.epochs,
+                "status": "ERROR" if result.error else "TERMINATED",
+                "checkpoint": checkpoint,
+            }
+        )
     return rows
 
 
-def summarize_search(spec: SearchSpec, search_dir: Path, grid, seconds: float, echo: Callable[[str], None] = print) -> dict:
+def summarize_search(
+    spec: SearchSpec, search_dir: Path, grid, seconds: float, echo: Callable[[str], None] = print
+) -> dict:
     rows = trial_rows(spec, grid)
     scored = [r for r in rows if r[spec.metric] is not None]
     if not scored:
@@ -389,24 +457,34 @@ def summarize_search(spec: SearchSpec, search_dir: Path, grid, seconds: float, e
         writer.writerows(rows)
     best_cfg = trial_config(spec.base, {p.key: best[p.key] for p in spec.params})
     best_cfg.name = f"{spec.name}_best"
-    best_cfg.description = f"best of `ferray tune` {spec.name}: trial {best['trial']}, {spec.metric} {best[spec.metric]:.4f}"
+    best_cfg.description = (
+        f"best of `ferray tune` {spec.name}: trial {best['trial']}, {spec.metric} {best[spec.metric]:.4f}"
+    )
     (search_dir / "best.yaml").write_text(f"# {best_cfg.description}\n" + dump_yaml(best_cfg))
     checkpoint = best["checkpoint"]
     if checkpoint and Path(checkpoint, "checkpoint.pt").exists():
         shutil.copy(Path(checkpoint, "checkpoint.pt"), search_dir / "best.pt")
     plot_search(spec, rows, search_dir / "search.png")
-    summary = {"name": spec.name, "selection_split": spec.base.data.selection_split,
-               "trials": len(rows), "errors": sum(r["status"] == "ERROR" for r in rows),
-               "stopped_early": sum(r["stopped_early"] for r in rows), "trial_epochs": sum(r["epochs"] for r in rows),
-               "best": best, "best_config": str(search_dir / "best.yaml"),
-               "best_checkpoint": str(search_dir / "best.pt") if (search_dir / "best.pt").exists() else checkpoint,
-               "seconds": round(seconds, 1)}
+    summary = {
+        "name": spec.name,
+        "selection_split": spec.base.data.selection_split,
+        "trials": len(rows),
+        "errors": sum(r["status"] == "ERROR" for r in rows),
+        "stopped_early": sum(r["stopped_early"] for r in rows),
+        "trial_epochs": sum(r["epochs"] for r in rows),
+        "best": best,
+        "best_config": str(search_dir / "best.yaml"),
+        "best_checkpoint": str(search_dir / "best.pt") if (search_dir / "best.pt").exists() else checkpoint,
+        "seconds": round(seconds, 1),
+    }
     (search_dir / "result.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     echo(format_table(spec, rows))
-    echo(f"tune: {len(rows)} trials ({summary['stopped_early']} stopped early by ASHA, {summary['errors']} errors, "
-         f"{summary['trial_epochs']} trial-epochs) in {seconds:.0f}s; best {spec.metric} {best[spec.metric]:.4f} "
-         f"on {spec.base.data.selection_split} (selection) "
-         f"(trial {best['trial']}); config {search_dir / 'best.yaml'}; checkpoint {summary['best_checkpoint']}")
+    echo(
+        f"tune: {len(rows)} trials ({summary['stopped_early']} stopped early by ASHA, {summary['errors']} errors, "
+        f"{summary['trial_epochs']} trial-epochs) in {seconds:.0f}s; best {spec.metric} {best[spec.metric]:.4f} "
+        f"on {spec.base.data.selection_split} (selection) "
+        f"(trial {best['trial']}); config {search_dir / 'best.yaml'}; checkpoint {summary['best_checkpoint']}"
+    )
     return summary
 
 
@@ -415,9 +493,13 @@ def format_table(spec: SearchSpec, rows: list[dict]) -> str:
     header = ["trial", *keys, spec.metric, "epochs", "status"]
     lines = ["  ".join(f"{h:>16}" for h in header)]
     for r in rows:
-        cells = [str(r["trial"])[-16:], *(f"{r[k]:.4g}" if isinstance(r[k], float) else str(r[k]) for k in keys),
-                 "-" if r[spec.metric] is None else f"{r[spec.metric]:.4f}", str(r["epochs"]),
-                 r["status"] + (" (ASHA)" if r["stopped_early"] else "")]
+        cells = [
+            str(r["trial"])[-16:],
+            *(f"{r[k]:.4g}" if isinstance(r[k], float) else str(r[k]) for k in keys),
+            "-" if r[spec.metric] is None else f"{r[spec.metric]:.4f}",
+            str(r["epochs"]),
+            r["status"] + (" (ASHA)" if r["stopped_early"] else ""),
+        ]
         lines.append("  ".join(f"{c:>16}" for c in cells))
     return "\n".join(lines)
 
@@ -435,8 +517,9 @@ def plot_search(spec: SearchSpec, rows: list[dict], path: Path) -> Path:
     numeric = [p for p in spec.params if p.distribution != "choice"]
     if len(numeric) >= 2:
         px, py = numeric[0], numeric[1]
-        points = left.scatter([r[px.key] for r in scored], [r[py.key] for r in scored], c=values, cmap="viridis",
-                              s=60, edgecolors="k")
+        points = left.scatter(
+            [r[px.key] for r in scored], [r[py.key] for r in scored], c=values, cmap="viridis", s=60, edgecolors="k"
+        )
         left.set_xscale("log" if px.distribution == "loguniform" else "linear")
         left.set_yscale("log" if py.distribution == "loguniform" else "linear")
         left.set_xlabel(px.key)

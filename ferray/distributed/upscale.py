@@ -9,17 +9,26 @@ The manifest, read back from the written files, records the method and the gener
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from ferray.data.contract import DataError, atomic_output, build_manifest, write_manifest
 from ferray.errors import UsageError
 from ferray.sr.inference import METHODS, Upscaler, check_input, upscaled_source
 
 
-def upscale(data: str | Path, out: str | Path, method: str = "srgan", checkpoint: str | None = None,
-            actors: int = 1, gpus_per_actor: float = 0.0, batch_size: int = 256, overwrite: bool = False,
-            echo: Callable[[str], None] = print, cpus_per_actor: float = 1.0) -> dict:
+def upscale(
+    data: str | Path,
+    out: str | Path,
+    method: str = "srgan",
+    checkpoint: str | None = None,
+    actors: int = 1,
+    gpus_per_actor: float = 0.0,
+    batch_size: int = 256,
+    overwrite: bool = False,
+    echo: Callable[[str], None] = print,
+    cpus_per_actor: float = 1.0,
+) -> dict:
     import ray
     import ray.data
 
@@ -41,8 +50,10 @@ def upscale(data: str | Path, out: str | Path, method: str = "srgan", checkpoint
     Path(out).absolute().parent.mkdir(parents=True, exist_ok=True)
     check_shared_paths({"data": data, "output folder": Path(out).absolute().parent})
     require("GPU", actors, gpus_per_actor, "actors")
-    echo(f"upscale: {manifest['rows']:,} faces 48 -> 96 by {method} with {actors} actor(s)"
-         f"{f' x {gpus_per_actor:g} GPU' if gpus_per_actor else ' on CPU'}, batches of {batch_size}")
+    echo(
+        f"upscale: {manifest['rows']:,} faces 48 -> 96 by {method} with {actors} actor(s)"
+        f"{f' x {gpus_per_actor:g} GPU' if gpus_per_actor else ' on CPU'}, batches of {batch_size}"
+    )
     t0 = time.perf_counter()
     with atomic_output(out, overwrite=overwrite, kind="upscaled data") as tmp:
         # hive partitioning gives the split column back from split=X. Every actor needs blocks of
@@ -51,10 +62,17 @@ def upscale(data: str | Path, out: str | Path, method: str = "srgan", checkpoint
         if len(manifest["files"]) < 4 * actors:
             ds = ds.repartition(4 * actors)
         ds = ds.map_batches(
-            Upscaler, fn_constructor_kwargs={"method": method, "checkpoint": checkpoint,
-                                             "threads": None if gpus_per_actor else max(1, int(cpus_per_actor))},
-            batch_size=batch_size, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=actors),
-            num_gpus=gpus_per_actor or None, num_cpus=0 if gpus_per_actor else cpus_per_actor,
+            Upscaler,
+            fn_constructor_kwargs={
+                "method": method,
+                "checkpoint": checkpoint,
+                "threads": None if gpus_per_actor else max(1, int(cpus_per_actor)),
+            },
+            batch_size=batch_size,
+            batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(size=actors),
+            num_gpus=gpus_per_actor or None,
+            num_cpus=0 if gpus_per_actor else cpus_per_actor,
         )
         ds.write_parquet(str(tmp), partition_cols=["split"])
         result = build_manifest(tmp, source=upscaled_source(data, method, checkpoint, manifest))
@@ -63,5 +81,3 @@ def upscale(data: str | Path, out: str | Path, method: str = "srgan", checkpoint
         result["seconds"] = round(time.perf_counter() - t0, 2)
         write_manifest(tmp, result)
     return result
-
-

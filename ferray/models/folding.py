@@ -29,7 +29,9 @@ def _pairs(module: nn.Module) -> list[tuple[str, str]]:
     names = list(module._modules)
     if isinstance(module, nn.Sequential):
         return list(zip(names, names[1:]))
-    return [(f"conv{name[2:]}", name) for name in names if name.startswith("bn") and f"conv{name[2:]}" in module._modules]
+    return [
+        (f"conv{name[2:]}", name) for name in names if name.startswith("bn") and f"conv{name[2:]}" in module._modules
+    ]
 
 
 def fold_batch_norms(model: nn.Module) -> int:

@@ -49,4 +49,6 @@ def freeze_for_cpu(model: nn.Module, crop: int, dtype: torch.dtype = torch.bfloa
             graph(example)  # the first call runs TorchScript's optimization passes: pay them at load time
         return FrozenClassifier(graph, dtype, f"{precision}, frozen TorchScript")
     except Exception as error:  # noqa: BLE001 - any failure means the eager copy, which is always right
-        return FrozenClassifier(inference_copy, dtype, f"{precision}, eager ({type(error).__name__}: {str(error)[:200]})")
+        return FrozenClassifier(
+            inference_copy, dtype, f"{precision}, eager ({type(error).__name__}: {str(error)[:200]})"
+        )

@@ -112,12 +112,18 @@ def calibrate(model: nn.Module, crop: int, crops: torch.Tensor, slice_size: int 
         observers.append({"observer": name, "input": source, "scale": float(scale), "zero_point": int(zero_point)})
     import torchao
 
-    return {"format": INT8_FORMAT, "crop": crop, "calibration_crops": len(crops), "observers": observers,
-            "made_with": {"torch": torch.__version__, "torchao": torchao.__version__}}
+    return {
+        "format": INT8_FORMAT,
+        "crop": crop,
+        "calibration_crops": len(crops),
+        "observers": observers,
+        "made_with": {"torch": torch.__version__, "torchao": torchao.__version__},
+    }
 
 
-def quantize_for_cpu(model: nn.Module, qparams: dict, where: str = "int8 calibration",
-                     compile: bool = True) -> "QuantizedClassifier":
+def quantize_for_cpu(
+    model: nn.Module, qparams: dict, where: str = "int8 calibration", compile: bool = True
+) -> QuantizedClassifier:
     """An int8 copy of an eval-mode classifier with the activation ranges of `calibrate`; the model
     itself is not touched. `compile` False: the quantized graph run eagerly (quantize/dequantize
     around fp32 kernels: the same arithmetic, slowly; for checks)."""
@@ -129,11 +135,21 @@ def quantize_for_cpu(model: nn.Module, qparams: dict, where: str = "int8 calibra
         raise CheckpointError(
             f"{where}: its {len(stored)} activation ranges do not match this model's {len(found)} quantization points "
             f"(made with torch {qparams.get('made_with', {}).get('torch')}, this is {torch.__version__}): "
-            "calibrate again with `ferray quantize`")
+            "calibrate again with `ferray quantize`"
+        )
     for (name, _, observer), entry in zip(found, stored):
-        setattr(prepared, name, fixed_qparams(entry["scale"], entry["zero_point"], dtype=observer.dtype,
-                                              qscheme=observer.qscheme, quant_min=observer.quant_min,
-                                              quant_max=observer.quant_max))
+        setattr(
+            prepared,
+            name,
+            fixed_qparams(
+                entry["scale"],
+                entry["zero_point"],
+                dtype=observer.dtype,
+                qscheme=observer.qscheme,
+                quant_min=observer.quant_min,
+                quant_max=observer.quant_max,
+            ),
+        )
     with torch.no_grad():
         prepared(torch.zeros(1, 1, crop, crop))  # the weight observers see the weights
     return QuantizedClassifier(convert_pt2e(prepared), crop, compile)

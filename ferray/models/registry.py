@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch.nn as nn
 
@@ -26,7 +26,9 @@ def register_model(name: str, *, input_size: int, in_channels: int = 1, descript
     def wrap(builder):
         if name in _REGISTRY:
             raise ValueError(f"model {name!r} registered twice")
-        _REGISTRY[name] = ModelEntry(name, builder, input_size, in_channels, description or (builder.__doc__ or "").strip().split("\n")[0])
+        _REGISTRY[name] = ModelEntry(
+            name, builder, input_size, in_channels, description or (builder.__doc__ or "").strip().split("\n")[0]
+        )
         return builder
 
     return wrap
@@ -60,8 +62,11 @@ def num_params(model: nn.Module, trainable_only: bool = False) -> int:
 def keras_params(model: nn.Module) -> int:
     """Parameters as a Keras summary totals them: weights plus batch-norm moving mean and variance
     (non-trainable in Keras, buffers in PyTorch). The paper's 2,720,439 is such a total."""
-    moving = sum(m.running_mean.numel() + m.running_var.numel() for m in model.modules()
-                 if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None)
+    moving = sum(
+        m.running_mean.numel() + m.running_var.numel()
+        for m in model.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None
+    )
     return num_params(model) + moving
 
 
@@ -71,8 +76,18 @@ def models_table() -> str:
     for entry in list_models():
         model = build_model(entry.name)
         depth = getattr(model, "keras_depth", lambda: None)()
-        rows.append((entry.name, f"{num_params(model):,}", f"{keras_params(model):,}", str(depth or "-"),
-                     f"{entry.in_channels}x{entry.input_size}x{entry.input_size}", entry.description))
+        rows.append(
+            (
+                entry.name,
+                f"{num_params(model):,}",
+                f"{keras_params(model):,}",
+                str(depth or "-"),
+                f"{entry.in_channels}x{entry.input_size}x{entry.input_size}",
+                entry.description,
+            )
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(5)]
-    return "\n".join("  ".join(c.ljust(w) if i in (0, 4) else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
-                     + "  " + r[5] for r in rows)
+    return "\n".join(
+        "  ".join(c.ljust(w) if i in (0, 4) else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) + "  " + r[5]
+        for r in rows
+    )

@@ -9,8 +9,9 @@ convolutions + 1 fully connected layer). Trained on 96x96 faces with 88x88 crops
 
 VGG16 / VGG19: torchvision's conv bases (14,714,688 and 20,024,384 parameters: the paper's Table 1
 figures; kept exactly, so gray is fed as three equal channels), on 48x48 faces with 44x44 crops
-(1x1x512 after the five pools), and a small head: 512 -> 256 -> 7 (dropout before the last layer from model.dropout). Depth 16 and 19
-as their names count (weight layers; our head has 2 fully connected layers, the original 3).
+(1x1x512 after the five pools), and a small head: 512 -> 256 -> 7 (dropout before the last layer
+from model.dropout). Depth 16 and 19 as their names count (weight layers; our head has 2 fully
+connected layers, the original 3).
 
 Model B from scratch (`resnet50_b_scratch`): without ImageNet weights the 7x7/2 stem and max pool,
 made to cut 224-pixel photos down fast, throw away most of an 88-pixel face in two steps; this
@@ -29,9 +30,9 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from ferray.errors import PretrainedWeightsError
 from ferray.labels import NUM_CLASSES
 from ferray.models.registry import register_model
-from ferray.errors import PretrainedWeightsError
 
 IMAGENET_FILES = {
     "resnet50": "resnet50-0676ba61.pth",  # torchvision ResNet50_Weights.IMAGENET1K_V1
@@ -53,7 +54,8 @@ def pretrained_state_dict(arch: str, pretrained: str) -> dict | None:
                 f"torchvision's {IMAGENET_FILES[arch]} at {path} (e.g. on a machine with internet: "
                 f"python -c \"import torchvision; torchvision.models.{arch}(weights='IMAGENET1K_V1')\" and copy "
                 f"~/.cache/torch/hub/checkpoints/{IMAGENET_FILES[arch]}), or set model.pretrained to that file's "
-                f"path, or use model.pretrained=none to train from scratch")
+                f"path, or use model.pretrained=none to train from scratch"
+            )
     else:
         path = Path(pretrained)
         if not path.is_file():
@@ -104,8 +106,14 @@ class _PooledClassifier(nn.Module):
 class ResNetGray(_PooledClassifier):
     DEPTH = {"resnet50": 50, "resnet18": 18}
 
-    def __init__(self, arch: str = "resnet50", num_classes: int = NUM_CLASSES, pretrained: str = "none",
-                 dropout: float = 0.0, small_stem: bool = False):
+    def __init__(
+        self,
+        arch: str = "resnet50",
+        num_classes: int = NUM_CLASSES,
+        pretrained: str = "none",
+        dropout: float = 0.0,
+        small_stem: bool = False,
+    ):
         super().__init__()
         import torchvision.models as tvm
 
@@ -158,8 +166,14 @@ def vgg_features(arch: str, divisor: int) -> nn.Sequential:
 
 
 class VGGGray(_PooledClassifier):
-    def __init__(self, arch: str, num_classes: int = NUM_CLASSES, pretrained: str = "none", dropout: float = 0.0,
-                 width_divisor: int = 1):
+    def __init__(
+        self,
+        arch: str,
+        num_classes: int = NUM_CLASSES,
+        pretrained: str = "none",
+        dropout: float = 0.0,
+        width_divisor: int = 1,
+    ):
         super().__init__()
         if width_divisor == 1:
             import torchvision.models as tvm
@@ -176,8 +190,12 @@ class VGGGray(_PooledClassifier):
         self.pretrained = state is not None
         self.arch = arch
         self.num_features = 256 // width_divisor
-        self.neck = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(512 // width_divisor, self.num_features),
-                                  nn.ReLU(inplace=True))
+        self.neck = nn.Sequential(
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(512 // width_divisor, self.num_features),
+            nn.ReLU(inplace=True),
+        )
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.fc = nn.Linear(self.num_features, num_classes)
 
@@ -198,9 +216,14 @@ def resnet50_b(num_classes: int = NUM_CLASSES, pretrained: str = "none", dropout
     return ResNetGray("resnet50", num_classes, pretrained, dropout)
 
 
-@register_model("resnet50_b_scratch", input_size=88,
-                description="Model B from scratch: ResNet50 with a 3x3/2 stem for small faces, no max pool")
-def resnet50_b_scratch(num_classes: int = NUM_CLASSES, pretrained: str = "none", dropout: float = 0.0, **_) -> ResNetGray:
+@register_model(
+    "resnet50_b_scratch",
+    input_size=88,
+    description="Model B from scratch: ResNet50 with a 3x3/2 stem for small faces, no max pool",
+)
+def resnet50_b_scratch(
+    num_classes: int = NUM_CLASSES, pretrained: str = "none", dropout: float = 0.0, **_
+) -> ResNetGray:
     """Model B when no ImageNet weights are available (experiments/model_b_scratch.yaml)."""
     return ResNetGray("resnet50", num_classes, pretrained, dropout, small_stem=True)
 

@@ -64,10 +64,12 @@ class EntryBlock(nn.Module):
 
     def __init__(self, cin: int, cout: int, shortcut: bool):
         super().__init__()
-        self.body = nn.Sequential(ConvBNAct(cin, cout, True), ConvBNAct(cout, cout, True),
-                                  nn.MaxPool2d(3, stride=2, padding=1))
-        self.shortcut = (nn.Sequential(SeparableConv2d(cin, cout, 3, stride=2), nn.BatchNorm2d(cout))
-                         if shortcut else None)
+        self.body = nn.Sequential(
+            ConvBNAct(cin, cout, True), ConvBNAct(cout, cout, True), nn.MaxPool2d(3, stride=2, padding=1)
+        )
+        self.shortcut = (
+            nn.Sequential(SeparableConv2d(cin, cout, 3, stride=2), nn.BatchNorm2d(cout)) if shortcut else None
+        )
 
     def forward(self, x):
         out = self.body(x)
@@ -100,8 +102,13 @@ class XceptionSpec:
 
 
 class XceptionA(nn.Module):
-    def __init__(self, spec: XceptionSpec = XceptionSpec(), num_classes: int = NUM_CLASSES,
-                 in_channels: int = 1, dropout: float = 0.0):
+    def __init__(
+        self,
+        spec: XceptionSpec = XceptionSpec(),
+        num_classes: int = NUM_CLASSES,
+        in_channels: int = 1,
+        dropout: float = 0.0,
+    ):
         super().__init__()
         self.spec = spec
         layers, width = [], in_channels
@@ -112,8 +119,9 @@ class XceptionA(nn.Module):
             layers.append(EntryBlock(width, w, shortcut))
             width = w
         self.entry = nn.Sequential(*layers)
-        self.middle = nn.Sequential(*[MiddleModule(spec.middle_width, spec.middle_convs)
-                                      for _ in range(spec.middle_modules)])
+        self.middle = nn.Sequential(
+            *[MiddleModule(spec.middle_width, spec.middle_convs) for _ in range(spec.middle_modules)]
+        )
         width = spec.middle_width if spec.middle_modules else width
         exit_layers = []
         for w in spec.exit:
@@ -160,21 +168,26 @@ def keras_depth(model: XceptionA) -> int:
 
 
 def _inside_separable(model: nn.Module, target: nn.Module) -> bool:
-    return any(target is m.depthwise or target is m.pointwise for m in model.modules()
-               if isinstance(m, SeparableConv2d))
+    return any(
+        target is m.depthwise or target is m.pointwise for m in model.modules() if isinstance(m, SeparableConv2d)
+    )
 
 
 # ----------------------------------------------------------------------------------------- builders
-@register_model("xception_a", input_size=44, description="Model A: the paper's Xception-style CNN (2.72M params, depth 83)")
+@register_model(
+    "xception_a", input_size=44, description="Model A: the paper's Xception-style CNN (2.72M params, depth 83)"
+)
 def xception_a(num_classes: int = NUM_CLASSES, dropout: float = 0.0, **_) -> XceptionA:
     """Model A as in the paper: 2,716,359 parameters (Keras count), depth 83."""
     return XceptionA(XceptionSpec(), num_classes, dropout=dropout)
 
 
-@register_model("xception_a_tiny", input_size=44, description="Model A's layout at 1/8 width, for debug runs on a laptop")
+@register_model(
+    "xception_a_tiny", input_size=44, description="Model A's layout at 1/8 width, for debug runs on a laptop"
+)
 def xception_a_tiny(num_classes: int = NUM_CLASSES, dropout: float = 0.0, **_) -> XceptionA:
     """The same flows at a fraction of the width (and two middle modules): seconds per epoch on a CPU."""
-    spec = XceptionSpec(stem=(8, 16), entry=((32, False), (48, True), (64, True)), middle_width=64,
-                        middle_modules=2, exit=(96, 192))
+    spec = XceptionSpec(
+        stem=(8, 16), entry=((32, False), (48, True), (64, True)), middle_width=64, middle_modules=2, exit=(96, 192)
+    )
     return XceptionA(spec, num_classes, dropout=dropout)
-

@@ -55,17 +55,33 @@ def table1_rows(plan: ReportPlan, record: dict) -> list[list[str]]:
     splits, rows = record["splits"], []
     for spec in plan.runs:
         facts, evals, paper = record["models"][spec.key], record["evaluations"][spec.key], plan.paper.get(spec.key, {})
-        rows.append([row_label(spec, facts), count(facts["keras_params"]), str(facts["depth"] or "-"),
-                     *[pct(evals[s][v]["accuracy"]) if s in evals else "n/a" for s in splits for v in ("plain", "tta")],
-                     count(paper.get("params")), str(paper.get("depth", "n/a")),
-                     paper_pct(paper.get("PublicTest")), paper_pct(paper.get("PrivateTest"))])
+        rows.append(
+            [
+                row_label(spec, facts),
+                count(facts["keras_params"]),
+                str(facts["depth"] or "-"),
+                *[pct(evals[s][v]["accuracy"]) if s in evals else "n/a" for s in splits for v in ("plain", "tta")],
+                count(paper.get("params")),
+                str(paper.get("depth", "n/a")),
+                paper_pct(paper.get("PublicTest")),
+                paper_pct(paper.get("PrivateTest")),
+            ]
+        )
     a, b = plan.ensemble
     ensemble, paper = record["ensemble"], plan.paper.get("ensemble", {})
     params = record["models"][a]["keras_params"] + record["models"][b]["keras_params"]
-    rows.append([f"Ensemble ({a} + {b})", count(params), "-",
-                 *[pct(ensemble[s][v]["accuracy"]) if s in ensemble else "n/a" for s in splits for v in ("plain", "tta")],
-                 count(paper.get("params")), str(paper.get("depth", "n/a")),
-                 paper_pct(paper.get("PublicTest")), paper_pct(paper.get("PrivateTest"))])
+    rows.append(
+        [
+            f"Ensemble ({a} + {b})",
+            count(params),
+            "-",
+            *[pct(ensemble[s][v]["accuracy"]) if s in ensemble else "n/a" for s in splits for v in ("plain", "tta")],
+            count(paper.get("params")),
+            str(paper.get("depth", "n/a")),
+            paper_pct(paper.get("PublicTest")),
+            paper_pct(paper.get("PrivateTest")),
+        ]
+    )
     return rows
 
 
@@ -76,16 +92,30 @@ def split_label(record: dict, split: str) -> str:
 
 def table1_header(record: dict) -> list[str]:
     columns = [f"{split_label(record, s)}{v}" for s in record["splits"] for v in ("", " TTA")]
-    return ["model", "params", "depth", *columns, "paper params", "paper depth", "paper PublicTest", "paper PrivateTest"]
+    return [
+        "model",
+        "params",
+        "depth",
+        *columns,
+        "paper params",
+        "paper depth",
+        "paper PublicTest",
+        "paper PrivateTest",
+    ]
 
 
 def per_class_rows(plan: ReportPlan, record: dict) -> tuple[list[str], list[list[str]]]:
     headline = record.get("headline_split", "PublicTest")
-    columns = [(row_label(spec, record["models"][spec.key]), record["evaluations"][spec.key][headline]["tta"]) for spec in plan.runs]
+    columns = [
+        (row_label(spec, record["models"][spec.key]), record["evaluations"][spec.key][headline]["tta"])
+        for spec in plan.runs
+    ]
     columns += [(f"Ensemble {split_label(record, s)}", record["ensemble"][s]["tta"]) for s in record["splits"]]
     header = ["class", f"faces ({headline})", *[name for name, _ in columns]]
     support = record["ensemble"][headline]["tta"]["support"]
-    rows = [[name, count(support[name]), *[pct(result["per_class"][name]) for _, result in columns]] for name in EMOTIONS]
+    rows = [
+        [name, count(support[name]), *[pct(result["per_class"][name]) for _, result in columns]] for name in EMOTIONS
+    ]
     return header, rows
 
 
@@ -95,9 +125,19 @@ def run_rows(plan: ReportPlan, record: dict, out: Path) -> list[list[str]]:
     for label, run in labelled + [(f"SRGAN ({record['sr_eval']['content_loss']} content loss)", record["srgan"])]:
         metric = "best_eval_psnr" if "best_eval_psnr" in run else "best_eval_acc"
         best = f"{run[metric]:.2f} dB" if metric == "best_eval_psnr" else pct(run[metric])
-        rows.append([label, run["model"], str(run["epochs"]), str(run["best_epoch"]), best,
-                     f"{run['seconds'] / 60:.1f} min", f"{run['workers']} x {run['gpus_per_worker']:g} GPU",
-                     "reused" if run.get("reused") else "trained here", _rel(run["run_dir"], out)])
+        rows.append(
+            [
+                label,
+                run["model"],
+                str(run["epochs"]),
+                str(run["best_epoch"]),
+                best,
+                f"{run['seconds'] / 60:.1f} min",
+                f"{run['workers']} x {run['gpus_per_worker']:g} GPU",
+                "reused" if run.get("reused") else "trained here",
+                _rel(run["run_dir"], out),
+            ]
+        )
     return rows
 
 
@@ -111,62 +151,91 @@ def commands(plan: ReportPlan, record: dict, out: Path) -> dict[str, list[str]]:
 
     def train_line(spec) -> str:
         data_for = data_sr if spec.on_sr else data
-        return f"ferray train {_q(spec.experiment)} --data {data_for} --out {_q(Path(runs[spec.key]['run_dir']).parent)} {sets}"
+        out = _q(Path(runs[spec.key]["run_dir"]).parent)
+        return f"ferray train {_q(spec.experiment)} --data {data_for} --out {out} {sets}"
 
     train = [train_line(s) for s in plan.runs if not s.on_sr]
-    train.append(f"ferray sr train {_q(plan.sr_experiment)} --data {data} --out {_q(Path(srgan['run_dir']).parent)} {sets}")
+    train.append(
+        f"ferray sr train {_q(plan.sr_experiment)} --data {data} --out {_q(Path(srgan['run_dir']).parent)} {sets}"
+    )
     if any(s.on_sr for s in plan.runs):
         gpus = f" --gpus-per-actor {plan.sr_gpus_per_actor:g}" if plan.sr_gpus_per_actor else ""
-        train.append(f"ferray sr upscale --data {data} --out {data_sr} --checkpoint "
-                     f"{_q(srgan['best_checkpoint'])} --actors {plan.sr_actors}{gpus} --overwrite")
+        train.append(
+            f"ferray sr upscale --data {data} --out {data_sr} --checkpoint "
+            f"{_q(srgan['best_checkpoint'])} --actors {plan.sr_actors}{gpus} --overwrite"
+        )
     train += [train_line(s) for s in plan.runs if s.on_sr]
     train = [line.rstrip() for line in train]
     evaluate = []
     for spec in plan.runs:
         data_for = data_sr if spec.on_sr else data
         for split in record["splits"]:
-            evaluate.append(f"ferray evaluate --checkpoint {_q(runs[spec.key]['best_checkpoint'])} --data {data_for} "
-                            f"--split {split} --no-tta   # and --tta")
+            evaluate.append(
+                f"ferray evaluate --checkpoint {_q(runs[spec.key]['best_checkpoint'])} --data {data_for} "
+                f"--split {split} --no-tta   # and --tta"
+            )
     bundle = _q(record["bundle"] or "BUNDLE")  # None: the fusion was fitted in memory (the GPU bench)
-    ensemble = [f"ferray ensemble --a {_q(runs[a]['best_checkpoint'])} --b {_q(runs[b]['best_checkpoint'])} --sr "
-                f"{_q(srgan['best_checkpoint'])} --data {data} --out {bundle} --overwrite"]
-    ensemble += [f"ferray evaluate --bundle {bundle} --data {data} --split {s} --tta   # Figure 5; --no-tta for the plain column"
-                 for s in record["splits"]]
+    ensemble = [
+        f"ferray ensemble --a {_q(runs[a]['best_checkpoint'])} --b {_q(runs[b]['best_checkpoint'])} --sr "
+        f"{_q(srgan['best_checkpoint'])} --data {data} --out {bundle} --overwrite"
+    ]
+    ensemble += [
+        f"ferray evaluate --bundle {bundle} --data {data} --split {s} --tta   # Figure 5; --no-tta for the plain column"
+        for s in record["splits"]
+    ]
     figure = {
-        "Figure 2": f"ferray sr eval --checkpoint {_q(srgan['best_checkpoint'])} --data {data} --split PublicTest --out {_q(figures)}",
-        "Figure 3": f"ferray crops --checkpoint {_q(runs[a]['best_checkpoint'])} --data {data} --count {plan.figures['crops']} "
-                    f"--out {_q(record['figures']['fig3'])}",
+        "Figure 2": f"ferray sr eval --checkpoint {_q(srgan['best_checkpoint'])} --data {data} --split PublicTest "
+        f"--out {_q(figures)}",
+        "Figure 3": f"ferray crops --checkpoint {_q(runs[a]['best_checkpoint'])} --data {data} "
+        f"--count {plan.figures['crops']} "
+        f"--out {_q(record['figures']['fig3'])}",
         "Figure 4": f"ferray explain {_q(runs[a]['best_checkpoint'])} --data {data} --split PublicTest --per-class "
-                    f"{plan.figures['explain_per_class']} --out {_q(record['figures']['fig4'])}",
+        f"{plan.figures['explain_per_class']} --out {_q(record['figures']['fig4'])}",
     }
-    return {"train": train, "evaluate": evaluate, "ensemble": ensemble, "figures": [f"{k}: `{v}`" for k, v in figure.items()]}
+    return {
+        "train": train,
+        "evaluate": evaluate,
+        "ensemble": ensemble,
+        "figures": [f"{k}: `{v}`" for k, v in figure.items()],
+    }
 
 
 # ---------------------------------------------------------------------------------------- document
 def build_document(plan: ReportPlan, record: dict, out: Path) -> Document:
     doc = Document(f"ferray report: {plan.name}")
-    doc.paragraph(f"{plan.description} Data: `{record['data']}` ({record['data_source']}); splits evaluated: "
-                  f"{', '.join(record['splits'])}. Written {_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M} UTC by "
-                  f"ferray {__version__} from `{plan.source}` in {record['seconds'] / 60:.1f} min.")
+    doc.paragraph(
+        f"{plan.description} Data: `{record['data']}` ({record['data_source']}); splits evaluated: "
+        f"{', '.join(record['splits'])}. Written {_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M} UTC by "
+        f"ferray {__version__} from `{plan.source}` in {record['seconds'] / 60:.1f} min."
+    )
     if record.get("made_by"):
-        doc.paragraph(f"Made by `{record['made_by']}`, Ray-free on one device; the commands below are the Ray "
-                      "path's equivalents (`ferray prepare` the data first).")
+        doc.paragraph(
+            f"Made by `{record['made_by']}`, Ray-free on one device; the commands below are the Ray "
+            "path's equivalents (`ferray prepare` the data first)."
+        )
     selection = record.get("selection_split")
     if selection:
         tests = [s for s in record["splits"] if s != selection]
-        doc.paragraph(f"Protocol: every choice made from data (best epochs, the fusion weight) was made on "
-                      f"**{selection}**, so its columns are not a test; {', '.join(tests) or 'no split'} "
-                      f"{'was' if len(tests) == 1 else 'were'} never used to choose anything. Headline: "
-                      f"**{record['headline_split']}**. The paper's own columns select on PublicTest and test on "
-                      "PrivateTest.")
+        doc.paragraph(
+            f"Protocol: every choice made from data (best epochs, the fusion weight) was made on "
+            f"**{selection}**, so its columns are not a test; {', '.join(tests) or 'no split'} "
+            f"{'was' if len(tests) == 1 else 'were'} never used to choose anything. Headline: "
+            f"**{record['headline_split']}**. The paper's own columns select on PublicTest and test on "
+            "PrivateTest."
+        )
     _table1(doc, plan, record)
     _figures(doc, plan, record, out)
     header, rows = per_class_rows(plan, record)
     doc.heading("Per-class accuracy (ten-crop TTA)")
     doc.table(header, rows)
     doc.heading("Most confused pairs (ensemble, TTA)")
-    doc.bullets([f"{s}: " + ", ".join(f"{t} -> {p} {r:.1%}" for t, p, r in most_confused(record["ensemble"][s]["tta"]["confusion"]))
-                 for s in record["splits"]])
+    doc.bullets(
+        [
+            f"{s}: "
+            + ", ".join(f"{t} -> {p} {r:.1%}" for t, p, r in most_confused(record["ensemble"][s]["tta"]["confusion"]))
+            for s in record["splits"]
+        ]
+    )
     _runs(doc, plan, record, out)
     return doc
 
@@ -174,31 +243,48 @@ def build_document(plan: ReportPlan, record: dict, out: Path) -> Document:
 def _table1(doc: Document, plan: ReportPlan, record: dict) -> None:
     fusion = record["fusion"]
     doc.heading("Table 1: accuracy, parameters and depth")
-    doc.table(table1_header(record), table1_rows(plan, record),
-              note="Params are counted as a Keras summary totals them (weights + batch-norm moving statistics), "
-                   "as the paper counts; depth is weight layers. The paper's VGG figures count the conv base only. "
-                   f"Ensemble: w_A = {fusion['weight_a']:.2f} fitted on {fusion['fitted_on']} ({fusion['how']}), the same w "
-                   "for the plain and TTA columns; its params are A's plus B's (the SR generator adds "
-                   "its own at inference). n/a: not measured here, or not given in the plan's `paper:` section.")
+    doc.table(
+        table1_header(record),
+        table1_rows(plan, record),
+        note="Params are counted as a Keras summary totals them (weights + batch-norm moving statistics), "
+        "as the paper counts; depth is weight layers. The paper's VGG figures count the conv base only. "
+        f"Ensemble: w_A = {fusion['weight_a']:.2f} fitted on {fusion['fitted_on']} ({fusion['how']}), the same w "
+        "for the plain and TTA columns; its params are A's plus B's (the SR generator adds "
+        "its own at inference). n/a: not measured here, or not given in the plan's `paper:` section.",
+    )
     alternatives = record["fusion_alternatives"]
-    doc.paragraph(f"Other fusions measured on {fusion['fitted_on']} when the bundle was built: " + "; ".join(
-        f"{name} {pct(v['accuracy'])}" for name, v in alternatives.items()) + ".")
+    doc.paragraph(
+        f"Other fusions measured on {fusion['fitted_on']} when the bundle was built: "
+        + "; ".join(f"{name} {pct(v['accuracy'])}" for name, v in alternatives.items())
+        + "."
+    )
 
 
 def _figures(doc: Document, plan: ReportPlan, record: dict, out: Path) -> None:
     sr, figures = record["sr_eval"], record["figures"]
     doc.heading("Figure 2: LR, bicubic, SR and HR faces")
-    doc.image(_rel(figures["fig2"], out), "Figure 2: 24x24 input, bicubic x2, SRGAN x2 and the 48x48 original (PublicTest)")
-    doc.table(["24 -> 48 on PublicTest", "PSNR (dB)", "SSIM"],
-              [["bicubic", f"{sr['bicubic_psnr']:.2f}", f"{sr['bicubic_ssim']:.4f}"],
-               ["SRGAN (ours)", f"{sr['psnr']:.2f}", f"{sr['ssim']:.4f}"],
-               ["gain", f"{sr['psnr_gain']:+.2f}", f"{sr['ssim_gain']:+.4f}"]],
-              note=f"{sr['samples']:,} faces; generator epoch {sr['epoch']}, content loss {sr['content_loss']}.")
+    doc.image(
+        _rel(figures["fig2"], out), "Figure 2: 24x24 input, bicubic x2, SRGAN x2 and the 48x48 original (PublicTest)"
+    )
+    doc.table(
+        ["24 -> 48 on PublicTest", "PSNR (dB)", "SSIM"],
+        [
+            ["bicubic", f"{sr['bicubic_psnr']:.2f}", f"{sr['bicubic_ssim']:.4f}"],
+            ["SRGAN (ours)", f"{sr['psnr']:.2f}", f"{sr['ssim']:.4f}"],
+            ["gain", f"{sr['psnr_gain']:+.2f}", f"{sr['ssim_gain']:+.4f}"],
+        ],
+        note=f"{sr['samples']:,} faces; generator epoch {sr['epoch']}, content loss {sr['content_loss']}.",
+    )
     doc.heading("Figure 3: random training crops")
-    doc.image(_rel(figures["fig3"], out), "Figure 3: one Training face and random views as Model A's training makes them")
+    doc.image(
+        _rel(figures["fig3"], out), "Figure 3: one Training face and random views as Model A's training makes them"
+    )
     doc.heading("Figure 4: guided back-propagation of Model A")
-    doc.image(_rel(figures["fig4"], out), f"Figure 4: {plan.figures['explain_per_class']} PublicTest faces per class "
-              "(columns: true class) and the guided-backprop map of the predicted class")
+    doc.image(
+        _rel(figures["fig4"], out),
+        f"Figure 4: {plan.figures['explain_per_class']} PublicTest faces per class "
+        "(columns: true class) and the guided-backprop map of the predicted class",
+    )
     doc.heading("Figure 5: normalized confusion matrices of the ensemble")
     for split, path in figures["fig5"].items():
         doc.image(_rel(path, out), f"Figure 5: the ensemble on {split} (ten-crop TTA), rows normalized")
@@ -207,25 +293,37 @@ def _figures(doc: Document, plan: ReportPlan, record: dict, out: Path) -> None:
 def _runs(doc: Document, plan: ReportPlan, record: dict, out: Path) -> None:
     hw = record["hardware"]
     doc.heading("Runs: time and hardware")
-    doc.table(["run", "model", "epochs", "best epoch", "best eval", "time", "workers", "source", "folder"],
-              run_rows(plan, record, out))
+    doc.table(
+        ["run", "model", "epochs", "best epoch", "best eval", "time", "workers", "source", "folder"],
+        run_rows(plan, record, out),
+    )
     accelerators = ", ".join(hw["accelerators"]) or "none named"
-    doc.bullets([f"Ray cluster at report time: {hw['nodes']} node(s), {hw['cpus']:g} CPUs, {hw['gpus']:g} GPUs "
-                 f"({accelerators}); driver {hw['driver']}, GPU {hw['driver_gpu'] or 'none'}",
-                 f"Python {hw['python']}, torch {hw['torch']}, ray {hw['ray']}, ferray {__version__}",
-                 f"the report took {record['seconds'] / 60:.1f} min"
-                 f"{'; the upscaled faces were reused' if record['data_sr_reused'] else ''}"])
+    doc.bullets(
+        [
+            f"Ray cluster at report time: {hw['nodes']} node(s), {hw['cpus']:g} CPUs, {hw['gpus']:g} GPUs "
+            f"({accelerators}); driver {hw['driver']}, GPU {hw['driver_gpu'] or 'none'}",
+            f"Python {hw['python']}, torch {hw['torch']}, ray {hw['ray']}, ferray {__version__}",
+            f"the report took {record['seconds'] / 60:.1f} min"
+            f"{'; the upscaled faces were reused' if record['data_sr_reused'] else ''}",
+        ]
+    )
     steps = commands(plan, record, out)
     doc.heading("Commands")
-    doc.paragraph(f"The whole report: `ferray report {_q(plan.source)} --data {_q(record['data'])} --out {_q(out)}` "
-                  "(add `--reuse RUNS` to reuse finished runs). Each step alone:")
+    doc.paragraph(
+        f"The whole report: `ferray report {_q(plan.source)} --data {_q(record['data'])} --out {_q(out)}` "
+        "(add `--reuse RUNS` to reuse finished runs). Each step alone:"
+    )
     doc.code("\n".join(steps["train"]), "sh", "training, in order")
     doc.code("\n".join(steps["evaluate"]), "sh", "Table 1: evaluations")
     doc.code("\n".join(steps["ensemble"]), "sh", "the ensemble bundle and Figure 5")
     doc.bullets(steps["figures"])
     doc.heading("Configs")
     for label, run in [(s.label, record["runs"][s.key]) for s in plan.runs] + [("SRGAN", record["srgan"])]:
-        doc.code((Path(run["run_dir"]) / "config.yaml").read_text(), "yaml", f"{label}: {_rel(run['run_dir'], out)}/config.yaml")
+        doc.code(
+            (Path(run["run_dir"]) / "config.yaml").read_text(),
+            "yaml",
+            f"{label}: {_rel(run['run_dir'], out)}/config.yaml",
+        )
 
 
 def write_report(plan: ReportPlan, record: dict, out: Path) -> dict:

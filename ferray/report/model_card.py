@@ -23,12 +23,17 @@ def _duration(seconds) -> str:
 
 def _member_line(name: str, member: dict, sr: dict | None = None) -> str:
     origin = "fine-tuned from ImageNet weights" if member["pretrained"] else "trained from scratch"
-    line = (f"- **{name}**: `{member['model']}` ({member['parameters']:,} parameters, depth {member['depth'] or 'n/a'}), "
-            f"{origin}, {member['epochs']} epochs, selected on {member.get('selection_split', 'n/a')} "
-            f"({_pct(member.get('selection_accuracy'))} there, center crop); input ")
+    line = (
+        f"- **{name}**: `{member['model']}` ({member['parameters']:,} parameters, depth {member['depth'] or 'n/a'}), "
+        f"{origin}, {member['epochs']} epochs, selected on {member.get('selection_split', 'n/a')} "
+        f"({_pct(member.get('selection_accuracy'))} there, center crop); input "
+    )
     if name == "B":
-        line += (f"the face upscaled 2x by the SR generator ({sr['content_loss']} content loss)" if sr
-                 else "the face upscaled 2x by bicubic")
+        line += (
+            f"the face upscaled 2x by the SR generator ({sr['content_loss']} content loss)"
+            if sr
+            else "the face upscaled 2x by bicubic"
+        )
     else:
         line += "the 48x48 face"
     return line + f", {member['crop']}x{member['crop']} crops."
@@ -39,13 +44,18 @@ def _run_lines(member: dict) -> list[str]:
     if not run:
         return []
     machine = run.get("machine", {})
-    lines = [f"  - training run `{run.get('name', '?')}`: {run.get('epochs', '?')} epochs in "
-             f"{_duration(run.get('train_seconds', run.get('seconds')))}"
-             + (f" (budget {run['budget_minutes']:g} min)" if run.get("budget_minutes") else "")
-             + f", best epoch {run.get('best_epoch', '?')}, {run.get('workers', 1)} worker(s)"]
+    lines = [
+        f"  - training run `{run.get('name', '?')}`: {run.get('epochs', '?')} epochs in "
+        f"{_duration(run.get('train_seconds', run.get('seconds')))}"
+        + (f" (budget {run['budget_minutes']:g} min)" if run.get("budget_minutes") else "")
+        + f", best epoch {run.get('best_epoch', '?')}, {run.get('workers', 1)} worker(s)"
+    ]
     if machine:
-        lines.append(f"  - machine: {machine.get('cpu', '?')}, {machine.get('threads', '?')} threads, "
-                     f"{machine.get('accelerator', 'no GPU')}, {machine.get('precision', '?')}; torch {machine.get('torch', '?')}")
+        lines.append(
+            f"  - machine: {machine.get('cpu', '?')}, {machine.get('threads', '?')} threads, "
+            f"{machine.get('accelerator', 'no GPU')}, {machine.get('precision', '?')}; torch "
+            f"{machine.get('torch', '?')}"
+        )
     if run.get("commit"):
         lines.append(f"  - code: ferray commit `{run['commit']}`")
     if run.get("data_checksum"):
@@ -62,8 +72,11 @@ def _accuracy_table(card: dict) -> list[str]:
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for split, evaluation in evaluations.items():
         views = evaluation["views"]
-        role = "selection (chose the epoch" + (", the fusion" if len(members) > 1 else "") + "): not a test" \
-            if evaluation["selection"] else "test (untouched)"
+        role = (
+            "selection (chose the epoch" + (", the fusion" if len(members) > 1 else "") + "): not a test"
+            if evaluation["selection"]
+            else "test (untouched)"
+        )
         row = [split, role, *[_pct(views[v]["accuracy"]) for v, _ in VIEWS]]
         if len(members) > 1:
             row += [_pct(views["tta"]["members"][m]) for m in members]
@@ -78,8 +91,14 @@ def _per_class_table(card: dict) -> list[str]:
     if not splits:
         return []
     first = evaluations[splits[0]]["views"][view]
-    lines = ["| class | " + " | ".join(f"{s} ({'selection' if evaluations[s]['selection'] else 'test'})" for s in splits)
-             + " | faces (" + splits[-1] + ") |", "|" + " --- |" * (len(splits) + 2)]
+    lines = [
+        "| class | "
+        + " | ".join(f"{s} ({'selection' if evaluations[s]['selection'] else 'test'})" for s in splits)
+        + " | faces ("
+        + splits[-1]
+        + ") |",
+        "|" + " --- |" * (len(splits) + 2),
+    ]
     for name in first["per_class"]:
         cells = [_pct(evaluations[s]["views"][view]["per_class"][name]) for s in splits]
         support = evaluations[splits[-1]]["views"][view]["support"][name]
@@ -92,33 +111,65 @@ def render_model_card(card: dict) -> str:
     evaluations = card.get("evaluations") or {}
     tests = [s for s, e in evaluations.items() if not e["selection"]]
     selection = card.get("selection_split") or next(iter(card["accuracy"]))
-    lines = ["# ferray model card", "",
-             "Facial-expression recognition on 48x48 grayscale faces: 7 classes in FER2013 order "
-             f"({', '.join(card['labels'])}).", "", "## Members", "", _member_line("A", a), *_run_lines(a)]
+    lines = [
+        "# ferray model card",
+        "",
+        "Facial-expression recognition on 48x48 grayscale faces: 7 classes in FER2013 order "
+        f"({', '.join(card['labels'])}).",
+        "",
+        "## Members",
+        "",
+        _member_line("A", a),
+        *_run_lines(a),
+    ]
     if b:
         lines += [_member_line("B", b, sr), *_run_lines(b)]
     if tests:
         one = len(tests) == 1
-        untouched = (f"{', '.join(tests)} {'was' if one else 'were'} never used for any choice and "
-                     f"{'is the test' if one else 'are the tests'}.")
+        untouched = (
+            f"{', '.join(tests)} {'was' if one else 'were'} never used for any choice and "
+            f"{'is the test' if one else 'are the tests'}."
+        )
     else:
         untouched = "no split was left untouched as a test."
-    lines += ["", "## Protocol", "",
-              f"Every choice made from data (best epoch, schedules{', fusion weight' if b else ''}) was made on "
-              f"**{selection}**; {untouched}"]
+    lines += [
+        "",
+        "## Protocol",
+        "",
+        f"Every choice made from data (best epoch, schedules{', fusion weight' if b else ''}) was made on "
+        f"**{selection}**; {untouched}",
+    ]
     if b:
         fusion = card["fusion"]
-        lines += ["", "## Fusion", "",
-                  f"{fusion['method']}: P = {fusion['weight_a']:.2f} * P_A + {1 - fusion['weight_a']:.2f} * P_B, "
-                  f"fitted on {fusion['fitted_on']} ({fusion['how']})."]
-        lines += [f"- alternative on {fusion['fitted_on']}: {name}: {_pct(alt['accuracy'])}"
-                  for name, alt in card.get("alternatives", {}).items()]
-    lines += ["", "## Accuracy", "",
-              f"Served with {'ten-crop test-time augmentation (4 corners + center, mirrored)' if card['tta'] else 'the center crop'}.",
-              ""]
+        lines += [
+            "",
+            "## Fusion",
+            "",
+            f"{fusion['method']}: P = {fusion['weight_a']:.2f} * P_A + {1 - fusion['weight_a']:.2f} * P_B, "
+            f"fitted on {fusion['fitted_on']} ({fusion['how']}).",
+        ]
+        lines += [
+            f"- alternative on {fusion['fitted_on']}: {name}: {_pct(alt['accuracy'])}"
+            for name, alt in card.get("alternatives", {}).items()
+        ]
+    lines += [
+        "",
+        "## Accuracy",
+        "",
+        "Served with "
+        + ("ten-crop test-time augmentation (4 corners + center, mirrored)" if card["tta"] else "the center crop")
+        + ".",
+        "",
+    ]
     if evaluations:
         lines += _accuracy_table(card)
-        lines += ["", f"Per class ({'ten-crop TTA' if card['tta'] else 'center crop'}):", "", *_per_class_table(card), ""]
+        lines += [
+            "",
+            f"Per class ({'ten-crop TTA' if card['tta'] else 'center crop'}):",
+            "",
+            *_per_class_table(card),
+            "",
+        ]
         lines += [f"![confusion on {s}](confusion-{s}.png)" for s in evaluations]
     else:
         acc = card["accuracy"][selection]
@@ -133,11 +184,17 @@ def _int8_lines(int8: dict | None) -> list[str]:
     if not int8:
         return []
     source = int8["calibration"]
-    lines = ["", "## int8 (CPU throughput)", "",
-             f"Model A also runs in int8 on a CPU ({int8['how']}), with activation ranges calibrated on the ten "
-             f"views of {source['faces']:,} {source['split']} faces (seed {source['seed']}; `{int8['ranges']}`). "
-             "Measured by `ferray quantize`:", "",
-             "| split | center crop | ten-crop TTA |", "| --- | --- | --- |"]
+    lines = [
+        "",
+        "## int8 (CPU throughput)",
+        "",
+        f"Model A also runs in int8 on a CPU ({int8['how']}), with activation ranges calibrated on the ten "
+        f"views of {source['faces']:,} {source['split']} faces (seed {source['seed']}; `{int8['ranges']}`). "
+        "Measured by `ferray quantize`:",
+        "",
+        "| split | center crop | ten-crop TTA |",
+        "| --- | --- | --- |",
+    ]
     for split, e in int8["evaluations"].items():
         role = "selection" if e["selection"] else "test"
         lines.append(f"| {split} ({role}) | {_pct(e['accuracy'].get('center'))} | {_pct(e['accuracy'].get('tta'))} |")

@@ -20,12 +20,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-
 from ferray.config import ConfigError, ExperimentConfig, load_runnable_config, read_yaml
 
 
 def _quiet(_: str) -> None:
     pass
+
 
 FIGURE_DEFAULTS = {"crops": 8, "explain_per_class": 2, "sr_faces": 6}
 PAPER_KEYS = {"params", "depth", "PublicTest", "PrivateTest"}
@@ -89,13 +89,19 @@ def _run_spec(base: Path, item, where: str) -> RunSpec:
     item = _mapping(item, where)
     unknown = set(item) - {"key", "label", "experiment", "data"}
     if unknown:
-        raise ConfigError(f"{where}: unknown field(s) {', '.join(sorted(unknown))} (known: key, label, experiment, data)")
+        raise ConfigError(
+            f"{where}: unknown field(s) {', '.join(sorted(unknown))} (known: key, label, experiment, data)"
+        )
     if not isinstance(item.get("key"), str) or not item["key"]:
         raise ConfigError(f"{where}.key: each run needs a key, e.g. model_a")
     if item.get("data", "fer") not in ("fer", "sr"):
         raise ConfigError(f"{where}.data: 'fer' (the 48x48 faces) or 'sr' (the upscaled ones), not {item['data']!r}")
-    return RunSpec(item["key"], str(item.get("label", item["key"])), _experiment(base, item.get("experiment"), f"{where}.experiment"),
-                   item.get("data", "fer") == "sr")
+    return RunSpec(
+        item["key"],
+        str(item.get("label", item["key"])),
+        _experiment(base, item.get("experiment"), f"{where}.experiment"),
+        item.get("data", "fer") == "sr",
+    )
 
 
 def load_plan(path: str | Path, data: str | Path | None = None, sets: list[str] = ()) -> ReportPlan:
@@ -103,7 +109,9 @@ def load_plan(path: str | Path, data: str | Path | None = None, sets: list[str] 
     raw = read_yaml(path, "report plan")
     known = {"name", "description", "data", "sets", "runs", "sr", "ensemble", "figures", "paper"}
     if set(raw) - known:
-        raise ConfigError(f"{path}: unknown key(s) {', '.join(sorted(set(raw) - known))} (known: {', '.join(sorted(known))})")
+        raise ConfigError(
+            f"{path}: unknown key(s) {', '.join(sorted(set(raw) - known))} (known: {', '.join(sorted(known))})"
+        )
     base = path.parent
     runs = raw.get("runs")
     if not isinstance(runs, list) or not runs:
@@ -116,27 +124,41 @@ def load_plan(path: str | Path, data: str | Path | None = None, sets: list[str] 
     ensemble = _mapping(raw.get("ensemble") or {}, f"{path}: ensemble")
     for member in ("a", "b"):
         if ensemble.get(member) not in keys:
-            raise ConfigError(f"{path}: ensemble.{member} must name one of the runs ({', '.join(keys)}), "
-                              f"not {ensemble.get(member)!r}")
+            raise ConfigError(
+                f"{path}: ensemble.{member} must name one of the runs ({', '.join(keys)}), not {ensemble.get(member)!r}"
+            )
     figures = {**FIGURE_DEFAULTS, **_mapping(raw.get("figures") or {}, f"{path}: figures")}
     for key, value in figures.items():
         if key not in FIGURE_DEFAULTS or not isinstance(value, int) or value < 1:
-            raise ConfigError(f"{path}: figures.{key}: expected a positive integer for one of {', '.join(FIGURE_DEFAULTS)}")
+            raise ConfigError(
+                f"{path}: figures.{key}: expected a positive integer for one of {', '.join(FIGURE_DEFAULTS)}"
+            )
     paper = _mapping(raw.get("paper") or {}, f"{path}: paper")
     for key, values in paper.items():
         if key not in {*keys, "ensemble"} or set(_mapping(values, f"{path}: paper.{key}")) - PAPER_KEYS:
-            raise ConfigError(f"{path}: paper.{key}: must name a run or `ensemble` and hold only {', '.join(sorted(PAPER_KEYS))}")
+            raise ConfigError(
+                f"{path}: paper.{key}: must name a run or `ensemble` and hold only {', '.join(sorted(PAPER_KEYS))}"
+            )
     chosen = data if data is not None else raw.get("data")
     if not chosen:
         raise ConfigError(f"{path}: no data: give `data:` in the plan or --data")
     sets_ = raw.get("sets") or []
     if not isinstance(sets_, list):
         raise ConfigError(f"{path}: sets: a list of key=value overrides")
-    plan = ReportPlan(name=str(raw.get("name", path.stem)), source=path.resolve(), data=Path(chosen), runs=specs,
-                      sr_experiment=_experiment(base, sr.get("experiment"), f"{path}: sr.experiment"),
-                      ensemble=(ensemble["a"], ensemble["b"]), description=str(raw.get("description", "")),
-                      sets=[str(s) for s in sets_] + list(sets), sr_actors=int(sr.get("actors", 1)),
-                      sr_gpus_per_actor=float(sr.get("gpus_per_actor", 0)), figures=figures, paper=paper)
+    plan = ReportPlan(
+        name=str(raw.get("name", path.stem)),
+        source=path.resolve(),
+        data=Path(chosen),
+        runs=specs,
+        sr_experiment=_experiment(base, sr.get("experiment"), f"{path}: sr.experiment"),
+        ensemble=(ensemble["a"], ensemble["b"]),
+        description=str(raw.get("description", "")),
+        sets=[str(s) for s in sets_] + list(sets),
+        sr_actors=int(sr.get("actors", 1)),
+        sr_gpus_per_actor=float(sr.get("gpus_per_actor", 0)),
+        figures=figures,
+        paper=paper,
+    )
     for spec in specs:  # every experiment must load as the plan would run it: fail now, not after hours
         plan.config(spec.experiment, plan.data, resolve_split=False)
     plan.config(plan.sr_experiment, plan.data, resolve_split=False)

@@ -66,12 +66,14 @@ class Document:
 
     # ---------------------------------------------------------------------------------------- html
     def html(self) -> str:
-        parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(self.title)}</title>",
-                 "<style>body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
-                 "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:3px 8px;"
-                 "text-align:right}td:first-child,th:first-child{text-align:left}img{max-width:100%}"
-                 "pre{background:#f6f6f6;padding:.6em;overflow:auto}figcaption{font-style:italic}</style>",
-                 f"</head><body><h1>{html.escape(self.title)}</h1>"]
+        parts = [
+            f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(self.title)}</title>",
+            "<style>body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
+            "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:3px 8px;"
+            "text-align:right}td:first-child,th:first-child{text-align:left}img{max-width:100%}"
+            "pre{background:#f6f6f6;padding:.6em;overflow:auto}figcaption{font-style:italic}</style>",
+            f"</head><body><h1>{html.escape(self.title)}</h1>",
+        ]
         for kind, *rest in self.blocks:
             parts.append(getattr(self, f"_html_{kind}")(*rest))
         return "\n".join(parts + ["</body></html>"]) + "\n"
@@ -96,8 +98,10 @@ class Document:
 
     @staticmethod
     def _html_image(path, caption):
-        return (f"<figure><img src='{html.escape(path)}' alt='{html.escape(caption)}'>"
-                f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+        return (
+            f"<figure><img src='{html.escape(path)}' alt='{html.escape(caption)}'>"
+            f"<figcaption>{html.escape(caption)}</figcaption></figure>"
+        )
 
     @staticmethod
     def _html_code(text, language, summary):

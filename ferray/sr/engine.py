@@ -7,9 +7,9 @@ Plain PyTorch: the Ray Train loop (through SRTask) and the tests call these unch
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
 
 import torch
 import torch.nn as nn
@@ -50,8 +50,9 @@ class SRState:
         return "pretrain" if self.epoch < self.cfg.sr.pretrain_epochs else "adversarial"
 
 
-def build_sr_state(cfg: ExperimentConfig, device: torch.device,
-                   wrap: Callable[[nn.Module], nn.Module] | None = None, rank: int = 0) -> SRState:
+def build_sr_state(
+    cfg: ExperimentConfig, device: torch.device, wrap: Callable[[nn.Module], nn.Module] | None = None, rank: int = 0
+) -> SRState:
     torch.manual_seed(cfg.train.seed)
     generator = Generator(generator_spec(cfg)).to(device)
     discriminator = Discriminator(cfg.sr.discriminator_channels).to(device)
@@ -72,8 +73,9 @@ def train_sr_epoch(state: SRState, batches: Iterable, steps_per_epoch: int = 0) 
     torch.manual_seed(epoch_seed(state.cfg.train.seed, state.rank, state.epoch))
     totals = torch.zeros(4, device=device)  # pixel mse, content, g adversarial, d loss (x n)
     seen, t0 = 0, time.perf_counter()
-    progress = EpochProgress(state.epoch + 1, state.cfg.train.epochs, steps_per_epoch,
-                             state.cfg.train.progress_seconds, state.rank)
+    progress = EpochProgress(
+        state.epoch + 1, state.cfg.train.epochs, steps_per_epoch, state.cfg.train.progress_seconds, state.rank
+    )
     for step, (images, _) in enumerate(batches, 1):
         hr = images.to(device, non_blocking=True).float().unsqueeze(1) / 255.0  # (B, 1, 48, 48)
         lr = make_lr(hr)  # (B, 1, 24, 24)
@@ -102,9 +104,16 @@ def train_sr_epoch(state: SRState, batches: Iterable, steps_per_epoch: int = 0) 
         raise RuntimeError("the training data produced no batch")
     pixel, content, g_adv, d_loss = (totals / seen).tolist()
     seconds = time.perf_counter() - t0
-    return {"phase": state.phase(), "train_pixel_mse": pixel, "train_content": content, "train_g_adv": g_adv,
-            "train_d_loss": d_loss, "train_images": seen, "train_seconds": seconds,
-            "images_per_s": seen / max(seconds, 1e-9)}
+    return {
+        "phase": state.phase(),
+        "train_pixel_mse": pixel,
+        "train_content": content,
+        "train_g_adv": g_adv,
+        "train_d_loss": d_loss,
+        "train_images": seen,
+        "train_seconds": seconds,
+        "images_per_s": seen / max(seconds, 1e-9),
+    }
 
 
 @torch.no_grad()
@@ -119,14 +128,25 @@ def evaluate_sr(generator: nn.Module, batches: Iterable, device: torch.device) -
         lr = make_lr(hr)
         sr = generator(lr).clamp(0, 1)
         base = bicubic(lr, 2).clamp(0, 1)
-        sums += torch.stack([psnr(sr, hr).sum(), ssim(sr, hr).sum(), psnr(base, hr).sum(), ssim(base, hr).sum()]).double().cpu()
+        sums += (
+            torch.stack([psnr(sr, hr).sum(), ssim(sr, hr).sum(), psnr(base, hr).sum(), ssim(base, hr).sum()])
+            .double()
+            .cpu()
+        )
         count += hr.shape[0]
     generator.train(was_training)
     if count == 0:
         raise RuntimeError("the evaluation data produced no batch")
     p, s, bp, bs = (sums / count).tolist()
-    return {"psnr": p, "ssim": s, "bicubic_psnr": bp, "bicubic_ssim": bs, "psnr_gain": p - bp,
-            "ssim_gain": s - bs, "samples": count}
+    return {
+        "psnr": p,
+        "ssim": s,
+        "bicubic_psnr": bp,
+        "bicubic_ssim": bs,
+        "psnr_gain": p - bp,
+        "ssim_gain": s - bs,
+        "samples": count,
+    }
 
 
 ADVERSARIAL_RANK = 1_000_000
@@ -144,9 +164,15 @@ def end_sr_epoch(state: SRState, train_metrics: dict, eval_metrics: dict) -> dic
     state.epoch += 1
     improved = eval_metrics["psnr"] > state.best_psnr
     state.best_psnr = max(state.best_psnr, eval_metrics["psnr"])
-    row = {"epoch": state.epoch, **train_metrics, **{f"eval_{k}": v for k, v in eval_metrics.items()},
-           "best_eval_psnr": state.best_psnr, "improved": improved, "content_loss": state.content.kind,
-           "sr_choice": sr_choice(state.epoch, adversarial)}
+    row = {
+        "epoch": state.epoch,
+        **train_metrics,
+        **{f"eval_{k}": v for k, v in eval_metrics.items()},
+        "best_eval_psnr": state.best_psnr,
+        "improved": improved,
+        "content_loss": state.content.kind,
+        "sr_choice": sr_choice(state.epoch, adversarial),
+    }
     state.history.append(row)
     return row
 
@@ -155,12 +181,19 @@ def save_sr_checkpoint(path: str | Path, state: SRState, metrics: dict) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
-        "format": CHECKPOINT_FORMAT, "kind": SR_KIND, "ferray_version": __version__,
-        "config": to_dict(state.cfg), "content_loss": state.content.kind,
+        "format": CHECKPOINT_FORMAT,
+        "kind": SR_KIND,
+        "ferray_version": __version__,
+        "config": to_dict(state.cfg),
+        "content_loss": state.content.kind,
         "model": {k: v.detach().cpu() for k, v in state.core.state_dict().items()},
         "discriminator": {k: v.detach().cpu() for k, v in unwrap(state.discriminator).state_dict().items()},
-        "opt_g": state.opt_g.state_dict(), "opt_d": state.opt_d.state_dict(),
-        "epoch": state.epoch, "best_psnr": state.best_psnr, "history": state.history, "metrics": metrics,
+        "opt_g": state.opt_g.state_dict(),
+        "opt_d": state.opt_d.state_dict(),
+        "epoch": state.epoch,
+        "best_psnr": state.best_psnr,
+        "history": state.history,
+        "metrics": metrics,
     }
     tmp = path.with_suffix(".tmp")
     torch.save(payload, tmp)
@@ -176,7 +209,9 @@ def restore_sr_state(state: SRState, payload: dict) -> None:
     state.epoch, state.best_psnr, state.history = payload["epoch"], payload["best_psnr"], list(payload["history"])
 
 
-def generator_from_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[Generator, ExperimentConfig, dict]:
+def generator_from_checkpoint(
+    path: str | Path, device: str | torch.device = "cpu"
+) -> tuple[Generator, ExperimentConfig, dict]:
     """The SR generator of an `ferray sr train` checkpoint, in eval mode; CheckpointError otherwise."""
     payload = load_checkpoint(path, kind=SR_KIND)
     cfg = from_dict(payload["config"])

@@ -3,21 +3,27 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 
 from ferray.data.contract import load_split
+from ferray.device import default_device
 from ferray.engine import TensorBatches
 from ferray.sr.engine import evaluate_sr, generator_from_checkpoint
 from ferray.sr.nets import bicubic, make_lr
-from ferray.device import default_device
 
 
-def evaluate_generator(checkpoint: str | Path, data: str | Path, split: str = "PublicTest", out: str | Path | None = None,
-                       faces: int = 6, echo: Callable[[str], None] = print) -> dict:
+def evaluate_generator(
+    checkpoint: str | Path,
+    data: str | Path,
+    split: str = "PublicTest",
+    out: str | Path | None = None,
+    faces: int = 6,
+    echo: Callable[[str], None] = print,
+) -> dict:
     device = default_device()
     generator, cfg, payload = generator_from_checkpoint(checkpoint, device)
     images, _, _ = load_split(data, split)
@@ -27,14 +33,22 @@ def evaluate_generator(checkpoint: str | Path, data: str | Path, split: str = "P
         raise DataError(f"{data}: {images.shape[1]}x{images.shape[2]} faces; SR evaluation needs the 48x48 data")
     out = Path(out) if out is not None else Path(checkpoint).parent
     result, figure = sr_report(generator, images, split, out, faces, device)
-    result.update({"checkpoint": str(checkpoint), "data": str(data), "epoch": payload["epoch"],
-                   "content_loss": payload["content_loss"]})
+    result.update(
+        {
+            "checkpoint": str(checkpoint),
+            "data": str(data),
+            "epoch": payload["epoch"],
+            "content_loss": payload["content_loss"],
+        }
+    )
     (out / f"sr-eval-{split}.json").write_text(json.dumps(result, indent=2) + "\n")
-    echo(f"SR x2 (epoch {payload['epoch']}, content loss {payload['content_loss']}) on {split}, 24 -> 48, "
-         f"{result['samples']:,} faces:\n"
-         f"  PSNR {result['psnr']:.2f} dB vs bicubic {result['bicubic_psnr']:.2f} dB ({result['psnr_gain']:+.2f} dB)\n"
-         f"  SSIM {result['ssim']:.4f} vs bicubic {result['bicubic_ssim']:.4f} ({result['ssim_gain']:+.4f})\n"
-         f"wrote {out / f'sr-eval-{split}.json'} and {figure}")
+    echo(
+        f"SR x2 (epoch {payload['epoch']}, content loss {payload['content_loss']}) on {split}, 24 -> 48, "
+        f"{result['samples']:,} faces:\n"
+        f"  PSNR {result['psnr']:.2f} dB vs bicubic {result['bicubic_psnr']:.2f} dB ({result['psnr_gain']:+.2f} dB)\n"
+        f"  SSIM {result['ssim']:.4f} vs bicubic {result['bicubic_ssim']:.4f} ({result['ssim_gain']:+.4f})\n"
+        f"wrote {out / f'sr-eval-{split}.json'} and {figure}"
+    )
     return result
 
 
@@ -44,8 +58,9 @@ def sr_report(generator, images: np.ndarray, split: str, out: Path, faces: int, 
     batches = TensorBatches(torch.from_numpy(images), labels, 256, shuffle=False, drop_last=False)
     result = {**evaluate_sr(generator, batches, device), "split": split}
     out.mkdir(parents=True, exist_ok=True)
-    figure = plot_sr_grid(generator, images[np.linspace(0, len(images) - 1, faces).astype(int)], device,
-                          out / f"sr-grid-{split}.png")
+    figure = plot_sr_grid(
+        generator, images[np.linspace(0, len(images) - 1, faces).astype(int)], device, out / f"sr-grid-{split}.png"
+    )
     return result, figure
 
 
@@ -58,7 +73,12 @@ def plot_sr_grid(generator, faces: np.ndarray, device, path: Path) -> Path:
 
     hr = torch.from_numpy(faces).float().unsqueeze(1).to(device) / 255.0
     lr = make_lr(hr)
-    columns = {"LR 24x24": lr, "bicubic": bicubic(lr, 2).clamp(0, 1), "SR (ours)": generator(lr).clamp(0, 1), "HR 48x48": hr}
+    columns = {
+        "LR 24x24": lr,
+        "bicubic": bicubic(lr, 2).clamp(0, 1),
+        "SR (ours)": generator(lr).clamp(0, 1),
+        "HR 48x48": hr,
+    }
     fig, axes = plt.subplots(len(faces), 4, figsize=(6, 1.6 * len(faces)))
     for j, (title, batch) in enumerate(columns.items()):
         for i in range(len(faces)):

@@ -16,11 +16,19 @@ import pyarrow.parquet as pq
 import torch
 
 from ferray.data.contract import (
-    FER_SIZE, DataError, atomic_output, build_manifest, faces_table, pixels_to_images,
-    read_manifest, schema, split_dir, write_manifest,
+    FER_SIZE,
+    DataError,
+    atomic_output,
+    build_manifest,
+    faces_table,
+    pixels_to_images,
+    read_manifest,
+    schema,
+    split_dir,
+    write_manifest,
 )
-from ferray.sr.nets import bicubic
 from ferray.device import default_device
+from ferray.sr.nets import bicubic
 
 METHODS = ("srgan", "bicubic")
 # The generator always runs on chunks of this many faces (the last one padded): convolution
@@ -32,8 +40,13 @@ CHUNK = 16
 class Upscaler:
     """Contract table at 48x48 (with or without a split column) -> the same rows at 96x96."""
 
-    def __init__(self, method: str = "srgan", checkpoint: str | None = None, device: str | None = None,
-                 threads: int | None = None):
+    def __init__(
+        self,
+        method: str = "srgan",
+        checkpoint: str | None = None,
+        device: str | None = None,
+        threads: int | None = None,
+    ):
         if method not in METHODS:
             raise ValueError(f"method must be one of {', '.join(METHODS)}, not {method!r}")
         if threads:
@@ -65,8 +78,9 @@ class Upscaler:
         if faces.shape[1:] != (FER_SIZE, FER_SIZE):
             raise DataError(f"upscaling expects {FER_SIZE}x{FER_SIZE} faces, got {faces.shape[1]}x{faces.shape[2]}")
         splits = table.column("split").to_pylist() if "split" in table.column_names else None
-        return faces_table(table.column("id").to_pylist(), table.column("label").to_numpy(), self.upscale(faces),
-                           splits=splits)
+        return faces_table(
+            table.column("id").to_pylist(), table.column("label").to_numpy(), self.upscale(faces), splits=splits
+        )
 
 
 def check_input(data: str | Path) -> dict:
@@ -79,12 +93,25 @@ def check_input(data: str | Path) -> dict:
 
 def upscaled_source(data: str | Path, method: str, checkpoint: str | None, manifest: dict) -> dict:
     """What the output manifest records about where its faces came from."""
-    return {"kind": "upscaled", "from": str(Path(data).absolute()), "from_checksum": manifest["checksum"],
-            "method": method, "scale": 2, "generator_checkpoint": str(Path(checkpoint).absolute()) if checkpoint else None}
+    return {
+        "kind": "upscaled",
+        "from": str(Path(data).absolute()),
+        "from_checksum": manifest["checksum"],
+        "method": method,
+        "scale": 2,
+        "generator_checkpoint": str(Path(checkpoint).absolute()) if checkpoint else None,
+    }
 
 
-def upscale_local(data: str | Path, out: str | Path, method: str = "srgan", checkpoint: str | None = None,
-                  batch_size: int = 256, overwrite: bool = False, threads: int | None = 1) -> dict:
+def upscale_local(
+    data: str | Path,
+    out: str | Path,
+    method: str = "srgan",
+    checkpoint: str | None = None,
+    batch_size: int = 256,
+    overwrite: bool = False,
+    threads: int | None = 1,
+) -> dict:
     """The single-process loop: every split, batch by batch, into a 96x96 prepared dataset.
 
     One CPU thread by default, like each actor of `ferray sr upscale` (and bit-identical to it)."""
@@ -109,4 +136,3 @@ def _write_upscaled(data, out, manifest, upscaler, method, checkpoint, batch_siz
         result = build_manifest(tmp, source=upscaled_source(data, method, checkpoint, manifest))
         write_manifest(tmp, result)
     return result
-

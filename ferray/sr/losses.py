@@ -18,7 +18,6 @@ from ferray.augment import standardize
 from ferray.config import SRConfig
 from ferray.errors import ContentError
 
-
 VGG19_FILE = "vgg19-dcbb9e9d.pth"  # torchvision's VGG19_Weights.IMAGENET1K_V1
 VGG_LAYERS = {"vgg22": 9, "vgg54": 36}  # features[:n] ends after relu2_2 / relu5_4
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -36,13 +35,17 @@ def resolve_content(cfg: SRConfig) -> str:
     if cfg.content == "vgg19":
         if vgg19_weights_path(cfg) is None:
             where = cfg.content_weights or str(Path(torch.hub.get_dir()) / "checkpoints" / VGG19_FILE)
-            raise ContentError(f"sr.content=vgg19 needs VGG19's ImageNet weights at {where} (download "
-                               "torchvision's vgg19-dcbb9e9d.pth there, or set sr.content_weights)")
+            raise ContentError(
+                f"sr.content=vgg19 needs VGG19's ImageNet weights at {where} (download "
+                "torchvision's vgg19-dcbb9e9d.pth there, or set sr.content_weights)"
+            )
         return "vgg19"
     if cfg.content == "model_a":
         if not cfg.content_checkpoint or not Path(cfg.content_checkpoint).is_file():
-            raise ContentError(f"sr.content=model_a needs sr.content_checkpoint: a Model A checkpoint file "
-                               f"(got {cfg.content_checkpoint!r})")
+            raise ContentError(
+                f"sr.content=model_a needs sr.content_checkpoint: a Model A checkpoint file "
+                f"(got {cfg.content_checkpoint!r})"
+            )
         return "model_a"
     if cfg.content == "mse":
         return "mse"

@@ -29,8 +29,11 @@ class ResidualBlock(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
         self.body = nn.Sequential(
-            nn.Conv2d(channels, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels), nn.PReLU(channels),
-            nn.Conv2d(channels, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels),
+            nn.Conv2d(channels, channels, 3, padding=1, bias=False),
+            nn.BatchNorm2d(channels),
+            nn.PReLU(channels),
+            nn.Conv2d(channels, channels, 3, padding=1, bias=False),
+            nn.BatchNorm2d(channels),
         )
 
     def forward(self, x):
@@ -67,13 +70,21 @@ class Discriminator(nn.Module):
     def __init__(self, channels: int = 64):
         super().__init__()
         layers, cin = [nn.Conv2d(1, channels, 3, padding=1), nn.LeakyReLU(0.2)], channels
-        for i, (cout, stride) in enumerate([(channels, 2), (2 * channels, 1), (2 * channels, 2), (4 * channels, 1),
-                                            (4 * channels, 2), (8 * channels, 1), (8 * channels, 2)]):
+        for cout, stride in [
+            (channels, 2),
+            (2 * channels, 1),
+            (2 * channels, 2),
+            (4 * channels, 1),
+            (4 * channels, 2),
+            (8 * channels, 1),
+            (8 * channels, 2),
+        ]:
             layers += [nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.LeakyReLU(0.2)]
             cin = cout
         self.features = nn.Sequential(*layers)
-        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, 1024), nn.LeakyReLU(0.2),
-                                  nn.Linear(1024, 1))
+        self.head = nn.Sequential(
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, 1024), nn.LeakyReLU(0.2), nn.Linear(1024, 1)
+        )
 
     def forward(self, x):
         return self.head(self.features(x)).squeeze(1)
