@@ -22,8 +22,8 @@ from ferray.device import autocast, keep_cpu_buffers
 
 # On the CPU a forward goes in slices of at most this many input pixels (32 crops of 44x44): each
 # slice's activations then stay under glibc's 32 MB mmap ceiling and its buffers are reused from
-# slice to slice (ferray.device.keep_cpu_buffers). One forward of 2,560 TTA crops of Model A ran at
-# 50 crops/s, slices of 32 at 175 (2 cores); the GPU takes the whole batch at once.
+# slice to slice (ferray.device.keep_cpu_buffers), where one large forward would page-fault its
+# activations in every call; the GPU takes the whole batch at once.
 CPU_SLICE_PIXELS = 32 * 44 * 44
 
 # FER2013 Training pixel statistics (0..1 scale), used to standardize every input.

@@ -62,9 +62,9 @@ def _add_demo(sub) -> None:
         help="run the pipeline end to end on synthetic faces",
         description="Run the whole pipeline on synthetic faces on an embedded Ray: a synthetic "
         "fer2013.csv -> prepare -> Model A -> SRGAN -> upscale -> a Tune search -> Model B -> the "
-        "ensemble bundle -> Ray Serve over HTTP -> the paper's report (OUT/report/report.html). About "
-        "8 minutes on 2 CPU cores. Every artifact goes under --out; rerunning replaces the previous "
-        "demo there.",
+        "ensemble bundle -> Ray Serve over HTTP -> the paper's report (OUT/report/report.html). A few "
+        "minutes on a laptop; it prints the seconds each step took. Every artifact goes under --out; "
+        "rerunning replaces the previous demo there.",
     )
     p.add_argument("--out", type=Path, default=None, help="folder for every artifact (default: ./ferray-demo)")
     p.add_argument("--n", type=int, default=1400, help="synthetic faces to make (default: 1400)")
@@ -251,7 +251,7 @@ def _add_int8_flag(p) -> None:
         "--int8",
         action="store_true",
         help="forward Model A in int8 on the CPU (a bundle calibrated by `ferray quantize`; needs "
-        "torchao: pip install 'ferray[int8]'); each batch shape compiles once, ~15 s apiece on 2 cores",
+        "torchao: pip install 'ferray[int8]'); each batch shape compiles once, before its first answer",
     )
 
 
@@ -264,8 +264,8 @@ def _add_quantize(sub) -> None:
         "faces (the test splits stay untouched), write them into BUNDLE (model_a.int8.json, a few kB; "
         "the int8 weights are made from the bundle's own on load), then evaluate the int8 model on "
         "the splits the bundle was evaluated on and add those accuracies to bundle.json and "
-        "MODEL_CARD.md. Needs torchao (pip install 'ferray[int8]'). About 3 minutes for the "
-        "default model on 2 cores.",
+        "MODEL_CARD.md. Needs torchao (pip install 'ferray[int8]'). Minutes on a CPU: calibrating, "
+        "compiling and evaluating with TTA.",
     )
     p.add_argument(
         "bundle", type=Path, help="the bundle folder to calibrate (written into; copy the installed default first)"

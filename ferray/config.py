@@ -80,9 +80,10 @@ class LossConfig:
     center_share: float = 0.0
     center_alpha: float = 0.5
     center_reduction: str = "mean"  # mean | sum over the batch
-    # normalized: the term acts on L2-normalised embeddings, where shrinking the features cannot
-    # cancel it; raw: the paper's term on the pooled features as they are (ferray.losses).
-    center_features: str = "normalized"
+    # raw: the paper's term, on the pooled features as they are (what every run before this option
+    # trained with); normalized: on L2-normalised embeddings, where batch norm cannot cancel the
+    # term by shrinking the features (ferray.losses).
+    center_features: str = "raw"
     label_smoothing: float = 0.0
 
 

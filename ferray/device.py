@@ -1,9 +1,9 @@
 """Where and in which precision the core computes (Ray-free).
 
-bf16 autocast pays off on CUDA and on CPUs that do bf16 in hardware (AVX512-BF16, AMX): measured on
-such a CPU, Model A trained at 115 img/s with bf16 + channels_last against 60 in fp32. On CPUs
-without it (AVX2-only machines, most laptops) oneDNN emulates bf16 and is slower than fp32, so there
-the fast path is fp32. `train.amp: false` forces fp32 everywhere.
+bf16 autocast pays off on CUDA and on CPUs that do bf16 in hardware (AVX512-BF16, AMX), where it
+nearly doubles Model A's training rate (bench/cpu_train.py). On CPUs without it (AVX2-only machines,
+most laptops) oneDNN emulates bf16 and is slower than fp32, so there the fast path is fp32.
+`train.amp: false` forces fp32 everywhere.
 """
 
 from __future__ import annotations
@@ -66,10 +66,9 @@ def keep_cpu_buffers() -> bool:
 
     By default glibc serves every block over a (dynamic) threshold with a fresh mmap and unmaps it
     on free, and trims the heap top after frees: a CPU forward allocates and frees the same
-    activation sizes every call, so each call page-faults its buffers in again. Measured on a 2-core
-    AVX2 machine (Model A, 2,560 TTA crops): 54 s of kernel time against 33 s computing in one forward;
-    in forwards of 32 crops with these settings, no kernel time and 3.5x the crops per second; training
-    at batch 64, 7% faster. A process-wide setting, made once, on first CPU use (never at import);
+    activation sizes every call, so each call page-faults its buffers in again: a large forward then
+    spends more time in the kernel than computing. With these settings (and forwards in slices of 32
+    crops) the buffers are reused. A process-wide setting, made once, on first CPU use (never at import);
     glibc only (elsewhere, and with FERRAY_CPU_MALLOC=0, a no-op). Returns whether it was applied."""
     if os.environ.get("FERRAY_CPU_MALLOC") == "0" or platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False
@@ -88,13 +87,12 @@ def cpu_worker_env(gpus_per_worker: float) -> dict:
     """Environment variables for the process of a CPU training worker: glibc's malloc kept to one
     arena (MALLOC_ARENA_MAX=1), where `keep_cpu_buffers` applies.
 
-    Ray Train runs the training loop in a thread of its worker, and glibc gives each thread its
-    own arena, whose heaps return freed activation buffers to the kernel whatever the thresholds
-    say. Measured on the 2-core AVX512 EPYC (Model A, batch 64, bf16 + inductor, the bench.cpu_train
-    step in a TorchTrainer worker): 76 img/s by default, 91 with one arena; the bare loop 102. Read
-    by glibc when the process starts, so it goes into the worker's runtime_env, not mallopt. None
-    for GPU workers (their hot loop is on the device), with FERRAY_CPU_MALLOC=0, or where the user
-    set MALLOC_ARENA_MAX."""
+    Ray Train runs the training loop in a thread of its worker, and glibc gives each thread its own
+    arena, whose heaps return freed activation buffers to the kernel whatever the thresholds say,
+    and the loop runs well below its rate outside Ray (docs/benchmarks.md). Read by glibc when the
+    process starts, so it goes into the worker's runtime_env, not mallopt. None for GPU workers
+    (their hot loop is on the device), with FERRAY_CPU_MALLOC=0, or where the user set
+    MALLOC_ARENA_MAX."""
     if gpus_per_worker or os.environ.get("FERRAY_CPU_MALLOC") == "0" or "MALLOC_ARENA_MAX" in os.environ:
         return {}
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":

@@ -3,12 +3,13 @@
     fused = w * P_A(face) + (1 - w) * P_B(SR(face))
 
 P_A: Model A on the 48x48 face (ten-crop TTA); P_B: Model B on the face upscaled 2x by the SR
-generator (ten-crop TTA at 96/88). The weight w is fitted on PublicTest by a grid over [0, 1] in
-steps of 0.01, maximizing accuracy (ties broken by log-loss), as the paper selects on PublicTest.
-Two alternatives are measured and recorded in the model card: the same grid on log-probabilities
-(logit averaging), and stacking (a logistic regression on both members' log-probabilities) whose
-accuracy is estimated by 5-fold cross-validation on PublicTest, since fitting 105 weights on the
-split it is scored on would flatter it.
+generator (ten-crop TTA at 96/88). The weight w is fitted on the selection split (Validation where
+it was carved, PublicTest under FER2013's own protocol, as the paper selects) by a grid over [0, 1]
+in steps of 0.01, maximizing accuracy (ties broken by log-loss). Two alternatives are measured on
+the same split and recorded in the model card: the same grid on log-probabilities (logit
+averaging), and stacking (a logistic regression on both members' log-probabilities) whose accuracy
+is estimated by 5-fold cross-validation, since fitting 105 weights on the split it is scored on
+would flatter it.
 
 A bundle is a folder: bundle.json (fusion, labels, members, measured accuracies), the three
 checkpoints with only what inference needs (weights + config; loaded with weights_only=True), and
@@ -128,7 +129,7 @@ class Ensemble:
 
     def warm_up(self, which: str) -> None:
         """Make now what member `which` forwards (a frozen or int8 copy; int8 compiles each batch
-        shape it uses, ~15 s apiece on 2 cores), so that no request pays for it."""
+        shape it uses), so that no request pays for it."""
         runner, _ = self.runner(which)
         if hasattr(runner, "warm_up"):
             runner.warm_up()

@@ -4,7 +4,7 @@
                                                                      with reduction="mean")
 
 x_i is the feature vector before the classifier, c_j the center of class j. With
-features="normalized" (the default) x_i is the L2-normalised embedding: on the raw pooled
+features="normalized" x_i is the L2-normalised embedding: on the raw pooled
 BN -> PReLU features the network can shrink every feature (batch norm's scale is free) and the
 term with them, so it stops acting after the first epoch; on the unit sphere no rescaling moves
 it, and 1/2||x - c||^2 lies in [0, 2], so lambda sets the term's share of the loss. "raw" is the

@@ -52,8 +52,8 @@ class Member:
         torch.set_num_threads(replica.threads)
         ensemble, _ = load_bundle(bundle, members=(which,), int8=replica.int8)
         self._forward = ensemble.probs_a if which == "a" else ensemble.probs_b
-        # Make what inference runs (a frozen bf16 copy on bf16 CPUs, ~1 s; int8: every batch shape compiled,
-        # ~45 s) here, not in a request.
+        # Make what inference runs (a frozen bf16 copy on bf16 CPUs; int8: every batch shape compiled)
+        # here, not in a request.
         ensemble.warm_up(which)
         self.predict.set_max_batch_size(replica.max_batch_size)
         self.predict.set_batch_wait_timeout_s(replica.batch_wait_timeout_s)

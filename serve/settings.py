@@ -26,9 +26,9 @@ class ReplicaSettings:
     min_replicas: int = 1
     max_replicas: int = 1
     target_ongoing_requests: float = 8.0
-    # int8 on the CPU (a bundle calibrated by `ferray quantize`; torchao installed): 1.2-1.45x the faces/s
-    # of bf16 on a 2-core AVX512 EPYC (bench/cpu_infer.py); each replica compiles its batch shapes when it
-    # starts (~20-45 s on 2 cores)
+    # int8 on the CPU (a bundle calibrated by `ferray quantize`; torchao installed): more faces per second
+    # than bf16 on CPUs with VNNI (bench/cpu_infer.py); each replica compiles its batch shapes when it
+    # starts, before it takes a request
     int8: bool = False
 
     def check(self, where: str) -> None:

@@ -56,13 +56,13 @@ def test_normalized_center_term_cannot_be_cancelled_by_rescaling_the_features():
     normalised term (the default) is the same at any scale, and so is where the centers move."""
     torch.manual_seed(0)
     x, y = torch.randn(16, 8) + 2.0, torch.arange(16) % 4
-    raw, normalized = CenterLoss(4, 8, features="raw"), CenterLoss(4, 8)
+    raw, normalized = CenterLoss(4, 8, features="raw"), CenterLoss(4, 8, features="normalized")
     for loss in (raw, normalized):
         loss.update_centers(x, y)
     assert raw(x * 0.1, y).item() < raw(x, y).item() / 5
     for scale in (1e-3, 0.1, 10.0, 1e3):
         assert normalized(x * scale, y).item() == pytest.approx(normalized(x, y).item(), rel=1e-4)
-    moved = CenterLoss(4, 8)
+    moved = CenterLoss(4, 8, features="normalized")
     moved.update_centers(x * 1e3, y)
     assert torch.allclose(moved.centers, normalized.centers, atol=1e-6)
     assert 0 < normalized(x, y).item() <= 2.0  # 1/2 |a - b|^2 of unit-ball vectors: a known range for lambda

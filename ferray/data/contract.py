@@ -83,7 +83,7 @@ def decode_faces(table: pa.Table) -> dict:
     (B,) int64}, the key a hash of the face's id: a Train worker that caches its shard orders it by key,
     so a run's batches do not depend on the order in which Ray Data's read tasks finish. It lives here,
     not in the Train module, because Ray Data runs it in fresh worker processes: importing it from a
-    module that imports torch cost each of them ~5 s on 2 cores."""
+    module that imports torch would cost each of them seconds of start-up."""
     from pandas.util import hash_array
 
     keys = hash_array(table.column("id").to_numpy(zero_copy_only=False).astype(object)).view("int64")

@@ -35,16 +35,16 @@ def configure_train_env(single_machine: bool = False) -> None:
     RAY_TRAIN_* variables on to its controller and workers, on a cluster too).
 
     A worker's ray.train.report waits until the controller's next poll of the worker group; Ray's
-    default poll of 2 s costs up to 2 s per epoch, a third of a short epoch. 0.5 s polls cost little.
+    default poll of 2 s costs up to 2 s per epoch, much of a short epoch. 0.5 s polls cost little.
     On one machine (`single_machine`) there is no node to lose alone, so the preemption watcher, an
     extra actor process per run, is only a cost.
     """
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     if single_machine:
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-    # Ray Data's parquet reader V2 (the 2.60 default) adds a ListFiles stage that cost 2.6-5.8 s per
-    # read of a prepared split on 2 cores against 0.4-1.7 s for V1 (same rows; measured with a
-    # throwaway read loop), and every Train run, upscale and tune trial reads one. Ray keeps V1
+    # Ray Data's parquet reader V2 (the 2.60 default) adds a ListFiles stage that takes seconds per
+    # read of a prepared split on a small machine, several times V1's, and every Train run, upscale
+    # and tune trial reads one. Ray keeps V1
     # selectable by this variable; RAY_DATA_USE_DATASOURCE_V2=1 brings V2 back.
     os.environ.setdefault("RAY_DATA_USE_DATASOURCE_V2", "0")
 
@@ -141,7 +141,7 @@ def configure_data(quiet: bool, progress: bool) -> None:
 
 # Ray Data (2.5x-2.6x) learns the cluster's size from a non-blocking RPC that it polls once a
 # second; until the first answer lands, every operator has a zero budget and runs one task at a
-# time. A whole FER2013 prepare takes about 2 s, so that first second cost a third of it.
+# time. A whole FER2013 prepare takes seconds, so that first second is a large share of it.
 # Polling every 0.2 s leaves at most 0.2 s serial. Private knob: skipped if Ray renames it.
 LIMITS_POLL_S = 0.2
 

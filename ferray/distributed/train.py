@@ -57,7 +57,7 @@ def check_data(cfg: ExperimentConfig, task: str = "classifier") -> dict:
 def build_datasets(cfg: ExperimentConfig) -> dict:
     """The training split as a Ray Dataset, sharded across workers. The eval split is not here: rank 0
     evaluates all of it, so it reads it itself (a few MB); a Dataset would cost a streaming executor
-    and fresh worker processes per run (~9 s on 2 cores) for no parallelism."""
+    and fresh worker processes per run (seconds of start-up) for no parallelism."""
     import ray.data
 
     path = str(split_dir(Path(cfg.data.path).absolute(), cfg.data.train_split))

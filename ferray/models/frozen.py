@@ -2,14 +2,14 @@
 
 Where the CPU has native bf16 (ferray.device.use_bf16), inference forwards a copy of the loaded
 (batch-norm-folded) model whose weights are bf16 constants of a frozen TorchScript graph. On one face
-~70% of the eager forward was aten::mkldnn_convolution re-ordering every convolution's weights into
-oneDNN's layout on every call, and autocast re-casting them to bf16 (~13%, aten::_to_copy;
-torch.profiler, one thread); freezing does both once, when the model is loaded, and lets oneDNN keep
+most of the eager forward went to aten::mkldnn_convolution re-ordering every convolution's weights
+into oneDNN's layout on every call, and to autocast re-casting them to bf16 (torch.profiler);
+freezing does both once, when the model is loaded, and lets oneDNN keep
 prepacked weights. Same answers as eager bf16 autocast (tests/test_ensemble.py), and
 bench/cpu_infer.py measures the speed against the model as trained.
 
-TorchScript is deprecated upstream in favour of torch.compile, which would need a compile of tens of
-seconds per batch shape on a 2-core CPU (too slow for `ferray predict`): so tracing that fails (or a
+TorchScript is deprecated upstream in favour of torch.compile, which compiles each batch shape for
+far longer than a one-shot `ferray predict` runs: so tracing that fails (or a
 torch without torch.jit) falls back to the bf16 copy run eagerly, and `how` says why.
 """
 

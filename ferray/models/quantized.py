@@ -1,12 +1,11 @@
 """A trained classifier in int8 for CPU throughput: static post-training quantization (Ray-free).
 
-The bf16 path (ferray.models.frozen) forwards a batch of 256 faces at ~600 faces/s on a 2-core
-AVX512-BF16 EPYC, 70% of what its bf16 matrix units allow; int8 doubles the arithmetic per
-instruction (AVX512-VNNI). Here a model is exported (torch.export), its convolutions quantized by
-torchao's PT2E flow with the X86 inductor quantizer (int8 weights per output channel, uint8
-activations per tensor), and inductor compiles the result, fusing each PReLU with the quantization
-of its output. Eager int8 kernels (FX quantization) reach only ~650 faces/s: quantized::prelu alone
-took 31% of the batch; compiled, ~850.
+The bf16 path (ferray.models.frozen) is already close to what a CPU's bf16 matrix units allow for
+large batches; int8 doubles the arithmetic per instruction (AVX512-VNNI). Here a model is exported
+(torch.export), its convolutions quantized by torchao's PT2E flow with the X86 inductor quantizer
+(int8 weights per output channel, uint8 activations per tensor), and inductor compiles the result,
+fusing each PReLU with the quantization of its output: eager int8 kernels (FX quantization) spend a
+large part of the batch in an unfused quantized::prelu.
 
 Activation ranges come from calibration on real faces (`calibrate`, run by `ferray quantize`); only
 the ranges are stored in a bundle (`model_a.int8.json`, a few kB): the int8 weights are made again
@@ -15,7 +14,7 @@ from the bundle's weights on load, so a bundle never holds two copies of a membe
 The compiled graph is specialized to one batch shape (inductor's dynamic-shape int8 convolutions
 gave wrong answers on torch 2.14: a stride mix-up after the first convolution), so batches are
 padded up to one of BUCKETS: a face, its ten TTA views, or a CPU slice of 32. Each bucket compiles
-on first use (~15 s on 2 cores); `warm_up` pays that up front. Padding rows never change the
+on first use (seconds on a small CPU); `warm_up` pays that up front. Padding rows never change the
 answers of the real ones (static quantization: no statistic depends on the batch).
 """
 
@@ -206,6 +205,6 @@ class QuantizedClassifier(nn.Module):
             return self.graph(part)[:n]
 
     def warm_up(self) -> None:
-        """Compile every bucket now (~15 s each on 2 cores), not in the first request of its size."""
+        """Compile every bucket now, not in the first request of its size."""
         for size in BUCKETS:
             self(torch.zeros(size, 1, self.crop, self.crop))
