@@ -60,3 +60,41 @@ def test_the_package_list_names_every_package_and_maps_serve_and_experiments():
     assert set(setup["packages"]) == found | {"ferray.serve_app", "ferray.experiments"}
     assert setup["package-dir"] == {"ferray.serve_app": "serve", "ferray.experiments": "experiments"}
     assert not (FERRAY / "serve_app").exists() and not (FERRAY / "experiments").exists()  # no links into the checkout
+
+
+def test_ray_internals_are_touched_only_on_a_tested_ray(monkeypatch, caplog):
+    import ray
+
+    from ferray.distributed import ray_internals
+
+    ray_internals.supported.cache_clear()
+    monkeypatch.setattr(ray, "__version__", "2.99.0")
+    try:
+        assert not ray_internals.supported()
+        assert "outside the series" in caplog.text
+        assert ray_internals.placement_group_by_id("00" * 18) is None
+        ray_internals.poll_cluster_size_every(0.2)  # a no-op, not an error
+    finally:
+        ray_internals.supported.cache_clear()
+    monkeypatch.setattr(ray, "__version__", "2.60.0")
+    assert ray_internals.supported()
+    ray_internals.supported.cache_clear()
+
+
+def test_dependency_floors_leave_out_releases_with_known_security_fixes_missing():
+    import tomllib
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    deps = {
+        Requirement(d).name: Requirement(d).specifier
+        for d in tomllib.loads((FERRAY.parent / "pyproject.toml").read_text())["project"]["dependencies"]
+    }
+    for name, unsafe in (
+        ("torch", "2.5.1"),
+        ("pillow", "10.2.0"),
+        ("pyarrow", "14.0.0"),
+        ("python-multipart", "0.0.17"),
+    ):
+        assert not deps[name].contains(Version(unsafe)), name
+    assert deps["ray"].contains(Version("2.60.0")) and not deps["ray"].contains(Version("2.61.0"))

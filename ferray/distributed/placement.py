@@ -23,8 +23,8 @@ def record_placement_group(run_dir: Path) -> None:
 def release_placement_group(run_dir: Path) -> bool:
     """Remove the placement group a run recorded if it is still reserved; True if one was removed."""
     import ray.util
-    from ray._raylet import PlacementGroupID
-    from ray.util.placement_group import PlacementGroup
+
+    from ferray.distributed.ray_internals import placement_group_by_id
 
     path = Path(run_dir) / PLACEMENT_GROUP_FILE
     if not path.is_file():
@@ -32,5 +32,8 @@ def release_placement_group(run_dir: Path) -> bool:
     group_id = path.read_text().strip()
     if ray.util.placement_group_table().get(group_id, {}).get("state") != "CREATED":
         return False
-    ray.util.remove_placement_group(PlacementGroup(PlacementGroupID(bytes.fromhex(group_id))))
+    group = placement_group_by_id(group_id)
+    if group is None:
+        return False
+    ray.util.remove_placement_group(group)
     return True

@@ -12,6 +12,8 @@ import os
 import sys
 from dataclasses import dataclass
 
+from ferray.distributed import ray_internals
+
 # Logical CPUs for the embedded Ray: at least this many, so that Data read tasks, Train workers and
 # Tune trials can coexist on a 2-core laptop (they mostly wait on each other, not on the cores).
 MIN_LOGICAL_CPUS = 4
@@ -62,12 +64,7 @@ def quiet_worker_logs() -> None:
     if not is_verbose():
         logging.getLogger("ray.train").setLevel(logging.WARNING)
         logging.getLogger("ray.data").setLevel(logging.ERROR)
-        try:  # this module logs under its file path, not under "ray.train"
-            from ray.train.v2._internal.execution import context
-
-            logging.getLogger(context.__file__).setLevel(logging.WARNING)
-        except ImportError:
-            pass
+        ray_internals.quiet_train_context_logger()
 
 
 @dataclass
@@ -142,14 +139,9 @@ def configure_data(quiet: bool, progress: bool) -> None:
 # Ray Data (2.5x-2.6x) learns the cluster's size from a non-blocking RPC that it polls once a
 # second; until the first answer lands, every operator has a zero budget and runs one task at a
 # time. A whole FER2013 prepare takes seconds, so that first second is a large share of it.
-# Polling every 0.2 s leaves at most 0.2 s serial. Private knob: skipped if Ray renames it.
+# Polling every 0.2 s leaves at most 0.2 s serial (a private knob: ferray.distributed.ray_internals).
 LIMITS_POLL_S = 0.2
 
 
 def _poll_cluster_size_faster() -> None:
-    try:
-        from ray.data._internal.execution.resource_manager import ResourceManager
-    except ImportError:
-        return
-    if getattr(ResourceManager, "GLOBAL_LIMITS_UPDATE_INTERVAL_S", 0) > LIMITS_POLL_S:
-        ResourceManager.GLOBAL_LIMITS_UPDATE_INTERVAL_S = LIMITS_POLL_S
+    ray_internals.poll_cluster_size_every(LIMITS_POLL_S)
