@@ -61,8 +61,8 @@ def main() -> int:
     results = evaluate_tests(state, run, tests, device)
     summary = run.write_result(state, tests=results)
     print(
-        f"done: {summary['epochs']} epochs in {summary['train_seconds'] / 60:.1f} min (compile {summary['compile']}); "
-        f"best epoch {summary['best_epoch']}, {selection} (selection) {summary['best_eval_acc']:.2%}; "
+        f"done: {summary.epochs} epochs in {summary.train_seconds / 60:.1f} min (compile {summary.facts['compile']}); "
+        f"best epoch {summary.best_epoch}, {selection} (selection) {summary.best_value:.2%}; "
         + "; ".join(f"{s} {r['center']['accuracy']:.2%}, TTA {r['tta']['accuracy']:.2%}" for s, r in results.items())
         + f"; {out / 'result.json'}"
     )

@@ -63,6 +63,7 @@ def make_generator(args, splits, device, out: Path, minutes: float, content_chec
     """(generator or None for bicubic, how it was made)."""
     from ferray.config import load_runnable_config
     from ferray.local import train_local
+    from ferray.tasks import SR
 
     if args.bicubic:
         return None, "bicubic"
@@ -79,9 +80,7 @@ def make_generator(args, splits, device, out: Path, minutes: float, content_chec
         sets.append(f"sr.content_checkpoint={content_checkpoint}")
     cfg = load_runnable_config(REPO / "experiments" / "srgan.yaml", sets)
     print(f"SRGAN: up to {cfg.train.epochs} epochs in {minutes:.1f} min", flush=True)
-    state, run = train_local(
-        cfg, splits["Training"], splits[splits["selection"]], device, out / "srgan", task_name="sr"
-    )
+    state, run = train_local(cfg, splits["Training"], splits[splits["selection"]], device, out / "srgan", task=SR)
     kind = state.content.kind
     return state.core.eval(), f"SRGAN trained here ({kind} content loss, epoch {run.best['epoch']} of {state.epoch})"
 
@@ -144,10 +143,9 @@ def main() -> int:
     results = evaluate_tests(state, run, big_tests, device)
     summary = run.write_result(state, tests=results)
     print(
-        f"done: {cfg.name} {'(from scratch)' if not run.facts['pretrained'] else '(ImageNet)'}, {summary['epochs']} "
-        f"epochs in {summary['train_seconds'] / 60:.1f} min; best epoch {summary['best_epoch']}, {selection} "
-        "(selection) "
-        f"{summary['best_eval_acc']:.2%}; "
+        f"done: {cfg.name} {'(from scratch)' if not run.facts['pretrained'] else '(ImageNet)'}, {summary.epochs} "
+        f"epochs in {summary.train_seconds / 60:.1f} min; best epoch {summary.best_epoch}, {selection} "
+        f"(selection) {summary.best_value:.2%}; "
         + "; ".join(f"{s} {r['center']['accuracy']:.2%}, TTA {r['tta']['accuracy']:.2%}" for s, r in results.items())
         + f"; {out / 'result.json'}"
     )

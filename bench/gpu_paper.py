@@ -55,6 +55,7 @@ def main() -> int:
     from ferray.config import load_runnable_config
     from ferray.local import evaluate_tests, train_local
     from ferray.report.plan import load_plan
+    from ferray.tasks import SR
 
     t_start = time.perf_counter()
     device, name = device_and_flags()
@@ -105,7 +106,7 @@ def main() -> int:
         evaluations[spec.key] = {s: {"plain": v["center"], "tta": v["tta"]} for s, v in evaluated.items()}
         probs.update({(spec.key, s, "plain" if view == "center" else view): p for (s, view), p in found.items()})
         cores[spec.key], configs[spec.key] = state.core.eval(), cfg
-        runs[spec.key] = run.write_result(state) | {"reused": False, "gpus_per_worker": int(device.type == "cuda")}
+        runs[spec.key] = run.write_result(state).to_dict() | {"reused": False}
 
     small = {"Training": splits["Training"], selection: splits[selection], **tests}
     for spec in [s for s in plan.runs if not s.on_sr]:
@@ -121,16 +122,11 @@ def main() -> int:
         splits[selection],
         device,
         out / "runs" / cfg_sr.name,
-        task_name="sr",
+        task=SR,
         facts={"made_by": made_by},
     )
     generator = sr_state.core.eval()
-    srgan = sr_run.write_result(sr_state) | {
-        "content_loss": sr_state.content.kind,
-        "reused": False,
-        "best_eval_psnr": sr_run.best["eval_psnr"],
-        "gpus_per_worker": int(device.type == "cuda"),
-    }
+    srgan = sr_run.write_result(sr_state).to_dict() | {"content_loss": sr_state.content.kind, "reused": False}
     t0 = time.perf_counter()
     big = {s: upscaled(f, generator, device) for s, f in small.items()}
     print(

@@ -68,7 +68,7 @@ def ray_train(cfg, folder: Path) -> tuple[float, int, float, float]:
     result = run_training(cfg, folder, name="overhead", echo=lambda _: None)
     total = time.perf_counter() - t0
     rows = [json.loads(line) for line in (folder / "overhead" / "metrics.jsonl").read_text().splitlines()]
-    return rows[-1]["loop_seconds"], sum(r["train_images"] for r in rows), result["best_eval_acc"], total
+    return rows[-1]["loop_seconds"], sum(r["train_images"] for r in rows), result.best_value, total
 
 
 def main() -> int:

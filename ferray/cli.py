@@ -570,8 +570,9 @@ def cmd_train(args) -> int:
 
 def cmd_sr_train(args) -> int:
     from ferray.distributed.train import run_training
+    from ferray.tasks import SR
 
-    run_training(experiment_config(args), args.out, name=args.name, resume=args.resume, echo=_echo, task="sr")
+    run_training(experiment_config(args), args.out, name=args.name, resume=args.resume, echo=_echo, task=SR)
     return 0
 
 

@@ -10,6 +10,7 @@ torch.load(weights_only=True), and `from_dict` rebuilds the same config from a c
 from __future__ import annotations
 
 import dataclasses
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -175,7 +176,16 @@ CHOICES = {
 
 # ------------------------------------------------------------------------------------- building
 def _coerce(value, annotation, where: str):
-    """Check/convert a YAML value to the field's type (ints are accepted for floats)."""
+    """Check/convert a YAML or JSON value to the field's type (ints are accepted for floats;
+    `X | None` accepts None; a nested dataclass inside one is built too)."""
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        options = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if value is None and len(options) < len(typing.get_args(annotation)):
+            return None
+        if len(options) == 1:
+            if dataclasses.is_dataclass(options[0]):
+                return build_typed(options[0], value, where)
+            return _coerce(value, options[0], where)
     kind = annotation if isinstance(annotation, type) else typing.get_origin(annotation)
     if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
@@ -192,6 +202,8 @@ def _coerce(value, annotation, where: str):
         return value
     if kind is list and isinstance(value, list):
         return list(value)
+    if kind is dict and isinstance(value, dict):
+        return dict(value)
     raise ConfigError(f"{where}: expected {getattr(kind, '__name__', kind)}, got {value!r}")
 
 
@@ -215,6 +227,13 @@ def build_typed(cls, data: dict, where: str):
             kwargs[name] = build_typed(hint, value, key)
         else:
             kwargs[name] = _coerce(value, hint, key)
+    missing = sorted(
+        f.name
+        for f in dataclasses.fields(cls)
+        if f.name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    )
+    if missing:
+        raise ConfigError(f"{where or 'top level'}: missing key(s) {', '.join(missing)}")
     return cls(**kwargs)
 
 

@@ -46,6 +46,7 @@ from ferray.metrics import confusion_matrix, summarize_confusion
 from ferray.models import num_params
 from ferray.models.folding import fold_batch_norms
 from ferray.models.frozen import freeze_for_cpu
+from ferray.runs import RUN_FILES
 
 BUNDLE_FORMAT = "ferray.bundle/1"
 BUNDLE_FILE = "bundle.json"
@@ -416,9 +417,6 @@ def build_bundle(
     return card
 
 
-RUN_FILES = ("config.yaml", "result.json", "metrics.jsonl", "machine.json", "provenance.json")
-
-
 def _write_bundle(out, card: dict, a, b, sr, overwrite: bool) -> None:
     from ferray.metrics import plot_confusion
 
@@ -475,10 +473,12 @@ def _member_card(model, cfg: ExperimentConfig, source, filename: str) -> dict:
 
 def run_facts(checkpoint) -> dict | None:
     """What the member's run recorded about itself (RUN/result.json beside RUN/best.pt), if it is there."""
-    result = Path(checkpoint).parent / "result.json"
-    if not result.is_file():
+    from ferray.runs import read_record
+
+    record = read_record(Path(checkpoint).parent)
+    if record is None:
         return None
-    facts = json.loads(result.read_text())
+    facts = record.to_dict()
     keep = (
         "name",
         "best_epoch",

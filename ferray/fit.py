@@ -13,17 +13,14 @@ evaluation is shared among workers, what an epoch's end does.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from ferray.engine import planned_epochs
+from ferray.runs import BEST_FILE, LATEST_FILE, METRICS_FILE, RESULT_FILE, RunFolder, RunRecord
 
-METRICS_FILE = "metrics.jsonl"
-RESULT_FILE = "result.json"
-BEST_FILE = "best.pt"
-LATEST_FILE = "latest.pt"
+__all__ = ["BEST_FILE", "LATEST_FILE", "METRICS_FILE", "RESULT_FILE", "LocalRun", "fit"]
 
 
 def fit(
@@ -66,24 +63,24 @@ def fit(
 
 
 class LocalRun:
-    """A run folder written as `ferray train` writes one, without Ray: config.yaml, metrics.jsonl,
-    best.pt (by the task's metric on the selection split), latest.pt and result.json, the last two
-    rewritten after every epoch so a run killed at any moment keeps what it measured."""
+    """A run folder written as `ferray train` writes one, without Ray (through ferray.runs.RunFolder):
+    config.yaml, metrics.jsonl, best.pt (by the task's metric on the selection split), latest.pt
+    and result.json, the last two rewritten after every epoch so a run killed at any moment keeps
+    what it measured. `facts` (the machine, the compile outcome, test evaluations) go into the
+    record's facts; a "machine" fact becomes machine.json."""
 
     def __init__(self, run_dir: str | Path, task, cfg, facts: dict | None = None, echo: Callable[[str], None] = print):
-        from ferray.config import dump_yaml
-
-        self.run_dir, self.task, self.cfg, self.echo = Path(run_dir), task, cfg, echo
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.yaml").write_text(dump_yaml(cfg))
-        (self.run_dir / METRICS_FILE).write_text("")
+        self.folder = RunFolder(run_dir)
+        self.run_dir, self.task, self.cfg, self.echo = self.folder.path, task, cfg, echo
         self.facts = dict(facts or {})
+        self.folder.start(cfg, fresh_metrics=True)
+        if "machine" in self.facts:
+            self.folder.write_machine(self.facts.pop("machine"))
         self.best: dict | None = None
         self.started = time.perf_counter()
 
     def on_epoch(self, state, row: dict) -> None:
-        with open(self.run_dir / METRICS_FILE, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        self.folder.append_epoch(row)
         self.task.save(self.run_dir / LATEST_FILE, state, row)
         if self.best is None or row[self.task.select_by] > self.best[self.task.select_by]:
             self.best = row
@@ -91,27 +88,19 @@ class LocalRun:
         self.echo(self.task.format_epoch(row, self.cfg))
         self.write_result(state)
 
-    def write_result(self, state, **extra) -> dict:
-        """result.json as `ferray train` writes it (plus `extra`, e.g. test evaluations)."""
+    def write_result(self, state, **extra) -> RunRecord:
+        """result.json as `ferray train` writes it (`extra`, e.g. test evaluations, joins the facts)."""
         self.facts.update(extra)
         best = self.best or {}
-        history = state.history
-        summary = {
-            "name": self.run_dir.name,
-            "task": self.task.name,
-            "model": self.task.model_name(self.cfg),
-            "run_dir": str(self.run_dir),
-            "best_checkpoint": str(self.run_dir / BEST_FILE),
-            "best_epoch": best.get("epoch"),
-            f"best_{self.task.metric}": best.get(self.task.metric),
-            "selection_split": self.cfg.data.selection_split,
-            "epochs": state.epoch,
-            "planned_epochs": self.task.planned_epochs(state),
-            "seconds": round(time.perf_counter() - self.started, 1),
-            "train_seconds": round(sum(r.get("epoch_seconds", 0.0) for r in history), 1),
-            "budget_minutes": self.cfg.train.budget_minutes or None,
-            "workers": 1,
-            **self.facts,
-        }
-        (self.run_dir / RESULT_FILE).write_text(json.dumps(summary, indent=2, default=str) + "\n")
-        return summary
+        record = self.folder.record(
+            self.cfg,
+            self.task,
+            best_epoch=best.get("epoch"),
+            best_value=best.get(self.task.metric),
+            epochs=state.epoch,
+            planned_epochs=self.task.planned_epochs(state),
+            seconds=time.perf_counter() - self.started,
+            facts=self.facts,
+            gpus_per_worker=float(state.device.type == "cuda") if hasattr(state, "device") else 0.0,
+        )
+        return self.folder.write_record(record)

@@ -19,7 +19,7 @@ from ferray.config import ExperimentConfig
 from ferray.data.memory import Faces
 from ferray.engine import TensorBatches
 from ferray.fit import BEST_FILE, LocalRun, fit
-from ferray.tasks import get_task
+from ferray.tasks import CLASSIFIER, Task
 
 
 def on_device(faces: Faces, device, batch_size: int, train: bool, seed: int = 0) -> TensorBatches:
@@ -40,7 +40,7 @@ def train_local(
     selection: Faces,
     device,
     run_dir: str | Path,
-    task_name: str = "classifier",
+    task: Task = CLASSIFIER,
     facts: dict | None = None,
     echo: Callable[[str], None] = print,
 ) -> tuple[object, LocalRun]:
@@ -48,7 +48,6 @@ def train_local(
     torch.compile, falling back to eager (said in the output and the run's facts) if it fails."""
     from ferray.device import machine_facts
 
-    task = get_task(task_name)
     state = task.build(cfg, device)
     run = LocalRun(
         run_dir, task, cfg, {**(facts or {}), "machine": machine_facts(device, getattr(state, "use_amp", False))}, echo

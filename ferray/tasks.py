@@ -8,12 +8,39 @@ training epoch, the evaluation, the per-epoch row, the checkpoint and the progre
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
 from ferray import engine
 from ferray.config import ExperimentConfig
 from ferray.sr import engine as sr_engine
+
+
+class Task(Protocol):
+    """What a run trains, as every runner sees it (ferray.fit, the Ray Train loop, ferray.runs)."""
+
+    name: str  # "classifier" | "sr": the record's task
+    kind: str  # the checkpoint kind it writes and reads
+    metric: str  # the run's figure, on the selection split (the record's metric)
+    select_by: str  # the row key that chooses the kept checkpoint (higher wins)
+    shared_keys: tuple[str, ...]  # evaluation results every worker needs (rank 0 computes them)
+    reported_metrics: tuple[str, ...]  # what each epoch reports to Ray Train and Tune
+
+    def check_data(self, manifest: dict, cfg: ExperimentConfig) -> None: ...
+    def model_name(self, cfg: ExperimentConfig) -> str: ...
+    def format_value(self, value: float) -> str: ...
+    def build(self, cfg: ExperimentConfig, device: torch.device, wrap=None, rank: int = 0): ...
+    def restore(self, state, payload: dict) -> None: ...
+    def train_epoch(self, state, batches, steps_per_epoch: int) -> dict: ...
+    def evaluate(self, state, batches) -> dict: ...
+    def end_epoch(self, state, train_metrics: dict, eval_metrics: dict) -> dict: ...
+    def planned_epochs(self, state) -> int: ...
+    def replan(self, state, epochs: int) -> None: ...
+    def save(self, path: Path, state, row: dict) -> None: ...
+    def restore_weights(self, state, path: Path) -> None: ...
+    def best(self, payload: dict) -> float: ...
+    def format_epoch(self, row: dict, cfg: ExperimentConfig) -> str: ...
 
 
 class ClassifierTask:
@@ -147,10 +174,13 @@ class SRTask:
         )
 
 
-TASKS = {task.name: task for task in (ClassifierTask(), SRTask())}
+CLASSIFIER: Task = ClassifierTask()
+SR: Task = SRTask()
+TASKS = {task.name: task for task in (CLASSIFIER, SR)}
 
 
-def get_task(name: str):
+def get_task(name: str) -> Task:
+    """A task by its record name (result.json's "task")."""
     if name not in TASKS:
         raise KeyError(f"unknown task {name!r}; known: {', '.join(TASKS)}")
     return TASKS[name]

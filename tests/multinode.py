@@ -112,7 +112,7 @@ def train(out: Path) -> dict:
     result = run_training(cfg, out / "runs", echo=lambda line: print(line, flush=True))
     watcher.join(timeout=5)
     epochs = [json.loads(line)["epoch"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {"epochs": result["epochs"], "logged": epochs, "workers": result["workers"], **events}
+    return {"epochs": result.epochs, "logged": epochs, "workers": result.workers, **events}
 
 
 def upscale_run(out: Path) -> dict:

@@ -9,6 +9,7 @@ import torch
 
 from ferray.data.contract import EMOTIONS
 from ferray.ensemble import default_bundle_path, load_bundle, read_bundle_card
+from ferray.runs import read_record
 
 BUNDLE = default_bundle_path()
 SUBSET = 300
@@ -38,12 +39,12 @@ def test_the_model_card_is_written_from_the_runs_own_files(card):
 
     assert (BUNDLE / "MODEL_CARD.md").read_text() == render_model_card(card)
     run = BUNDLE / "run_a"
-    result = json.loads((run / "result.json").read_text())
+    result = read_record(run).to_dict()
     facts = card["members"]["a"]["run"]
     assert {k: result[k] for k in facts} == facts
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     best = max(rows, key=lambda r: r["eval_acc"])
-    assert card["members"]["a"]["selection_accuracy"] == best["eval_acc"] == result["best_eval_acc"]
+    assert card["members"]["a"]["selection_accuracy"] == best["eval_acc"] == result["best_value"]
     assert card["members"]["a"]["epochs"] == best["epoch"] == result["best_epoch"]
     assert result["train_seconds"] == pytest.approx(sum(r["epoch_seconds"] for r in rows), abs=0.2)
     assert result["epochs"] == len(rows) == rows[-1]["planned_epochs"]  # the run trained what it planned

@@ -13,6 +13,7 @@ import torch
 from ferray.data.carve import carve_and_shuffle
 from ferray.data.contract import faces_table, load_split, read_split, split_dir
 from ferray.data.synth import SynthSpec, synthesize
+from ferray.tasks import SR
 
 
 def shuffle_labels(root, split: str, seed: int = 0) -> None:
@@ -118,7 +119,7 @@ def test_the_core_loop_and_the_fusion_ignore_the_test_split(twin_data, tmp_path)
             splits["Validation"],
             torch.device("cpu"),
             tmp_path / name / "sr",
-            task_name="sr",
+            task=SR,
             echo=lambda _: None,
         )
         sr.append((run.best["epoch"], run.best["eval_psnr"]))
@@ -146,7 +147,7 @@ def test_train_and_tune_ignore_the_test_split(ray_session, twin_data, tmp_path):
     plain = run_training(
         load_config(experiments / "debug_a.yaml", [f"data.path={data}", *common]), tmp_path / "data", **quiet
     )
-    assert plain["selection_split"] == "Validation"
+    assert plain.selection_split == "Validation"
 
     search = tmp_path / "s.yaml"
     search.write_text(
@@ -166,6 +167,6 @@ def test_train_and_tune_ignore_the_test_split(ray_session, twin_data, tmp_path):
     )  # debug_a's
     tuned = run_search(load_search(search, [f"data.path={rigged}", *common]), tmp_path / "tune", **quiet)
     assert tuned["selection_split"] == "Validation"
-    assert tuned["best"]["eval_acc"] == pytest.approx(plain["best_eval_acc"], abs=1e-9)
-    weights = [load_checkpoint(path)["model"] for path in (plain["best_checkpoint"], tuned["best_checkpoint"])]
+    assert tuned["best"]["eval_acc"] == pytest.approx(plain.best_value, abs=1e-9)
+    weights = [load_checkpoint(path)["model"] for path in (plain.best_checkpoint, tuned["best_checkpoint"])]
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])

@@ -8,6 +8,7 @@ import torch
 
 from ferray.config import ConfigError, load_config, load_runnable_config
 from ferray.models import build_model, num_params
+from ferray.tasks import SR
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 
@@ -78,9 +79,7 @@ def test_the_kept_generator_is_the_adversarial_one(tmp_path, synth_faces):
             "sr.content=mse",
         ],
     )
-    state, run = train_local(
-        cfg, faces, faces, torch.device("cpu"), tmp_path / "sr", task_name="sr", echo=lambda _: None
-    )
+    state, run = train_local(cfg, faces, faces, torch.device("cpu"), tmp_path / "sr", task=SR, echo=lambda _: None)
     rows = state.history
     assert [r["phase"] for r in rows] == ["pretrain", "pretrain", "adversarial"] or rows[-1]["sr_choice"] > 10**6
     assert run.best["epoch"] == 3

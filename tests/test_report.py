@@ -14,6 +14,7 @@ import yaml
 
 from ferray.config import ConfigError, dump_yaml
 from ferray.report.plan import load_plan
+from ferray.runs import RunFolder, RunRecord
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 
@@ -46,26 +47,24 @@ def fake_run(runs: Path, cfg, task: str = "classifier") -> Path:
     cpu = torch.device("cpu")
     if task == "sr":
         save_sr_checkpoint(run_dir / "best.pt", build_sr_state(cfg, cpu), {"eval_psnr": 20.0})
-        metric = {"best_eval_psnr": 20.0}
+        metric, value = "eval_psnr", 20.0
     else:
         save_checkpoint(run_dir / "best.pt", build_state(cfg, cpu), {"eval_acc": 0.2})
-        metric = {"best_eval_acc": 0.2}
-    summary = {
-        "name": cfg.name,
-        "task": task,
-        "model": "srgan" if task == "sr" else cfg.model.name,
-        "run_dir": str(run_dir),
-        "best_checkpoint": str(run_dir / "best.pt"),
-        "best_epoch": 1,
-        **metric,
-        "eval_split": "PublicTest",
-        "epochs": 1,
-        "final_metrics": {},
-        "seconds": 1.5,
-        "workers": 1,
-        "gpus_per_worker": 0,
-    }
-    (run_dir / "result.json").write_text(json.dumps(summary))
+        metric, value = "eval_acc", 0.2
+    record = RunRecord(
+        name=cfg.name,
+        task=task,
+        model="srgan" if task == "sr" else cfg.model.name,
+        run_dir=str(run_dir),
+        best_checkpoint=str(run_dir / "best.pt"),
+        selection_split="PublicTest",
+        metric=metric,
+        best_value=value,
+        best_epoch=1,
+        epochs=1,
+        seconds=1.5,
+    )
+    RunFolder(run_dir).write_record(record)
     return run_dir
 
 

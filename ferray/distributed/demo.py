@@ -17,6 +17,7 @@ from pathlib import Path
 
 from ferray.data.contract import DataError
 from ferray.resources import recipe
+from ferray.tasks import SR
 
 MARKER = ".ferray-demo"
 DEFAULT_OUT = Path("ferray-demo")
@@ -83,7 +84,7 @@ def run_demo(out: Path | None, n: int = 1400, seed: int = 0, echo: Callable[[str
             "evaluate: Model A's best checkpoint on PublicTest with ten-crop TTA",
             lambda: done.update(
                 evaluation=evaluate_checkpoint(
-                    done["model_a"]["best_checkpoint"], data, "PublicTest", tta=True, echo=print
+                    done["model_a"].best_checkpoint, data, "PublicTest", tta=True, echo=print
                 )
             ),
         ),
@@ -92,22 +93,22 @@ def run_demo(out: Path | None, n: int = 1400, seed: int = 0, echo: Callable[[str
             "where VGG19's ImageNet weights are absent)",
             lambda: done.update(
                 srgan=run_training(
-                    experiment("debug_srgan", sets=[f"sr.content_checkpoint={done['model_a']['best_checkpoint']}"]),
+                    experiment("debug_srgan", sets=[f"sr.content_checkpoint={done['model_a'].best_checkpoint}"]),
                     runs,
                     echo=echo,
-                    task="sr",
+                    task=SR,
                 )
             ),
         ),
         (
             "sr upscale: every split 48 -> 96 with a Ray Data pool of 2 actors",
             lambda: done.update(
-                upscaled=upscale(data, out / "data_sr", "srgan", done["srgan"]["best_checkpoint"], actors=2, echo=echo)
+                upscaled=upscale(data, out / "data_sr", "srgan", done["srgan"].best_checkpoint, actors=2, echo=echo)
             ),
         ),
         (
             "sr eval: PSNR/SSIM against bicubic, and the LR/bicubic/SR/HR grid",
-            lambda: done.update(sr_eval=evaluate_generator(done["srgan"]["best_checkpoint"], data, echo=print)),
+            lambda: done.update(sr_eval=evaluate_generator(done["srgan"].best_checkpoint, data, echo=print)),
         ),
         (
             "tune: experiments/debug_tune.yaml, 2 trials (Ray Tune + Optuna + ASHA over lr and center-loss lambda)",
@@ -121,7 +122,7 @@ def run_demo(out: Path | None, n: int = 1400, seed: int = 0, echo: Callable[[str
             "evaluate: Model B's best checkpoint on PublicTest with ten-crop TTA",
             lambda: done.update(
                 evaluation_b=evaluate_checkpoint(
-                    done["model_b"]["best_checkpoint"], out / "data_sr", "PublicTest", tta=True, echo=print
+                    done["model_b"].best_checkpoint, out / "data_sr", "PublicTest", tta=True, echo=print
                 )
             ),
         ),
@@ -129,9 +130,9 @@ def run_demo(out: Path | None, n: int = 1400, seed: int = 0, echo: Callable[[str
             "ensemble: A + (SR -> B), fusion weight fitted on PublicTest -> the serving bundle",
             lambda: done.update(
                 bundle=build_bundle(
-                    done["model_a"]["best_checkpoint"],
-                    done["model_b"]["best_checkpoint"],
-                    done["srgan"]["best_checkpoint"],
+                    done["model_a"].best_checkpoint,
+                    done["model_b"].best_checkpoint,
+                    done["srgan"].best_checkpoint,
                     data,
                     out / "bundle",
                     echo=echo,

@@ -19,7 +19,6 @@ run in OUT/runs is resumed.
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import time
@@ -30,6 +29,7 @@ from ferray.config import ConfigError, ExperimentConfig, from_dict
 from ferray.config import differences as config_diff
 from ferray.data.contract import FER_SIZE, DataError, load_split, read_manifest, selection_split, untouched_splits
 from ferray.report.plan import ReportPlan
+from ferray.tasks import CLASSIFIER, SR, Task
 
 
 # ----------------------------------------------------------------------------------------- steps
@@ -72,15 +72,16 @@ def config_differences(run_dir: Path, cfg: ExperimentConfig) -> list[str]:
 
 
 def finished_run(run_dir: Path) -> dict | None:
-    from ferray.distributed.train import BEST_FILE, RESULT_FILE
+    from ferray.runs import BEST_FILE, read_record
 
-    if (run_dir / RESULT_FILE).is_file() and (run_dir / BEST_FILE).is_file():
-        return json.loads((run_dir / RESULT_FILE).read_text())
+    record = read_record(run_dir)
+    if record is not None and (run_dir / BEST_FILE).is_file():
+        return record.to_dict()
     return None
 
 
 def obtain_run(
-    cfg: ExperimentConfig, runs: Path, reuse: list[Path], echo: Callable[[str], None], task: str = "classifier"
+    cfg: ExperimentConfig, runs: Path, reuse: list[Path], echo: Callable[[str], None], task: Task = CLASSIFIER
 ) -> dict:
     """A finished run of `cfg`: reused from `reuse` or `runs` when its config matches, else trained."""
     from ferray.distributed.train import run_training
@@ -103,7 +104,7 @@ def obtain_run(
     resume = (runs / cfg.name).is_dir()
     if resume:
         echo(f"report: resuming the unfinished run {runs / cfg.name}")
-    return {**run_training(cfg, runs, resume=resume, echo=echo, task=task), "reused": False}
+    return {**run_training(cfg, runs, resume=resume, echo=echo, task=task).to_dict(), "reused": False}
 
 
 def upscaled_data(
@@ -304,7 +305,7 @@ def obtain_all_runs(plan: ReportPlan, out: Path, reuse: list[Path], echo: Callab
     if plan.ensemble[0] in results and not sr_cfg.sr.content_checkpoint:
         # without VGG19's ImageNet weights (content: auto), the content loss uses Model A's features
         sr_cfg.sr.content_checkpoint = results[plan.ensemble[0]]["best_checkpoint"]
-    srgan = obtain_run(sr_cfg, runs, reuse, echo, task="sr")
+    srgan = obtain_run(sr_cfg, runs, reuse, echo, task=SR)
     on_sr = [s for s in plan.runs if s.on_sr]
     if not on_sr:
         return {"runs": results, "data_of": data_of, "srgan": srgan, "data_sr": None, "data_sr_reused": False}

@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from ferray.config import ConfigError, ExperimentConfig, differences, dump_yaml, from_dict, to_dict
+from ferray.config import ConfigError, ExperimentConfig, differences, from_dict, to_dict
 from ferray.data.contract import (
     DataError,
     decode_faces,
@@ -30,22 +30,22 @@ from ferray.data.contract import (
     untouched_splits,
 )
 from ferray.device import cpu_worker_env
-from ferray.fit import BEST_FILE, METRICS_FILE, RESULT_FILE, fit
+from ferray.fit import fit
+from ferray.runs import BEST_FILE, CONFIG_FILE, PROVENANCE_FILE, RunFolder, RunRecord
+from ferray.tasks import CLASSIFIER, Task
 
 SHUFFLE_BUFFER = 4096
 
 
 # ------------------------------------------------------------------------------------------ data
-def check_data(cfg: ExperimentConfig, task: str = "classifier") -> dict:
+def check_data(cfg: ExperimentConfig, task: Task = CLASSIFIER) -> dict:
     """The manifest of cfg.data.path, after checking that the splits are there and resolving the
     selection split (written back into cfg, so every checkpoint and result names it). A relative path
     is made absolute here, in the driver: workers and trials run in working directories of their own."""
     if "://" not in cfg.data.path:
         cfg.data.path = str(Path(cfg.data.path).absolute())
-    from ferray.tasks import get_task
-
     manifest = read_manifest(cfg.data.path)
-    get_task(task).check_data(manifest, cfg)
+    task.check_data(manifest, cfg)
     if cfg.data.train_split not in manifest["splits"]:
         raise DataError(f"{cfg.data.path}: no {cfg.data.train_split!r} split (has: {', '.join(manifest['splits'])})")
     cfg.data.selection_split = selection_split(manifest, cfg.data.selection_split, cfg.data.path)
@@ -145,12 +145,12 @@ def train_loop(loop_config: dict) -> None:
     from ferray import engine
     from ferray.distributed.placement import record_placement_group
     from ferray.distributed.runtime import quiet_worker_logs
-    from ferray.tasks import get_task
 
     quiet_worker_logs()
-    task = get_task(loop_config["task"])
+    task = loop_config["task"]
     cfg = from_dict(loop_config["experiment"])
     run_dir = Path(loop_config["run_dir"])
+    run_files = RunFolder(run_dir)
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
@@ -163,12 +163,14 @@ def train_loop(loop_config: dict) -> None:
         with checkpoint.as_directory() as folder:
             task.restore(state, engine.load_checkpoint(folder, kind=task.kind))
         if rank == 0:
-            _rewrite_metrics(run_dir, state.history)
+            run_files.rewrite_epochs(state.history)
             print(f"resumed from the checkpoint of epoch {state.epoch}", flush=True)
 
     if rank == 0:
+        from ferray.device import machine_facts
+
         record_placement_group(run_dir)
-        _record_machine(run_dir, state, task)
+        run_files.write_machine(machine_facts(state.device, bool(getattr(state, "use_amp", False))))
     steps_per_epoch = max(1, loop_config["train_rows"] // (cfg.train.batch_size * world))
     data = _EpochData(cfg, device, rank)
     writer = _tensorboard(run_dir) if rank == 0 else None
@@ -180,7 +182,7 @@ def train_loop(loop_config: dict) -> None:
             if rank == 0:
                 task.save(Path(folder) / engine.CHECKPOINT_FILE, state, row)
                 reported = ray.train.Checkpoint.from_directory(folder)
-                _log_epoch(run_dir, writer, task.format_epoch(row, cfg), row)
+                _log_epoch(run_files, writer, task.format_epoch(row, cfg), row)
             ray.train.report({k: v for k, v in row.items() if isinstance(v, (int, float))}, checkpoint=reported)
 
     fit(
@@ -195,17 +197,6 @@ def train_loop(loop_config: dict) -> None:
     )
     if writer is not None:
         writer.close()
-
-
-MACHINE_FILE = "machine.json"
-
-
-def _record_machine(run_dir: Path, state, task) -> None:
-    """Where the epochs run (the worker's machine, which on a cluster is not the driver's)."""
-    from ferray.device import machine_facts
-
-    bf16 = bool(getattr(state, "use_amp", False))
-    (run_dir / MACHINE_FILE).write_text(json.dumps(machine_facts(state.device, bf16), indent=2) + "\n")
 
 
 def _from_rank0(value: int, device, world: int) -> int:
@@ -245,9 +236,8 @@ def _tensorboard(run_dir: Path):
     return SummaryWriter(str(run_dir / "tensorboard"))
 
 
-def _log_epoch(run_dir: Path, writer, line: str, row: dict) -> None:
-    with open(run_dir / METRICS_FILE, "a") as f:
-        f.write(json.dumps(row) + "\n")
+def _log_epoch(folder: RunFolder, writer, line: str, row: dict) -> None:
+    folder.append_epoch(row)
     if writer is not None:
         for key, value in row.items():
             if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "epoch":
@@ -256,19 +246,12 @@ def _log_epoch(run_dir: Path, writer, line: str, row: dict) -> None:
     print(line, flush=True)
 
 
-def _rewrite_metrics(run_dir: Path, history: list) -> None:
-    """After a restart, metrics.jsonl holds exactly the epochs the checkpoint has."""
-    with open(run_dir / METRICS_FILE, "w") as f:
-        for row in history:
-            f.write(json.dumps(row) + "\n")
-
-
 # ---------------------------------------------------------------------------------------- driver
 def build_trainer(
     cfg: ExperimentConfig,
     run_dir: Path,
     train_rows: int,
-    task: str = "classifier",
+    task: Task = CLASSIFIER,
     callbacks: list | None = None,
     datasets: dict | None = None,
 ):
@@ -276,9 +259,7 @@ def build_trainer(
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from ferray.tasks import get_task
-
-    metric = get_task(task).select_by
+    metric = task.select_by
     gpus = cfg.scaling.gpus_per_worker
     resources = {"CPU": cfg.scaling.cpus_per_worker, **({"GPU": gpus} if gpus else {})}
     return TorchTrainer(
@@ -345,7 +326,7 @@ def check_resume(run_dir: Path, cfg: ExperimentConfig, manifest: dict, echo: Cal
     import yaml
 
     try:
-        saved = from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
+        saved = from_dict(yaml.safe_load((run_dir / CONFIG_FILE).read_text()))
     except (OSError, yaml.YAMLError, ConfigError) as e:
         raise ConfigError(
             f"--resume: {run_dir / 'config.yaml'} is missing or unreadable ({e}); cannot check "
@@ -360,7 +341,7 @@ def check_resume(run_dir: Path, cfg: ExperimentConfig, manifest: dict, echo: Cal
             f"the same run; it may change only {', '.join(SAFE_RESUME_CHANGES)}. Start a new run "
             "(another --name) for another config"
         )
-    provenance = run_dir / "provenance.json"
+    provenance = run_dir / PROVENANCE_FILE
     recorded = json.loads(provenance.read_text()).get("data_checksum") if provenance.is_file() else None
     if recorded is not None and recorded != manifest["checksum"]:
         raise ConfigError(
@@ -387,12 +368,12 @@ def run_training(
     name: str | None = None,
     resume: bool = False,
     echo: Callable[[str], None] = print,
-    task: str = "classifier",
-) -> dict:
-    """Train `cfg` under Ray Train; returns the run's result (also written to RUN/result.json)."""
+    task: Task = CLASSIFIER,
+) -> RunRecord:
+    """Train `cfg` under Ray Train; returns the run's record (also written to RUN/result.json)."""
+    from ferray.device import code_version
     from ferray.distributed.cluster import check_shared_paths
     from ferray.distributed.runtime import connect
-    from ferray.tasks import get_task
 
     manifest = check_data(cfg, task)
     train_rows = manifest["splits"][cfg.data.train_split]["rows"]
@@ -402,18 +383,13 @@ def run_training(
     info = connect()
     check_resources(cfg)
     check_shared_paths({"data": cfg.data.path, "run folder": run_dir})
-    (run_dir / "config.yaml").write_text(dump_yaml(cfg))
-    what = get_task(task).model_name(cfg)
+    RunFolder(run_dir).start(
+        cfg, provenance={"commit": code_version(), "data_checksum": manifest["checksum"], "data": cfg.data.path}
+    )
     echo(
-        f"train: {what} on {cfg.data.path} ({train_rows:,} {cfg.data.train_split} faces), "
+        f"train: {task.model_name(cfg)} on {cfg.data.path} ({train_rows:,} {cfg.data.train_split} faces), "
         f"{cfg.scaling.workers} worker(s) x {cfg.scaling.gpus_per_worker:g} GPU, {planned(cfg)}; "
         f"ray {info.mode}; run folder {run_dir}"
-    )
-    from ferray.device import code_version
-
-    (run_dir / "provenance.json").write_text(
-        json.dumps({"commit": code_version(), "data_checksum": manifest["checksum"], "data": cfg.data.path}, indent=2)
-        + "\n"
     )
     t0 = time.perf_counter()
     result = build_trainer(cfg, run_dir, train_rows, task).fit()
@@ -422,69 +398,40 @@ def run_training(
     return finish_run(cfg, run_dir, result, time.perf_counter() - t0, echo, task)
 
 
-def _run_facts(run_dir: Path, cfg: ExperimentConfig) -> dict:
-    """The run's own record of itself: epoch wall time (across resumes), throughput, budget, machine,
-    code and data versions (read back from the files the run wrote)."""
-    import statistics
-
-    metrics = run_dir / METRICS_FILE  # every epoch (the best checkpoint's history stops at the best one)
-    history = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.is_file() else []
-    facts = {
-        "train_seconds": round(sum(row.get("epoch_seconds", 0.0) for row in history), 1),
-        "budget_minutes": cfg.train.budget_minutes or None,
-    }
-    rates = [row["images_per_s"] for row in history if "images_per_s" in row]
-    if rates:
-        facts["images_per_s"] = round(statistics.median(rates), 1)
-    for name, key in ((MACHINE_FILE, "machine"), ("provenance.json", None)):
-        path = run_dir / name
-        if path.is_file():
-            data = json.loads(path.read_text())
-            facts.update({key: data} if key else {k: data[k] for k in ("commit", "data_checksum") if k in data})
-    return facts
-
-
 def finish_run(
     cfg: ExperimentConfig,
     run_dir: Path,
     result,
     seconds: float,
     echo: Callable[[str], None] = print,
-    task: str = "classifier",
-) -> dict:
+    task: Task = CLASSIFIER,
+) -> RunRecord:
+    """best.pt from Ray's best checkpoint, then the run's record, read from its own files."""
     from ferray.engine import CHECKPOINT_FILE, load_checkpoint
-    from ferray.tasks import get_task
 
-    spec = get_task(task)
-    best = result.get_best_checkpoint(spec.select_by, "max") if result.best_checkpoints else result.checkpoint
+    best = result.get_best_checkpoint(task.select_by, "max") if result.best_checkpoints else result.checkpoint
     with best.as_directory() as folder:  # copied beside, then renamed: a kill never leaves half a best.pt
         partial = run_dir / (BEST_FILE + ".partial")
         shutil.copy(Path(folder) / CHECKPOINT_FILE, partial)
         partial.replace(run_dir / BEST_FILE)
-    payload = load_checkpoint(run_dir / BEST_FILE, kind=spec.kind)
-    summary = {
-        "name": run_dir.name,
-        "task": task,
-        "model": spec.model_name(cfg),
-        "run_dir": str(run_dir),
-        "best_checkpoint": str(run_dir / BEST_FILE),
-        "best_epoch": payload["epoch"],
-        f"best_{spec.metric}": spec.best(payload),
-        "selection_split": cfg.data.selection_split,
-        "test_splits": untouched_splits(read_manifest(cfg.data.path), cfg.data.selection_split, cfg.data.train_split),
-        "epochs": int((result.metrics or {}).get("epoch", payload["epoch"])),
-        "final_metrics": {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))},
-        "seconds": round(seconds, 1),
-        "workers": cfg.scaling.workers,
-        "gpus_per_worker": cfg.scaling.gpus_per_worker,
-        **_run_facts(run_dir, cfg),
-    }
-    (run_dir / RESULT_FILE).write_text(json.dumps(summary, indent=2) + "\n")
-    value = summary[f"best_{spec.metric}"]
-    shown = spec.format_value(value)
-    echo(
-        f"train: done in {seconds:.0f}s; best {cfg.data.selection_split} (selection) {shown} at epoch "
-        f"{summary['best_epoch']}; "
-        f"checkpoint {run_dir / BEST_FILE}"
+    payload = load_checkpoint(run_dir / BEST_FILE, kind=task.kind)
+    epochs = int((result.metrics or {}).get("epoch", payload["epoch"]))
+    run = RunFolder(run_dir)
+    record = run.record(
+        cfg,
+        task,
+        best_epoch=payload["epoch"],
+        best_value=task.best(payload),
+        epochs=epochs,
+        planned_epochs=int((result.metrics or {}).get("planned_epochs", epochs)),
+        seconds=seconds,
+        workers=cfg.scaling.workers,
+        gpus_per_worker=cfg.scaling.gpus_per_worker,
+        test_splits=untouched_splits(read_manifest(cfg.data.path), cfg.data.selection_split, cfg.data.train_split),
     )
-    return summary
+    run.write_record(record)
+    echo(
+        f"train: done in {seconds:.0f}s; best {cfg.data.selection_split} (selection) "
+        f"{task.format_value(record.best_value)} at epoch {record.best_epoch}; checkpoint {run_dir / BEST_FILE}"
+    )
+    return record

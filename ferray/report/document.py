@@ -123,8 +123,7 @@ def run_rows(plan: ReportPlan, record: dict, out: Path) -> list[list[str]]:
     rows = []
     labelled = [(row_label(s, record["models"][s.key]), record["runs"][s.key]) for s in plan.runs]
     for label, run in labelled + [(f"SRGAN ({record['sr_eval']['content_loss']} content loss)", record["srgan"])]:
-        metric = "best_eval_psnr" if "best_eval_psnr" in run else "best_eval_acc"
-        best = f"{run[metric]:.2f} dB" if metric == "best_eval_psnr" else pct(run[metric])
+        best = f"{run['best_value']:.2f} dB" if run["metric"] == "eval_psnr" else pct(run["best_value"])
         rows.append(
             [
                 label,
