@@ -103,15 +103,15 @@ def main() -> None:
     args = parser.parse_args()
 
     import ferray.device as device
-    from ferray.ensemble import load_bundle
+    from ferray.bundle import load_bundle
 
     torch.set_num_threads(args.threads)
     ensemble, card = load_bundle(args.bundle, "cpu", members=("a",))
     as_trained, _ = load_bundle(args.bundle, "cpu", members=("a",), fold=False)
     fast_bf16 = device.use_bf16("cpu")
     print(
-        f"cpu: {device.cpu_model()}, {args.threads} threads; model {card['members']['a']['model']} "
-        f"({card['members']['a']['parameters']:,} parameters) from {args.bundle}; fast path: channels_last"
+        f"cpu: {device.cpu_model()}, {args.threads} threads; model {card.members.a.model} "
+        f"({card.members.a.parameters:,} parameters) from {args.bundle}; fast path: channels_last"
         f"{' + bf16' if fast_bf16 else ' (no native bf16 here: fp32)'} + batch norms folded",
         flush=True,
     )
@@ -145,7 +145,7 @@ def main() -> None:
 def int8_variant(bundle: str):
     """The bundle's Model A in int8 (ferray quantize), compiled for every batch shape it uses; None
     (and why, printed) where the bundle is not calibrated or torchao is missing."""
-    from ferray.ensemble import load_bundle
+    from ferray.bundle import load_bundle
     from ferray.errors import FerrayError
 
     ensemble, _ = load_bundle(bundle, "cpu", members=("a",), int8=True)

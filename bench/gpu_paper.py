@@ -103,8 +103,8 @@ def main() -> int:
             selection=selection,
             probs=found,
         )
-        evaluations[spec.key] = {s: {"plain": v["center"], "tta": v["tta"]} for s, v in evaluated.items()}
-        probs.update({(spec.key, s, "plain" if view == "center" else view): p for (s, view), p in found.items()})
+        evaluations[spec.key] = {s: {"center": v["center"], "tta": v["tta"]} for s, v in evaluated.items()}
+        probs.update({(spec.key, s, view): p for (s, view), p in found.items()})
         cores[spec.key], configs[spec.key] = state.core.eval(), cfg
         runs[spec.key] = run.write_result(state).to_dict() | {"reused": False}
 
@@ -156,8 +156,8 @@ def assemble(
     plan, out: Path, faces: dict, selection: str, runs, srgan, evaluations, probs, cores, configs, generator, device
 ) -> dict:
     """The record `ferray report` builds, from this process's runs: ensemble, figures, hardware."""
+    from ferray.bundle import fit_fusion, fused_report, write_fused_report
     from ferray.distributed.report import hardware, headline_split, model_facts
-    from ferray.ensemble import fit_fusion, fused_report, write_fused_report
     from ferray.explain import explain_grid
     from ferray.figures import plot_crops
     from ferray.metrics import plot_confusion
@@ -174,7 +174,7 @@ def assemble(
             v: fused_report(
                 probs[key_a, s, v], probs[key_b, s, v], faces[s].labels, fusion["weight_a"], s, v == "tta", "-"
             )
-            for v in ("plain", "tta")
+            for v in ("center", "tta")
         }
         for s in names
     }

@@ -15,7 +15,7 @@ def make_app(bundle: str):
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse
 
-    from ferray.ensemble import load_bundle
+    from ferray.bundle import load_bundle
     from ferray.faces import InputError
     from ferray.predict import answer_images, local_predictor
 

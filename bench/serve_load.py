@@ -35,7 +35,7 @@ def sr_share(bundle: Path) -> str:
     import torch
 
     from ferray.augment import predict_proba
-    from ferray.ensemble import load_bundle
+    from ferray.bundle import load_bundle
 
     torch.set_num_threads(1)
     ensemble, _ = load_bundle(bundle, members=("b",))

@@ -28,7 +28,7 @@ class Predictor:
     def __init__(
         self, bundle: str | Path | None = None, device: str | None = None, limits: Limits = Limits(), int8: bool = False
     ):
-        from ferray.ensemble import load_bundle, resolve_bundle
+        from ferray.bundle import load_bundle, resolve_bundle
         from ferray.predict import local_predictor
 
         self.bundle = resolve_bundle(bundle)
@@ -38,7 +38,7 @@ class Predictor:
 
     @property
     def labels(self) -> list[str]:
-        return list(self.card["labels"])
+        return list(self.card.labels)
 
     def predict(self, image: Any, detect: bool = True) -> dict:
         """The answer for one image: its size and, per face found, the box, label and probabilities."""
@@ -74,7 +74,7 @@ class Predictor:
         )
 
     def __repr__(self) -> str:
-        members = "+".join(m.upper() for m in ("a", "b") if self.card["members"].get(m))
+        members = "+".join(m.upper() for m in self.card.members.names())
         return f"Predictor({self.bundle}, members {members}, labels {self.labels})"
 
 

@@ -618,7 +618,7 @@ def cmd_tune(args) -> int:
 
 def cmd_evaluate(args) -> int:
     if args.bundle is not None:
-        from ferray.ensemble import evaluate_bundle
+        from ferray.bundle import evaluate_bundle
 
         evaluate_bundle(args.bundle, args.data, args.split, args.out, tta=args.tta, int8=args.int8)
         return 0
@@ -631,7 +631,7 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_ensemble(args) -> int:
-    from ferray.ensemble import build_bundle
+    from ferray.bundle import build_bundle
 
     build_bundle(
         args.a,

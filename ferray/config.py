@@ -187,6 +187,12 @@ def _coerce(value, annotation, where: str):
                 return build_typed(options[0], value, where)
             return _coerce(value, options[0], where)
     kind = annotation if isinstance(annotation, type) else typing.get_origin(annotation)
+    if kind is dict and isinstance(value, dict):
+        args = typing.get_args(annotation)
+        if len(args) == 2 and dataclasses.is_dataclass(args[1]):  # dict[str, Record]: each value built
+            return {k: build_typed(args[1], v, f"{where}.{k}") for k, v in value.items()}
+    if dataclasses.is_dataclass(annotation):
+        return build_typed(annotation, value, where)
     if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     if kind is float and isinstance(value, str):

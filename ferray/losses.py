@@ -3,12 +3,15 @@
     L = L_S + lambda * L_C,   L_C = 1/2 * sum_i ||x_i - c_{y_i}||^2   (divided by the batch size
                                                                      with reduction="mean")
 
-x_i is the feature vector before the classifier, c_j the center of class j. With
-features="normalized" x_i is the L2-normalised embedding: on the raw pooled
-BN -> PReLU features the network can shrink every feature (batch norm's scale is free) and the
-term with them, so it stops acting after the first epoch; on the unit sphere no rescaling moves
-it, and 1/2||x - c||^2 lies in [0, 2], so lambda sets the term's share of the loss. "raw" is the
-paper's term as written.
+x_i is the feature vector before the classifier, c_j the center of class j. "raw" is the paper's
+term as written; on the pooled BN -> PReLU features the network can shrink every feature (batch
+norm's scale is free) and the term with them, so it stops acting after the first epoch.
+features="normalized" puts x_i on the unit sphere after centering it on the batch's mean
+embedding: x_i = (f_i - mean f) / ||f_i - mean f||. Normalising alone is not enough: the pooled
+features share a large common direction, and the network can scale all of them up while
+shrinking the angles between them, which leaves the logits as they were and the term near zero.
+Centered and normalised, the term measures a class's spread against the spread between classes,
+which no rescaling or common shift of the features changes; 1/2||x - c||^2 then lies in [0, 2].
 
 Centers are not learned by the optimizer: after each step they move toward their class's
 features at their own rate alpha (Wen et al., eq. 4):
@@ -36,7 +39,7 @@ class CenterLoss(nn.Module):
         feature_dim: int,
         alpha: float = 0.5,
         reduction: str = "mean",
-        features: str = "normalized",
+        features: str = "raw",
     ):
         super().__init__()
         if reduction not in ("mean", "sum"):
@@ -47,9 +50,12 @@ class CenterLoss(nn.Module):
         self.register_buffer("centers", torch.zeros(num_classes, feature_dim))
 
     def embed(self, features: torch.Tensor) -> torch.Tensor:
-        """The vectors the term acts on: (B, D) float32, on the unit sphere when normalising."""
+        """The vectors the term acts on: (B, D) float32; when normalising, centered on the batch's mean
+        embedding (a constant: no gradient through it) and put on the unit sphere."""
         features = features.float()
-        return F.normalize(features, dim=1) if self.normalize else features
+        if not self.normalize:
+            return features
+        return F.normalize(features - features.mean(0, keepdim=True).detach(), dim=1)
 
     def forward(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         diff = self.embed(features) - self.centers[labels]  # (B, D); centers carry no gradient

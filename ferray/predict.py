@@ -21,7 +21,7 @@ def labelled(probs: np.ndarray) -> dict[str, float]:
 def describe(faces: Sequence[Face], pa: np.ndarray, pb: np.ndarray | None, weight_a: float) -> list[dict]:
     """Per face: its box, the fused label and probabilities, and each member's probabilities (P_B is
     None for a bundle of Model A alone)."""
-    from ferray.ensemble import fuse
+    from ferray.bundle import fuse
 
     fused = fuse(pa, pb, weight_a)
     return [
@@ -100,7 +100,7 @@ def predict_files(
 ) -> list[dict]:
     """`ferray predict`: the HTTP API's answer for image files, without a server (bundle None: the
     default model that ships with ferray; `int8`: Model A in int8, see ferray.quantize)."""
-    from ferray.ensemble import load_bundle
+    from ferray.bundle import load_bundle
 
     images = []
     for path in paths:

@@ -21,15 +21,17 @@ import numpy as np
 import torch
 
 from ferray.augment import eval_views
-from ferray.data.contract import FER_SIZE, DataError, load_split, read_manifest
-from ferray.ensemble import (
+from ferray.bundle import (
     BUNDLE_FILE,
+    CARD_FILE,
     default_bundle_path,
     evaluate_views,
     load_bundle,
     model_card,
     resolve_bundle,
 )
+from ferray.bundle.card import Int8Card, Int8Evaluation, write_card
+from ferray.data.contract import FER_SIZE, DataError, load_split, read_manifest
 from ferray.errors import UsageError
 
 RANGES_FILE = "model_a.int8.json"
@@ -46,7 +48,7 @@ def calibration_crops(data, crop: int, faces: int, seed: int, split: str = CALIB
     return eval_views(torch.from_numpy(images[pick]), crop, tta=True).reshape(-1, 1, crop, crop)
 
 
-def quantize_bundle(bundle, data, faces: int = 256, seed: int = 0, echo=print) -> dict:
+def quantize_bundle(bundle, data, faces: int = 256, seed: int = 0, echo=print) -> Int8Card:
     """Calibrate member A of `bundle` on `data`, write its ranges and the measured int8 accuracies
     into the bundle; returns the card's new members.a.int8 entry."""
     from ferray.models.quantized import calibrate
@@ -72,42 +74,42 @@ def quantize_bundle(bundle, data, faces: int = 256, seed: int = 0, echo=print) -
     calibrated = time.perf_counter() - started
     echo(
         f"quantize: {len(ranges['observers'])} activation ranges in {calibrated:.0f} s; compiling the int8 "
-        "model (each batch shape once, ~15 s apiece on 2 cores) ..."
+        "model (each batch shape once) ..."
     )
     ensemble.int8, ensemble.int8_ranges = True, {"a": ranges}
     ensemble.warm_up("a")
-    splits = list(card.get("evaluations") or {}) or [card["selection_split"]]
-    selection = card["selection_split"]
+    splits = list(card.evaluations) or [card.selection_split]
+    selection = card.selection_split
     evaluations = evaluate_views(
         ensemble, data, splits, selection, echo=lambda line: echo(line.replace("ensemble:", "quantize (int8):"))
     )
-    entry = {
-        "ranges": RANGES_FILE,
-        "how": "torchao PT2E, X86InductorQuantizer: int8 weights per channel, uint8 "
+    entry = Int8Card(
+        ranges=RANGES_FILE,
+        how="torchao PT2E, X86InductorQuantizer: int8 weights per channel, uint8 "
         "activations per tensor; compiled by inductor",
-        "calibration": source,
-        "made_with": ranges["made_with"],
-        "calibration_seconds": round(calibrated, 1),
-        "evaluations": {
-            split: {
-                "selection": split == selection,
-                "data_checksum": manifest["checksum"],
-                "accuracy": {view: report["accuracy"] for view, report in e["views"].items()},
-            }
+        calibration=source,
+        made_with=ranges["made_with"],
+        calibration_seconds=round(calibrated, 1),
+        evaluations={
+            split: Int8Evaluation(
+                selection=split == selection,
+                data_checksum=manifest["checksum"],
+                accuracy={view: report.accuracy for view, report in e.views.items()},
+            )
             for split, e in evaluations.items()
         },
-    }
+    )
     _replace(path / RANGES_FILE, json.dumps(ranges, indent=1) + "\n")
-    card["members"]["a"]["int8"] = entry
-    _replace(path / BUNDLE_FILE, json.dumps(card, indent=2) + "\n")
-    _replace(path / "MODEL_CARD.md", model_card(card))
-    for split, e in entry["evaluations"].items():
-        before = (card.get("evaluations") or {}).get(split, {}).get("views", {})
+    card.members.a.int8 = entry
+    write_card(card, path / BUNDLE_FILE)
+    _replace(path / CARD_FILE, model_card(card))
+    for split, e in entry.evaluations.items():
+        before = card.evaluations[split].views if split in card.evaluations else {}
         figures = ", ".join(
-            f"{view} {acc:.2%}" + (f" (was {before[view]['accuracy']:.2%})" if view in before else "")
-            for view, acc in e["accuracy"].items()
+            f"{view} {acc:.2%}" + (f" (was {before[view].accuracy:.2%})" if view in before else "")
+            for view, acc in e.accuracy.items()
         )
-        echo(f"quantize: {split} ({'selection' if e['selection'] else 'test'}) int8 accuracy: {figures}")
+        echo(f"quantize: {split} ({'selection' if e.selection else 'test'}) int8 accuracy: {figures}")
     echo(f"quantize: wrote {path / RANGES_FILE} and the int8 figures into {path / BUNDLE_FILE}")
     return entry
 

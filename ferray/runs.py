@@ -80,7 +80,10 @@ def record_from_dict(data: dict, where: str = RESULT_FILE) -> RunRecord:
     names = {f.name for f in dataclasses.fields(RunRecord)}
     facts = {k: data.pop(k) for k in list(data) if k not in names}
     data["facts"] = {**data.get("facts", {}), **facts}
-    return build_typed(RunRecord, data, where)
+    try:
+        return build_typed(RunRecord, data, "")
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
 
 
 def read_record(run_dir: str | Path) -> RunRecord | None:

@@ -43,7 +43,7 @@ def untrained_members(
 
 def untrained_bundle(folder: str | Path, data: str | Path, tta: bool = True, **members) -> Path:
     """A serving bundle of `untrained_members`, its fusion fitted on `data`'s PublicTest."""
-    from ferray.ensemble import build_bundle
+    from ferray.bundle import build_bundle
 
     folder = Path(folder)
     paths = untrained_members(folder / "members", **members)

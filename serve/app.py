@@ -46,7 +46,7 @@ class Member:
     def __init__(self, bundle: str, which: str, settings: dict):
         import torch
 
-        from ferray.ensemble import load_bundle
+        from ferray.bundle import load_bundle
 
         replica = ReplicaSettings(**settings)
         torch.set_num_threads(replica.threads)
@@ -91,12 +91,12 @@ api = FastAPI(
 @serve.ingress(api)
 class Ingress:
     def __init__(self, model_a, model_b, settings: dict):
-        from ferray.ensemble import read_bundle_card
+        from ferray.bundle import read_bundle_card
         from ferray.faces import Limits
 
         self.settings = parse_settings(settings)
         self.card = read_bundle_card(self.settings.bundle)
-        self.weight_a = float(self.card["fusion"]["weight_a"])
+        self.weight_a = float(self.card.fusion.weight_a)
         self.limits = Limits(self.settings.max_body_bytes, self.settings.max_image_pixels)
         self.members = {"a": model_a, "b": model_b}  # model_b None: a bundle of Model A alone
         self.page = PAGE.read_text()
@@ -249,11 +249,11 @@ class Ingress:
 
     @api.get("/labels")
     async def labels(self):
-        return {"labels": self.card["labels"]}
+        return {"labels": self.card.labels}
 
     @api.get("/model", summary="The model card of the served bundle")
     async def model(self):
-        return {key: value for key, value in self.card.items() if key != "data"} | {
+        return {key: value for key, value in self.card.to_dict().items() if key != "data"} | {
             "bundle": Path(self.settings.bundle).name
         }
 
@@ -262,7 +262,7 @@ class Ingress:
 def build(args: dict | None = None):
     """The Serve application for the `args` of serve/config.yaml (an application builder)."""
     settings: ServeSettings = parse_settings(args)
-    from ferray.ensemble import bundle_members, read_bundle_card, resolve_bundle
+    from ferray.bundle import bundle_members, read_bundle_card, resolve_bundle
 
     bundle = str(resolve_bundle(settings.bundle).absolute())
     card = read_bundle_card(bundle)  # fail here, before any replica starts, if the bundle is not there

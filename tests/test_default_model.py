@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
+from ferray.bundle import default_bundle_path, load_bundle, read_bundle_card
 from ferray.data.contract import EMOTIONS
-from ferray.ensemble import default_bundle_path, load_bundle, read_bundle_card
 from ferray.runs import read_record
 
 BUNDLE = default_bundle_path()
@@ -21,12 +21,12 @@ def card():
 
 
 def test_the_default_bundle_loads_with_weights_only_and_answers_in_fer_order(card):
-    assert card["labels"] == list(EMOTIONS) == ["angry", "disgust", "fear", "happy", "sad", "surprise", "neutral"]
-    weights = BUNDLE / card["members"]["a"]["checkpoint"]
+    assert card.labels == list(EMOTIONS) == ["angry", "disgust", "fear", "happy", "sad", "surprise", "neutral"]
+    weights = BUNDLE / card.members.a.checkpoint
     assert weights.stat().st_size <= 6 * 2**20  # half precision, inside the package
     payload = torch.load(weights, map_location="cpu", weights_only=True)
     assert payload["config"]["model"]["name"] == "xception_a"  # the paper's model at full width
-    assert card["members"]["b"] is None and card["members"]["a"]["pretrained"] is False
+    assert card.members.b is None and card.members.a.pretrained is False
     ensemble, _ = load_bundle(None, "cpu")
     probs = ensemble.predict(torch.zeros(2, 48, 48, dtype=torch.uint8))["probs"]
     assert probs.shape == (2, 7) and torch.allclose(probs.sum(1), torch.ones(2), atol=1e-4)
@@ -40,18 +40,18 @@ def test_the_model_card_is_written_from_the_runs_own_files(card):
     assert (BUNDLE / "MODEL_CARD.md").read_text() == render_model_card(card)
     run = BUNDLE / "run_a"
     result = read_record(run).to_dict()
-    facts = card["members"]["a"]["run"]
+    facts = card.members.a.run
     assert {k: result[k] for k in facts} == facts
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     best = max(rows, key=lambda r: r["eval_acc"])
-    assert card["members"]["a"]["selection_accuracy"] == best["eval_acc"] == result["best_value"]
-    assert card["members"]["a"]["epochs"] == best["epoch"] == result["best_epoch"]
+    assert card.members.a.selection_accuracy == best["eval_acc"] == result["best_value"]
+    assert card.members.a.epochs == best["epoch"] == result["best_epoch"]
     assert result["train_seconds"] == pytest.approx(sum(r["epoch_seconds"] for r in rows), abs=0.2)
     assert result["epochs"] == len(rows) == rows[-1]["planned_epochs"]  # the run trained what it planned
     if result["budget_minutes"]:  # a budgeted run stayed within it (a resume may fix the epochs instead)
         assert result["train_seconds"] <= result["budget_minutes"] * 60 + 1
-    assert card["selection_split"] == result["selection_split"] == "Validation"
-    assert card["evaluations"]["PublicTest"]["selection"] is False
+    assert card.selection_split == result["selection_split"] == "Validation"
+    assert card.evaluations["PublicTest"].selection is False
     assert (BUNDLE / "confusion-PublicTest.png").stat().st_size > 10_000
 
 
@@ -73,7 +73,7 @@ def test_accuracy_on_real_faces_matches_the_card(card, shared_fer2013):
     ensemble.tta = False  # the center view: ten times cheaper than TTA, and the same preprocessing path
     predicted = ensemble.predict(torch.from_numpy(faces))["probs"].argmax(1).numpy()
     accuracy = float((predicted == labels).mean())
-    expected = card["evaluations"]["PublicTest"]["views"]["center"]["accuracy"]
+    expected = card.evaluations["PublicTest"].views["center"].accuracy
     assert accuracy >= expected - 0.04, (accuracy, expected)
 
 
@@ -117,9 +117,9 @@ def test_the_default_model_in_int8_classifies_real_faces_as_its_card_says(card, 
     accuracy: on the fixed PublicTest subset, within 4 points of the int8 figure `ferray quantize`
     measured on all of PublicTest, and few answers differ from the default (bf16 or fp32) path."""
     pytest.importorskip("torchao")
-    int8 = card["members"]["a"]["int8"]
-    assert int8["calibration"]["split"] == "Training"  # the test split never tuned the ranges
-    assert (BUNDLE / int8["ranges"]).stat().st_size < 64 * 2**10
+    int8 = card.members.a.int8
+    assert int8.calibration["split"] == "Training"  # the test split never tuned the ranges
+    assert (BUNDLE / int8.ranges).stat().st_size < 64 * 2**10
     faces, labels = public_test_subset(shared_fer2013)
     predicted = {}
     for quantized in (False, True):
@@ -127,6 +127,6 @@ def test_the_default_model_in_int8_classifies_real_faces_as_its_card_says(card, 
         ensemble.tta = False
         predicted[quantized] = ensemble.predict(torch.from_numpy(faces))["probs"].argmax(1).numpy()
     accuracy = float((predicted[True] == labels).mean())
-    expected = int8["evaluations"]["PublicTest"]["accuracy"]["center"]
+    expected = int8.evaluations["PublicTest"].accuracy["center"]
     assert accuracy >= expected - 0.04, (accuracy, expected)
     assert (predicted[True] != predicted[False]).mean() <= 0.06

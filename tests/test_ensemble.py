@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
+from ferray.bundle import build_bundle, evaluate_bundle, fit_weight, load_bundle, stacking_cv_accuracy
 from ferray.engine import CheckpointError
-from ferray.ensemble import build_bundle, evaluate_bundle, fit_weight, load_bundle, stacking_cv_accuracy
 from ferray.faces import InputError
 from ferray.predict import answer_images, local_predictor, predict_files
 from ferray.testing import png_bytes
@@ -111,10 +111,10 @@ def test_a_bundle_of_model_a_alone(tiny_bundle, prepared_synth, tmp_path, synth_
 
     members = tiny_bundle.parent / "members"
     card = build_bundle(members / "a.pt", None, None, prepared_synth, tmp_path / "solo", echo=lambda _: None)
-    assert card["members"]["b"] is None and card["fusion"]["weight_a"] == 1.0 and card["alternatives"] == {}
-    views = card["evaluations"]["PrivateTest"]["views"]
-    assert set(views) == {"center", "tta"} and views["tta"]["members"]["a"] == views["tta"]["accuracy"]
-    assert "b" not in views["tta"]["members"]
+    assert card.members.b is None and card.fusion.weight_a == 1.0 and card.alternatives == {}
+    views = card.evaluations["PrivateTest"].views
+    assert set(views) == {"center", "tta"} and views["tta"].members["a"] == views["tta"].accuracy
+    assert "b" not in views["tta"].members
     text = (tmp_path / "solo" / "MODEL_CARD.md").read_text()
     assert text == render_model_card(card) and "PrivateTest | test (untouched)" in text and "**B**" not in text
     # weights ship in half precision
@@ -131,7 +131,7 @@ def test_a_bundle_of_model_a_alone(tiny_bundle, prepared_synth, tmp_path, synth_
     # the bundle's figures equal a fresh evaluation; nothing is written into the bundle
     before = sorted(p.name for p in (tmp_path / "solo").iterdir())
     report = evaluate_bundle(tmp_path / "solo", prepared_synth, "PrivateTest", echo=lambda _: None)
-    assert report["accuracy"] == pytest.approx(views["tta"]["accuracy"]) and report["selection"] is False
+    assert report["accuracy"] == pytest.approx(views["tta"].accuracy) and report["selection"] is False
     assert evaluate_bundle(tmp_path / "solo", prepared_synth, "PublicTest", echo=lambda _: None)["selection"] is True
     assert sorted(p.name for p in (tmp_path / "solo").iterdir()) == before
     with pytest.raises(CheckpointError, match="give B's checkpoint"):
@@ -199,3 +199,28 @@ def test_freezing_that_fails_falls_back_to_the_eager_copy(tiny_bundle, monkeypat
     assert torch.allclose(eager(x).float(), frozen(x).float(), atol=1e-2)
     with pytest.raises(ValueError, match="eval mode"):
         freeze_for_cpu(ensemble.model_a.train(), 44)
+
+
+def test_the_bundle_card_is_a_typed_record_and_bad_cards_are_named(tiny_bundle, tmp_path):
+    import shutil
+
+    from ferray.bundle import read_bundle_card
+
+    card = read_bundle_card(tiny_bundle)
+    assert card.evaluations["PrivateTest"].views["tta"].accuracy == pytest.approx(
+        json.loads((tiny_bundle / "bundle.json").read_text())["evaluations"]["PrivateTest"]["views"]["tta"]["accuracy"]
+    )
+    with pytest.raises(AttributeError):
+        card.evaluations["PrivateTest"].views["tta"].acuracy  # noqa: B018  (a typo fails, never a silent None)
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_bundle, broken)
+    data = json.loads((broken / "bundle.json").read_text())
+    data["fusion"]["weight_a"] = "half"
+    (broken / "bundle.json").write_text(json.dumps(data))
+    with pytest.raises(CheckpointError, match=r"bundle.json: fusion.weight_a: expected float"):
+        read_bundle_card(broken)
+    del data["members"]["a"]
+    data["fusion"]["weight_a"] = 0.5
+    (broken / "bundle.json").write_text(json.dumps(data))
+    with pytest.raises(CheckpointError, match=r"members: missing key\(s\) a"):
+        read_bundle_card(broken)

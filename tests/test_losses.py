@@ -52,19 +52,25 @@ def test_joint_loss_combines_parts_with_lambda():
 
 
 def test_normalized_center_term_cannot_be_cancelled_by_rescaling_the_features():
-    """The failure it fixes: the raw term falls 100x when batch norm shrinks the features 10x; the
-    normalised term (the default) is the same at any scale, and so is where the centers move."""
+    """The failures it fixes: the raw term falls 100x when batch norm shrinks the features 10x; a
+    plainly normalised term falls when the features are scaled up and pulled toward one common
+    direction (the angles shrink, the logits stay). Centered and normalised, the term is the same
+    for any scale and any common shift, and so is where the centers move."""
     torch.manual_seed(0)
     x, y = torch.randn(16, 8) + 2.0, torch.arange(16) % 4
     raw, normalized = CenterLoss(4, 8, features="raw"), CenterLoss(4, 8, features="normalized")
     for loss in (raw, normalized):
         loss.update_centers(x, y)
     assert raw(x * 0.1, y).item() < raw(x, y).item() / 5
-    for scale in (1e-3, 0.1, 10.0, 1e3):
-        assert normalized(x * scale, y).item() == pytest.approx(normalized(x, y).item(), rel=1e-4)
-    moved = CenterLoss(4, 8, features="normalized")
-    moved.update_centers(x * 1e3, y)
-    assert torch.allclose(moved.centers, normalized.centers, atol=1e-6)
+    common = torch.randn(8) * 100.0  # a large shared direction: what collapses a plain L2-normalised term
+    for scale, shift in ((1e-3, 0.0), (0.1, 0.0), (10.0, 0.0), (1e3, 0.0), (1.0, 1.0), (30.0, 1.0)):
+        moved = x * scale + shift * common
+        assert normalized(moved, y).item() == pytest.approx(normalized(x, y).item(), rel=1e-3), (scale, shift)
+    plain = torch.nn.functional.normalize(x * 30.0 + common, dim=1)  # what the first attempt measured
+    assert 0.5 * (plain - plain.mean(0)).pow(2).sum(1).mean() < normalized(x, y).item() / 5
+    centered = CenterLoss(4, 8, features="normalized")
+    centered.update_centers(x * 1e3 + common, y)
+    assert torch.allclose(centered.centers, normalized.centers, atol=1e-4)
     assert 0 < normalized(x, y).item() <= 2.0  # 1/2 |a - b|^2 of unit-ball vectors: a known range for lambda
 
 

@@ -49,10 +49,10 @@ def twin_data(tmp_path_factory):
 
 @pytest.mark.slow  # six short trainings, Ray-free
 def test_the_core_loop_and_the_fusion_ignore_the_test_split(twin_data, tmp_path):
+    from ferray.bundle import build_bundle
     from ferray.config import load_config
     from ferray.data.contract import read_manifest, selection_split
     from ferray.data.memory import load_faces
-    from ferray.ensemble import build_bundle
     from ferray.local import train_local
 
     kept, cards = [], []

@@ -88,7 +88,7 @@ def test_batches_are_padded_to_a_few_compiled_shapes_without_changing_any_row(n,
 
 
 def test_int8_without_a_calibration_says_how_to_make_one(tiny_bundle):
-    from ferray.ensemble import load_bundle
+    from ferray.bundle import load_bundle
 
     with pytest.raises(
         Int8Unavailable, match=f"member A has no int8 calibration: make one with `ferray quantize {tiny_bundle}"
@@ -97,7 +97,7 @@ def test_int8_without_a_calibration_says_how_to_make_one(tiny_bundle):
 
 
 def test_ranges_made_for_other_crops_are_refused(tiny_bundle, tiny):
-    from ferray.ensemble import load_bundle
+    from ferray.bundle import load_bundle
 
     ensemble, _ = load_bundle(tiny_bundle, "cpu", members=("a",))
     ensemble.int8, ensemble.int8_ranges = True, {"a": {**tiny[2], "crop": 40}}
@@ -136,7 +136,7 @@ def test_compiled_int8_matches_the_eager_int8_graph(tiny):
 @needs_torchao
 @pytest.mark.slow  # calibrates, compiles and evaluates a tiny bundle: ~1 min
 def test_quantize_writes_ranges_and_figures_that_evaluate_reproduces(tiny_bundle, prepared_synth, tmp_path):
-    from ferray.ensemble import evaluate_bundle, read_bundle_card
+    from ferray.bundle import evaluate_bundle, read_bundle_card
     from ferray.quantize import quantize_bundle
     from ferray.report.model_card import render_model_card
 
@@ -144,16 +144,16 @@ def test_quantize_writes_ranges_and_figures_that_evaluate_reproduces(tiny_bundle
     shutil.copytree(tiny_bundle, copy)
     entry = quantize_bundle(copy, prepared_synth, faces=20, echo=lambda _: None)
     card = read_bundle_card(copy)
-    assert card["members"]["a"]["int8"] == entry and (copy / entry["ranges"]).is_file()
-    assert entry["calibration"]["split"] == "Training" and entry["calibration"]["faces"] == 20
-    assert set(entry["evaluations"]) == set(card["evaluations"])
+    assert card.members.a.int8 == entry and (copy / entry.ranges).is_file()
+    assert entry.calibration["split"] == "Training" and entry.calibration["faces"] == 20
+    assert set(entry.evaluations) == set(card.evaluations)
     assert (copy / "MODEL_CARD.md").read_text() == render_model_card(card) and "## int8" in render_model_card(card)
-    split = next(s for s, e in entry["evaluations"].items() if not e["selection"])
+    split = next(s for s, e in entry.evaluations.items() if not e.selection)
     report = evaluate_bundle(copy, prepared_synth, split, tmp_path / "eval", echo=lambda _: None, tta=True, int8=True)
     assert report["precision"].startswith("int8") and (tmp_path / "eval" / f"eval-{split}-tta-int8.json").is_file()
-    assert report["members"]["a"] == pytest.approx(entry["evaluations"][split]["accuracy"]["tta"])
+    assert report["members"]["a"] == pytest.approx(entry.evaluations[split].accuracy["tta"])
     # a Serve replica with model_a.int8 forwards the same int8 model (compiled in its __init__)
-    from ferray.ensemble import load_bundle
+    from ferray.bundle import load_bundle
     from ferray.serve_app.app import Member
 
     replica = Member.func_or_class(str(copy), "a", {"int8": True, "threads": torch.get_num_threads()})

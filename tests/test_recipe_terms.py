@@ -145,7 +145,7 @@ def test_every_epoch_order_is_a_function_of_seed_rank_and_epoch(faces):
 
 
 def test_the_ema_weights_are_what_the_checkpoint_and_bundle_hold_when_selected(tmp_path, faces):
-    from ferray.ensemble import _slim
+    from ferray.bundle import slim_checkpoint
 
     x, y, xt, yt = faces
     state = engine.build_state(tiny_config(), torch.device("cpu"))
@@ -166,7 +166,7 @@ def test_the_ema_weights_are_what_the_checkpoint_and_bundle_hold_when_selected(t
         assert all(torch.equal(payload["train_model"][k], raw[k]) for k in raw)  # what --resume continues
         model, _, _ = engine.model_from_checkpoint(path)
         assert all(torch.equal(model.state_dict()[k], shipped[k]) for k in shipped)
-        bundle_member = _slim(payload)
+        bundle_member = slim_checkpoint(payload)
         assert bundle_member["weights"] == row["eval_weights"] and "train_model" not in bundle_member
         assert all(
             torch.equal(bundle_member["model"][k], shipped[k].half() if shipped[k].is_floating_point() else shipped[k])

@@ -267,7 +267,7 @@ def test_table_numbers_are_the_evaluation_files(finished_report):
 
 @pytest.mark.slow
 def test_ensemble_numbers_match_evaluating_the_bundle(finished_report, prepared_synth):
-    from ferray.ensemble import evaluate_bundle
+    from ferray.bundle import evaluate_bundle
 
     out, record, _ = finished_report
     direct = evaluate_bundle(out / "bundle", prepared_synth, "PrivateTest", out=out / "check", echo=lambda _: None)

@@ -34,6 +34,7 @@ def claim_folder(out: Path) -> None:
 
 
 def run_demo(out: Path | None, n: int = 1400, seed: int = 0, echo: Callable[[str], None] = print) -> dict:
+    from ferray.bundle import build_bundle, evaluate_bundle
     from ferray.config import load_config
     from ferray.data.describe import format_manifest
     from ferray.data.synth import SynthSpec, synthesize
@@ -42,7 +43,6 @@ def run_demo(out: Path | None, n: int = 1400, seed: int = 0, echo: Callable[[str
     from ferray.distributed.train import run_training
     from ferray.distributed.tune import load_search, run_search
     from ferray.distributed.upscale import upscale
-    from ferray.ensemble import build_bundle, evaluate_bundle
     from ferray.evaluate import evaluate_checkpoint
     from ferray.report.plan import load_plan
     from ferray.sr.evaluation import evaluate_generator
@@ -185,11 +185,11 @@ def predict_with_default(data, faces: int = 4, echo: Callable[[str], None] = pri
 
     model = ferray.load()
     card = model.card
-    test = next((s for s, e in card.get("evaluations", {}).items() if not e["selection"]), None)
+    test = next((s for s, e in card.evaluations.items() if not e.selection), None)
     if test:
         echo(
-            f"default model: {card['members']['a']['model']}, {test} accuracy "
-            f"{card['evaluations'][test]['views']['tta']['accuracy']:.2%} with ten-crop TTA (its MODEL_CARD.md)"
+            f"default model: {card.members.a.model}, {test} accuracy "
+            f"{card.evaluations[test].views['tta'].accuracy:.2%} with ten-crop TTA (its MODEL_CARD.md)"
         )
     images, labels, _ = load_split(data, "PublicTest")
     answers = model.predict_many(list(images[:faces]))

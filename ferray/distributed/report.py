@@ -19,12 +19,14 @@ run in OUT/runs is resumed.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import platform
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+from ferray.bundle.card import VIEWS
 from ferray.config import ConfigError, ExperimentConfig, from_dict
 from ferray.config import differences as config_diff
 from ferray.data.contract import FER_SIZE, DataError, load_split, read_manifest, selection_split, untouched_splits
@@ -141,7 +143,7 @@ def upscaled_data(
 def evaluate_all(
     plan: ReportPlan, results: dict, data_of: dict, splits: list[str], out: Path, steps: Steps
 ) -> tuple[dict, dict]:
-    """({key: {split: {"plain": eval, "tta": eval}}}, {(key, split, view): (probs, ids)}): every
+    """({key: {split: {"center": eval, "tta": eval}}}, {(key, split, view): (probs, ids)}): every
     classifier on every split, TTA off and on, each written to OUT/evaluations/KEY/eval-*.json."""
     from ferray.evaluate import evaluate_checkpoint
 
@@ -150,7 +152,7 @@ def evaluate_all(
         evaluations[spec.key] = {}
         for split in splits:
             evaluations[spec.key][split] = {}
-            for view in ("plain", "tta"):
+            for view in VIEWS:
                 result = steps(
                     evaluate_checkpoint,
                     results[spec.key]["best_checkpoint"],
@@ -347,7 +349,7 @@ def make_figures(
     steps: Steps,
     echo: Callable[[str], None],
 ) -> dict:
-    from ferray.ensemble import build_bundle, fused_report, write_fused_report
+    from ferray.bundle import build_bundle, fused_report, write_fused_report
     from ferray.explain import explain_split
     from ferray.figures import plot_crops
     from ferray.metrics import plot_confusion
@@ -380,14 +382,14 @@ def make_figures(
         tests=False,
         probs=member_probs(probs, key_a, key_b, selection, "tta"),
     )
-    weight, ensemble = card["fusion"]["weight_a"], {}
+    weight, ensemble = card.fusion.weight_a, {}
     for split in splits:
         labels = load_split(plan.data, split)[1]
         ensemble[split] = {
             view: fused_report(
                 *member_probs(probs, key_a, key_b, split, view), labels, weight, split, view == "tta", bundle
             )
-            for view in ("plain", "tta")
+            for view in VIEWS
         }
         for report in ensemble[split].values():
             write_fused_report(report, out / "evaluations" / "ensemble")
@@ -423,8 +425,8 @@ def make_figures(
     return {
         "sr_eval": sr,
         "bundle": str(bundle),
-        "fusion": card["fusion"],
-        "fusion_alternatives": card["alternatives"],
+        "fusion": dataclasses.asdict(card.fusion),
+        "fusion_alternatives": card.alternatives,
         "ensemble": ensemble,
         "figures": {
             "fig2": str(figures / "sr-grid-PublicTest.png"),

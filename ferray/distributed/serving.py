@@ -20,8 +20,8 @@ def app_args(
     bundle: str | Path | None, config: str | Path | None = None, overrides: list[str] = ()
 ) -> tuple[dict, dict]:
     """(application args, http_options) of a Serve config, with the bundle and `key=value` overrides applied."""
+    from ferray.bundle import resolve_bundle
     from ferray.config import apply_overrides
-    from ferray.ensemble import resolve_bundle
     from ferray.serve_app.settings import CONFIG_FILE, load_config, parse_settings
 
     document = load_config(config or CONFIG_FILE)
@@ -98,8 +98,8 @@ def serve_forever(
     echo: Callable[[str], None] = print,
 ) -> None:
     """`ferray serve`: start, print the URL, block until Ctrl-C or SIGTERM, then shut everything down."""
+    from ferray.bundle import resolve_bundle
     from ferray.distributed.runtime import connect
-    from ferray.ensemble import resolve_bundle
 
     stopping = threading.Event()
     previous = signal.signal(signal.SIGTERM, lambda *_: stopping.set())

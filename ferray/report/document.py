@@ -12,6 +12,7 @@ import shlex
 from pathlib import Path
 
 from ferray import __version__
+from ferray.bundle.card import VIEWS
 from ferray.labels import EMOTIONS
 from ferray.metrics import most_confused
 from ferray.report.plan import ReportPlan
@@ -60,7 +61,7 @@ def table1_rows(plan: ReportPlan, record: dict) -> list[list[str]]:
                 row_label(spec, facts),
                 count(facts["keras_params"]),
                 str(facts["depth"] or "-"),
-                *[pct(evals[s][v]["accuracy"]) if s in evals else "n/a" for s in splits for v in ("plain", "tta")],
+                *[pct(evals[s][v]["accuracy"]) if s in evals else "n/a" for s in splits for v in VIEWS],
                 count(paper.get("params")),
                 str(paper.get("depth", "n/a")),
                 paper_pct(paper.get("PublicTest")),
@@ -75,7 +76,7 @@ def table1_rows(plan: ReportPlan, record: dict) -> list[list[str]]:
             f"Ensemble ({a} + {b})",
             count(params),
             "-",
-            *[pct(ensemble[s][v]["accuracy"]) if s in ensemble else "n/a" for s in splits for v in ("plain", "tta")],
+            *[pct(ensemble[s][v]["accuracy"]) if s in ensemble else "n/a" for s in splits for v in VIEWS],
             count(paper.get("params")),
             str(paper.get("depth", "n/a")),
             paper_pct(paper.get("PublicTest")),
@@ -179,7 +180,7 @@ def commands(plan: ReportPlan, record: dict, out: Path) -> dict[str, list[str]]:
         f"{_q(srgan['best_checkpoint'])} --data {data} --out {bundle} --overwrite"
     ]
     ensemble += [
-        f"ferray evaluate --bundle {bundle} --data {data} --split {s} --tta   # Figure 5; --no-tta for the plain column"
+        f"ferray evaluate --bundle {bundle} --data {data} --split {s} --tta   # Figure 5; without --tta: center crop"
         for s in record["splits"]
     ]
     figure = {
@@ -248,7 +249,7 @@ def _table1(doc: Document, plan: ReportPlan, record: dict) -> None:
         note="Params are counted as a Keras summary totals them (weights + batch-norm moving statistics), "
         "as the paper counts; depth is weight layers. The paper's VGG figures count the conv base only. "
         f"Ensemble: w_A = {fusion['weight_a']:.2f} fitted on {fusion['fitted_on']} ({fusion['how']}), the same w "
-        "for the plain and TTA columns; its params are A's plus B's (the SR generator adds "
+        "for the center-crop and TTA columns; its params are A's plus B's (the SR generator adds "
         "its own at inference). n/a: not measured here, or not given in the plan's `paper:` section.",
     )
     alternatives = record["fusion_alternatives"]

@@ -7,6 +7,11 @@ figure is typed by hand.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ferray.bundle.card import BundleCard, Int8Card, MemberCard, SRCard
+
 VIEWS = (("center", "center crop"), ("tta", "ten-crop TTA"))
 
 
@@ -21,26 +26,27 @@ def _duration(seconds) -> str:
     return f"{minutes:.0f} min" if minutes < 120 else f"{minutes / 60:.1f} h"
 
 
-def _member_line(name: str, member: dict, sr: dict | None = None) -> str:
-    origin = "fine-tuned from ImageNet weights" if member["pretrained"] else "trained from scratch"
+def _member_line(name: str, member: MemberCard, sr: SRCard | None = None) -> str:
+    origin = "fine-tuned from ImageNet weights" if member.pretrained else "trained from scratch"
+    weights = "the moving average of its weights" if member.weights == "ema" else "its weights as trained"
     line = (
-        f"- **{name}**: `{member['model']}` ({member['parameters']:,} parameters, depth {member['depth'] or 'n/a'}), "
-        f"{origin}, {member['epochs']} epochs, selected on {member.get('selection_split', 'n/a')} "
-        f"({_pct(member.get('selection_accuracy'))} there, center crop); input "
+        f"- **{name}**: `{member.model}` ({member.parameters:,} parameters, depth {member.depth or 'n/a'}), "
+        f"{origin}, {member.epochs} epochs, selected on {member.selection_split} "
+        f"({_pct(member.selection_accuracy)} there, center crop; {weights}); input "
     )
     if name == "B":
         line += (
-            f"the face upscaled 2x by the SR generator ({sr['content_loss']} content loss)"
+            f"the face upscaled 2x by the SR generator ({sr.content_loss} content loss)"
             if sr
             else "the face upscaled 2x by bicubic"
         )
     else:
         line += "the 48x48 face"
-    return line + f", {member['crop']}x{member['crop']} crops."
+    return line + f", {member.crop}x{member.crop} crops."
 
 
-def _run_lines(member: dict) -> list[str]:
-    run = member.get("run")
+def _run_lines(member: MemberCard) -> list[str]:
+    run = member.run
     if not run:
         return []
     machine = run.get("machine", {})
@@ -63,59 +69,59 @@ def _run_lines(member: dict) -> list[str]:
     return lines
 
 
-def _accuracy_table(card: dict) -> list[str]:
-    evaluations = card.get("evaluations") or {}
-    members = [m for m in ("a", "b") if card["members"].get(m)]
+def _accuracy_table(card: BundleCard) -> list[str]:
+    evaluations = card.evaluations
+    members = list(card.members.names())
     header = ["split", "role", *[label for _, label in VIEWS]]
     if len(members) > 1:
         header += [f"{m.upper()} alone ({label})" for m in members for _, label in VIEWS[1:]]
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for split, evaluation in evaluations.items():
-        views = evaluation["views"]
+        views = evaluation.views
         role = (
             "selection (chose the epoch" + (", the fusion" if len(members) > 1 else "") + "): not a test"
-            if evaluation["selection"]
+            if evaluation.selection
             else "test (untouched)"
         )
-        row = [split, role, *[_pct(views[v]["accuracy"]) for v, _ in VIEWS]]
+        row = [split, role, *[_pct(views[v].accuracy) for v, _ in VIEWS]]
         if len(members) > 1:
-            row += [_pct(views["tta"]["members"][m]) for m in members]
+            row += [_pct(views["tta"].members[m]) for m in members]
         lines.append("| " + " | ".join(row) + " |")
     return lines
 
 
-def _per_class_table(card: dict) -> list[str]:
-    evaluations = card.get("evaluations") or {}
-    view = "tta" if card["tta"] else "center"
+def _per_class_table(card: BundleCard) -> list[str]:
+    evaluations = card.evaluations
+    view = card.view()
     splits = list(evaluations)
     if not splits:
         return []
-    first = evaluations[splits[0]]["views"][view]
+    first = evaluations[splits[0]].views[view]
     lines = [
         "| class | "
-        + " | ".join(f"{s} ({'selection' if evaluations[s]['selection'] else 'test'})" for s in splits)
+        + " | ".join(f"{s} ({'selection' if evaluations[s].selection else 'test'})" for s in splits)
         + " | faces ("
         + splits[-1]
         + ") |",
         "|" + " --- |" * (len(splits) + 2),
     ]
-    for name in first["per_class"]:
-        cells = [_pct(evaluations[s]["views"][view]["per_class"][name]) for s in splits]
-        support = evaluations[splits[-1]]["views"][view]["support"][name]
+    for name in first.per_class:
+        cells = [_pct(evaluations[s].views[view].per_class[name]) for s in splits]
+        support = evaluations[splits[-1]].views[view].support[name]
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {support:,} |")
     return lines
 
 
-def render_model_card(card: dict) -> str:
-    a, b, sr = card["members"]["a"], card["members"].get("b"), card["members"].get("sr")
-    evaluations = card.get("evaluations") or {}
-    tests = [s for s, e in evaluations.items() if not e["selection"]]
-    selection = card.get("selection_split") or next(iter(card["accuracy"]))
+def render_model_card(card: BundleCard) -> str:
+    a, b, sr = card.members.a, card.members.b, card.members.sr
+    evaluations = card.evaluations
+    tests = [s for s, e in evaluations.items() if not e.selection]
+    selection = card.selection_split
     lines = [
         "# ferray model card",
         "",
         "Facial-expression recognition on 48x48 grayscale faces: 7 classes in FER2013 order "
-        f"({', '.join(card['labels'])}).",
+        f"({', '.join(card.labels)}).",
         "",
         "## Members",
         "",
@@ -140,24 +146,24 @@ def render_model_card(card: dict) -> str:
         f"**{selection}**; {untouched}",
     ]
     if b:
-        fusion = card["fusion"]
+        fusion = card.fusion
         lines += [
             "",
             "## Fusion",
             "",
-            f"{fusion['method']}: P = {fusion['weight_a']:.2f} * P_A + {1 - fusion['weight_a']:.2f} * P_B, "
-            f"fitted on {fusion['fitted_on']} ({fusion['how']}).",
+            f"{fusion.method}: P = {fusion.weight_a:.2f} * P_A + {1 - fusion.weight_a:.2f} * P_B, "
+            f"fitted on {fusion.fitted_on} ({fusion.how}).",
         ]
         lines += [
-            f"- alternative on {fusion['fitted_on']}: {name}: {_pct(alt['accuracy'])}"
-            for name, alt in card.get("alternatives", {}).items()
+            f"- alternative on {fusion.fitted_on}: {name}: {_pct(alt['accuracy'])}"
+            for name, alt in card.alternatives.items()
         ]
     lines += [
         "",
         "## Accuracy",
         "",
         "Served with "
-        + ("ten-crop test-time augmentation (4 corners + center, mirrored)" if card["tta"] else "the center crop")
+        + ("ten-crop test-time augmentation (4 corners + center, mirrored)" if card.tta else "the center crop")
         + ".",
         "",
     ]
@@ -165,37 +171,37 @@ def render_model_card(card: dict) -> str:
         lines += _accuracy_table(card)
         lines += [
             "",
-            f"Per class ({'ten-crop TTA' if card['tta'] else 'center crop'}):",
+            f"Per class ({'ten-crop TTA' if card.tta else 'center crop'}):",
             "",
             *_per_class_table(card),
             "",
         ]
         lines += [f"![confusion on {s}](confusion-{s}.png)" for s in evaluations]
     else:
-        acc = card["accuracy"][selection]
+        acc = card.accuracy[selection]
         lines += [f"- {selection} (selection, not a test): ensemble {_pct(acc['ensemble'])}"]
-    lines += _int8_lines(a.get("int8"))
-    lines += ["", f"Data: {card['data']['path']} (checksum `{card['data']['checksum']}`).", ""]
+    lines += _int8_lines(a.int8)
+    lines += ["", f"Data: {card.data['path']} (checksum `{card.data['checksum']}`).", ""]
     return "\n".join(lines)
 
 
-def _int8_lines(int8: dict | None) -> list[str]:
+def _int8_lines(int8: Int8Card | None) -> list[str]:
     """Member A in int8 (`ferray quantize`), measured by that command on the same splits."""
     if not int8:
         return []
-    source = int8["calibration"]
+    source = int8.calibration
     lines = [
         "",
         "## int8 (CPU throughput)",
         "",
-        f"Model A also runs in int8 on a CPU ({int8['how']}), with activation ranges calibrated on the ten "
-        f"views of {source['faces']:,} {source['split']} faces (seed {source['seed']}; `{int8['ranges']}`). "
+        f"Model A also runs in int8 on a CPU ({int8.how}), with activation ranges calibrated on the ten "
+        f"views of {source['faces']:,} {source['split']} faces (seed {source['seed']}; `{int8.ranges}`). "
         "Measured by `ferray quantize`:",
         "",
         "| split | center crop | ten-crop TTA |",
         "| --- | --- | --- |",
     ]
-    for split, e in int8["evaluations"].items():
-        role = "selection" if e["selection"] else "test"
-        lines.append(f"| {split} ({role}) | {_pct(e['accuracy'].get('center'))} | {_pct(e['accuracy'].get('tta'))} |")
+    for split, e in int8.evaluations.items():
+        role = "selection" if e.selection else "test"
+        lines.append(f"| {split} ({role}) | {_pct(e.accuracy.get('center'))} | {_pct(e.accuracy.get('tta'))} |")
     return lines
