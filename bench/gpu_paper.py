@@ -99,7 +99,6 @@ def main() -> int:
             run,
             {s: faces[s] for s in [selection, *tests]},
             device,
-            echo=_quiet,
             selection=selection,
             probs=found,
         )
@@ -146,10 +145,6 @@ def main() -> int:
     print_table(table1_header(record), table1_rows(plan, record))
     print(f"done in {record['seconds'] / 60:.1f} min; {paths['md']}")
     return 0
-
-
-def _quiet(_: str) -> None:
-    pass
 
 
 def assemble(

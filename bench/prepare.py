@@ -149,7 +149,7 @@ def start_ray(scratch: Path) -> None:
 
     per_unit, sources.IMAGES_PER_UNIT = sources.IMAGES_PER_UNIT, 70 // int(info.cpus) + 1
     try:  # as many units as CPUs, so that each worker process starts once here
-        prepare(scratch / "warm", scratch / "warm-out", echo=lambda _: None)
+        prepare(scratch / "warm", scratch / "warm-out")
     finally:
         sources.IMAGES_PER_UNIT = per_unit
     _wait_for_settled_processes()
@@ -181,7 +181,7 @@ def _wait_for_settled_processes(quiet_s: float = 2.0, limit_s: float = 30.0) -> 
 def ferray_prepare(source: Path, out: Path) -> dict:
     from ferray.distributed.prepare import prepare
 
-    return prepare(source, out, overwrite=True, echo=lambda _: None)
+    return prepare(source, out, overwrite=True)
 
 
 def report(name: str, rows: int, seconds: float, peak: int, note: str = "") -> str:

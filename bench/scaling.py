@@ -44,7 +44,7 @@ def run(workers: int, data: Path, out: Path, args) -> dict:
             f"train.batch_size={args.batch_size}",
         ],
     )
-    run_training(cfg, out, name=f"w{workers}", echo=lambda _: None)
+    run_training(cfg, out, name=f"w{workers}")
     rows = [json.loads(line) for line in (out / f"w{workers}" / "metrics.jsonl").read_text().splitlines()]
     steady = rows[1:] or rows
     return {

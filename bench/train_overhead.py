@@ -55,7 +55,6 @@ def bare(cfg, folder: Path) -> tuple[float, int, float]:
         splits["PublicTest"],
         torch.device("cpu"),
         folder / "bare",
-        echo=lambda _: None,
     )
     rows = state.history
     return rows[-1]["loop_seconds"], sum(r["train_images"] for r in rows), run.best["eval_acc"]
@@ -65,7 +64,7 @@ def ray_train(cfg, folder: Path) -> tuple[float, int, float, float]:
     from ferray.distributed.train import run_training
 
     t0 = time.perf_counter()
-    result = run_training(cfg, folder, name="overhead", echo=lambda _: None)
+    result = run_training(cfg, folder, name="overhead")
     total = time.perf_counter() - t0
     rows = [json.loads(line) for line in (folder / "overhead" / "metrics.jsonl").read_text().splitlines()]
     return rows[-1]["loop_seconds"], sum(r["train_images"] for r in rows), result.best_value, total

@@ -40,7 +40,7 @@ def main() -> int:
             spec.name = "asha" if asha else "fifo"
             if not asha:
                 spec.asha = None
-            results[label] = run_search(spec, tmp / "runs", echo=lambda _: None)
+            results[label] = run_search(spec, tmp / "runs")
     print(f"{args.samples} trials x up to {args.epochs} epochs of debug_a on {args.n:,} synthetic faces, 2 at a time")
     for label, r in results.items():
         print(

@@ -71,7 +71,6 @@ def main() -> int:
                     str(tmp / "g.pt"),
                     actors=actors,
                     batch_size=args.batch_size,
-                    echo=lambda _: None,
                 )
                 assert manifest["rows"] == n
 
@@ -79,7 +78,7 @@ def main() -> int:
 
         runs["plain loop (1 process)"] = plain
         connect(progress=False)
-        upscale(tmp / f"faces{args.n}", tmp / "warm", "bicubic", actors=2, echo=lambda _: None)  # Ray start-up
+        upscale(tmp / f"faces{args.n}", tmp / "warm", "bicubic", actors=2)  # Ray start-up
         runs["ray, 1 actor"], runs["ray, 2 actors"] = pool(1), pool(2)
         timings = {}
         for name, run in runs.items():

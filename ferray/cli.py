@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -52,7 +53,35 @@ def build_parser() -> argparse.ArgumentParser:
     _add_explain(sub)
     _add_crops(sub)
     _add_report(sub)
+    _add_verbosity(parser)
     return parser
+
+
+def _add_verbosity(parser: argparse.ArgumentParser) -> None:
+    """-q / -v on every command and subcommand (ferray -v train ..., ferray train ... -q)."""
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument(
+        "-q",
+        "--quiet",
+        action="store_const",
+        const=-1,
+        dest="verbosity",
+        default=argparse.SUPPRESS,
+        help="only warnings and errors (progress lines of training workers still show)",
+    )
+    group.add_argument(
+        "-v",
+        "--verbose",
+        action="store_const",
+        const=1,
+        dest="verbosity",
+        default=argparse.SUPPRESS,
+        help="debug messages too",
+    )
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                _add_verbosity(child)
 
 
 def _add_demo(sub) -> None:
@@ -557,14 +586,14 @@ def _add_report(sub) -> None:
 def experiment_config(args):
     from ferray.config import load_runnable_config
 
-    return load_runnable_config(args.experiment, _flag_overrides(args), echo=_echo)
+    return load_runnable_config(args.experiment, _flag_overrides(args))
 
 
 def cmd_train(args) -> int:
     from ferray.distributed.train import run_training
 
     cfg = experiment_config(args)
-    run_training(cfg, args.out, name=args.name, resume=args.resume, echo=_echo)
+    run_training(cfg, args.out, name=args.name, resume=args.resume)
     return 0
 
 
@@ -572,7 +601,7 @@ def cmd_sr_train(args) -> int:
     from ferray.distributed.train import run_training
     from ferray.tasks import SR
 
-    run_training(experiment_config(args), args.out, name=args.name, resume=args.resume, echo=_echo, task=SR)
+    run_training(experiment_config(args), args.out, name=args.name, resume=args.resume, task=SR)
     return 0
 
 
@@ -588,7 +617,6 @@ def cmd_sr_upscale(args) -> int:
         args.gpus_per_actor,
         args.batch_size,
         args.overwrite,
-        echo=_echo,
         cpus_per_actor=args.cpus_per_actor,
     )
     print(_format_manifest(manifest, args.out))
@@ -612,7 +640,7 @@ def cmd_tune(args) -> int:
         spec.max_concurrent = args.max_concurrent
     if args.name:
         spec.name = args.name
-    run_search(spec, args.out, resume=args.resume, echo=_echo)
+    run_search(spec, args.out, resume=args.resume)
     return 0
 
 
@@ -642,7 +670,6 @@ def cmd_ensemble(args) -> int:
         split=args.split,
         tta=args.tta,
         overwrite=args.overwrite,
-        echo=_echo,
         tests=args.tests,
     )
     return 0
@@ -651,7 +678,7 @@ def cmd_ensemble(args) -> int:
 def cmd_quantize(args) -> int:
     from ferray.quantize import quantize_bundle
 
-    quantize_bundle(args.bundle, args.data, faces=args.faces, seed=args.seed, echo=_echo)
+    quantize_bundle(args.bundle, args.data, faces=args.faces, seed=args.seed)
     return 0
 
 
@@ -670,7 +697,7 @@ def cmd_predict(args) -> int:
 def cmd_serve(args) -> int:
     from ferray.distributed.serving import serve_forever
 
-    serve_forever(args.bundle, port=args.port, host=args.host, config=args.config, overrides=args.overrides, echo=_echo)
+    serve_forever(args.bundle, port=args.port, host=args.host, config=args.config, overrides=args.overrides)
     return 0
 
 
@@ -692,7 +719,6 @@ def cmd_prepare(args) -> int:
         overwrite=args.overwrite,
         validation=args.validation,
         seed=args.seed,
-        echo=_echo,
     )
     print(_format_manifest(manifest, args.out))
     return 0
@@ -731,7 +757,7 @@ def cmd_info(args) -> int:
 def cmd_demo(args) -> int:
     from ferray.distributed.demo import run_demo
 
-    run_demo(args.out, n=args.n, seed=args.seed, echo=_echo)
+    run_demo(args.out, n=args.n, seed=args.seed)
     return 0
 
 
@@ -743,7 +769,7 @@ def cmd_explain(args) -> int:
             raise UsageError("give image files or --data, not both")
         if args.per_class < 1:
             raise UsageError("--per-class must be at least 1")
-        explain_split(args.checkpoint, args.data, args.split, args.per_class, args.out, echo=_echo)
+        explain_split(args.checkpoint, args.data, args.split, args.per_class, args.out)
         return 0
     if not args.images:
         raise UsageError("give at least one image file, or --data to explain faces of a prepared split")
@@ -752,7 +778,7 @@ def cmd_explain(args) -> int:
         if out is not None and len(args.images) > 1:
             out.mkdir(parents=True, exist_ok=True)
             out = out / f"{image.stem}-explain.png"
-        explain_image(args.checkpoint, image, out, target=args.target, detect=args.detect, echo=_echo)
+        explain_image(args.checkpoint, image, out, target=args.target, detect=args.detect)
     return 0
 
 
@@ -778,7 +804,7 @@ def cmd_report(args) -> int:
     from ferray.report.plan import load_plan
 
     plan = load_plan(args.plan, data=args.data, sets=args.overrides)
-    run_report(plan, args.out, reuse=args.reuse, echo=_echo)
+    run_report(plan, args.out, reuse=args.reuse)
     return 0
 
 
@@ -794,14 +820,19 @@ def _echo(message: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     from ferray.errors import FerrayError
+    from ferray.logs import configure
 
     parser = build_parser()
     args = parser.parse_args(argv)
+    configure(getattr(args, "verbosity", 0))
     try:
         return args.func(args)
     except FerrayError as e:
         print(f"ferray {args.command}: error: {e}", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # `ferray models | head`: the reader left; nothing to say to it
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115  (Python flushes stdout at exit)
+        return 0
     except KeyboardInterrupt as e:
         print(f"ferray {args.command}: interrupted{': ' + str(e) if str(e) else ''}", file=sys.stderr)
         return 130

@@ -10,6 +10,7 @@ torch.load(weights_only=True), and `from_dict` rebuilds the same config from a c
 from __future__ import annotations
 
 import dataclasses
+import logging
 import types
 import typing
 from dataclasses import dataclass, field
@@ -18,6 +19,8 @@ from pathlib import Path
 import yaml
 
 from ferray.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -369,7 +372,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Experimen
         raise ConfigError(f"{where}{suffix}: {e}") from None
 
 
-def load_runnable_config(path: str | Path, overrides: list[str] = (), echo=print) -> ExperimentConfig:
+def load_runnable_config(path: str | Path, overrides: list[str] = ()) -> ExperimentConfig:
     """load_config, then the weights check every runner makes before it starts anything: an experiment
     whose pretrained weights are missing is replaced by its model.scratch_recipe (said loudly), or
     refused with the file to place."""
@@ -390,12 +393,12 @@ def load_runnable_config(path: str | Path, overrides: list[str] = (), echo=print
         except FileNotFoundError as e:
             raise ConfigError(f"{path}: {e}") from None
     scratch = Path(path).parent / cfg.model.scratch_recipe
-    echo(
+    log.info(
         f"{path}: model.pretrained={cfg.model.pretrained} weights are not on this machine; training {scratch} "
         "instead (from scratch, with the recipe made for that)"
     )
     kept = [o for o in overrides if o.split("=", 1)[0].strip() not in ("model.pretrained", "optim.backbone_lr_ratio")]
-    return load_runnable_config(scratch, kept, echo)
+    return load_runnable_config(scratch, kept)
 
 
 def dump_yaml(cfg: ExperimentConfig) -> str:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+import logging
 from pathlib import Path
 
 import torch
@@ -13,6 +13,8 @@ from ferray.device import default_device, use_bf16
 from ferray.engine import TensorBatches, evaluate, model_from_checkpoint
 from ferray.metrics import most_confused, plot_confusion
 
+log = logging.getLogger(__name__)
+
 
 def evaluate_checkpoint(
     checkpoint: str | Path,
@@ -21,7 +23,6 @@ def evaluate_checkpoint(
     tta: bool = False,
     out: str | Path | None = None,
     batch_size: int = 256,
-    echo: Callable[[str], None] = print,
     keep_probs: bool = False,
 ) -> dict:
     """Accuracy, per-class accuracy and the confusion matrix; writes eval-<split>[-tta].{json,png}.
@@ -69,8 +70,8 @@ def evaluate_checkpoint(
         out / f"{stem}.png",
         f"{cfg.model.name} on {split}{' (TTA)' if tta else ''}: {result['accuracy']:.2%}",
     )
-    echo(format_report(result))
-    echo(f"wrote {out / (stem + '.json')} and {out / (stem + '.png')}")
+    log.info(format_report(result))
+    log.info(f"wrote {out / (stem + '.json')} and {out / (stem + '.png')}")
     return result
 
 

@@ -14,7 +14,7 @@ guided wrapper. `ferray explain CKPT IMAGE` draws the map of one face; the repor
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +24,8 @@ import torch.nn as nn
 from ferray.augment import standardize, to_input
 from ferray.device import default_device
 from ferray.labels import EMOTIONS, FER_SIZE
+
+log = logging.getLogger(__name__)
 
 ACTIVATIONS = (nn.ReLU, nn.PReLU, nn.LeakyReLU, nn.ReLU6, nn.ELU, nn.GELU, nn.SiLU)
 
@@ -122,7 +124,6 @@ def explain_image(
     out: str | Path | None = None,
     target: str | None = None,
     detect: bool = False,
-    echo: Callable[[str], None] = print,
 ) -> dict:
     """`ferray explain`: the guided-backprop map of the face in an image file, as a PNG and JSON."""
     import json
@@ -174,11 +175,11 @@ def explain_image(
     }
     out.with_suffix(".json").write_text(json.dumps(answer, indent=2) + "\n")
     for face in answer["faces"]:
-        echo(
+        log.info(
             f"{image.name}: predicted {face['predicted']} ({face['probabilities'][face['predicted']]:.0%}); "
             f"map of {face['explained']}"
         )
-    echo(f"wrote {out}")
+    log.info(f"wrote {out}")
     return answer
 
 
@@ -208,7 +209,6 @@ def explain_split(
     split: str = "PublicTest",
     per_class: int = 2,
     out: str | Path | None = None,
-    echo: Callable[[str], None] = print,
 ) -> dict:
     """Guided-backprop maps of `per_class` faces of each class of a split, as one grid (Figure 4)."""
     from ferray.data.contract import load_split
@@ -228,7 +228,9 @@ def explain_split(
         f"{cfg.model.name}: guided backprop on {split} (map of the predicted class)",
         device,
     )
-    echo(f"explain: guided-backprop maps of {len(result['faces'])} {split} faces ({per_class} per class); wrote {out}")
+    log.info(
+        f"explain: guided-backprop maps of {len(result['faces'])} {split} faces ({per_class} per class); wrote {out}"
+    )
     return {**result, "split": split, "checkpoint": str(checkpoint)}
 
 

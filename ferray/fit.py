@@ -13,12 +13,15 @@ evaluation is shared among workers, what an epoch's end does.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from ferray.engine import planned_epochs
 from ferray.runs import BEST_FILE, LATEST_FILE, METRICS_FILE, RESULT_FILE, RunFolder, RunRecord
+
+log = logging.getLogger(__name__)
 
 __all__ = ["BEST_FILE", "LATEST_FILE", "METRICS_FILE", "RESULT_FILE", "LocalRun", "fit"]
 
@@ -69,9 +72,9 @@ class LocalRun:
     what it measured. `facts` (the machine, the compile outcome, test evaluations) go into the
     record's facts; a "machine" fact becomes machine.json."""
 
-    def __init__(self, run_dir: str | Path, task, cfg, facts: dict | None = None, echo: Callable[[str], None] = print):
+    def __init__(self, run_dir: str | Path, task, cfg, facts: dict | None = None):
         self.folder = RunFolder(run_dir)
-        self.run_dir, self.task, self.cfg, self.echo = self.folder.path, task, cfg, echo
+        self.run_dir, self.task, self.cfg = self.folder.path, task, cfg
         self.facts = dict(facts or {})
         self.folder.start(cfg, fresh_metrics=True)
         if "machine" in self.facts:
@@ -85,7 +88,7 @@ class LocalRun:
         if self.best is None or row[self.task.select_by] > self.best[self.task.select_by]:
             self.best = row
             self.task.save(self.run_dir / BEST_FILE, state, row)
-        self.echo(self.task.format_epoch(row, self.cfg))
+        log.info(self.task.format_epoch(row, self.cfg))
         self.write_result(state)
 
     def write_result(self, state, **extra) -> RunRecord:

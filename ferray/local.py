@@ -9,8 +9,8 @@ killed at any moment keeps everything it measured.
 
 from __future__ import annotations
 
+import logging
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -20,6 +20,8 @@ from ferray.data.memory import Faces
 from ferray.engine import TensorBatches
 from ferray.fit import BEST_FILE, LocalRun, fit
 from ferray.tasks import CLASSIFIER, Task
+
+log = logging.getLogger(__name__)
 
 
 def on_device(faces: Faces, device, batch_size: int, train: bool, seed: int = 0) -> TensorBatches:
@@ -42,7 +44,6 @@ def train_local(
     run_dir: str | Path,
     task: Task = CLASSIFIER,
     facts: dict | None = None,
-    echo: Callable[[str], None] = print,
 ) -> tuple[object, LocalRun]:
     """(state with the kept checkpoint's weights loaded, the run). cfg.train.compile uses
     torch.compile, falling back to eager (said in the output and the run's facts) if it fails."""
@@ -50,7 +51,7 @@ def train_local(
 
     state = task.build(cfg, device)
     run = LocalRun(
-        run_dir, task, cfg, {**(facts or {}), "machine": machine_facts(device, getattr(state, "use_amp", False))}, echo
+        run_dir, task, cfg, {**(facts or {}), "machine": machine_facts(device, getattr(state, "use_amp", False))}
     )
     train_batches = on_device(train, device, cfg.train.batch_size, True, cfg.train.seed)
     selection_batches = on_device(selection, device, cfg.train.eval_batch_size, False)
@@ -88,7 +89,6 @@ def evaluate_tests(
     tests: dict[str, Faces],
     device,
     batch_size: int = 512,
-    echo: Callable[[str], None] = print,
     selection: str | None = None,
     probs: dict | None = None,
 ) -> dict:
@@ -118,7 +118,7 @@ def evaluate_tests(
             results[split][view] = result
             run.write_result(state, tests=results)
             role = "selection" if split == selection else "test"
-            echo(
+            log.info(
                 f"{split} ({role}, {len(faces):,} faces){' ten-crop TTA' if view == 'tta' else ' center crop'}: "
                 f"{result['accuracy']:.2%}"
             )

@@ -14,6 +14,7 @@ the Serve setting `model_a.int8` then forward in int8.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 
@@ -34,6 +35,8 @@ from ferray.bundle.card import Int8Card, Int8Evaluation, write_card
 from ferray.data.contract import FER_SIZE, DataError, load_split, read_manifest
 from ferray.errors import UsageError
 
+log = logging.getLogger(__name__)
+
 RANGES_FILE = "model_a.int8.json"
 CALIBRATION_SPLIT = "Training"  # never a split that selects or tests
 
@@ -48,7 +51,7 @@ def calibration_crops(data, crop: int, faces: int, seed: int, split: str = CALIB
     return eval_views(torch.from_numpy(images[pick]), crop, tta=True).reshape(-1, 1, crop, crop)
 
 
-def quantize_bundle(bundle, data, faces: int = 256, seed: int = 0, echo=print) -> Int8Card:
+def quantize_bundle(bundle, data, faces: int = 256, seed: int = 0) -> Int8Card:
     """Calibrate member A of `bundle` on `data`, write its ranges and the measured int8 accuracies
     into the bundle; returns the card's new members.a.int8 entry."""
     from ferray.models.quantized import calibrate
@@ -67,12 +70,12 @@ def quantize_bundle(bundle, data, faces: int = 256, seed: int = 0, echo=print) -
     crop = ensemble.cfg_a.augment.crop
     crops = calibration_crops(data, crop, faces, seed)
     source = {"split": CALIBRATION_SPLIT, "faces": faces, "seed": seed, "checksum": manifest["checksum"]}
-    echo(f"quantize: calibrating Model A on {len(crops):,} views of {faces:,} {source['split']} faces ...")
+    log.info(f"quantize: calibrating Model A on {len(crops):,} views of {faces:,} {source['split']} faces ...")
     started = time.perf_counter()
     ranges = calibrate(ensemble.model_a, crop, crops)
     ranges["calibration"] = source
     calibrated = time.perf_counter() - started
-    echo(
+    log.info(
         f"quantize: {len(ranges['observers'])} activation ranges in {calibrated:.0f} s; compiling the int8 "
         "model (each batch shape once) ..."
     )
@@ -80,9 +83,7 @@ def quantize_bundle(bundle, data, faces: int = 256, seed: int = 0, echo=print) -
     ensemble.warm_up("a")
     splits = list(card.evaluations) or [card.selection_split]
     selection = card.selection_split
-    evaluations = evaluate_views(
-        ensemble, data, splits, selection, echo=lambda line: echo(line.replace("ensemble:", "quantize (int8):"))
-    )
+    evaluations = evaluate_views(ensemble, data, splits, selection)
     entry = Int8Card(
         ranges=RANGES_FILE,
         how="torchao PT2E, X86InductorQuantizer: int8 weights per channel, uint8 "
@@ -109,8 +110,8 @@ def quantize_bundle(bundle, data, faces: int = 256, seed: int = 0, echo=print) -
             f"{view} {acc:.2%}" + (f" (was {before[view].accuracy:.2%})" if view in before else "")
             for view, acc in e.accuracy.items()
         )
-        echo(f"quantize: {split} ({'selection' if e.selection else 'test'}) int8 accuracy: {figures}")
-    echo(f"quantize: wrote {path / RANGES_FILE} and the int8 figures into {path / BUNDLE_FILE}")
+        log.info(f"quantize: {split} ({'selection' if e.selection else 'test'}) int8 accuracy: {figures}")
+    log.info(f"quantize: wrote {path / RANGES_FILE} and the int8 figures into {path / BUNDLE_FILE}")
     return entry
 
 

@@ -47,7 +47,7 @@ def untrained_bundle(folder: str | Path, data: str | Path, tta: bool = True, **m
 
     folder = Path(folder)
     paths = untrained_members(folder / "members", **members)
-    build_bundle(paths["a"], paths["b"], paths["sr"], data, folder / "bundle", tta=tta, echo=lambda _: None)
+    build_bundle(paths["a"], paths["b"], paths["sr"], data, folder / "bundle", tta=tta)
     return folder / "bundle"
 
 

@@ -109,7 +109,7 @@ def train(out: Path) -> dict:
 
     watcher = threading.Thread(target=kill_a_node_after_a_checkpoint, daemon=True)
     watcher.start()
-    result = run_training(cfg, out / "runs", echo=lambda line: print(line, flush=True))
+    result = run_training(cfg, out / "runs")
     watcher.join(timeout=5)
     epochs = [json.loads(line)["epoch"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return {"epochs": result.epochs, "logged": epochs, "workers": result.workers, **events}
@@ -140,7 +140,6 @@ def upscale_run(out: Path) -> dict:
         "bicubic",
         None,
         actors=2,
-        echo=lambda line: print(line, flush=True),
         cpus_per_actor=2,
         batch_size=32,
     )  # many small batches: the kill lands mid-stream

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import uuid
 
@@ -62,3 +63,25 @@ def alive(pids: set[int]) -> set[int]:
         except OSError:
             pass
     return living
+
+
+@contextlib.contextmanager
+def ferray_messages():
+    """The messages ferray's loggers emit inside the block (INFO and up), as a list of lines."""
+    import logging
+
+    lines: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            lines.append(record.getMessage())
+
+    logger, handler = logging.getLogger("ferray"), Collect()
+    before = logger.level
+    logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    try:
+        yield lines
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(before)

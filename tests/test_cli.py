@@ -147,13 +147,14 @@ def test_demo_runs_end_to_end(tmp_path, installed_ferray):
         cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    said = result.stdout + result.stderr  # the stages' reports are log lines (stderr), the manifest is printed
     assert "checksum:" in result.stdout and (out / "data" / "manifest.json").exists()
     assert (out / "runs" / "debug_a" / "best.pt").exists()
-    assert "on PublicTest with ten-crop TTA: accuracy" in result.stdout
+    assert "on PublicTest with ten-crop TTA: accuracy" in said
     assert (out / "runs" / "debug_a" / "eval-PublicTest-tta.png").exists()
     assert (out / "runs" / "debug_srgan" / "sr-grid-PublicTest.png").exists()
     assert json.loads((out / "data_sr" / "manifest.json").read_text())["image_size"] == [96, 96]
-    assert "PSNR" in result.stdout
+    assert "PSNR" in said
     # Model B's debug run (experiments/debug_b.yaml): 2 Ray Train workers on the SR faces
     model_b = json.loads((out / "runs" / "debug_b" / "result.json").read_text())
     assert model_b["workers"] == 2 and model_b["model"] == "resnet18_b"
@@ -166,8 +167,8 @@ def test_demo_runs_end_to_end(tmp_path, installed_ferray):
     ).exists()
     card = json.loads((out / "bundle" / "bundle.json").read_text())
     assert card["members"]["sr"] is not None and 0 <= card["fusion"]["weight_a"] <= 1
-    assert "members on PublicTest: A" in result.stdout
-    assert result.stdout.count("HTTP 200") == 5  # four PNG faces and one pixel row, answered over HTTP
+    assert "members on PublicTest: A" in said
+    assert said.count("HTTP 200") == 5  # four PNG faces and one pixel row, answered over HTTP
     # the paper's report (experiments/paper_debug.yaml): the demo's runs reused, the two VGGs trained
     record = json.loads((out / "report" / "report.json").read_text())
     assert {k: r["reused"] for k, r in record["runs"].items()} == {
@@ -188,12 +189,12 @@ def test_demo_runs_end_to_end(tmp_path, installed_ferray):
     ):
         assert (out / "report" / "figures" / figure).stat().st_size > 0
     # the last step: the model that ships with ferray (trained on real faces) answers through ferray.load()
-    assert "default model: xception_a, PublicTest accuracy" in result.stdout
+    assert "default model: xception_a, PublicTest accuracy" in said
     # where the time went, one figure per step (progress lines go to stderr)
     per_step = next(line for line in result.stderr.splitlines() if line.startswith("demo: seconds per step: "))
     assert per_step.count(", ") == 14 and per_step.split("step: ", 1)[1].startswith("1. synth ")
     print(per_step)  # shown with -rP: which steps the demo's minutes go to
-    assert result.stdout.count("synthetic face ") == 4
+    assert said.count("synthetic face ") == 4
 
 
 def test_demo_folder_is_reused_only_if_it_is_a_demo(tmp_path):

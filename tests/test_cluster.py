@@ -63,7 +63,7 @@ def test_requests_the_cluster_can_never_satisfy_fail_at_once(ray_session, monkey
 
     monkeypatch.delenv("FERRAY_MAX_GPUS")
     with pytest.raises(ConfigError, match="2 actors x 1 GPU need 2 GPUs; this Ray cluster has 0"):
-        upscale(prepared_synth, tmp_path / "never-written", "bicubic", actors=2, gpus_per_actor=1, echo=lambda _: None)
+        upscale(prepared_synth, tmp_path / "never-written", "bicubic", actors=2, gpus_per_actor=1)
     assert not (tmp_path / "never-written").exists()
 
 

@@ -75,7 +75,7 @@ def test_bundle_round_trip(tiny_bundle, prepared_synth, tmp_path):
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in as_trained.model_a.modules())
     ensemble.bf16 = as_trained.bf16 = False
     assert torch.allclose(as_trained.predict(faces)["probs"], ensemble.predict(faces)["probs"], atol=1e-5)
-    report = evaluate_bundle(tiny_bundle, prepared_synth, "PublicTest", out=tmp_path, echo=lambda _: None)
+    report = evaluate_bundle(tiny_bundle, prepared_synth, "PublicTest", out=tmp_path)
     assert report["accuracy"] == pytest.approx(card["accuracy"]["PublicTest"]["ensemble"])
     assert report["members"]["a"] == pytest.approx(card["accuracy"]["PublicTest"]["a"])
     assert (tmp_path / "eval-PublicTest-tta.png").stat().st_size > 0
@@ -110,7 +110,7 @@ def test_a_bundle_of_model_a_alone(tiny_bundle, prepared_synth, tmp_path, synth_
     from ferray.report.model_card import render_model_card
 
     members = tiny_bundle.parent / "members"
-    card = build_bundle(members / "a.pt", None, None, prepared_synth, tmp_path / "solo", echo=lambda _: None)
+    card = build_bundle(members / "a.pt", None, None, prepared_synth, tmp_path / "solo")
     assert card.members.b is None and card.fusion.weight_a == 1.0 and card.alternatives == {}
     views = card.evaluations["PrivateTest"].views
     assert set(views) == {"center", "tta"} and views["tta"].members["a"] == views["tta"].accuracy
@@ -130,9 +130,9 @@ def test_a_bundle_of_model_a_alone(tiny_bundle, prepared_synth, tmp_path, synth_
     assert set(answer["faces"][0]["members"]) == {"a"}
     # the bundle's figures equal a fresh evaluation; nothing is written into the bundle
     before = sorted(p.name for p in (tmp_path / "solo").iterdir())
-    report = evaluate_bundle(tmp_path / "solo", prepared_synth, "PrivateTest", echo=lambda _: None)
+    report = evaluate_bundle(tmp_path / "solo", prepared_synth, "PrivateTest")
     assert report["accuracy"] == pytest.approx(views["tta"].accuracy) and report["selection"] is False
-    assert evaluate_bundle(tmp_path / "solo", prepared_synth, "PublicTest", echo=lambda _: None)["selection"] is True
+    assert evaluate_bundle(tmp_path / "solo", prepared_synth, "PublicTest")["selection"] is True
     assert sorted(p.name for p in (tmp_path / "solo").iterdir()) == before
     with pytest.raises(CheckpointError, match="give B's checkpoint"):
         build_bundle(members / "a.pt", None, members / "sr.pt", prepared_synth, tmp_path / "y")

@@ -14,10 +14,6 @@ from ferray.distributed.prepare import prepare
 pytestmark = pytest.mark.slow
 
 
-def quiet(_):
-    pass
-
-
 def source_index(face_id: str) -> int:
     """Index of the generated face behind a prepared id (csv row k -> k-1; file <Usage>_<i>.png -> i)."""
     if ".csv:" in face_id:
@@ -47,7 +43,7 @@ def test_every_source_form_prepares_to_the_same_faces(ray_session, tmp_path, sma
         source = tmp_path / "kaggle.zip"
         with zipfile.ZipFile(source, "w", zipfile.ZIP_DEFLATED) as zf:
             zf.write(tmp_path / "fer2013.csv", "fer2013.csv")
-    manifest = prepare(source, tmp_path / "out", echo=quiet)
+    manifest = prepare(source, tmp_path / "out")
     assert read_manifest(tmp_path / "out") == manifest
     assert manifest["rows"] == 42 and manifest["skipped"]["total"] == 0
     for split in ("Training", "PublicTest", "PrivateTest"):
@@ -75,10 +71,10 @@ def bad_csv(path, images, labels, splits):
 def test_bad_csv_records_error_or_skip(ray_session, tmp_path, small_faces):
     expected = bad_csv(tmp_path / "bad.csv", *small_faces)
     with pytest.raises(DataError, match=r"bad\.csv row 3 \(line 4\).*wrong_pixel_count"):
-        prepare(tmp_path / "bad.csv", tmp_path / "out", echo=quiet)
+        prepare(tmp_path / "bad.csv", tmp_path / "out")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.csv"]  # nothing half-written
 
-    manifest = prepare(tmp_path / "bad.csv", tmp_path / "out", on_bad="skip", echo=quiet)
+    manifest = prepare(tmp_path / "bad.csv", tmp_path / "out", on_bad="skip")
     assert manifest["skipped"]["by_kind"] == expected and manifest["skipped"]["total"] == 4
     assert manifest["rows"] == 42 - 4
     with open(tmp_path / "out" / "rejected.csv") as f:
@@ -99,15 +95,15 @@ def test_bad_images_error_skip_and_resize(ray_session, tmp_path, small_faces):
     Image.fromarray(images[0]).save(root / "train" / "happpy" / "Training_999.png")  # unknown emotion
 
     with pytest.raises(DataError, match="bad record") as err:
-        prepare(root, tmp_path / "out", echo=quiet)
+        prepare(root, tmp_path / "out")
     assert "faces/train/" in str(err.value)
     assert not (tmp_path / "out").exists()
 
-    skipped = prepare(root, tmp_path / "out", on_bad="skip", echo=quiet)
+    skipped = prepare(root, tmp_path / "out", on_bad="skip")
     assert skipped["skipped"]["by_kind"] == {"unreadable_image": 1, "bad_image_size": 1, "unknown_emotion": 1}
     assert skipped["rows"] == 42 - 2
 
-    resized = prepare(root, tmp_path / "out", on_bad="skip", resize=True, overwrite=True, echo=quiet)
+    resized = prepare(root, tmp_path / "out", on_bad="skip", resize=True, overwrite=True)
     assert resized["skipped"]["by_kind"] == {"unreadable_image": 1, "unknown_emotion": 1}
     assert resized["notes"]["resized_to_48x48"] == 1 and resized["rows"] == 42 - 1
 
@@ -116,7 +112,7 @@ def test_existing_output_is_refused_without_overwrite(ray_session, tmp_path, sma
     write_csv(tmp_path / "f.csv", *small_faces)
     (tmp_path / "out").mkdir()
     with pytest.raises(DataError, match="already exists"):
-        prepare(tmp_path / "f.csv", tmp_path / "out", echo=quiet)
+        prepare(tmp_path / "f.csv", tmp_path / "out")
 
 
 EXPECTED_FER2013 = {
@@ -126,7 +122,7 @@ EXPECTED_FER2013 = {
 
 
 def test_real_fer2013_image_folder(ray_session, tmp_path, shared_fer2013):
-    manifest = prepare(shared_fer2013, tmp_path / "fer", echo=quiet)
+    manifest = prepare(shared_fer2013, tmp_path / "fer")
     splits = manifest["splits"]
     # no PrivateTest here, so prepare carves a Validation split (10%, class-stratified) from Training
     assert splits["Training"]["rows"] + splits["Validation"]["rows"] == 28_709

@@ -78,7 +78,6 @@ def test_the_core_loop_and_the_fusion_ignore_the_test_split(twin_data, tmp_path)
                 splits["Validation"],
                 torch.device("cpu"),
                 tmp_path / name / member,
-                echo=lambda _: None,
             )
             kept.append((name, member, run.best["epoch"], {k: v.clone() for k, v in state.core.state_dict().items()}))
         cards.append(
@@ -89,7 +88,6 @@ def test_the_core_loop_and_the_fusion_ignore_the_test_split(twin_data, tmp_path)
                 data,
                 tmp_path / name / "bundle",
                 tta=False,
-                echo=lambda _: None,
             )
         )
     for (_, member, epoch, weights), (_, member2, epoch2, weights2) in zip(kept[:2], kept[2:]):
@@ -120,7 +118,6 @@ def test_the_core_loop_and_the_fusion_ignore_the_test_split(twin_data, tmp_path)
             torch.device("cpu"),
             tmp_path / name / "sr",
             task=SR,
-            echo=lambda _: None,
         )
         sr.append((run.best["epoch"], run.best["eval_psnr"]))
     assert sr[0] == sr[1] and sr[0][0] == 2
@@ -141,7 +138,7 @@ def test_train_and_tune_ignore_the_test_split(ray_session, twin_data, tmp_path):
     from ferray.engine import load_checkpoint
 
     experiments = Path(__file__).resolve().parents[1] / "experiments"
-    quiet = dict(echo=lambda _: None)
+    quiet = {}
     data, rigged = twin_data
     common = ["scaling.workers=1", "scaling.cpus_per_worker=1", "train.batch_size=32", "train.epochs=1"]
     plain = run_training(

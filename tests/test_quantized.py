@@ -142,14 +142,14 @@ def test_quantize_writes_ranges_and_figures_that_evaluate_reproduces(tiny_bundle
 
     copy = tmp_path / "bundle"
     shutil.copytree(tiny_bundle, copy)
-    entry = quantize_bundle(copy, prepared_synth, faces=20, echo=lambda _: None)
+    entry = quantize_bundle(copy, prepared_synth, faces=20)
     card = read_bundle_card(copy)
     assert card.members.a.int8 == entry and (copy / entry.ranges).is_file()
     assert entry.calibration["split"] == "Training" and entry.calibration["faces"] == 20
     assert set(entry.evaluations) == set(card.evaluations)
     assert (copy / "MODEL_CARD.md").read_text() == render_model_card(card) and "## int8" in render_model_card(card)
     split = next(s for s, e in entry.evaluations.items() if not e.selection)
-    report = evaluate_bundle(copy, prepared_synth, split, tmp_path / "eval", echo=lambda _: None, tta=True, int8=True)
+    report = evaluate_bundle(copy, prepared_synth, split, tmp_path / "eval", tta=True, int8=True)
     assert report["precision"].startswith("int8") and (tmp_path / "eval" / f"eval-{split}-tta-int8.json").is_file()
     assert report["members"]["a"] == pytest.approx(entry.evaluations[split].accuracy["tta"])
     # a Serve replica with model_a.int8 forwards the same int8 model (compiled in its __init__)

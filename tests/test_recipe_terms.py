@@ -89,7 +89,7 @@ def _run(cfg, faces, run_dir, log, stop_after=None, resume_from=None):
     state.optimizer.register_step_pre_hook(lambda opt, *_: log.append(("lr", [g["lr"] for g in opt.param_groups])))
     train = engine.TensorBatches(x, y, cfg.train.batch_size, seed=cfg.train.seed)
     val = engine.TensorBatches(xt, yt, 64, shuffle=False, drop_last=False)
-    run = LocalRun(run_dir, task, cfg, echo=lambda line: None)
+    run = LocalRun(run_dir, task, cfg)
 
     class Stop(Exception):
         pass

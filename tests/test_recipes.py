@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from support import ferray_messages
 
 from ferray.config import ConfigError, load_config, load_runnable_config
 from ferray.models import build_model, num_params
@@ -29,8 +30,8 @@ def test_the_fine_tuning_recipe_refuses_random_weights():
 
 
 def test_missing_weights_switch_to_the_scratch_recipe(no_weights):
-    said = []
-    cfg = load_runnable_config(EXPERIMENTS / "model_b.yaml", ["data.path=/data/sr", "train.epochs=3"], echo=said.append)
+    with ferray_messages() as said:
+        cfg = load_runnable_config(EXPERIMENTS / "model_b.yaml", ["data.path=/data/sr", "train.epochs=3"])
     assert cfg.name == "model_b_scratch" and cfg.model.name == "resnet50_b_scratch" and cfg.model.pretrained == "none"
     assert cfg.optim.backbone_lr_ratio == 1.0 and (cfg.data.path, cfg.train.epochs) == ("/data/sr", 3)
     assert "not on this machine" in said[0] and "model_b_scratch.yaml" in said[0]
@@ -79,7 +80,7 @@ def test_the_kept_generator_is_the_adversarial_one(tmp_path, synth_faces):
             "sr.content=mse",
         ],
     )
-    state, run = train_local(cfg, faces, faces, torch.device("cpu"), tmp_path / "sr", task=SR, echo=lambda _: None)
+    state, run = train_local(cfg, faces, faces, torch.device("cpu"), tmp_path / "sr", task=SR)
     rows = state.history
     assert [r["phase"] for r in rows] == ["pretrain", "pretrain", "adversarial"] or rows[-1]["sr_choice"] > 10**6
     assert run.best["epoch"] == 3

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from support import ferray_messages
 
 from ferray.config import ConfigError, dump_yaml
 from ferray.report.plan import load_plan
@@ -114,8 +115,8 @@ def test_reuse_needs_the_same_config_and_the_same_faces(tmp_path, prepared_synth
     elsewhere, runs = tmp_path / "elsewhere", tmp_path / "out" / "runs"
     run_dir = fake_run(elsewhere, cfg)
     assert config_differences(run_dir, cfg) == []
-    said = []
-    assert obtain_run(cfg, runs, [elsewhere], said.append)["reused"] is True
+    with ferray_messages() as said:
+        assert obtain_run(cfg, runs, [elsewhere])["reused"] is True
     assert said == [f"report: reusing the finished run {run_dir}"]
 
     changed = plan.config(plan.run("model_a").experiment, prepared_synth)
@@ -127,7 +128,7 @@ def test_reuse_needs_the_same_config_and_the_same_faces(tmp_path, prepared_synth
 
     fake_run(runs, changed)  # a finished run of another config inside the report's own folder: refused
     with pytest.raises(ConfigError, match="is a finished run of another config"):
-        obtain_run(cfg, runs, [], said.append)
+        obtain_run(cfg, runs, [])
 
 
 @pytest.mark.slow
@@ -141,11 +142,11 @@ def test_upscaled_faces_are_found_by_source_or_made_with_ray_data(tmp_path, prep
     other = fake_run(tmp_path / "runs2", plan.config(plan.sr_experiment, prepared_synth), task="sr") / "best.pt"
     upscale_local(prepared_synth, tmp_path / "mine", "srgan", str(generator))
     upscale_local(prepared_synth, tmp_path / "theirs", "srgan", str(other))
-    said = []
-    assert upscaled_data(
-        plan, str(generator), [tmp_path / "theirs", tmp_path / "mine"], tmp_path / "new", said.append
-    ) == (tmp_path / "mine", True)
-    folder, reused = upscaled_data(plan, str(generator), [tmp_path / "theirs"], tmp_path / "new", said.append)
+    assert upscaled_data(plan, str(generator), [tmp_path / "theirs", tmp_path / "mine"], tmp_path / "new") == (
+        tmp_path / "mine",
+        True,
+    )
+    folder, reused = upscaled_data(plan, str(generator), [tmp_path / "theirs"], tmp_path / "new")
     assert (folder, reused) == (tmp_path / "new", False)
     made, mine = (json.loads((tmp_path / p / "manifest.json").read_text()) for p in ("new", "mine"))
     assert made["checksum"] == mine["checksum"]  # Ray Data's actors wrote exactly the faces the plain loop did
@@ -183,8 +184,8 @@ def finished_report(tmp_path_factory, prepared_synth, ray_session):
     generator = fake_run(runs, sr_cfg, task="sr") / "best.pt"
     upscale_local(prepared_synth, root / "data_sr", "srgan", str(generator))
     fake_run(runs, plan.config(plan.run("model_b").experiment, root / "data_sr"))
-    said = []
-    record = run_report(plan, root / "out", reuse=[runs], echo=said.append, remote_steps=True)
+    with ferray_messages() as said:
+        record = run_report(plan, root / "out", reuse=[runs], remote_steps=True)
     return root / "out", record, said
 
 
@@ -270,5 +271,5 @@ def test_ensemble_numbers_match_evaluating_the_bundle(finished_report, prepared_
     from ferray.bundle import evaluate_bundle
 
     out, record, _ = finished_report
-    direct = evaluate_bundle(out / "bundle", prepared_synth, "PrivateTest", out=out / "check", echo=lambda _: None)
+    direct = evaluate_bundle(out / "bundle", prepared_synth, "PrivateTest", out=out / "check")
     assert direct["confusion"] == record["ensemble"]["PrivateTest"]["tta"]["confusion"]

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+from support import ferray_messages
 
 from ferray.config import ConfigError, dump_yaml, load_config
 from ferray.distributed.train import check_resume
@@ -33,9 +34,9 @@ def test_a_resume_on_other_faces_is_refused(tmp_path):
 
 def test_the_listed_safe_changes_pass_and_are_said(tmp_path):
     run_dir = _run(tmp_path)
-    said = []
     longer = load_config(None, ["model.name=xception_a_tiny", "train.epochs=6", "train.progress_seconds=10"])
-    check_resume(run_dir, longer, {"checksum": "sum:1"}, echo=said.append)
+    with ferray_messages() as said:
+        check_resume(run_dir, longer, {"checksum": "sum:1"})
     assert said == [
         "resume: train.epochs 4 -> 6 (the schedule re-plans to the new length)",
         "resume: train.progress_seconds 60.0 -> 10.0",

@@ -26,9 +26,7 @@ def test_the_ray_free_runner_writes_the_record_ray_trains_writes(tmp_path, synth
         ],
     )
     state = CLASSIFIER.build(cfg, torch.device("cpu"))
-    run = LocalRun(
-        tmp_path / "run", CLASSIFIER, cfg, {"machine": {"cpu": "test"}, "compile": "off"}, echo=lambda _: None
-    )
+    run = LocalRun(tmp_path / "run", CLASSIFIER, cfg, {"machine": {"cpu": "test"}, "compile": "off"})
     batches = engine.TensorBatches(x, y, 32)
     fit(CLASSIFIER, state, batches.epoch, lambda s: CLASSIFIER.evaluate(s, batches), 2, on_epoch=run.on_epoch)
     record = read_record(tmp_path / "run")

@@ -146,9 +146,7 @@ def test_two_actors_match_the_single_process_loop(ray_session, tmp_path, sr_chec
     synthesize(tmp_path / "d", SynthSpec(n=140, seed=5))
     checkpoint = str(sr_checkpoint) if method == "srgan" else None
     local = upscale_local(tmp_path / "d", tmp_path / "local", method, checkpoint, batch_size=64)
-    ray_out = upscale(
-        tmp_path / "d", tmp_path / "ray", method, checkpoint, actors=2, batch_size=16, echo=lambda _: None
-    )
+    ray_out = upscale(tmp_path / "d", tmp_path / "ray", method, checkpoint, actors=2, batch_size=16)
     assert ray_out["rows"] == local["rows"] == 140 and ray_out["splits"] == local["splits"]
     assert ray_out["checksum"] == local["checksum"]  # ids, labels, splits and every pixel, in any order
     from ferray.data.contract import load_split

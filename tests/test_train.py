@@ -55,23 +55,21 @@ def epochs_logged(run_dir):
 def test_two_workers_train_then_an_interrupted_run_resumes_and_evaluates(ray_session, synth_data, tmp_path):
     # (a worker lost mid-run, with its node, is tests/test_cluster.py's multi-node test)
     run_dir = tmp_path / "run"
-    first = run_training(tiny(synth_data, 2, *SECOND_GENERATION), tmp_path, name="run", echo=lambda _: None)
+    first = run_training(tiny(synth_data, 2, *SECOND_GENERATION), tmp_path, name="run")
     assert first.epochs == 2 and first.workers == 2 and first.metric == "eval_acc"
     assert epochs_logged(run_dir) == [1, 2]
     assert {"config.yaml", "metrics.jsonl", "best.pt", "result.json"} <= {p.name for p in run_dir.iterdir()}
     assert list(run_dir.glob("tensorboard/events.out.tfevents.*"))
     with pytest.raises(Exception, match="exists: pass --resume"):
-        run_training(tiny(synth_data, 3), tmp_path, name="run", echo=lambda _: None)
+        run_training(tiny(synth_data, 3), tmp_path, name="run")
 
-    resumed = run_training(
-        tiny(synth_data, 3, *SECOND_GENERATION), tmp_path, name="run", resume=True, echo=lambda _: None
-    )
+    resumed = run_training(tiny(synth_data, 3, *SECOND_GENERATION), tmp_path, name="run", resume=True)
     assert resumed.epochs == 3 and epochs_logged(run_dir) == [1, 2, 3]  # continued, not restarted
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     # the EMA was evaluated beside the raw weights on both workers' epochs, and the better one kept
     assert all(r["eval_acc"] == max(r["eval_raw_acc"], r["eval_ema_acc"]) for r in rows)
 
-    report = evaluate_checkpoint(run_dir / "best.pt", synth_data, "PrivateTest", tta=True, echo=lambda _: None)
+    report = evaluate_checkpoint(run_dir / "best.pt", synth_data, "PrivateTest", tta=True)
     private = read_manifest(synth_data)["splits"]["PrivateTest"]["rows"]
     assert report["samples"] == private and (run_dir / "eval-PrivateTest-tta.png").stat().st_size > 1000
 

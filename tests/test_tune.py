@@ -121,7 +121,7 @@ def test_rigged_search_stops_the_bad_trial_and_writes_its_outputs(ray_session, t
     spec = load_search(
         path, [f"data.path={tiny_data}", "scaling.cpus_per_worker=1", "train.batch_size=16", "train.epochs=2"]
     )
-    summary = run_search(spec, tmp_path / "runs", echo=lambda _: None)
+    summary = run_search(spec, tmp_path / "runs")
     search_dir = tmp_path / "runs" / "s"
     # No trial leaves its workers' placement group reserved, not even the one ASHA stopped (ray#54305)
     groups = [

@@ -10,6 +10,7 @@ needs (half-precision weights + config; loaded with weights_only=True), the memb
 from __future__ import annotations
 
 import datetime as _dt
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +45,8 @@ from ferray.device import default_device
 from ferray.engine import load_checkpoint
 from ferray.models import num_params
 from ferray.runs import RUN_FILES
+
+log = logging.getLogger(__name__)
 
 
 def slim_checkpoint(payload: dict) -> dict:
@@ -82,7 +85,6 @@ def build_bundle(
     split: str | None = None,
     tta: bool = True,
     overwrite: bool = False,
-    echo=print,
     probs: tuple[np.ndarray, np.ndarray] | None = None,
     tests: bool = True,
 ) -> BundleCard:
@@ -108,7 +110,9 @@ def build_bundle(
     split = split or bundle_selection_split(ensemble.cfg_a, manifest, data)
     faces, labels, _ = load_split(data, split)
     if probs is None:
-        echo(f"ensemble: members on {len(labels):,} {split} (selection) faces{' with ten-crop TTA' if tta else ''} ...")
+        log.info(
+            f"ensemble: members on {len(labels):,} {split} (selection) faces{' with ten-crop TTA' if tta else ''} ..."
+        )
         ensemble.tta = tta
         probs = _numpy(ensemble.member_probs(torch.from_numpy(faces)))
     pa, pb = probs
@@ -120,7 +124,7 @@ def build_bundle(
     ensemble.weight_a = fusion.weight_a
     accuracy = member_accuracies(pa, pb, labels, ensemble.weight_a)
     splits = [split] + (untouched_splits(manifest, split, ensemble.cfg_a.data.train_split) if tests else [])
-    evaluations = evaluate_views(ensemble, data, splits, split, {(split, tta): (pa, pb)}, echo) if tests else {}
+    evaluations = evaluate_views(ensemble, data, splits, split, {(split, tta): (pa, pb)}) if tests else {}
     card = BundleCard(
         format=BUNDLE_FORMAT,
         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -144,10 +148,10 @@ def build_bundle(
         if b
         else ""
     )
-    echo(f"ensemble: {split} (selection) accuracy {members}{fused}; bundle {out}")
+    log.info(f"ensemble: {split} (selection) accuracy {members}{fused}; bundle {out}")
     for name in splits[1:]:
         view = evaluations[name].views[card.view()]
-        echo(f"ensemble: {name} (test) accuracy {view.accuracy:.2%}{' with TTA' if tta else ''}")
+        log.info(f"ensemble: {name} (test) accuracy {view.accuracy:.2%}{' with TTA' if tta else ''}")
     return card
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -15,9 +16,11 @@ from ferray.bundle.runtime import Ensemble
 from ferray.data.contract import FER_SIZE, DataError, load_split, read_manifest
 from ferray.metrics import confusion_matrix, summarize_confusion
 
+log = logging.getLogger(__name__)
+
 
 def evaluate_views(
-    ensemble: Ensemble, data, splits: list[str], selection: str, known: dict | None = None, echo=print
+    ensemble: Ensemble, data, splits: list[str], selection: str, known: dict | None = None
 ) -> dict[str, Evaluation]:
     """Every split x {center crop, ten-crop TTA}: the fused report with each member's accuracy, the
     selection split marked as such. `known`: {(split, tta): (P_A, P_B)} already computed."""
@@ -28,7 +31,7 @@ def evaluate_views(
         evaluations[split] = Evaluation(selection=split == selection)
         for tta in (False, True):
             if (split, tta) not in known:
-                echo(f"ensemble: {split} ({len(labels):,} faces){' with ten-crop TTA' if tta else ''} ...")
+                log.info(f"ensemble: {split} ({len(labels):,} faces){' with ten-crop TTA' if tta else ''} ...")
                 ensemble.tta = tta
                 known[split, tta] = _numpy(ensemble.member_probs(torch.from_numpy(faces)))
             pa, pb = known[split, tta]
@@ -48,7 +51,6 @@ def evaluate_bundle(
     data: str | Path,
     split: str = "PublicTest",
     out: str | Path | None = None,
-    echo=print,
     tta: bool | None = None,
     int8: bool = False,
 ) -> dict:
@@ -69,10 +71,10 @@ def evaluate_bundle(
     report["selection_split"] = card.selection_split
     report["selection"] = split == card.selection_split and read_manifest(data)["checksum"] == card.data["checksum"]
     if out is not None:
-        echo(f"wrote {write_fused_report(report, Path(out))}")
-    echo(format_report(report))
+        log.info(f"wrote {write_fused_report(report, Path(out))}")
+    log.info(format_report(report))
     members = ", ".join(f"{name.upper()} {acc:.2%}" for name, acc in report["members"].items())
-    echo(
+    log.info(
         f"members on {split}: {members}, ensemble {report['accuracy']:.2%} (w_A = {ensemble.weight_a:.2f}; "
         f"A forwarded in {report['precision']})"
         + ("  [the bundle's selection split: not a test]" if report["selection"] else "")

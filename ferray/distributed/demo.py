@@ -10,14 +10,16 @@ ensemble -> serve the bundle with Ray Serve and send it a few faces over HTTP ->
 
 from __future__ import annotations
 
+import logging
 import shutil
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 from ferray.data.contract import DataError
 from ferray.resources import recipe
 from ferray.tasks import SR
+
+log = logging.getLogger(__name__)
 
 MARKER = ".ferray-demo"
 DEFAULT_OUT = Path("ferray-demo")
@@ -33,7 +35,7 @@ def claim_folder(out: Path) -> None:
     (out / MARKER).write_text("made by `ferray demo`; rerunning the demo replaces this folder\n")
 
 
-def run_demo(out: Path | None, n: int = 1400, seed: int = 0, echo: Callable[[str], None] = print) -> dict:
+def run_demo(out: Path | None, n: int = 1400, seed: int = 0) -> dict:
     from ferray.bundle import build_bundle, evaluate_bundle
     from ferray.config import load_config
     from ferray.data.describe import format_manifest
@@ -49,7 +51,7 @@ def run_demo(out: Path | None, n: int = 1400, seed: int = 0, echo: Callable[[str
 
     if out is None:
         out = DEFAULT_OUT
-        echo(f"demo: no --out given, writing to {out.absolute()}")
+        log.info(f"demo: no --out given, writing to {out.absolute()}")
     out = Path(out)
     claim_folder(out)
     t0 = time.perf_counter()
@@ -72,20 +74,18 @@ def run_demo(out: Path | None, n: int = 1400, seed: int = 0, echo: Callable[[str
         (
             "prepare: fer2013.csv -> Parquet + manifest (Ray Data)",
             lambda: (
-                done.update(manifest=prepare(out / "source" / "fer2013.csv", data, echo=echo))
+                done.update(manifest=prepare(out / "source" / "fer2013.csv", data))
                 or print(format_manifest(done["manifest"], data))
             ),
         ),
         (
             "train: experiments/debug_a.yaml (Model A layout at 1/8 width, Ray Train)",
-            lambda: done.update(model_a=run_training(experiment("debug_a"), runs, echo=echo)),
+            lambda: done.update(model_a=run_training(experiment("debug_a"), runs)),
         ),
         (
             "evaluate: Model A's best checkpoint on PublicTest with ten-crop TTA",
             lambda: done.update(
-                evaluation=evaluate_checkpoint(
-                    done["model_a"].best_checkpoint, data, "PublicTest", tta=True, echo=print
-                )
+                evaluation=evaluate_checkpoint(done["model_a"].best_checkpoint, data, "PublicTest", tta=True)
             ),
         ),
         (
@@ -95,7 +95,6 @@ def run_demo(out: Path | None, n: int = 1400, seed: int = 0, echo: Callable[[str
                 srgan=run_training(
                     experiment("debug_srgan", sets=[f"sr.content_checkpoint={done['model_a'].best_checkpoint}"]),
                     runs,
-                    echo=echo,
                     task=SR,
                 )
             ),
@@ -103,26 +102,26 @@ def run_demo(out: Path | None, n: int = 1400, seed: int = 0, echo: Callable[[str
         (
             "sr upscale: every split 48 -> 96 with a Ray Data pool of 2 actors",
             lambda: done.update(
-                upscaled=upscale(data, out / "data_sr", "srgan", done["srgan"].best_checkpoint, actors=2, echo=echo)
+                upscaled=upscale(data, out / "data_sr", "srgan", done["srgan"].best_checkpoint, actors=2)
             ),
         ),
         (
             "sr eval: PSNR/SSIM against bicubic, and the LR/bicubic/SR/HR grid",
-            lambda: done.update(sr_eval=evaluate_generator(done["srgan"].best_checkpoint, data, echo=print)),
+            lambda: done.update(sr_eval=evaluate_generator(done["srgan"].best_checkpoint, data)),
         ),
         (
             "tune: experiments/debug_tune.yaml, 2 trials (Ray Tune + Optuna + ASHA over lr and center-loss lambda)",
-            lambda: done.update(tune=run_search(search("debug_tune", samples=2), runs, echo=echo)),
+            lambda: done.update(tune=run_search(search("debug_tune", samples=2), runs)),
         ),
         (
             "train: experiments/debug_b.yaml (Model B's layout on ResNet18, on the SR faces, Ray Train)",
-            lambda: done.update(model_b=run_training(experiment("debug_b", data=out / "data_sr"), runs, echo=echo)),
+            lambda: done.update(model_b=run_training(experiment("debug_b", data=out / "data_sr"), runs)),
         ),
         (
             "evaluate: Model B's best checkpoint on PublicTest with ten-crop TTA",
             lambda: done.update(
                 evaluation_b=evaluate_checkpoint(
-                    done["model_b"].best_checkpoint, out / "data_sr", "PublicTest", tta=True, echo=print
+                    done["model_b"].best_checkpoint, out / "data_sr", "PublicTest", tta=True
                 )
             ),
         ),
@@ -135,17 +134,16 @@ def run_demo(out: Path | None, n: int = 1400, seed: int = 0, echo: Callable[[str
                     done["srgan"].best_checkpoint,
                     data,
                     out / "bundle",
-                    echo=echo,
                 )
             ),
         ),
         (
             "evaluate: the ensemble on PublicTest, members side by side",
-            lambda: done.update(evaluation_bundle=evaluate_bundle(out / "bundle", data, "PublicTest", echo=print)),
+            lambda: done.update(evaluation_bundle=evaluate_bundle(out / "bundle", data, "PublicTest")),
         ),
         (
             "serve: the bundle with Ray Serve, a few faces sent over HTTP",
-            lambda: done.update(served=demo_requests(out / "bundle", data, echo=print)),
+            lambda: done.update(served=demo_requests(out / "bundle", data)),
         ),
         (
             "report: experiments/paper_debug.yaml (Table 1, Figures 2-5), reusing the runs above, training the VGGs",
@@ -154,30 +152,29 @@ def run_demo(out: Path | None, n: int = 1400, seed: int = 0, echo: Callable[[str
                     load_plan(recipe("paper_debug.yaml"), data=data, sets=[f"train.seed={seed}"]),
                     out / "report",
                     reuse=[runs],
-                    echo=echo,
                 )
             ),
         ),
         (
             "predict: ferray's default model (Model A trained on real FER2013 faces) through the Python API",
-            lambda: done.update(default_model=predict_with_default(data, echo=print)),
+            lambda: done.update(default_model=predict_with_default(data)),
         ),
     ]
     seconds = {}
     for i, (title, run) in enumerate(steps, 1):
-        echo(f"[{i}/{len(steps)}] {title}")
+        log.info(f"[{i}/{len(steps)}] {title}")
         started = time.perf_counter()
         run()
         seconds[f"{i}. {title.split(':')[0]}"] = time.perf_counter() - started
-    echo(
+    log.info(
         f"demo: done in {time.perf_counter() - t0:.0f}s; artifacts under {out.absolute()}; the report: "
         f"{(out / 'report' / 'report.html').absolute()}"
     )
-    echo("demo: seconds per step: " + ", ".join(f"{step} {s:.0f}" for step, s in seconds.items()))
+    log.info("demo: seconds per step: " + ", ".join(f"{step} {s:.0f}" for step, s in seconds.items()))
     return done
 
 
-def predict_with_default(data, faces: int = 4, echo: Callable[[str], None] = print) -> list[dict]:
+def predict_with_default(data, faces: int = 4) -> list[dict]:
     """The model a user gets without training anything, answering through `ferray.load()`. The demo
     has no real photos, so it shows the synthetic drawings; `ferray predict photo.jpg` takes yours."""
     import ferray
@@ -187,7 +184,7 @@ def predict_with_default(data, faces: int = 4, echo: Callable[[str], None] = pri
     card = model.card
     test = next((s for s, e in card.evaluations.items() if not e.selection), None)
     if test:
-        echo(
+        log.info(
             f"default model: {card.members.a.model}, {test} accuracy "
             f"{card.evaluations[test].views['tta'].accuracy:.2%} with ten-crop TTA (its MODEL_CARD.md)"
         )
@@ -195,18 +192,18 @@ def predict_with_default(data, faces: int = 4, echo: Callable[[str], None] = pri
     answers = model.predict_many(list(images[:faces]))
     for index, answer in enumerate(answers):
         face = answer["faces"][0]
-        echo(
+        log.info(
             f"  synthetic face {index} (drawn as {EMOTIONS[labels[index]]}): {face['label']} "
             f"p={face['probs'][face['label']]:.2f}"
         )
-    echo(
+    log.info(
         "  (drawings, not photos: on a real face, `ferray predict photo.jpg` or "
         "`python -c \"import ferray; print(ferray.load().predict('photo.jpg'))\"`)"
     )
     return answers
 
 
-def demo_requests(bundle, data, faces: int = 4, echo: Callable[[str], None] = print) -> dict:
+def demo_requests(bundle, data, faces: int = 4) -> dict:
     """The demo's last step: serve the bundle, POST a few PublicTest faces as PNGs and as a pixel row,
     print the answers, shut Serve down."""
     import json
@@ -219,20 +216,20 @@ def demo_requests(bundle, data, faces: int = 4, echo: Callable[[str], None] = pr
 
     images, labels, _ = load_split(data, "PublicTest")
     url = start(bundle, port=free_port())
-    echo(f"serve: {url} is up; POST {url}/predict with {faces} PublicTest faces")
+    log.info(f"serve: {url} is up; POST {url}/predict with {faces} PublicTest faces")
     answers = []
     try:
         for index in range(faces):
             status, answer = post(f"{url}/predict", png_bytes(images[index]), "image/png")
             face = answer["faces"][0]
-            echo(
+            log.info(
                 f"  face {index}: HTTP {status}, true {EMOTIONS[labels[index]]:<8} predicted {face['label']:<8}"
                 f" p={face['probs'][face['label']]:.2f}"
             )
             answers.append(answer)
         row = json.dumps({"pixels": images[0].reshape(-1).tolist()}).encode()
         status, answer = post(f"{url}/predict/pixels", row, "application/json")
-        echo(f"  POST /predict/pixels (face 0 as a FER2013 row): HTTP {status}, {answer['faces'][0]['label']}")
+        log.info(f"  POST /predict/pixels (face 0 as a FER2013 row): HTTP {status}, {answer['faces'][0]['label']}")
     finally:
         serve.shutdown()
     return {"url": url, "answers": answers}

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import shutil
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pyarrow as pa
@@ -32,6 +32,8 @@ from ferray.data.contract import (
 )
 from ferray.data.records import BAD_KINDS, BadRecord, decode_unit
 from ferray.data.sources import open_source
+
+log = logging.getLogger(__name__)
 
 REJECTED_FILE = "rejected.csv"
 REPORTS_DIR = "_unit_reports"
@@ -75,7 +77,6 @@ def prepare(
     overwrite: bool = False,
     validation: str | float = "auto",
     seed: int = 0,
-    echo: Callable[[str], None] = print,
 ) -> dict:
     """Prepare `source` into `out`; returns the manifest. Raises DataError on bad input.
 
@@ -93,13 +94,13 @@ def prepare(
         scratch = tmp / "_scratch"
         scratch.mkdir()
         src = open_source(source, scratch)
-        echo(
+        log.info(
             f"source: {src.path} ({src.kind}, {len(src.units)} parts"
             + (f", {len(src.ignored)} non-image files ignored" if src.ignored else "")
             + ")"
         )
         info = connect()
-        echo(f"ray: {info.mode} ({info.cpus:g} CPUs)")
+        log.info(f"ray: {info.mode} ({info.cpus:g} CPUs)")
         reports = tmp / REPORTS_DIR
         reports.mkdir()
         items = [{"index": i, "unit": json.dumps(u)} for i, u in enumerate(src.units)]
@@ -128,7 +129,7 @@ def prepare(
         manifest = _manifest(tmp, src, entries, validation, seed)
         if "validation" in manifest["notes"]:
             carved = manifest["notes"]["validation"]
-            echo(
+            log.info(
                 f"validation: {carved['rows']:,} faces ({carved['fraction']:.0%} of Training per class, seed {seed}) "
                 "carved as the selection split; PublicTest stays a test"
             )

@@ -20,6 +20,7 @@ run in OUT/runs is resumed.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import platform
 import time
@@ -30,8 +31,11 @@ from ferray.bundle.card import VIEWS
 from ferray.config import ConfigError, ExperimentConfig, from_dict
 from ferray.config import differences as config_diff
 from ferray.data.contract import FER_SIZE, DataError, load_split, read_manifest, selection_split, untouched_splits
+from ferray.logs import quiet
 from ferray.report.plan import ReportPlan
 from ferray.tasks import CLASSIFIER, SR, Task
+
+log = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------------------- steps
@@ -42,12 +46,14 @@ class Steps:
         self.remote = remote
 
     def __call__(self, fn: Callable, *args, gpu: bool = True, **kwargs):
+        """A step's own progress is not shown (the report says what each step did); in a Ray task
+        nothing configures ferray's loggers, so it is quiet there too."""
         if not self.remote:
-            return fn(*args, **kwargs)
+            with quiet():
+                return fn(*args, **kwargs)
         import ray
 
         gpus = 1 if gpu and ray.cluster_resources().get("GPU", 0) >= 1 else 0
-        kwargs.setdefault("echo", print)  # the driver's echo may not travel; print does (Ray forwards worker stdout)
         return ray.get(ray.remote(num_cpus=1, num_gpus=gpus, max_retries=1)(fn).remote(*args, **kwargs))
 
 
@@ -82,9 +88,7 @@ def finished_run(run_dir: Path) -> dict | None:
     return None
 
 
-def obtain_run(
-    cfg: ExperimentConfig, runs: Path, reuse: list[Path], echo: Callable[[str], None], task: Task = CLASSIFIER
-) -> dict:
+def obtain_run(cfg: ExperimentConfig, runs: Path, reuse: list[Path], task: Task = CLASSIFIER) -> dict:
     """A finished run of `cfg`: reused from `reuse` or `runs` when its config matches, else trained."""
     from ferray.distributed.train import run_training
 
@@ -95,23 +99,21 @@ def obtain_run(
             continue
         differences = config_differences(run_dir, cfg)
         if not differences:
-            echo(f"report: reusing the finished run {run_dir}")
+            log.info(f"report: reusing the finished run {run_dir}")
             return {**summary, "reused": True}
         if folder == runs:
             raise ConfigError(
                 f"{run_dir} is a finished run of another config ({'; '.join(differences[:3])}); "
                 "remove it or choose another --out"
             )
-        echo(f"report: not reusing {run_dir}: {'; '.join(differences[:3])}")
+        log.info(f"report: not reusing {run_dir}: {'; '.join(differences[:3])}")
     resume = (runs / cfg.name).is_dir()
     if resume:
-        echo(f"report: resuming the unfinished run {runs / cfg.name}")
-    return {**run_training(cfg, runs, resume=resume, echo=echo, task=task).to_dict(), "reused": False}
+        log.info(f"report: resuming the unfinished run {runs / cfg.name}")
+    return {**run_training(cfg, runs, resume=resume, task=task).to_dict(), "reused": False}
 
 
-def upscaled_data(
-    plan: ReportPlan, generator: str, candidates: list[Path], out: Path, echo: Callable[[str], None]
-) -> tuple[Path, bool]:
+def upscaled_data(plan: ReportPlan, generator: str, candidates: list[Path], out: Path) -> tuple[Path, bool]:
     """(folder, reused): faces upscaled from the plan's data by this generator, found or made."""
     from ferray.distributed.upscale import upscale
 
@@ -124,7 +126,7 @@ def upscaled_data(
         if source.get("from_checksum") == checksum and source.get("generator_checkpoint") == str(
             Path(generator).absolute()
         ):
-            echo(f"report: reusing the upscaled faces {folder}")
+            log.info(f"report: reusing the upscaled faces {folder}")
             return folder, True
     upscale(
         plan.data,
@@ -134,7 +136,6 @@ def upscaled_data(
         actors=plan.sr_actors,
         gpus_per_actor=plan.sr_gpus_per_actor,
         overwrite=True,
-        echo=echo,
     )
     return out, False
 
@@ -160,7 +161,6 @@ def evaluate_all(
                     split,
                     tta=view == "tta",
                     out=out / "evaluations" / spec.key,
-                    echo=_quiet,
                     keep_probs=True,
                 )
                 probs[spec.key, split, view] = (result.pop("probs"), result.pop("ids"))
@@ -177,10 +177,6 @@ def member_probs(probs: dict, key_a: str, key_b: str, split: str, view: str) -> 
             "upscale again from this data"
         )
     return pa, pb
-
-
-def _quiet(_: str) -> None:
-    pass
 
 
 def model_facts(checkpoint: str) -> dict:
@@ -232,7 +228,6 @@ def run_report(
     plan: ReportPlan,
     out: str | Path,
     reuse: list[Path] = (),
-    echo: Callable[[str], None] = print,
     remote_steps: bool | None = None,
 ) -> dict:
     from ferray.distributed.cluster import check_shared_paths
@@ -260,14 +255,14 @@ def run_report(
     info = connect()
     check_shared_paths({"data": plan.data, "report folder": out})
     steps = Steps(info.mode == "cluster" if remote_steps is None else remote_steps)
-    echo(
+    log.info(
         f"report: {plan.name} on {plan.data} (selecting on {selection}, testing on {', '.join(splits[1:])}); "
         f"{len(plan.runs)} classifiers + SRGAN + ensemble; "
         f"out {out}; ray {info.mode}{'; evaluations as Ray tasks' if steps.remote else ''}"
     )
 
-    runs_record = obtain_all_runs(plan, out, reuse, echo)
-    echo("report: evaluating every model (TTA off and on)")
+    runs_record = obtain_all_runs(plan, out, reuse)
+    log.info("report: evaluating every model (TTA off and on)")
     evaluations, probs = evaluate_all(plan, runs_record["runs"], runs_record.pop("data_of"), splits, out, steps)
     from ferray.data.describe import describe_source
 
@@ -284,40 +279,40 @@ def run_report(
         "evaluations": evaluations,
         "models": {k: model_facts(r["best_checkpoint"]) for k, r in runs_record["runs"].items()},
     }
-    record.update(make_figures(plan, record, probs, figures, out, splits, steps, echo))
+    record.update(make_figures(plan, record, probs, figures, out, splits, steps))
     record["hardware"] = hardware()
     record["seconds"] = round(time.perf_counter() - t0, 1)
     from ferray.report.document import write_report
 
     paths = write_report(plan, record, out)
-    echo(f"report: done in {record['seconds']:.0f}s; {paths['md']} and {paths['html']}")
+    log.info(f"report: done in {record['seconds']:.0f}s; {paths['md']} and {paths['html']}")
     return record
 
 
-def obtain_all_runs(plan: ReportPlan, out: Path, reuse: list[Path], echo: Callable[[str], None]) -> dict:
+def obtain_all_runs(plan: ReportPlan, out: Path, reuse: list[Path]) -> dict:
     """Every run of the plan, reused or trained, in order: the 48x48 classifiers, the SRGAN, the
     upscaled faces, the classifiers on them. {runs, data_of, srgan, data_sr, data_sr_reused}."""
     runs, results, data_of = out / "runs", {}, {}
     for spec in [s for s in plan.runs if not s.on_sr]:
-        echo(f"report: [{spec.label}] {spec.experiment.name}")
-        results[spec.key] = obtain_run(plan.config(spec.experiment, plan.data), runs, reuse, echo)
+        log.info(f"report: [{spec.label}] {spec.experiment.name}")
+        results[spec.key] = obtain_run(plan.config(spec.experiment, plan.data), runs, reuse)
         data_of[spec.key] = plan.data
-    echo(f"report: [SRGAN] {plan.sr_experiment.name}")
+    log.info(f"report: [SRGAN] {plan.sr_experiment.name}")
     sr_cfg = plan.config(plan.sr_experiment, plan.data)
     if plan.ensemble[0] in results and not sr_cfg.sr.content_checkpoint:
         # without VGG19's ImageNet weights (content: auto), the content loss uses Model A's features
         sr_cfg.sr.content_checkpoint = results[plan.ensemble[0]]["best_checkpoint"]
-    srgan = obtain_run(sr_cfg, runs, reuse, echo, task=SR)
+    srgan = obtain_run(sr_cfg, runs, reuse, task=SR)
     on_sr = [s for s in plan.runs if s.on_sr]
     if not on_sr:
         return {"runs": results, "data_of": data_of, "srgan": srgan, "data_sr": None, "data_sr_reused": False}
     candidates = [_run_data(folder / plan.config(s.experiment, plan.data).name) for folder in reuse for s in on_sr]
     data_sr, reused = upscaled_data(
-        plan, srgan["best_checkpoint"], [c for c in candidates if c] + [out / "data_sr"], out / "data_sr", echo
+        plan, srgan["best_checkpoint"], [c for c in candidates if c] + [out / "data_sr"], out / "data_sr"
     )
     for spec in on_sr:
-        echo(f"report: [{spec.label}] {spec.experiment.name} on {data_sr}")
-        results[spec.key] = obtain_run(plan.config(spec.experiment, data_sr), runs, reuse, echo)
+        log.info(f"report: [{spec.label}] {spec.experiment.name} on {data_sr}")
+        results[spec.key] = obtain_run(plan.config(spec.experiment, data_sr), runs, reuse)
         data_of[spec.key] = data_sr
     return {"runs": results, "data_of": data_of, "srgan": srgan, "data_sr": str(data_sr), "data_sr_reused": reused}
 
@@ -347,7 +342,6 @@ def make_figures(
     out: Path,
     splits: list[str],
     steps: Steps,
-    echo: Callable[[str], None],
 ) -> dict:
     from ferray.bundle import build_bundle, fused_report, write_fused_report
     from ferray.explain import explain_split
@@ -356,7 +350,7 @@ def make_figures(
     from ferray.sr.evaluation import evaluate_generator
 
     runs, (key_a, key_b) = record["runs"], plan.ensemble
-    echo("report: Figure 2 (SR), the ensemble bundle (Figure 5), Figures 3 and 4")
+    log.info("report: Figure 2 (SR), the ensemble bundle (Figure 5), Figures 3 and 4")
     sr = steps(
         evaluate_generator,
         record["srgan"]["best_checkpoint"],
@@ -364,7 +358,6 @@ def make_figures(
         "PublicTest",
         out=figures,
         faces=plan.figures["sr_faces"],
-        echo=_quiet,
     )
     # The members' probabilities from the evaluations above: B's on the upscaled faces equal what the
     # bundle computes (SR on the fly, rounded to uint8 as `sr upscale` writes), so nothing is run twice.
@@ -378,7 +371,6 @@ def make_figures(
         bundle,
         split=selection,
         overwrite=True,
-        echo=_quiet,
         tests=False,
         probs=member_probs(probs, key_a, key_b, selection, "tta"),
     )
@@ -420,7 +412,6 @@ def make_figures(
         "PublicTest",
         plan.figures["explain_per_class"],
         figures / "fig4-guided-backprop.png",
-        echo=_quiet,
     )
     return {
         "sr_eval": sr,

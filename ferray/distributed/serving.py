@@ -6,12 +6,14 @@ The application itself (deployments, routes) lives in serve/app.py; its settings
 from __future__ import annotations
 
 import copy
+import logging
 import signal
 import threading
 import time
 import urllib.request
-from collections.abc import Callable
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 APP_NAME = "ferray"
 
@@ -95,7 +97,6 @@ def serve_forever(
     host: str = "127.0.0.1",
     config=None,
     overrides: list[str] = (),
-    echo: Callable[[str], None] = print,
 ) -> None:
     """`ferray serve`: start, print the URL, block until Ctrl-C or SIGTERM, then shut everything down."""
     from ferray.bundle import resolve_bundle
@@ -105,18 +106,18 @@ def serve_forever(
     previous = signal.signal(signal.SIGTERM, lambda *_: stopping.set())
     owns_ray = False
     try:
-        echo(f"serve: starting {resolve_bundle(bundle)} (replicas load the models; this takes a few seconds) ...")
+        log.info(f"serve: starting {resolve_bundle(bundle)} (replicas load the models; this takes a few seconds) ...")
         owns_ray = connect().mode == "embedded"
         url = start(bundle, port, host, config, overrides, access_log=True)
         # again after ray.init, which installs its own crash reporter for SIGTERM: ours must be the last word
         signal.signal(signal.SIGTERM, lambda *_: stopping.set())
-        echo(f"serve: ready at {url}  (web page {url}/, API docs {url}/docs); Ctrl-C to stop")
+        log.info(f"serve: ready at {url}  (web page {url}/, API docs {url}/docs); Ctrl-C to stop")
         while not stopping.wait(0.5):
             pass
     except KeyboardInterrupt:
         pass
     finally:
-        echo("serve: shutting down ...")
+        log.info("serve: shutting down ...")
         stop(owns_ray)
         signal.signal(signal.SIGTERM, previous)
-        echo("serve: stopped")
+        log.info("serve: stopped")

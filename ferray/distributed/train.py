@@ -12,11 +12,11 @@ the latest (FailureConfig), and `--resume` continues an interrupted run of the s
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 from ferray.config import ConfigError, ExperimentConfig, differences, from_dict, to_dict
@@ -33,6 +33,8 @@ from ferray.device import cpu_worker_env
 from ferray.fit import fit
 from ferray.runs import BEST_FILE, CONFIG_FILE, PROVENANCE_FILE, RunFolder, RunRecord
 from ferray.tasks import CLASSIFIER, Task
+
+log = logging.getLogger(__name__)
 
 SHUFFLE_BUFFER = 4096
 
@@ -319,7 +321,7 @@ SAFE_RESUME_CHANGES = (
 )
 
 
-def check_resume(run_dir: Path, cfg: ExperimentConfig, manifest: dict, echo: Callable[[str], None] = print) -> None:
+def check_resume(run_dir: Path, cfg: ExperimentConfig, manifest: dict) -> None:
     """Refuse to continue a run with another config or other faces than it trained with: the
     checkpoint's weights, optimizer and schedule belong to the run's own config.yaml. Only the
     SAFE_RESUME_CHANGES pass, each said."""
@@ -349,7 +351,7 @@ def check_resume(run_dir: Path, cfg: ExperimentConfig, manifest: dict, echo: Cal
             f"(checksum {manifest['checksum']}, the run's {recorded})"
         )
     for key, (old, new) in changed.items():
-        echo(
+        log.info(
             f"resume: {key} {old!r} -> {new!r}"
             + (" (the schedule re-plans to the new length)" if key in ("train.epochs", "train.budget_minutes") else "")
         )
@@ -367,7 +369,6 @@ def run_training(
     out: Path,
     name: str | None = None,
     resume: bool = False,
-    echo: Callable[[str], None] = print,
     task: Task = CLASSIFIER,
 ) -> RunRecord:
     """Train `cfg` under Ray Train; returns the run's record (also written to RUN/result.json)."""
@@ -379,14 +380,14 @@ def run_training(
     train_rows = manifest["splits"][cfg.data.train_split]["rows"]
     run_dir = prepare_run_dir(out, name or cfg.name, resume)
     if resume:
-        check_resume(run_dir, cfg, manifest, echo)
+        check_resume(run_dir, cfg, manifest)
     info = connect()
     check_resources(cfg)
     check_shared_paths({"data": cfg.data.path, "run folder": run_dir})
     RunFolder(run_dir).start(
         cfg, provenance={"commit": code_version(), "data_checksum": manifest["checksum"], "data": cfg.data.path}
     )
-    echo(
+    log.info(
         f"train: {task.model_name(cfg)} on {cfg.data.path} ({train_rows:,} {cfg.data.train_split} faces), "
         f"{cfg.scaling.workers} worker(s) x {cfg.scaling.gpus_per_worker:g} GPU, {planned(cfg)}; "
         f"ray {info.mode}; run folder {run_dir}"
@@ -395,7 +396,7 @@ def run_training(
     result = build_trainer(cfg, run_dir, train_rows, task).fit()
     if result.error is not None:
         raise result.error
-    return finish_run(cfg, run_dir, result, time.perf_counter() - t0, echo, task)
+    return finish_run(cfg, run_dir, result, time.perf_counter() - t0, task)
 
 
 def finish_run(
@@ -403,7 +404,6 @@ def finish_run(
     run_dir: Path,
     result,
     seconds: float,
-    echo: Callable[[str], None] = print,
     task: Task = CLASSIFIER,
 ) -> RunRecord:
     """best.pt from Ray's best checkpoint, then the run's record, read from its own files."""
@@ -430,7 +430,7 @@ def finish_run(
         test_splits=untouched_splits(read_manifest(cfg.data.path), cfg.data.selection_split, cfg.data.train_split),
     )
     run.write_record(record)
-    echo(
+    log.info(
         f"train: done in {seconds:.0f}s; best {cfg.data.selection_split} (selection) "
         f"{task.format_value(record.best_value)} at epoch {record.best_epoch}; checkpoint {run_dir / BEST_FILE}"
     )

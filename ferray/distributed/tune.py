@@ -27,10 +27,10 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
 import shutil
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,6 +45,8 @@ from ferray.config import (
     to_dict,
 )
 from ferray.tasks import get_task
+
+log = logging.getLogger(__name__)
 
 DISTRIBUTIONS = ("uniform", "loguniform", "int", "choice")
 
@@ -245,7 +247,7 @@ def feasible_concurrency(cfg: ExperimentConfig, cluster: dict) -> int:
 
 
 # ------------------------------------------------------------------------------------------- driver
-def run_search(spec: SearchSpec, out: Path, resume: bool = False, echo: Callable[[str], None] = print) -> dict:
+def run_search(spec: SearchSpec, out: Path, resume: bool = False) -> dict:
     import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
@@ -295,7 +297,7 @@ def run_search(spec: SearchSpec, out: Path, resume: bool = False, echo: Callable
         ),
         {"CPU": 0.01},
     )
-    echo(
+    log.info(
         f"tune: {spec.samples} trials of {spec.base.name} over {', '.join(p.key for p in spec.params)}; "
         f"Optuna TPE (seed {spec.seed}), {'ASHA' if spec.asha else 'no early stopping'} on {spec.metric} of "
         f"{spec.base.data.selection_split} (the selection split), "
@@ -344,7 +346,7 @@ def run_search(spec: SearchSpec, out: Path, resume: bool = False, echo: Callable
             f"search {search_dir} stopped with {unfinished} of {spec.samples} trials unfinished; "
             f"continue it with --resume"
         )
-    return summarize_search(spec, search_dir, grid, time.perf_counter() - t0, echo)
+    return summarize_search(spec, search_dir, grid, time.perf_counter() - t0)
 
 
 class SearchInterrupted(KeyboardInterrupt):
@@ -443,9 +445,7 @@ def trial_rows(spec: SearchSpec, grid) -> list[dict]:
     return rows
 
 
-def summarize_search(
-    spec: SearchSpec, search_dir: Path, grid, seconds: float, echo: Callable[[str], None] = print
-) -> dict:
+def summarize_search(spec: SearchSpec, search_dir: Path, grid, seconds: float) -> dict:
     rows = trial_rows(spec, grid)
     scored = [r for r in rows if r[spec.metric] is not None]
     if not scored:
@@ -478,8 +478,8 @@ def summarize_search(
         "seconds": round(seconds, 1),
     }
     (search_dir / "result.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
-    echo(format_table(spec, rows))
-    echo(
+    log.info(format_table(spec, rows))
+    log.info(
         f"tune: {len(rows)} trials ({summary['stopped_early']} stopped early by ASHA, {summary['errors']} errors, "
         f"{summary['trial_epochs']} trial-epochs) in {seconds:.0f}s; best {spec.metric} {best[spec.metric]:.4f} "
         f"on {spec.base.data.selection_split} (selection) "

@@ -8,13 +8,15 @@ The manifest, read back from the written files, records the method and the gener
 
 from __future__ import annotations
 
+import logging
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 from ferray.data.contract import DataError, atomic_output, build_manifest, write_manifest
 from ferray.errors import UsageError
 from ferray.sr.inference import METHODS, Upscaler, check_input, upscaled_source
+
+log = logging.getLogger(__name__)
 
 
 def upscale(
@@ -26,7 +28,6 @@ def upscale(
     gpus_per_actor: float = 0.0,
     batch_size: int = 256,
     overwrite: bool = False,
-    echo: Callable[[str], None] = print,
     cpus_per_actor: float = 1.0,
 ) -> dict:
     import ray
@@ -50,7 +51,7 @@ def upscale(
     Path(out).absolute().parent.mkdir(parents=True, exist_ok=True)
     check_shared_paths({"data": data, "output folder": Path(out).absolute().parent})
     require("GPU", actors, gpus_per_actor, "actors")
-    echo(
+    log.info(
         f"upscale: {manifest['rows']:,} faces 48 -> 96 by {method} with {actors} actor(s)"
         f"{f' x {gpus_per_actor:g} GPU' if gpus_per_actor else ' on CPU'}, batches of {batch_size}"
     )

@@ -22,11 +22,6 @@ from pathlib import Path
 
 from ferray.config import ConfigError, ExperimentConfig, load_runnable_config, read_yaml
 
-
-def _quiet(_: str) -> None:
-    pass
-
-
 FIGURE_DEFAULTS = {"crops": 8, "explain_per_class": 2, "sr_faces": 6}
 PAPER_KEYS = {"params", "depth", "PublicTest", "PrivateTest"}
 
@@ -61,7 +56,7 @@ class ReportPlan:
         `resolve_split=False` checks the experiment alone, before the data is prepared."""
         from ferray.data.contract import read_manifest, selection_split
 
-        cfg = load_runnable_config(experiment, [f"data.path={Path(data).absolute()}", *self.sets], echo=_quiet)
+        cfg = load_runnable_config(experiment, [f"data.path={Path(data).absolute()}", *self.sets])
         if resolve_split:
             cfg.data.selection_split = selection_split(read_manifest(data), cfg.data.selection_split, str(data))
         return cfg

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +15,8 @@ from ferray.engine import TensorBatches
 from ferray.sr.engine import evaluate_sr, generator_from_checkpoint
 from ferray.sr.nets import bicubic, make_lr
 
+log = logging.getLogger(__name__)
+
 
 def evaluate_generator(
     checkpoint: str | Path,
@@ -22,7 +24,6 @@ def evaluate_generator(
     split: str = "PublicTest",
     out: str | Path | None = None,
     faces: int = 6,
-    echo: Callable[[str], None] = print,
 ) -> dict:
     device = default_device()
     generator, cfg, payload = generator_from_checkpoint(checkpoint, device)
@@ -42,7 +43,7 @@ def evaluate_generator(
         }
     )
     (out / f"sr-eval-{split}.json").write_text(json.dumps(result, indent=2) + "\n")
-    echo(
+    log.info(
         f"SR x2 (epoch {payload['epoch']}, content loss {payload['content_loss']}) on {split}, 24 -> 48, "
         f"{result['samples']:,} faces:\n"
         f"  PSNR {result['psnr']:.2f} dB vs bicubic {result['bicubic_psnr']:.2f} dB ({result['psnr_gain']:+.2f} dB)\n"

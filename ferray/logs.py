@@ -1,0 +1,45 @@
+"""How ferray talks while it works: the library logs through `logging.getLogger(__name__)` under the
+"ferray" logger; whoever runs it decides where that goes and how much of it.
+
+    ferray.logs.configure(verbosity)     # the CLI: -q warnings only, -v debug; messages on stderr
+    with ferray.logs.quiet(): ...        # a step whose own progress its caller summarizes itself
+
+Without configure() (a library user, a test) Python's defaults apply: warnings and errors only,
+unless the application sets up logging itself. Per-epoch progress lines of a training worker and
+Ray's progress bars are printed where they happen, as before.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+from collections.abc import Iterator
+
+ROOT = "ferray"
+_HANDLER_NAME = "ferray-cli"
+
+
+def configure(verbosity: int = 0, stream=None) -> None:
+    """Messages of every ferray logger on `stream` (stderr), as bare lines: INFO and up by default,
+    WARNING and up with verbosity < 0 (-q), DEBUG with verbosity > 0 (-v). Idempotent."""
+    logger = logging.getLogger(ROOT)
+    logger.setLevel(logging.WARNING if verbosity < 0 else logging.DEBUG if verbosity > 0 else logging.INFO)
+    if any(getattr(h, "name", None) == _HANDLER_NAME for h in logger.handlers):
+        return
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.name = _HANDLER_NAME
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger.addHandler(handler)
+
+
+@contextlib.contextmanager
+def quiet(name: str = ROOT) -> Iterator[None]:
+    """Only warnings and errors from `name` (and below it) inside the block."""
+    logger = logging.getLogger(name)
+    before = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(before)
