@@ -133,3 +133,33 @@ def training_views(
         seed,
         title=f"random {cfg.augment.crop}x{cfg.augment.crop} training views ({cfg.name})",
     )
+
+
+def plot_training_curves(rows: list[dict], path: str | Path, title: str = "") -> Path:
+    """A classifier run's curves from its metrics.jsonl rows: training loss and cross-entropy, the
+    selection split's loss; training accuracy (under augmentation) against the selection split's,
+    the raw weights and their moving average apart where both were evaluated; the center term's
+    share of the loss."""
+    from ferray.plotting import pyplot, save
+
+    plt = pyplot()
+    epochs = [r["epoch"] for r in rows]
+    fig, (loss_ax, acc_ax, share_ax) = plt.subplots(1, 3, figsize=(12, 3.4))
+    loss_ax.plot(epochs, [r["train_loss"] for r in rows], label="train loss")
+    loss_ax.plot(epochs, [r["train_ce"] for r in rows], label="train cross-entropy", linestyle=":")
+    loss_ax.plot(epochs, [r["eval_loss"] for r in rows], label="selection split log-loss")
+    acc_ax.plot(epochs, [r["train_acc"] for r in rows], label="train (augmented)")
+    if all("eval_raw_acc" in r for r in rows):
+        acc_ax.plot(epochs, [r["eval_raw_acc"] for r in rows], label="selection, raw weights")
+        acc_ax.plot(epochs, [r["eval_ema_acc"] for r in rows], label="selection, EMA weights")
+    else:
+        acc_ax.plot(epochs, [r["eval_acc"] for r in rows], label="selection split")
+    best = max(rows, key=lambda r: r["eval_acc"])
+    acc_ax.scatter([best["epoch"]], [best["eval_acc"]], color="black", zorder=3, label=f"kept: epoch {best['epoch']}")
+    share_ax.plot(epochs, [100 * r.get("train_center_share", 0.0) for r in rows], label="center term, % of CE")
+    for ax, name in ((loss_ax, "loss"), (acc_ax, "accuracy"), (share_ax, "center term share (%)")):
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    return save(fig, path, title)

@@ -61,3 +61,30 @@ def test_result_files_of_older_ferrays_are_read_and_bad_ones_named(tmp_path):
     (tmp_path / "result.json").write_text(json.dumps({**legacy, "epochs": "twenty"}))
     with pytest.raises(ConfigError, match="epochs: expected int"):
         read_record(tmp_path)
+
+
+def test_a_bundle_carries_its_members_training_curves_drawn_from_the_run(tmp_path, synth_faces, prepared_synth):
+    from ferray.bundle import build_bundle, read_bundle_card
+
+    images, labels, _ = synth_faces
+    x, y = torch.from_numpy(images[:64]), torch.from_numpy(labels[:64])
+    cfg = load_config(
+        None,
+        [
+            "model.name=xception_a_tiny",
+            "train.epochs=2",
+            "train.batch_size=32",
+            "train.ema_decay=0.9",
+            "train.progress_seconds=0",
+            "data.selection_split=PublicTest",
+        ],
+    )
+    state = CLASSIFIER.build(cfg, torch.device("cpu"))
+    run = LocalRun(tmp_path / "run", CLASSIFIER, cfg)
+    batches = engine.TensorBatches(x, y, 32)
+    fit(CLASSIFIER, state, batches.epoch, lambda s: CLASSIFIER.evaluate(s, batches), 2, on_epoch=run.on_epoch)
+    build_bundle(tmp_path / "run" / "best.pt", None, None, prepared_synth, tmp_path / "bundle", tests=False)
+    card = read_bundle_card(tmp_path / "bundle")
+    assert card.members.a.curves == "training-a.png" and card.members.a.weights in ("ema", "raw")
+    assert (tmp_path / "bundle" / "training-a.png").stat().st_size > 10_000
+    assert "![training curves of A](training-a.png)" in (tmp_path / "bundle" / "MODEL_CARD.md").read_text()

@@ -21,6 +21,7 @@ from ferray.bundle.card import (
     BUNDLE_FILE,
     BUNDLE_FORMAT,
     CARD_FILE,
+    TRAINING_FIGURE,
     BundleCard,
     MemberCard,
     Members,
@@ -98,8 +99,8 @@ def build_bundle(
         raise DataError(f"{data}: the ensemble is fitted on the prepared 48x48 faces (B's SR input is made from them)")
     ensemble = load_members(a, b, sr, device, fold=False)
     member_cards = Members(  # the members as trained (their parameter counts), before folding for the evaluations
-        a=_member_card(ensemble.model_a, ensemble.cfg_a, a, "model_a.pt"),
-        b=None if b is None else _member_card(ensemble.model_b, ensemble.cfg_b, b, "model_b.pt"),
+        a=_member_card(ensemble.model_a, ensemble.cfg_a, a, "a"),
+        b=None if b is None else _member_card(ensemble.model_b, ensemble.cfg_b, b, "b"),
         sr=None
         if sr is None
         else SRCard(
@@ -161,9 +162,11 @@ def _write_bundle(out, card: BundleCard, a, b, sr, overwrite: bool) -> None:
     with atomic_output(out, overwrite=overwrite, kind="bundle") as tmp:
         torch.save(slim_checkpoint(load_checkpoint(a)), tmp / "model_a.pt")
         _copy_run_files(Path(a).parent, tmp / "run_a")
+        _plot_run(tmp / "run_a", card.members.a, tmp, "Model A")
         if b is not None:
             torch.save(slim_checkpoint(load_checkpoint(b)), tmp / "model_b.pt")
             _copy_run_files(Path(b).parent, tmp / "run_b")
+            _plot_run(tmp / "run_b", card.members.b, tmp, "Model B")
         if sr is not None:
             torch.save(slim_checkpoint(load_checkpoint(sr, kind="sr")), tmp / "sr.pt")
         for split, evaluation in card.evaluations.items():
@@ -178,6 +181,24 @@ def _write_bundle(out, card: BundleCard, a, b, sr, overwrite: bool) -> None:
         (tmp / CARD_FILE).write_text(model_card(card))
 
 
+def _plot_run(run_files: Path, member: MemberCard, bundle: Path, name: str) -> None:
+    """The member's training curves, drawn from the run's own metrics.jsonl (shipped beside it)."""
+    from ferray.figures import plot_training_curves
+    from ferray.runs import RunFolder
+
+    if member.curves:
+        rows = RunFolder(run_files).epochs()
+        plot_training_curves(rows, bundle / member.curves, f"{name}: {len(rows)} epochs, kept epoch {member.epochs}")
+
+
+def _curves_figure(source, member: str) -> str | None:
+    """The figure's name if the member's run left per-epoch metrics to draw, else None."""
+    from ferray.runs import RunFolder
+
+    rows = RunFolder(Path(source).parent).epochs()
+    return TRAINING_FIGURE.format(member=member) if rows and all("eval_acc" in r for r in rows) else None
+
+
 def _copy_run_files(run_dir: Path, into: Path) -> None:
     """The member's own record of its training (config, per-epoch metrics, result, machine), kept in
     the bundle so that its model card can be checked against the files it was written from."""
@@ -188,10 +209,10 @@ def _copy_run_files(run_dir: Path, into: Path) -> None:
             (into / path.name).write_bytes(path.read_bytes())
 
 
-def _member_card(model, cfg: ExperimentConfig, source, filename: str) -> MemberCard:
+def _member_card(model, cfg: ExperimentConfig, source, member: str) -> MemberCard:
     payload = load_checkpoint(source)
     return MemberCard(
-        checkpoint=filename,
+        checkpoint=f"model_{member}.pt",
         source=str(source),
         model=cfg.model.name,
         parameters=num_params(model),
@@ -205,6 +226,7 @@ def _member_card(model, cfg: ExperimentConfig, source, filename: str) -> MemberC
         selection_accuracy=payload.get("metrics", {}).get("eval_acc"),
         run=run_facts(source),
         weights=payload.get("weights", "raw"),
+        curves=_curves_figure(source, member),
     )
 
 

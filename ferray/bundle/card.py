@@ -20,6 +20,7 @@ from ferray.errors import CheckpointError
 BUNDLE_FORMAT = "ferray.bundle/1"
 BUNDLE_FILE = "bundle.json"
 CARD_FILE = "MODEL_CARD.md"
+TRAINING_FIGURE = "training-{member}.png"  # a member's curves, drawn from its run's metrics.jsonl
 VIEWS = ("center", "tta")  # the center crop; ten-crop TTA (4 corners + center, mirrored)
 
 
@@ -85,6 +86,7 @@ class MemberCard:
     selection_accuracy: float | None
     run: dict | None = None  # the training run's own facts (ferray.runs.RunRecord, a subset)
     weights: str = "raw"  # "ema" when the moving average of the weights was selected
+    curves: str | None = None  # the training curves' figure in the bundle, drawn from the run's metrics
     int8: Int8Card | None = None
 
 

@@ -69,6 +69,12 @@ def _run_lines(member: MemberCard) -> list[str]:
     return lines
 
 
+def _curves(card: BundleCard) -> list[tuple[str, str]]:
+    """(member, figure) for each member whose training curves the bundle holds."""
+    members = [(m, getattr(card.members, m)) for m in card.members.names()]
+    return [(m, member.curves) for m, member in members if member.curves]
+
+
 def _accuracy_table(card: BundleCard) -> list[str]:
     evaluations = card.evaluations
     members = list(card.members.names())
@@ -130,6 +136,7 @@ def render_model_card(card: BundleCard) -> str:
     ]
     if b:
         lines += [_member_line("B", b, sr), *_run_lines(b)]
+    lines += [f"\n![training curves of {m.upper()}]({figure})" for m, figure in _curves(card)]
     if tests:
         one = len(tests) == 1
         untouched = (
