@@ -12,23 +12,21 @@ from ferray.runs import RUN_FILES, RunRecord, read_record, record_from_dict
 from ferray.tasks import CLASSIFIER
 
 
-def test_the_ray_free_runner_writes_the_record_ray_trains_writes(tmp_path, synth_faces):
-    images, labels, splits = synth_faces
+def _tiny_run(run_dir, synth_faces, facts=None, *sets):
+    """Two epochs of the tiny model through fit() and LocalRun; returns the final state."""
+    images, labels, _ = synth_faces
     x, y = torch.from_numpy(images[:64]), torch.from_numpy(labels[:64])
-    cfg = load_config(
-        None,
-        [
-            "model.name=xception_a_tiny",
-            "train.epochs=2",
-            "train.batch_size=32",
-            "train.progress_seconds=0",
-            "data.selection_split=PublicTest",
-        ],
-    )
+    base = ["model.name=xception_a_tiny", "train.epochs=2", "train.batch_size=32", "train.progress_seconds=0"]
+    cfg = load_config(None, [*base, "data.selection_split=PublicTest", *sets])
     state = CLASSIFIER.build(cfg, torch.device("cpu"))
-    run = LocalRun(tmp_path / "run", CLASSIFIER, cfg, {"machine": {"cpu": "test"}, "compile": "off"})
+    run = LocalRun(run_dir, CLASSIFIER, cfg, facts)
     batches = engine.TensorBatches(x, y, 32)
     fit(CLASSIFIER, state, batches.epoch, lambda s: CLASSIFIER.evaluate(s, batches), 2, on_epoch=run.on_epoch)
+    return state
+
+
+def test_the_ray_free_runner_writes_the_record_ray_trains_writes(tmp_path, synth_faces):
+    state = _tiny_run(tmp_path / "run", synth_faces, {"machine": {"cpu": "test"}, "compile": "off"})
     record = read_record(tmp_path / "run")
     assert isinstance(record, RunRecord) and record.metric == "eval_acc" and record.epochs == 2
     assert record.best_value == max(r["eval_acc"] for r in state.history)
@@ -66,23 +64,7 @@ def test_result_files_of_older_ferrays_are_read_and_bad_ones_named(tmp_path):
 def test_a_bundle_carries_its_members_training_curves_drawn_from_the_run(tmp_path, synth_faces, prepared_synth):
     from ferray.bundle import build_bundle, read_bundle_card
 
-    images, labels, _ = synth_faces
-    x, y = torch.from_numpy(images[:64]), torch.from_numpy(labels[:64])
-    cfg = load_config(
-        None,
-        [
-            "model.name=xception_a_tiny",
-            "train.epochs=2",
-            "train.batch_size=32",
-            "train.ema_decay=0.9",
-            "train.progress_seconds=0",
-            "data.selection_split=PublicTest",
-        ],
-    )
-    state = CLASSIFIER.build(cfg, torch.device("cpu"))
-    run = LocalRun(tmp_path / "run", CLASSIFIER, cfg)
-    batches = engine.TensorBatches(x, y, 32)
-    fit(CLASSIFIER, state, batches.epoch, lambda s: CLASSIFIER.evaluate(s, batches), 2, on_epoch=run.on_epoch)
+    _tiny_run(tmp_path / "run", synth_faces, None, "train.ema_decay=0.9")
     build_bundle(tmp_path / "run" / "best.pt", None, None, prepared_synth, tmp_path / "bundle", tests=False)
     card = read_bundle_card(tmp_path / "bundle")
     assert card.members.a.curves == "training-a.png" and card.members.a.weights in ("ema", "raw")
