@@ -28,6 +28,10 @@ def make_app(bundle: str):
     async def healthz():
         return {"status": "ok"}
 
+    @app.get("/readyz")
+    async def readyz():  # the models load before the server starts listening
+        return {"status": "ready"}
+
     @app.post("/predict")
     async def predict(request: Request, detect: bool = True):
         try:

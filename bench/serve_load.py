@@ -73,7 +73,7 @@ def serve_phase(name, bundle, overrides, bodies, args) -> dict:
 
 
 def plain_phase(bundle, bodies, args) -> dict:
-    from ferray.distributed.serving import wait_healthy
+    from ferray.distributed.serving import wait_ready
     from ferray.testing import free_port
 
     port = free_port()
@@ -82,7 +82,7 @@ def plain_phase(bundle, bodies, args) -> dict:
     )
     try:
         url = f"http://127.0.0.1:{port}"
-        wait_healthy(url, 120)
+        wait_ready(url, 120)
         run_load(url, bodies, args.clients, args.warmup)
         return run_load(url, bodies, args.clients, args.seconds).summary()
     finally:

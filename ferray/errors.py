@@ -39,5 +39,16 @@ class InputError(FerrayError, ValueError):
         self.status = status
 
 
+class LimitExceeded(InputError):
+    """A request over one of the served limits: 413, and a body that names the limit and the value."""
+
+    def __init__(self, message: str, limit: str, value: int, allowed: int):
+        super().__init__(f"{message} ({limit})", status=413)
+        self.limit, self.value, self.allowed = limit, value, allowed
+
+    def body(self) -> dict:
+        return {"error": str(self), "limit": self.limit, "value": self.value, "allowed": self.allowed}
+
+
 class UsageError(FerrayError):
     """A command-line flag combination that cannot work."""

@@ -11,7 +11,8 @@ import numpy as np
 import torch
 
 from ferray.data.contract import EMOTIONS
-from ferray.faces import Face, InputError, Limits, decode_image, faces_in_image
+from ferray.errors import LimitExceeded
+from ferray.faces import Face, InputError, Limits, decode_opened, faces_in_image, open_image
 
 
 def labelled(probs: np.ndarray) -> dict[str, float]:
@@ -38,11 +39,25 @@ def describe(faces: Sequence[Face], pa: np.ndarray, pb: np.ndarray | None, weigh
 def find_faces(
     images: Sequence[tuple[str, bytes]], detect: bool, limits: Limits
 ) -> list[tuple[str, tuple, list[Face]]]:
-    """(name, (height, width), faces) of each named image; InputError on anything unusable."""
-    found = []
-    for name, data in images:
-        gray = decode_image(data, name, limits)
-        found.append((name, gray.shape, faces_in_image(gray, detect, name)))
+    """(name, (height, width), faces) of each named image; InputError on anything unusable, and a
+    LimitExceeded where the request as a whole is over its pixels (known from the headers, before any
+    image is decoded) or its faces."""
+    opened = [(name, open_image(data, name, limits)) for name, data in images]
+    pixels = sum(image.size[0] * image.size[1] for _, image in opened)
+    if pixels > limits.max_request_pixels:
+        raise LimitExceeded(
+            f"{len(opened)} images of {pixels:,} pixels together are over the limit of {limits.max_request_pixels:,}",
+            "max_request_pixels",
+            pixels,
+            limits.max_request_pixels,
+        )
+    found, count = [], 0
+    for name, image in opened:
+        gray = decode_opened(image, name)
+        faces = faces_in_image(gray, detect, name)
+        count += len(faces)
+        limits.check_faces(count)
+        found.append((name, gray.shape, faces))
     return found
 
 

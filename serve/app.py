@@ -31,7 +31,7 @@ from .settings import ReplicaSettings, ServeSettings, parse_settings
 
 logger = logging.getLogger("ferray.serve")
 PAGE = Path(__file__).with_name("static") / "index.html"
-MEMBER_FAILURES = (RayActorError, BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError)
+MEMBER_FAILURES = (RayActorError, DeploymentUnavailableError, ReplicaUnavailableError)  # retried on another replica
 
 
 class MemberUnavailable(Exception):
@@ -57,7 +57,7 @@ class Member:
         ensemble.warm_up(which)
         self.predict.set_max_batch_size(replica.max_batch_size)
         self.predict.set_batch_wait_timeout_s(replica.batch_wait_timeout_s)
-        self.which = which
+        self.which, self.chunk_faces = which, replica.chunk_faces
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)  # replaced from config in __init__
     async def predict(self, requests: list[np.ndarray]) -> list[np.ndarray]:
@@ -69,9 +69,17 @@ class Member:
         return np.split(probs, np.cumsum(sizes)[:-1])
 
     def _run(self, faces: np.ndarray) -> np.ndarray:
+        """The batch in chunks of at most chunk_faces faces: the memory a batch takes stays bounded
+        whatever the requests it merged (the SR generator upscales every face of a chunk at once)."""
         import torch
 
-        return self._forward(torch.from_numpy(faces)).numpy()
+        chunks = [faces[i : i + self.chunk_faces] for i in range(0, len(faces), self.chunk_faces)]
+        return np.concatenate([self._forward(torch.from_numpy(chunk)).numpy() for chunk in chunks])
+
+    async def ready(self) -> bool:
+        """A tiny forward: loaded and answering."""
+        await asyncio.get_running_loop().run_in_executor(None, self._run, np.zeros((1, 48, 48), np.uint8))
+        return True
 
 
 async def _awaited(response):
@@ -97,7 +105,12 @@ class Ingress:
         self.settings = parse_settings(settings)
         self.card = read_bundle_card(self.settings.bundle)
         self.weight_a = float(self.card.fusion.weight_a)
-        self.limits = Limits(self.settings.max_body_bytes, self.settings.max_image_pixels)
+        self.limits = Limits(
+            self.settings.max_body_bytes,
+            self.settings.max_image_pixels,
+            self.settings.max_request_pixels,
+            self.settings.max_faces_per_request,
+        )
         self.members = {"a": model_a, "b": model_b}  # model_b None: a bundle of Model A alone
         self.page = PAGE.read_text()
 
@@ -111,10 +124,12 @@ class Ingress:
             try:
                 return await asyncio.wait_for(_awaited(response), timeout)
             except asyncio.TimeoutError:
-                response.cancel()
+                response.cancel()  # not retried elsewhere: a request that stalls one replica must not stall the next
                 raise MemberUnavailable(
                     f"model {which.upper()} did not answer within {timeout:g} s; retry shortly"
                 ) from None
+            except BackPressureError:  # the member's queue is full: overload is answered at once, not queued
+                raise MemberUnavailable(f"model {which.upper()} is at capacity; retry shortly") from None
             except MEMBER_FAILURES as error:
                 logger.warning("member %s failed (attempt %d): %s", which, attempt + 1, type(error).__name__)
                 await asyncio.sleep(delay)
@@ -188,14 +203,26 @@ class Ingress:
         return images
 
     async def _guarded(self, work):
+        """Every answer is JSON: 4xx naming what was wrong with the request, 503 (Retry-After) when a
+        member cannot answer now, and 503 too for a failure inside the models, logged with its trace."""
+        from ferray.errors import LimitExceeded
         from ferray.faces import InputError
 
         try:
             return await work
+        except LimitExceeded as error:
+            return JSONResponse(error.body(), status_code=413)
         except InputError as error:
             return JSONResponse({"error": str(error)}, status_code=error.status)
         except MemberUnavailable as error:
             return JSONResponse({"error": str(error)}, status_code=503, headers={"Retry-After": "1"})
+        except Exception as error:  # noqa: BLE001 - a bug or a model failure must still answer JSON
+            logger.exception("request failed")
+            return JSONResponse(
+                {"error": f"the server could not answer this request ({type(error).__name__}); retry shortly"},
+                status_code=503,
+                headers={"Retry-After": "1"},
+            )
 
     # ---------------------------------------------------------------------------------- routes
     @api.get("/", response_class=HTMLResponse, include_in_schema=False)
@@ -230,13 +257,19 @@ class Ingress:
         from ferray.faces import Face, InputError, faces_from_pixels
         from ferray.predict import describe
 
-        async def work():
-            body = await self._body(request)
+        def parse(body: bytes):
             try:
                 payload = json.loads(body)
             except (json.JSONDecodeError, UnicodeDecodeError) as error:
                 raise InputError(f"malformed JSON body ({error})") from None
-            faces = faces_from_pixels(payload)
+            except RecursionError:
+                raise InputError("JSON body nested too deep") from None
+            return faces_from_pixels(payload, limits=self.limits)
+
+        async def work():
+            body = await self._body(request)
+            # parsing and checking a large body is CPU work: off the event loop
+            faces = await asyncio.get_running_loop().run_in_executor(None, parse, body)
             pa, pb = await self._members(faces)
             boxes = [Face((0, 0, 48, 48), pixels) for pixels in faces]
             return {"faces": describe(boxes, pa, pb, self.weight_a)}
@@ -245,7 +278,28 @@ class Ingress:
 
     @api.get("/healthz")
     async def healthz(self):
+        """The ingress is up (liveness); /readyz says whether the models answer."""
         return {"status": "ok"}
+
+    @api.get("/readyz")
+    async def readyz(self):
+        """200 only when every member of the bundle is loaded and answers a tiny forward; else 503
+        naming what is not ready."""
+        members = {which: handle for which, handle in self.members.items() if handle is not None}
+        results = await asyncio.gather(*(self._ready(which, handle) for which, handle in members.items()))
+        states = dict(zip(members, results))
+        ready = all(state == "ready" for state in states.values())
+        body = {"status": "ready" if ready else "not ready", "members": states}
+        return JSONResponse(body, status_code=200 if ready else 503, headers={} if ready else {"Retry-After": "2"})
+
+    async def _ready(self, which: str, handle) -> str:
+        try:
+            await asyncio.wait_for(_awaited(handle.ready.remote()), self.settings.ready_timeout_s)
+            return "ready"
+        except asyncio.TimeoutError:
+            return f"no answer within {self.settings.ready_timeout_s:g} s (loading, or busy)"
+        except Exception as error:  # noqa: BLE001 - whatever it is, the member is not ready
+            return f"unavailable ({type(error).__name__})"
 
     @api.get("/labels")
     async def labels(self):

@@ -23,6 +23,10 @@ class ReplicaSettings:
     max_batch_size: int = 16  # 1 turns batching off
     batch_wait_timeout_s: float = 0.005
     max_ongoing_requests: int = 32
+    # requests waiting for a replica beyond max_ongoing_requests; past it a request is answered 503
+    # at once (Retry-After) instead of queueing until the HTTP timeout. -1: unbounded (Ray's default)
+    max_queued_requests: int = 64
+    chunk_faces: int = 64  # a batch is forwarded in chunks of at most this many faces (bounded memory)
     min_replicas: int = 1
     max_replicas: int = 1
     target_ongoing_requests: float = 8.0
@@ -32,8 +36,10 @@ class ReplicaSettings:
     int8: bool = False
 
     def check(self, where: str) -> None:
-        if self.max_batch_size < 1 or self.threads < 1:
-            raise ConfigError(f"{where}: max_batch_size and threads must be >= 1")
+        if self.max_batch_size < 1 or self.threads < 1 or self.chunk_faces < 1:
+            raise ConfigError(f"{where}: max_batch_size, threads and chunk_faces must be >= 1")
+        if self.max_queued_requests < -1 or self.max_queued_requests == 0:
+            raise ConfigError(f"{where}: max_queued_requests must be >= 1, or -1 for unbounded")
         if self.max_ongoing_requests < self.max_batch_size:
             # a batch never exceeds the requests a replica may hold, so a larger batch size would be a lie
             raise ConfigError(
@@ -54,6 +60,7 @@ class ReplicaSettings:
         options = {
             "ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus},
             "max_ongoing_requests": self.max_ongoing_requests,
+            "max_queued_requests": self.max_queued_requests,
         }
         if self.max_replicas > self.min_replicas:
             options["autoscaling_config"] = {
@@ -79,10 +86,13 @@ class IngressSettings:
 class ServeSettings:
     bundle: str = "default"  # a bundle folder, or "default": the model that ships with ferray
     max_body_bytes: int = 10 * 1024 * 1024
-    max_image_pixels: int = 40_000_000
+    max_image_pixels: int = 40_000_000  # one image's declared size, checked before decoding
+    max_request_pixels: int = 60_000_000  # all images of one request together, before decoding any
+    max_faces_per_request: int = 64  # faces detected in a request's images, or pixel rows sent
     max_batch_images: int = 32  # images in one /predict/batch request
     member_retries: int = 2  # a request whose member replica died is retried on another
     member_timeout_s: float = 30.0
+    ready_timeout_s: float = 5.0  # /readyz: how long a member's tiny forward may take
     ingress: IngressSettings = field(default_factory=IngressSettings)
     model_a: ReplicaSettings = field(default_factory=ReplicaSettings)
     model_b: ReplicaSettings = field(default_factory=ReplicaSettings)
@@ -90,8 +100,15 @@ class ServeSettings:
     def check(self) -> ServeSettings:
         self.model_a.check("model_a")
         self.model_b.check("model_b")
-        if self.max_body_bytes < 1 or self.max_image_pixels < 1 or self.max_batch_images < 1:
-            raise ConfigError("max_body_bytes, max_image_pixels and max_batch_images must be >= 1")
+        limits = (
+            "max_body_bytes",
+            "max_image_pixels",
+            "max_request_pixels",
+            "max_faces_per_request",
+            "max_batch_images",
+        )
+        if any(getattr(self, name) < 1 for name in limits):
+            raise ConfigError(f"{', '.join(limits)} must be >= 1")
         return self
 
 

@@ -41,6 +41,22 @@ def test_cluster_yaml_passes_the_autoscalers_own_validation():
         validate_config(prepare_config(broken))
 
 
+def test_the_cluster_authenticates_every_call_and_opens_only_serve_to_the_world():
+    raw = yaml.safe_load((REPO / "cluster.yaml").read_text())
+    starts = raw["head_start_ray_commands"] + raw["worker_start_ray_commands"]
+    for command in (c for c in starts if "ray start" in c):
+        assert "RAY_AUTH_MODE=token" in command and "RAY_AUTH_TOKEN_PATH=/mnt/ferray/.ray/auth_token" in command
+    head = next(c for c in raw["head_start_ray_commands"] if "ray start" in c)
+    assert "--dashboard-host=127.0.0.1" in head and "0.0.0.0" not in head  # the dashboard only through `ray dashboard`
+    made = " ".join(raw["head_setup_commands"])
+    assert "umask 077" in made and "secrets.token_hex" in made and "chmod 700 /mnt/ferray/.ray" in made
+    opened = raw["provider"]["security_group"]["IpPermissions"]
+    assert [(rule["FromPort"], rule["ToPort"], rule["IpProtocol"]) for rule in opened] == [(8000, 8000, "tcp")]
+    cidrs = [r["CidrIp"] for rule in opened for r in rule["IpRanges"]]
+    assert cidrs and "0.0.0.0/0" not in cidrs  # a range the user sets, never the whole internet
+    assert yaml.safe_load((REPO / "serve" / "config.yaml").read_text())["http_options"]["port"] == 8000
+
+
 def test_rayignore_keeps_data_runs_and_caches_out_of_job_uploads():
     ignored = (REPO / ".rayignore").read_text().split()
     for entry in ("ferray-demo/", "runs/", "data/", "*.pt", "*.parquet"):

@@ -154,3 +154,41 @@ def test_sixteen_bit_images_are_scaled_not_clipped():
     Image.fromarray(wide).save(buffer, format="PNG")
     gray = decode_image(buffer.getvalue(), "scan.png")
     assert gray.dtype == np.uint8 and gray[0, 0] == 128 and gray[0, 47] == 255
+
+
+def test_limits_name_themselves_and_pixel_rows_are_checked_by_numpy():
+    import json
+
+    import numpy as np
+    import pytest
+    from support import encode
+
+    from ferray.errors import InputError, LimitExceeded
+    from ferray.faces import Limits, faces_from_pixels
+    from ferray.predict import find_faces
+
+    limits = Limits(max_faces=3, max_request_pixels=10_000)
+    row = list(range(256)) * 9  # 2,304 values
+    with pytest.raises(LimitExceeded) as refused:
+        faces_from_pixels({"pixels": [row] * 4}, limits=limits)
+    assert (
+        refused.value.body()
+        == {"error": str(refused.value), "limit": "max_faces_per_request", "value": 4, "allowed": 3}
+        and refused.value.status == 413
+    )
+    fast = faces_from_pixels(json.loads(json.dumps({"pixels": [row, row[::-1]]})))
+    assert fast.dtype == np.uint8 and fast.shape == (2, 48, 48) and fast[1, -1, -1] == 0
+    for bad, words in (
+        ([*row[:-1], True], "True is not an integer"),
+        ([*row[:-1], 2**70], "out of range"),
+        ([*row[:-1], 1.5], "1.5 is not an integer"),
+    ):
+        with pytest.raises(InputError, match=words):  # the numpy pass declines; the row check names the value
+            faces_from_pixels({"pixels": bad})
+    big = encode(np.zeros((80, 80), np.uint8), "PNG")  # 6,400 pixels: two are over 10,000
+    with pytest.raises(LimitExceeded, match="max_request_pixels") as refused:
+        find_faces([("a", big), ("b", big)], detect=False, limits=limits)
+    assert refused.value.value == 12_800
+    with pytest.raises(LimitExceeded, match="max_faces_per_request"):
+        small = encode(np.zeros((48, 48), np.uint8), "PNG")
+        find_faces([(str(i), small) for i in range(4)], detect=False, limits=limits)

@@ -17,6 +17,8 @@ from ferray.testing import free_port, png_bytes, post
 
 pytestmark = pytest.mark.slow
 BODY_LIMIT = 300_000
+MAX_FACES = 6
+MAX_REQUEST_PIXELS = 250_000
 
 
 @pytest.fixture(scope="module")
@@ -27,6 +29,8 @@ def server(ray_session, tiny_bundle):
 
     overrides = [
         f"max_body_bytes={BODY_LIMIT}",
+        f"max_faces_per_request={MAX_FACES}",
+        f"max_request_pixels={MAX_REQUEST_PIXELS}",
         "ingress.num_cpus=0.25",
         "model_a.num_cpus=0.5",
         "model_b.num_cpus=0.5",
@@ -130,6 +134,52 @@ def test_every_bad_input_is_a_4xx_and_the_server_goes_on(server, synth_faces):
     assert status == 422  # FastAPI's own validation of the query
     status, answer = post(f"{server}/predict", png_bytes(face), "image/png")
     assert status == 200 and len(answer["faces"]) == 1
+
+
+def test_each_limit_is_a_413_naming_the_limit_and_the_value(server, synth_faces):
+    face = synth_faces[0][5]
+    row = face.reshape(-1).tolist()
+    rows = json.dumps({"pixels": [row] * (MAX_FACES + 1)}).encode()
+    status, answer = post(f"{server}/predict/pixels", rows, "application/json")
+    assert status == 413 and answer["limit"] == "max_faces_per_request"
+    assert (answer["value"], answer["allowed"]) == (MAX_FACES + 1, MAX_FACES) and "max_faces_per_request" in answer[
+        "error"
+    ]
+    wide = encode(np.zeros((400, 400), np.uint8), "PNG")  # 160,000 pixels each: two are over the request's budget
+    status, answer = post(f"{server}/predict/batch", *multipart([("a", "a.png", wide), ("b", "b.png", wide)]))
+    assert status == 413 and (answer["limit"], answer["value"]) == ("max_request_pixels", 320_000), answer
+    status, answer = post(f"{server}/predict", bytes(BODY_LIMIT + 10), "image/png")
+    assert status == 413 and "over the limit" in answer["error"]
+    many = [("f", f"f{i}.png", png_bytes(face)) for i in range(MAX_FACES + 1)]  # one face each, with detection off
+    status, answer = post(f"{server}/predict/batch?detect=false", *multipart(many))
+    assert status == 413 and answer["limit"] == "max_faces_per_request", answer
+
+
+def test_crafted_requests_get_json_4xx_never_a_500(server, synth_faces):
+    row = synth_faces[0][5].reshape(-1).tolist()
+    crafted = [
+        ("/predict/pixels", b"[" * 100_000 + b"]" * 100_000, "application/json", 400, "nested too deep"),
+        ("/predict/pixels", json.dumps({"pixels": row[:-1] + [10**40]}).encode(), "application/json", 422, "range"),
+        ("/predict/pixels", json.dumps({"pixels": row[:-1] + ["7"]}).encode(), "application/json", 422, "'7'"),
+        ("/predict/pixels", json.dumps({"pixels": {"a": 1}}).encode(), "application/json", 422, "non-empty list"),
+        ("/predict/pixels", json.dumps([1, 2]).encode(), "application/json", 422, "expected a JSON object"),
+        ("/predict", encode(np.zeros((2, 900), np.uint8), "PNG"), "image/png", 422, "not a photo of faces"),
+        ("/predict", b"GIF89a" + bytes(40), "image/png", 415, "GIF"),
+        ("/predict", encode(np.zeros((60, 60), np.uint8), "TIFF"), "image/tiff", 415, "send PNG, JPEG, BMP or WebP"),
+    ]
+    for route, body, content_type, expected, words in crafted:
+        status, answer = post(f"{server}{route}", body, content_type)
+        assert (status, route) == (expected, route), answer
+        assert words in answer["error"], (route, answer)
+    status, answer = post(
+        f"{server}/predict/pixels", json.dumps({"pixels": [row] * MAX_FACES}).encode(), "application/json"
+    )
+    assert status == 200 and len(answer["faces"]) == MAX_FACES  # at the limit is fine; the server goes on
+
+
+def test_readyz_says_ready_only_when_every_member_answers(server):
+    status, body = get(f"{server}/readyz")
+    assert status == 200 and json.loads(body) == {"status": "ready", "members": {"a": "ready", "b": "ready"}}
 
 
 def test_web_page_in_headless_chromium(server, synth_faces, tmp_path):

@@ -21,7 +21,6 @@ MIN_LOGICAL_CPUS = 4
 
 # Notices Ray prints on every embedded start or Data run that a user of ferray cannot act on.
 QUIET_LOGGERS = (
-    "ray._private.authentication.authentication_token_setup",  # "token authentication is enabled"
     "ray.data._internal.progress",  # "progress bars disabled" (we disable them off a terminal)
 )
 # Ray Data's own report of a failed task: ferray reports bad records itself, naming file and row,

@@ -10,6 +10,7 @@ import logging
 import signal
 import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -50,9 +51,11 @@ def start(
 
     from ferray.distributed.runtime import connect, is_verbose
     from ferray.serve_app.app import build
+    from ferray.serve_app.settings import parse_settings
 
     args, http = app_args(bundle, config, overrides)
     connect()
+    check_replica_resources(parse_settings(args))
     http.update({"host": host, "port": port})
     verbose = access_log or is_verbose()
     logging_config = LoggingConfig(log_level="INFO" if verbose else "WARNING", enable_access_log=verbose)
@@ -60,21 +63,41 @@ def start(
     serve.start(http_options=http, logging_config=LoggingConfig(log_level="INFO" if is_verbose() else "WARNING"))
     serve.run(build(args), name=APP_NAME, route_prefix="/", blocking=False, logging_config=logging_config)
     url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
-    wait_healthy(url, wait_s)
+    wait_ready(url, wait_s)
     return url
 
 
-def wait_healthy(url: str, wait_s: float) -> None:
-    deadline = time.monotonic() + wait_s
+def check_replica_resources(settings) -> None:
+    """Refuse replicas this cluster can never place (GPUs on a machine without any), instead of
+    leaving Serve to wait for them forever."""
+    from ferray.distributed.cluster import require
+
+    for name in ("model_a", "model_b"):
+        replica = getattr(settings, name)
+        for resource, each in (("GPU", replica.num_gpus), ("CPU", replica.num_cpus)):
+            if each:
+                require(resource, replica.min_replicas, each, f"Serve replica(s) of {name}")
+
+
+def wait_ready(url: str, wait_s: float) -> None:
+    """Until /readyz answers 200: every member loaded and answering a tiny forward."""
+    import json
+
+    deadline, last = time.monotonic() + wait_s, "no answer"
     while True:
         try:
-            with urllib.request.urlopen(f"{url}/healthz", timeout=5) as response:
+            with urllib.request.urlopen(f"{url}/readyz", timeout=10) as response:
                 if response.status == 200:
                     return
-        except OSError:
-            pass
+        except urllib.error.HTTPError as error:  # 503: not ready yet; the body names what is not
+            try:
+                last = json.dumps(json.loads(error.read()).get("members"))
+            except ValueError:
+                last = f"HTTP {error.code}"
+        except OSError as error:
+            last = str(error)
         if time.monotonic() > deadline:
-            raise TimeoutError(f"{url}/healthz did not answer within {wait_s:.0f} s")
+            raise TimeoutError(f"{url}/readyz did not say ready within {wait_s:.0f} s (last: {last})")
         time.sleep(0.5)
 
 
