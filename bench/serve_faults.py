@@ -20,11 +20,12 @@ from bench.loadgen import face_bodies, run_load
 
 
 def replica_names(deployment: str) -> list[str]:
+    import ray
     from ray.util.state import list_actors
 
     return [
         a.name
-        for a in list_actors(filters=[("state", "=", "ALIVE")])
+        for a in list_actors(address=ray.get_runtime_context().gcs_address, filters=[("state", "=", "ALIVE")])
         if f":{deployment}" in (a.class_name or "") and a.name
     ]
 

@@ -60,7 +60,11 @@ def kill_node_holding(cluster, nodes, class_name: str) -> dict:
     actors there were, on how many nodes, and how many the killed node held."""
     from ray.util.state import list_actors
 
-    actors = [a for a in list_actors(filters=[("state", "=", "ALIVE")]) if class_name in (a.class_name or "")]
+    actors = [
+        a
+        for a in list_actors(address=ray.get_runtime_context().gcs_address, filters=[("state", "=", "ALIVE")])
+        if class_name in (a.class_name or "")
+    ]
     seen = {"actors": len(actors), "on_nodes": len({a.node_id for a in actors}), "on_killed_node": 0}
     for node in nodes:
         held = [a for a in actors if a.node_id == node.node_id]

@@ -239,7 +239,9 @@ def test_a_killed_replica_is_replaced(server, synth_faces):
     try:
         time.sleep(1.0)
         replicas = [
-            a for a in list_actors(filters=[("state", "=", "ALIVE")]) if "ModelB" in (a.class_name or "") and a.name
+            a
+            for a in list_actors(address=ray.get_runtime_context().gcs_address, filters=[("state", "=", "ALIVE")])
+            if "ModelB" in (a.class_name or "") and a.name
         ]
         assert replicas, "no ModelB replica found"
         ray.kill(ray.get_actor(replicas[0].name, namespace="serve"), no_restart=True)
@@ -253,7 +255,11 @@ def test_a_killed_replica_is_replaced(server, synth_faces):
     after = outcomes[killed_at:]
     assert after.count(200) >= 5, f"the service did not answer again after the kill: {after[-10:]}"
     assert set(after) <= {200, 503}, f"only retries or 503s are acceptable while a replica restarts: {set(after)}"
-    alive = [a for a in list_actors(filters=[("state", "=", "ALIVE")]) if "ModelB" in (a.class_name or "")]
+    alive = [
+        a
+        for a in list_actors(address=ray.get_runtime_context().gcs_address, filters=[("state", "=", "ALIVE")])
+        if "ModelB" in (a.class_name or "")
+    ]
     assert alive and alive[0].name != replicas[0].name
 
 
