@@ -307,9 +307,9 @@ class Ingress:
 
     @api.get("/model", summary="The model card of the served bundle")
     async def model(self):
-        return {key: value for key, value in self.card.to_dict().items() if key != "data"} | {
-            "bundle": Path(self.settings.bundle).name
-        }
+        from ferray.bundle.card import public_card
+
+        return public_card(self.card) | {"bundle": Path(self.settings.bundle).name}
 
 
 # -------------------------------------------------------------------------------------------- build

@@ -59,6 +59,17 @@ def test_info_routes(server, tiny_bundle):
     card = json.loads(get(f"{server}/model")[1])
     assert card["fusion"] == json.loads((tiny_bundle / "bundle.json").read_text())["fusion"]
     assert "data" not in card  # no server paths leak
+
+    def strings(node):
+        if isinstance(node, dict):
+            yield from (s for value in node.values() for s in strings(value))
+        elif isinstance(node, list):
+            yield from (s for value in node for s in strings(value))
+        elif isinstance(node, str):
+            yield node
+
+    assert not [s for s in strings(card) if "/" in s and not s.startswith("ferray.")], "a path or version leaked"
+    assert card["members"]["a"]["parameters"] > 0 and card["evaluations"]  # the science stays
     paths = json.loads(get(f"{server}/openapi.json")[1])["paths"]
     assert {"/predict", "/predict/batch", "/predict/pixels", "/healthz", "/labels", "/model"} <= set(paths)
     assert get(f"{server}/docs")[0] == 200 and b"<canvas" in get(f"{server}/")[1]
@@ -305,12 +316,16 @@ def test_ferray_serve_starts_answers_and_leaves_no_process_on_sigterm(tiny_bundl
         family = descendants(process.pid)
         assert family, "the embedded Ray's processes should be children of `ferray serve`"
         process.send_signal(signal.SIGTERM)
+        signalled = time.monotonic()
         _, stderr = process.communicate(timeout=120)
+        stopped_in = time.monotonic() - signalled
     finally:
         if process.poll() is None:
             process.kill()
     assert process.returncode == 0, stderr
     assert "serve: stopped" in stderr, stderr
+    assert stopped_in < 10, f"SIGTERM took {stopped_in:.1f} s"
+    assert "failed to shut down" not in stderr and "Traceback" not in stderr, stderr
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline and alive(family):
         time.sleep(0.5)

@@ -131,6 +131,29 @@ class BundleCard:
         return "tta" if self.tta else "center"
 
 
+# what a served card leaves out: where the files were on the machines that made it, and the
+# libraries and systems they ran (a map of the server for whoever asks, and not the model's science)
+PRIVATE_MEMBER_KEYS = ("source", "trained_on", "checkpoint")
+PRIVATE_RUN_KEYS = ("machine", "commit", "data_checksum")
+
+
+def public_card(card: BundleCard) -> dict:
+    """The card as GET /model serves it: the model's scientific content (members, fusion, every
+    evaluation, training length) without local paths, library versions or the machines' names."""
+    data = card.to_dict()
+    data.pop("data", None)
+    for member in data["members"].values():
+        if not member:
+            continue
+        for key in PRIVATE_MEMBER_KEYS:
+            member.pop(key, None)
+        if member.get("run"):
+            member["run"] = {k: v for k, v in member["run"].items() if k not in PRIVATE_RUN_KEYS}
+        if member.get("int8"):
+            member["int8"] = {k: v for k, v in member["int8"].items() if k not in ("made_with", "ranges")}
+    return data
+
+
 def card_from_dict(data: dict, where: str = BUNDLE_FILE) -> BundleCard:
     try:
         return build_typed(BundleCard, data, "")

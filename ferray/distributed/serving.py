@@ -108,7 +108,9 @@ def stop(owns_ray: bool) -> None:
     from ray import serve
 
     if owns_ray:
-        serve.shutdown()
+        # The whole Ray goes, replicas and controller with it: Serve's own shutdown would first wait for
+        # every replica to drain and the controller to stop (tens of seconds, then a warning) for a
+        # cluster that is about to disappear anyway.
         ray.shutdown()
     elif ray.is_initialized():
         serve.delete(APP_NAME)
