@@ -7,6 +7,7 @@ import json
 import shutil
 import threading
 import time
+import urllib.error
 import urllib.request
 
 import numpy as np
@@ -231,6 +232,68 @@ def test_web_page_in_headless_chromium(server, synth_faces, tmp_path):
         assert browser.find_element(By.ID, "error").text == ""
     finally:
         browser.quit()
+
+
+def test_overload_gets_fast_json_503s_and_the_server_recovers(server, tiny_bundle, synth_faces):
+    """A second app on the same Serve, its members holding one request and queueing one: a burst of
+    24 concurrent requests is answered at once, 200 or a JSON 503 with Retry-After, never a wait for
+    the HTTP timeout; after the burst the app answers as before."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ray import serve
+
+    from ferray.distributed.serving import app_args
+    from ferray.serve_app.app import build
+
+    tight = [
+        f"model_{m}.{k}"
+        for m in "ab"
+        for k in ("max_ongoing_requests=1", "max_batch_size=1", "max_queued_requests=1", "num_cpus=0.25")
+    ]
+    args, _ = app_args(
+        tiny_bundle, None, ["ingress.num_cpus=0.25", "model_a.max_replicas=1", "model_b.max_replicas=1", *tight]
+    )
+    serve.run(build(args), name="overload", route_prefix="/overload", blocking=False)
+    url = f"{server}/overload"
+    deadline = time.monotonic() + 120
+    while get(f"{server}/readyz")[0] != 200 or _status(f"{url}/readyz") != 200:
+        assert time.monotonic() < deadline, "the second app never became ready"
+        time.sleep(0.5)
+    body = png_bytes(synth_faces[0][5])
+
+    def one(_):
+        started = time.monotonic()
+        status, answer = _post_with_headers(f"{url}/predict", body)
+        return status, answer, time.monotonic() - started
+
+    try:
+        with ThreadPoolExecutor(24) as pool:
+            outcomes = list(pool.map(one, range(24)))
+        statuses = [status for status, _, _ in outcomes]
+        assert set(statuses) <= {200, 503} and statuses.count(503) > 0, statuses
+        for status, (answer, headers), seconds in outcomes:
+            if status == 503:
+                assert "at capacity" in answer["error"] and headers.get("retry-after") == "1"
+                assert seconds < 20, seconds  # refused at once, not after the 60 s HTTP timeout
+        assert _post_with_headers(f"{url}/predict", body)[0] == 200  # recovered
+    finally:
+        serve.delete("overload")
+
+
+def _status(url: str) -> int:
+    try:
+        return get(url)[0]
+    except urllib.error.HTTPError as error:
+        return error.code
+
+
+def _post_with_headers(url: str, body: bytes) -> tuple[int, tuple[dict, dict]]:
+    request = urllib.request.Request(url, data=body, headers={"Content-Type": "image/png"}, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=90) as response:
+            return response.status, (json.loads(response.read()), {k.lower(): v for k, v in response.headers.items()})
+    except urllib.error.HTTPError as error:
+        return error.code, (json.loads(error.read() or b"{}"), {k.lower(): v for k, v in error.headers.items()})
 
 
 def test_a_killed_replica_is_replaced(server, synth_faces):
