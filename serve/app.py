@@ -60,13 +60,27 @@ class Member:
         self.which, self.chunk_faces = which, replica.chunk_faces
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)  # replaced from config in __init__
-    async def predict(self, requests: list[np.ndarray]) -> list[np.ndarray]:
+    async def predict(self, requests: list[np.ndarray]) -> list[np.ndarray | str]:
         """Each request is (n_i, 48, 48) uint8 faces; all are run as one batch and split back."""
-        sizes = [len(faces) for faces in requests]
-        faces = np.concatenate(requests)
         # torch releases the GIL: run it off the event loop so the next batch queues meanwhile
-        probs = await asyncio.get_running_loop().run_in_executor(None, self._run, faces)
-        return np.split(probs, np.cumsum(sizes)[:-1])
+        return await asyncio.get_running_loop().run_in_executor(None, self.run_requests, requests)
+
+    def run_requests(self, requests: list[np.ndarray]) -> list[np.ndarray | str]:
+        """Every request's probabilities, in one forward; if that fails, each request alone, so that a
+        request the model cannot take fails by itself (its entry is then the error, as text) and the
+        others of its batch are answered."""
+        sizes = [len(faces) for faces in requests]
+        try:
+            return np.split(self._run(np.concatenate(requests)), np.cumsum(sizes)[:-1])
+        except Exception:  # noqa: BLE001 - which request it was is found below
+            answers = []
+            for faces in requests:
+                try:
+                    answers.append(self._run(faces))
+                except Exception as error:  # noqa: BLE001 - answered as that request's failure
+                    logger.exception("model %s failed on one request", self.which.upper())
+                    answers.append(f"{type(error).__name__}: {str(error)[:200]}")
+            return answers
 
     def _run(self, faces: np.ndarray) -> np.ndarray:
         """The batch in chunks of at most chunk_faces faces: the memory a batch takes stays bounded
@@ -122,7 +136,7 @@ class Ingress:
         for attempt in range(self.settings.member_retries + 1):
             response = self.members[which].predict.remote(faces)
             try:
-                return await asyncio.wait_for(_awaited(response), timeout)
+                answer = await asyncio.wait_for(_awaited(response), timeout)
             except asyncio.TimeoutError:
                 response.cancel()  # not retried elsewhere: a request that stalls one replica must not stall the next
                 raise MemberUnavailable(
@@ -134,6 +148,10 @@ class Ingress:
                 logger.warning("member %s failed (attempt %d): %s", which, attempt + 1, type(error).__name__)
                 await asyncio.sleep(delay)
                 delay *= 2
+                continue
+            if isinstance(answer, str):  # the model failed on this request alone
+                raise MemberUnavailable(f"model {which.upper()} could not answer this request ({answer})")
+            return answer
         raise MemberUnavailable(f"model {which.upper()} is unavailable (its replicas are restarting); retry shortly")
 
     async def _members(self, faces: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:

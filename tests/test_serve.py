@@ -393,3 +393,26 @@ def test_ferray_serve_starts_answers_and_leaves_no_process_on_sigterm(tiny_bundl
     while time.monotonic() < deadline and alive(family):
         time.sleep(0.5)
     assert not alive(family), f"processes left behind: {sorted(alive(family))}"
+
+
+def test_a_request_the_model_cannot_take_fails_alone(tiny_bundle):
+    """One poisoned request in a merged batch: it gets its error, the others their answers."""
+    import torch
+
+    from ferray.serve_app.app import Member
+
+    replica = Member.func_or_class(str(tiny_bundle), "a", {"threads": torch.get_num_threads()})
+    forward = replica._forward
+
+    def picky(faces):
+        if (faces == 7).all(dim=(1, 2)).any():
+            raise RuntimeError("this face breaks the model")
+        return forward(faces)
+
+    replica._forward = picky
+    good = np.random.default_rng(0).integers(0, 256, (2, 48, 48), dtype=np.uint8)
+    poisoned = np.full((1, 48, 48), 7, np.uint8)
+    answers = replica.run_requests([good, poisoned, good[:1]])
+    assert isinstance(answers[1], str) and "this face breaks the model" in answers[1]
+    assert answers[0].shape == (2, 7) and answers[2].shape == (1, 7)
+    assert np.allclose(answers[2], answers[0][:1], atol=1e-6)
