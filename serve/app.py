@@ -41,20 +41,25 @@ class MemberUnavailable(Exception):
 # ------------------------------------------------------------------------------------------ members
 @serve.deployment
 class Member:
-    """One member of the ensemble ("a" or "b") behind a batching queue."""
+    """Part of the ensemble behind a batching queue: "a" (Model A), "b" (the SR generator, then
+    Model B) or, in the fused layout, "ab": every member of the bundle in one replica, whose answer
+    per face is P_A followed by P_B (14 values; 7 for a bundle of A alone)."""
 
     def __init__(self, bundle: str, which: str, settings: dict):
         import torch
 
-        from ferray.bundle import load_bundle
+        from ferray.bundle import bundle_members, load_bundle, read_bundle_card
 
         replica = ReplicaSettings(**settings)
         torch.set_num_threads(replica.threads)
-        ensemble, _ = load_bundle(bundle, members=(which,), int8=replica.int8)
-        self._forward = ensemble.probs_a if which == "a" else ensemble.probs_b
+        parts = bundle_members(read_bundle_card(bundle)) if which == "ab" else (which,)
+        ensemble, _ = load_bundle(bundle, members=parts, int8=replica.int8)
+        forwards = [ensemble.probs_a if part == "a" else ensemble.probs_b for part in parts]
+        self._forward = forwards[0] if len(forwards) == 1 else lambda faces: torch.cat([f(faces) for f in forwards], 1)
         # Make what inference runs (a frozen bf16 copy on bf16 CPUs; int8: every batch shape compiled)
         # here, not in a request.
-        ensemble.warm_up(which)
+        for part in parts:
+            ensemble.warm_up(part)
         self.predict.set_max_batch_size(replica.max_batch_size)
         self.predict.set_batch_wait_timeout_s(replica.batch_wait_timeout_s)
         self.which, self.chunk_faces = which, replica.chunk_faces
@@ -125,7 +130,8 @@ class Ingress:
             self.settings.max_request_pixels,
             self.settings.max_faces_per_request,
         )
-        self.members = {"a": model_a, "b": model_b}  # model_b None: a bundle of Model A alone
+        # fused layout: one deployment answers for every member; split: A and B apart (B None: A alone)
+        self.members = {"ensemble": model_a} if self.settings.layout == "fused" else {"a": model_a, "b": model_b}
         self.page = PAGE.read_text()
 
     # -------------------------------------------------------------------------------- plumbing
@@ -133,28 +139,34 @@ class Ingress:
         """One member's probabilities; a request that lost its replica is retried on another, and one
         that gets no answer within member_timeout_s is answered 503 rather than left hanging."""
         delay, timeout = 0.25, self.settings.member_timeout_s
+        model = "the models" if which == "ensemble" else f"model {which.upper()}"
         for attempt in range(self.settings.member_retries + 1):
             response = self.members[which].predict.remote(faces)
             try:
                 answer = await asyncio.wait_for(_awaited(response), timeout)
             except asyncio.TimeoutError:
                 response.cancel()  # not retried elsewhere: a request that stalls one replica must not stall the next
-                raise MemberUnavailable(
-                    f"model {which.upper()} did not answer within {timeout:g} s; retry shortly"
-                ) from None
+                raise MemberUnavailable(f"{model}: no answer within {timeout:g} s; retry shortly") from None
             except BackPressureError:  # the member's queue is full: overload is answered at once, not queued
-                raise MemberUnavailable(f"model {which.upper()} is at capacity; retry shortly") from None
+                raise MemberUnavailable(
+                    f"{model} are at capacity; retry shortly"
+                    if which == "ensemble"
+                    else f"{model} is at capacity; retry shortly"
+                ) from None
             except MEMBER_FAILURES as error:
                 logger.warning("member %s failed (attempt %d): %s", which, attempt + 1, type(error).__name__)
                 await asyncio.sleep(delay)
                 delay *= 2
                 continue
             if isinstance(answer, str):  # the model failed on this request alone
-                raise MemberUnavailable(f"model {which.upper()} could not answer this request ({answer})")
+                raise MemberUnavailable(f"{model}: could not answer this request ({answer})")
             return answer
-        raise MemberUnavailable(f"model {which.upper()} is unavailable (its replicas are restarting); retry shortly")
+        raise MemberUnavailable(f"{model}: unavailable (its replicas are restarting); retry shortly")
 
     async def _members(self, faces: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        if "ensemble" in self.members:
+            both = await self._member("ensemble", faces)
+            return both[:, :7], (both[:, 7:] if both.shape[1] > 7 else None)
         if self.members["b"] is None:
             return await self._member("a", faces), None
         pa, pb = await asyncio.gather(self._member("a", faces), self._member("b", faces))
@@ -339,15 +351,19 @@ def build(args: dict | None = None):
     bundle = str(resolve_bundle(settings.bundle).absolute())
     card = read_bundle_card(bundle)  # fail here, before any replica starts, if the bundle is not there
     plain = {key: value for key, value in (args or {}).items()} | {"bundle": bundle}
+    ingress = Ingress.options(
+        num_replicas=settings.ingress.replicas,
+        max_ongoing_requests=settings.ingress.max_ongoing_requests,
+        ray_actor_options={"num_cpus": settings.ingress.num_cpus},
+    )
+    if settings.layout == "fused":
+        replica = settings.ensemble
+        fused = Member.options(name="Ensemble", **replica.deployment_options()).bind(bundle, "ab", replica.__dict__)
+        return ingress.bind(fused, None, plain)
     members = {"b": None}
     for which, replica in (("a", settings.model_a), ("b", settings.model_b)):
         if which not in bundle_members(card):
             continue  # a bundle of Model A alone: no ModelB deployment
         name = f"Model{which.upper()}"
         members[which] = Member.options(name=name, **replica.deployment_options()).bind(bundle, which, replica.__dict__)
-    ingress = Ingress.options(
-        num_replicas=settings.ingress.replicas,
-        max_ongoing_requests=settings.ingress.max_ongoing_requests,
-        ray_actor_options={"num_cpus": settings.ingress.num_cpus},
-    )
     return ingress.bind(members["a"], members["b"], plain)

@@ -93,11 +93,19 @@ class ServeSettings:
     member_retries: int = 2  # a request whose member replica died is retried on another
     member_timeout_s: float = 30.0
     ready_timeout_s: float = 5.0  # /readyz: how long a member's tiny forward may take
+    # fused: one deployment ("ensemble") holds every member and answers a face in one hop; split: A and
+    # B (with the SR generator) in deployments of their own ("model_a", "model_b"), for clusters whose
+    # members want different hardware (B on a GPU, A on CPUs).
+    layout: str = "fused"
     ingress: IngressSettings = field(default_factory=IngressSettings)
+    ensemble: ReplicaSettings = field(default_factory=ReplicaSettings)
     model_a: ReplicaSettings = field(default_factory=ReplicaSettings)
     model_b: ReplicaSettings = field(default_factory=ReplicaSettings)
 
     def check(self) -> ServeSettings:
+        if self.layout not in ("fused", "split"):
+            raise ConfigError(f"layout is {self.layout!r}; choose fused or split")
+        self.ensemble.check("ensemble")
         self.model_a.check("model_a")
         self.model_b.check("model_b")
         limits = (

@@ -32,6 +32,7 @@ def server(ray_session, tiny_bundle):
         f"max_body_bytes={BODY_LIMIT}",
         f"max_faces_per_request={MAX_FACES}",
         f"max_request_pixels={MAX_REQUEST_PIXELS}",
+        "layout=split",  # A and B apart: the replica-kill test kills B's
         "ingress.num_cpus=0.25",
         "model_a.num_cpus=0.5",
         "model_b.num_cpus=0.5",
@@ -246,13 +247,10 @@ def test_overload_gets_fast_json_503s_and_the_server_recovers(server, tiny_bundl
     from ferray.serve_app.app import build
 
     tight = [
-        f"model_{m}.{k}"
-        for m in "ab"
+        f"ensemble.{k}"
         for k in ("max_ongoing_requests=1", "max_batch_size=1", "max_queued_requests=1", "num_cpus=0.25")
-    ]
-    args, _ = app_args(
-        tiny_bundle, None, ["ingress.num_cpus=0.25", "model_a.max_replicas=1", "model_b.max_replicas=1", *tight]
-    )
+    ] + ["ensemble.min_replicas=1", "ensemble.max_replicas=1"]
+    args, _ = app_args(tiny_bundle, None, ["layout=fused", "ingress.num_cpus=0.25", *tight])
     serve.run(build(args), name="overload", route_prefix="/overload", blocking=False)
     url = f"{server}/overload"
     deadline = time.monotonic() + 120
@@ -275,7 +273,11 @@ def test_overload_gets_fast_json_503s_and_the_server_recovers(server, tiny_bundl
             if status == 503:
                 assert "at capacity" in answer["error"] and headers.get("retry-after") == "1"
                 assert seconds < 20, seconds  # refused at once, not after the 60 s HTTP timeout
-        assert _post_with_headers(f"{url}/predict", body)[0] == 200  # recovered
+        status, (fused, _) = _post_with_headers(f"{url}/predict", body)
+        assert status == 200  # recovered
+        _, split = post(f"{server}/predict", body, "image/png")  # the module's app: the split layout
+        assert fused["faces"][0]["probs"] == pytest.approx(split["faces"][0]["probs"], abs=1e-6)
+        assert fused["faces"][0]["members"]["b"] == pytest.approx(split["faces"][0]["members"]["b"], abs=1e-6)
     finally:
         serve.delete("overload")
 

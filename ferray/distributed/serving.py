@@ -72,7 +72,7 @@ def check_replica_resources(settings) -> None:
     leaving Serve to wait for them forever."""
     from ferray.distributed.cluster import require
 
-    for name in ("model_a", "model_b"):
+    for name in ("ensemble",) if settings.layout == "fused" else ("model_a", "model_b"):
         replica = getattr(settings, name)
         for resource, each in (("GPU", replica.num_gpus), ("CPU", replica.num_cpus)):
             if each:
