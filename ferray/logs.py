@@ -27,10 +27,26 @@ def configure(verbosity: int = 0, stream=None) -> None:
     logger.setLevel(logging.WARNING if verbosity < 0 else logging.DEBUG if verbosity > 0 else logging.INFO)
     if any(getattr(h, "name", None) == _HANDLER_NAME for h in logger.handlers):
         return
-    handler = logging.StreamHandler(stream or sys.stderr)
+    handler = logging.StreamHandler(stream) if stream is not None else _Stderr()
     handler.name = _HANDLER_NAME
     handler.setFormatter(logging.Formatter("%(message)s"))
     logger.addHandler(handler)
+
+
+class _Stderr(logging.StreamHandler):
+    """Writes to whatever sys.stderr is when a message comes, not to the stream of the moment it was
+    made (a test runner, or a process that redirects its stderr, swaps it)."""
+
+    def __init__(self):
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value):
+        pass
 
 
 @contextlib.contextmanager

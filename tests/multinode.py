@@ -58,6 +58,7 @@ def start_cluster():
 def kill_node_holding(cluster, nodes, class_name: str) -> dict:
     """Kill (not gracefully) a worker node that holds an alive actor of `class_name`: how many such
     actors there were, on how many nodes, and how many the killed node held."""
+    import ray
     from ray.util.state import list_actors
 
     actors = [

@@ -93,7 +93,7 @@ def test_the_core_loop_and_the_fusion_ignore_the_test_split(twin_data, tmp_path)
     for (_, member, epoch, weights), (_, member2, epoch2, weights2) in zip(kept[:2], kept[2:]):
         assert member == member2 and epoch == epoch2 and all(torch.equal(weights[k], weights2[k]) for k in weights)
     plain, rigged = cards
-    assert plain["selection_split"] == rigged["selection_split"] == "Validation"
+    assert plain.selection_split == rigged.selection_split == "Validation"
     # the SR generator kept: same epoch, same selection-split PSNR, whatever the test labels say
     sr = []
     for name, data in zip(("data", "rigged"), twin_data):
@@ -121,8 +121,8 @@ def test_the_core_loop_and_the_fusion_ignore_the_test_split(twin_data, tmp_path)
         )
         sr.append((run.best["epoch"], run.best["eval_psnr"]))
     assert sr[0] == sr[1] and sr[0][0] == 2
-    assert plain["fusion"] == rigged["fusion"] and plain["accuracy"] == rigged["accuracy"]
-    assert plain["evaluations"]["PublicTest"] != rigged["evaluations"]["PublicTest"]  # the test did see the shuffle
+    assert plain.fusion == rigged.fusion and plain.accuracy == rigged.accuracy
+    assert plain.evaluations["PublicTest"] != rigged.evaluations["PublicTest"]  # the test did see the shuffle
 
 
 @pytest.mark.slow

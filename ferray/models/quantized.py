@@ -130,7 +130,7 @@ def quantize_for_cpu(
     crop, stored = _checked(qparams, where)
     prepared = _prepared(model, crop)
     found = activation_observers(prepared)
-    if [(n, s) for n, s, _ in found] != [(o["observer"], o["input"]) for o in stored]:
+    if [(n, _point(s)) for n, s, _ in found] != [(o["observer"], _point(o["input"])) for o in stored]:
         raise CheckpointError(
             f"{where}: its {len(stored)} activation ranges do not match this model's {len(found)} quantization points "
             f"(made with torch {qparams.get('made_with', {}).get('torch')}, this is {torch.__version__}): "
@@ -152,6 +152,13 @@ def quantize_for_cpu(
     with torch.no_grad():
         prepared(torch.zeros(1, 1, crop, crop))  # the weight observers see the weights
     return QuantizedClassifier(convert_pt2e(prepared), crop, compile)
+
+
+def _point(node_name: str) -> str:
+    """A quantization point's name with the dropout kind left out: element-wise (`dropout`) and
+    channel-wise (`feature_dropout`) dropout are the same identity at inference, so ranges calibrated
+    before the head's dropout became channel-wise still fit the model."""
+    return node_name.replace("feature_dropout", "dropout")
 
 
 def _checked(qparams: dict, where: str) -> tuple[int, list[dict]]:
