@@ -4,6 +4,7 @@ keep-alive connection, POSTing faces for T seconds; latencies and statuses are r
 from __future__ import annotations
 
 import http.client
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -101,3 +102,30 @@ def format_row(name: str, s: dict) -> str:
 
 
 HEADER = f"{'server':<34}{'req/s':>8}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'errors':>8}"
+
+
+def cpu_times() -> dict[int, tuple[float, str]]:
+    """Seconds of CPU (user + system) each process of this machine has used, with its command line."""
+    tick = os.sysconf("SC_CLK_TCK")
+    times = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rpartition(")")[2].split()
+            with open(f"/proc/{pid}/cmdline") as f:
+                command = f.read().replace("\0", " ").strip()
+        except OSError:  # the process ended meanwhile
+            continue
+        times[int(pid)] = ((int(fields[11]) + int(fields[12])) / tick, command)
+    return times
+
+
+def cpu_per_request(before: dict, after: dict, requests: int, top: int = 6) -> list[tuple[str, float]]:
+    """The processes that spent the most CPU between two cpu_times(), in ms per answered request:
+    where a server's time goes (proxy, ingress, model replicas), whatever else the machine runs."""
+    spent = []
+    for pid, (seconds, command) in after.items():
+        delta = seconds - before.get(pid, (0.0, ""))[0]
+        if delta > 0 and requests:
+            spent.append((command.split(" --")[0][:48], delta * 1e3 / requests))
+    return sorted(spent, key=lambda row: -row[1])[:top]

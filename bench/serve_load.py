@@ -3,12 +3,17 @@
     python -m bench.serve_load [--bundle BUNDLE] [--clients 16] [--seconds 20]
 
 N concurrent clients POST 48x48 face PNGs to /predict for T seconds (after a warm-up), against
-  (a) the Serve app of serve/config.yaml in its fused layout (one deployment holds every member);
-  (b) the same app in its split layout (A, and the SR generator + B, in deployments of their own);
-  (c) a plain single-process baseline: the same bundle behind one FastAPI/uvicorn process, one
+  (a) the Serve app of serve/config.yaml as `ferray serve` starts it: the fused layout (one
+      deployment holds every member) in Serve's high-throughput mode (HAProxy ingress, gRPC
+      between replicas: ferray.distributed.runtime.SERVE_FAST_ENV);
+  (b) the same app in Ray's default mode (a Python proxy actor; FERRAY_SERVE_FAST=0);
+  (c) the split layout (A, and the SR generator + B, in deployments of their own), fast mode;
+  (d) a plain single-process baseline: the same bundle behind one FastAPI/uvicorn process, one
       request at a time, torch on every core (bench/plain_server.py).
-Prints requests/s, p50/p95/p99 latency and errors for each, and the ratios against (c).
-Target on a 2-core machine: (a) >= 1.5x (c) at 16 clients, p99 under 1 s, no errors.
+Each server runs in a process of its own (its own Ray). Prints requests/s, p50/p95/p99 latency and
+errors for each, the ratios against (d), and the CPU each process spent per answered request
+(where the time goes: proxy, ingress, model replicas).
+Target on a 2-core machine: (a) >= 1.5x (d) at 16 clients, p99 under 1 s, no errors.
 
 Without --bundle, an untrained bundle of the real Model A (xception_a, 2.7M parameters) and a
 ResNet18 Model B on SR faces is written first (speed does not depend on the weights); --tta turns on
@@ -20,6 +25,7 @@ each server's share of that bound.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -64,21 +70,43 @@ def compute_per_request(bundle: Path) -> tuple[float, str]:
     return total, ", ".join(f"{name} {seconds * 1e3:.1f} ms" for name, seconds in parts.items())
 
 
-def serve_phase(name, bundle, overrides, bodies, args) -> dict:
+PHASES = {
+    # name: (server, layout, Serve's high-throughput mode)
+    "(a) Serve, fused, fast mode": ("serve", "fused", True),
+    "(b) Serve, fused, Ray's default mode": ("serve", "fused", False),
+    "(c) Serve, split, fast mode": ("serve", "split", True),
+    "(d) plain process": ("plain", None, None),
+}
+BASELINE, DEFAULT = "(d) plain process", "(a) Serve, fused, fast mode"
+
+
+def measure(url: str, bodies, args) -> dict:
+    """Warm-up, then the timed load, with each process's CPU per request over the timed part."""
+    from bench.loadgen import cpu_per_request, cpu_times
+
+    run_load(url, bodies, args.clients, args.warmup)
+    before = cpu_times()
+    summary = run_load(url, bodies, args.clients, args.seconds).summary()
+    summary["cpu"] = cpu_per_request(before, cpu_times(), summary["ok"])
+    return summary
+
+
+def serve_phase(layout: str, bundle: Path, bodies, args) -> dict:
+    import ray
     from ray import serve
 
     from ferray.distributed.serving import start
     from ferray.testing import free_port
 
-    url = start(bundle, port=free_port(), overrides=overrides)
+    url = start(bundle, port=free_port(), overrides=[f"layout={layout}"])
     try:
-        run_load(url, bodies, args.clients, args.warmup)
-        return run_load(url, bodies, args.clients, args.seconds).summary()
+        return measure(url, bodies, args)
     finally:
         serve.shutdown()
+        ray.shutdown()
 
 
-def plain_phase(bundle, bodies, args) -> dict:
+def plain_phase(bundle: Path, bodies, args) -> dict:
     from ferray.distributed.serving import wait_ready
     from ferray.testing import free_port
 
@@ -89,11 +117,37 @@ def plain_phase(bundle, bodies, args) -> dict:
     try:
         url = f"http://127.0.0.1:{port}"
         wait_ready(url, 120)
-        run_load(url, bodies, args.clients, args.warmup)
-        return run_load(url, bodies, args.clients, args.seconds).summary()
+        return measure(url, bodies, args)
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+def run_phase(name: str, bundle: Path, args) -> dict:
+    """One server, measured in a process of its own: each Serve mode needs a Ray started with its
+    environment, and no phase inherits another's processes."""
+    server, _, fast = PHASES[name]
+    env = dict(os.environ, FERRAY_SERVE_FAST="1" if fast or server == "plain" else "0")
+    for variable in ("RAY_ADDRESS", "RAY_SERVE_THROUGHPUT_OPTIMIZED", "RAY_SERVE_ENABLE_HA_PROXY"):
+        env.pop(variable, None)
+    command = [sys.executable, "-m", "bench.serve_load", "--phase", name, "--bundle", str(bundle)]
+    command += ["--clients", str(args.clients), "--seconds", str(args.seconds), "--warmup", str(args.warmup)]
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    for line in done.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT ") :])
+    raise SystemExit(f"phase {name!r} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
+
+
+def phase_main(args) -> int:
+    """Child of run_phase: one server under load; prints RESULT {json}."""
+    server, layout, _ = PHASES[args.phase]
+    bodies = face_bodies()
+    result = (
+        serve_phase(layout, args.bundle, bodies, args) if server == "serve" else plain_phase(args.bundle, bodies, args)
+    )
+    print("RESULT " + json.dumps(result), flush=True)
+    return 0
 
 
 def main() -> int:
@@ -104,17 +158,13 @@ def main() -> int:
     parser.add_argument("--warmup", type=float, default=5.0)
     parser.add_argument("--tta", action="store_true", help="ten-crop TTA in the generated bundle")
     parser.add_argument("--model-b", default="resnet18_b", help="Model B of the generated bundle")
-    parser.add_argument(
-        "--throughput-optimized",
-        action="store_true",
-        help="start Serve with RAY_SERVE_THROUGHPUT_OPTIMIZED=1 (Ray's high-throughput mode)",
-    )
+    parser.add_argument("--only", action="append", choices=sorted(PHASES), help="run these servers only (repeatable)")
+    parser.add_argument("--phase", choices=sorted(PHASES), help=argparse.SUPPRESS)  # internal: one server
     args = parser.parse_args()
-    if args.throughput_optimized:
-        os.environ["RAY_SERVE_THROUGHPUT_OPTIMIZED"] = "1"  # read when Serve starts, in this process's Ray
+    if args.phase:
+        return phase_main(args)
 
     from ferray.data.synth import SynthSpec, synthesize
-    from ferray.distributed.runtime import connect
     from ferray.testing import untrained_bundle
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -138,32 +188,33 @@ def main() -> int:
             f"models per request: {per_request * 1e3:.1f} ms of one core ({parts}); {cores} cores bound "
             f"the throughput near {bound:.0f} req/s"
         )
-        bodies = face_bodies()
-        connect()
-        results = {}
-        print(f"{args.clients} clients, {args.seconds:.0f} s each after {args.warmup:.0f} s warm-up")
-        print(HEADER)
-        for name, overrides in (
-            ("(a) Serve, fused, batching", ["layout=fused"]),
-            ("(b) Serve, split, batching", ["layout=split"]),
-        ):
-            results[name] = serve_phase(name, bundle, overrides, bodies, args)
-            print(format_row(name, results[name]), flush=True)
-        results["(c) plain process"] = plain_phase(bundle, bodies, args)
-        print(format_row("(c) plain process", results["(c) plain process"]))
-    base = results["(c) plain process"]["rps"]
-    if base == 0:
-        print("the baseline answered nothing: no ratio")
-        return 1
-    a = results["(a) Serve, fused, batching"]
-    for name in ("(a) Serve, fused, batching", "(b) Serve, split, batching"):
         print(
-            f"{name} / (c): {results[name]['rps'] / base:.2f}x throughput, {results[name]['rps'] / bound:.0%} of the "
-            f"{cores}-core bound"
+            f"{args.clients} clients, {args.seconds:.0f} s each after {args.warmup:.0f} s warm-up, "
+            "each server in a process of its own"
         )
-    print(f"(c) plain process: {base / bound:.0%} of the bound")
-    met = a["rps"] / base >= 1.5 and a["p99"] < 1.0 and a["errors"] == 0
-    print(f"target (a) >= 1.5x (c), p99 < 1 s, no errors: {'met' if met else 'MISSED'}")
+        print(HEADER)
+        results = {}
+        for name in args.only or PHASES:
+            results[name] = run_phase(name, bundle.absolute(), args)
+            print(format_row(name, results[name]), flush=True)
+    print("CPU per answered request, by process (ms):")
+    for name, result in results.items():
+        print(f"  {name}: " + ", ".join(f"{command} {ms:.1f}" for command, ms in result["cpu"]))
+    if BASELINE not in results or results[BASELINE]["rps"] == 0:
+        print("no baseline measured: no ratio")
+        return 0 if BASELINE not in results else 1
+    base = results[BASELINE]["rps"]
+    for name, result in results.items():
+        if name != BASELINE:
+            print(
+                f"{name} / (d): {result['rps'] / base:.2f}x throughput, "
+                f"{result['rps'] / bound:.0%} of the {cores}-core bound"
+            )
+    print(f"(d) plain process: {base / bound:.0%} of the bound")
+    if DEFAULT in results:
+        a = results[DEFAULT]
+        met = a["rps"] / base >= 1.5 and a["p99"] < 1.0 and a["errors"] == 0
+        print(f"target (a) >= 1.5x (d), p99 < 1 s, no errors: {'met' if met else 'MISSED'}")
     return 0
 
 

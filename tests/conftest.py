@@ -18,15 +18,20 @@ def ray_session():
     """
     import ray
 
-    from ferray.distributed.runtime import configure_train_env, connect
+    from ferray.distributed.runtime import configure_train_env, connect, own_ray_environment
 
     os.environ.pop("RAY_ADDRESS", None)
     configure_train_env(single_machine=True)
     os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")
     if not ray.is_initialized():
-        ray.init(
-            address="local", num_cpus=4, object_store_memory=300 << 20, include_dashboard=True, logging_level="ERROR"
-        )
+        with own_ray_environment():  # Serve's mode, as `ferray serve` runs it
+            ray.init(
+                address="local",
+                num_cpus=4,
+                object_store_memory=300 << 20,
+                include_dashboard=True,
+                logging_level="ERROR",
+            )
     connect(progress=False)
     yield ray
     ray.shutdown()

@@ -57,6 +57,34 @@ def test_the_cluster_authenticates_every_call_and_opens_only_serve_to_the_world(
     assert yaml.safe_load((REPO / "serve" / "config.yaml").read_text())["http_options"]["port"] == 8000
 
 
+def test_every_node_runs_serve_in_the_mode_ferray_serve_uses_locally():
+    from ferray.distributed.runtime import SERVE_FAST_ENV
+
+    raw = yaml.safe_load((REPO / "cluster.yaml").read_text())
+    starts = [c for c in raw["head_start_ray_commands"] + raw["worker_start_ray_commands"] if "ray start" in c]
+    assert len(starts) == 2
+    for command in starts:
+        exported = command.split("&&")[0]
+        for name, value in SERVE_FAST_ENV.items():
+            assert f"{name}={value}" in exported
+
+
+def test_serve_fast_mode_is_set_for_ferrays_ray_unless_turned_off(monkeypatch):
+    import os
+
+    from ferray.distributed.runtime import SERVE_FAST_ENV, configure_serve_env
+
+    for name in SERVE_FAST_ENV:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("FERRAY_SERVE_FAST", "0")
+    configure_serve_env()
+    assert not any(name in os.environ for name in SERVE_FAST_ENV)
+    monkeypatch.delenv("FERRAY_SERVE_FAST")
+    monkeypatch.setenv("RAY_SERVE_ENABLE_HA_PROXY", "0")  # what a user sets wins
+    configure_serve_env()
+    assert os.environ["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1" and os.environ["RAY_SERVE_ENABLE_HA_PROXY"] == "0"
+
+
 def test_rayignore_keeps_data_runs_and_caches_out_of_job_uploads():
     ignored = (REPO / ".rayignore").read_text().split()
     for entry in ("ferray-demo/", "runs/", "data/", "*.pt", "*.parquet"):
@@ -235,3 +263,22 @@ def test_upscaling_across_nodes_loses_no_row_when_a_node_dies(tmp_path):
     assert result["kill"]["on_killed_node"] >= 1, "no actor sat on the killed node"
     for split, counts in result["splits"].items():
         assert counts["rows"] == counts["unique"] == counts["expected"], (split, counts)
+
+
+def test_a_second_ray_on_the_machine_gets_its_own_haproxy_side_ports(monkeypatch):
+    """HAProxy's stats and metrics ports default to fixed numbers: each Ray ferray starts takes free
+    ones, and does not hand them down to the processes it starts (they pick their own)."""
+    import os
+
+    from ferray.distributed.runtime import HAPROXY_PORT_VARIABLES, own_ray_environment
+
+    for name in HAPROXY_PORT_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    with own_ray_environment():
+        first = [os.environ[name] for name in HAPROXY_PORT_VARIABLES]
+    assert all(name not in os.environ for name in HAPROXY_PORT_VARIABLES)
+    assert len(set(first)) == 2 and "8404" not in first and "9101" not in first
+    monkeypatch.setenv("RAY_SERVE_HAPROXY_STATS_PORT", "18404")  # a port the user chose stays
+    with own_ray_environment():
+        assert os.environ["RAY_SERVE_HAPROXY_STATS_PORT"] == "18404"
+    assert os.environ["RAY_SERVE_HAPROXY_STATS_PORT"] == "18404"

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from ferray.distributed import ray_internals
@@ -48,6 +50,55 @@ def configure_train_env(single_machine: bool = False) -> None:
     # and tune trial reads one. Ray keeps V1
     # selectable by this variable; RAY_DATA_USE_DATASOURCE_V2=1 brings V2 back.
     os.environ.setdefault("RAY_DATA_USE_DATASOURCE_V2", "0")
+
+
+# Ray Serve's high-throughput mode, read by the Serve controller and replicas when their processes
+# start (so set before a Ray of ferray's own starts; cluster.yaml exports the same on every node).
+# THROUGHPUT_OPTIMIZED: gRPC between replicas and user code on the replica's own loop; HA_PROXY: an
+# HAProxy process answers HTTP and forwards to the ingress replicas' own HTTP servers, instead of
+# Ray's Python proxy actor. bench/serve_load.py measures each against the default mode.
+SERVE_FAST_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"}
+
+
+def configure_serve_env() -> None:
+    """Serve's high-throughput mode for a Ray ferray starts; FERRAY_SERVE_FAST=0 keeps Ray's default
+    (one Python proxy actor per node). A variable the user set wins."""
+    if os.environ.get("FERRAY_SERVE_FAST", "1") == "0":
+        return
+    for name, value in SERVE_FAST_ENV.items():
+        os.environ.setdefault(name, value)
+
+
+# HAProxy's stats and metrics listeners have fixed default ports (8404, 9101): a second Ray on the
+# same machine (a second `ferray serve`, a test beside a server) would fail to start its HAProxy.
+HAPROXY_PORT_VARIABLES = ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT")
+
+
+@contextmanager
+def own_ray_environment():
+    """Around the ray.init that starts a Ray of ferray's own: Serve's mode (configure_serve_env)
+    and, for HAProxy's side listeners, ports free on this machine. Ray's processes keep what they
+    inherited at start; the ports are taken back from this process's environment afterwards, so
+    that a process it starts (a `ferray serve` under test) picks its own. Ports the user set stay."""
+    configure_serve_env()
+    saved = {name: os.environ.get(name) for name in HAPROXY_PORT_VARIABLES}
+    for name, value in saved.items():
+        if value is None:
+            os.environ[name] = str(free_local_port())
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def free_local_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def is_verbose() -> bool:
@@ -116,7 +167,10 @@ def connect(quiet: bool | None = None, progress: bool | None = None) -> RayInfo:
         # (without it every run logs "State API may be temporarily unavailable" each second).
         # address="local": a new Ray of our own even when `ray start` left one running on this machine
         # (ray.init() would join that one; joining it is what RAY_ADDRESS is for)
-        ray.init(address="local", num_cpus=cpus, object_store_memory=store, include_dashboard=True, logging_level=level)
+        with own_ray_environment():
+            ray.init(
+                address="local", num_cpus=cpus, object_store_memory=store, include_dashboard=True, logging_level=level
+            )
         mode = "embedded"
     configure_data(quiet=quiet, progress=sys.stderr.isatty() if progress is None else progress)
     resources = ray.cluster_resources()
