@@ -164,6 +164,7 @@ def main() -> int:
     if args.phase:
         return phase_main(args)
 
+    from ferray.bundle import resolve_bundle
     from ferray.data.synth import SynthSpec, synthesize
     from ferray.testing import untrained_bundle
 
@@ -195,7 +196,7 @@ def main() -> int:
         print(HEADER)
         results = {}
         for name in args.only or PHASES:
-            results[name] = run_phase(name, bundle.absolute(), args)
+            results[name] = run_phase(name, resolve_bundle(bundle).absolute(), args)
             print(format_row(name, results[name]), flush=True)
     print("CPU per answered request, by process (ms):")
     for name, result in results.items():

@@ -1,10 +1,12 @@
 """The ferray ensemble as a Ray Serve application.
 
     HTTP -> Ingress (FastAPI: limits, decoding, face detection, fusion)
-              |-> ModelA  (Member "a": Model A on the 48x48 faces, @serve.batch)
+              '-> Ensemble (Member "ab": A, the SR generator x2, B)   fused layout (the default):
+                  the ingress merges concurrent requests (@serve.batch) into one call
+              |-> ModelA  (Member "a": Model A on the 48x48 faces, @serve.batch)     split layout
               '-> ModelB  (Member "b": SR generator x2 then Model B, @serve.batch)
 
-A and B run concurrently for every request. The fusion is a weighted mean of two 7-vectors, so it
+In the split layout A and B run concurrently for every request. The fusion is a weighted mean of two 7-vectors, so it
 runs in the ingress: a deployment of its own would add a network hop per request and compute nothing.
 The SR generator and Model B share one deployment: the generator is a small fraction of B's time per
 face (bench/serve_load.py prints both), and a split would ship every 96x96 face between replicas.
@@ -70,6 +72,10 @@ class Member:
         # torch releases the GIL: run it off the event loop so the next batch queues meanwhile
         return await asyncio.get_running_loop().run_in_executor(None, self.run_requests, requests)
 
+    async def predict_group(self, requests: list[np.ndarray]) -> list[np.ndarray | str]:
+        """Requests the ingress already merged (the fused layout), run as one batch like predict's."""
+        return await asyncio.get_running_loop().run_in_executor(None, self.run_requests, requests)
+
     def run_requests(self, requests: list[np.ndarray]) -> list[np.ndarray | str]:
         """Every request's probabilities, in one forward; if that fails, each request alone, so that a
         request the model cannot take fails by itself (its entry is then the error, as text) and the
@@ -132,16 +138,27 @@ class Ingress:
         )
         # fused layout: one deployment answers for every member; split: A and B apart (B None: A alone)
         self.members = {"ensemble": model_a} if self.settings.layout == "fused" else {"a": model_a, "b": model_b}
+        # The fused layout merges requests here, before the hop: Serve's router hands a busy replica
+        # about one request at a time, so batches formed at the replica held 1-2 requests, and one
+        # call per merged group also pays one hop for many requests (docs/benchmarks.md).
+        # One group in flight per replica, so that every replica computes while the next group forms.
+        fused = self.settings.ensemble
+        self._grouped = serve.batch(
+            max_batch_size=fused.max_batch_size,
+            batch_wait_timeout_s=fused.batch_wait_timeout_s,
+            max_concurrent_batches=2 * fused.max_replicas,
+        )(self._group_call)
         self.page = PAGE.read_text()
 
     # -------------------------------------------------------------------------------- plumbing
-    async def _member(self, which: str, faces: np.ndarray) -> np.ndarray:
-        """One member's probabilities; a request that lost its replica is retried on another, and one
-        that gets no answer within member_timeout_s is answered 503 rather than left hanging."""
+    async def _member(self, which: str, faces, method: str = "predict"):
+        """One member's probabilities (predict_group: a list of them, one per merged request); a
+        call that lost its replica is retried on another, and one that gets no answer within
+        member_timeout_s is answered 503 rather than left hanging."""
         delay, timeout = 0.25, self.settings.member_timeout_s
         model = "the models" if which == "ensemble" else f"model {which.upper()}"
         for attempt in range(self.settings.member_retries + 1):
-            response = self.members[which].predict.remote(faces)
+            response = getattr(self.members[which], method).remote(faces)
             try:
                 answer = await asyncio.wait_for(_awaited(response), timeout)
             except asyncio.TimeoutError:
@@ -163,9 +180,21 @@ class Ingress:
             return answer
         raise MemberUnavailable(f"{model}: unavailable (its replicas are restarting); retry shortly")
 
+    async def _group_call(self, requests: list[np.ndarray]) -> list:
+        """The fused member's answers to requests merged here: per request its probabilities, the
+        error text of a request the models could not take, or the MemberUnavailable of the group."""
+        try:
+            return await self._member("ensemble", requests, method="predict_group")
+        except MemberUnavailable as error:
+            return [error] * len(requests)
+
     async def _members(self, faces: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         if "ensemble" in self.members:
-            both = await self._member("ensemble", faces)
+            both = await self._grouped(faces)  # batched: see __init__
+            if isinstance(both, MemberUnavailable):
+                raise MemberUnavailable(str(both))
+            if isinstance(both, str):  # the models failed on this request alone
+                raise MemberUnavailable(f"the models: could not answer this request ({both})")
             return both[:, :7], (both[:, 7:] if both.shape[1] > 7 else None)
         if self.members["b"] is None:
             return await self._member("a", faces), None
