@@ -418,3 +418,41 @@ def test_a_request_the_model_cannot_take_fails_alone(tiny_bundle):
     assert isinstance(answers[1], str) and "this face breaks the model" in answers[1]
     assert answers[0].shape == (2, 7) and answers[2].shape == (1, 7)
     assert np.allclose(answers[2], answers[0][:1], atol=1e-6)
+
+
+def test_the_fused_ingress_merges_concurrent_requests_and_gives_each_its_own_answer(server, tiny_bundle, synth_faces):
+    """The fused layout batches at the ingress (one call to the models per group of requests): 12
+    different faces sent at once each get the answer the split app gives that face alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ray import serve
+
+    from ferray.distributed.serving import app_args
+    from ferray.serve_app.app import build
+
+    merged = ["ensemble.max_batch_size=8", "ensemble.batch_wait_timeout_s=0.2", "ensemble.num_cpus=0.25"]
+    args, _ = app_args(tiny_bundle, None, ["layout=fused", "ingress.num_cpus=0.25", *merged])
+    args["max_faces_per_request"] = MAX_FACES
+    serve.run(build(args), name="merged", route_prefix="/merged", blocking=False)
+    url = f"{server}/merged"
+    deadline = time.monotonic() + 120
+    while _status(f"{url}/readyz") != 200:
+        assert time.monotonic() < deadline, "the fused app never became ready"
+        time.sleep(0.5)
+    faces = synth_faces[0][:12]
+
+    def ask(base, face):
+        body = json.dumps({"pixels": face.reshape(-1).tolist()}).encode()
+        status, answer = post(f"{base}/predict/pixels", body, "application/json")
+        assert status == 200, answer
+        return answer["faces"][0]
+
+    try:
+        with ThreadPoolExecutor(12) as pool:
+            together = list(pool.map(lambda face: ask(url, face), faces))
+        for face, answer in zip(faces, together):
+            alone = ask(server, face)  # the module's app: the split layout, one request at a time
+            assert answer["probs"] == pytest.approx(alone["probs"], abs=1e-5)
+            assert answer["members"]["a"] == pytest.approx(alone["members"]["a"], abs=1e-5)
+    finally:
+        serve.delete("merged")
