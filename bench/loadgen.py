@@ -129,3 +129,17 @@ def cpu_per_request(before: dict, after: dict, requests: int, top: int = 6) -> l
         if delta > 0 and requests:
             spent.append((command.split(" --")[0][:48], delta * 1e3 / requests))
     return sorted(spent, key=lambda row: -row[1])[:top]
+
+
+def speed_bundle(folder: str, tta: bool = False, model_b: str = "resnet18_b"):
+    """An untrained bundle of the real Model A (xception_a) and `model_b` behind a 32 ch x 4 block SR
+    generator, written under `folder`: serving speed does not depend on the weights."""
+    from pathlib import Path
+
+    from ferray.data.synth import SynthSpec, synthesize
+    from ferray.testing import untrained_bundle
+
+    synthesize(Path(folder) / "data", SynthSpec(n=140, seed=0))
+    return untrained_bundle(
+        folder, Path(folder) / "data", tta=tta, model_a="xception_a", model_b=model_b, sr_channels=32, sr_blocks=4
+    )

@@ -16,7 +16,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench.loadgen import face_bodies, run_load
+from bench.loadgen import face_bodies, run_load, speed_bundle
 
 
 def replica_names(deployment: str) -> list[str]:
@@ -40,23 +40,13 @@ def main() -> int:
     import ray
     from ray import serve
 
-    from ferray.data.synth import SynthSpec, synthesize
     from ferray.distributed.serving import start
-    from ferray.testing import free_port, untrained_bundle
+    from ferray.testing import free_port
 
     with tempfile.TemporaryDirectory() as tmp:
         bundle = args.bundle
         if bundle is None:
-            synthesize(Path(tmp) / "data", SynthSpec(n=140, seed=0))
-            bundle = untrained_bundle(
-                tmp,
-                Path(tmp) / "data",
-                tta=False,
-                model_a="xception_a",
-                model_b="resnet18_b",
-                sr_channels=32,
-                sr_blocks=4,
-            )
+            bundle = speed_bundle(tmp, tta=False, model_b="resnet18_b")
         url = start(bundle, port=free_port(), overrides=["model_a.max_replicas=1", "model_b.max_replicas=1"])
         bodies = face_bodies()
         run_load(url, bodies, args.clients, 3)  # warm-up

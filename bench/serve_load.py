@@ -33,7 +33,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.loadgen import HEADER, face_bodies, format_row, run_load
+from bench.loadgen import HEADER, face_bodies, format_row, run_load, speed_bundle
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -165,22 +165,11 @@ def main() -> int:
         return phase_main(args)
 
     from ferray.bundle import resolve_bundle
-    from ferray.data.synth import SynthSpec, synthesize
-    from ferray.testing import untrained_bundle
 
     with tempfile.TemporaryDirectory() as tmp:
         bundle = args.bundle
         if bundle is None:
-            synthesize(Path(tmp) / "data", SynthSpec(n=140, seed=0))
-            bundle = untrained_bundle(
-                tmp,
-                Path(tmp) / "data",
-                tta=args.tta,
-                model_a="xception_a",
-                model_b=args.model_b,
-                sr_channels=32,
-                sr_blocks=4,
-            )
+            bundle = speed_bundle(tmp, tta=args.tta, model_b=args.model_b)
             print(f"bundle: untrained xception_a + {args.model_b} on SR faces, TTA {'on' if args.tta else 'off'}")
         per_request, parts = compute_per_request(bundle)
         cores = os.cpu_count() or 1
