@@ -33,7 +33,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.loadgen import HEADER, face_bodies, format_row, run_load, speed_bundle
+from bench.loadgen import HEADER, cpu_per_request, cpu_times, face_bodies, format_row, run_load, speed_bundle
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -82,8 +82,6 @@ BASELINE, DEFAULT = "(d) plain process", "(a) Serve, fused, fast mode"
 
 def measure(url: str, bodies, args) -> dict:
     """Warm-up, then the timed load, with each process's CPU per request over the timed part."""
-    from bench.loadgen import cpu_per_request, cpu_times
-
     run_load(url, bodies, args.clients, args.warmup)
     before = cpu_times()
     summary = run_load(url, bodies, args.clients, args.seconds).summary()

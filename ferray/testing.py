@@ -53,11 +53,9 @@ def untrained_bundle(folder: str | Path, data: str | Path, tta: bool = True, **m
 
 # ------------------------------------------------------------------------------ HTTP helpers
 def free_port() -> int:
-    import socket
+    from ferray.distributed.runtime import free_local_port
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+    return free_local_port()
 
 
 def post(url: str, body: bytes, content_type: str, timeout: float = 60.0) -> tuple[int, dict]:

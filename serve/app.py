@@ -6,8 +6,8 @@
               |-> ModelA  (Member "a": Model A on the 48x48 faces, @serve.batch)     split layout
               '-> ModelB  (Member "b": SR generator x2 then Model B, @serve.batch)
 
-In the split layout A and B run concurrently for every request. The fusion is a weighted mean of two 7-vectors, so it
-runs in the ingress: a deployment of its own would add a network hop per request and compute nothing.
+In the split layout A and B run concurrently for every request. The fusion is a weighted mean of
+two 7-vectors, so it runs in the ingress: a deployment of its own would add a hop and compute nothing.
 The SR generator and Model B share one deployment: the generator is a small fraction of B's time per
 face (bench/serve_load.py prints both), and a split would ship every 96x96 face between replicas.
 
@@ -69,11 +69,11 @@ class Member:
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)  # replaced from config in __init__
     async def predict(self, requests: list[np.ndarray]) -> list[np.ndarray | str]:
         """Each request is (n_i, 48, 48) uint8 faces; all are run as one batch and split back."""
-        # torch releases the GIL: run it off the event loop so the next batch queues meanwhile
-        return await asyncio.get_running_loop().run_in_executor(None, self.run_requests, requests)
+        return await self.predict_group(requests)
 
     async def predict_group(self, requests: list[np.ndarray]) -> list[np.ndarray | str]:
-        """Requests the ingress already merged (the fused layout), run as one batch like predict's."""
+        """Requests already merged (by predict's batching, or by the fused layout's ingress), run as one batch."""
+        # torch releases the GIL: run it off the event loop so the next batch queues meanwhile
         return await asyncio.get_running_loop().run_in_executor(None, self.run_requests, requests)
 
     def run_requests(self, requests: list[np.ndarray]) -> list[np.ndarray | str]:
@@ -140,8 +140,8 @@ class Ingress:
         self.members = {"ensemble": model_a} if self.settings.layout == "fused" else {"a": model_a, "b": model_b}
         # The fused layout merges requests here, before the hop: Serve's router hands a busy replica
         # about one request at a time, so batches formed at the replica held 1-2 requests, and one
-        # call per merged group also pays one hop for many requests (docs/benchmarks.md).
-        # One group in flight per replica, so that every replica computes while the next group forms.
+        # call per merged group also pays one hop for many requests (docs/benchmarks.md). Two groups
+        # in flight per replica: each has the next one waiting while it computes.
         fused = self.settings.ensemble
         self._grouped = serve.batch(
             max_batch_size=fused.max_batch_size,
