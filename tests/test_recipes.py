@@ -102,3 +102,51 @@ def test_compilation_falls_back_to_eager(monkeypatch):
     x = torch.rand(2, 1, 44, 44)
     assert torch.equal(wrapped(x), model(x)) and "no C++ compiler" in wrapped.fallback
     assert engine.unwrap(wrapped) is model  # checkpoints and evaluation see the bare model
+
+
+def test_the_cpu_model_b_is_resnet18_with_a_one_channel_imagenet_stem():
+    model = build_model("resnet18_b")
+    # torchvision's ResNet18 (11,689,512) less its 1000-way head (513,000) and two thirds of its
+    # 7x7 RGB stem (6,272), plus the 7-way head (3,591)
+    assert num_params(torchvision_resnet18()) == 11_689_512
+    assert num_params(model) == 11_689_512 - 513_000 - 6_272 + 3_591 == 11_173_831
+    assert model.keras_depth() == 18 and model.backbone.conv1.kernel_size == (7, 7)
+
+
+def torchvision_resnet18():
+    import torchvision
+
+    return torchvision.models.resnet18()
+
+
+def test_the_cpu_srgan_recipe_trains_both_phases(tmp_path, synth_faces):
+    from ferray.data.memory import Faces
+    from ferray.local import train_local
+    from ferray.sr.engine import generator_spec
+
+    images, labels, _ = synth_faces
+    faces = Faces(images[:64], labels[:64], [str(i) for i in range(64)])
+    cfg = load_config(EXPERIMENTS / "srgan_cpu.yaml", ["sr.pretrain_epochs=1", "train.epochs=2"])
+    assert (cfg.sr.generator_channels, cfg.sr.generator_blocks, cfg.sr.content) == (16, 4, "mse")
+    state, run = train_local(cfg, faces, faces, torch.device("cpu"), tmp_path / "sr", task=SR)
+    assert [r["phase"] for r in state.history] == ["pretrain", "adversarial"]
+    assert all(torch.isfinite(torch.tensor(r["eval_psnr"])) for r in state.history)
+    assert generator_spec(cfg).channels == 16 and run.best["epoch"] == 2
+
+
+def test_the_cpu_model_b_recipe_trains_on_upscaled_faces(tmp_path, synth_faces):
+    from ferray.data.memory import Faces
+    from ferray.local import train_local
+    from ferray.tasks import CLASSIFIER
+
+    images, labels, _ = synth_faces
+    upscaled = torch.nn.functional.interpolate(
+        torch.from_numpy(images[:64]).float().unsqueeze(1), scale_factor=2, mode="bicubic"
+    )
+    upscaled = upscaled.clamp(0, 255).round().to(torch.uint8).squeeze(1).numpy()  # (64, 96, 96), as `sr upscale` writes
+    faces = Faces(upscaled, labels[:64], [str(i) for i in range(64)])
+    cfg = load_config(EXPERIMENTS / "model_b_cpu.yaml", ["train.epochs=1", "train.compile=false"])
+    assert (cfg.model.name, cfg.optim.name, cfg.loss.center_lambda, cfg.augment.crop) == ("resnet18_b", "sgd", 0.0, 88)
+    state, run = train_local(cfg, faces, faces, torch.device("cpu"), tmp_path / "b", task=CLASSIFIER)
+    row = state.history[-1]
+    assert row["epoch"] == 1 and 0.0 <= row["eval_acc"] <= 1.0 and row["eval_weights"] in ("ema", "raw") and run.best["epoch"] == 1

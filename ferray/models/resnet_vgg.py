@@ -228,8 +228,13 @@ def resnet50_b_scratch(
     return ResNetGray("resnet50", num_classes, pretrained, dropout, small_stem=True)
 
 
-@register_model("resnet18_b", input_size=88, description="Model B's layout on ResNet18, for debug runs on a laptop")
+@register_model(
+    "resnet18_b",
+    input_size=88,
+    description="Model B's CPU-sized stand-in: ResNet18 (ImageNet stem, 1 channel) on 2x SR faces",
+)
 def resnet18_b(num_classes: int = NUM_CLASSES, pretrained: str = "none", dropout: float = 0.0, **_) -> ResNetGray:
+    """Model B where ResNet50 does not fit (experiments/model_b_cpu.yaml, the debug runs)."""
     return ResNetGray("resnet18", num_classes, pretrained, dropout)
 
 
