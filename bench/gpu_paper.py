@@ -152,6 +152,7 @@ def assemble(
 ) -> dict:
     """The record `ferray report` builds, from this process's runs: ensemble, figures, hardware."""
     from ferray.bundle import fit_fusion, fused_report, write_fused_report
+    from ferray.bundle.fusion import rule_of
     from ferray.distributed.report import hardware, headline_split, model_facts
     from ferray.explain import explain_grid
     from ferray.figures import plot_crops
@@ -167,7 +168,7 @@ def assemble(
     ensemble = {
         s: {
             v: fused_report(
-                probs[key_a, s, v], probs[key_b, s, v], faces[s].labels, fusion["weight_a"], s, v == "tta", "-"
+                probs[key_a, s, v], probs[key_b, s, v], faces[s].labels, rule_of(fusion), s, v == "tta", "-"
             )
             for v in ("center", "tta")
         }

@@ -35,7 +35,7 @@ def make_app(bundle: str):
     @app.post("/predict")
     async def predict(request: Request, detect: bool = True):
         try:
-            return answer_images([("body", await request.body())], predictor, ensemble.weight_a, detect)[0]
+            return answer_images([("body", await request.body())], predictor, ensemble.rule, detect)[0]
         except InputError as error:
             return JSONResponse({"error": str(error)}, status_code=error.status)
 

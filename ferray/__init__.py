@@ -8,8 +8,9 @@ PyTorch.
 __version__ = "0.1.0"
 
 
-def load(bundle=None, device=None, int8=False):
-    """A predictor for a serving bundle; None: the model that ships with ferray. See ferray.api."""
+def load(bundle=None, device=None, int8=False, members="all"):
+    """A predictor for a serving bundle; None: the model that ships with ferray. members="a":
+    Model A alone from an ensemble bundle. See ferray.api."""
     from ferray.api import load as _load
 
-    return _load(bundle, device, int8)
+    return _load(bundle, device, int8, members)

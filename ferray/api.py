@@ -26,13 +26,18 @@ class Predictor:
     grayscale or (H, W, 3) RGB, uint8."""
 
     def __init__(
-        self, bundle: str | Path | None = None, device: str | None = None, limits: Limits = Limits(), int8: bool = False
+        self,
+        bundle: str | Path | None = None,
+        device: str | None = None,
+        limits: Limits = Limits(),
+        int8: bool = False,
+        members: str = "all",
     ):
         from ferray.bundle import load_bundle, resolve_bundle
         from ferray.predict import local_predictor
 
         self.bundle = resolve_bundle(bundle)
-        self.ensemble, self.card = load_bundle(self.bundle, device, int8=int8)
+        self.ensemble, self.card = load_bundle(self.bundle, device, members=members, int8=int8)
         self.limits = limits
         self._members = local_predictor(self.ensemble)
 
@@ -53,7 +58,7 @@ class Predictor:
         for index, image in enumerate(images):
             name, gray = self._gray(image, index)
             found.append((name, gray.shape, faces_in_image(gray, detect, name)))
-        return assemble(found, *self._members(all_faces(found)), self.ensemble.weight_a)
+        return assemble(found, *self._members(all_faces(found)), self.ensemble.rule)
 
     def _gray(self, image: Any, index: int) -> tuple[str, np.ndarray]:
         from ferray.faces import decode_image, to_gray
@@ -90,7 +95,11 @@ def _array_to_gray(array: np.ndarray, name: str) -> np.ndarray:
     raise InputError(f"{name}: shape {array.shape}; pass (H, W) grayscale or (H, W, 3) RGB")
 
 
-def load(bundle: str | Path | None = None, device: str | None = None, int8: bool = False) -> Predictor:
+def load(
+    bundle: str | Path | None = None, device: str | None = None, int8: bool = False, members: str = "all"
+) -> Predictor:
     """A predictor for `bundle` (a folder from `ferray ensemble`); None: the model that ships with ferray.
-    `int8`: Model A in int8 on the CPU (a bundle calibrated by `ferray quantize`; needs torchao)."""
-    return Predictor(bundle, device, int8=int8)
+    `int8`: Model A in int8 on the CPU (a bundle calibrated by `ferray quantize`; needs torchao).
+    `members`: "all" (the bundle's ensemble) or "a" (Model A alone at its own temperature: cheaper,
+    for an ensemble bundle; docs/benchmarks.md has both costs)."""
+    return Predictor(bundle, device, int8=int8, members=members)

@@ -275,6 +275,16 @@ def _add_evaluate(sub) -> None:
     p.set_defaults(func=cmd_evaluate)
 
 
+def _add_members_flag(p) -> None:
+    p.add_argument(
+        "--members",
+        choices=("all", "a"),
+        default="all",
+        help="answer with every member of the bundle (all, the default) or with Model A alone (a: "
+        "no SR generator and no Model B, so several times cheaper per face; A at its own temperature)",
+    )
+
+
 def _add_int8_flag(p) -> None:
     p.add_argument(
         "--int8",
@@ -360,6 +370,7 @@ def _add_predict(sub) -> None:
     )
     p.add_argument("--json-out", type=Path, help="write the JSON here instead of stdout")
     _add_int8_flag(p)
+    _add_members_flag(p)
     p.set_defaults(func=cmd_predict)
 
 
@@ -388,6 +399,7 @@ def _add_serve(sub) -> None:
         metavar="KEY=VALUE",
         help="override an application arg, e.g. --set model_a.max_batch_size=1 (repeatable)",
     )
+    _add_members_flag(p)
     p.set_defaults(func=cmd_serve)
 
 
@@ -685,7 +697,7 @@ def cmd_quantize(args) -> int:
 def cmd_predict(args) -> int:
     from ferray.predict import format_answers, predict_files, to_json
 
-    answers = predict_files(args.bundle, args.images, detect=args.detect, int8=args.int8)
+    answers = predict_files(args.bundle, args.images, detect=args.detect, int8=args.int8, members=args.members)
     _echo(format_answers(answers))
     if args.json_out:
         args.json_out.write_text(to_json(answers) + "\n")
@@ -697,7 +709,8 @@ def cmd_predict(args) -> int:
 def cmd_serve(args) -> int:
     from ferray.distributed.serving import serve_forever
 
-    serve_forever(args.bundle, port=args.port, host=args.host, config=args.config, overrides=args.overrides)
+    overrides = args.overrides + ([f"members={args.members}"] if args.members != "all" else [])
+    serve_forever(args.bundle, port=args.port, host=args.host, config=args.config, overrides=overrides)
     return 0
 
 

@@ -19,12 +19,11 @@ def labelled(probs: np.ndarray) -> dict[str, float]:
     return {name: float(p) for name, p in zip(EMOTIONS, probs)}
 
 
-def describe(faces: Sequence[Face], pa: np.ndarray, pb: np.ndarray | None, weight_a: float) -> list[dict]:
-    """Per face: its box, the fused label and probabilities, and each member's probabilities (P_B is
-    None for a bundle of Model A alone)."""
-    from ferray.bundle import fuse
-
-    fused = fuse(pa, pb, weight_a)
+def describe(faces: Sequence[Face], pa: np.ndarray, pb: np.ndarray | None, rule: Callable) -> list[dict]:
+    """Per face: its box, the fused label and calibrated probabilities (`rule`: the bundle's
+    ferray.bundle.fusion.FusionRule), and each member's own probabilities (P_B is None for a
+    bundle of Model A alone)."""
+    fused = rule(pa, pb)
     return [
         {
             "box": list(face.box),
@@ -66,7 +65,7 @@ def all_faces(found) -> np.ndarray:
     return np.stack([face.pixels for _, _, faces in found for face in faces]).astype(np.uint8)
 
 
-def assemble(found, pa: np.ndarray, pb: np.ndarray, weight_a: float) -> list[dict]:
+def assemble(found, pa: np.ndarray, pb: np.ndarray, rule: Callable) -> list[dict]:
     """The answer of each image, from the members' probabilities of `all_faces(found)`."""
     answers, start = [], 0
     for name, (height, width), faces in found:
@@ -76,7 +75,7 @@ def assemble(found, pa: np.ndarray, pb: np.ndarray, weight_a: float) -> list[dic
                 "image": name,
                 "width": width,
                 "height": height,
-                "faces": describe(faces, pa[start:stop], None if pb is None else pb[start:stop], weight_a),
+                "faces": describe(faces, pa[start:stop], None if pb is None else pb[start:stop], rule),
             }
         )
         start = stop
@@ -86,14 +85,15 @@ def assemble(found, pa: np.ndarray, pb: np.ndarray, weight_a: float) -> list[dic
 def answer_images(
     images: Sequence[tuple[str, bytes]],
     predict_members: Callable[[np.ndarray], tuple],
-    weight_a: float,
+    rule: Callable,
     detect: bool = True,
     limits: Limits = Limits(),
 ) -> list[dict]:
-    """The answer for each named image; `predict_members` maps (N, 48, 48) uint8 -> (P_A, P_B)."""
+    """The answer for each named image; `predict_members` maps (N, 48, 48) uint8 -> (P_A, P_B),
+    `rule` (P_A, P_B) -> the served probabilities."""
     found = find_faces(images, detect, limits)
     pa, pb = predict_members(all_faces(found))
-    return assemble(found, pa, pb, weight_a)
+    return assemble(found, pa, pb, rule)
 
 
 def local_predictor(ensemble) -> Callable[[np.ndarray], tuple[np.ndarray, np.ndarray | None]]:
@@ -112,9 +112,11 @@ def predict_files(
     detect: bool = True,
     limits: Limits = Limits(),
     int8: bool = False,
+    members: str = "all",
 ) -> list[dict]:
     """`ferray predict`: the HTTP API's answer for image files, without a server (bundle None: the
-    default model that ships with ferray; `int8`: Model A in int8, see ferray.quantize)."""
+    default model that ships with ferray; `int8`: Model A in int8, see ferray.quantize; `members`:
+    "all" or "a", Model A alone)."""
     from ferray.bundle import load_bundle
 
     images = []
@@ -123,8 +125,8 @@ def predict_files(
         if not path.is_file():
             raise InputError(f"{path}: no such file")
         images.append((str(path), path.read_bytes()))
-    ensemble, _ = load_bundle(bundle, int8=int8)
-    return answer_images(images, local_predictor(ensemble), ensemble.weight_a, detect, limits)
+    ensemble, _ = load_bundle(bundle, members=members, int8=int8)
+    return answer_images(images, local_predictor(ensemble), ensemble.rule, detect, limits)
 
 
 def format_answers(answers: list[dict]) -> str:

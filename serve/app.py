@@ -50,11 +50,11 @@ class Member:
     def __init__(self, bundle: str, which: str, settings: dict):
         import torch
 
-        from ferray.bundle import bundle_members, load_bundle, read_bundle_card
+        from ferray.bundle import load_bundle
 
         replica = ReplicaSettings(**settings)
         torch.set_num_threads(replica.threads)
-        parts = bundle_members(read_bundle_card(bundle)) if which == "ab" else (which,)
+        parts = ("a", "b") if which == "ab" else (which,)  # "ab" is built only for a bundle that has B
         ensemble, _ = load_bundle(bundle, members=parts, int8=replica.int8)
         forwards = [ensemble.probs_a if part == "a" else ensemble.probs_b for part in parts]
         self._forward = forwards[0] if len(forwards) == 1 else lambda faces: torch.cat([f(faces) for f in forwards], 1)
@@ -125,11 +125,15 @@ api = FastAPI(
 class Ingress:
     def __init__(self, model_a, model_b, settings: dict):
         from ferray.bundle import read_bundle_card
+        from ferray.bundle.fusion import rule_of
         from ferray.faces import Limits
 
         self.settings = parse_settings(settings)
         self.card = read_bundle_card(self.settings.bundle)
-        self.weight_a = float(self.card.fusion.weight_a)
+        from ferray.bundle.load import answering_members
+
+        # the fusion weight and temperature of the served answers (Model A alone: A's temperature)
+        self.rule = rule_of(self.card.fusion, answering_members(self.card, self.settings.members))
         self.limits = Limits(
             self.settings.max_body_bytes,
             self.settings.max_image_pixels,
@@ -207,7 +211,7 @@ class Ingress:
         # decoding and detection are CPU work: keep the event loop free for other requests
         found = await asyncio.get_running_loop().run_in_executor(None, find_faces, images, detect, self.limits)
         pa, pb = await self._members(all_faces(found))
-        return assemble(found, pa, pb, self.weight_a)
+        return assemble(found, pa, pb, self.rule)
 
     async def _body(self, request: Request) -> bytes:
         """The request body, refused as soon as it passes the limit (never buffered whole)."""
@@ -331,7 +335,7 @@ class Ingress:
             faces = await asyncio.get_running_loop().run_in_executor(None, parse, body)
             pa, pb = await self._members(faces)
             boxes = [Face((0, 0, 48, 48), pixels) for pixels in faces]
-            return {"faces": describe(boxes, pa, pb, self.weight_a)}
+            return {"faces": describe(boxes, pa, pb, self.rule)}
 
         return await self._guarded(work())
 
@@ -375,7 +379,8 @@ class Ingress:
 def build(args: dict | None = None):
     """The Serve application for the `args` of serve/config.yaml (an application builder)."""
     settings: ServeSettings = parse_settings(args)
-    from ferray.bundle import bundle_members, read_bundle_card, resolve_bundle
+    from ferray.bundle import read_bundle_card, resolve_bundle
+    from ferray.bundle.load import answering_members
 
     bundle = str(resolve_bundle(settings.bundle).absolute())
     card = read_bundle_card(bundle)  # fail here, before any replica starts, if the bundle is not there
@@ -385,14 +390,16 @@ def build(args: dict | None = None):
         max_ongoing_requests=settings.ingress.max_ongoing_requests,
         ray_actor_options={"num_cpus": settings.ingress.num_cpus},
     )
+    answering = answering_members(card, settings.members)
     if settings.layout == "fused":
         replica = settings.ensemble
-        fused = Member.options(name="Ensemble", **replica.deployment_options()).bind(bundle, "ab", replica.__dict__)
+        which = "ab" if answering == ("a", "b") else "a"
+        fused = Member.options(name="Ensemble", **replica.deployment_options()).bind(bundle, which, replica.__dict__)
         return ingress.bind(fused, None, plain)
     members = {"b": None}
     for which, replica in (("a", settings.model_a), ("b", settings.model_b)):
-        if which not in bundle_members(card):
-            continue  # a bundle of Model A alone: no ModelB deployment
+        if which not in answering:
+            continue  # Model A alone (the bundle's only member, or members: a): no ModelB deployment
         name = f"Model{which.upper()}"
         members[which] = Member.options(name=name, **replica.deployment_options()).bind(bundle, which, replica.__dict__)
     return ingress.bind(members["a"], members["b"], plain)

@@ -97,6 +97,9 @@ class ServeSettings:
     # B (with the SR generator) in deployments of their own ("model_a", "model_b"), for clusters whose
     # members want different hardware (B on a GPU, A on CPUs).
     layout: str = "fused"
+    # all: every member of the bundle answers; a: Model A alone (no SR generator, no Model B: the
+    # cheap path of an ensemble bundle, at A's own temperature)
+    members: str = "all"
     ingress: IngressSettings = field(default_factory=IngressSettings)
     ensemble: ReplicaSettings = field(default_factory=ReplicaSettings)
     model_a: ReplicaSettings = field(default_factory=ReplicaSettings)
@@ -105,6 +108,8 @@ class ServeSettings:
     def check(self) -> ServeSettings:
         if self.layout not in ("fused", "split"):
             raise ConfigError(f"layout is {self.layout!r}; choose fused or split")
+        if self.members not in ("all", "a"):
+            raise ConfigError(f"members is {self.members!r}; choose all or a (Model A alone)")
         self.ensemble.check("ensemble")
         self.model_a.check("model_a")
         self.model_b.check("model_b")

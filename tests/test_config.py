@@ -49,9 +49,11 @@ def test_serve_settings_use_the_same_typed_builder_and_set_syntax():
         ("model_a.max_batch_size=four", "args.model_a.max_batch_size: expected int"),
         ("model_a.nope=1", r"args.model_a: unknown key\(s\) nope"),
         ("model_a", "expected key=value"),
+        ("members=b", "members is 'b'; choose all or a"),
     ]:
         with pytest.raises(ConfigError, match=message):
             app_args(None, overrides=[bad])
+    assert app_args(None, overrides=["members=a"])[0]["members"] == "a"
 
 
 def test_paper_recipe_is_the_papers():

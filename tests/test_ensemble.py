@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from ferray.bundle import build_bundle, evaluate_bundle, fit_weight, load_bundle, stacking_cv_accuracy
+from ferray.bundle.fusion import FusionRule, calibrate, expected_calibration_error, fit_temperature
 from ferray.engine import CheckpointError
 from ferray.faces import InputError
 from ferray.predict import answer_images, local_predictor, predict_files
@@ -43,6 +44,52 @@ def test_stacking_is_cross_validated():
     assert informative > 0.95 and noise < 0.4  # 5-fold CV cannot memorize noise labels
 
 
+def test_the_temperature_fitted_undoes_over_and_under_confidence():
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 7, 4000)
+    logits = rng.normal(size=(4000, 7))
+    logits[np.arange(4000), labels] += 1.5
+    true_probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    faces_labels = np.array([rng.choice(7, p=p) for p in true_probs])  # labels drawn from those probabilities
+    for distortion in (0.5, 2.0):  # P^(1/0.5): over-confident; P^(1/2): under-confident
+        distorted = calibrate(true_probs, distortion)
+        t = fit_temperature(distorted, faces_labels)
+        assert t == pytest.approx(1 / distortion, rel=0.15)
+        fixed = calibrate(distorted, t)
+        assert np.allclose(fixed.sum(1), 1) and (fixed.argmax(1) == distorted.argmax(1)).all()
+        assert expected_calibration_error(fixed, faces_labels) < expected_calibration_error(distorted, faces_labels) / 2
+    assert calibrate(true_probs, 1.0) is true_probs
+    as_tensor = calibrate(torch.from_numpy(true_probs), 2.0)
+    assert torch.allclose(as_tensor, torch.from_numpy(calibrate(true_probs, 2.0)))
+
+
+def test_the_served_probabilities_are_calibrated_at_the_bundles_temperature(tiny_bundle, synth_faces, tmp_path):
+    """The temperature is read from bundle.json: change it there and the answers change with it."""
+    import shutil
+
+    copy = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, copy)
+    card = json.loads((copy / "bundle.json").read_text())
+    path = tmp_path / "face.png"
+    path.write_bytes(png_bytes(synth_faces[0][5]))
+    answers = {}
+    for temperature in (0.25, 4.0):
+        card["fusion"]["temperature"] = temperature
+        (copy / "bundle.json").write_text(json.dumps(card))
+        ensemble, _ = load_bundle(copy)
+        assert ensemble.temperature == temperature and ensemble.rule == FusionRule(
+            card["fusion"]["weight_a"], temperature
+        )
+        (answer,) = predict_files(copy, [path])
+        probs = np.array(list(answer["faces"][0]["probs"].values()))
+        members = answer["faces"][0]["members"]
+        pa, pb = (np.array(list(members[m].values()))[None] for m in ("a", "b"))
+        assert np.allclose(probs, ensemble.rule(pa, pb)[0], atol=1e-6) and abs(probs.sum() - 1) < 1e-5
+        answers[temperature] = probs
+    assert answers[0.25].max() > answers[4.0].max()  # a lower temperature sharpens
+    assert answers[0.25].argmax() == answers[4.0].argmax()
+
+
 def test_bundle_round_trip(tiny_bundle, prepared_synth, tmp_path):
     card = json.loads((tiny_bundle / "bundle.json").read_text())
     assert sorted(p.name for p in tiny_bundle.iterdir()) == [
@@ -59,7 +106,10 @@ def test_bundle_round_trip(tiny_bundle, prepared_synth, tmp_path):
     assert card["selection_split"] == "PublicTest" and card["fusion"]["fitted_on"] == "PublicTest"
     assert {s: e["selection"] for s, e in card["evaluations"].items()} == {"PublicTest": True, "PrivateTest": False}
     assert 0 <= card["fusion"]["weight_a"] <= 1 and card["members"]["b"]["pretrained"] is False
-    assert "Fusion" in (tiny_bundle / "MODEL_CARD.md").read_text()
+    text = (tiny_bundle / "MODEL_CARD.md").read_text()
+    assert "Fusion" in text and "## Calibration" in text and f"T = {card['fusion']['temperature']:.3f}" in text
+    for evaluation in card["evaluations"].values():  # the calibration error before and after, per view
+        assert all(0 <= v["ece"] <= 1 and 0 <= v["ece_uncalibrated"] <= 1 for v in evaluation["views"].values())
     ensemble, _ = load_bundle(tiny_bundle)
     faces = torch.randint(0, 256, (5, 48, 48), dtype=torch.uint8)
     result = ensemble.predict(faces)
@@ -103,7 +153,31 @@ def test_predict_matches_the_ensemble(tiny_bundle, synth_faces, tmp_path):
     with pytest.raises(InputError, match="no such file"):
         predict_files(tiny_bundle, [tmp_path / "missing.png"])
     with pytest.raises(InputError, match="empty body"):
-        answer_images([("empty.png", b"")], local_predictor(ensemble), 0.5)
+        answer_images([("empty.png", b"")], local_predictor(ensemble), ensemble.rule)
+
+
+def test_model_a_alone_answers_from_an_ensemble_bundle(tiny_bundle, synth_faces, tmp_path):
+    """members="a" (ferray.load, `ferray predict --members a`): no SR generator, no B, P_A at A's own
+    temperature; anything else is refused naming the value."""
+    import ferray
+    from ferray.cli import main
+
+    card = json.loads((tiny_bundle / "bundle.json").read_text())
+    model = ferray.load(tiny_bundle, members="a")
+    assert model.ensemble.model_b is None and model.ensemble.generator is None
+    assert model.ensemble.rule == FusionRule(1.0, card["fusion"]["temperature_a"])
+    face = synth_faces[0][4]
+    (found,) = model.predict(face)["faces"]
+    assert set(found["members"]) == {"a"}
+    pa = model.ensemble.probs_a(torch.from_numpy(face[None])).numpy()
+    assert np.allclose(list(found["probs"].values()), calibrate(pa, card["fusion"]["temperature_a"])[0], atol=1e-6)
+    path, out = tmp_path / "face.png", tmp_path / "answer.json"
+    path.write_bytes(png_bytes(face))
+    assert main(["predict", str(path), "--bundle", str(tiny_bundle), "--members", "a", "--json-out", str(out)]) == 0
+    (answer,) = json.loads(out.read_text())
+    assert answer["faces"][0]["probs"] == pytest.approx(found["probs"], abs=1e-6)
+    with pytest.raises(ValueError, match="members 'b': choose all or a"):
+        ferray.load(tiny_bundle, members="b")
 
 
 def test_a_bundle_of_model_a_alone(tiny_bundle, prepared_synth, tmp_path, synth_faces):
@@ -123,7 +197,9 @@ def test_a_bundle_of_model_a_alone(tiny_bundle, prepared_synth, tmp_path, synth_
     ensemble, _ = load_bundle(tmp_path / "solo")
     assert ensemble.model_b is None
     faces = torch.from_numpy(synth_faces[0][:4])
-    assert torch.equal(ensemble.predict(faces)["probs"], ensemble.probs_a(faces))
+    # A alone: the served answer is P_A at the bundle's temperature
+    assert ensemble.temperature == card.fusion.temperature
+    assert torch.equal(ensemble.predict(faces)["probs"], calibrate(ensemble.probs_a(faces), ensemble.temperature))
     path = tmp_path / "face.png"
     path.write_bytes(png_bytes(synth_faces[0][0]))
     (answer,) = predict_files(tmp_path / "solo", [path])

@@ -282,6 +282,36 @@ def test_overload_gets_fast_json_503s_and_the_server_recovers(server, tiny_bundl
         serve.delete("overload")
 
 
+def test_members_a_serves_model_a_alone_at_its_own_temperature(server, tiny_bundle, synth_faces):
+    """members: a (`ferray serve --members a`): one fused deployment of Model A alone, no B in the
+    answers or in /readyz, the probabilities those of `ferray.load(members="a")`."""
+    from ray import serve
+
+    import ferray
+    from ferray.distributed.serving import app_args
+    from ferray.serve_app.app import build
+
+    args, _ = app_args(
+        tiny_bundle, None, ["layout=fused", "members=a", "ingress.num_cpus=0.25", "ensemble.num_cpus=0.25"]
+    )
+    serve.run(build(args), name="solo", route_prefix="/solo", blocking=False)
+    url = f"{server}/solo"
+    deadline = time.monotonic() + 120
+    while _status(f"{url}/readyz") != 200:
+        assert time.monotonic() < deadline, "the Model A app never became ready"
+        time.sleep(0.5)
+    try:
+        assert json.loads(get(f"{url}/readyz")[1])["members"] == {"ensemble": "ready"}
+        face = synth_faces[0][6]
+        status, (answer, _) = _post_with_headers(f"{url}/predict", png_bytes(face))
+        (found,) = answer["faces"]
+        assert status == 200 and set(found["members"]) == {"a"}
+        expected = ferray.load(tiny_bundle, members="a").predict(face)["faces"][0]["probs"]
+        assert found["probs"] == pytest.approx(expected, abs=1e-5)
+    finally:
+        serve.delete("solo")
+
+
 def _status(url: str) -> int:
     try:
         return get(url)[0]

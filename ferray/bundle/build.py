@@ -122,7 +122,7 @@ def build_bundle(
             f"probs: shapes {pa.shape} and {None if pb is None else pb.shape} for {len(labels)} {split} faces"
         )
     fusion, alternatives = fit_fusion(pa, pb, labels, split)
-    ensemble.weight_a = fusion.weight_a
+    ensemble.weight_a, ensemble.temperature = fusion.weight_a, fusion.temperature
     accuracy = member_accuracies(pa, pb, labels, ensemble.weight_a)
     splits = [split] + (untouched_splits(manifest, split, ensemble.cfg_a.data.train_split) if tests else [])
     evaluations = evaluate_views(ensemble, data, splits, split, {(split, tta): (pa, pb)}) if tests else {}

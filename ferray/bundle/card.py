@@ -35,6 +35,10 @@ class ViewReport:
     confusion: list
     confusion_normalized: list
     members: dict = field(default_factory=dict)  # each member's and the ensemble's accuracy on the same faces
+    # expected calibration error of the served (calibrated) probabilities, and of the fused ones
+    # before the temperature (None in bundles made before calibration)
+    ece: float | None = None
+    ece_uncalibrated: float | None = None
 
 
 @dataclass
@@ -49,6 +53,11 @@ class Fusion:
     weight_a: float
     fitted_on: str | None
     how: str
+    # the fused output's temperature, fitted on `fitted_on` (ferray.bundle.fusion.fit_temperature);
+    # 1.0 in bundles made before it existed
+    temperature: float = 1.0
+    # Model A's own temperature, for answers from A alone (members "a": ferray.bundle.fusion.rule_of)
+    temperature_a: float = 1.0
 
 
 @dataclass

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from ferray.bundle.card import Evaluation, ViewReport
-from ferray.bundle.fusion import fuse, member_accuracies, score
+from ferray.bundle.fusion import FusionRule, expected_calibration_error, fuse, member_accuracies, score
 from ferray.bundle.load import load_bundle, resolve_bundle
 from ferray.bundle.runtime import Ensemble
 from ferray.data.contract import FER_SIZE, DataError, load_split, read_manifest
@@ -35,10 +35,20 @@ def evaluate_views(
                 ensemble.tta = tta
                 known[split, tta] = _numpy(ensemble.member_probs(torch.from_numpy(faces)))
             pa, pb = known[split, tta]
-            report = summarize_confusion(confusion_matrix(labels, fuse(pa, pb, ensemble.weight_a).argmax(1)))
+            report = fused_summary(pa, pb, labels, ensemble.rule)
             report["members"] = member_accuracies(pa, pb, labels, ensemble.weight_a)
             evaluations[split].views["tta" if tta else "center"] = ViewReport(**report)
     return evaluations
+
+
+def fused_summary(pa: np.ndarray, pb: np.ndarray | None, labels: np.ndarray, rule: FusionRule) -> dict:
+    """The confusion summary of the served answers, with their calibration error before and after
+    the temperature (the temperature moves no argmax, so the accuracy is the same either way)."""
+    fused = fuse(pa, pb, rule.weight_a)
+    report = summarize_confusion(confusion_matrix(labels, fused.argmax(1)))
+    report["ece"] = expected_calibration_error(rule(pa, pb), labels)
+    report["ece_uncalibrated"] = expected_calibration_error(fused, labels)
+    return report
 
 
 def _numpy(pair) -> tuple[np.ndarray, np.ndarray | None]:
@@ -66,7 +76,7 @@ def evaluate_bundle(
     if faces.shape[1:] != (FER_SIZE, FER_SIZE):
         raise DataError(f"{data}: the bundle takes the prepared 48x48 faces, not {faces.shape[1]}x{faces.shape[2]}")
     pa, pb = _numpy(ensemble.member_probs(torch.from_numpy(faces)))
-    report = fused_report(pa, pb, labels, ensemble.weight_a, split, ensemble.tta, resolve_bundle(bundle))
+    report = fused_report(pa, pb, labels, ensemble.rule, split, ensemble.tta, resolve_bundle(bundle))
     report["precision"] = _precision(ensemble, "a")
     report["selection_split"] = card.selection_split
     report["selection"] = split == card.selection_split and read_manifest(data)["checksum"] == card.data["checksum"]
@@ -75,8 +85,9 @@ def evaluate_bundle(
     log.info(format_report(report))
     members = ", ".join(f"{name.upper()} {acc:.2%}" for name, acc in report["members"].items())
     log.info(
-        f"members on {split}: {members}, ensemble {report['accuracy']:.2%} (w_A = {ensemble.weight_a:.2f}; "
-        f"A forwarded in {report['precision']})"
+        f"members on {split}: {members}, ensemble {report['accuracy']:.2%} (w_A = {ensemble.weight_a:.2f}, "
+        f"T = {ensemble.temperature:.2f}: calibration error {report['ece_uncalibrated']:.3f} -> "
+        f"{report['ece']:.3f}; A forwarded in {report['precision']})"
         + ("  [the bundle's selection split: not a test]" if report["selection"] else "")
     )
     return report
@@ -92,13 +103,13 @@ def fused_report(
     pa: np.ndarray,
     pb: np.ndarray | None,
     labels: np.ndarray,
-    weight_a: float,
+    rule: FusionRule,
     split: str,
     tta: bool,
     bundle: str | Path,
 ) -> dict:
     """The ensemble's evaluation from its members' probabilities, each member's accuracy beside it."""
-    report = summarize_confusion(confusion_matrix(labels, fuse(pa, pb, weight_a).argmax(1)))
+    report = fused_summary(pa, pb, labels, rule)
     members = {"a": score(pa, labels)[0]} | ({"b": score(pb, labels)[0]} if pb is not None else {})
     return {
         **report,
@@ -108,7 +119,8 @@ def fused_report(
         "epoch": "-",
         "members": members,
         "bundle": str(bundle),
-        "weight_a": weight_a,
+        "weight_a": rule.weight_a,
+        "temperature": rule.temperature,
     }
 
 

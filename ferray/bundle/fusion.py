@@ -11,6 +11,8 @@ flatter it.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
@@ -18,11 +20,71 @@ from ferray.bundle.card import Fusion
 from ferray.labels import EMOTIONS
 
 GRID = np.linspace(0, 1, 101)
+TEMPERATURES = np.exp(np.linspace(np.log(0.2), np.log(5.0), 481))  # steps of under 1%
+ECE_BINS = 15
+TEMPERATURE_HOW = "then the temperature of the fused output: min log-loss over T in [0.2, 5]"
 
 
 def fuse(pa, pb, weight_a: float):
     """w * P_A + (1 - w) * P_B; P_A itself where there is no B (a bundle of one member)."""
     return pa if pb is None else weight_a * pa + (1 - weight_a) * pb
+
+
+def calibrate(probs, temperature: float):
+    """P^(1/T), renormalized per row (numpy or torch); T = 1 gives P back unchanged."""
+    if temperature == 1.0:
+        return probs
+    if isinstance(probs, torch.Tensor):
+        scaled = probs.clamp_min(1e-12) ** (1.0 / temperature)
+        return scaled / scaled.sum(-1, keepdim=True)
+    scaled = np.clip(probs, 1e-12, None) ** (1.0 / temperature)
+    return scaled / scaled.sum(-1, keepdims=True)
+
+
+@dataclass(frozen=True)
+class FusionRule:
+    """How the served probabilities are made from the members': w * P_A + (1 - w) * P_B, then
+    the temperature. Every answer (the API, `ferray predict`, evaluations) goes through one."""
+
+    weight_a: float = 1.0
+    temperature: float = 1.0
+
+    def __call__(self, pa, pb):
+        return calibrate(fuse(pa, pb, self.weight_a), self.temperature)
+
+
+def rule_of(fusion: Fusion, members: tuple[str, ...] = ("a", "b")) -> FusionRule:
+    """The rule of a bundle's answers from `members`: the fitted fusion and its temperature, or,
+    for Model A alone, P_A at A's own temperature."""
+    if "b" in members:
+        return FusionRule(fusion.weight_a, fusion.temperature)
+    return FusionRule(1.0, fusion.temperature_a)
+
+
+def fit_temperature(probs: np.ndarray, labels: np.ndarray) -> float:
+    """The T of TEMPERATURES whose calibrated probabilities have the least log-loss on `labels`."""
+    log_probs = np.log(np.clip(probs, 1e-12, None))
+    best_nll, best_t = np.inf, 1.0
+    for t in TEMPERATURES:
+        scaled = log_probs / t
+        nll = float((np.logaddexp.reduce(scaled, axis=1) - scaled[np.arange(len(labels)), labels]).mean())
+        if nll < best_nll:
+            best_nll, best_t = nll, float(t)
+    return best_t
+
+
+def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int = ECE_BINS) -> float:
+    """The mean |accuracy - confidence| over equal-width confidence bins, weighted by their faces."""
+    confidence, predicted = probs.max(1), probs.argmax(1)
+    which = np.minimum((confidence * bins).astype(int), bins - 1)
+    error = 0.0
+    for b in range(bins):
+        inside = which == b
+        if inside.any():
+            error += inside.mean() * abs(
+                float((predicted[inside] == labels[inside]).mean()) - confidence[inside].mean()
+            )
+    return float(error)
 
 
 def score(probs: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
@@ -73,16 +135,30 @@ def stacking_cv_accuracy(pa: np.ndarray, pb: np.ndarray, labels: np.ndarray, fol
 
 
 def fit_fusion(pa: np.ndarray, pb: np.ndarray | None, labels: np.ndarray, split: str) -> tuple[Fusion, dict]:
-    """(fusion, alternatives) on the selection split; a bundle of A alone has nothing to fit."""
+    """(fusion, alternatives) on the selection split: the weight (none for a bundle of A alone),
+    then the temperature of the fused output."""
+    temperature_a = fit_temperature(pa, labels)
     if pb is None:
-        return Fusion(method="single model (A)", weight_a=1.0, fitted_on=None, how="nothing to fit"), {}
+        return (
+            Fusion(
+                method="single model (A)",
+                weight_a=1.0,
+                fitted_on=split,
+                how="no weight to fit; " + TEMPERATURE_HOW,
+                temperature=temperature_a,
+                temperature_a=temperature_a,
+            ),
+            {},
+        )
     weight, _ = fit_weight(pa, pb, labels)
     weight_log, accuracy_log = fit_weight(pa, pb, labels, log=True)
     fusion = Fusion(
         method="probability mean",
         weight_a=weight,
         fitted_on=split,
-        how="grid over w in [0, 1] step 0.01, max accuracy, ties by log-loss",
+        how="grid over w in [0, 1] step 0.01, max accuracy, ties by log-loss; " + TEMPERATURE_HOW,
+        temperature=fit_temperature(fuse(pa, pb, weight), labels),
+        temperature_a=temperature_a,
     )
     alternatives = {
         "logit mean": {"weight_a": weight_log, "accuracy": accuracy_log},

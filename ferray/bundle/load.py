@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from ferray.bundle.card import BUNDLE_FILE, BundleCard, load_card
+from ferray.bundle.fusion import rule_of
 from ferray.bundle.runtime import Ensemble, load_members
 from ferray.device import default_device
 from ferray.engine import CheckpointError
@@ -27,26 +28,42 @@ def resolve_bundle(path: str | Path | None) -> Path:
     return Path(path)
 
 
+MEMBER_CHOICES = ("all", "a")
+
+
+def answering_members(card: BundleCard, members: str | tuple[str, ...] | list[str] = "all") -> tuple[str, ...]:
+    """The members that answer: "all" (every member the bundle holds) or "a" (Model A alone, the
+    cheaper path); a tuple of member names is taken as it is (what a Serve replica loads)."""
+    if isinstance(members, str):
+        if members not in MEMBER_CHOICES:
+            raise ValueError(f"members {members!r}: choose {' or '.join(MEMBER_CHOICES)}")
+        return card.members.names() if members == "all" else ("a",)
+    return tuple(members)
+
+
 def load_bundle(
     path: str | Path | None = None,
     device: str | torch.device | None = None,
-    members: tuple[str, ...] = ("a", "b"),
+    members: str | tuple[str, ...] = "all",
     fold: bool = True,
     int8: bool = False,
 ) -> tuple[Ensemble, BundleCard]:
     """The ensemble of a bundle folder (None: the default one), from the folder alone (never a path a
-    client names). `members` picks what to load: a Serve replica of Model A needs neither B nor the
-    generator. `fold`: batch norms folded for inference (False: the models exactly as trained).
-    `int8`: forward in int8 on the CPU (the bundle must be calibrated: `ferray quantize`)."""
+    client names). `members` picks what to load and answer with ("all", "a": answering_members): a
+    Serve replica of Model A needs neither B nor the generator. `fold`: batch norms folded for
+    inference (False: the models exactly as trained). `int8`: forward in int8 on the CPU (the
+    bundle must be calibrated: `ferray quantize`)."""
     path = resolve_bundle(path)
     card = read_bundle_card(path)
+    members = answering_members(card, members)
     device = torch.device(device) if device else default_device()
     parts = card.members
     a = path / parts.a.checkpoint if "a" in members else None
     b = path / parts.b.checkpoint if "b" in members and parts.b is not None else None
     sr = path / parts.sr.checkpoint if b is not None and parts.sr is not None else None
     ensemble = load_members(a, b, sr, device, fold)
-    ensemble.weight_a, ensemble.tta = card.fusion.weight_a, card.tta
+    rule = rule_of(card.fusion, ("a", "b") if b is not None else ("a",))  # Model A alone: its own temperature
+    ensemble.weight_a, ensemble.temperature, ensemble.tta = rule.weight_a, rule.temperature, card.tta
     ensemble.int8 = int8
     if not int8:  # the ranges are read only where they are used
         return ensemble, card

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from ferray.augment import predict_proba
-from ferray.bundle.fusion import fuse
+from ferray.bundle.fusion import FusionRule
 from ferray.config import ExperimentConfig
 from ferray.data.contract import FER_SIZE
 from ferray.device import use_bf16
@@ -35,6 +35,7 @@ class Ensemble:
     cfg_b: ExperimentConfig | None
     generator: torch.nn.Module | None  # None: B takes bicubic input (data.input_scale 2) or 96x96 faces as given
     weight_a: float = 0.5
+    temperature: float = 1.0  # of the fused output (ferray.bundle.fusion.fit_temperature)
     tta: bool = True
     device: torch.device = torch.device("cpu")
     bf16: bool | None = None  # None: where it is fast (ferray.device.use_bf16); False forces fp32
@@ -113,8 +114,13 @@ class Ensemble:
         pa = torch.cat([self.probs_a(c) for c in chunks])
         return pa, (torch.cat([self.probs_b(c) for c in chunks]) if self.model_b is not None else None)
 
+    @property
+    def rule(self) -> FusionRule:
+        """The fusion weight and temperature that make the served probabilities."""
+        return FusionRule(self.weight_a, self.temperature)
+
     def fuse(self, pa: torch.Tensor, pb: torch.Tensor | None) -> torch.Tensor:
-        return fuse(pa, pb, self.weight_a)
+        return self.rule(pa, pb)
 
     def fold_batch_norms(self) -> None:
         """Fold the classifiers' batch norms into their convolutions (same answers, a faster forward;

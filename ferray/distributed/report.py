@@ -28,6 +28,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ferray.bundle.card import VIEWS
+from ferray.bundle.fusion import rule_of
 from ferray.config import ConfigError, ExperimentConfig, from_dict
 from ferray.config import differences as config_diff
 from ferray.data.contract import FER_SIZE, DataError, load_split, read_manifest, selection_split, untouched_splits
@@ -374,12 +375,12 @@ def make_figures(
         tests=False,
         probs=member_probs(probs, key_a, key_b, selection, "tta"),
     )
-    weight, ensemble = card.fusion.weight_a, {}
+    rule, ensemble = rule_of(card.fusion), {}
     for split in splits:
         labels = load_split(plan.data, split)[1]
         ensemble[split] = {
             view: fused_report(
-                *member_probs(probs, key_a, key_b, split, view), labels, weight, split, view == "tta", bundle
+                *member_probs(probs, key_a, key_b, split, view), labels, rule, split, view == "tta", bundle
             )
             for view in VIEWS
         }

@@ -187,9 +187,34 @@ def render_model_card(card: BundleCard) -> str:
     else:
         acc = card.accuracy[selection]
         lines += [f"- {selection} (selection, not a test): ensemble {_pct(acc['ensemble'])}"]
+    lines += _calibration_lines(card)
     lines += _int8_lines(a.int8)
     lines += ["", f"Data: {card.data['path']} (checksum `{card.data['checksum']}`).", ""]
     return "\n".join(lines)
+
+
+def _calibration_lines(card: BundleCard) -> list[str]:
+    """The temperature of the served probabilities and their calibration error, before and after."""
+    view = card.view()
+    rows = [(s, e.views[view]) for s, e in card.evaluations.items() if e.views[view].ece is not None]
+    if not rows:
+        return []
+    fusion = card.fusion
+    lines = [
+        "",
+        "## Calibration",
+        "",
+        f"The served probabilities are P^(1/T) renormalized, T = {fusion.temperature:.3f} fitted on "
+        f"{fusion.fitted_on} (least log-loss; no answer's label changes). Expected calibration error "
+        "(15 equal-width confidence bins), lower is better:",
+        "",
+        "| split | before (T = 1) | served |",
+        "| --- | --- | --- |",
+    ]
+    for split, report in rows:
+        role = "selection" if card.evaluations[split].selection else "test"
+        lines.append(f"| {split} ({role}) | {report.ece_uncalibrated:.4f} | {report.ece:.4f} |")
+    return lines
 
 
 def _int8_lines(int8: Int8Card | None) -> list[str]:
