@@ -78,6 +78,32 @@ def test_the_shipped_plans_load(prepared_synth):
     assert load_plan(EXPERIMENTS / "paper.yaml").paper["ensemble"] == {"PublicTest": 71.608, "PrivateTest": 73.244}
 
 
+def test_the_cpu_plan_applies_each_runs_own_overrides_and_lists_the_rows_it_does_not_run(prepared_synth):
+    from ferray.report.document import table1_rows
+
+    plan = load_plan(EXPERIMENTS / "paper_cpu.yaml", data=prepared_synth)
+    assert [r.key for r in plan.runs] == ["model_a", "model_b"] and plan.run("model_b").on_sr
+    cfg_a = plan.run_config(plan.run("model_a"), prepared_synth)
+    assert cfg_a.name == "model_a_cpu_v2" and cfg_a.train.epochs == 20  # the run's own --set, not the recipe's 42
+    assert plan.run_config(plan.run("model_b"), prepared_synth).train.epochs == 30
+    assert plan.config(plan.sr_experiment, prepared_synth).sr.content == "mse"
+    assert [r.key for r in plan.not_run] == ["vgg16", "vgg19"]
+    evaluation = {"accuracy": 0.5}
+    record = {
+        "splits": ["Validation", "PublicTest"],
+        "models": {k: {"keras_params": 10, "depth": 3, "pretrained": False} for k in ("model_a", "model_b")},
+        "evaluations": {
+            k: {s: dict.fromkeys(("center", "tta"), evaluation) for s in ("Validation", "PublicTest")}
+            for k in ("model_a", "model_b")
+        },
+        "ensemble": {s: dict.fromkeys(("center", "tta"), evaluation) for s in ("Validation", "PublicTest")},
+    }
+    rows = table1_rows(plan, record)
+    vgg16 = next(row for row in rows if row[0].startswith("VGG16"))
+    assert "not run here: `ferray train experiments/vgg16.yaml" in vgg16[0] and vgg16[3:7] == ["n/a"] * 4
+    assert vgg16[7] == "14,714,688" and len({len(row) for row in rows}) == 1
+
+
 @pytest.mark.parametrize(
     "changes, message",
     [
@@ -87,6 +113,8 @@ def test_the_shipped_plans_load(prepared_synth):
         ({"figures": {"crops": 0}}, r"figures.crops: expected a positive integer"),
         ({"paper": {"model_c": {"params": 1}}}, r"paper.model_c"),
         ({"data": None}, r"no data"),
+        ({"not_run": [{"label": "VGG16"}]}, r"not_run\[0\]: expected \{key, label, command\}"),
+        ({"runs": [{"key": "model_a", "experiment": "debug_a.yaml", "sets": "train.epochs=2"}]}, r"runs\[0\].sets"),
     ],
 )
 def test_bad_plans_are_refused_naming_the_file_and_field(tmp_path, changes, message):

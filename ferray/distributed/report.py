@@ -296,24 +296,24 @@ def obtain_all_runs(plan: ReportPlan, out: Path, reuse: list[Path]) -> dict:
     runs, results, data_of = out / "runs", {}, {}
     for spec in [s for s in plan.runs if not s.on_sr]:
         log.info(f"report: [{spec.label}] {spec.experiment.name}")
-        results[spec.key] = obtain_run(plan.config(spec.experiment, plan.data), runs, reuse)
+        results[spec.key] = obtain_run(plan.run_config(spec, plan.data), runs, reuse)
         data_of[spec.key] = plan.data
     log.info(f"report: [SRGAN] {plan.sr_experiment.name}")
     sr_cfg = plan.config(plan.sr_experiment, plan.data)
-    if plan.ensemble[0] in results and not sr_cfg.sr.content_checkpoint:
+    if plan.ensemble[0] in results and not sr_cfg.sr.content_checkpoint and sr_cfg.sr.content in ("auto", "model_a"):
         # without VGG19's ImageNet weights (content: auto), the content loss uses Model A's features
         sr_cfg.sr.content_checkpoint = results[plan.ensemble[0]]["best_checkpoint"]
     srgan = obtain_run(sr_cfg, runs, reuse, task=SR)
     on_sr = [s for s in plan.runs if s.on_sr]
     if not on_sr:
         return {"runs": results, "data_of": data_of, "srgan": srgan, "data_sr": None, "data_sr_reused": False}
-    candidates = [_run_data(folder / plan.config(s.experiment, plan.data).name) for folder in reuse for s in on_sr]
+    candidates = [_run_data(folder / plan.run_config(s, plan.data).name) for folder in reuse for s in on_sr]
     data_sr, reused = upscaled_data(
         plan, srgan["best_checkpoint"], [c for c in candidates if c] + [out / "data_sr"], out / "data_sr"
     )
     for spec in on_sr:
         log.info(f"report: [{spec.label}] {spec.experiment.name} on {data_sr}")
-        results[spec.key] = obtain_run(plan.config(spec.experiment, data_sr), runs, reuse)
+        results[spec.key] = obtain_run(plan.run_config(spec, data_sr), runs, reuse)
         data_of[spec.key] = data_sr
     return {"runs": results, "data_of": data_of, "srgan": srgan, "data_sr": str(data_sr), "data_sr_reused": reused}
 

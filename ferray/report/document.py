@@ -68,6 +68,20 @@ def table1_rows(plan: ReportPlan, record: dict) -> list[list[str]]:
                 paper_pct(paper.get("PrivateTest")),
             ]
         )
+    for row in plan.not_run:
+        paper = plan.paper.get(row.key, {})
+        rows.append(
+            [
+                f"{row.label} (not run here: `{row.command}`)",
+                "-",
+                "-",
+                *["n/a"] * (2 * len(splits)),
+                count(paper.get("params")),
+                str(paper.get("depth", "n/a")),
+                paper_pct(paper.get("PublicTest")),
+                paper_pct(paper.get("PrivateTest")),
+            ]
+        )
     a, b = plan.ensemble
     ensemble, paper = record["ensemble"], plan.paper.get("ensemble", {})
     params = record["models"][a]["keras_params"] + record["models"][b]["keras_params"]
@@ -152,7 +166,8 @@ def commands(plan: ReportPlan, record: dict, out: Path) -> dict[str, list[str]]:
     def train_line(spec) -> str:
         data_for = data_sr if spec.on_sr else data
         out = _q(Path(runs[spec.key]["run_dir"]).parent)
-        return f"ferray train {_q(spec.experiment)} --data {data_for} --out {out} {sets}"
+        own = "".join(f" --set {_q(s)}" for s in spec.sets)
+        return f"ferray train {_q(spec.experiment)} --data {data_for} --out {out} {sets}{own}"
 
     train = [train_line(s) for s in plan.runs if not s.on_sr]
     train.append(

@@ -5,7 +5,10 @@
     sets: [train.seed=0]               # overrides applied to every run
     runs:                              # Table 1's classifiers, in training order
       - {key: vgg16, label: VGG16, experiment: vgg16.yaml}
+      - {key: model_a, label: Model A, experiment: model_a.yaml, sets: [train.epochs=20]}  # this run's own
       - {key: model_b, label: "Model B", experiment: model_b.yaml, data: sr}   # on the SR faces
+    not_run:                           # Table 1 rows this plan does not train, each with its command
+      - {key: vgg16, label: VGG16, command: "ferray train experiments/vgg16.yaml --data data/fer2013 (a GPU)"}
     sr: {experiment: srgan.yaml, actors: 1, gpus_per_actor: 1}
     ensemble: {a: model_a, b: model_b}
     figures: {crops: 8, explain_per_class: 2, sr_faces: 6}
@@ -32,6 +35,16 @@ class RunSpec:
     label: str
     experiment: Path
     on_sr: bool  # trained on the SR-upscaled faces rather than the 48x48 ones
+    sets: list[str] = field(default_factory=list)  # this run's own overrides, after the plan's
+
+
+@dataclass
+class NotRun:
+    """A Table 1 row the plan leaves out (too big for the machine it runs on), and how to run it."""
+
+    key: str  # as `paper:` names it
+    label: str
+    command: str
 
 
 @dataclass
@@ -48,15 +61,22 @@ class ReportPlan:
     sr_gpus_per_actor: float = 0.0
     figures: dict = field(default_factory=lambda: dict(FIGURE_DEFAULTS))
     paper: dict = field(default_factory=dict)
+    not_run: list[NotRun] = field(default_factory=list)
 
-    def config(self, experiment: Path, data: Path, resolve_split: bool = True) -> ExperimentConfig:
+    def run_config(self, spec: RunSpec, data: Path, resolve_split: bool = True) -> ExperimentConfig:
+        """A run of the plan as it is trained: its experiment with the plan's and its own overrides."""
+        return self.config(spec.experiment, data, resolve_split, spec.sets)
+
+    def config(
+        self, experiment: Path, data: Path, resolve_split: bool = True, sets: list[str] = ()
+    ) -> ExperimentConfig:
         """An experiment as this plan runs it: on `data`, with the plan's overrides (its scratch recipe
         where its pretrained weights are not on this machine), its selection split resolved from the
         prepared data as `ferray train` resolves it (so a finished run's config.yaml compares equal).
         `resolve_split=False` checks the experiment alone, before the data is prepared."""
         from ferray.data.contract import read_manifest, selection_split
 
-        cfg = load_runnable_config(experiment, [f"data.path={Path(data).absolute()}", *self.sets])
+        cfg = load_runnable_config(experiment, [f"data.path={Path(data).absolute()}", *self.sets, *sets])
         if resolve_split:
             cfg.data.selection_split = selection_split(read_manifest(data), cfg.data.selection_split, str(data))
         return cfg
@@ -80,13 +100,23 @@ def _experiment(base: Path, value, where: str) -> Path:
     return path
 
 
+def _list(raw: dict, key: str, path: Path) -> list:
+    value = raw.get(key) or []
+    if not isinstance(value, list):
+        raise ConfigError(f"{path}: {key}: expected a list")
+    return value
+
+
 def _run_spec(base: Path, item, where: str) -> RunSpec:
     item = _mapping(item, where)
-    unknown = set(item) - {"key", "label", "experiment", "data"}
+    unknown = set(item) - {"key", "label", "experiment", "data", "sets"}
     if unknown:
         raise ConfigError(
-            f"{where}: unknown field(s) {', '.join(sorted(unknown))} (known: key, label, experiment, data)"
+            f"{where}: unknown field(s) {', '.join(sorted(unknown))} (known: key, label, experiment, data, sets)"
         )
+    sets = item.get("sets", [])
+    if not isinstance(sets, list) or not all(isinstance(s, str) for s in sets):
+        raise ConfigError(f"{where}.sets: a list of key=value overrides")
     if not isinstance(item.get("key"), str) or not item["key"]:
         raise ConfigError(f"{where}.key: each run needs a key, e.g. model_a")
     if item.get("data", "fer") not in ("fer", "sr"):
@@ -96,13 +126,23 @@ def _run_spec(base: Path, item, where: str) -> RunSpec:
         str(item.get("label", item["key"])),
         _experiment(base, item.get("experiment"), f"{where}.experiment"),
         item.get("data", "fer") == "sr",
+        list(sets),
     )
+
+
+def _not_run(item, where: str) -> NotRun:
+    item = _mapping(item, where)
+    if set(item) != {"key", "label", "command"} or not all(isinstance(v, str) and v for v in item.values()):
+        raise ConfigError(
+            f"{where}: expected {{key, label, command}}: the row's key, name and the command that runs it"
+        )
+    return NotRun(item["key"], item["label"], item["command"])
 
 
 def load_plan(path: str | Path, data: str | Path | None = None, sets: list[str] = ()) -> ReportPlan:
     path = Path(path)
     raw = read_yaml(path, "report plan")
-    known = {"name", "description", "data", "sets", "runs", "sr", "ensemble", "figures", "paper"}
+    known = {"name", "description", "data", "sets", "runs", "not_run", "sr", "ensemble", "figures", "paper"}
     if set(raw) - known:
         raise ConfigError(
             f"{path}: unknown key(s) {', '.join(sorted(set(raw) - known))} (known: {', '.join(sorted(known))})"
@@ -128,9 +168,17 @@ def load_plan(path: str | Path, data: str | Path | None = None, sets: list[str] 
             raise ConfigError(
                 f"{path}: figures.{key}: expected a positive integer for one of {', '.join(FIGURE_DEFAULTS)}"
             )
+    not_run = [_not_run(item, f"{path}: not_run[{i}]") for i, item in enumerate(_list(raw, "not_run", path))]
+    if set(keys) & {r.key for r in not_run}:
+        raise ConfigError(
+            f"{path}: not_run: a key that is also a run ({', '.join(sorted(set(keys) & {r.key for r in not_run}))})"
+        )
     paper = _mapping(raw.get("paper") or {}, f"{path}: paper")
     for key, values in paper.items():
-        if key not in {*keys, "ensemble"} or set(_mapping(values, f"{path}: paper.{key}")) - PAPER_KEYS:
+        if (
+            key not in {*keys, *(r.key for r in not_run), "ensemble"}
+            or set(_mapping(values, f"{path}: paper.{key}")) - PAPER_KEYS
+        ):
             raise ConfigError(
                 f"{path}: paper.{key}: must name a run or `ensemble` and hold only {', '.join(sorted(PAPER_KEYS))}"
             )
@@ -153,8 +201,9 @@ def load_plan(path: str | Path, data: str | Path | None = None, sets: list[str] 
         sr_gpus_per_actor=float(sr.get("gpus_per_actor", 0)),
         figures=figures,
         paper=paper,
+        not_run=not_run,
     )
     for spec in specs:  # every experiment must load as the plan would run it: fail now, not after hours
-        plan.config(spec.experiment, plan.data, resolve_split=False)
+        plan.run_config(spec, plan.data, resolve_split=False)
     plan.config(plan.sr_experiment, plan.data, resolve_split=False)
     return plan
