@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from ferray.bundle import default_bundle_path, load_bundle, read_bundle_card
+from ferray.bundle.fusion import rule_of
 from ferray.data.contract import EMOTIONS
 from ferray.runs import read_record
 
@@ -71,7 +72,11 @@ def test_accuracy_on_real_faces_matches_the_card(card, shared_fer2013):
     faces, labels = public_test_subset(shared_fer2013)
     ensemble, _ = load_bundle(None, "cpu")
     ensemble.tta = False  # the center view: ten times cheaper than TTA, and the same preprocessing path
-    predicted = ensemble.predict(torch.from_numpy(faces))["probs"].argmax(1).numpy()
+    answer = ensemble.predict(torch.from_numpy(faces))
+    # the served answer is the bundle's fusion (weight and temperature) of its members' answers
+    assert torch.allclose(answer["probs"], ensemble.rule(answer["a"], answer["b"]), atol=1e-6)
+    assert ensemble.rule == rule_of(card.fusion)
+    predicted = answer["probs"].argmax(1).numpy()
     accuracy = float((predicted == labels).mean())
     expected = card.evaluations["PublicTest"].views["center"].accuracy
     assert accuracy >= expected - 0.04, (accuracy, expected)
