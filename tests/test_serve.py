@@ -243,20 +243,12 @@ def test_overload_gets_fast_json_503s_and_the_server_recovers(server, tiny_bundl
 
     from ray import serve
 
-    from ferray.distributed.serving import app_args
-    from ferray.serve_app.app import build
-
     tight = [
         f"ensemble.{k}"
         for k in ("max_ongoing_requests=1", "max_batch_size=1", "max_queued_requests=1", "num_cpus=0.25")
     ] + ["ensemble.min_replicas=1", "ensemble.max_replicas=1"]
-    args, _ = app_args(tiny_bundle, None, ["layout=fused", "ingress.num_cpus=0.25", *tight])
-    serve.run(build(args), name="overload", route_prefix="/overload", blocking=False)
-    url = f"{server}/overload"
-    deadline = time.monotonic() + 120
-    while get(f"{server}/readyz")[0] != 200 or _status(f"{url}/readyz") != 200:
-        assert time.monotonic() < deadline, "the second app never became ready"
-        time.sleep(0.5)
+    url = second_app(server, tiny_bundle, "overload", ["layout=fused", *tight])
+    assert get(f"{server}/readyz")[0] == 200
     body = png_bytes(synth_faces[0][5])
 
     def one(_):
@@ -288,18 +280,8 @@ def test_members_a_serves_model_a_alone_at_its_own_temperature(server, tiny_bund
     from ray import serve
 
     import ferray
-    from ferray.distributed.serving import app_args
-    from ferray.serve_app.app import build
 
-    args, _ = app_args(
-        tiny_bundle, None, ["layout=fused", "members=a", "ingress.num_cpus=0.25", "ensemble.num_cpus=0.25"]
-    )
-    serve.run(build(args), name="solo", route_prefix="/solo", blocking=False)
-    url = f"{server}/solo"
-    deadline = time.monotonic() + 120
-    while _status(f"{url}/readyz") != 200:
-        assert time.monotonic() < deadline, "the Model A app never became ready"
-        time.sleep(0.5)
+    url = second_app(server, tiny_bundle, "solo", ["layout=fused", "members=a", "ensemble.num_cpus=0.25"])
     try:
         assert json.loads(get(f"{url}/readyz")[1])["members"] == {"ensemble": "ready"}
         face = synth_faces[0][6]
@@ -310,6 +292,24 @@ def test_members_a_serves_model_a_alone_at_its_own_temperature(server, tiny_bund
         assert found["probs"] == pytest.approx(expected, abs=1e-5)
     finally:
         serve.delete("solo")
+
+
+def second_app(server: str, tiny_bundle, name: str, overrides: list[str]) -> str:
+    """Another app of the bundle on the module's Serve, at /NAME, once its /readyz says ready; its URL.
+    The caller deletes it (serve.delete(name))."""
+    from ray import serve
+
+    from ferray.distributed.serving import app_args
+    from ferray.serve_app.app import build
+
+    args, _ = app_args(tiny_bundle, None, ["ingress.num_cpus=0.25", *overrides])
+    serve.run(build(args), name=name, route_prefix=f"/{name}", blocking=False)
+    url = f"{server}/{name}"
+    deadline = time.monotonic() + 120
+    while _status(f"{url}/readyz") != 200:
+        assert time.monotonic() < deadline, f"the app {name} never became ready"
+        time.sleep(0.5)
+    return url
 
 
 def _status(url: str) -> int:
@@ -457,18 +457,8 @@ def test_the_fused_ingress_merges_concurrent_requests_and_gives_each_its_own_ans
 
     from ray import serve
 
-    from ferray.distributed.serving import app_args
-    from ferray.serve_app.app import build
-
     merged = ["ensemble.max_batch_size=8", "ensemble.batch_wait_timeout_s=0.2", "ensemble.num_cpus=0.25"]
-    args, _ = app_args(tiny_bundle, None, ["layout=fused", "ingress.num_cpus=0.25", *merged])
-    args["max_faces_per_request"] = MAX_FACES
-    serve.run(build(args), name="merged", route_prefix="/merged", blocking=False)
-    url = f"{server}/merged"
-    deadline = time.monotonic() + 120
-    while _status(f"{url}/readyz") != 200:
-        assert time.monotonic() < deadline, "the fused app never became ready"
-        time.sleep(0.5)
+    url = second_app(server, tiny_bundle, "merged", ["layout=fused", f"max_faces_per_request={MAX_FACES}", *merged])
     faces = synth_faces[0][:12]
 
     def ask(base, face):
