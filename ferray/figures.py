@@ -135,7 +135,7 @@ def training_views(
     )
 
 
-def plot_training_curves(rows: list[dict], path: str | Path, title: str = "") -> Path:
+def plot_training_curves(rows: list[dict], path: str | Path, title: str = "", kept: int | None = None) -> Path:
     """A classifier run's curves from its metrics.jsonl rows: training loss and cross-entropy, the
     selection split's loss; training accuracy (under augmentation) against the selection split's,
     the raw weights and their moving average apart where both were evaluated; the center term's
@@ -154,7 +154,8 @@ def plot_training_curves(rows: list[dict], path: str | Path, title: str = "") ->
         acc_ax.plot(epochs, [r["eval_ema_acc"] for r in rows], label="selection, EMA weights")
     else:
         acc_ax.plot(epochs, [r["eval_acc"] for r in rows], label="selection split")
-    best = max(rows, key=lambda r: r["eval_acc"])
+    # the epoch the run kept (its result.json's best_epoch: of tied epochs, the one checkpointed), else the best
+    best = next((r for r in rows if r["epoch"] == kept), None) or max(rows, key=lambda r: r["eval_acc"])
     acc_ax.scatter([best["epoch"]], [best["eval_acc"]], color="black", zorder=3, label=f"kept: epoch {best['epoch']}")
     share_ax.plot(epochs, [100 * r.get("train_center_share", 0.0) for r in rows], label="center term, % of CE")
     for ax, name in ((loss_ax, "loss"), (acc_ax, "accuracy"), (share_ax, "center term share (%)")):

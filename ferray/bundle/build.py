@@ -188,7 +188,9 @@ def _plot_run(run_files: Path, member: MemberCard, bundle: Path, name: str) -> N
 
     if member.curves:
         rows = RunFolder(run_files).epochs()
-        plot_training_curves(rows, bundle / member.curves, f"{name}: {len(rows)} epochs, kept epoch {member.epochs}")
+        plot_training_curves(
+            rows, bundle / member.curves, f"{name}: {len(rows)} epochs, kept epoch {member.epochs}", kept=member.epochs
+        )
 
 
 def _curves_figure(source, member: str) -> str | None:
