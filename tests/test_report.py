@@ -82,13 +82,14 @@ def test_the_cpu_plan_applies_each_runs_own_overrides_and_lists_the_rows_it_does
     from ferray.report.document import table1_rows
 
     plan = load_plan(EXPERIMENTS / "paper_cpu.yaml", data=prepared_synth)
-    assert [r.key for r in plan.runs] == ["model_a", "model_b"] and plan.run("model_b").on_sr
-    cfg_a = plan.run_config(plan.run("model_a"), prepared_synth)
+    assert [r.key for r in plan.runs] == ["model_a", "model_a_v2", "model_b"] and plan.run("model_b").on_sr
+    assert plan.run_config(plan.run("model_a"), prepared_synth).name == "model_a_cpu"
+    cfg_a = plan.run_config(plan.run("model_a_v2"), prepared_synth)
     assert cfg_a.name == "model_a_cpu_v2" and cfg_a.train.epochs == 20  # the run's own --set, not the recipe's 42
     assert plan.run_config(plan.run("model_b"), prepared_synth).train.epochs == 30
     assert plan.config(plan.sr_experiment, prepared_synth).sr.content == "mse"
     assert [r.key for r in plan.not_run] == ["vgg16", "vgg19"]
-    evaluation = {"accuracy": 0.5}
+    evaluation, keys = {"accuracy": 0.5}, ("model_a", "model_a_v2", "model_b")
     record = {
         "splits": ["Validation", "PublicTest"],
         "models": {k: {"keras_params": 10, "depth": 3, "pretrained": False} for k in ("model_a", "model_b")},
@@ -146,6 +147,13 @@ def test_reuse_needs_the_same_config_and_the_same_faces(tmp_path, prepared_synth
     with ferray_messages() as said:
         assert obtain_run(cfg, runs, [elsewhere])["reused"] is True
     assert said == [f"report: reusing the finished run {run_dir}"]
+    # a run folder moved since it was written (another disk, another machine) is found where it is now
+    import shutil
+
+    moved_dir = shutil.move(str(run_dir), str(tmp_path / "moved" / run_dir.name))
+    found = obtain_run(cfg, runs, [tmp_path / "moved"])
+    assert found["reused"] and found["best_checkpoint"] == str(Path(moved_dir) / "best.pt")
+    shutil.move(moved_dir, str(run_dir))
 
     changed = plan.config(plan.run("model_a").experiment, prepared_synth)
     changed.optim.lr = 0.5

@@ -85,7 +85,9 @@ def finished_run(run_dir: Path) -> dict | None:
 
     record = read_record(run_dir)
     if record is not None and (run_dir / BEST_FILE).is_file():
-        return record.to_dict()
+        # where the folder is now: a run folder copied or moved (another disk, another machine)
+        # still names the paths it was written at
+        return {**record.to_dict(), "run_dir": str(run_dir), "best_checkpoint": str(run_dir / BEST_FILE)}
     return None
 
 
