@@ -92,10 +92,9 @@ def test_the_cpu_plan_applies_each_runs_own_overrides_and_lists_the_rows_it_does
     evaluation, keys = {"accuracy": 0.5}, ("model_a", "model_a_v2", "model_b")
     record = {
         "splits": ["Validation", "PublicTest"],
-        "models": {k: {"keras_params": 10, "depth": 3, "pretrained": False} for k in ("model_a", "model_b")},
+        "models": {k: {"keras_params": 10, "depth": 3, "pretrained": False} for k in keys},
         "evaluations": {
-            k: {s: dict.fromkeys(("center", "tta"), evaluation) for s in ("Validation", "PublicTest")}
-            for k in ("model_a", "model_b")
+            k: {s: dict.fromkeys(("center", "tta"), evaluation) for s in ("Validation", "PublicTest")} for k in keys
         },
         "ensemble": {s: dict.fromkeys(("center", "tta"), evaluation) for s in ("Validation", "PublicTest")},
     }
