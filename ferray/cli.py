@@ -272,6 +272,7 @@ def _add_evaluate(sub) -> None:
         "for --bundle, none are written unless --out is given: a bundle may be the installed default)",
     )
     _add_int8_flag(p)
+    _add_members_flag(p)
     p.set_defaults(func=cmd_evaluate)
 
 
@@ -660,10 +661,14 @@ def cmd_evaluate(args) -> int:
     if args.bundle is not None:
         from ferray.bundle import evaluate_bundle
 
-        evaluate_bundle(args.bundle, args.data, args.split, args.out, tta=args.tta, int8=args.int8)
+        evaluate_bundle(
+            args.bundle, args.data, args.split, args.out, tta=args.tta, int8=args.int8, members=args.members
+        )
         return 0
     if args.int8:
         raise UsageError("--int8 needs --bundle: the int8 calibration lives in a bundle (`ferray quantize BUNDLE`)")
+    if args.members != "all":
+        raise UsageError("--members needs --bundle: a checkpoint is one model already")
     from ferray.evaluate import evaluate_checkpoint
 
     evaluate_checkpoint(args.checkpoint, args.data, args.split, bool(args.tta), args.out)

@@ -156,7 +156,7 @@ def test_predict_matches_the_ensemble(tiny_bundle, synth_faces, tmp_path):
         answer_images([("empty.png", b"")], local_predictor(ensemble), ensemble.rule)
 
 
-def test_model_a_alone_answers_from_an_ensemble_bundle(tiny_bundle, synth_faces, tmp_path):
+def test_model_a_alone_answers_from_an_ensemble_bundle(tiny_bundle, synth_faces, tmp_path, prepared_synth):
     """members="a" (ferray.load, `ferray predict --members a`): no SR generator, no B, P_A at A's own
     temperature; anything else is refused naming the value."""
     import ferray
@@ -178,6 +178,9 @@ def test_model_a_alone_answers_from_an_ensemble_bundle(tiny_bundle, synth_faces,
     assert answer["faces"][0]["probs"] == pytest.approx(found["probs"], abs=1e-6)
     with pytest.raises(ValueError, match="members 'b': choose all or a"):
         ferray.load(tiny_bundle, members="b")
+    report = evaluate_bundle(tiny_bundle, prepared_synth, "PublicTest", members="a")  # `evaluate --members a`
+    assert set(report["members"]) == {"a"} and report["accuracy"] == report["members"]["a"]
+    assert report["model"] == "Model A" and report["temperature"] == card["fusion"]["temperature_a"]
 
 
 def test_a_bundle_of_model_a_alone(tiny_bundle, prepared_synth, tmp_path, synth_faces):

@@ -63,13 +63,14 @@ def evaluate_bundle(
     out: str | Path | None = None,
     tta: bool | None = None,
     int8: bool = False,
+    members: str = "all",
 ) -> dict:
     """The ensemble's report on a split, with each member's accuracy beside it; `tta` None: as the
     bundle says (the fusion weight is the bundle's either way). With `out`, writes
     eval-<split>[-tta].{json,png} there (never into the bundle: it may be the installed default)."""
     from ferray.evaluate import format_report
 
-    ensemble, card = load_bundle(bundle, int8=int8)
+    ensemble, card = load_bundle(bundle, members=members, int8=int8)
     if tta is not None:
         ensemble.tta = tta
     faces, labels, _ = load_split(data, split)
