@@ -20,6 +20,7 @@ prints Table 1.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -223,7 +224,7 @@ def assemble(
         "data_sr_reused": False,
         "models": {k: model_facts(r["best_checkpoint"]) for k, r in runs.items()},
         "bundle": None,
-        "fusion": fusion,
+        "fusion": dataclasses.asdict(fusion),
         "fusion_alternatives": alternatives,
         "ensemble": ensemble,
         "sr_eval": sr,
