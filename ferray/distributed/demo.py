@@ -184,8 +184,9 @@ def predict_with_default(data, faces: int = 4) -> list[dict]:
     card = model.card
     test = next((s for s, e in card.evaluations.items() if not e.selection), None)
     if test:
+        models = " + ".join(getattr(card.members, m).model for m in card.members.names())  # A [+ B]
         log.info(
-            f"default model: {card.members.a.model}, {test} accuracy "
+            f"default model: {models}, {test} accuracy "
             f"{card.evaluations[test].views['tta'].accuracy:.2%} with ten-crop TTA (its MODEL_CARD.md)"
         )
     images, labels, _ = load_split(data, "PublicTest")
