@@ -101,7 +101,8 @@ def test_bf16_and_fp32_agree_on_the_trained_model(shared_fer2013):
         ensemble.bf16 = bf16
         predicted[bf16] = ensemble.predict(torch.from_numpy(faces))["probs"].argmax(1).numpy()
         accuracy[bf16] = float((predicted[bf16] == labels).mean())
-    assert abs(accuracy[True] - accuracy[False]) <= 0.003, accuracy
+    # 0.6 points = 3 of the 500 faces: the ensemble runs three networks in bf16 (A alone held 0.3)
+    assert abs(accuracy[True] - accuracy[False]) <= 0.006, accuracy
     assert (predicted[True] != predicted[False]).mean() <= 0.01  # and few faces change their answer at all
 
 
