@@ -105,18 +105,14 @@ def test_compilation_falls_back_to_eager(monkeypatch):
 
 
 def test_the_cpu_model_b_is_resnet18_with_a_one_channel_imagenet_stem():
+    import torchvision
+
     model = build_model("resnet18_b")
     # torchvision's ResNet18 (11,689,512) less its 1000-way head (513,000) and two thirds of its
     # 7x7 RGB stem (6,272), plus the 7-way head (3,591)
-    assert num_params(torchvision_resnet18()) == 11_689_512
+    assert num_params(torchvision.models.resnet18()) == 11_689_512
     assert num_params(model) == 11_689_512 - 513_000 - 6_272 + 3_591 == 11_173_831
     assert model.keras_depth() == 18 and model.backbone.conv1.kernel_size == (7, 7)
-
-
-def torchvision_resnet18():
-    import torchvision
-
-    return torchvision.models.resnet18()
 
 
 def test_the_cpu_srgan_recipe_trains_both_phases(tmp_path, synth_faces):

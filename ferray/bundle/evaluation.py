@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from ferray.bundle.card import Evaluation, ViewReport
-from ferray.bundle.fusion import FusionRule, expected_calibration_error, fuse, member_accuracies, score
+from ferray.bundle.fusion import FusionRule, calibrate, expected_calibration_error, fuse, member_accuracies, score
 from ferray.bundle.load import load_bundle, resolve_bundle
 from ferray.bundle.runtime import Ensemble
 from ferray.data.contract import FER_SIZE, DataError, load_split, read_manifest
@@ -46,7 +46,7 @@ def fused_summary(pa: np.ndarray, pb: np.ndarray | None, labels: np.ndarray, rul
     the temperature (the temperature moves no argmax, so the accuracy is the same either way)."""
     fused = fuse(pa, pb, rule.weight_a)
     report = summarize_confusion(confusion_matrix(labels, fused.argmax(1)))
-    report["ece"] = expected_calibration_error(rule(pa, pb), labels)
+    report["ece"] = expected_calibration_error(calibrate(fused, rule.temperature), labels)
     report["ece_uncalibrated"] = expected_calibration_error(fused, labels)
     return report
 

@@ -62,7 +62,7 @@ def load_bundle(
     b = path / parts.b.checkpoint if "b" in members and parts.b is not None else None
     sr = path / parts.sr.checkpoint if b is not None and parts.sr is not None else None
     ensemble = load_members(a, b, sr, device, fold)
-    rule = rule_of(card.fusion, ("a", "b") if b is not None else ("a",))  # Model A alone: its own temperature
+    rule = rule_of(card.fusion, members)  # Model A alone: its own temperature
     ensemble.weight_a, ensemble.temperature, ensemble.tta = rule.weight_a, rule.temperature, card.tta
     ensemble.int8 = int8
     if not int8:  # the ranges are read only where they are used
