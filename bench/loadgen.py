@@ -7,6 +7,7 @@ import http.client
 import os
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
@@ -28,11 +29,15 @@ class LoadResult:
     def summary(self, since: float = float("-inf"), until: float = float("inf")) -> dict:
         chosen = [r for r in self.records if since <= r.start < until]
         ok = np.array([r.latency for r in chosen if r.status == 200])
+        refused = [r.latency for r in chosen if r.status != 200]
         span = min(until, self.seconds) - max(since, 0.0)
         return {
             "requests": len(chosen),
             "ok": int(len(ok)),
             "errors": len(chosen) - len(ok),
+            # overload: how the rest were answered (0: the connection failed) and how fast
+            "statuses": {str(code): n for code, n in sorted(Counter(r.status for r in chosen).items())},
+            "refused_p99": float(np.percentile(refused, 99)) if refused else float("nan"),
             "rps": len(ok) / span if span > 0 else 0.0,
             **{f"p{q}": float(np.percentile(ok, q)) if len(ok) else float("nan") for q in (50, 95, 99)},
         }

@@ -13,12 +13,14 @@ N concurrent clients POST 48x48 face PNGs to /predict for T seconds (after a war
 Each server runs in a process of its own (its own Ray). Prints requests/s, p50/p95/p99 latency and
 errors for each, the ratios against (d), and the CPU each process spent per answered request
 (where the time goes: proxy, ingress, model replicas).
-Target on a 2-core machine: (a) >= 1.5x (d) at 16 clients, p99 under 1 s, no errors.
+Target on a 2-core machine: (a) >= 1.5x (d) at 16 clients, p99 under 1 s, no errors. With more
+clients than the queues admit (`--clients 200`: overload) it prints how the rest were answered (503
+counts, and how fast).
 
 Without --bundle, an untrained bundle of the real Model A (xception_a, 2.7M parameters) and a
 ResNet18 Model B on SR faces is written first (speed does not depend on the weights); --tta turns on
-the ten-crop TTA (10x the model work per face). Any bundle works (`--bundle default`: Model A
-alone). It also prints the models' own time per request and the throughput the cores bound, and
+the ten-crop TTA (10x the model work per face). Any bundle works (`--bundle default`: the shipped
+ensemble, with its TTA). It also prints the models' own time per request and the throughput the cores bound, and
 each server's share of that bound.
 """
 
@@ -185,6 +187,10 @@ def main() -> int:
         for name in args.only or PHASES:
             results[name] = run_phase(name, resolve_bundle(bundle).absolute(), args)
             print(format_row(name, results[name]), flush=True)
+    for name, result in results.items():
+        if result["errors"]:  # overload (--clients above what the queues admit): how it was answered
+            statuses = ", ".join(f"{n} x {code}" for code, n in result["statuses"].items())
+            print(f"  {name}: answered {statuses}; p99 of the refusals {result['refused_p99'] * 1e3:.0f} ms")
     print("CPU per answered request, by process (ms):")
     for name, result in results.items():
         print(f"  {name}: " + ", ".join(f"{command} {ms:.1f}" for command, ms in result["cpu"]))

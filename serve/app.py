@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -27,12 +28,14 @@ from fastapi import FastAPI, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse
 from ray import serve
 from ray.exceptions import RayActorError
+from ray.serve.config import BackpressureConfig
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 
 from .settings import ReplicaSettings, ServeSettings, parse_settings
 
 logger = logging.getLogger("ferray.serve")
 PAGE = Path(__file__).with_name("static") / "index.html"
+GROUPS_IN_FLIGHT = 2  # fused layout: merged groups being answered at once (each in one part per replica)
 MEMBER_FAILURES = (RayActorError, DeploymentUnavailableError, ReplicaUnavailableError)  # retried on another replica
 
 
@@ -65,6 +68,7 @@ class Member:
         self.predict.set_max_batch_size(replica.max_batch_size)
         self.predict.set_batch_wait_timeout_s(replica.batch_wait_timeout_s)
         self.which, self.chunk_faces = which, replica.chunk_faces
+        self._compute = ThreadPoolExecutor(1, thread_name_prefix=f"ferray-{which}")
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)  # replaced from config in __init__
     async def predict(self, requests: list[np.ndarray]) -> list[np.ndarray | str]:
@@ -73,8 +77,10 @@ class Member:
 
     async def predict_group(self, requests: list[np.ndarray]) -> list[np.ndarray | str]:
         """Requests already merged (by predict's batching, or by the fused layout's ingress), run as one batch."""
-        # torch releases the GIL: run it off the event loop so the next batch queues meanwhile
-        return await asyncio.get_running_loop().run_in_executor(None, self.run_requests, requests)
+        # torch releases the GIL: run it off the event loop so the next batch queues meanwhile, one
+        # batch at a time: two at once on a replica's one thread only made each slower (the fused
+        # ingress keeps two groups in flight, so the next one is here, waiting, when a batch ends)
+        return await asyncio.get_running_loop().run_in_executor(self._compute, self.run_requests, requests)
 
     def run_requests(self, requests: list[np.ndarray]) -> list[np.ndarray | str]:
         """Every request's probabilities, in one forward; if that fails, each request alone, so that a
@@ -144,13 +150,18 @@ class Ingress:
         self.members = {"ensemble": model_a} if self.settings.layout == "fused" else {"a": model_a, "b": model_b}
         # The fused layout merges requests here, before the hop: Serve's router hands a busy replica
         # about one request at a time, so batches formed at the replica held 1-2 requests, and one
-        # call per merged group also pays one hop for many requests (docs/benchmarks.md). Two groups
-        # in flight per replica: each has the next one waiting while it computes.
+        # call per merged group also pays one hop for many requests (docs/benchmarks.md). A group is
+        # sent in one part per replica (_group_call), and two groups are in flight: each replica has
+        # its next part waiting while it computes.
         fused = self.settings.ensemble
+        self._replicas = fused.max_replicas
+        self._waiting, self._waiting_limit = 0, GROUPS_IN_FLIGHT * fused.max_batch_size + fused.max_queued_requests
+        if fused.max_queued_requests == -1:
+            self._waiting_limit = float("inf")
         self._grouped = serve.batch(
             max_batch_size=fused.max_batch_size,
             batch_wait_timeout_s=fused.batch_wait_timeout_s,
-            max_concurrent_batches=2 * fused.max_replicas,
+            max_concurrent_batches=GROUPS_IN_FLIGHT,
         )(self._group_call)
         self.page = PAGE.read_text()
 
@@ -184,9 +195,31 @@ class Ingress:
             return answer
         raise MemberUnavailable(f"{model}: unavailable (its replicas are restarting); retry shortly")
 
+    async def _fused(self, faces: np.ndarray):
+        """The fused member's answer to one request, merged with others into a group (see __init__).
+        The requests the groups in flight hold plus ensemble.max_queued_requests more may wait here;
+        past that a request is refused at once (503, Retry-After) instead of queueing for seconds:
+        in this layout the replicas' own queues never fill, the ingress holds the waiting requests."""
+        if self._waiting >= self._waiting_limit:
+            raise MemberUnavailable("the models are at capacity; retry shortly")
+        self._waiting += 1
+        try:
+            return await self._grouped(faces)
+        finally:
+            self._waiting -= 1
+
     async def _group_call(self, requests: list[np.ndarray]) -> list:
         """The fused member's answers to requests merged here: per request its probabilities, the
-        error text of a request the models could not take, or the MemberUnavailable of the group."""
+        error text of a request the models could not take, or the MemberUnavailable of its part.
+
+        A group is sent as one call per replica, in parts of near-equal size: a group sent whole
+        keeps one replica busy while the others idle (under a steady load of as many clients as
+        max_batch_size, every request fell into one group and the ensemble ran at one core's speed)."""
+        parts = [part for part in np.array_split(np.arange(len(requests)), self._replicas) if len(part)]
+        answers = await asyncio.gather(*(self._part_call([requests[i] for i in part]) for part in parts))
+        return [answer for part in answers for answer in part]
+
+    async def _part_call(self, requests: list[np.ndarray]) -> list:
         try:
             return await self._member("ensemble", requests, method="predict_group")
         except MemberUnavailable as error:
@@ -194,7 +227,7 @@ class Ingress:
 
     async def _members(self, faces: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         if "ensemble" in self.members:
-            both = await self._grouped(faces)  # batched: see __init__
+            both = await self._fused(faces)
             if isinstance(both, MemberUnavailable):
                 raise MemberUnavailable(str(both))
             if isinstance(both, str):  # the models failed on this request alone
@@ -388,6 +421,9 @@ def build(args: dict | None = None):
     ingress = Ingress.options(
         num_replicas=settings.ingress.replicas,
         max_ongoing_requests=settings.ingress.max_ongoing_requests,
+        max_queued_requests=settings.ingress.max_queued_requests,
+        # past the ingress's own bound Serve refuses for it: 503 with Retry-After as well
+        backpressure_config=BackpressureConfig(status_code=503, retry_after_s=1),
         ray_actor_options={"num_cpus": settings.ingress.num_cpus},
     )
     answering = answering_members(card, settings.members)

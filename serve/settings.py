@@ -80,6 +80,11 @@ class IngressSettings:
     num_cpus: float = 0.5
     replicas: int = 1
     max_ongoing_requests: int = 64
+    # requests waiting for the ingress beyond max_ongoing_requests; past it Serve refuses them itself
+    # (503, Retry-After, a plain-text body). Below it the ingress answers overload with its own JSON
+    # 503 as soon as the models' waiting bound is reached (ensemble.max_queued_requests), so keep
+    # max_ongoing_requests well above that bound.
+    max_queued_requests: int = 64
 
 
 @dataclass

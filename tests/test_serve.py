@@ -476,3 +476,38 @@ def test_the_fused_ingress_merges_concurrent_requests_and_gives_each_its_own_ans
             assert answer["members"]["a"] == pytest.approx(alone["members"]["a"], abs=1e-5)
     finally:
         serve.delete("merged")
+
+
+def test_a_merged_group_is_spread_over_the_replicas_and_answered_in_order():
+    """The fused ingress sends a group in one part per replica (a whole group kept one replica busy
+    while the other idled); every request gets its own answer back in order, and a part that fails
+    fails only its own requests."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from ferray.serve_app.app import Ingress, MemberUnavailable
+
+    calls = []
+
+    async def member(which, requests, method):
+        calls.append(len(requests))
+        if any(int(request[0]) == 13 for request in requests):
+            raise MemberUnavailable("the models are at capacity; retry shortly")
+        return [request * 10 for request in requests]
+
+    ingress = Ingress.func_or_class
+    fake = SimpleNamespace(_replicas=2, _member=member)
+    fake._part_call = lambda requests: ingress._part_call(fake, requests)
+    requests = [np.array([i]) for i in range(5)]
+    answers = asyncio.run(ingress._group_call(fake, requests))
+    assert sorted(calls) == [2, 3]  # both replicas get a part, of near-equal size
+    assert [int(answer[0]) for answer in answers] == [0, 10, 20, 30, 40]
+
+    calls.clear()
+    answers = asyncio.run(ingress._group_call(fake, [np.array([1]), np.array([2]), np.array([13])]))
+    assert [int(answers[0][0]), int(answers[1][0])] == [10, 20]
+    assert isinstance(answers[2], MemberUnavailable) and "capacity" in str(answers[2])
+
+    calls.clear()
+    asyncio.run(ingress._group_call(fake, [np.array([4])]))
+    assert calls == [1]  # one request: one call, no empty parts
