@@ -585,6 +585,11 @@ def _add_report(sub) -> None:
         help="a folder of finished runs to reuse where their config matches (repeatable), e.g. ferray-demo/runs",
     )
     p.add_argument(
+        "--reuse-only",
+        action="store_true",
+        help="never train: stop, naming the run and why, when a run has no finished match to reuse",
+    )
+    p.add_argument(
         "--set",
         dest="overrides",
         action="append",
@@ -822,7 +827,7 @@ def cmd_report(args) -> int:
     from ferray.report.plan import load_plan
 
     plan = load_plan(args.plan, data=args.data, sets=args.overrides)
-    run_report(plan, args.out, reuse=args.reuse)
+    run_report(plan, args.out, reuse=args.reuse, reuse_only=args.reuse_only)
     return 0
 
 

@@ -78,10 +78,20 @@ def test_the_shipped_plans_load(prepared_synth):
     assert load_plan(EXPERIMENTS / "paper.yaml").paper["ensemble"] == {"PublicTest": 71.608, "PrivateTest": 73.244}
 
 
-def test_the_cpu_plan_applies_each_runs_own_overrides_and_lists_the_rows_it_does_not_run(prepared_synth):
+def test_the_cpu_plan_applies_each_runs_own_overrides_and_lists_the_rows_it_does_not_run(prepared_synth, tmp_path):
+    import yaml
+
     from ferray.report.document import table1_rows
 
-    plan = load_plan(EXPERIMENTS / "paper_cpu.yaml", data=prepared_synth)
+    assert [r.key for r in load_plan(EXPERIMENTS / "paper_cpu.yaml").runs] == ["model_a", "model_b"]
+    raw = yaml.safe_load((EXPERIMENTS / "paper_cpu.yaml").read_text())
+    for run in raw["runs"]:
+        run["experiment"] = str(EXPERIMENTS / run["experiment"])
+    second = {"key": "model_a_v2", "label": "Model A, second generation", "sets": ["train.epochs=20"]}
+    raw["runs"].insert(1, second | {"experiment": str(EXPERIMENTS / "model_a_cpu_v2.yaml")})
+    raw["sr"]["experiment"] = str(EXPERIMENTS / raw["sr"]["experiment"])
+    (tmp_path / "plan.yaml").write_text(yaml.safe_dump(raw))
+    plan = load_plan(tmp_path / "plan.yaml", data=prepared_synth)
     assert [r.key for r in plan.runs] == ["model_a", "model_a_v2", "model_b"] and plan.run("model_b").on_sr
     assert plan.run_config(plan.run("model_a"), prepared_synth).name == "model_a_cpu"
     cfg_a = plan.run_config(plan.run("model_a_v2"), prepared_synth)
@@ -160,6 +170,13 @@ def test_reuse_needs_the_same_config_and_the_same_faces(tmp_path, prepared_synth
     other = synthesize(tmp_path / "other", SynthSpec(n=70, seed=9)) and tmp_path / "other"
     moved = plan.config(plan.run("model_a").experiment, other)
     assert config_differences(run_dir, moved) == [f"data: {cfg.data.path} is not the same faces as {other.absolute()}"]
+
+    # --reuse-only: a run nothing matches is refused, naming each folder tried and why, never trained
+    with pytest.raises(ConfigError, match=r"--reuse-only: no finished run of debug_a.*optim.lr: 0.003"):
+        obtain_run(changed, runs, [elsewhere], train=False)
+    with pytest.raises(ConfigError, match="no finished run there"):
+        obtain_run(cfg, runs, [tmp_path / "moved"], train=False)
+    assert obtain_run(cfg, runs, [elsewhere], train=False)["reused"] is True
 
     fake_run(runs, changed)  # a finished run of another config inside the report's own folder: refused
     with pytest.raises(ConfigError, match="is a finished run of another config"):

@@ -91,14 +91,19 @@ def finished_run(run_dir: Path) -> dict | None:
     return None
 
 
-def obtain_run(cfg: ExperimentConfig, runs: Path, reuse: list[Path], task: Task = CLASSIFIER) -> dict:
-    """A finished run of `cfg`: reused from `reuse` or `runs` when its config matches, else trained."""
+def obtain_run(
+    cfg: ExperimentConfig, runs: Path, reuse: list[Path], task: Task = CLASSIFIER, train: bool = True
+) -> dict:
+    """A finished run of `cfg`: reused from `reuse` or `runs` when its config matches, else trained
+    (train=False, `--reuse-only`: a ConfigError naming the run and why nothing matched)."""
     from ferray.distributed.train import run_training
 
+    why_not = []
     for folder in [*reuse, runs]:
         run_dir = folder / cfg.name
         summary = finished_run(run_dir)
         if summary is None:
+            why_not.append(f"{run_dir}: no finished run there")
             continue
         differences = config_differences(run_dir, cfg)
         if not differences:
@@ -110,6 +115,9 @@ def obtain_run(cfg: ExperimentConfig, runs: Path, reuse: list[Path], task: Task 
                 "remove it or choose another --out"
             )
         log.info(f"report: not reusing {run_dir}: {'; '.join(differences[:3])}")
+        why_not.append(f"{run_dir}: {'; '.join(differences[:3])}")
+    if not train:
+        raise ConfigError(f"--reuse-only: no finished run of {cfg.name} to reuse ({' | '.join(why_not)})")
     resume = (runs / cfg.name).is_dir()
     if resume:
         log.info(f"report: resuming the unfinished run {runs / cfg.name}")
@@ -232,6 +240,7 @@ def run_report(
     out: str | Path,
     reuse: list[Path] = (),
     remote_steps: bool | None = None,
+    reuse_only: bool = False,
 ) -> dict:
     from ferray.distributed.cluster import check_shared_paths
     from ferray.distributed.runtime import connect
@@ -264,7 +273,7 @@ def run_report(
         f"out {out}; ray {info.mode}{'; evaluations as Ray tasks' if steps.remote else ''}"
     )
 
-    runs_record = obtain_all_runs(plan, out, reuse)
+    runs_record = obtain_all_runs(plan, out, reuse, train=not reuse_only)
     log.info("report: evaluating every model (TTA off and on)")
     evaluations, probs = evaluate_all(plan, runs_record["runs"], runs_record.pop("data_of"), splits, out, steps)
     from ferray.data.describe import describe_source
@@ -292,20 +301,20 @@ def run_report(
     return record
 
 
-def obtain_all_runs(plan: ReportPlan, out: Path, reuse: list[Path]) -> dict:
+def obtain_all_runs(plan: ReportPlan, out: Path, reuse: list[Path], train: bool = True) -> dict:
     """Every run of the plan, reused or trained, in order: the 48x48 classifiers, the SRGAN, the
     upscaled faces, the classifiers on them. {runs, data_of, srgan, data_sr, data_sr_reused}."""
     runs, results, data_of = out / "runs", {}, {}
     for spec in [s for s in plan.runs if not s.on_sr]:
         log.info(f"report: [{spec.label}] {spec.experiment.name}")
-        results[spec.key] = obtain_run(plan.run_config(spec, plan.data), runs, reuse)
+        results[spec.key] = obtain_run(plan.run_config(spec, plan.data), runs, reuse, train=train)
         data_of[spec.key] = plan.data
     log.info(f"report: [SRGAN] {plan.sr_experiment.name}")
     sr_cfg = plan.config(plan.sr_experiment, plan.data)
     if plan.ensemble[0] in results and not sr_cfg.sr.content_checkpoint and sr_cfg.sr.content in ("auto", "model_a"):
         # without VGG19's ImageNet weights (content: auto), the content loss uses Model A's features
         sr_cfg.sr.content_checkpoint = results[plan.ensemble[0]]["best_checkpoint"]
-    srgan = obtain_run(sr_cfg, runs, reuse, task=SR)
+    srgan = obtain_run(sr_cfg, runs, reuse, task=SR, train=train)
     on_sr = [s for s in plan.runs if s.on_sr]
     if not on_sr:
         return {"runs": results, "data_of": data_of, "srgan": srgan, "data_sr": None, "data_sr_reused": False}
@@ -315,7 +324,7 @@ def obtain_all_runs(plan: ReportPlan, out: Path, reuse: list[Path]) -> dict:
     )
     for spec in on_sr:
         log.info(f"report: [{spec.label}] {spec.experiment.name} on {data_sr}")
-        results[spec.key] = obtain_run(plan.run_config(spec, data_sr), runs, reuse)
+        results[spec.key] = obtain_run(plan.run_config(spec, data_sr), runs, reuse, train=train)
         data_of[spec.key] = data_sr
     return {"runs": results, "data_of": data_of, "srgan": srgan, "data_sr": str(data_sr), "data_sr_reused": reused}
 
