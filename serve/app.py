@@ -155,9 +155,9 @@ class Ingress:
         # its next part waiting while it computes.
         fused = self.settings.ensemble
         self._replicas = fused.max_replicas
-        self._waiting, self._waiting_limit = 0, GROUPS_IN_FLIGHT * fused.max_batch_size + fused.max_queued_requests
-        if fused.max_queued_requests == -1:
-            self._waiting_limit = float("inf")
+        in_flight = GROUPS_IN_FLIGHT * fused.max_batch_size
+        self._waiting = 0
+        self._waiting_limit = float("inf") if fused.max_queued_requests == -1 else in_flight + fused.max_queued_requests
         self._grouped = serve.batch(
             max_batch_size=fused.max_batch_size,
             batch_wait_timeout_s=fused.batch_wait_timeout_s,

@@ -15,6 +15,11 @@ from ferray.config import ConfigError, build_typed, read_yaml
 CONFIG_FILE = Path(__file__).with_name("config.yaml")
 
 
+def check_queue_bound(max_queued_requests: int, where: str) -> None:
+    if max_queued_requests < -1 or max_queued_requests == 0:
+        raise ConfigError(f"{where}: max_queued_requests must be >= 1, or -1 for unbounded")
+
+
 @dataclass
 class ReplicaSettings:
     num_cpus: float = 1.0
@@ -38,8 +43,7 @@ class ReplicaSettings:
     def check(self, where: str) -> None:
         if self.max_batch_size < 1 or self.threads < 1 or self.chunk_faces < 1:
             raise ConfigError(f"{where}: max_batch_size, threads and chunk_faces must be >= 1")
-        if self.max_queued_requests < -1 or self.max_queued_requests == 0:
-            raise ConfigError(f"{where}: max_queued_requests must be >= 1, or -1 for unbounded")
+        check_queue_bound(self.max_queued_requests, where)
         if self.max_ongoing_requests < self.max_batch_size:
             # a batch never exceeds the requests a replica may hold, so a larger batch size would be a lie
             raise ConfigError(
@@ -115,6 +119,7 @@ class ServeSettings:
             raise ConfigError(f"layout is {self.layout!r}; choose fused or split")
         if self.members not in ("all", "a"):
             raise ConfigError(f"members is {self.members!r}; choose all or a (Model A alone)")
+        check_queue_bound(self.ingress.max_queued_requests, "ingress")
         self.ensemble.check("ensemble")
         self.model_a.check("model_a")
         self.model_b.check("model_b")

@@ -511,3 +511,13 @@ def test_a_merged_group_is_spread_over_the_replicas_and_answered_in_order():
     calls.clear()
     asyncio.run(ingress._group_call(fake, [np.array([4])]))
     assert calls == [1]  # one request: one call, no empty parts
+
+
+def test_queue_bounds_are_checked_for_the_ingress_as_for_the_replicas():
+    from ferray.config import ConfigError
+    from ferray.serve_app.settings import parse_settings
+
+    for part in ("ingress", "ensemble"):
+        with pytest.raises(ConfigError, match=f"{part}: max_queued_requests must be >= 1, or -1"):
+            parse_settings({part: {"max_queued_requests": 0}})
+    assert parse_settings({"ingress": {"max_queued_requests": -1}}).ingress.max_queued_requests == -1
