@@ -45,7 +45,6 @@ def compute_per_request(bundle: Path) -> tuple[float, str]:
     how they split between A, the SR generator and B: the work no server layout can avoid."""
     import torch
 
-    from ferray.augment import predict_proba
     from ferray.bundle import bundle_members, load_bundle, read_bundle_card
 
     torch.set_num_threads(1)
@@ -60,14 +59,13 @@ def compute_per_request(bundle: Path) -> tuple[float, str]:
             fn()
         return (time.perf_counter() - start) / repeat / len(faces)
 
-    with torch.no_grad():
+    with torch.no_grad():  # the served path: probs_a/probs_b forward the frozen bf16 copies where the CPU has bf16
         parts = {"A": timed(lambda: ensemble.probs_a(faces))}
-        if "b" in members and ensemble.generator is not None:
-            parts["SR"] = timed(lambda: ensemble.generator(faces.float().unsqueeze(1) / 255))
-            up = (ensemble.generator(faces.float().unsqueeze(1) / 255).clamp(0, 1) * 255).to(torch.uint8).squeeze(1)
-            parts["B"] = timed(lambda: predict_proba(ensemble.model_b, up, ensemble.cfg_b.augment.crop, ensemble.tta))
-        elif "b" in members:
-            parts["B"] = timed(lambda: ensemble.probs_b(faces))
+        if "b" in members:
+            sr_and_b = timed(lambda: ensemble.probs_b(faces))
+            if ensemble.generator is not None:
+                parts["SR"] = timed(lambda: ensemble.generator(faces.float().unsqueeze(1) / 255))
+            parts["B"] = sr_and_b - parts.get("SR", 0.0)
     total = sum(parts.values())
     return total, ", ".join(f"{name} {seconds * 1e3:.1f} ms" for name, seconds in parts.items())
 

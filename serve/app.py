@@ -152,7 +152,9 @@ class Ingress:
         # about one request at a time, so batches formed at the replica held 1-2 requests, and one
         # call per merged group also pays one hop for many requests (docs/benchmarks.md). A group is
         # sent in one part per replica (_group_call), and two groups are in flight: each replica has
-        # its next part waiting while it computes.
+        # its next part waiting while it computes. The router spreads the parts only because a replica
+        # admits two calls (ensemble.max_ongoing_requests: 2); admitting 32, one replica often held
+        # both groups while the other idled (their CPU per request unequal: docs/benchmarks.md).
         fused = self.settings.ensemble
         self._replicas = fused.max_replicas
         in_flight = GROUPS_IN_FLIGHT * fused.max_batch_size

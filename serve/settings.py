@@ -40,11 +40,15 @@ class ReplicaSettings:
     # starts, before it takes a request
     int8: bool = False
 
-    def check(self, where: str) -> None:
+    def check(self, where: str, merged_upstream: bool = False) -> None:
+        """merged_upstream: the fused layout's deployment, whose calls are groups the ingress merged
+        (max_batch_size is the group size there, and max_ongoing_requests counts calls, not requests)."""
         if self.max_batch_size < 1 or self.threads < 1 or self.chunk_faces < 1:
             raise ConfigError(f"{where}: max_batch_size, threads and chunk_faces must be >= 1")
         check_queue_bound(self.max_queued_requests, where)
-        if self.max_ongoing_requests < self.max_batch_size:
+        if self.max_ongoing_requests < 1:
+            raise ConfigError(f"{where}: max_ongoing_requests must be >= 1")
+        if not merged_upstream and self.max_ongoing_requests < self.max_batch_size:
             # a batch never exceeds the requests a replica may hold, so a larger batch size would be a lie
             raise ConfigError(
                 f"{where}: max_ongoing_requests ({self.max_ongoing_requests}) must be >= "
@@ -120,7 +124,7 @@ class ServeSettings:
         if self.members not in ("all", "a"):
             raise ConfigError(f"members is {self.members!r}; choose all or a (Model A alone)")
         check_queue_bound(self.ingress.max_queued_requests, "ingress")
-        self.ensemble.check("ensemble")
+        self.ensemble.check("ensemble", merged_upstream=True)
         self.model_a.check("model_a")
         self.model_b.check("model_b")
         limits = (

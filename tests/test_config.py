@@ -56,6 +56,22 @@ def test_serve_settings_use_the_same_typed_builder_and_set_syntax():
     assert app_args(None, overrides=["members=a"])[0]["members"] == "a"
 
 
+def test_the_fused_deployment_counts_calls_and_the_split_members_count_requests():
+    """The fused layout's replicas take merged groups (two calls each: one computing, one waiting,
+    so that Serve's router cannot pile both groups in flight on one replica), while a split member
+    batches requests itself and must admit at least a batch of them."""
+    from ferray.distributed.serving import app_args
+    from ferray.serve_app.settings import parse_settings
+
+    args, _ = app_args(None)
+    shipped = parse_settings(args).ensemble
+    assert shipped.max_ongoing_requests == 2 and shipped.max_batch_size > 2
+    with pytest.raises(ConfigError, match=r"model_a: max_ongoing_requests \(2\) must be >= max_batch_size"):
+        app_args(None, overrides=["model_a.max_ongoing_requests=2"])
+    with pytest.raises(ConfigError, match="ensemble: max_ongoing_requests must be >= 1"):
+        app_args(None, overrides=["ensemble.max_ongoing_requests=0"])
+
+
 def test_paper_recipe_is_the_papers():
     cfg = load_config(Path(__file__).parents[1] / "experiments" / "model_a.yaml")
     assert (cfg.optim.name, cfg.optim.lr, cfg.train.batch_size, cfg.train.epochs) == ("adamax", 0.01, 64, 250)
