@@ -63,13 +63,15 @@ class Ensemble:
         faces = self._check(faces).to(self.device)
         crop, scale = self.cfg_b.augment.crop, self.cfg_b.data.input_scale
         if self.generator is not None:
-            x = faces.float().unsqueeze(1) / 255.0
-            faces = (
-                (self.generator(x).clamp(0, 1) * 255).round().to(torch.uint8).squeeze(1)
-            )  # as `sr upscale` writes it
-            scale = 1
+            faces, scale = self.upscale(faces), 1
         model, autocast = self.runner("b")
         return predict_proba(model, faces, crop, self.tta, autocast, scale).cpu()
+
+    def upscale(self, faces: torch.Tensor) -> torch.Tensor:
+        """uint8 faces (N, 48, 48) on self.device -> the generator's uint8 (N, 96, 96), rounded as
+        `sr upscale` writes them."""
+        x = faces.float().unsqueeze(1) / 255.0
+        return (self.generator(x).clamp(0, 1) * 255).round().to(torch.uint8).squeeze(1)
 
     def runner(self, which: str) -> tuple[torch.nn.Module, bool]:
         """(the module that forwards member `which`, whether it needs bf16 autocast). In bf16 on a CPU,
