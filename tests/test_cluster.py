@@ -282,3 +282,20 @@ def test_a_second_ray_on_the_machine_gets_its_own_haproxy_side_ports(monkeypatch
     with own_ray_environment():
         assert os.environ["RAY_SERVE_HAPROXY_STATS_PORT"] == "18404"
     assert os.environ["RAY_SERVE_HAPROXY_STATS_PORT"] == "18404"
+
+
+def test_ferrays_own_ray_drains_a_stopped_ingress_briefly_unless_the_user_says_otherwise(monkeypatch):
+    """Ray's 30 s drain of a stopped ingress replica (for load balancers in front of a cluster) made
+    every Serve shutdown on one machine take 30 s; ferray's own Ray shortens it, cluster.yaml does not."""
+    import os
+
+    from ferray.distributed.runtime import EMBEDDED_SERVE_ENV, own_ray_environment
+
+    (name,) = EMBEDDED_SERVE_ENV
+    monkeypatch.delenv(name, raising=False)
+    with own_ray_environment():
+        assert float(os.environ[name]) <= 5
+    assert name not in (REPO / "cluster.yaml").read_text()  # a cluster keeps Ray's default
+    monkeypatch.setenv(name, "12")
+    with own_ray_environment():
+        assert os.environ[name] == "12"

@@ -69,6 +69,14 @@ def configure_serve_env() -> None:
         os.environ.setdefault(name, value)
 
 
+# How long an ingress replica keeps answering once Serve stops it (an app deleted or redeployed,
+# Serve shut down) in the high-throughput mode: Ray's default, 30 s, gives load balancers in front of
+# a cluster's nodes time to drop it. A Ray of ferray's own has only the HAProxy beside it on the same
+# machine, which retries a refused connection on another replica; 30 s there was every `serve.delete`,
+# every Serve shutdown in the demo and the tests, and a "Controller failed to shut down" warning.
+# Only for ferray's own Ray (a value the user set wins); cluster.yaml keeps Ray's default.
+EMBEDDED_SERVE_ENV = {"RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2"}
+
 # HAProxy's stats and metrics listeners have fixed default ports (8404, 9101): a second Ray on the
 # same machine (a second `ferray serve`, a test beside a server) would fail to start its HAProxy.
 HAPROXY_PORT_VARIABLES = ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT")
@@ -76,11 +84,14 @@ HAPROXY_PORT_VARIABLES = ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_MET
 
 @contextmanager
 def own_ray_environment():
-    """Around the ray.init that starts a Ray of ferray's own: Serve's mode (configure_serve_env)
-    and, for HAProxy's side listeners, ports free on this machine. Ray's processes keep what they
-    inherited at start; the ports are taken back from this process's environment afterwards, so
-    that a process it starts (a `ferray serve` under test) picks its own. Ports the user set stay."""
+    """Around the ray.init that starts a Ray of ferray's own: Serve's mode (configure_serve_env),
+    its short ingress drain (EMBEDDED_SERVE_ENV) and, for HAProxy's side listeners, ports free on
+    this machine. Ray's processes keep what they inherited at start; the ports are taken back from
+    this process's environment afterwards, so that a process it starts (a `ferray serve` under
+    test) picks its own. Ports the user set stay."""
     configure_serve_env()
+    for name, value in EMBEDDED_SERVE_ENV.items():
+        os.environ.setdefault(name, value)
     saved = {name: os.environ.get(name) for name in HAPROXY_PORT_VARIABLES}
     for name, value in saved.items():
         if value is None:
