@@ -192,7 +192,8 @@ def _add_train(sub) -> None:
         description="Train the experiment's model with Ray Train (TorchTrainer, DDP across "
         "workers): a checkpoint every epoch, the best kept by eval accuracy, lost workers "
         "restarted from the latest checkpoint. The run folder OUT/NAME holds config.yaml, "
-        "metrics.jsonl, TensorBoard events, Ray's checkpoints, best.pt and result.json.",
+        "metrics.jsonl, TensorBoard events, Ray's checkpoints, best.pt, best.fp16.pt (the selected weights in half "
+        "precision: the file to keep) and result.json.",
     )
     p.add_argument("experiment", type=Path, help="an experiments/*.yaml file")
     _run_flags(p, "run", "--workers", "data-parallel workers", "epochs", "e.g. --set optim.lr=0.003")

@@ -544,6 +544,26 @@ def load_checkpoint(path: str | Path, kind: str = "classifier") -> dict:
     return payload
 
 
+def slim_checkpoint(payload: dict) -> dict:
+    """What inference needs from a training checkpoint: weights (in half precision: a bundle ships
+    inside the package, and fp16 weights classify as fp32 ones do), config, and the run's facts."""
+    keep = (
+        "format",
+        "kind",
+        "ferray_version",
+        "config",
+        "model",
+        "weights",
+        "epoch",
+        "metrics",
+        "pretrained",
+        "content_loss",
+    )
+    slim = {k: payload[k] for k in keep if k in payload}
+    slim["model"] = {k: v.half() if v.is_floating_point() else v for k, v in payload["model"].items()}
+    return slim
+
+
 def restore_state(state: TrainState, payload: dict) -> None:
     """Continue a run from a checkpoint payload (model, EMA, centers, optimizer, schedule, counters)."""
     state.core.load_state_dict(payload.get("train_model", payload["model"]))

@@ -67,6 +67,7 @@ def train_local(
     run.facts["compile"] = _compile_outcome(state, cfg)
     run.facts["loop_seconds"] = round(time.perf_counter() - t0, 1)
     task.restore_weights(state, run.run_dir / BEST_FILE)
+    run.folder.write_weights()
     run.write_result(state)
     return state, run
 

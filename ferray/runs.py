@@ -5,6 +5,8 @@
               machine.json       where the epochs ran (the worker's machine, not the driver's)
               metrics.jsonl      one row per epoch, as fit() made it
               latest.pt best.pt  the last epoch's checkpoint; the selected one
+              best.fp16.pt       the selected weights alone, in half precision (a few MB: small enough
+                                 to commit or copy off the machine the moment a run ends)
               result.json        the RunRecord: the run's summary, which later stages read
 
 `ferray train` (its Ray driver and its rank-0 worker) and the Ray-free runner (ferray.fit.LocalRun:
@@ -29,6 +31,7 @@ METRICS_FILE = "metrics.jsonl"
 RESULT_FILE = "result.json"
 BEST_FILE = "best.pt"
 LATEST_FILE = "latest.pt"
+WEIGHTS_FILE = "best.fp16.pt"
 RUN_FILES = (CONFIG_FILE, RESULT_FILE, METRICS_FILE, MACHINE_FILE, PROVENANCE_FILE)  # what a bundle keeps
 
 
@@ -176,6 +179,21 @@ class RunFolder:
             final_metrics={k: v for k, v in final.items() if isinstance(v, (int, float)) and not isinstance(v, bool)},
             facts=dict(facts or {}),
         )
+
+    def write_weights(self) -> Path:
+        """best.fp16.pt from best.pt: what inference needs (the selected weights in half precision,
+        the config, the epoch), without the optimizer, raw-weight and EMA state a resume needs. A run
+        folder can go with its machine; this file is the part worth keeping, and `ferray evaluate`,
+        `ferray ensemble` and `ferray explain` read it as they read best.pt."""
+        import torch
+
+        from ferray.engine import slim_checkpoint
+
+        payload = torch.load(self.path / BEST_FILE, map_location="cpu", weights_only=True)
+        partial = self.path / (WEIGHTS_FILE + ".partial")
+        torch.save(slim_checkpoint(payload), partial)
+        partial.replace(self.path / WEIGHTS_FILE)
+        return self.path / WEIGHTS_FILE
 
     def write_record(self, record: RunRecord) -> RunRecord:
         _replace(self.path / RESULT_FILE, json.dumps(record.to_dict(), indent=2, default=str) + "\n")

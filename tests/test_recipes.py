@@ -147,3 +147,6 @@ def test_the_cpu_model_b_recipe_trains_on_upscaled_faces(tmp_path, synth_faces):
     row = state.history[-1]
     assert row["epoch"] == 1 and 0.0 <= row["eval_acc"] <= 1.0 and row["eval_weights"] in ("ema", "raw")
     assert run.best["epoch"] == 1
+    kept = torch.load(tmp_path / "b" / "best.fp16.pt", weights_only=True)  # the run's weights worth keeping
+    assert kept["kind"] == "classifier" and kept["epoch"] == 1
+    assert {v.dtype for v in kept["model"].values() if v.is_floating_point()} == {torch.float16}

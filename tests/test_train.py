@@ -73,6 +73,18 @@ def test_two_workers_train_then_an_interrupted_run_resumes_and_evaluates(ray_ses
     private = read_manifest(synth_data)["splits"]["PrivateTest"]["rows"]
     assert report["samples"] == private and (run_dir / "eval-PrivateTest-tta.png").stat().st_size > 1000
 
+    # best.fp16.pt, the file worth keeping when the run folder is not: the selected weights alone,
+    # in half precision, read by the same readers and classifying as best.pt does
+    import torch
+
+    best, weights = (torch.load(run_dir / name, weights_only=True) for name in ("best.pt", "best.fp16.pt"))
+    assert weights["epoch"] == best["epoch"] and weights["weights"] == best["weights"]
+    assert not {"optimizer", "train_model", "ema", "history"} & set(weights)
+    assert {v.dtype for v in weights["model"].values() if v.is_floating_point()} == {torch.float16}
+    assert (run_dir / "best.fp16.pt").stat().st_size < (run_dir / "best.pt").stat().st_size / 2
+    half = evaluate_checkpoint(run_dir / "best.fp16.pt", synth_data, "PrivateTest", tta=True)
+    assert abs(half["accuracy"] - report["accuracy"]) <= 1 / private
+
 
 def test_each_workers_shard_has_the_global_class_mix(ray_session, tmp_path):
     """Image folders come out in class order; prepare's shuffle must reach every Train worker."""

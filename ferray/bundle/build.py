@@ -43,31 +43,11 @@ from ferray.data.contract import (
     untouched_splits,
 )
 from ferray.device import default_device
-from ferray.engine import load_checkpoint
+from ferray.engine import load_checkpoint, slim_checkpoint
 from ferray.models import num_params
 from ferray.runs import RUN_FILES
 
 log = logging.getLogger(__name__)
-
-
-def slim_checkpoint(payload: dict) -> dict:
-    """What inference needs from a training checkpoint: weights (in half precision: a bundle ships
-    inside the package, and fp16 weights classify as fp32 ones do), config, and the run's facts."""
-    keep = (
-        "format",
-        "kind",
-        "ferray_version",
-        "config",
-        "model",
-        "weights",
-        "epoch",
-        "metrics",
-        "pretrained",
-        "content_loss",
-    )
-    slim = {k: payload[k] for k in keep if k in payload}
-    slim["model"] = {k: v.half() if v.is_floating_point() else v for k, v in payload["model"].items()}
-    return slim
 
 
 def bundle_selection_split(cfg_a: ExperimentConfig, manifest: dict, data) -> str:

@@ -430,8 +430,10 @@ def finish_run(
         test_splits=untouched_splits(read_manifest(cfg.data.path), cfg.data.selection_split, cfg.data.train_split),
     )
     run.write_record(record)
+    weights = run.write_weights()
     log.info(
         f"train: done in {seconds:.0f}s; best {cfg.data.selection_split} (selection) "
-        f"{task.format_value(record.best_value)} at epoch {record.best_epoch}; checkpoint {run_dir / BEST_FILE}"
+        f"{task.format_value(record.best_value)} at epoch {record.best_epoch}; checkpoint {run_dir / BEST_FILE}; "
+        f"its weights alone in half precision (keep these): {weights} ({weights.stat().st_size / 2**20:.1f} MB)"
     )
     return record
