@@ -180,16 +180,17 @@ class RunFolder:
             facts=dict(facts or {}),
         )
 
-    def write_weights(self) -> Path:
-        """best.fp16.pt from best.pt: what inference needs (the selected weights in half precision,
-        the config, the epoch), without the optimizer, raw-weight and EMA state a resume needs. A run
-        folder can go with its machine; this file is the part worth keeping, and `ferray evaluate`,
-        `ferray ensemble` and `ferray explain` read it as they read best.pt."""
+    def write_weights(self, best: dict | None = None) -> Path:
+        """best.fp16.pt from best.pt (`best`: its payload, when the caller has read it already): what
+        inference needs (the selected weights in half precision, the config, the epoch), without the
+        optimizer, raw-weight and EMA state a resume needs. A run folder can go with its machine; this
+        file is the part worth keeping, and `ferray evaluate`, `ferray ensemble` and `ferray explain`
+        read it as they read best.pt."""
         import torch
 
         from ferray.engine import slim_checkpoint
 
-        payload = torch.load(self.path / BEST_FILE, map_location="cpu", weights_only=True)
+        payload = best if best is not None else torch.load(self.path / BEST_FILE, map_location="cpu", weights_only=True)
         partial = self.path / (WEIGHTS_FILE + ".partial")
         torch.save(slim_checkpoint(payload), partial)
         partial.replace(self.path / WEIGHTS_FILE)

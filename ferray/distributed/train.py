@@ -430,7 +430,7 @@ def finish_run(
         test_splits=untouched_splits(read_manifest(cfg.data.path), cfg.data.selection_split, cfg.data.train_split),
     )
     run.write_record(record)
-    weights = run.write_weights()
+    weights = run.write_weights(payload)  # best.pt as read above
     log.info(
         f"train: done in {seconds:.0f}s; best {cfg.data.selection_split} (selection) "
         f"{task.format_value(record.best_value)} at epoch {record.best_epoch}; checkpoint {run_dir / BEST_FILE}; "
