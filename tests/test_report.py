@@ -125,6 +125,8 @@ def test_the_cpu_plan_applies_each_runs_own_overrides_and_lists_the_rows_it_does
         ({"data": None}, r"no data"),
         ({"not_run": [{"label": "VGG16"}]}, r"not_run\[0\]: expected \{key, label, command\}"),
         ({"runs": [{"key": "model_a", "experiment": "debug_a.yaml", "sets": "train.epochs=2"}]}, r"runs\[0\].sets"),
+        ({"concurrent_runs": 0}, r"concurrent_runs: a positive integer"),
+        ({"concurrent_runs": "2"}, r"concurrent_runs: a positive integer"),
     ],
 )
 def test_bad_plans_are_refused_naming_the_file_and_field(tmp_path, changes, message):
@@ -141,6 +143,60 @@ def test_a_missing_experiment_or_bad_override_is_caught_before_any_run(tmp_path)
         load_plan(path)
     with pytest.raises(ConfigError, match="optim.nme|nme"):
         load_plan(write_plan(tmp_path), sets=["optim.nme=adam"])
+
+
+# ---------------------------------------------------------------------------- runs side by side
+def test_the_gate_admits_runs_only_while_they_fit_beside_each_other():
+    from ferray.distributed.report import RunGate
+
+    gate = RunGate({"CPU": 4, "GPU": 1}, most=3)
+    one_cpu, two_cpus, one_gpu = {"CPU": 1, "GPU": 0}, {"CPU": 2, "GPU": 0}, {"CPU": 1, "GPU": 1}
+    with gate.admit(one_cpu):
+        assert gate.fits(one_cpu) and gate.fits(two_cpus) and gate.fits(one_gpu)
+        with gate.admit(two_cpus):
+            assert not gate.fits(one_cpu)  # 4 CPUs, 3 taken: the last one is left to Ray Data's tasks
+    with gate.admit(one_gpu):
+        assert not gate.fits(one_gpu) and gate.fits(one_cpu)
+    with gate.admit({"CPU": 8, "GPU": 0}):  # too big even alone: admitted alone (ferray train says why)
+        assert not gate.fits(one_cpu)
+    assert gate.free == {"CPU": 4, "GPU": 1} and gate.running == 0
+    narrow = RunGate({"CPU": 16}, most=2)
+    with narrow.admit(one_cpu), narrow.admit(one_cpu):
+        assert not narrow.fits(one_cpu)  # `concurrent_runs` bounds it however many CPUs are free
+
+
+def test_independent_runs_train_side_by_side_and_a_failed_one_lets_the_others_finish(
+    prepared_synth, tmp_path, monkeypatch
+):
+    import threading
+
+    import ray
+
+    from ferray.distributed import report
+
+    plan = load_plan(write_plan(tmp_path), data=prepared_synth)
+    on_fer = [s for s in plan.runs if not s.on_sr]  # vgg16, vgg19 (1 CPU each), model_a (2 CPUs)
+    side_by_side = threading.Barrier(2, timeout=10)  # broken unless the two VGG runs are under way together
+    finished = []
+
+    def fake_obtain_run(cfg, runs, reuse, train=True):
+        if cfg.name.startswith("debug_vgg"):
+            side_by_side.wait()
+        if cfg.name == "debug_vgg19":
+            raise RuntimeError("vgg19 fell over")
+        finished.append(cfg.name)
+        return {"name": cfg.name}
+
+    monkeypatch.setattr(report, "obtain_run", fake_obtain_run)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 4.0})
+    with pytest.raises(RuntimeError, match="vgg19 fell over"):
+        report.obtain_runs(plan, on_fer, prepared_synth, tmp_path / "runs", [], train=True)
+    assert sorted(finished) == ["debug_a", "debug_vgg16"]  # the failure stopped neither of the others
+    finished.clear()
+    plan.concurrent_runs = 1  # one at a time: the two VGGs never meet
+    monkeypatch.setattr(report, "obtain_run", lambda cfg, *a, **k: finished.append(cfg.name) or {"name": cfg.name})
+    got = report.obtain_runs(plan, on_fer, prepared_synth, tmp_path / "runs", [], train=True)
+    assert list(got) == ["vgg16", "vgg19", "model_a"] and finished == ["debug_vgg16", "debug_vgg19", "debug_a"]
 
 
 # ------------------------------------------------------------------------------------------ reuse
@@ -227,9 +283,7 @@ def finished_report(tmp_path_factory, prepared_synth, ray_session):
     root = tmp_path_factory.mktemp("report")
     plan = load_plan(write_plan(root), data=prepared_synth)
     runs = root / "finished"
-    made = {
-        spec.key: fake_run(runs, plan.config(spec.experiment, prepared_synth)) for spec in plan.runs if not spec.on_sr
-    }
+    made = {spec.key: fake_run(runs, plan.run_config(spec, prepared_synth)) for spec in plan.runs if not spec.on_sr}
     sr_cfg = plan.config(plan.sr_experiment, prepared_synth)
     # as the report trains it: without VGG19's weights, the content loss uses Model A's features
     sr_cfg.sr.content_checkpoint = str(made[plan.ensemble[0]] / "best.pt")

@@ -25,6 +25,7 @@ import os
 import platform
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 
 from ferray.bundle.card import VIEWS
@@ -304,11 +305,10 @@ def run_report(
 def obtain_all_runs(plan: ReportPlan, out: Path, reuse: list[Path], train: bool = True) -> dict:
     """Every run of the plan, reused or trained, in order: the 48x48 classifiers, the SRGAN, the
     upscaled faces, the classifiers on them. {runs, data_of, srgan, data_sr, data_sr_reused}."""
-    runs, results, data_of = out / "runs", {}, {}
-    for spec in [s for s in plan.runs if not s.on_sr]:
-        log.info(f"report: [{spec.label}] {spec.experiment.name}")
-        results[spec.key] = obtain_run(plan.run_config(spec, plan.data), runs, reuse, train=train)
-        data_of[spec.key] = plan.data
+    runs, data_of = out / "runs", {}
+    on_fer = [s for s in plan.runs if not s.on_sr]
+    results = obtain_runs(plan, on_fer, plan.data, runs, reuse, train)
+    data_of.update(dict.fromkeys(results, plan.data))
     log.info(f"report: [SRGAN] {plan.sr_experiment.name}")
     sr_cfg = plan.config(plan.sr_experiment, plan.data)
     if plan.ensemble[0] in results and not sr_cfg.sr.content_checkpoint and sr_cfg.sr.content in ("auto", "model_a"):
@@ -322,11 +322,92 @@ def obtain_all_runs(plan: ReportPlan, out: Path, reuse: list[Path], train: bool 
     data_sr, reused = upscaled_data(
         plan, srgan["best_checkpoint"], [c for c in candidates if c] + [out / "data_sr"], out / "data_sr"
     )
-    for spec in on_sr:
-        log.info(f"report: [{spec.label}] {spec.experiment.name} on {data_sr}")
-        results[spec.key] = obtain_run(plan.run_config(spec, data_sr), runs, reuse, train=train)
-        data_of[spec.key] = data_sr
+    on_sr_results = obtain_runs(plan, on_sr, data_sr, runs, reuse, train)
+    results.update(on_sr_results)
+    data_of.update(dict.fromkeys(on_sr_results, data_sr))
     return {"runs": results, "data_of": data_of, "srgan": srgan, "data_sr": str(data_sr), "data_sr_reused": reused}
+
+
+def obtain_runs(
+    plan: ReportPlan, specs: list, data: Path, runs: Path, reuse: list[Path], train: bool
+) -> dict[str, dict]:
+    """{key: run} for runs that do not depend on each other, up to `plan.concurrent_runs` at once.
+
+    Each run is its own Ray Train job. They are driven from threads of this process (Ray Train runs
+    its controller from any thread, as Tune does; a thread waiting on Ray costs no CPU), and a run
+    starts only when the ones under way leave room for its workers (`RunGate`): a run Ray had to queue
+    would time out waiting for its workers. A failed run does not stop the others: each finishes (and
+    stays resumable), then the first error is raised."""
+    import threading
+
+    def obtain(spec):
+        log.info(f"report: [{spec.label}] {spec.experiment.name} on {data}")
+        return obtain_run(plan.run_config(spec, data), runs, reuse, train=train)
+
+    if plan.concurrent_runs <= 1 or len(specs) <= 1:
+        return {spec.key: obtain(spec) for spec in specs}
+    import ray
+
+    from ferray.distributed.tune import per_trial_resources
+
+    gate, outcomes = RunGate(ray.cluster_resources(), plan.concurrent_runs), {}
+
+    def worker(spec):
+        try:
+            with gate.admit(per_trial_resources(plan.run_config(spec, data, resolve_split=False))):
+                outcomes[spec.key] = (obtain(spec), None)
+        except BaseException as e:  # handed to the caller below, once the others have finished
+            outcomes[spec.key] = (None, e)
+
+    # daemon threads: a Ctrl-C ends the report at once (the runs stop with Ray, resumable) instead of
+    # waiting at exit for every run to finish
+    threads = [threading.Thread(target=worker, args=(spec,), daemon=True, name=f"run-{spec.key}") for spec in specs]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        while thread.is_alive():  # join() with a timeout: the main thread stays interruptible
+            thread.join(timeout=0.5)
+    errors = [outcomes[spec.key][1] for spec in specs if outcomes[spec.key][1] is not None]
+    if errors:
+        raise errors[0]
+    return {spec.key: outcomes[spec.key][0] for spec in specs}
+
+
+class RunGate:
+    """Admits runs while they fit beside each other: at most `most` at once, their CPUs and GPUs
+    within the cluster's, and one CPU left over for the Ray Data tasks that feed them (Train
+    workers holding every CPU starve those tasks and the runs hang). A run that does not fit even
+    alone is admitted alone (`ferray train`'s own resource check then names what is missing)."""
+
+    def __init__(self, total: dict, most: int):
+        import threading
+
+        self.free = {"CPU": float(total.get("CPU", 0)), "GPU": float(total.get("GPU", 0))}
+        self.most, self.running, self.ready = most, 0, threading.Condition()
+
+    def fits(self, need: dict) -> bool:
+        if self.running == 0:
+            return True
+        if self.running >= self.most:
+            return False
+        left = {r: self.free[r] - need.get(r, 0) for r in self.free}
+        return left["CPU"] >= 1 - 1e-9 and left["GPU"] >= -1e-9
+
+    @contextmanager
+    def admit(self, need: dict):
+        with self.ready:
+            self.ready.wait_for(lambda: self.fits(need))
+            self.running += 1
+            for r in self.free:
+                self.free[r] -= need.get(r, 0)
+        try:
+            yield
+        finally:
+            with self.ready:
+                self.running -= 1
+                for r in self.free:
+                    self.free[r] += need.get(r, 0)
+                self.ready.notify_all()
 
 
 def _run_data(run_dir: Path) -> Path | None:

@@ -10,6 +10,7 @@
     not_run:                           # Table 1 rows this plan does not train, each with its command
       - {key: vgg16, label: VGG16, command: "ferray train experiments/vgg16.yaml --data data/fer2013 (a GPU)"}
     sr: {experiment: srgan.yaml, actors: 1, gpus_per_actor: 1}
+    concurrent_runs: 2                 # runs that do not depend on each other trained at once (default 1)
     ensemble: {a: model_a, b: model_b}
     figures: {crops: 8, explain_per_class: 2, sr_faces: 6}
     paper: {model_a: {params: 2720439, depth: 83}, ensemble: {PublicTest: 71.608, PrivateTest: 73.244}}
@@ -62,6 +63,7 @@ class ReportPlan:
     figures: dict = field(default_factory=lambda: dict(FIGURE_DEFAULTS))
     paper: dict = field(default_factory=dict)
     not_run: list[NotRun] = field(default_factory=list)
+    concurrent_runs: int = 1
 
     def run_config(self, spec: RunSpec, data: Path, resolve_split: bool = True) -> ExperimentConfig:
         """A run of the plan as it is trained: its experiment with the plan's and its own overrides."""
@@ -142,7 +144,19 @@ def _not_run(item, where: str) -> NotRun:
 def load_plan(path: str | Path, data: str | Path | None = None, sets: list[str] = ()) -> ReportPlan:
     path = Path(path)
     raw = read_yaml(path, "report plan")
-    known = {"name", "description", "data", "sets", "runs", "not_run", "sr", "ensemble", "figures", "paper"}
+    known = {
+        "name",
+        "description",
+        "data",
+        "sets",
+        "runs",
+        "not_run",
+        "sr",
+        "ensemble",
+        "figures",
+        "paper",
+        "concurrent_runs",
+    }
     if set(raw) - known:
         raise ConfigError(
             f"{path}: unknown key(s) {', '.join(sorted(set(raw) - known))} (known: {', '.join(sorted(known))})"
@@ -182,6 +196,9 @@ def load_plan(path: str | Path, data: str | Path | None = None, sets: list[str] 
             raise ConfigError(
                 f"{path}: paper.{key}: must name a run or `ensemble` and hold only {', '.join(sorted(PAPER_KEYS))}"
             )
+    concurrent = raw.get("concurrent_runs", 1)
+    if not isinstance(concurrent, int) or isinstance(concurrent, bool) or concurrent < 1:
+        raise ConfigError(f"{path}: concurrent_runs: a positive integer (runs trained at once), not {concurrent!r}")
     chosen = data if data is not None else raw.get("data")
     if not chosen:
         raise ConfigError(f"{path}: no data: give `data:` in the plan or --data")
@@ -202,6 +219,7 @@ def load_plan(path: str | Path, data: str | Path | None = None, sets: list[str] 
         figures=figures,
         paper=paper,
         not_run=not_run,
+        concurrent_runs=concurrent,
     )
     for spec in specs:  # every experiment must load as the plan would run it: fail now, not after hours
         plan.run_config(spec, plan.data, resolve_split=False)
