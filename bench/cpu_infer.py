@@ -87,6 +87,10 @@ def model_flops(model, crop: int) -> float:
     return float(counter.get_total_flops())
 
 
+# the int8 x int8 -> int32 dot products torch._int_mm and the int8 path are built on
+INT8_DOT_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
+
+
 def matmul_flops_per_s(size: int = 2048, repeats: int = 5, dtype: torch.dtype = torch.float32) -> float:
     """The CPU's rate on a large matrix multiply in `dtype` (best of `repeats`): a ceiling no conv net
     in that precision beats (bf16 where the fast path computes in bf16: the CPU's bf16 dot-product units;
@@ -166,8 +170,12 @@ def main() -> None:
     flops = model_flops(ensemble.model_a, ensemble.cfg_a.augment.crop)
     precision = torch.bfloat16 if fast_bf16 else torch.float32
     print("fast path " + ceiling(flops, matmul_flops_per_s(dtype=precision), "bf16" if fast_bf16 else "fp32"))
-    if int8 is not None:
+    if int8 is not None and device.cpu_flags() & INT8_DOT_FLAGS:
         print("int8 " + ceiling(flops, matmul_flops_per_s(dtype=torch.int8), "int8"))
+    elif int8 is not None:
+        # torch._int_mm then runs a reference loop far slower than the int8 model's own kernels (oneDNN
+        # widens u8 x s8 products on AVX2), so it bounds nothing
+        print("int8 ceiling: not measured: this CPU has no int8 dot-product instructions (VNNI, AMX)")
     ensemble_row(args.bundle, args.repeats)
 
 

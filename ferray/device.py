@@ -29,25 +29,36 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def flags_have_bf16(cpuinfo: str) -> bool:
-    """Whether /proc/cpuinfo text lists a native bf16 instruction set."""
+def flags_in(cpuinfo: str) -> set[str]:
+    """The instruction-set flags a /proc/cpuinfo text lists (its first CPU's)."""
     for line in cpuinfo.splitlines():
         if line.startswith("flags"):
-            flags = set(line.split(":", 1)[-1].split())
-            return any(flag in flags for flag in BF16_CPU_FLAGS)
-    return False
+            return set(line.split(":", 1)[-1].split())
+    return set()
+
+
+def flags_have_bf16(cpuinfo: str) -> bool:
+    """Whether /proc/cpuinfo text lists a native bf16 instruction set."""
+    return bool(flags_in(cpuinfo) & set(BF16_CPU_FLAGS))
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_flags() -> frozenset[str]:
+    """This CPU's instruction-set flags; empty where there is no /proc/cpuinfo to read (macOS, Windows)."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if platform.system() != "Linux" or not cpuinfo.is_file():
+        return frozenset()
+    return frozenset(flags_in(cpuinfo.read_text(errors="replace")))
 
 
 @functools.lru_cache(maxsize=1)
 def cpu_has_native_bf16() -> bool:
-    """Native bf16 on this CPU. FERRAY_CPU_BF16=0/1 overrides the detection."""
+    """Native bf16 on this CPU. FERRAY_CPU_BF16=0/1 overrides the detection (where no flags can be
+    read, fp32 is never wrong)."""
     forced = os.environ.get("FERRAY_CPU_BF16")
     if forced in ("0", "1"):
         return forced == "1"
-    cpuinfo = Path("/proc/cpuinfo")
-    if platform.system() != "Linux" or not cpuinfo.is_file():
-        return False  # macOS / Windows: no reliable flag to read, and fp32 is never wrong
-    return flags_have_bf16(cpuinfo.read_text(errors="replace"))
+    return bool(cpu_flags() & set(BF16_CPU_FLAGS))
 
 
 def use_bf16(device: torch.device | str, requested: bool = True) -> bool:

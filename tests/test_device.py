@@ -11,6 +11,7 @@ def test_bf16_flags_are_read_from_cpuinfo():
     assert device.flags_have_bf16("flags : fpu amx_bf16 amx_tile\n")
     assert not device.flags_have_bf16("flags\t\t: fpu sse avx2 fma avx512f\n")  # AVX-512 without bf16
     assert not device.flags_have_bf16("no flags line here\n")
+    assert device.flags_in("processor: 0\nflags : fpu avx2 avx_vnni\nflags : other\n") == {"fpu", "avx2", "avx_vnni"}
 
 
 @pytest.mark.parametrize("native", [True, False])
