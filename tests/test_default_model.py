@@ -89,11 +89,14 @@ def test_accuracy_on_real_faces_matches_the_card(card, shared_fer2013):
     assert accuracy >= expected - 0.04, (accuracy, expected)
 
 
-@pytest.mark.slow  # ~75 s here: emulated bf16
+@pytest.mark.slow  # ~35 s where bf16 is emulated
 def test_bf16_and_fp32_agree_on_the_trained_model(shared_fer2013):
-    """The bf16 fast path classifies as fp32 does (within 0.3 points on a trained checkpoint). 500
-    faces: where bf16 is emulated (AVX2 CPUs, this test's CI) it runs at ~9 faces/s."""
-    faces, labels = public_test_subset(shared_fer2013, 500)
+    """The bf16 fast path classifies as fp32 does (within 0.6 points on the trained ensemble). 500
+    faces where the CPU has bf16; 200 where it is emulated (AVX2 CPUs, where ferray itself computes
+    in fp32 and oneDNN's emulation runs the ensemble at ~6 faces/s): the same bounds, a smaller sample."""
+    from ferray.device import cpu_has_native_bf16
+
+    faces, labels = public_test_subset(shared_fer2013, 500 if cpu_has_native_bf16() else 200)
     ensemble, _ = load_bundle(None, "cpu")
     ensemble.tta = False
     accuracy, predicted = {}, {}
@@ -101,7 +104,7 @@ def test_bf16_and_fp32_agree_on_the_trained_model(shared_fer2013):
         ensemble.bf16 = bf16
         predicted[bf16] = ensemble.predict(torch.from_numpy(faces))["probs"].argmax(1).numpy()
         accuracy[bf16] = float((predicted[bf16] == labels).mean())
-    # 0.6 points = 3 of the 500 faces: the ensemble runs three networks in bf16 (A alone held 0.3)
+    # 0.6 points (3 of 500 faces, 1 of 200): the ensemble runs three networks in bf16 (A alone held 0.3)
     assert abs(accuracy[True] - accuracy[False]) <= 0.006, accuracy
     assert (predicted[True] != predicted[False]).mean() <= 0.01  # and few faces change their answer at all
 
