@@ -299,3 +299,34 @@ def test_ferrays_own_ray_drains_a_stopped_ingress_briefly_unless_the_user_says_o
     monkeypatch.setenv(name, "12")
     with own_ray_environment():
         assert os.environ[name] == "12"
+
+
+def test_ferrays_own_ray_mutes_rays_warnings_about_itself_and_keeps_the_users_filters(monkeypatch, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from ferray.distributed.runtime import RAY_INTERNAL_WARNINGS, own_ray_environment
+
+    monkeypatch.delenv("FERRAY_VERBOSE", raising=False)
+    monkeypatch.setenv("PYTHONWARNINGS", "error::UserWarning")
+    with own_ray_environment():
+        filters = os.environ["PYTHONWARNINGS"].split(",")
+    assert filters[0] == "error::UserWarning" and set(RAY_INTERNAL_WARNINGS) <= set(filters)
+    # as a Ray worker started with that environment sees it: Ray Train's deprecation is gone, others stay
+    script = (
+        "import warnings\n"
+        "warnings.warn('`ExecutionOptions.exclude_resources` is deprecated and will be removed', DeprecationWarning)\n"
+        "warnings.warn('something else', FutureWarning)\n"
+    )
+    said = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONWARNINGS": ",".join(filters)},
+    ).stderr
+    assert "exclude_resources" not in said and "something else" in said
+    monkeypatch.setenv("FERRAY_VERBOSE", "1")
+    monkeypatch.setenv("PYTHONWARNINGS", "")
+    with own_ray_environment():
+        assert not os.environ["PYTHONWARNINGS"]  # verbose: every warning shows

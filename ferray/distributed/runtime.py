@@ -77,6 +77,12 @@ def configure_serve_env() -> None:
 # Only for ferray's own Ray (a value the user set wins); cluster.yaml keeps Ray's default.
 EMBEDDED_SERVE_ENV = {"RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2"}
 
+# Warnings Ray's own processes print about Ray's own calls, which no user can act on: Ray Train's
+# DatasetManager (an actor of every Train run) sets a Ray Data option Ray has deprecated, two lines
+# per run. Muted in the processes of ferray's own Ray (they inherit PYTHONWARNINGS; a literal start
+# of the message, as -W takes it), unless FERRAY_VERBOSE=1.
+RAY_INTERNAL_WARNINGS = ("ignore:`ExecutionOptions.exclude_resources` is deprecated",)
+
 # HAProxy's stats and metrics listeners have fixed default ports (8404, 9101): a second Ray on the
 # same machine (a second `ferray serve`, a test beside a server) would fail to start its HAProxy.
 HAPROXY_PORT_VARIABLES = ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT")
@@ -85,13 +91,17 @@ HAPROXY_PORT_VARIABLES = ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_MET
 @contextmanager
 def own_ray_environment():
     """Around the ray.init that starts a Ray of ferray's own: Serve's mode (configure_serve_env),
-    its short ingress drain (EMBEDDED_SERVE_ENV) and, for HAProxy's side listeners, ports free on
+    its short ingress drain (EMBEDDED_SERVE_ENV), Ray's warnings about itself muted
+    (RAY_INTERNAL_WARNINGS, added to the user's PYTHONWARNINGS) and, for HAProxy's side listeners, ports free on
     this machine. Ray's processes keep what they inherited at start; the ports are taken back from
     this process's environment afterwards, so that a process it starts (a `ferray serve` under
     test) picks its own. Ports the user set stay."""
     configure_serve_env()
     for name, value in EMBEDDED_SERVE_ENV.items():
         os.environ.setdefault(name, value)
+    if not is_verbose():
+        filters = [f for f in os.environ.get("PYTHONWARNINGS", "").split(",") if f]
+        os.environ["PYTHONWARNINGS"] = ",".join(filters + [f for f in RAY_INTERNAL_WARNINGS if f not in filters])
     saved = {name: os.environ.get(name) for name in HAPROXY_PORT_VARIABLES}
     for name, value in saved.items():
         if value is None:
