@@ -102,8 +102,11 @@ def read_trials(search_dir):
 
 
 @pytest.mark.slow
-def test_rigged_search_stops_the_bad_trial_and_writes_its_outputs(ray_session, tiny_data, tmp_path):
-    from ferray.distributed.tune import run_search
+@pytest.mark.parametrize("loader", ["cache", "stream"], ids=["in-actor", "ray-train"])
+def test_rigged_search_stops_the_bad_trial_and_writes_its_outputs(ray_session, tiny_data, tmp_path, loader):
+    """Both kinds of trial: one-worker trials with the cached loader train in their Tune actors, the
+    others (here: the streamed loader) are Ray Train runs inside Tune."""
+    from ferray.distributed.tune import run_search, trains_in_actor
 
     # Rigged through the loss itself, not through training dynamics: a center-loss weight of 10 makes
     # the epoch-1 train_loss several times that of lambda 0, whatever the optimizer did meanwhile.
@@ -119,16 +122,27 @@ def test_rigged_search_stops_the_bad_trial_and_writes_its_outputs(ray_session, t
         first=[{"loss.center_lambda": 0.0}, {"loss.center_lambda": 10.0}],
     )  # good, then hopeless
     spec = load_search(
-        path, [f"data.path={tiny_data}", "scaling.cpus_per_worker=1", "train.batch_size=16", "train.epochs=2"]
+        path,
+        [
+            f"data.path={tiny_data}",
+            "scaling.cpus_per_worker=1",
+            "train.batch_size=16",
+            "train.epochs=2",
+            f"train.loader={loader}",
+        ],
     )
+    assert trains_in_actor(spec) == (loader == "cache")
+    before = set(ray_session.util.placement_group_table())
     summary = run_search(spec, tmp_path / "runs")
     search_dir = tmp_path / "runs" / "s"
-    # No trial leaves its workers' placement group reserved, not even the one ASHA stopped (ray#54305)
-    groups = [
-        (search_dir / "trials" / d / "placement_group").read_text().strip() for d in os.listdir(search_dir / "trials")
-    ]
+    # a Train run records its workers' group (an in-actor trial has none of its own) ...
+    recorded = list((search_dir / "trials").glob("*/placement_group"))
+    assert len(recorded) == (0 if loader == "cache" else 2)
+    # ... and no trial leaves a placement group reserved, not even the one ASHA stopped (ray#54305)
     table = ray_session.util.placement_group_table()
-    assert len(groups) == 2 and all(table[g]["state"] == "REMOVED" for g in groups)
+    made = {g: t for g, t in table.items() if g not in before}
+    assert made and all(t["state"] == "REMOVED" for t in made.values()), made
+    assert {f.read_text().strip() for f in recorded} <= set(made)
     rows = read_trials(search_dir)
     assert len(rows) == 2 and summary["trials"] == 2
     assert any(r["stopped_early"] == "True" for r in rows), rows  # ASHA cut the hopeless one at rung 1

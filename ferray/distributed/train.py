@@ -72,7 +72,7 @@ def _batches(shard, batch_size: int, device, train: bool, seed: int | None = Non
 
     iterator = shard.iter_torch_batches(
         batch_size=batch_size,
-        dtypes={"image": torch.uint8, "label": torch.int64},
+        dtypes={"image": torch.uint8, "label": torch.int64, "key": torch.int64},  # every column decode_faces makes
         device=device,
         drop_last=train,
         local_shuffle_buffer_size=SHUFFLE_BUFFER if train else None,
@@ -94,8 +94,31 @@ def _cached(shard, device):
         images.append(batch["image"])
         labels.append(batch["label"])
         keys.append(batch["key"])
-    order = torch.cat(keys).argsort()
-    return torch.cat(images)[order].to(device), torch.cat(labels)[order].to(device)
+    return in_key_order(torch.cat(images), torch.cat(labels), torch.cat(keys), device)
+
+
+def in_key_order(images, labels, keys, device):
+    """Faces and labels sorted by their keys (decode_faces), on `device`: the order a cached shard
+    trains in, wherever the faces were read (a Ray Data shard, or the files in a one-worker Tune trial)."""
+    order = keys.argsort()
+    return images[order].to(device), labels[order].to(device)
+
+
+def read_in_key_order(cfg: ExperimentConfig, device):
+    """The whole training split read from its files, in key order: what one worker's cached shard
+    holds, without a Ray Data pipeline."""
+    import numpy as np
+    import torch
+
+    from ferray.data.contract import read_split
+
+    batch = decode_faces(read_split(cfg.data.path, cfg.data.train_split))
+    return in_key_order(
+        torch.from_numpy(np.ascontiguousarray(batch["image"])),
+        torch.from_numpy(np.ascontiguousarray(batch["label"], dtype=np.int64)),
+        torch.from_numpy(np.ascontiguousarray(batch["key"])),
+        device,
+    )
 
 
 class _EpochData:
@@ -175,7 +198,7 @@ def train_loop(loop_config: dict) -> None:
         run_files.write_machine(machine_facts(state.device, bool(getattr(state, "use_amp", False))))
     steps_per_epoch = max(1, loop_config["train_rows"] // (cfg.train.batch_size * world))
     data = _EpochData(cfg, device, rank)
-    writer = _tensorboard(run_dir) if rank == 0 else None
+    writer = tensorboard_writer(run_dir) if rank == 0 else None
 
     def report(state, row: dict) -> None:
         """Every worker reports each epoch (a barrier); rank 0 with the checkpoint and the log line."""
@@ -184,7 +207,7 @@ def train_loop(loop_config: dict) -> None:
             if rank == 0:
                 task.save(Path(folder) / engine.CHECKPOINT_FILE, state, row)
                 reported = ray.train.Checkpoint.from_directory(folder)
-                _log_epoch(run_files, writer, task.format_epoch(row, cfg), row)
+                log_epoch(run_files, writer, task.format_epoch(row, cfg), row)
             ray.train.report({k: v for k, v in row.items() if isinstance(v, (int, float))}, checkpoint=reported)
 
     fit(
@@ -230,7 +253,7 @@ def _evaluate_on_rank0(task, state, data: _EpochData, device, rank: int, world: 
     return result
 
 
-def _tensorboard(run_dir: Path):
+def tensorboard_writer(run_dir: Path):
     try:
         from tensorboardX import SummaryWriter
     except ImportError:  # TensorBoard events are a convenience; metrics.jsonl always exists
@@ -238,7 +261,7 @@ def _tensorboard(run_dir: Path):
     return SummaryWriter(str(run_dir / "tensorboard"))
 
 
-def _log_epoch(folder: RunFolder, writer, line: str, row: dict) -> None:
+def log_epoch(folder: RunFolder, writer, line: str, row: dict) -> None:
     folder.append_epoch(row)
     if writer is not None:
         for key, value in row.items():

@@ -17,8 +17,9 @@ A search file names a base experiment, overrides, and a search space of dotted c
       asha: {grace_period: 2, reduction_factor: 2}     # or `asha: off`
       max_failures: 2
 
-Each trial is the same Ray Train run as `ferray train` (ferray.distributed.train.build_trainer, Train V2 inside
-Tune through TuneReportCallback), so multi-worker and GPU trials work. Outputs under OUT/NAME:
+A trial of several workers is the same Ray Train run as `ferray train` (ferray.distributed.train.build_trainer,
+Train V2 inside Tune through TuneReportCallback); a one-worker trial runs the same loop on the same
+batches in its own Tune actor (run_trial says why). Multi-worker and GPU trials work. Outputs under OUT/NAME:
 trials.csv, search.png, best.yaml (an experiment `ferray train` accepts), best.pt, and the Tune
 and Train state that `--resume` continues from.
 """
@@ -210,27 +211,111 @@ def trial_config(base: ExperimentConfig, sampled: dict) -> ExperimentConfig:
 
 
 # ------------------------------------------------------------------------------------------ trials
-def run_trial(config: dict, base: dict, trials_dir: str, train_rows: int) -> None:
-    """Tune function trainable: one Ray Train run of the sampled config (Train V2 inside Tune).
+def run_trial(
+    config: dict, base: dict, trials_dir: str, train_rows: int, in_actor: bool = False, metric=("eval_acc", "max")
+) -> None:
+    """Tune function trainable: one training run of the sampled config, in RUN = TRIALS/<trial id>.
 
-    The Train run is named by the trial id, so a trial restarted by --resume or after a failure
-    continues its own Train run from that run's latest checkpoint.
+    A trial of several workers (or a streamed loader) is a Ray Train run (Train V2 inside Tune), named
+    by the trial id so that a trial restarted by --resume or after a failure continues its own run.
+    A one-worker trial (`in_actor`, see `trains_in_actor`) runs the same loop in the trial's own actor:
+    Ray Train would add a controller, a worker and a Ray Data pipeline, five or so new processes
+    that import torch, for no parallelism. Both keep the same files in RUN and report the same metrics.
     """
     import ray.tune
-    from ray.tune.integration.ray_train import TuneReportCallback
 
     from ferray.distributed.runtime import quiet_worker_logs
-    from ferray.distributed.train import build_trainer
 
     quiet_worker_logs()
     cfg = trial_config(from_dict(base), config)
     run_dir = Path(trials_dir) / ray.tune.get_context().get_trial_id()
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(dump_yaml(cfg))
+    if in_actor:
+        train_in_trial(cfg, run_dir, *metric)
+        return
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from ferray.distributed.train import build_trainer
+
     trainer = build_trainer(cfg, run_dir, train_rows, callbacks=[TuneReportCallback()])
     result = trainer.fit()
     if result.error is not None:
         raise result.error
+
+
+def trains_in_actor(spec: SearchSpec) -> bool:
+    """Whether every trial of the search trains in its Tune actor (one worker, the cached loader,
+    neither of which the space can change) rather than as a Ray Train run."""
+    tunes_layout = any(p.key.startswith("scaling.") or p.key == "train.loader" for p in spec.params)
+    return spec.base.scaling.workers == 1 and spec.base.train.loader == "cache" and not tunes_layout
+
+
+TRIAL_BEST_DIR = "best"  # RUN/best/checkpoint.pt: the trial's best epoch so far, for best.pt
+
+
+def train_in_trial(cfg: ExperimentConfig, run_dir: Path, metric: str = "eval_acc", mode: str = "max") -> None:
+    """The training loop of a one-worker run, in the Tune actor: the faces read from their files in
+    the order a cached shard has (the batches are then those of `ferray train`'s worker), each epoch
+    a checkpoint for Tune (what a restarted trial resumes from), the best epoch by the search's
+    metric kept in RUN/best (the search's best.pt is copied from there)."""
+    import tempfile
+
+    import ray.tune
+    import torch
+
+    from ferray import engine
+    from ferray.data.contract import load_split
+    from ferray.device import machine_facts
+    from ferray.distributed.train import log_epoch, read_in_key_order, tensorboard_writer
+    from ferray.engine import TensorBatches
+    from ferray.fit import fit
+    from ferray.runs import RunFolder
+    from ferray.tasks import CLASSIFIER as task
+
+    torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
+    engine.seed_everything(cfg.train.seed)
+    device = torch.device("cuda" if cfg.scaling.gpus_per_worker and torch.cuda.is_available() else "cpu")
+    state = task.build(cfg, device, rank=0)
+    run_files = RunFolder(run_dir)
+    checkpoint = ray.tune.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            task.restore(state, engine.load_checkpoint(folder, kind=task.kind))
+        run_files.rewrite_epochs(state.history)
+        print(f"resumed from the checkpoint of epoch {state.epoch}", flush=True)
+    run_files.write_machine(machine_facts(state.device, bool(getattr(state, "use_amp", False))))
+    images, labels = read_in_key_order(cfg, device)
+    train = TensorBatches(images, labels, cfg.train.batch_size, seed=cfg.train.seed, rank=0)
+    eval_images, eval_labels, _ = load_split(cfg.data.path, cfg.data.selection_split)
+    selection = TensorBatches(
+        torch.from_numpy(eval_images).to(device),
+        torch.from_numpy(eval_labels).to(device),
+        cfg.train.eval_batch_size,
+        shuffle=False,
+        drop_last=False,
+    )
+    writer, best_dir = tensorboard_writer(run_dir), run_dir / TRIAL_BEST_DIR
+    sign = 1 if mode == "max" else -1
+    best = max((sign * r[metric] for r in state.history if metric in r), default=None)
+
+    def report(state, row: dict) -> None:
+        nonlocal best
+        with tempfile.TemporaryDirectory() as folder:
+            task.save(Path(folder) / engine.CHECKPOINT_FILE, state, row)
+            log_epoch(run_files, writer, task.format_epoch(row, cfg), row)
+            if best is None or sign * row[metric] >= best:  # ties: the later epoch (trial_rows takes the last)
+                best = sign * row[metric]
+                best_dir.mkdir(exist_ok=True)
+                shutil.copy(Path(folder) / engine.CHECKPOINT_FILE, best_dir / engine.CHECKPOINT_FILE)
+            metrics = {k: v for k, v in row.items() if isinstance(v, (int, float))}
+            ray.tune.report(
+                {**metrics, "checkpoint_path": str(best_dir)}, checkpoint=ray.tune.Checkpoint.from_directory(folder)
+            )
+
+    fit(task, state, train.epoch, lambda s: task.evaluate(s, selection), len(train), on_epoch=report)
+    if writer is not None:
+        writer.close()
 
 
 def per_trial_resources(cfg: ExperimentConfig) -> dict:
@@ -286,22 +371,27 @@ def run_search(spec: SearchSpec, out: Path, resume: bool = False) -> dict:
         if spec.asha
         else FIFOScheduler()
     )
-    # The trial only waits on its Train run, whose workers hold the real resources (a zero request
-    # is refused by Tune, hence the token CPU share).
+    # A trial that trains in its actor holds the worker's resources itself; one that starts a Train
+    # run only waits on it, whose workers hold the real resources (a zero request is refused by
+    # Tune, hence the token CPU share).
+    in_actor = trains_in_actor(spec)
+    need = per_trial_resources(spec.base)
     trainable = tune.with_resources(
         tune.with_parameters(
             run_trial,
             base=to_dict(spec.base),
             trials_dir=str(search_dir / "trials"),
             train_rows=manifest["splits"][spec.base.data.train_split]["rows"],
+            in_actor=in_actor,
+            metric=(spec.metric, spec.mode),
         ),
-        {"CPU": 0.01},
+        {k: v for k, v in need.items() if v} if in_actor else {"CPU": 0.01},
     )
     log.info(
         f"tune: {spec.samples} trials of {spec.base.name} over {', '.join(p.key for p in spec.params)}; "
         f"Optuna TPE (seed {spec.seed}), {'ASHA' if spec.asha else 'no early stopping'} on {spec.metric} of "
         f"{spec.base.data.selection_split} (the selection split), "
-        f"{concurrent} at a time; {search_dir}"
+        f"{concurrent} at a time{', each in its Tune actor' if in_actor else ', each a Ray Train run'}; {search_dir}"
     )
     t0 = time.perf_counter()
     ends = TrialEnds(search_dir)
@@ -334,6 +424,9 @@ def run_search(spec: SearchSpec, out: Path, resume: bool = False) -> dict:
                 verbose=1,
                 callbacks=[ends.tune_callback()],
                 failure_config=tune.FailureConfig(max_failures=spec.max_failures),
+                # a trial training in its actor checkpoints to Tune each epoch: the latest is what it
+                # resumes from (its best epoch is kept in its own folder)
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
             ),
         )
     try:
