@@ -490,7 +490,8 @@ def _add_tune(sub) -> None:
         help="search hyperparameters with Ray Tune + Optuna + ASHA",
         description="Search an experiment's hyperparameters (e.g. the learning rate and the center-loss "
         "lambda) with Ray Tune: Optuna's TPE (seeded; the base config's values evaluated first), ASHA "
-        "stopping weak trials early, each trial a Ray Train run like `ferray train`. Writes trials.csv, "
+        "stopping weak trials early, each trial the training of `ferray train` (a one-worker trial in its "
+        "own Tune actor, a multi-worker one as a Ray Train run). Writes trials.csv, "
         "search.png, best.yaml (ready for `ferray train`) and best.pt under OUT/NAME.",
     )
     p.add_argument("search", type=Path, help="a search file, e.g. experiments/tune_a.yaml")
@@ -570,7 +571,8 @@ def _add_report(sub) -> None:
         "baselines, Model A, the SRGAN and the upscaled faces, Model B, the ensemble; evaluate each "
         "on PublicTest and PrivateTest with TTA off and on; draw Figures 2-5; write OUT/report.md, "
         "report.html and report.json. Training runs are Ray Train runs (on a cluster, they use the "
-        "cluster). A finished run whose config matches is reused, an interrupted one resumed.",
+        "cluster; the plan's concurrent_runs trains independent ones at once). A finished run whose "
+        "config matches is reused, an interrupted one resumed.",
     )
     p.add_argument("plan", type=Path, help="a report plan, e.g. experiments/paper.yaml or experiments/paper_debug.yaml")
     p.add_argument("--data", type=Path, help="prepared 48x48 data (overrides the plan's data)")
