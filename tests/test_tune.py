@@ -54,6 +54,18 @@ def test_space_parses_to_optuna_distributions(tmp_path):
         assert load_search(path).params
 
 
+def test_one_worker_trials_train_in_their_actors_unless_told_or_shaped_otherwise(tmp_path):
+    from ferray.distributed.tune import trains_in_actor
+
+    lr = {"optim.lr": {"distribution": "uniform", "low": 0.001, "high": 0.2}}
+    assert trains_in_actor(load_search(search_file(tmp_path, lr)))  # debug_a: one worker, cached faces
+    assert not trains_in_actor(load_search(search_file(tmp_path, lr, ray_train=True)))
+    assert not trains_in_actor(load_search(search_file(tmp_path, lr), ["scaling.workers=2"]))
+    assert not trains_in_actor(load_search(search_file(tmp_path, lr), ["train.loader=stream"]))
+    workers = {"scaling.workers": {"distribution": "choice", "choices": [1, 2]}}
+    assert not trains_in_actor(load_search(search_file(tmp_path, {**lr, **workers})))
+
+
 @pytest.mark.parametrize(
     "space, extra, message",
     [
@@ -73,6 +85,7 @@ def test_space_parses_to_optuna_distributions(tmp_path):
             {"first": [{"optim.lr": 0.001}]},
             r"first\[0\] must give every parameter.*lacks optim.name",
         ),
+        ({"optim.lr": {"distribution": "uniform", "low": 0.001, "high": 0.2}}, {"ray_train": "yes"}, "ray_train"),
     ],
 )
 def test_bad_search_files_fail_before_any_trial(tmp_path, space, extra, message):

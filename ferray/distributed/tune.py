@@ -16,6 +16,7 @@ A search file names a base experiment, overrides, and a search space of dotted c
       first: {optim.lr: 0.01}           # points evaluated first (default: the base config's values)
       asha: {grace_period: 2, reduction_factor: 2}     # or `asha: off`
       max_failures: 2
+      ray_train: false                  # true: every trial a Ray Train run, even a one-worker one
 
 A trial of several workers is the same Ray Train run as `ferray train` (ferray.distributed.train.build_trainer,
 Train V2 inside Tune through TuneReportCallback); a one-worker trial runs the same loop on the same
@@ -74,6 +75,7 @@ class SearchSpec:
     first: list[dict] = field(default_factory=list)
     asha: dict | None = field(default_factory=lambda: {"grace_period": 2, "reduction_factor": 2})
     max_failures: int = 2
+    ray_train: bool = False  # every trial a Ray Train run (else one-worker trials train in their actors)
 
 
 # ------------------------------------------------------------------------------------------ parsing
@@ -135,6 +137,7 @@ def load_search(path: str | Path, overrides: list[str] = ()) -> SearchSpec:
     base = load_runnable_config(path.parent / data["experiment"], list(data.get("set", [])) + list(overrides))
     search = data["search"]
     known = {"metric", "mode", "samples", "max_concurrent", "seed", "space", "first", "asha", "max_failures"}
+    known.add("ray_train")
     if set(search) - known:
         raise ConfigError(f"{where}: search: unknown key(s) {', '.join(sorted(set(search) - known))}")
     space = search.get("space") or {}
@@ -151,7 +154,10 @@ def load_search(path: str | Path, overrides: list[str] = ()) -> SearchSpec:
         max_concurrent=search.get("max_concurrent"),
         seed=int(search.get("seed", 0)),
         max_failures=int(search.get("max_failures", 2)),
+        ray_train=search.get("ray_train", False),
     )
+    if not isinstance(spec.ray_train, bool):
+        raise ConfigError(f"{where}: search.ray_train: true or false, not {spec.ray_train!r}")
     reported = get_task("classifier").reported_metrics
     if spec.metric not in reported:
         raise ConfigError(
@@ -246,9 +252,10 @@ def run_trial(
 
 def trains_in_actor(spec: SearchSpec) -> bool:
     """Whether every trial of the search trains in its Tune actor (one worker, the cached loader,
-    neither of which the space can change) rather than as a Ray Train run."""
+    neither of which the space can change, and no `ray_train: true`) rather than as a Ray Train run."""
     tunes_layout = any(p.key.startswith("scaling.") or p.key == "train.loader" for p in spec.params)
-    return spec.base.scaling.workers == 1 and spec.base.train.loader == "cache" and not tunes_layout
+    one_worker = spec.base.scaling.workers == 1 and spec.base.train.loader == "cache"
+    return one_worker and not tunes_layout and not spec.ray_train
 
 
 TRIAL_BEST_DIR = "best"  # RUN/best/checkpoint.pt: the trial's best epoch so far, for best.pt
