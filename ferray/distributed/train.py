@@ -121,6 +121,23 @@ def read_in_key_order(cfg: ExperimentConfig, device):
     )
 
 
+def selection_batches(cfg: ExperimentConfig, device):
+    """The whole selection split on `device`, in id order, as evaluation batches (read from its files:
+    one worker evaluates all of it)."""
+    import torch
+
+    from ferray.engine import TensorBatches
+
+    images, labels, _ = load_split(cfg.data.path, cfg.data.selection_split)
+    return TensorBatches(
+        torch.from_numpy(images).to(device),
+        torch.from_numpy(labels).to(device),
+        cfg.train.eval_batch_size,
+        shuffle=False,
+        drop_last=False,
+    )
+
+
 class _EpochData:
     """The worker's training and evaluation batches per epoch, cached or streamed (train.loader)."""
 
@@ -134,18 +151,7 @@ class _EpochData:
         if cfg.train.loader == "cache":
             images, labels = _cached(self.train_shard, device)
             self.train_cache = TensorBatches(images, labels, cfg.train.batch_size, seed=cfg.train.seed, rank=rank)
-        self.eval_batches = None
-        if rank == 0:
-            import torch
-
-            images, labels, _ = load_split(cfg.data.path, cfg.data.selection_split)
-            self.eval_batches = TensorBatches(
-                torch.from_numpy(images).to(device),
-                torch.from_numpy(labels).to(device),
-                cfg.train.eval_batch_size,
-                shuffle=False,
-                drop_last=False,
-            )
+        self.eval_batches = selection_batches(cfg, device) if rank == 0 else None
 
     def train(self, epoch: int):
         """Epoch `epoch`'s batches, in an order fixed by (seed, rank, epoch)."""

@@ -136,8 +136,18 @@ def load_search(path: str | Path, overrides: list[str] = ()) -> SearchSpec:
         raise ConfigError(f"{where}: needs `experiment:` (a base experiment file) and `search:`")
     base = load_runnable_config(path.parent / data["experiment"], list(data.get("set", [])) + list(overrides))
     search = data["search"]
-    known = {"metric", "mode", "samples", "max_concurrent", "seed", "space", "first", "asha", "max_failures"}
-    known.add("ray_train")
+    known = {
+        "metric",
+        "mode",
+        "samples",
+        "max_concurrent",
+        "seed",
+        "space",
+        "first",
+        "asha",
+        "max_failures",
+        "ray_train",
+    }
     if set(search) - known:
         raise ConfigError(f"{where}: search: unknown key(s) {', '.join(sorted(set(search) - known))}")
     space = search.get("space") or {}
@@ -272,9 +282,8 @@ def train_in_trial(cfg: ExperimentConfig, run_dir: Path, metric: str = "eval_acc
     import torch
 
     from ferray import engine
-    from ferray.data.contract import load_split
     from ferray.device import machine_facts
-    from ferray.distributed.train import log_epoch, read_in_key_order, tensorboard_writer
+    from ferray.distributed.train import log_epoch, read_in_key_order, selection_batches, tensorboard_writer
     from ferray.engine import TensorBatches
     from ferray.fit import fit
     from ferray.runs import RunFolder
@@ -294,14 +303,7 @@ def train_in_trial(cfg: ExperimentConfig, run_dir: Path, metric: str = "eval_acc
     run_files.write_machine(machine_facts(state.device, bool(getattr(state, "use_amp", False))))
     images, labels = read_in_key_order(cfg, device)
     train = TensorBatches(images, labels, cfg.train.batch_size, seed=cfg.train.seed, rank=0)
-    eval_images, eval_labels, _ = load_split(cfg.data.path, cfg.data.selection_split)
-    selection = TensorBatches(
-        torch.from_numpy(eval_images).to(device),
-        torch.from_numpy(eval_labels).to(device),
-        cfg.train.eval_batch_size,
-        shuffle=False,
-        drop_last=False,
-    )
+    selection = selection_batches(cfg, device)
     writer, best_dir = tensorboard_writer(run_dir), run_dir / TRIAL_BEST_DIR
     sign = 1 if mode == "max" else -1
     best = max((sign * r[metric] for r in state.history if metric in r), default=None)
