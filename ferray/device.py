@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+BF16_CPU_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
 
 
 # glibc mallopt parameters (malloc.h) and the values ferray sets on CPU: see keep_cpu_buffers.
@@ -39,7 +39,7 @@ def flags_in(cpuinfo: str) -> set[str]:
 
 def flags_have_bf16(cpuinfo: str) -> bool:
     """Whether /proc/cpuinfo text lists a native bf16 instruction set."""
-    return bool(flags_in(cpuinfo) & set(BF16_CPU_FLAGS))
+    return bool(flags_in(cpuinfo) & BF16_CPU_FLAGS)
 
 
 @functools.lru_cache(maxsize=1)
@@ -58,7 +58,7 @@ def cpu_has_native_bf16() -> bool:
     forced = os.environ.get("FERRAY_CPU_BF16")
     if forced in ("0", "1"):
         return forced == "1"
-    return bool(cpu_flags() & set(BF16_CPU_FLAGS))
+    return bool(cpu_flags() & BF16_CPU_FLAGS)
 
 
 def use_bf16(device: torch.device | str, requested: bool = True) -> bool:

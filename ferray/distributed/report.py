@@ -340,22 +340,23 @@ def obtain_runs(
     stays resumable), then the first error is raised."""
     import threading
 
-    def obtain(spec):
+    def obtain(spec, cfg):
         log.info(f"report: [{spec.label}] {spec.experiment.name} on {data}")
-        return obtain_run(plan.run_config(spec, data), runs, reuse, train=train)
+        return obtain_run(cfg, runs, reuse, train=train)
 
     if plan.concurrent_runs <= 1 or len(specs) <= 1:
-        return {spec.key: obtain(spec) for spec in specs}
+        return {spec.key: obtain(spec, plan.run_config(spec, data)) for spec in specs}
     import ray
 
-    from ferray.distributed.tune import per_trial_resources
+    from ferray.distributed.train import run_resources
 
     gate, outcomes = RunGate(ray.cluster_resources(), plan.concurrent_runs), {}
 
     def worker(spec):
         try:
-            with gate.admit(per_trial_resources(plan.run_config(spec, data, resolve_split=False))):
-                outcomes[spec.key] = (obtain(spec), None)
+            cfg = plan.run_config(spec, data)
+            with gate.admit(run_resources(cfg)):
+                outcomes[spec.key] = (obtain(spec, cfg), None)
         except BaseException as e:  # handed to the caller below, once the others have finished
             outcomes[spec.key] = (None, e)
 

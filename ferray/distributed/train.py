@@ -321,6 +321,14 @@ def build_trainer(
     )
 
 
+def run_resources(cfg: ExperimentConfig) -> dict:
+    """The CPUs and GPUs a run's workers hold together (a Tune trial's, a report run's)."""
+    return {
+        "CPU": cfg.scaling.workers * cfg.scaling.cpus_per_worker,
+        "GPU": cfg.scaling.workers * cfg.scaling.gpus_per_worker,
+    }
+
+
 def check_resources(cfg: ExperimentConfig) -> None:
     """Refuse, before starting, a request the cluster can never satisfy (instead of waiting forever)."""
     from ferray.distributed.cluster import require

@@ -327,15 +327,10 @@ def train_in_trial(cfg: ExperimentConfig, run_dir: Path, metric: str = "eval_acc
         writer.close()
 
 
-def per_trial_resources(cfg: ExperimentConfig) -> dict:
-    return {
-        "CPU": cfg.scaling.workers * cfg.scaling.cpus_per_worker,
-        "GPU": cfg.scaling.workers * cfg.scaling.gpus_per_worker,
-    }
-
-
 def feasible_concurrency(cfg: ExperimentConfig, cluster: dict) -> int:
-    need = per_trial_resources(cfg)
+    from ferray.distributed.train import run_resources
+
+    need = run_resources(cfg)
     limits = [math.floor(cluster.get(r, 0) / n + 1e-9) for r, n in need.items() if n > 0]
     return max(0, min(limits)) if limits else 1
 
@@ -349,7 +344,7 @@ def run_search(spec: SearchSpec, out: Path, resume: bool = False) -> dict:
 
     from ferray.distributed.cluster import check_shared_paths
     from ferray.distributed.runtime import connect
-    from ferray.distributed.train import check_data, check_resources
+    from ferray.distributed.train import check_data, check_resources, run_resources
 
     manifest = check_data(spec.base)  # makes data.path absolute: trials run in directories of their own
     search_dir = (Path(out) / spec.name).absolute()
@@ -364,7 +359,7 @@ def run_search(spec: SearchSpec, out: Path, resume: bool = False) -> dict:
     concurrent = spec.max_concurrent or max(1, min(feasible, spec.samples))
     if concurrent > feasible:
         raise ConfigError(
-            f"max_concurrent {concurrent}: each trial needs {per_trial_resources(spec.base)}, so this "
+            f"max_concurrent {concurrent}: each trial needs {run_resources(spec.base)}, so this "
             f"cluster ({info.cpus:g} CPUs, {info.gpus:g} GPUs) runs at most {feasible} at once"
         )
     search_dir.mkdir(parents=True, exist_ok=True)
@@ -384,7 +379,7 @@ def run_search(spec: SearchSpec, out: Path, resume: bool = False) -> dict:
     # run only waits on it, whose workers hold the real resources (a zero request is refused by
     # Tune, hence the token CPU share).
     in_actor = trains_in_actor(spec)
-    need = per_trial_resources(spec.base)
+    need = run_resources(spec.base)
     trainable = tune.with_resources(
         tune.with_parameters(
             run_trial,
