@@ -17,7 +17,7 @@ the machine's matrix-multiply rate in that path's precision, measured in the sam
 dense kernel gets here), so a target above a ceiling is seen to need other arithmetic, not a faster kernel.
 
 For a bundle with Model B (an ensemble), the same three figures for the whole ensemble on the
-fast path (A, the SR generator, B, the fusion: Ensemble.predict), and for A alone (`members a`, the
+fast path (A, the SR generator's frozen fp32 copy, B, the fusion: Ensemble.predict), and for A alone (`members a`, the
 rows above): targets one face with the served views <= 60 ms, a batch of 256 >= 100 faces/s.
 """
 

@@ -244,7 +244,7 @@ def test_python_api_answers_like_ferray_predict(tiny_bundle, synth_faces, tmp_pa
 
 def test_bf16_cpu_inference_runs_a_frozen_copy_that_answers_as_autocast(tiny_bundle):
     from ferray.augment import predict_proba
-    from ferray.models.frozen import FrozenClassifier
+    from ferray.models.frozen import FrozenModule
 
     ensemble, _ = load_bundle(tiny_bundle, "cpu")
     ensemble.bf16 = True  # forced: where bf16 is only emulated (AVX2 CPUs) this path is slow, but right
@@ -252,7 +252,7 @@ def test_bf16_cpu_inference_runs_a_frozen_copy_that_answers_as_autocast(tiny_bun
     got = ensemble.predict(faces)
     for which, model, _cfg in (("a", ensemble.model_a, ensemble.cfg_a), ("b", ensemble.model_b, ensemble.cfg_b)):
         runner, autocast = ensemble.runner(which)
-        assert isinstance(runner, FrozenClassifier) and runner.how == "bfloat16, frozen TorchScript"
+        assert isinstance(runner, FrozenModule) and runner.how == "bfloat16, frozen TorchScript"
         assert autocast is False and ensemble.runner(which)[0] is runner  # made once
         assert next(model.parameters()).dtype == torch.float32  # the member itself is untouched
     eager = predict_proba(ensemble.model_a, faces.clone(), ensemble.cfg_a.augment.crop, True, amp=True)
@@ -260,6 +260,30 @@ def test_bf16_cpu_inference_runs_a_frozen_copy_that_answers_as_autocast(tiny_bun
     ensemble.bf16 = False  # fp32 forwards the member itself
     assert ensemble.runner("a") == (ensemble.model_a, False)
     assert (ensemble.predict(faces)["probs"] - got["probs"]).abs().max() < 0.05  # bf16 rounding, no more
+
+
+def test_the_sr_generator_runs_a_frozen_copy_whose_faces_are_what_sr_upscale_writes(tiny_bundle, prepared_synth):
+    """On the CPU the SR generator forwards a frozen fp32 channels_last copy, in serving and in `sr
+    upscale` alike: the eager generator's pixels, off by one level at most and rarely, and the same
+    pixels in both for a chunk of faces."""
+    from ferray.data.contract import pixels_to_images, read_split
+    from ferray.models.frozen import FrozenModule
+    from ferray.sr.inference import Upscaler
+    from ferray.sr.nets import generated_faces
+
+    ensemble, _ = load_bundle(tiny_bundle, "cpu")
+    faces = torch.from_numpy(pixels_to_images(read_split(prepared_synth, "Training").column("pixels"))[:16].copy())
+    served = ensemble.upscale(faces)
+    (copy,) = [copy for (which, _), (_, copy) in ensemble._frozen.items() if which == "sr"]
+    assert isinstance(copy, FrozenModule) and copy.how == "float32, frozen TorchScript"
+    with torch.no_grad():
+        eager = generated_faces(ensemble.generator, faces)
+    off = (served.int() - eager.int()).abs()
+    assert off.max() <= 1 and (off > 0).float().mean() < 1e-3
+    upscaler = Upscaler("srgan", str(tiny_bundle / "sr.pt"))
+    assert np.array_equal(upscaler.upscale(faces.numpy()), served.numpy())  # a chunk of 16: the same forward
+    ensemble.freeze = False  # the generator itself, eager
+    assert torch.equal(ensemble.upscale(faces), eager)
 
 
 def test_freezing_that_fails_falls_back_to_the_eager_copy(tiny_bundle, monkeypatch):

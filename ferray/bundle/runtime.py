@@ -1,5 +1,5 @@
 """The ensemble at inference: Model A and Model B (behind its SR generator) with their fusion weight,
-forwarded through the CPU fast path's frozen or int8 copies where those pay (Ray-free).
+forwarded on the CPU through frozen (bf16 or fp32) or int8 copies (Ray-free).
 
     fused = w * P_A(face) + (1 - w) * P_B(SR(face))
 
@@ -23,6 +23,7 @@ from ferray.device import use_bf16
 from ferray.engine import CheckpointError, model_from_checkpoint
 from ferray.models.folding import fold_batch_norms
 from ferray.models.frozen import freeze_for_cpu
+from ferray.sr.nets import generated_faces
 
 
 @dataclass
@@ -43,8 +44,11 @@ class Ensemble:
     # (member name -> its activation ranges, from the bundle's `ferray quantize`); off unless asked for
     int8: bool = False
     int8_ranges: dict = field(default_factory=dict, repr=False, compare=False)
-    # bf16 CPU inference forwards frozen bf16 copies of the members (ferray.models.frozen), int8 their int8
-    # copies, made on first use: (member name, int8) -> (the member it was made from, its copy)
+    # CPU inference forwards frozen copies (ferray.models.frozen) where they pay: the members' in bf16
+    # where the CPU has it natively, the SR generator's in fp32 on every CPU (in fp32 the classifiers
+    # gained too little for the seconds freezing takes: docs/benchmarks.md); False: the modules, eager
+    freeze: bool = True
+    # the copies, made on first use: (member name or "sr", "int8" / dtype) -> (the module it was made from, its copy)
     _frozen: dict = field(default_factory=dict, init=False, repr=False, compare=False)
     _freezing: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False, compare=False)
 
@@ -67,27 +71,37 @@ class Ensemble:
         model, autocast = self.runner("b")
         return predict_proba(model, faces, crop, self.tta, autocast, scale).cpu()
 
+    @torch.no_grad()
     def upscale(self, faces: torch.Tensor) -> torch.Tensor:
         """uint8 faces (N, 48, 48) on self.device -> the generator's uint8 (N, 96, 96), rounded as
-        `sr upscale` writes them."""
-        x = faces.float().unsqueeze(1) / 255.0
-        return (self.generator(x).clamp(0, 1) * 255).round().to(torch.uint8).squeeze(1)
+        `sr upscale` writes them (on the CPU both run the generator's frozen fp32 copy)."""
+        generator = self.generator
+        if self.freeze and self.device.type == "cpu":  # fp32 whatever the CPU: its pixels are what B was trained on
+            generator = self._copy("sr", generator, FER_SIZE, "float32")
+        return generated_faces(generator, faces)
 
     def runner(self, which: str) -> tuple[torch.nn.Module, bool]:
         """(the module that forwards member `which`, whether it needs bf16 autocast). In bf16 on a CPU,
-        a frozen bf16 copy of the member (made once, on first use; it runs in bf16 by itself); else the
-        member itself, under autocast where bf16 is used (CUDA)."""
+        a frozen bf16 copy of the member (made once, on first use; it runs in bf16 by itself), or its
+        int8 copy; else the member itself, under autocast where bf16 is used (CUDA)."""
         model, cfg = (self.model_a, self.cfg_a) if which == "a" else (self.model_b, self.cfg_b)
         int8 = self.int8 and which in self.int8_ranges  # a member that was not calibrated runs as it would
-        if not int8 and (not self._amp or self.device.type != "cpu"):
+        if not int8 and (not self._amp or not self.freeze or self.device.type != "cpu"):
             return model, self._amp
+        return self._copy(which, model, cfg.augment.crop, "int8" if int8 else "bfloat16"), False  # crop x crop views
+
+    def _copy(self, which: str, module: torch.nn.Module, size: int, how: str) -> torch.nn.Module:
+        """The CPU copy `how` (int8, or a frozen dtype) of `module`, made on first use."""
         with self._freezing:  # Serve replicas forward from executor threads
-            source, copy = self._frozen.get((which, int8), (None, None))
-            if source is not model:  # first use, or the member was replaced since
-                crop = cfg.augment.crop  # the views it is given
-                copy = self._int8_copy(which, model, crop) if int8 else freeze_for_cpu(model, crop)
-                self._frozen[which, int8] = (model, copy)
-        return copy, False
+            source, copy = self._frozen.get((which, how), (None, None))
+            if source is not module:  # first use, or the module was replaced since
+                copy = (
+                    self._int8_copy(which, module, size)
+                    if how == "int8"
+                    else freeze_for_cpu(module, size, getattr(torch, how))
+                )
+                self._frozen[which, how] = (module, copy)
+        return copy
 
     def _int8_copy(self, which: str, model: torch.nn.Module, crop: int) -> torch.nn.Module:
         from ferray.models.quantized import Int8Unavailable, quantize_for_cpu

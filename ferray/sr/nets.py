@@ -95,6 +95,22 @@ def bicubic(x: torch.Tensor, scale: float) -> torch.Tensor:
     return F.interpolate(x, scale_factor=scale, mode="bicubic", align_corners=False, antialias=scale < 1)
 
 
+def as_unit(faces: torch.Tensor) -> torch.Tensor:
+    """uint8 faces (N, H, W) -> float (N, 1, H, W) in [0, 1]: what the generator takes."""
+    return faces.float().unsqueeze(1) / 255.0
+
+
+def as_pixels(x: torch.Tensor) -> torch.Tensor:
+    """float (N, 1, H, W) in [0, 1] -> uint8 (N, H, W), clamped and rounded: the upscaled faces as
+    `sr upscale` writes them and Model B is trained on them."""
+    return (x.clamp(0, 1) * 255).round().to(torch.uint8).squeeze(1)
+
+
+def generated_faces(generator, faces: torch.Tensor) -> torch.Tensor:
+    """uint8 faces (N, H, W) -> the generator's uint8 (N, 2H, 2W)."""
+    return as_pixels(generator(as_unit(faces)))
+
+
 def make_lr(hr: torch.Tensor) -> torch.Tensor:
     """The training input: a 48x48 face's bicubic 24x24 downscale."""
     return bicubic(hr, 0.5).clamp(0, 1)
