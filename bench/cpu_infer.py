@@ -18,7 +18,8 @@ dense kernel gets here), so a target above a ceiling is seen to need other arith
 
 For a bundle with Model B (an ensemble), the same three figures for the whole ensemble on the
 fast path (A, the SR generator's frozen fp32 copy, B, the fusion: Ensemble.predict), and for A alone (`members a`, the
-rows above): targets one face with the served views <= 60 ms, a batch of 256 >= 100 faces/s.
+rows above): targets one face with the served views <= 60 ms, a batch of 256 >= 100 faces/s; and
+the SR generator's own cost, eager against the frozen copy ferray runs.
 """
 
 from __future__ import annotations
@@ -177,6 +178,32 @@ def main() -> None:
         # widens u8 x s8 products on AVX2), so it bounds nothing
         print("int8 ceiling: not measured: this CPU has no int8 dot-product instructions (VNNI, AMX)")
     ensemble_row(args.bundle, args.repeats)
+    generator_row(args.bundle, args.repeats)
+
+
+def generator_row(bundle: str, repeats: int, faces: int = 16) -> None:
+    """The SR generator, where the bundle has one: eager NCHW (the module as trained) against its
+    frozen fp32 channels_last copy (what serving and `sr upscale` run), timed in turn."""
+    from ferray.bundle import load_bundle
+
+    ensemble, _ = load_bundle(bundle, "cpu")
+    if ensemble.generator is None:
+        return
+    eager, _ = load_bundle(bundle, "cpu")
+    eager.freeze = False
+    batch = torch.randint(0, 256, (faces, 48, 48), dtype=torch.uint8)
+    times = {"eager": [], "frozen": []}
+    for variant in (eager, ensemble):
+        variant.upscale(batch)
+    for _ in range(repeats):
+        for name, variant in (("eager", eager), ("frozen", ensemble)):
+            times[name].append(_timed(variant.upscale, batch))
+    eager_ms, frozen_ms = (1000 * statistics.median(times[name]) / faces for name in ("eager", "frozen"))
+    print(
+        f"SR generator ({faces} faces a call): eager NCHW {eager_ms:.2f} ms a face, frozen fp32 channels_last "
+        f"{frozen_ms:.2f} ms a face ({eager_ms / frozen_ms:.2f}x)",
+        flush=True,
+    )
 
 
 def int8_variant(bundle: str):
