@@ -52,6 +52,4 @@ def freeze_for_cpu(model: nn.Module, size: int, dtype: torch.dtype = torch.bfloa
             graph(example)  # the first call runs TorchScript's optimization passes: pay them at load time
         return FrozenModule(graph, dtype, f"{precision}, frozen TorchScript")
     except Exception as error:  # noqa: BLE001 - any failure means the eager copy, which is always right
-        return FrozenModule(
-            inference_copy, dtype, f"{precision}, eager ({type(error).__name__}: {str(error)[:200]})"
-        )
+        return FrozenModule(inference_copy, dtype, f"{precision}, eager ({type(error).__name__}: {str(error)[:200]})")
