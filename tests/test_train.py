@@ -119,3 +119,21 @@ def test_each_workers_shard_has_the_global_class_mix(ray_session, tmp_path):
     overall = np.bincount(table.column("label").to_numpy(), minlength=NUM_CLASSES) / table.num_rows
     for shard in counts:
         assert np.abs(shard / shard.sum() - overall).max() < 0.04, (shard, overall)
+
+
+def test_one_worker_reads_the_faces_its_ray_data_shard_would_hold(ray_session, synth_data):
+    """A one-worker run that caches its faces skips Ray Data and reads the split's files
+    (reads_its_own_faces): the same faces in the same order as the cached Ray Data shard, so the
+    run's batches are the ones it trained on through the pipeline."""
+    import torch
+
+    from ferray.distributed.train import _cached, build_datasets, data_arguments, read_in_key_order, reads_its_own_faces
+
+    one = tiny(synth_data, 1, "scaling.workers=1")
+    assert reads_its_own_faces(one) and data_arguments(one) == {}
+    for cfg in (tiny(synth_data, 1), tiny(synth_data, 1, "scaling.workers=1", "train.loader=stream")):
+        assert not reads_its_own_faces(cfg) and "train" in data_arguments(cfg)["datasets"]
+    images, labels = read_in_key_order(one, torch.device("cpu"))
+    shard_images, shard_labels = _cached(build_datasets(one)["train"], torch.device("cpu"))
+    assert torch.equal(images, shard_images) and torch.equal(labels, shard_labels)
+    assert len(labels) == read_manifest(synth_data)["splits"]["Training"]["rows"]
