@@ -9,6 +9,10 @@ AdaMax, center update) on the same random faces, timed after warm-up steps:
   CPU has native bf16 (AVX512-BF16 / AMX; ferray.device decides, and prints which).
 Prints images/s of each and the ratio last. Target: >= 1.8x (met on CPUs with native bf16; an
 AVX2-only CPU has only channels_last to gain, since emulated bf16 is slower than fp32).
+
+Then the SR generator's training step (ferray.sr.engine.train_sr_epoch) with
+experiments/srgan_cpu.yaml's networks, NCHW against channels_last (what `ferray sr train` uses), in
+a pre-training epoch (pixel loss) and an adversarial one (the discriminator's step as well).
 """
 
 from __future__ import annotations
@@ -59,6 +63,40 @@ def main() -> None:
     quick = images_per_s(fast, args.steps, args.batch)
     print(f"fast path:            {quick:7.1f} img/s", flush=True)
     print(f"fast path / fp32: {quick / baseline:.2f}x (target >= 1.8x)")
+    sr_rows(args.steps, args.batch)
+
+
+def sr_images_per_s(cfg, steps: int, batch: int, adversarial: bool, warmup: int = 2) -> float:
+    from ferray.engine import TensorBatches
+    from ferray.sr.engine import build_sr_state, train_sr_epoch
+
+    state = build_sr_state(cfg, torch.device("cpu"))
+    state.epoch = cfg.sr.pretrain_epochs if adversarial else 0
+    faces = torch.randint(0, 256, (batch * (steps + warmup), 48, 48), dtype=torch.uint8)
+    labels = torch.zeros(len(faces), dtype=torch.int64)
+    train_sr_epoch(state, TensorBatches(faces[: batch * warmup], labels[: batch * warmup], batch), warmup)
+    timed = TensorBatches(faces[batch * warmup :], labels[batch * warmup :], batch)
+    t0 = time.perf_counter()
+    train_sr_epoch(state, timed, steps)
+    return steps * batch / (time.perf_counter() - t0)
+
+
+def sr_rows(steps: int, batch: int) -> None:
+    """srgan_cpu's step, NCHW against channels_last, in both phases."""
+    from ferray.config import load_config
+    from ferray.resources import recipe
+
+    sets = [f"train.batch_size={batch}", "sr.content=mse"]
+    nchw = load_config(recipe("srgan_cpu.yaml"), [*sets, "train.channels_last=false"])
+    last = load_config(recipe("srgan_cpu.yaml"), sets)
+    for phase, adversarial in (("pre-training", False), ("adversarial", True)):
+        before = sr_images_per_s(nchw, steps, batch, adversarial)
+        after = sr_images_per_s(last, steps, batch, adversarial)
+        print(
+            f"SR {phase:12s} (srgan_cpu nets): NCHW {before:7.1f} img/s, channels_last {after:7.1f} img/s "
+            f"({after / before:.2f}x)",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":
