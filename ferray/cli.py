@@ -197,6 +197,15 @@ def _add_train(sub) -> None:
     )
     p.add_argument("experiment", type=Path, help="an experiments/*.yaml file")
     _run_flags(p, "run", "--workers", "data-parallel workers", "epochs", "e.g. --set optim.lr=0.003")
+    p.add_argument(
+        "--init",
+        type=Path,
+        metavar="WEIGHTS",
+        help="a warm restart: start from the weights of a checkpoint of the same model (best.fp16.pt, best.pt, "
+        "a bundle's member file), loaded strictly; the optimizer starts fresh and optim.warmup_epochs "
+        "rises to optim.lr (set a lower peak for a second sitting). The run records the chain of "
+        "runs it continues (overrides train.init)",
+    )
     p.set_defaults(func=cmd_train)
 
 
@@ -207,6 +216,7 @@ RUN_FLAGS = {
     "workers_per_trial": "scaling.workers",
     "gpus_per_worker": "scaling.gpus_per_worker",
     "epochs": "train.epochs",
+    "init": "train.init",
 }
 
 
@@ -237,6 +247,8 @@ def _flag_overrides(args) -> list[str]:
     overrides = list(args.overrides)
     for flag, key in RUN_FLAGS.items():
         value = getattr(args, flag, None)
+        if isinstance(value, Path):
+            value = value.resolve()  # the workers' working folder is not the caller's
         if value is not None:
             overrides.append(f"{key}={value}")
     return overrides

@@ -27,6 +27,10 @@ log = logging.getLogger(__name__)
 class ModelConfig:
     name: str = "xception_a"
     dropout: float = 0.0
+    # Model A's dropout before the classifier: "channel" drops whole maps of the 6x6x1536 features
+    # (ferray's default since the second generation); "element" drops single values, as the shipped
+    # first-generation model was trained. Models with a pooled head drop element-wise either way.
+    dropout_kind: str = "channel"
     pretrained: str = "none"  # "none" | "imagenet" | a path to a state dict (models that support it)
     # The experiment (beside this one) to train instead when the pretrained weights are not on the
     # machine: a fine-tuning recipe must never run on random weights.
@@ -99,6 +103,11 @@ class TrainConfig:
     # so it moves as the plan does. 0: one fixed schedule over `epochs`, which --resume continues
     # exactly (what a long run wants).
     budget_minutes: float = 0.0
+    # A warm restart: the path of a classifier checkpoint of the same model (best.pt, best.fp16.pt,
+    # a bundle's member file) whose weights this run starts from, loaded strictly. The optimizer
+    # starts fresh and optim.warmup_epochs rises to optim.lr, so no optimizer state has to travel
+    # between machines; the run records the chain of runs it continues. "": from the builder.
+    init: str = ""
     batch_size: int = 64  # per worker
     seed: int = 0
     # bf16 autocast on CUDA and on CPUs with native bf16 (AVX512-BF16 / AMX); fp32 elsewhere.
@@ -166,6 +175,7 @@ class ExperimentConfig:
 
 
 CHOICES = {
+    ("model", "dropout_kind"): ("channel", "element"),
     ("optim", "name"): ("adamax", "adam", "adamw", "sgd"),
     ("optim", "schedule"): ("none", "cosine", "step", "plateau"),
     ("loss", "center_reduction"): ("mean", "sum"),

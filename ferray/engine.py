@@ -8,7 +8,6 @@ device; augmentation happens on the batch's device.
 from __future__ import annotations
 
 import math
-import statistics
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -133,14 +132,19 @@ def apply_weight_decay(optimizer: torch.optim.Optimizer) -> None:
 class LRSchedule:
     """Learning rate as a function of (fractional) epoch: warm-up, then none/cosine/step/plateau."""
 
-    def __init__(self, cfg: OptimConfig, epochs: int):
+    def __init__(self, cfg: OptimConfig, epochs: int, planned: bool = True):
         self.cfg, self.epochs = cfg, epochs
+        # False: a time budget has not planned the run's length yet (ferray.sittings.BudgetPlan):
+        # the cosine holds at its peak until it does, so no step follows a length it will not have.
+        self.planned = planned
         self.plateau_scale, self.best, self.bad_epochs = 1.0, -math.inf, 0
 
     def factor(self, epoch: float) -> float:
         cfg = self.cfg
         warm = min(1.0, (epoch + 1e-9) / cfg.warmup_epochs) if cfg.warmup_epochs > 0 else 1.0
-        if cfg.schedule == "cosine":
+        if cfg.schedule == "cosine" and not self.planned:
+            decay = 1.0
+        elif cfg.schedule == "cosine":
             span = max(self.epochs - cfg.warmup_epochs, 1e-9)
             progress = min(max(epoch - cfg.warmup_epochs, 0.0) / span, 1.0)
             decay = cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
@@ -168,23 +172,13 @@ class LRSchedule:
             "best": self.best,
             "bad_epochs": self.bad_epochs,
             "epochs": self.epochs,
+            "planned": self.planned,
         }
 
     def load_state_dict(self, state: dict) -> None:
         self.plateau_scale, self.best, self.bad_epochs = state["plateau_scale"], state["best"], state["bad_epochs"]
-        self.epochs = state.get("epochs", self.epochs)  # a time budget may have re-planned the run
-
-
-def planned_epochs(epoch_seconds: list[float], budget_s: float, most: int) -> int:
-    """How many epochs a run with a time budget trains: those done, plus those the time left holds
-    at the median epoch time (the first epoch, which includes warm-up, only when it is the only one),
-    at most `most`. Re-planned after every epoch, so a machine that slows down shortens the run
-    instead of overrunning its budget; the schedule follows the plan."""
-    if budget_s <= 0 or not epoch_seconds:
-        return most
-    per_epoch = statistics.median(epoch_seconds[1:] or epoch_seconds)
-    left = max(0.0, budget_s - sum(epoch_seconds))
-    return int(min(most, len(epoch_seconds) + left // max(per_epoch, 1e-6)))
+        self.epochs = state.get("epochs", self.epochs)  # a time budget's plan
+        self.planned = state.get("planned", True)
 
 
 # ------------------------------------------------------------------------------------------- state
@@ -203,6 +197,9 @@ class TrainState:
     epoch: int = 0  # epochs completed
     best_accuracy: float = 0.0
     history: list = field(default_factory=list)
+    # the runs this one continues (train.init): oldest first, each {name, epochs, selection, checksum}
+    lineage: list = field(default_factory=list)
+    step_hook: Callable[[int], None] | None = None  # called after each step (a budget's plan)
 
     @property
     def core(self) -> nn.Module:
@@ -242,8 +239,19 @@ def build_state(
     if device.type == "cpu":
         keep_cpu_buffers()  # freed activation buffers reused, not page-faulted in every step
     model = build_model(
-        cfg.model.name, num_classes=NUM_CLASSES, dropout=cfg.model.dropout, pretrained=cfg.model.pretrained
-    ).to(device)
+        cfg.model.name,
+        num_classes=NUM_CLASSES,
+        dropout=cfg.model.dropout,
+        dropout_kind=cfg.model.dropout_kind,
+        pretrained=cfg.model.pretrained,
+    )
+    lineage = []
+    if cfg.train.init:
+        from ferray.sittings import load_weights_strictly, warm_start
+
+        payload, lineage = warm_start(cfg.train.init, cfg.model.name)
+        load_weights_strictly(model, payload["model"], cfg.train.init)
+    model = model.to(device)
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     loss_fn = JointLoss(
@@ -262,7 +270,8 @@ def build_state(
         model = wrap(model)
     if cfg.train.compile:
         model = compiled(model, cfg.train.compile_mode)
-    return TrainState(cfg, model, loss_fn, optimizer, LRSchedule(cfg.optim, cfg.train.epochs), device, rank, ema)
+    schedule = LRSchedule(cfg.optim, cfg.train.epochs, planned=cfg.train.budget_minutes <= 0)
+    return TrainState(cfg, model, loss_fn, optimizer, schedule, device, rank, ema, lineage=lineage)
 
 
 class compiled(nn.Module):
@@ -369,6 +378,8 @@ def train_one_epoch(state: TrainState, batches: Iterable, steps_per_epoch: int) 
         images_seen += n
         step += 1
         progress.update(step, images_seen)
+        if state.step_hook is not None:
+            state.step_hook(step)
     if images_seen == 0:
         raise RuntimeError("the training data produced no batch (fewer rows than one batch?)")
     loss_sum, ce_sum, center_sum, correct, weighted_center = (totals / images_seen).tolist()
@@ -511,6 +522,7 @@ def checkpoint_payload(state: TrainState, metrics: dict) -> dict:
         "best_accuracy": state.best_accuracy,
         "history": state.history,
         "metrics": metrics,
+        "lineage": state.lineage,
     }
 
 
@@ -558,6 +570,7 @@ def slim_checkpoint(payload: dict) -> dict:
         "metrics",
         "pretrained",
         "content_loss",
+        "lineage",
     )
     slim = {k: payload[k] for k in keep if k in payload}
     slim["model"] = {k: v.half() if v.is_floating_point() else v for k, v in payload["model"].items()}
@@ -598,6 +611,8 @@ def resumed_plan(cfg: ExperimentConfig, payload: dict) -> int:
     train, saved = cfg.train, payload["config"].get("train", {})
     if (saved.get("epochs"), saved.get("budget_minutes", 0.0)) == (train.epochs, train.budget_minutes):
         return int(payload["schedule"].get("epochs", train.epochs))
+    from ferray.sittings import planned_epochs
+
     seconds = [row.get("epoch_seconds", 0.0) for row in payload["history"]]
     return planned_epochs(seconds, train.budget_minutes * 60, train.epochs)
 
@@ -608,7 +623,9 @@ def model_from_checkpoint(
     """Rebuild the model a checkpoint was trained as, from the checkpoint alone, in eval mode."""
     payload = load_checkpoint(path)
     cfg = from_dict(payload["config"])
-    model = build_model(cfg.model.name, num_classes=NUM_CLASSES, dropout=cfg.model.dropout)
+    model = build_model(
+        cfg.model.name, num_classes=NUM_CLASSES, dropout=cfg.model.dropout, dropout_kind=cfg.model.dropout_kind
+    )
     model.load_state_dict(payload["model"])
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)

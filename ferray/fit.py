@@ -18,8 +18,8 @@ import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from ferray.engine import planned_epochs
 from ferray.runs import BEST_FILE, LATEST_FILE, METRICS_FILE, RESULT_FILE, RunFolder, RunRecord
+from ferray.sittings import BudgetPlan
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +36,8 @@ def fit(
     on_epoch: Callable[[object, dict], None] | None = None,
     agree: Callable[[int], int] = lambda n: n,
     workers: int = 1,
+    eval_images: int = 0,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> list[dict]:
     """Train `state` until its planned epochs are done; returns the rows of the epochs trained here.
 
@@ -43,26 +45,69 @@ def fit(
     the rank and the epoch only, so a resumed run sees what an uninterrupted one sees);
     `evaluate(state)` the selection split's results (every worker must get the same ones);
     `agree(n)` makes every worker take the same plan (rank 0's);
-    `on_epoch(state, row)` checkpoints, logs and reports. With train.budget_minutes the run is
-    re-planned after each epoch from the epoch times of the whole run (resumes included)."""
-    cfg, rows = state.cfg, []
-    loop_start = time.perf_counter()
+    `on_epoch(state, row)` checkpoints, logs and reports. With train.budget_minutes a fresh run is
+    planned once, early in its first epoch (ferray.sittings.BudgetPlan; `eval_images`: the
+    selection split's size, whose evaluation the budget holds too), and keeps that plan."""
+    rows = []
+    loop_start = clock()
+    planner = _budget_plan(task, state, steps_per_epoch, eval_images, agree, clock)
     while state.epoch < task.planned_epochs(state):
-        epoch_start = time.perf_counter()
+        epoch_start = clock()
         train_metrics = task.train_epoch(state, train(state.epoch), steps_per_epoch)
+        if planner is not None:
+            _finish_plan(task, state, planner, agree)
         row = task.end_epoch(state, train_metrics, evaluate(state))
         row["workers"] = workers
         row["images_per_s"] = train_metrics["images_per_s"] * workers  # each worker saw its shard
-        row["loop_seconds"] = time.perf_counter() - loop_start
-        row["epoch_seconds"] = time.perf_counter() - epoch_start
-        if cfg.train.budget_minutes > 0:
-            seconds = [r.get("epoch_seconds", 0.0) for r in state.history]
-            task.replan(state, agree(planned_epochs(seconds, cfg.train.budget_minutes * 60, cfg.train.epochs)))
+        row["loop_seconds"] = clock() - loop_start
+        row["epoch_seconds"] = clock() - epoch_start
         row["planned_epochs"] = task.planned_epochs(state)
+        if planner is not None:
+            row["budget_plan"], planner = planner.details, None
         rows.append(row)
         if on_epoch is not None:
             on_epoch(state, row)
     return rows
+
+
+def _budget_plan(task, state, steps_per_epoch: int, eval_images: int, agree, clock) -> BudgetPlan | None:
+    """The plan of a fresh budgeted run, hooked to its steps (tasks whose loop calls
+    `state.step_hook`); None for a run without a budget or a resumed one (its plan is kept)."""
+    cfg = state.cfg
+    if cfg.train.budget_minutes <= 0 or state.epoch > 0:
+        return None
+    ema = getattr(state, "ema", None) is not None
+    planner = BudgetPlan(
+        cfg.train.budget_minutes * 60,
+        cfg.train.epochs,
+        steps_per_epoch,
+        eval_images,
+        cfg.train.batch_size,
+        evaluations=2 if ema else 1,  # the raw weights and their moving average
+        clock=clock,
+    )
+
+    def after_step(step: int) -> None:
+        epochs = planner.after_step(step)
+        if epochs is not None:
+            _adopt_plan(task, state, planner, agree(epochs))
+
+    state.step_hook = after_step
+    return planner
+
+
+def _finish_plan(task, state, planner: BudgetPlan, agree) -> None:
+    """After the first epoch: plan now if its steps did not (a task whose loop has no step hook)."""
+    state.step_hook = None
+    if planner.epochs is None:
+        _adopt_plan(task, state, planner, agree(planner.plan(planner.plan_after)))
+
+
+def _adopt_plan(task, state, planner: BudgetPlan, epochs: int) -> None:
+    planner.epochs = planner.details["planned_epochs"] = epochs
+    task.replan(state, epochs)
+    if getattr(state, "rank", 0) == 0:
+        print(planner.describe(), flush=True)
 
 
 class LocalRun:

@@ -63,6 +63,7 @@ def train_local(
         lambda s: task.evaluate(s, selection_batches),
         len(train_batches),
         on_epoch=lambda s, row: _on_epoch(run, s, row),
+        eval_images=len(selection_batches.labels),
     )
     run.facts["compile"] = _compile_outcome(state, cfg)
     run.facts["loop_seconds"] = round(time.perf_counter() - t0, 1)

@@ -60,6 +60,9 @@ class RunRecord:
     machine: dict | None = None
     commit: str | None = None
     data_checksum: str | None = None
+    # a warm restart's chain (train.init): the runs it continues, oldest first, each with its name,
+    # epochs, selection accuracy and the checksum of the weights it handed on
+    continues: list = field(default_factory=list)
     final_metrics: dict = field(default_factory=dict)  # the last epoch's row (numbers only)
     facts: dict = field(default_factory=dict)  # what a runner adds: compile outcome, test evaluations, ...
 
@@ -176,6 +179,7 @@ class RunFolder:
             machine=self._json(MACHINE_FILE) or None,
             commit=provenance.get("commit"),
             data_checksum=provenance.get("data_checksum"),
+            continues=list(provenance.get("continues", [])),
             final_metrics={k: v for k, v in final.items() if isinstance(v, (int, float)) and not isinstance(v, bool)},
             facts=dict(facts or {}),
         )

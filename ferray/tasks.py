@@ -85,8 +85,8 @@ class ClassifierTask:
         return state.schedule.epochs
 
     def replan(self, state, epochs: int) -> None:
-        """A time budget's new length; the learning-rate schedule spans it."""
-        state.schedule.epochs = epochs
+        """A time budget's length; the learning-rate schedule spans it from now on."""
+        state.schedule.epochs, state.schedule.planned = epochs, True
 
     def save(self, path: Path, state, row: dict) -> None:
         engine.save_checkpoint(path, state, row)

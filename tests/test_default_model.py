@@ -134,6 +134,8 @@ def test_the_default_model_in_int8_classifies_real_faces_as_its_card_says(card, 
     measured on all of PublicTest, and few answers differ from the default (bf16 or fp32) path."""
     pytest.importorskip("torchao")
     int8 = card.members.a.int8
+    if int8 is None:
+        pytest.skip("the default bundle's Model A carries no int8 calibration (`ferray quantize` makes one)")
     assert int8.calibration["split"] == "Training"  # the test split never tuned the ranges
     assert (BUNDLE / int8.ranges).stat().st_size < 64 * 2**10
     faces, labels = public_test_subset(shared_fer2013)

@@ -7,6 +7,7 @@ import torch
 
 from ferray import engine
 from ferray.config import OptimConfig, load_config
+from ferray.sittings import planned_epochs
 
 
 def tiny_config(*extra):
@@ -161,13 +162,13 @@ def test_each_rank_draws_its_own_stream_reproducibly(synth_tensors):
     assert len(seeds) == 8 * 300
 
 
-def test_time_budget_plans_the_epochs_that_fit():
-    assert engine.planned_epochs([], 600, 40) == 40  # nothing measured yet
-    assert engine.planned_epochs([100.0], 600, 40) == 6  # 500 s left at 100 s an epoch
-    assert engine.planned_epochs([130.0, 100.0, 100.0], 600, 40) == 5  # the first epoch's warm-up is not typical
-    assert engine.planned_epochs([100.0, 200.0, 200.0], 600, 40) == 3  # a slower machine shortens the run
-    assert engine.planned_epochs([10.0], 600, 8) == 8  # never more than train.epochs
-    assert engine.planned_epochs([100.0, 100.0], 0, 40) == 40  # no budget
+def test_a_changed_budget_on_resume_plans_from_the_epochs_timed():
+    assert planned_epochs([], 600, 40) == 40  # nothing measured yet
+    assert planned_epochs([100.0], 600, 40) == 6  # 500 s left at 100 s an epoch
+    assert planned_epochs([130.0, 100.0, 100.0], 600, 40) == 5  # the first epoch's warm-up is not typical
+    assert planned_epochs([100.0, 200.0, 200.0], 600, 40) == 3  # a slower machine shortens the run
+    assert planned_epochs([10.0], 600, 8) == 8  # never more than train.epochs
+    assert planned_epochs([100.0, 100.0], 0, 40) == 40  # no budget
     # The schedule spans the plan and resumes with it.
     sched = engine.LRSchedule(OptimConfig(schedule="cosine"), epochs=40)
     sched.epochs = 6

@@ -80,3 +80,23 @@ def test_folding_batch_norms_removes_them_and_keeps_the_answers(name):
         assert fold_batch_norms(model) == batch_norms > 0
         assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
         assert torch.allclose(model(x), before, atol=1e-4, rtol=1e-4)
+
+
+def test_model_as_dropout_kind_is_a_setting_and_holds_no_weights():
+    element = build_model("xception_a_tiny", dropout=0.2, dropout_kind="element")
+    channel = build_model("xception_a_tiny", dropout=0.2)
+    assert type(element.dropout) is torch.nn.Dropout and type(channel.dropout) is torch.nn.Dropout2d
+    assert element.state_dict().keys() == channel.state_dict().keys()  # weights move between the kinds
+    with pytest.raises(ValueError, match="unknown dropout kind 'pixel'"):
+        build_model("xception_a_tiny", dropout=0.2, dropout_kind="pixel")
+
+
+def test_the_resnet18_member_on_48x48_faces_has_its_documented_size_and_shapes():
+    model = build_model("resnet18_48").eval()
+    assert num_params(model) == 11_171_271 and model_entry("resnet18_48").input_size == 44
+    assert model.backbone.conv1.stride == (1, 1) and model.backbone.conv1.in_channels == 1
+    for size in (44, 48):
+        logits, embedding = model(torch.randn(2, 1, size, size), return_embedding=True)
+        assert logits.shape == (2, 7) and embedding.shape == (2, 512)
+    with pytest.raises(ValueError, match="from-scratch variant"):
+        build_model("resnet18_48", pretrained="imagenet")

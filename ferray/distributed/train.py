@@ -129,6 +129,12 @@ def read_in_key_order(cfg: ExperimentConfig, device):
     )
 
 
+def selection_rows(cfg: ExperimentConfig) -> int:
+    """The selection split's size, from the manifest (a budget's plan holds its evaluations)."""
+    split = read_manifest(cfg.data.path)["splits"].get(cfg.data.selection_split, {})
+    return int(split.get("rows", 0))
+
+
 def selection_batches(cfg: ExperimentConfig, device):
     """The whole selection split on `device`, in id order, as evaluation batches (read from its files:
     one worker evaluates all of it)."""
@@ -238,6 +244,7 @@ def train_loop(loop_config: dict) -> None:
         on_epoch=report,
         agree=lambda n: _from_rank0(n, device, world),
         workers=world,
+        eval_images=loop_config.get("eval_rows", 0),
     )
     if writer is not None:
         writer.close()
@@ -307,7 +314,13 @@ def build_trainer(
     resources = {"CPU": cfg.scaling.cpus_per_worker, **({"GPU": gpus} if gpus else {})}
     return TorchTrainer(
         train_loop,
-        train_loop_config={"experiment": to_dict(cfg), "run_dir": str(run_dir), "train_rows": train_rows, "task": task},
+        train_loop_config={
+            "experiment": to_dict(cfg),
+            "run_dir": str(run_dir),
+            "train_rows": train_rows,
+            "eval_rows": selection_rows(cfg),
+            "task": task,
+        },
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.scaling.workers, use_gpu=gpus > 0, resources_per_worker=resources
         ),
@@ -422,6 +435,19 @@ def planned(cfg: ExperimentConfig) -> str:
     return f"{cfg.train.epochs} epochs"
 
 
+def warm_start_lineage(cfg: ExperimentConfig, task: Task) -> list[dict]:
+    """The chain of runs a warm restart continues (train.init, made absolute), read here so that a
+    wrong file is refused before Ray starts; [] without one."""
+    if not cfg.train.init:
+        return []
+    if task is not CLASSIFIER:
+        raise ConfigError("train.init (--init) warm-restarts classifiers; the SRGAN has no warm restart")
+    from ferray.sittings import warm_start
+
+    cfg.train.init = str(Path(cfg.train.init).resolve())
+    return warm_start(cfg.train.init, cfg.model.name)[1]
+
+
 def run_training(
     cfg: ExperimentConfig,
     out: Path,
@@ -439,12 +465,12 @@ def run_training(
     run_dir = prepare_run_dir(out, name or cfg.name, resume)
     if resume:
         check_resume(run_dir, cfg, manifest)
+    lineage = warm_start_lineage(cfg, task)
     info = connect()
     check_resources(cfg)
-    check_shared_paths({"data": cfg.data.path, "run folder": run_dir})
-    RunFolder(run_dir).start(
-        cfg, provenance={"commit": code_version(), "data_checksum": manifest["checksum"], "data": cfg.data.path}
-    )
+    check_shared_paths({"data": cfg.data.path, "run folder": run_dir, **({"init": cfg.train.init} if lineage else {})})
+    provenance = {"commit": code_version(), "data_checksum": manifest["checksum"], "data": cfg.data.path}
+    RunFolder(run_dir).start(cfg, provenance={**provenance, **({"continues": lineage} if lineage else {})})
     log.info(
         f"train: {task.model_name(cfg)} on {cfg.data.path} ({train_rows:,} {cfg.data.train_split} faces), "
         f"{cfg.scaling.workers} worker(s) x {cfg.scaling.gpus_per_worker:g} GPU, {planned(cfg)}; "

@@ -283,7 +283,13 @@ def train_in_trial(cfg: ExperimentConfig, run_dir: Path, metric: str = "eval_acc
 
     from ferray import engine
     from ferray.device import machine_facts
-    from ferray.distributed.train import log_epoch, read_in_key_order, selection_batches, tensorboard_writer
+    from ferray.distributed.train import (
+        log_epoch,
+        read_in_key_order,
+        selection_batches,
+        selection_rows,
+        tensorboard_writer,
+    )
     from ferray.engine import TensorBatches
     from ferray.fit import fit
     from ferray.runs import RunFolder
@@ -322,7 +328,15 @@ def train_in_trial(cfg: ExperimentConfig, run_dir: Path, metric: str = "eval_acc
                 {**metrics, "checkpoint_path": str(best_dir)}, checkpoint=ray.tune.Checkpoint.from_directory(folder)
             )
 
-    fit(task, state, train.epoch, lambda s: task.evaluate(s, selection), len(train), on_epoch=report)
+    fit(
+        task,
+        state,
+        train.epoch,
+        lambda s: task.evaluate(s, selection),
+        len(train),
+        on_epoch=report,
+        eval_images=selection_rows(cfg),
+    )
     if writer is not None:
         writer.close()
 

@@ -87,6 +87,12 @@ def gray_stem(conv: nn.Conv2d) -> nn.Conv2d:
 
 
 # ------------------------------------------------------------------------------------------- model B
+# The stem's stride where it is not ImageNet's 7x7/2 + max pool: "small" (3x3/2, no max pool) for
+# 88-pixel faces trained from scratch; "face48" (3x3/1, then the max pool) for the native 44-pixel
+# crops, whose layer1 then sees 22x22, as Model B's does on its 88-pixel SR faces.
+STEMS = {"imagenet": 2, "small": 2, "face48": 1}
+
+
 class _PooledClassifier(nn.Module):
     """forward / forward_head / embed for a backbone whose forward_features gives pooled features
     and whose head is dropout + self.fc (the engine's center loss acts on those features)."""
@@ -112,23 +118,28 @@ class ResNetGray(_PooledClassifier):
         num_classes: int = NUM_CLASSES,
         pretrained: str = "none",
         dropout: float = 0.0,
-        small_stem: bool = False,
+        stem: str = "imagenet",
     ):
         super().__init__()
         import torchvision.models as tvm
 
-        if small_stem and pretrained not in ("none", "", None):
-            raise ValueError("the small-face stem has no pretrained weights: it is the from-scratch variant")
+        if stem not in STEMS:
+            raise ValueError(f"unknown ResNet stem {stem!r}; known: {', '.join(STEMS)}")
+        if stem != "imagenet" and pretrained not in ("none", "", None):
+            raise ValueError(f"the {stem!r} stem has no pretrained weights: it is a from-scratch variant")
         net = getattr(tvm, arch)()
         state = pretrained_state_dict(arch, pretrained)
         if state is not None:
             net.load_state_dict(state)
         self.arch, self.pretrained = arch, state is not None
-        if small_stem:
-            net.conv1 = nn.Conv2d(1, net.conv1.out_channels, 3, stride=2, padding=1, bias=False)  # (B, 64, 44, 44)
-            net.maxpool = nn.Identity()
-        else:
+        if stem == "imagenet":
             net.conv1 = gray_stem(net.conv1)
+        else:
+            stride = STEMS[stem]
+            net.conv1 = nn.Conv2d(1, net.conv1.out_channels, 3, stride=stride, padding=1, bias=False)
+            if stride == 2:
+                net.maxpool = nn.Identity()  # 88 -> (B, 64, 44, 44)
+            # stride 1 keeps the max pool: 44 -> (B, 64, 44, 44) -> (B, 64, 22, 22), B's layer1 size
         self.num_features = net.fc.in_features
         net.fc = nn.Identity()
         self.backbone = net
@@ -225,7 +236,7 @@ def resnet50_b_scratch(
     num_classes: int = NUM_CLASSES, pretrained: str = "none", dropout: float = 0.0, **_
 ) -> ResNetGray:
     """Model B when no ImageNet weights are available (experiments/model_b_scratch.yaml)."""
-    return ResNetGray("resnet50", num_classes, pretrained, dropout, small_stem=True)
+    return ResNetGray("resnet50", num_classes, pretrained, dropout, stem="small")
 
 
 @register_model(
@@ -236,6 +247,16 @@ def resnet50_b_scratch(
 def resnet18_b(num_classes: int = NUM_CLASSES, pretrained: str = "none", dropout: float = 0.0, **_) -> ResNetGray:
     """Model B where ResNet50 does not fit (experiments/model_b_cpu.yaml, the debug runs)."""
     return ResNetGray("resnet18", num_classes, pretrained, dropout)
+
+
+@register_model(
+    "resnet18_48",
+    input_size=44,
+    description="ResNet18 on the native 48x48 face (3x3/1 stem, then the max pool): no SR generator to serve",
+)
+def resnet18_48(num_classes: int = NUM_CLASSES, pretrained: str = "none", dropout: float = 0.0, **_) -> ResNetGray:
+    """A member that reads the same 44x44 crops as Model A at about Model B's cost (layer1 at 22x22)."""
+    return ResNetGray("resnet18", num_classes, pretrained, dropout, stem="face48")
 
 
 @register_model("vgg16", input_size=44, description="the paper's VGG16 baseline: torchvision conv base + small head")

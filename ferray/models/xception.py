@@ -101,6 +101,11 @@ class XceptionSpec:
     head_kernel: int = 3
 
 
+# "channel": whole maps of the last feature map (Dropout2d); "element": single values (Dropout), as
+# the first shipped Model A was trained. Neither holds parameters, so weights move between them.
+DROPOUT_KINDS = {"channel": nn.Dropout2d, "element": nn.Dropout}
+
+
 class XceptionA(nn.Module):
     def __init__(
         self,
@@ -108,8 +113,11 @@ class XceptionA(nn.Module):
         num_classes: int = NUM_CLASSES,
         in_channels: int = 1,
         dropout: float = 0.0,
+        dropout_kind: str = "channel",
     ):
         super().__init__()
+        if dropout_kind not in DROPOUT_KINDS:
+            raise ValueError(f"unknown dropout kind {dropout_kind!r}; known: {', '.join(DROPOUT_KINDS)}")
         self.spec = spec
         layers, width = [], in_channels
         for w in spec.stem:
@@ -129,7 +137,7 @@ class XceptionA(nn.Module):
             width = w
         self.exit = nn.Sequential(*exit_layers)
         self.num_features = width
-        self.dropout = nn.Dropout2d(dropout) if dropout > 0 else None
+        self.dropout = DROPOUT_KINDS[dropout_kind](dropout) if dropout > 0 else None
         self.classifier = nn.Conv2d(width, num_classes, spec.head_kernel, padding=spec.head_kernel // 2)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
@@ -177,17 +185,19 @@ def _inside_separable(model: nn.Module, target: nn.Module) -> bool:
 @register_model(
     "xception_a", input_size=44, description="Model A: the paper's Xception-style CNN (2.72M params, depth 83)"
 )
-def xception_a(num_classes: int = NUM_CLASSES, dropout: float = 0.0, **_) -> XceptionA:
+def xception_a(num_classes: int = NUM_CLASSES, dropout: float = 0.0, dropout_kind: str = "channel", **_) -> XceptionA:
     """Model A as in the paper: 2,716,359 parameters (Keras count), depth 83."""
-    return XceptionA(XceptionSpec(), num_classes, dropout=dropout)
+    return XceptionA(XceptionSpec(), num_classes, dropout=dropout, dropout_kind=dropout_kind)
 
 
 @register_model(
     "xception_a_tiny", input_size=44, description="Model A's layout at 1/8 width, for debug runs on a laptop"
 )
-def xception_a_tiny(num_classes: int = NUM_CLASSES, dropout: float = 0.0, **_) -> XceptionA:
+def xception_a_tiny(
+    num_classes: int = NUM_CLASSES, dropout: float = 0.0, dropout_kind: str = "channel", **_
+) -> XceptionA:
     """The same flows at a fraction of the width (and two middle modules): seconds per epoch on a CPU."""
     spec = XceptionSpec(
         stem=(8, 16), entry=((32, False), (48, True), (64, True)), middle_width=64, middle_modules=2, exit=(96, 192)
     )
-    return XceptionA(spec, num_classes, dropout=dropout)
+    return XceptionA(spec, num_classes, dropout=dropout, dropout_kind=dropout_kind)
