@@ -28,7 +28,7 @@ from ferray.bundle.fusion import (
     calibrate,
     expected_calibration_error,
     fit_temperature,
-    fit_weight,
+    fit_weights,
     fuse,
     score,
 )
@@ -36,23 +36,23 @@ from ferray.bundle.fusion import (
 
 def member_probs(bundle: str, data: Path, split: str, cache: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(P_A, P_B, labels) of `split`, from the cache when this bundle and split were seen before."""
-    from ferray.bundle.load import load_bundle, resolve_bundle
+    from ferray.bundle.load import load_bundle, read_bundle_card, resolve_bundle
     from ferray.data.contract import load_split
 
     folder = resolve_bundle(bundle)
-    key = hashlib.blake2b(
-        (folder / "model_a.pt").read_bytes() + (folder / "model_b.pt").read_bytes(), digest_size=8
-    ).hexdigest()
+    card = read_bundle_card(folder)
+    files = [folder / card.members[name].checkpoint for name in ("a", "b")]
+    key = hashlib.blake2b(b"".join(path.read_bytes() for path in files), digest_size=8).hexdigest()
     path = cache / f"{key}-{split}.npz"
     faces, labels, _ = load_split(data, split)
     if path.exists():
         saved = np.load(path)
         return saved["pa"], saved["pb"], labels
-    ensemble, _ = load_bundle(folder)
+    ensemble, _ = load_bundle(folder, members=("a", "b"))
     print(f"members on {len(labels):,} {split} faces (TTA {ensemble.tta}) ...", flush=True)
     with torch.inference_mode():
-        pa, pb = ensemble.member_probs(torch.from_numpy(faces))
-    pa, pb = pa.float().numpy(), pb.float().numpy()
+        probs = ensemble.member_probs(torch.from_numpy(faces))
+    pa, pb = probs["a"].float().numpy(), probs["b"].float().numpy()
     cache.mkdir(parents=True, exist_ok=True)
     np.savez(path, pa=pa, pb=pb)
     return pa, pb, labels
@@ -60,20 +60,23 @@ def member_probs(bundle: str, data: Path, split: str, cache: Path) -> tuple[np.n
 
 def schemes(pa: np.ndarray, pb: np.ndarray, labels: np.ndarray) -> dict:
     """Each scheme as a function of (P_A, P_B), every parameter fitted on (pa, pb, labels)."""
-    weight, _ = fit_weight(pa, pb, labels)
-    t_fused = fit_temperature(fuse(pa, pb, weight), labels)
+
+    def mix(a, b, weights):
+        return fuse({"a": a, "b": b}, weights)
+
+    weights = fit_weights({"a": pa, "b": pb}, labels)
+    t_fused = fit_temperature(mix(pa, pb, weights), labels)
     t_a, t_b = fit_temperature(pa, labels), fit_temperature(pb, labels)
-    weight_m, _ = fit_weight(calibrate(pa, t_a), calibrate(pb, t_b), labels)
-    t_both = fit_temperature(fuse(calibrate(pa, t_a), calibrate(pb, t_b), weight_m), labels)
+    weights_m = fit_weights({"a": calibrate(pa, t_a), "b": calibrate(pb, t_b)}, labels)
+    t_both = fit_temperature(mix(calibrate(pa, t_a), calibrate(pb, t_b), weights_m), labels)
     print(
-        f"fitted: w {weight:.2f}, T fused {t_fused:.3f}; T_A {t_a:.3f}, T_B {t_b:.3f}, w {weight_m:.2f}, "
-        f"then T {t_both:.3f}"
+        f"fitted: w {weights}, T fused {t_fused:.3f}; T_A {t_a:.3f}, T_B {t_b:.3f}, w {weights_m}, then T {t_both:.3f}"
     )
     return {
-        "none": lambda a, b: fuse(a, b, weight),
-        "fused T": lambda a, b: calibrate(fuse(a, b, weight), t_fused),
-        "member T": lambda a, b: fuse(calibrate(a, t_a), calibrate(b, t_b), weight_m),
-        "member + fused": lambda a, b: calibrate(fuse(calibrate(a, t_a), calibrate(b, t_b), weight_m), t_both),
+        "none": lambda a, b: mix(a, b, weights),
+        "fused T": lambda a, b: calibrate(mix(a, b, weights), t_fused),
+        "member T": lambda a, b: mix(calibrate(a, t_a), calibrate(b, t_b), weights_m),
+        "member + fused": lambda a, b: calibrate(mix(calibrate(a, t_a), calibrate(b, t_b), weights_m), t_both),
     }
 
 
@@ -100,8 +103,8 @@ def main() -> int:
     from ferray.data.contract import read_manifest, untouched_splits
 
     card = read_bundle_card(resolve_bundle(args.bundle))
-    if card.members.b is None:
-        print(f"{args.bundle}: a bundle of Model A alone has one temperature and nothing to compare", file=sys.stderr)
+    if set(card.members) < {"a", "b"}:
+        print(f"{args.bundle}: compares the schemes of members a and b; this bundle lacks one", file=sys.stderr)
         return 2
     selection = card.selection_split
     tests = untouched_splits(read_manifest(args.data), selection)

@@ -37,8 +37,8 @@ TARGET_ENSEMBLE_SERVED_MS, TARGET_ENSEMBLE_FACES_PER_S = 60, 100
 
 def timings(ensemble, repeats: int, forward=None) -> dict:
     """Median ms of one face (center crop, then ten-crop TTA) and the best faces/s of a batch of 256
-    (center crop) through `forward` (default: Model A alone, Ensemble.probs_a)."""
-    forward = forward or ensemble.probs_a
+    (center crop) through `forward` (default: the ensemble's first member alone, Model A in a paper bundle)."""
+    forward = forward or (lambda faces: ensemble.probs(ensemble.names()[0], faces))
     one = torch.randint(0, 256, (1, 48, 48), dtype=torch.uint8)
     batch = torch.randint(0, 256, (256, 48, 48), dtype=torch.uint8)
     result = {}
@@ -59,24 +59,29 @@ def timings(ensemble, repeats: int, forward=None) -> dict:
     return result
 
 
-def ensemble_row(bundle: str, repeats: int) -> None:
-    """The whole ensemble on the fast path (A, the SR generator, B, the fusion), where the bundle has B."""
-    from ferray.bundle import load_bundle
+def member_and_set_rows(bundle: str, repeats: int) -> None:
+    """Each member alone (an SR member with the generator's upscaling), then each named set fused,
+    on the fast path: the cost per face a user trades against accuracy with --members."""
+    from ferray.bundle import answering_members, load_bundle, read_bundle_card
 
-    ensemble, card = load_bundle(bundle, "cpu")
-    if ensemble.model_b is None:
+    card = read_bundle_card(bundle)
+    if len(card.members) < 2:
         return
-    ensemble.model_a = ensemble.model_a.to(memory_format=torch.channels_last)
-    ensemble.model_b = ensemble.model_b.to(memory_format=torch.channels_last)
     served = "tta_ms" if card.tta else "center_ms"
-    r = timings(ensemble, repeats, forward=ensemble.predict)
-    print(
-        f" ensemble: one face {r['center_ms']:6.2f} ms, with the served views "
-        f"({'ten-crop TTA' if card.tta else 'center crop'}) {r[served]:6.2f} ms (target <= "
-        f"{TARGET_ENSEMBLE_SERVED_MS}), batch of 256 {r['batch_faces_per_s']:7.0f} faces/s (target >= "
-        f"{TARGET_ENSEMBLE_FACES_PER_S}); Model A alone (members a): the fast path row",
-        flush=True,
-    )
+    views = "ten-crop TTA" if card.tta else "center crop"
+    rows = [(f"member {name}", (name,)) for name in card.names()]
+    rows += [(f"set {name}", answering_members(card, name)) for name in card.sets]
+    for label, names in rows:
+        ensemble, _ = load_bundle(bundle, "cpu", members=names)
+        for member in ensemble.members.values():
+            member.model = member.model.to(memory_format=torch.channels_last)
+        r = timings(ensemble, repeats, forward=ensemble.predict)
+        target = f" (target <= {TARGET_ENSEMBLE_SERVED_MS})" if names == card.names() else ""
+        print(
+            f" {label:<16} ({'+'.join(names)}): one face {r['center_ms']:6.2f} ms, {views} {r[served]:6.2f} ms"
+            f"{target}, batch of 256 {r['batch_faces_per_s']:7.0f} faces/s",
+            flush=True,
+        )
 
 
 def model_flops(model, crop: int) -> float:
@@ -136,15 +141,16 @@ def main() -> None:
     args = parser.parse_args()
 
     import ferray.device as device
-    from ferray.bundle import load_bundle
+    from ferray.bundle import load_bundle, read_bundle_card
 
     torch.set_num_threads(args.threads)
-    ensemble, card = load_bundle(args.bundle, "cpu", members=("a",))
-    as_trained, _ = load_bundle(args.bundle, "cpu", members=("a",), fold=False)
+    first = read_bundle_card(args.bundle).names()[0]  # the fast set's member: Model A in a paper bundle
+    ensemble, card = load_bundle(args.bundle, "cpu", members=(first,))
+    as_trained, _ = load_bundle(args.bundle, "cpu", members=(first,), fold=False)
     fast_bf16 = device.use_bf16("cpu")
     print(
-        f"cpu: {device.cpu_model()}, {args.threads} threads; model {card.members.a.model} "
-        f"({card.members.a.parameters:,} parameters) from {args.bundle}; fast path: channels_last"
+        f"cpu: {device.cpu_model()}, {args.threads} threads; member {first}: {card.members[first].model} "
+        f"({card.members[first].parameters:,} parameters) from {args.bundle}; fast path: channels_last"
         f"{' + bf16' if fast_bf16 else ' (no native bf16 here: fp32)'} + batch norms folded",
         flush=True,
     )
@@ -153,13 +159,13 @@ def main() -> None:
         ("fp32", as_trained, False, False),
         ("fast path", ensemble, True, fast_bf16),
     ):
-        variant.model_a = variant.model_a.to(
+        variant.members[first].model = variant.members[first].model.to(
             memory_format=torch.channels_last if channels_last else torch.contiguous_format
         )
         variant.bf16 = bf16
         rows[name] = timings(variant, args.repeats)
         _print_row(name, rows[name])
-    int8 = int8_variant(args.bundle)
+    int8 = int8_variant(args.bundle, first)
     if int8 is not None:
         rows["int8"] = timings(int8, args.repeats)
         _print_row("int8", rows["int8"])
@@ -168,7 +174,7 @@ def main() -> None:
             f"{name} / fp32: batch {rows[name]['batch_faces_per_s'] / rows['fp32']['batch_faces_per_s']:.2f}x, "
             f"one face {rows['fp32']['center_ms'] / rows[name]['center_ms']:.2f}x"
         )
-    flops = model_flops(ensemble.model_a, ensemble.cfg_a.augment.crop)
+    flops = model_flops(ensemble.members[first].model, ensemble.members[first].cfg.augment.crop)
     precision = torch.bfloat16 if fast_bf16 else torch.float32
     print("fast path " + ceiling(flops, matmul_flops_per_s(dtype=precision), "bf16" if fast_bf16 else "fp32"))
     if int8 is not None and device.cpu_flags() & INT8_DOT_FLAGS:
@@ -177,7 +183,7 @@ def main() -> None:
         # torch._int_mm then runs a reference loop far slower than the int8 model's own kernels (oneDNN
         # widens u8 x s8 products on AVX2), so it bounds nothing
         print("int8 ceiling: not measured: this CPU has no int8 dot-product instructions (VNNI, AMX)")
-    ensemble_row(args.bundle, args.repeats)
+    member_and_set_rows(args.bundle, args.repeats)
     generator_row(args.bundle, args.repeats)
 
 
@@ -206,22 +212,26 @@ def generator_row(bundle: str, repeats: int, faces: int = 16) -> None:
     )
 
 
-def int8_variant(bundle: str):
-    """The bundle's Model A in int8 (ferray quantize), compiled for every batch shape it uses; None
-    (and why, printed) where the bundle is not calibrated or torchao is missing."""
+def int8_variant(bundle: str, member: str):
+    """The bundle's `member` in int8 (ferray quantize), compiled for every batch shape it uses; None
+    (and why, printed) where the member is not calibrated or torchao is missing."""
     from ferray.bundle import load_bundle
     from ferray.errors import FerrayError
 
-    ensemble, _ = load_bundle(bundle, "cpu", members=("a",), int8=True)
+    try:
+        ensemble, _ = load_bundle(bundle, "cpu", members=(member,), int8=True)
+    except FerrayError as error:
+        print(f"     int8: not measured: {error}", flush=True)
+        return None
     started = time.perf_counter()
     try:
-        ensemble.warm_up("a")
+        ensemble.warm_up(member)
     except FerrayError as error:
         print(f"     int8: not measured: {error}", flush=True)
         return None
     print(
         f"     int8: compiled its batch shapes in {time.perf_counter() - started:.0f} s "
-        f"({ensemble.runner('a')[0].how})",
+        f"({ensemble.runner(member)[0].how})",
         flush=True,
     )
     return ensemble

@@ -1,6 +1,7 @@
 """Model A's training step on the CPU: fp32 against the fast path ferray picks, in one run.
 
     python -m bench.cpu_train [--steps 12] [--threads 2] [--model xception_a] [--batch 64]
+    python -m bench.cpu_train --members      # each member model's fast-path step against Model A's
 
 The same engine step (ferray.engine.train_one_epoch: augmentation, forward, joint loss, backward,
 AdaMax, center update) on the same random faces, timed after warm-up steps:
@@ -9,6 +10,10 @@ AdaMax, center update) on the same random faces, timed after warm-up steps:
   CPU has native bf16 (AVX512-BF16 / AMX; ferray.device decides, and prints which).
 Prints images/s of each and the ratio last. Target: >= 1.8x (met on CPUs with native bf16; an
 AVX2-only CPU has only channels_last to gain, since emulated bf16 is slower than fp32).
+
+With --members: the fast-path step of every ensemble member's model on its own crops (the
+experiments/*_cpu.yaml recipes' models), each as a ratio to Model A's rate measured in the same run:
+what a sitting's budget buys of each member.
 
 Then the SR generator's training step (ferray.sr.engine.train_sr_epoch) with
 experiments/srgan_cpu.yaml's networks, NCHW against channels_last (what `ferray sr train` uses), in
@@ -23,11 +28,11 @@ import time
 import torch
 
 
-def images_per_s(cfg, steps: int, batch: int, warmup: int = 3) -> float:
+def images_per_s(cfg, steps: int, batch: int, warmup: int = 3, size: int = 48) -> float:
     from ferray.engine import TensorBatches, build_state, train_one_epoch
 
     state = build_state(cfg, torch.device("cpu"))
-    faces = torch.randint(0, 256, (batch * (steps + warmup), 48, 48), dtype=torch.uint8)
+    faces = torch.randint(0, 256, (batch * (steps + warmup), size, size), dtype=torch.uint8)
     labels = torch.randint(0, 7, (len(faces),))
     train_one_epoch(state, TensorBatches(faces[: batch * warmup], labels[: batch * warmup], batch), warmup)
     timed = TensorBatches(faces[batch * warmup :], labels[batch * warmup :], batch)
@@ -42,7 +47,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--model", default="xception_a")
     parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--members", action="store_true", help="each member model's step against Model A's")
     args = parser.parse_args()
+    if args.members:
+        torch.set_num_threads(args.threads)
+        member_rows(args.steps, args.batch)
+        return
 
     from ferray.config import load_config
     from ferray.device import cpu_has_native_bf16, cpu_model, use_bf16
@@ -64,6 +74,30 @@ def main() -> None:
     print(f"fast path:            {quick:7.1f} img/s", flush=True)
     print(f"fast path / fp32: {quick / baseline:.2f}x (target >= 1.8x)")
     sr_rows(args.steps, args.batch)
+
+
+# the members' models with their crops: (label, registered model, crop)
+MEMBERS = (
+    ("Model A (xception_a)", "xception_a", 44),
+    ("ResNet18 on 48x48 (resnet18_48)", "resnet18_48", 44),
+    ("VGG, pooled head (vgg_gap)", "vgg_gap", 44),
+    ("Model B (resnet18_b, 96x96 SR faces)", "resnet18_b", 88),
+)
+
+
+def member_rows(steps: int, batch: int) -> None:
+    """Each member model's fast-path training rate and its ratio to Model A's (the first row)."""
+    from ferray.config import load_config
+    from ferray.device import cpu_has_native_bf16, cpu_model
+
+    print(f"cpu: {cpu_model()}, native bf16: {cpu_has_native_bf16()}; batch {batch}, {steps} timed steps", flush=True)
+    rates = {}
+    for label, model, crop in MEMBERS:
+        sets = [f"model.name={model}", f"train.batch_size={batch}", f"augment.crop={crop}"]
+        cfg = load_config(None, [*sets, "loss.center_lambda=0"])
+        rates[label] = images_per_s(cfg, steps, batch, size=96 if crop > 48 else 48)
+        first = next(iter(rates.values()))
+        print(f"{label:<38} {rates[label]:7.1f} img/s  ({rates[label] / first:.2f}x Model A's)", flush=True)
 
 
 def sr_images_per_s(cfg, steps: int, batch: int, adversarial: bool, warmup: int = 2) -> float:

@@ -64,13 +64,13 @@ def compute_per_request(bundle: Path) -> tuple[float, str]:
             fn()
         return (time.perf_counter() - start) / repeat / len(faces)
 
-    with torch.no_grad():  # the served path: probs_a/probs_b forward the frozen bf16 copies where the CPU has bf16
-        parts = {"A": timed(lambda: ensemble.probs_a(faces))}
-        if "b" in members:
-            sr_and_b = timed(lambda: ensemble.probs_b(faces))
-            if ensemble.generator is not None:
-                parts["SR"] = timed(lambda: ensemble.upscale(faces))
-            parts["B"] = sr_and_b - parts.get("SR", 0.0)
+    with torch.no_grad():  # the served path: probs forwards the frozen bf16 copies where the CPU has bf16
+        parts = {}
+        if ensemble.generator is not None:
+            parts["SR"] = timed(lambda: ensemble.upscale(faces))
+        for name in members:
+            upscaled = ensemble.upscale(faces) if ensemble.members[name].input == "sr" else None
+            parts[name] = timed(lambda name=name, upscaled=upscaled: ensemble.probs(name, faces, upscaled))
     total = sum(parts.values())
     return total, ", ".join(f"{name} {seconds * 1e3:.1f} ms" for name, seconds in parts.items())
 

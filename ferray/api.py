@@ -58,7 +58,7 @@ class Predictor:
         for index, image in enumerate(images):
             name, gray = self._gray(image, index)
             found.append((name, gray.shape, faces_in_image(gray, detect, name)))
-        return assemble(found, *self._members(all_faces(found)), self.ensemble.rule)
+        return assemble(found, self._members(all_faces(found)), self.ensemble.rule)
 
     def _gray(self, image: Any, index: int) -> tuple[str, np.ndarray]:
         from ferray.faces import decode_image, to_gray
@@ -79,7 +79,7 @@ class Predictor:
         )
 
     def __repr__(self) -> str:
-        members = "+".join(m.upper() for m in self.card.members.names())
+        members = "+".join(self.ensemble.names())
         return f"Predictor({self.bundle}, members {members}, labels {self.labels})"
 
 
@@ -99,7 +99,8 @@ def load(
     bundle: str | Path | None = None, device: str | None = None, int8: bool = False, members: str = "all"
 ) -> Predictor:
     """A predictor for `bundle` (a folder from `ferray ensemble`); None: the model that ships with ferray.
-    `int8`: Model A in int8 on the CPU (a bundle calibrated by `ferray quantize`; needs torchao).
-    `members`: "all" (the bundle's ensemble) or "a" (Model A alone at its own temperature: cheaper,
-    for an ensemble bundle; docs/benchmarks.md has both costs)."""
+    `int8`: the calibrated members in int8 on the CPU (a bundle calibrated by `ferray quantize`; needs
+    torchao). `members`: a set the bundle declares ("all", the default; "fast": fewer members, cheaper
+    per face) or member names as a comma list ("a,r18"), fused at that set's own temperature
+    (docs/benchmarks.md has each set's cost)."""
     return Predictor(bundle, device, int8=int8, members=members)

@@ -292,10 +292,11 @@ def _add_evaluate(sub) -> None:
 def _add_members_flag(p) -> None:
     p.add_argument(
         "--members",
-        choices=("all", "a"),
         default="all",
-        help="answer with every member of the bundle (all, the default) or with Model A alone (a: "
-        "no SR generator and no Model B, so several times cheaper per face; A at its own temperature)",
+        metavar="SET|NAMES",
+        help="the members that answer: a set the bundle declares (all, the default: every member; fast: "
+        "fewer members, cheaper per face) or member names as a comma list (e.g. a, or a,r18), fused at "
+        "that set's own temperature; `ferray evaluate --bundle` shows every member and set",
     )
 
 
@@ -324,6 +325,7 @@ def _add_quantize(sub) -> None:
         "bundle", type=Path, help="the bundle folder to calibrate (written into; copy the installed default first)"
     )
     p.add_argument("--data", required=True, type=Path, help="prepared 48x48 data folder with a Training split")
+    p.add_argument("--member", help="the member to calibrate (default: the bundle's first, Model A in a paper bundle)")
     p.add_argument(
         "--faces", type=int, default=256, help="Training faces to calibrate on (default: 256, ten views each)"
     )
@@ -335,23 +337,47 @@ def _add_ensemble(sub) -> None:
     p = sub.add_parser(
         "ensemble",
         formatter_class=_formatter,
-        help="fuse A and B (or A alone) into a serving bundle",
-        description="Fuse Model A (48x48 faces) and Model B (faces upscaled by the SR generator) by "
-        "a weighted mean of their probabilities, the weight fitted on the selection split (a grid "
-        "over [0, 1], max accuracy); logit averaging and stacking are measured too and recorded. "
-        "Without --b the bundle holds Model A alone. Every untouched split is then evaluated "
-        "(center crop and TTA) for the model card. Writes the serving bundle OUT: bundle.json, "
-        "half-precision checkpoints, confusion matrices and MODEL_CARD.md.",
+        help="fuse any number of trained members into a serving bundle",
+        description="Fuse trained members by the mean of their probabilities: equal weights by default "
+        "(fitted weights only where they beat equal ones on the selection split by more than its "
+        "bootstrap noise), then one temperature fitted on the selection split, and one per named "
+        "set and per member for answers from fewer members. Members read the 48x48 face or, when "
+        "they were trained on larger faces, the SR generator's (--sr, shared by all of them). The "
+        "mean of log-probabilities and stacking are measured too and recorded. Every untouched "
+        "split is then evaluated (center crop and TTA) for the model card. Writes the serving "
+        "bundle OUT: bundle.json, half-precision checkpoints, confusion matrices and MODEL_CARD.md.",
     )
-    p.add_argument("--a", required=True, type=Path, help="Model A checkpoint (e.g. runs/model_a/best.pt)")
-    p.add_argument("--b", type=Path, help="Model B checkpoint (omit for a bundle of Model A alone)")
     p.add_argument(
-        "--sr", type=Path, help="SR generator checkpoint B was trained behind (omit for a B on bicubic input)"
+        "--member",
+        dest="members",
+        action="append",
+        default=[],
+        metavar="NAME=CKPT",
+        help="a member: its name (letters, digits, _) and checkpoint, e.g. r18=runs/resnet18_48_cpu/best.fp16.pt "
+        "(repeatable; the first is the fast set's)",
+    )
+    p.add_argument("--a", type=Path, help="shorthand for --member a=CKPT (Model A)")
+    p.add_argument("--b", type=Path, help="shorthand for --member b=CKPT (Model B)")
+    p.add_argument("--sr", type=Path, help="the SR generator the members trained on larger faces read")
+    p.add_argument(
+        "--set",
+        dest="sets",
+        action="append",
+        default=[],
+        metavar="NAME=M1,M2",
+        help="a named set of members (repeatable; default: all = every member, fast = the first)",
+    )
+    p.add_argument(
+        "--weights",
+        choices=("auto", "equal", "fitted"),
+        default="auto",
+        help="the fusion's member weights: equal, fitted (min log-loss on the selection split), or auto: "
+        "fitted only where they beat equal ones by more than the split's bootstrap noise",
     )
     p.add_argument("--data", required=True, type=Path, help="prepared 48x48 data folder")
     p.add_argument("--out", required=True, type=Path, help="bundle folder to write")
     p.add_argument(
-        "--split", help="split the fusion weight is fitted on (default: the selection split A was chosen on)"
+        "--split", help="split the fusion is fitted on (default: the selection split the first member was chosen on)"
     )
     p.add_argument("--no-tta", dest="tta", action="store_false", help="no ten-crop test-time augmentation")
     p.add_argument(
@@ -699,8 +725,7 @@ def cmd_ensemble(args) -> int:
     from ferray.bundle import build_bundle
 
     build_bundle(
-        args.a,
-        args.b,
+        ensemble_members(args),
         args.sr,
         args.data,
         args.out,
@@ -708,14 +733,51 @@ def cmd_ensemble(args) -> int:
         tta=args.tta,
         overwrite=args.overwrite,
         tests=args.tests,
+        sets=_named_lists(args.sets, "--set") or None,
+        weights=args.weights,
     )
     return 0
+
+
+def ensemble_members(args) -> dict[str, Path]:
+    """--a, --b and every --member NAME=CKPT, in that order; each name once."""
+    members: dict[str, Path] = {}
+    pairs = [("a", args.a), ("b", args.b)] + [
+        (name, Path(path)) for name, path in _named_values(args.members, "--member").items()
+    ]
+    for name, path in pairs:
+        if path is None:
+            continue
+        if name in members:
+            raise UsageError(f"member {name!r} is given twice")
+        members[name] = path
+    if not members:
+        raise UsageError("no members: give --member NAME=CKPT (repeatable), or --a CKPT [--b CKPT]")
+    return members
+
+
+def _named_values(items: list[str], flag: str) -> dict[str, str]:
+    values = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip() or not value.strip():
+            raise UsageError(f"{flag} {item!r}: write NAME=VALUE")
+        if name.strip() in values:
+            raise UsageError(f"{flag} {name.strip()!r} is given twice")
+        values[name.strip()] = value.strip()
+    return values
+
+
+def _named_lists(items: list[str], flag: str) -> dict[str, list[str]]:
+    return {
+        name: [v.strip() for v in value.split(",") if v.strip()] for name, value in _named_values(items, flag).items()
+    }
 
 
 def cmd_quantize(args) -> int:
     from ferray.quantize import quantize_bundle
 
-    quantize_bundle(args.bundle, args.data, faces=args.faces, seed=args.seed)
+    quantize_bundle(args.bundle, args.data, faces=args.faces, seed=args.seed, member=args.member)
     return 0
 
 

@@ -19,17 +19,17 @@ def labelled(probs: np.ndarray) -> dict[str, float]:
     return {name: float(p) for name, p in zip(EMOTIONS, probs)}
 
 
-def describe(faces: Sequence[Face], pa: np.ndarray, pb: np.ndarray | None, rule: Callable) -> list[dict]:
+def describe(faces: Sequence[Face], probs: dict[str, np.ndarray], rule: Callable) -> list[dict]:
     """Per face: its box, the fused label and calibrated probabilities (`rule`: the bundle's
-    ferray.bundle.fusion.FusionRule), and each member's own probabilities (P_B is None for a
-    bundle of Model A alone)."""
-    fused = rule(pa, pb)
+    ferray.bundle.fusion.FusionRule over the answering members' `probs`), and each answering
+    member's own probabilities."""
+    fused = rule(probs)
     return [
         {
             "box": list(face.box),
             "label": EMOTIONS[int(fused[i].argmax())],
             "probs": labelled(fused[i]),
-            "members": {"a": labelled(pa[i])} | ({"b": labelled(pb[i])} if pb is not None else {}),
+            "members": {name: labelled(p[i]) for name, p in probs.items()},
         }
         for i, face in enumerate(faces)
     ]
@@ -65,7 +65,7 @@ def all_faces(found) -> np.ndarray:
     return np.stack([face.pixels for _, _, faces in found for face in faces]).astype(np.uint8)
 
 
-def assemble(found, pa: np.ndarray, pb: np.ndarray, rule: Callable) -> list[dict]:
+def assemble(found, probs: dict[str, np.ndarray], rule: Callable) -> list[dict]:
     """The answer of each image, from the members' probabilities of `all_faces(found)`."""
     answers, start = [], 0
     for name, (height, width), faces in found:
@@ -75,7 +75,7 @@ def assemble(found, pa: np.ndarray, pb: np.ndarray, rule: Callable) -> list[dict
                 "image": name,
                 "width": width,
                 "height": height,
-                "faces": describe(faces, pa[start:stop], None if pb is None else pb[start:stop], rule),
+                "faces": describe(faces, {name: p[start:stop] for name, p in probs.items()}, rule),
             }
         )
         start = stop
@@ -89,19 +89,17 @@ def answer_images(
     detect: bool = True,
     limits: Limits = Limits(),
 ) -> list[dict]:
-    """The answer for each named image; `predict_members` maps (N, 48, 48) uint8 -> (P_A, P_B),
-    `rule` (P_A, P_B) -> the served probabilities."""
+    """The answer for each named image; `predict_members` maps (N, 48, 48) uint8 -> {member: P},
+    `rule` those -> the served probabilities."""
     found = find_faces(images, detect, limits)
-    pa, pb = predict_members(all_faces(found))
-    return assemble(found, pa, pb, rule)
+    return assemble(found, predict_members(all_faces(found)), rule)
 
 
-def local_predictor(ensemble) -> Callable[[np.ndarray], tuple[np.ndarray, np.ndarray | None]]:
-    """(N, 48, 48) uint8 -> (P_A, P_B) as numpy (P_B None without B), with an in-process ensemble."""
+def local_predictor(ensemble) -> Callable[[np.ndarray], dict[str, np.ndarray]]:
+    """(N, 48, 48) uint8 -> {member: P} as numpy, with an in-process ensemble."""
 
     def predict(faces: np.ndarray):
-        pa, pb = ensemble.member_probs(torch.from_numpy(faces))
-        return pa.numpy(), None if pb is None else pb.numpy()
+        return {name: p.numpy() for name, p in ensemble.member_probs(torch.from_numpy(faces)).items()}
 
     return predict
 
@@ -115,8 +113,8 @@ def predict_files(
     members: str = "all",
 ) -> list[dict]:
     """`ferray predict`: the HTTP API's answer for image files, without a server (bundle None: the
-    default model that ships with ferray; `int8`: Model A in int8, see ferray.quantize; `members`:
-    "all" or "a", Model A alone)."""
+    default model that ships with ferray; `int8`: the calibrated members in int8, see
+    ferray.quantize; `members`: a set of the bundle's, or member names as a comma list)."""
     from ferray.bundle import load_bundle
 
     images = []

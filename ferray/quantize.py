@@ -29,6 +29,7 @@ from ferray.bundle import (
     evaluate_views,
     load_bundle,
     model_card,
+    read_bundle_card,
     resolve_bundle,
 )
 from ferray.bundle.card import Int8Card, Int8Evaluation, write_card
@@ -37,7 +38,7 @@ from ferray.errors import UsageError
 
 log = logging.getLogger(__name__)
 
-RANGES_FILE = "model_a.int8.json"
+RANGES_FILE = "model_{member}.int8.json"
 CALIBRATION_SPLIT = "Training"  # never a split that selects or tests
 
 
@@ -51,9 +52,10 @@ def calibration_crops(data, crop: int, faces: int, seed: int, split: str = CALIB
     return eval_views(torch.from_numpy(images[pick]), crop, tta=True).reshape(-1, 1, crop, crop)
 
 
-def quantize_bundle(bundle, data, faces: int = 256, seed: int = 0) -> Int8Card:
-    """Calibrate member A of `bundle` on `data`, write its ranges and the measured int8 accuracies
-    into the bundle; returns the card's new members.a.int8 entry."""
+def quantize_bundle(bundle, data, faces: int = 256, seed: int = 0, member: str | None = None) -> Int8Card:
+    """Calibrate `member` of `bundle` (default: its first, Model A in a paper bundle) on `data`, write
+    its ranges and the measured int8 accuracies into the bundle; returns the member card's new int8
+    entry."""
     from ferray.models.quantized import calibrate
 
     path = resolve_bundle(bundle)
@@ -66,26 +68,34 @@ def quantize_bundle(bundle, data, faces: int = 256, seed: int = 0) -> Int8Card:
     manifest = read_manifest(data)
     if manifest["image_size"] != [FER_SIZE, FER_SIZE]:
         raise DataError(f"{data}: the bundle takes the prepared 48x48 faces, not {manifest['image_size']}")
-    ensemble, card = load_bundle(path, "cpu", members=("a",))
-    crop = ensemble.cfg_a.augment.crop
+    card = read_bundle_card(path)
+    member = member or card.names()[0]
+    if member not in card.members or card.members[member].input != "face":
+        raise UsageError(
+            f"--member {member!r}: int8 calibrates a member that reads the 48x48 faces; the bundle's are "
+            + ", ".join(name for name, m in card.members.items() if m.input == "face")
+        )
+    ensemble, card = load_bundle(path, "cpu", members=(member,))
+    crop = ensemble.members[member].cfg.augment.crop
     crops = calibration_crops(data, crop, faces, seed)
     source = {"split": CALIBRATION_SPLIT, "faces": faces, "seed": seed, "checksum": manifest["checksum"]}
-    log.info(f"quantize: calibrating Model A on {len(crops):,} views of {faces:,} {source['split']} faces ...")
+    log.info(f"quantize: calibrating member {member} on {len(crops):,} views of {faces:,} {source['split']} faces ...")
     started = time.perf_counter()
-    ranges = calibrate(ensemble.model_a, crop, crops)
+    ranges = calibrate(ensemble.members[member].model, crop, crops)
     ranges["calibration"] = source
     calibrated = time.perf_counter() - started
     log.info(
         f"quantize: {len(ranges['observers'])} activation ranges in {calibrated:.0f} s; compiling the int8 "
         "model (each batch shape once) ..."
     )
-    ensemble.int8, ensemble.int8_ranges = True, {"a": ranges}
-    ensemble.warm_up("a")
+    ensemble.int8, ensemble.int8_ranges = True, {member: ranges}
+    ensemble.warm_up(member)
     splits = list(card.evaluations) or [card.selection_split]
     selection = card.selection_split
     evaluations = evaluate_views(ensemble, data, splits, selection)
+    ranges_file = RANGES_FILE.format(member=member)
     entry = Int8Card(
-        ranges=RANGES_FILE,
+        ranges=ranges_file,
         how="torchao PT2E, X86InductorQuantizer: int8 weights per channel, uint8 "
         "activations per tensor; compiled by inductor",
         calibration=source,
@@ -100,8 +110,8 @@ def quantize_bundle(bundle, data, faces: int = 256, seed: int = 0) -> Int8Card:
             for split, e in evaluations.items()
         },
     )
-    _replace(path / RANGES_FILE, json.dumps(ranges, indent=1) + "\n")
-    card.members.a.int8 = entry
+    _replace(path / ranges_file, json.dumps(ranges, indent=1) + "\n")
+    card.members[member].int8 = entry
     write_card(card, path / BUNDLE_FILE)
     _replace(path / CARD_FILE, model_card(card))
     for split, e in entry.evaluations.items():
@@ -111,7 +121,7 @@ def quantize_bundle(bundle, data, faces: int = 256, seed: int = 0) -> Int8Card:
             for view, acc in e.accuracy.items()
         )
         log.info(f"quantize: {split} ({'selection' if e.selection else 'test'}) int8 accuracy: {figures}")
-    log.info(f"quantize: wrote {path / RANGES_FILE} and the int8 figures into {path / BUNDLE_FILE}")
+    log.info(f"quantize: wrote {path / ranges_file} and the int8 figures into {path / BUNDLE_FILE}")
     return entry
 
 

@@ -13,8 +13,10 @@ def untrained_members(
     model_b: str = "xception_a_tiny",
     sr_channels: int = 16,
     sr_blocks: int = 2,
+    model_c: str | None = None,
 ) -> dict[str, Path]:
-    """Checkpoints of an A (48x48 faces, 44x44 crops), a B on SR faces (88x88 crops) and an SR generator.
+    """Checkpoints of an A (48x48 faces, 44x44 crops), a B on SR faces (88x88 crops) and an SR generator;
+    with `model_c`, a third member "c" on the 48x48 faces (another seed).
 
     The defaults are the smallest members that exercise every code path (B on Model A's layout at
     1/8 width: milliseconds per face); benchmarks pass the real architectures."""
@@ -34,20 +36,26 @@ def untrained_members(
         ["sr.content=mse", f"sr.generator_channels={sr_channels}", f"sr.generator_blocks={sr_blocks}"],
     )
     cpu = torch.device("cpu")
-    return {
+    paths = {
         "a": save_checkpoint(folder / "a.pt", build_state(cfg_a, cpu), {"eval_acc": 0.0}),
         "b": save_checkpoint(folder / "b.pt", build_state(cfg_b, cpu), {"eval_acc": 0.0}),
         "sr": save_sr_checkpoint(folder / "sr.pt", build_sr_state(cfg_sr, cpu), {"eval_psnr": 0.0}),
     }
+    if model_c is not None:
+        cfg_c = load_config(recipe("debug_a.yaml"), [f"model.name={model_c}", "train.seed=3"])
+        paths["c"] = save_checkpoint(folder / "c.pt", build_state(cfg_c, cpu), {"eval_acc": 0.0})
+    return paths
 
 
 def untrained_bundle(folder: str | Path, data: str | Path, tta: bool = True, **members) -> Path:
-    """A serving bundle of `untrained_members`, its fusion fitted on `data`'s PublicTest."""
+    """A serving bundle of `untrained_members` (a, b behind the SR generator, and c where `model_c` is
+    given), its fusion fitted on `data`'s PublicTest."""
     from ferray.bundle import build_bundle
 
     folder = Path(folder)
     paths = untrained_members(folder / "members", **members)
-    build_bundle(paths["a"], paths["b"], paths["sr"], data, folder / "bundle", tta=tta)
+    classifiers = {name: path for name, path in paths.items() if name != "sr"}
+    build_bundle(classifiers, paths["sr"], data, folder / "bundle", tta=tta)
     return folder / "bundle"
 
 

@@ -1,15 +1,17 @@
 """The ferray ensemble as a Ray Serve application.
 
     HTTP -> Ingress (FastAPI: limits, decoding, face detection, fusion)
-              '-> Ensemble (Member "ab": A, the SR generator x2, B)   fused layout (the default):
-                  the ingress merges concurrent requests (@serve.batch) into one call
+              '-> Ensemble (Member: every answering member of the set, the SR generator x2 if one
+                  reads SR faces)   fused layout (the default): the ingress merges concurrent
+                  requests (@serve.batch) into one call
               |-> ModelA  (Member "a": Model A on the 48x48 faces, @serve.batch)     split layout
-              '-> ModelB  (Member "b": SR generator x2 then Model B, @serve.batch)
+              '-> ModelB  (Member "b": SR generator x2 then Model B, @serve.batch)   (members a, b)
 
-In the split layout A and B run concurrently for every request. The fusion is a weighted mean of
-two 7-vectors, so it runs in the ingress: a deployment of its own would add a hop and compute nothing.
-The SR generator and Model B share one deployment: the generator is a small fraction of B's time per
-face (bench/serve_load.py prints both), and a split would ship every 96x96 face between replicas.
+The fused layout serves any set of any bundle. In the split layout A and B run concurrently for every
+request. The fusion is a weighted mean of 7-vectors, so it runs in the ingress: a deployment of its
+own would add a hop and compute nothing. The SR generator and the members that read its faces share
+one deployment: the generator is a small fraction of their time per face (bench/serve_load.py prints
+both), and a split would ship every 96x96 face between replicas.
 
 Entry point for `serve run serve/config.yaml` / `serve deploy` and for `ferray serve`: `build(args)`,
 args being the application's `args` mapping of serve/config.yaml (see serve/settings.py).
@@ -46,25 +48,24 @@ class MemberUnavailable(Exception):
 # ------------------------------------------------------------------------------------------ members
 @serve.deployment
 class Member:
-    """Part of the ensemble behind a batching queue: "a" (Model A), "b" (the SR generator, then
-    Model B) or, in the fused layout, "ab": every member of the bundle in one replica, whose answer
-    per face is P_A followed by P_B (14 values; 7 for a bundle of A alone)."""
+    """Members of the ensemble behind a batching queue: one ("a"; "b": the SR generator, then Model B)
+    in the split layout, or in the fused layout every answering member in one replica, whose answer
+    per face is their probabilities side by side, in `members`' order (7 values each)."""
 
-    def __init__(self, bundle: str, which: str, settings: dict):
+    def __init__(self, bundle: str, members: list[str], settings: dict):
         import torch
 
         from ferray.bundle import load_bundle
 
         replica = ReplicaSettings(**settings)
         torch.set_num_threads(replica.threads)
-        parts = ("a", "b") if which == "ab" else (which,)  # "ab" is built only for a bundle that has B
-        ensemble, _ = load_bundle(bundle, members=parts, int8=replica.int8)
-        forwards = [ensemble.probs_a if part == "a" else ensemble.probs_b for part in parts]
-        self._forward = forwards[0] if len(forwards) == 1 else lambda faces: torch.cat([f(faces) for f in forwards], 1)
+        ensemble, _ = load_bundle(bundle, members=tuple(members), int8=replica.int8)
+        self._forward = lambda faces: torch.cat(list(ensemble.member_probs(faces).values()), 1)
         # Make what inference runs (a frozen bf16 copy on bf16 CPUs; int8: every batch shape compiled)
         # here, not in a request.
-        for part in parts:
-            ensemble.warm_up(part)
+        for name in members:
+            ensemble.warm_up(name)
+        which = "+".join(members)
         self.predict.set_max_batch_size(replica.max_batch_size)
         self.predict.set_batch_wait_timeout_s(replica.batch_wait_timeout_s)
         self.which, self.chunk_faces = which, replica.chunk_faces
@@ -95,7 +96,7 @@ class Member:
                 try:
                     answers.append(self._run(faces))
                 except Exception as error:  # noqa: BLE001 - answered as that request's failure
-                    logger.exception("model %s failed on one request", self.which.upper())
+                    logger.exception("member(s) %s failed on one request", self.which)
                     answers.append(f"{type(error).__name__}: {str(error)[:200]}")
             return answers
 
@@ -120,8 +121,8 @@ async def _awaited(response):
 # ------------------------------------------------------------------------------------------ ingress
 api = FastAPI(
     title="ferray",
-    description="Facial-expression recognition: the ensemble of Model A (Xception-style CNN on 48x48 faces) "
-    "and Model B (ResNet on faces super-resolved 2x), fused by a weighted mean of probabilities.",
+    description="Facial-expression recognition: an ensemble of CNNs (Model A: an Xception-style CNN on 48x48 "
+    "faces; Model B: a ResNet on faces super-resolved 2x; ...), fused by a weighted mean of probabilities.",
     version="1",
 )
 
@@ -131,15 +132,14 @@ api = FastAPI(
 class Ingress:
     def __init__(self, model_a, model_b, settings: dict):
         from ferray.bundle import read_bundle_card
-        from ferray.bundle.fusion import rule_of
+        from ferray.bundle.load import answering_members, fusion_rule
         from ferray.faces import Limits
 
         self.settings = parse_settings(settings)
         self.card = read_bundle_card(self.settings.bundle)
-        from ferray.bundle.load import answering_members
-
-        # the fusion weight and temperature of the served answers (Model A alone: A's temperature)
-        self.rule = rule_of(self.card.fusion, answering_members(self.card, self.settings.members))
+        # the members that answer, in the fused replica's order, and the weights and temperature of their set
+        self.answering = answering_members(self.card, self.settings.members)
+        self.rule = fusion_rule(self.card, self.answering)
         self.limits = Limits(
             self.settings.max_body_bytes,
             self.settings.max_image_pixels,
@@ -227,26 +227,26 @@ class Ingress:
         except MemberUnavailable as error:
             return [error] * len(requests)
 
-    async def _members(self, faces: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    async def _members(self, faces: np.ndarray) -> dict[str, np.ndarray]:
+        """Each answering member's probabilities of the faces."""
         if "ensemble" in self.members:
-            both = await self._fused(faces)
-            if isinstance(both, MemberUnavailable):
-                raise MemberUnavailable(str(both))
-            if isinstance(both, str):  # the models failed on this request alone
-                raise MemberUnavailable(f"the models: could not answer this request ({both})")
-            return both[:, :7], (both[:, 7:] if both.shape[1] > 7 else None)
-        if self.members["b"] is None:
-            return await self._member("a", faces), None
-        pa, pb = await asyncio.gather(self._member("a", faces), self._member("b", faces))
-        return pa, pb
+            joined = await self._fused(faces)
+            if isinstance(joined, MemberUnavailable):
+                raise MemberUnavailable(str(joined))
+            if isinstance(joined, str):  # the models failed on this request alone
+                raise MemberUnavailable(f"the models: could not answer this request ({joined})")
+            classes = len(self.card.labels)
+            return {name: joined[:, i * classes : (i + 1) * classes] for i, name in enumerate(self.answering)}
+        names = [name for name in ("a", "b") if self.members.get(name) is not None]
+        answers = await asyncio.gather(*(self._member(name, faces) for name in names))
+        return dict(zip(names, answers))
 
     async def _answer(self, images: list[tuple[str, bytes]], detect: bool) -> list[dict]:
         from ferray.predict import all_faces, assemble, find_faces
 
         # decoding and detection are CPU work: keep the event loop free for other requests
         found = await asyncio.get_running_loop().run_in_executor(None, find_faces, images, detect, self.limits)
-        pa, pb = await self._members(all_faces(found))
-        return assemble(found, pa, pb, self.rule)
+        return assemble(found, await self._members(all_faces(found)), self.rule)
 
     async def _body(self, request: Request) -> bytes:
         """The request body, refused as soon as it passes the limit (never buffered whole)."""
@@ -368,9 +368,9 @@ class Ingress:
             body = await self._body(request)
             # parsing and checking a large body is CPU work: off the event loop
             faces = await asyncio.get_running_loop().run_in_executor(None, parse, body)
-            pa, pb = await self._members(faces)
+            probs = await self._members(faces)
             boxes = [Face((0, 0, 48, 48), pixels) for pixels in faces]
-            return {"faces": describe(boxes, pa, pb, self.rule)}
+            return {"faces": describe(boxes, probs, self.rule)}
 
         return await self._guarded(work())
 
@@ -416,6 +416,7 @@ def build(args: dict | None = None):
     settings: ServeSettings = parse_settings(args)
     from ferray.bundle import read_bundle_card, resolve_bundle
     from ferray.bundle.load import answering_members
+    from ferray.config import ConfigError
 
     bundle = str(resolve_bundle(settings.bundle).absolute())
     card = read_bundle_card(bundle)  # fail here, before any replica starts, if the bundle is not there
@@ -428,16 +429,27 @@ def build(args: dict | None = None):
         backpressure_config=BackpressureConfig(status_code=503, retry_after_s=1),
         ray_actor_options={"num_cpus": settings.ingress.num_cpus},
     )
-    answering = answering_members(card, settings.members)
+    try:
+        answering = answering_members(card, settings.members)
+    except ValueError as error:
+        raise ConfigError(f"args.members: {error}") from None
     if settings.layout == "fused":
         replica = settings.ensemble
-        which = "ab" if answering == ("a", "b") else "a"
-        fused = Member.options(name="Ensemble", **replica.deployment_options()).bind(bundle, which, replica.__dict__)
+        fused = Member.options(name="Ensemble", **replica.deployment_options()).bind(
+            bundle, list(answering), replica.__dict__
+        )
         return ingress.bind(fused, None, plain)
+    if not set(answering) <= {"a", "b"}:
+        raise ConfigError(
+            f"layout split deploys members a and b apart; the set {settings.members!r} answers with "
+            f"{', '.join(answering)}: serve it with layout fused"
+        )
     members = {"b": None}
     for which, replica in (("a", settings.model_a), ("b", settings.model_b)):
         if which not in answering:
             continue  # Model A alone (the bundle's only member, or members: a): no ModelB deployment
         name = f"Model{which.upper()}"
-        members[which] = Member.options(name=name, **replica.deployment_options()).bind(bundle, which, replica.__dict__)
+        members[which] = Member.options(name=name, **replica.deployment_options()).bind(
+            bundle, [which], replica.__dict__
+        )
     return ingress.bind(members["a"], members["b"], plain)

@@ -110,8 +110,8 @@ class ServeSettings:
     # B (with the SR generator) in deployments of their own ("model_a", "model_b"), for clusters whose
     # members want different hardware (B on a GPU, A on CPUs).
     layout: str = "fused"
-    # all: every member of the bundle answers; a: Model A alone (no SR generator, no Model B: the
-    # cheap path of an ensemble bundle, at A's own temperature)
+    # the members that answer: a set the bundle declares ("all": every member; "fast": a cheaper
+    # one), or member names as a comma list ("a": Model A alone, at its own temperature)
     members: str = "all"
     ingress: IngressSettings = field(default_factory=IngressSettings)
     ensemble: ReplicaSettings = field(default_factory=ReplicaSettings)
@@ -121,8 +121,8 @@ class ServeSettings:
     def check(self) -> ServeSettings:
         if self.layout not in ("fused", "split"):
             raise ConfigError(f"layout is {self.layout!r}; choose fused or split")
-        if self.members not in ("all", "a"):
-            raise ConfigError(f"members is {self.members!r}; choose all or a (Model A alone)")
+        if not self.members.strip():
+            raise ConfigError("members is empty; name a set of the bundle (all, fast, ...) or members (a,b)")
         check_queue_bound(self.ingress.max_queued_requests, "ingress")
         self.ensemble.check("ensemble", merged_upstream=True)
         self.model_a.check("model_a")

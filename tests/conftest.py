@@ -64,11 +64,11 @@ def prepared_synth(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_bundle(tmp_path_factory, prepared_synth):
-    """A serving bundle of tiny untrained members (bundle/../members holds their checkpoints), its
-    fusion fitted on the synthetic PublicTest."""
+    """A serving bundle of three tiny untrained members (a and c on the 48x48 faces, b behind the SR
+    generator; bundle/../members holds their checkpoints), its fusion fitted on the synthetic PublicTest."""
     from ferray.testing import untrained_bundle
 
-    return untrained_bundle(tmp_path_factory.mktemp("bundle"), prepared_synth)
+    return untrained_bundle(tmp_path_factory.mktemp("bundle"), prepared_synth, model_c="xception_a_tiny")
 
 
 def pytest_collection_modifyitems(config, items):

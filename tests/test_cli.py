@@ -166,8 +166,9 @@ def test_demo_runs_end_to_end(tmp_path, installed_ferray):
         out / "runs" / "debug_tune" / "search.png"
     ).exists()
     card = json.loads((out / "bundle" / "bundle.json").read_text())
-    assert card["members"]["sr"] is not None and 0 <= card["fusion"]["weight_a"] <= 1
-    assert "members on PublicTest: A" in said
+    assert list(card["members"]) == ["a", "tuned", "b"] and card["members"]["b"]["input"] == "sr"
+    assert card["sr"] is not None and card["sets"] == {"all": ["a", "tuned", "b"], "fast": ["a"]}
+    assert "member tuned" in said and "set    fast" in said
     assert said.count("HTTP 200") == 5  # four PNG faces and one pixel row, answered over HTTP
     # the paper's report (experiments/paper_debug.yaml): the demo's runs reused, the two VGGs trained
     record = json.loads((out / "report" / "report.json").read_text())

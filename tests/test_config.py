@@ -49,7 +49,8 @@ def test_serve_settings_use_the_same_typed_builder_and_set_syntax():
         ("model_a.max_batch_size=four", "args.model_a.max_batch_size: expected int"),
         ("model_a.nope=1", r"args.model_a: unknown key\(s\) nope"),
         ("model_a", "expected key=value"),
-        ("members=b", "members is 'b'; choose all or a"),
+        ("members=z", "args.members: members 'z': no member z; the bundle has the sets all, fast"),
+        ("members=", "args.members: expected str"),
     ]:
         with pytest.raises(ConfigError, match=message):
             app_args(None, overrides=[bad])

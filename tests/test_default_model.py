@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ferray.bundle import default_bundle_path, load_bundle, read_bundle_card
-from ferray.bundle.fusion import rule_of
+from ferray.bundle.load import fusion_rule
 from ferray.data.contract import EMOTIONS
 from ferray.runs import read_record
 
@@ -23,17 +23,13 @@ def card():
 
 def test_the_default_bundle_loads_with_weights_only_and_answers_in_fer_order(card):
     assert card.labels == list(EMOTIONS) == ["angry", "disgust", "fear", "happy", "sad", "surprise", "neutral"]
-    files = [card.members.a.checkpoint] + (
-        [card.members.b.checkpoint, card.members.sr.checkpoint] if card.members.b else []
-    )
-    assert sum((BUNDLE / f).stat().st_size for f in files) <= 30 * 2**20  # half precision, inside the package
-    payload = torch.load(BUNDLE / card.members.a.checkpoint, map_location="cpu", weights_only=True)
-    assert payload["config"]["model"]["name"] == "xception_a"  # the paper's model at full width
-    assert card.members.a.pretrained is False
-    if card.members.b is not None:  # the CPU ensemble: B is the CPU-sized stand-in, behind the SR generator
-        assert (
-            card.members.b.model == "resnet18_b" and card.members.sr is not None and card.members.b.pretrained is False
-        )
+    files = [member.checkpoint for member in card.members.values()] + ([card.sr.checkpoint] if card.sr else [])
+    assert sum((BUNDLE / f).stat().st_size for f in files) <= 64 * 2**20  # half precision, inside the package
+    first = card.members[card.names()[0]]  # the fast set's member: the paper's Model A at full width
+    payload = torch.load(BUNDLE / first.checkpoint, map_location="cpu", weights_only=True)
+    assert payload["config"]["model"]["name"] == "xception_a" and first.input == "face"
+    assert all(member.pretrained is False for member in card.members.values())  # trained here, from scratch
+    assert all(card.sr is not None for member in card.members.values() if member.input == "sr")
     ensemble, _ = load_bundle(None, "cpu")
     probs = ensemble.predict(torch.zeros(2, 48, 48, dtype=torch.uint8))["probs"]
     assert probs.shape == (2, 7) and torch.allclose(probs.sum(1), torch.ones(2), atol=1e-4)
@@ -45,8 +41,8 @@ def test_the_model_card_is_written_from_the_runs_own_files(card):
     from ferray.report.model_card import render_model_card
 
     assert (BUNDLE / "MODEL_CARD.md").read_text() == render_model_card(card)
-    for name in card.members.names():
-        member, run = getattr(card.members, name), BUNDLE / f"run_{name}"
+    for name, member in card.members.items():
+        run = BUNDLE / f"run_{name}"
         result = read_record(run).to_dict()
         facts = member.run
         assert {k: result[k] for k in facts} == facts
@@ -80,9 +76,9 @@ def test_accuracy_on_real_faces_matches_the_card(card, shared_fer2013):
     ensemble, _ = load_bundle(None, "cpu")
     ensemble.tta = False  # the center view: ten times cheaper than TTA, and the same preprocessing path
     answer = ensemble.predict(torch.from_numpy(faces))
-    # the served answer is the bundle's fusion (weight and temperature) of its members' answers
-    assert torch.allclose(answer["probs"], ensemble.rule(answer["a"], answer["b"]), atol=1e-6)
-    assert ensemble.rule == rule_of(card.fusion)
+    # the served answer is the bundle's fusion (weights and temperature) of its members' answers
+    assert torch.allclose(answer["probs"], ensemble.rule(answer["members"]), atol=1e-6)
+    assert ensemble.rule == fusion_rule(card, card.names())
     predicted = answer["probs"].argmax(1).numpy()
     accuracy = float((predicted == labels).mean())
     expected = card.evaluations["PublicTest"].views["center"].accuracy
@@ -133,7 +129,8 @@ def test_the_default_model_in_int8_classifies_real_faces_as_its_card_says(card, 
     accuracy: on the fixed PublicTest subset, within 4 points of the int8 figure `ferray quantize`
     measured on all of PublicTest, and few answers differ from the default (bf16 or fp32) path."""
     pytest.importorskip("torchao")
-    int8 = card.members.a.int8
+    first = card.names()[0]
+    int8 = card.members[first].int8
     if int8 is None:
         pytest.skip("the default bundle's Model A carries no int8 calibration (`ferray quantize` makes one)")
     assert int8.calibration["split"] == "Training"  # the test split never tuned the ranges
@@ -141,7 +138,7 @@ def test_the_default_model_in_int8_classifies_real_faces_as_its_card_says(card, 
     faces, labels = public_test_subset(shared_fer2013)
     predicted = {}
     for quantized in (False, True):
-        ensemble, _ = load_bundle(None, "cpu", members=("a",), int8=quantized)
+        ensemble, _ = load_bundle(None, "cpu", members=(first,), int8=quantized)
         ensemble.tta = False
         predicted[quantized] = ensemble.predict(torch.from_numpy(faces))["probs"].argmax(1).numpy()
     accuracy = float((predicted[True] == labels).mean())

@@ -8,8 +8,16 @@ import numpy as np
 import pytest
 import torch
 
-from ferray.bundle import build_bundle, evaluate_bundle, fit_weight, load_bundle, stacking_cv_accuracy
-from ferray.bundle.fusion import FusionRule, calibrate, expected_calibration_error, fit_temperature
+from ferray.bundle import build_bundle, evaluate_bundle, fit_weights, load_bundle, stacking_cv_accuracy
+from ferray.bundle.fusion import (
+    FusionRule,
+    bootstrap_gain,
+    calibrate,
+    expected_calibration_error,
+    fit_fusion,
+    fit_temperature,
+    fuse,
+)
 from ferray.engine import CheckpointError
 from ferray.faces import InputError
 from ferray.predict import answer_images, local_predictor, predict_files
@@ -22,25 +30,47 @@ def one_hot(labels, n=7, sharp=0.9):
     return probs
 
 
-def test_fit_weight_finds_the_member_that_is_right():
-    labels = np.arange(70) % 7
+def test_fitted_weights_go_to_the_member_that_is_right_and_equal_ones_stay_unless_they_lose():
+    labels = np.arange(700) % 7
     right, wrong = one_hot(labels), one_hot((labels + 1) % 7)
-    assert fit_weight(right, wrong, labels) == (1.0, 1.0)  # all on A: ties broken toward lower log-loss
-    w, accuracy = fit_weight(wrong, right, labels)
-    assert w == 0.0 and accuracy == 1.0
-    # each member right on half: A confident, B hesitant -> any weight that lets A win on its half and B on its
+    weights = fit_weights({"a": right, "b": wrong}, labels)
+    assert weights["a"] > 0.95 and sum(weights.values()) == pytest.approx(1, abs=1e-3)
+    assert fit_weights({"a": wrong, "b": right, "c": wrong}, labels)["b"] > 0.95
+    # equal weights: the mean, whatever the member count
+    probs = {"a": right, "b": wrong, "c": one_hot(labels, sharp=0.5)}
+    assert np.allclose(fuse(probs, {}), (right + wrong + probs["c"]) / 3)
+    assert fuse({"a": right}, {"a": 0.1}) is right
+    # auto: fitted weights that beat equal ones far beyond the bootstrap noise are taken, and said so
+    sets = {"all": ["a", "b", "c"], "fast": ["a"]}
+    fusion, alternatives, temperatures = fit_fusion({"a": right, "b": wrong, "c": wrong}, labels, "V", sets)
+    assert fusion.weights["a"] > 0.95 and fusion.weights_choice.startswith("fitted: +")
+    assert set(fusion.set_temperatures) == {"all", "fast"} and set(temperatures) == {"a", "b", "c"}
+    assert {"fitted weights", "logit mean", "stacking (logistic regression, 5-fold CV)"} <= set(alternatives)
+    # two members right on different faces: fitted weights gain nothing over equal ones, which stay
     mixed_a = np.where((labels < 4)[:, None], one_hot(labels, sharp=0.9), one_hot((labels + 1) % 7, sharp=0.3))
     mixed_b = np.where((labels < 4)[:, None], one_hot((labels + 1) % 7, sharp=0.3), one_hot(labels, sharp=0.9))
-    w, accuracy = fit_weight(mixed_a, mixed_b, labels)
-    assert accuracy == 1.0 and 0.2 < w < 0.8
-    assert fit_weight(mixed_a, mixed_b, labels, log=True)[1] == 1.0
+    fusion, _, _ = fit_fusion({"a": mixed_a, "b": mixed_b}, labels, "V", {"all": ["a", "b"]})
+    assert fusion.weights == {"a": 1.0, "b": 1.0} and fusion.weights_choice.startswith("equal: fitted weights gained")
+    equal, _, _ = fit_fusion({"a": right, "b": wrong}, labels, "V", {"all": ["a", "b"]}, weights="equal")
+    assert equal.weights == {"a": 1.0, "b": 1.0}
+    with pytest.raises(ValueError, match="choose one of auto, equal, fitted"):
+        fit_fusion({"a": right}, labels, "V", {}, weights="best")
+
+
+def test_the_bootstrap_noise_of_a_gain_shrinks_with_the_faces():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 7, 4000)
+    a, b = one_hot(np.where(rng.random(4000) < 0.7, labels, 0)), one_hot(np.where(rng.random(4000) < 0.7, labels, 0))
+    gain, noise = bootstrap_gain(a, b, labels)
+    small = bootstrap_gain(a[:400], b[:400], labels[:400])[1]
+    assert abs(gain) < 3 * noise and small > 2.5 * noise > 0
 
 
 def test_stacking_is_cross_validated():
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 7, 200)
-    informative = stacking_cv_accuracy(one_hot(labels), one_hot(rng.integers(0, 7, 200)), labels)
-    noise = stacking_cv_accuracy(one_hot(rng.integers(0, 7, 200)), one_hot(rng.integers(0, 7, 200)), labels)
+    informative = stacking_cv_accuracy({"a": one_hot(labels), "b": one_hot(rng.integers(0, 7, 200))}, labels)
+    noise = stacking_cv_accuracy({"a": one_hot(rng.integers(0, 7, 200)), "b": one_hot(rng.integers(0, 7, 200))}, labels)
     assert informative > 0.95 and noise < 0.4  # 5-fold CV cannot memorize noise labels
 
 
@@ -74,23 +104,21 @@ def test_the_served_probabilities_are_calibrated_at_the_bundles_temperature(tiny
     path.write_bytes(png_bytes(synth_faces[0][5]))
     answers = {}
     for temperature in (0.25, 4.0):
-        card["fusion"]["temperature"] = temperature
+        card["fusion"]["set_temperatures"]["all"] = temperature
         (copy / "bundle.json").write_text(json.dumps(card))
         ensemble, _ = load_bundle(copy)
-        assert ensemble.temperature == temperature and ensemble.rule == FusionRule(
-            card["fusion"]["weight_a"], temperature
-        )
+        assert ensemble.rule == FusionRule(card["fusion"]["weights"], temperature)
         (answer,) = predict_files(copy, [path])
         probs = np.array(list(answer["faces"][0]["probs"].values()))
-        members = answer["faces"][0]["members"]
-        pa, pb = (np.array(list(members[m].values()))[None] for m in ("a", "b"))
-        assert np.allclose(probs, ensemble.rule(pa, pb)[0], atol=1e-6) and abs(probs.sum() - 1) < 1e-5
+        members = {name: np.array(list(p.values()))[None] for name, p in answer["faces"][0]["members"].items()}
+        assert set(members) == {"a", "b", "c"}
+        assert np.allclose(probs, ensemble.rule(members)[0], atol=1e-6) and abs(probs.sum() - 1) < 1e-5
         answers[temperature] = probs
     assert answers[0.25].max() > answers[4.0].max()  # a lower temperature sharpens
     assert answers[0.25].argmax() == answers[4.0].argmax()
 
 
-def test_bundle_round_trip(tiny_bundle, prepared_synth, tmp_path):
+def test_a_three_member_bundle_round_trip(tiny_bundle, prepared_synth, tmp_path):
     card = json.loads((tiny_bundle / "bundle.json").read_text())
     assert sorted(p.name for p in tiny_bundle.iterdir()) == [
         ".ferray-output",
@@ -100,43 +128,71 @@ def test_bundle_round_trip(tiny_bundle, prepared_synth, tmp_path):
         "confusion-PublicTest.png",
         "model_a.pt",
         "model_b.pt",
+        "model_c.pt",
         "sr.pt",
     ]
+    assert card["format"] == "ferray.bundle/2" and list(card["members"]) == ["a", "b", "c"]
+    assert {name: m["input"] for name, m in card["members"].items()} == {"a": "face", "b": "sr", "c": "face"}
+    assert card["sets"] == {"all": ["a", "b", "c"], "fast": ["a"]}
     # synthetic data has PrivateTest: the fusion is fitted on PublicTest, PrivateTest is the test
     assert card["selection_split"] == "PublicTest" and card["fusion"]["fitted_on"] == "PublicTest"
     assert {s: e["selection"] for s, e in card["evaluations"].items()} == {"PublicTest": True, "PrivateTest": False}
-    assert 0 <= card["fusion"]["weight_a"] <= 1 and card["members"]["b"]["pretrained"] is False
+    assert set(card["fusion"]["weights"]) == {"a", "b", "c"} and card["members"]["b"]["pretrained"] is False
     text = (tiny_bundle / "MODEL_CARD.md").read_text()
     assert "Fusion" in text and "## Calibration" in text and f"T = {card['fusion']['temperature']:.3f}" in text
+    assert "**c**" in text and "`all` = a + b + c" in text
     for evaluation in card["evaluations"].values():  # the calibration error before and after, per view
         assert all(0 <= v["ece"] <= 1 and 0 <= v["ece_uncalibrated"] <= 1 for v in evaluation["views"].values())
+        assert set(evaluation["views"]["tta"]["sets"]) == {"all", "fast"}
     ensemble, _ = load_bundle(tiny_bundle)
     faces = torch.randint(0, 256, (5, 48, 48), dtype=torch.uint8)
     result = ensemble.predict(faces)
-    for key in ("probs", "a", "b"):
-        assert torch.allclose(result[key].sum(1), torch.ones(5), atol=1e-5)
-    # a replica that loads only one member computes the same probabilities
+    assert set(result["members"]) == {"a", "b", "c"}
+    for probs in (result["probs"], *result["members"].values()):
+        assert torch.allclose(probs.sum(1), torch.ones(5), atol=1e-5)
+    # the fused answer is the fusion of the members' answers
+    weights, temperature = card["fusion"]["weights"], card["fusion"]["set_temperatures"]["all"]
+    total = sum(weights.values())
+    by_hand = sum(weights[n] / total * result["members"][n] for n in weights)
+    assert torch.allclose(result["probs"], calibrate(by_hand, temperature), atol=1e-6)
+    # a replica that loads some members computes the same probabilities; a set answers with its own
     only_a, _ = load_bundle(tiny_bundle, members=("a",))
-    assert only_a.model_b is None and torch.allclose(only_a.probs_a(faces), result["a"])
+    assert only_a.names() == ("a",) and only_a.generator is None
+    assert torch.allclose(only_a.probs("a", faces), result["members"]["a"])
+    face_members, _ = load_bundle(tiny_bundle, members="a,c")
+    assert face_members.names() == ("a", "c") and face_members.generator is None
+    answer = face_members.predict(faces)
+    assert set(answer["members"]) == {"a", "c"} and torch.allclose(answer["members"]["c"], result["members"]["c"])
     # served with the batch norms folded into the convolutions: the answers of the models as trained
     # (compared in fp32: on a CPU with native bf16 both would round to bf16, each in its own way)
     as_trained, _ = load_bundle(tiny_bundle, fold=False)
-    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in ensemble.model_a.modules())
-    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in as_trained.model_a.modules())
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in ensemble.members["a"].model.modules())
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in as_trained.members["a"].model.modules())
     ensemble.bf16 = as_trained.bf16 = False
     assert torch.allclose(as_trained.predict(faces)["probs"], ensemble.predict(faces)["probs"], atol=1e-5)
     report = evaluate_bundle(tiny_bundle, prepared_synth, "PublicTest", out=tmp_path)
     assert report["accuracy"] == pytest.approx(card["accuracy"]["PublicTest"]["ensemble"])
-    assert report["members"]["a"] == pytest.approx(card["accuracy"]["PublicTest"]["a"])
+    assert report["members"]["c"] == pytest.approx(card["accuracy"]["PublicTest"]["c"])
+    assert report["sets"]["fast"] == pytest.approx(card["accuracy"]["PublicTest"]["set fast"])
     assert (tmp_path / "eval-PublicTest-tta.png").stat().st_size > 0
 
 
 def test_bundle_refusals(tiny_bundle, prepared_synth, tmp_path):
+    from ferray.config import ConfigError
+
     members = tiny_bundle.parent / "members"
-    with pytest.raises(CheckpointError, match="give its SR checkpoint"):
-        build_bundle(members / "a.pt", members / "b.pt", None, prepared_synth, tmp_path / "x")
+    with pytest.raises(CheckpointError, match="member b .* give it as an SR member"):
+        build_bundle({"a": members / "a.pt", "b": members / "b.pt"}, None, prepared_synth, tmp_path / "x")
+    with pytest.raises(CheckpointError, match="an SR generator, but no member reads SR faces"):
+        build_bundle({"a": members / "a.pt"}, members / "sr.pt", prepared_synth, tmp_path / "x")
+    with pytest.raises(ConfigError, match="set 'quick': z"):
+        build_bundle({"a": members / "a.pt"}, None, prepared_synth, tmp_path / "x", sets={"quick": ["z"]})
+    with pytest.raises(ConfigError, match="member name"):
+        build_bundle({"a b": members / "a.pt"}, None, prepared_synth, tmp_path / "x")
     with pytest.raises(CheckpointError, match="not a ferray bundle"):
         load_bundle(tmp_path)
+    with pytest.raises(ConfigError, match="no member z; the bundle has the sets all, fast and the members a, b, c"):
+        load_bundle(tiny_bundle, members="a,z")
     assert not (tmp_path / "x").exists()
 
 
@@ -156,53 +212,77 @@ def test_predict_matches_the_ensemble(tiny_bundle, synth_faces, tmp_path):
         answer_images([("empty.png", b"")], local_predictor(ensemble), ensemble.rule)
 
 
-def test_model_a_alone_answers_from_an_ensemble_bundle(tiny_bundle, synth_faces, tmp_path, prepared_synth):
-    """members="a" (ferray.load, `ferray predict --members a`): no SR generator, no B, P_A at A's own
-    temperature; anything else is refused naming the value."""
+def test_a_set_answers_with_its_members_at_its_own_temperature(tiny_bundle, synth_faces, tmp_path, prepared_synth):
+    """members="fast" (ferray.load, `ferray predict --members fast`): Model A alone, no SR generator, no
+    B, at the set's own temperature; member names answer too, a single one at its own temperature."""
     import ferray
     from ferray.cli import main
 
     card = json.loads((tiny_bundle / "bundle.json").read_text())
-    model = ferray.load(tiny_bundle, members="a")
-    assert model.ensemble.model_b is None and model.ensemble.generator is None
-    assert model.ensemble.rule == FusionRule(1.0, card["fusion"]["temperature_a"])
+    model = ferray.load(tiny_bundle, members="fast")
+    assert model.ensemble.names() == ("a",) and model.ensemble.generator is None
+    assert model.ensemble.rule == FusionRule({"a": 1.0}, card["members"]["a"]["temperature"])
     face = synth_faces[0][4]
     (found,) = model.predict(face)["faces"]
     assert set(found["members"]) == {"a"}
-    pa = model.ensemble.probs_a(torch.from_numpy(face[None])).numpy()
-    assert np.allclose(list(found["probs"].values()), calibrate(pa, card["fusion"]["temperature_a"])[0], atol=1e-6)
+    pa = model.ensemble.probs("a", torch.from_numpy(face[None])).numpy()
+    assert np.allclose(list(found["probs"].values()), calibrate(pa, card["members"]["a"]["temperature"])[0], atol=1e-6)
     path, out = tmp_path / "face.png", tmp_path / "answer.json"
     path.write_bytes(png_bytes(face))
     assert main(["predict", str(path), "--bundle", str(tiny_bundle), "--members", "a", "--json-out", str(out)]) == 0
     (answer,) = json.loads(out.read_text())
     assert answer["faces"][0]["probs"] == pytest.approx(found["probs"], abs=1e-6)
-    with pytest.raises(ValueError, match="members 'b': choose all or a"):
-        ferray.load(tiny_bundle, members="b")
-    report = evaluate_bundle(tiny_bundle, prepared_synth, "PublicTest", members="a")  # `evaluate --members a`
-    assert set(report["members"]) == {"a"} and report["accuracy"] == report["members"]["a"]
-    assert report["model"] == "Model A" and report["temperature"] == card["fusion"]["temperature_a"]
+    two = ferray.load(tiny_bundle, members="c,b")  # the bundle's order, whatever the list's
+    assert two.ensemble.names() == ("b", "c") and two.ensemble.rule.temperature == card["fusion"]["temperature"]
+    with pytest.raises(ValueError, match="members 'z': no member z"):
+        ferray.load(tiny_bundle, members="z")
+    report = evaluate_bundle(tiny_bundle, prepared_synth, "PublicTest", members="fast")  # `evaluate --members fast`
+    assert report["model"] == "member a" and report["accuracy"] == report["members"]["a"]
+    assert set(report["members"]) == {"a", "b", "c"} and set(report["sets"]) == {"all", "fast"}
+    assert report["temperature"] == card["members"]["a"]["temperature"]
+
+
+def test_a_bundle_in_the_first_format_loads_and_answers_as_it_did(tmp_path, synth_faces):
+    """The shipped default (ferray.bundle/1: A + SR -> B, one weight for A): the same answers as
+    w * P_A + (1 - w) * P_B at its temperature, and Model A alone at A's own."""
+    from ferray.bundle import default_bundle_path, read_bundle_card
+
+    raw = json.loads((default_bundle_path() / "bundle.json").read_text())
+    if raw["format"] != "ferray.bundle/1":
+        pytest.skip("the default bundle is no longer in the first format")
+    card = read_bundle_card("default")
+    assert card.upgraded_from == "ferray.bundle/1" and card.sets == {"all": ["a", "b"], "fast": ["a"]}
+    assert card.members["b"].input == "sr" and card.sr is not None
+    ensemble, _ = load_bundle("default", "cpu")
+    faces = torch.from_numpy(synth_faces[0][:3])
+    result = ensemble.predict(faces)
+    w, temperature = raw["fusion"]["weight_a"], raw["fusion"]["temperature"]
+    by_hand = calibrate(w * result["members"]["a"] + (1 - w) * result["members"]["b"], temperature)
+    assert torch.allclose(result["probs"], by_hand, atol=1e-6)
+    alone, _ = load_bundle("default", "cpu", members="a")
+    assert alone.rule.temperature == raw["fusion"]["temperature_a"]
 
 
 def test_a_bundle_of_model_a_alone(tiny_bundle, prepared_synth, tmp_path, synth_faces):
     from ferray.report.model_card import render_model_card
 
     members = tiny_bundle.parent / "members"
-    card = build_bundle(members / "a.pt", None, None, prepared_synth, tmp_path / "solo")
-    assert card.members.b is None and card.fusion.weight_a == 1.0 and card.alternatives == {}
+    card = build_bundle({"a": members / "a.pt"}, None, prepared_synth, tmp_path / "solo")
+    assert card.names() == ("a",) and card.sets == {"all": ["a"]} and card.alternatives == {}
     views = card.evaluations["PrivateTest"].views
     assert set(views) == {"center", "tta"} and views["tta"].members["a"] == views["tta"].accuracy
-    assert "b" not in views["tta"].members
     text = (tmp_path / "solo" / "MODEL_CARD.md").read_text()
-    assert text == render_model_card(card) and "PrivateTest | test (untouched)" in text and "**B**" not in text
+    assert text == render_model_card(card) and "PrivateTest | test (untouched)" in text and "**b**" not in text
     # weights ship in half precision
     weights = torch.load(tmp_path / "solo" / "model_a.pt", weights_only=True)["model"]
     assert all(v.dtype == torch.float16 for v in weights.values() if v.is_floating_point())
     ensemble, _ = load_bundle(tmp_path / "solo")
-    assert ensemble.model_b is None
+    assert ensemble.names() == ("a",)
     faces = torch.from_numpy(synth_faces[0][:4])
-    # A alone: the served answer is P_A at the bundle's temperature
-    assert ensemble.temperature == card.fusion.temperature
-    assert torch.equal(ensemble.predict(faces)["probs"], calibrate(ensemble.probs_a(faces), ensemble.temperature))
+    # A alone: the served answer is P_A at the member's own temperature
+    assert ensemble.rule.temperature == card.members["a"].temperature
+    expected = calibrate(ensemble.probs("a", faces), ensemble.rule.temperature)
+    assert torch.equal(ensemble.predict(faces)["probs"], expected)
     path = tmp_path / "face.png"
     path.write_bytes(png_bytes(synth_faces[0][0]))
     (answer,) = predict_files(tmp_path / "solo", [path])
@@ -213,8 +293,6 @@ def test_a_bundle_of_model_a_alone(tiny_bundle, prepared_synth, tmp_path, synth_
     assert report["accuracy"] == pytest.approx(views["tta"].accuracy) and report["selection"] is False
     assert evaluate_bundle(tmp_path / "solo", prepared_synth, "PublicTest")["selection"] is True
     assert sorted(p.name for p in (tmp_path / "solo").iterdir()) == before
-    with pytest.raises(CheckpointError, match="give B's checkpoint"):
-        build_bundle(members / "a.pt", None, members / "sr.pt", prepared_synth, tmp_path / "y")
 
 
 def test_python_api_answers_like_ferray_predict(tiny_bundle, synth_faces, tmp_path):
@@ -250,15 +328,16 @@ def test_bf16_cpu_inference_runs_a_frozen_copy_that_answers_as_autocast(tiny_bun
     ensemble.bf16 = True  # forced: where bf16 is only emulated (AVX2 CPUs) this path is slow, but right
     faces = torch.randint(0, 256, (6, 48, 48), dtype=torch.uint8)
     got = ensemble.predict(faces)
-    for which, model, _cfg in (("a", ensemble.model_a, ensemble.cfg_a), ("b", ensemble.model_b, ensemble.cfg_b)):
+    for which, member in ensemble.members.items():
         runner, autocast = ensemble.runner(which)
         assert isinstance(runner, FrozenModule) and runner.how == "bfloat16, frozen TorchScript"
         assert autocast is False and ensemble.runner(which)[0] is runner  # made once
-        assert next(model.parameters()).dtype == torch.float32  # the member itself is untouched
-    eager = predict_proba(ensemble.model_a, faces.clone(), ensemble.cfg_a.augment.crop, True, amp=True)
-    assert torch.allclose(got["a"], eager, atol=1e-6)
+        assert next(member.model.parameters()).dtype == torch.float32  # the member itself is untouched
+    a = ensemble.members["a"]
+    eager = predict_proba(a.model, faces.clone(), a.cfg.augment.crop, True, amp=True)
+    assert torch.allclose(got["members"]["a"], eager, atol=1e-6)
     ensemble.bf16 = False  # fp32 forwards the member itself
-    assert ensemble.runner("a") == (ensemble.model_a, False)
+    assert ensemble.runner("a") == (a.model, False)
     assert (ensemble.predict(faces)["probs"] - got["probs"]).abs().max() < 0.05  # bf16 rounding, no more
 
 
@@ -290,18 +369,19 @@ def test_freezing_that_fails_falls_back_to_the_eager_copy(tiny_bundle, monkeypat
     from ferray.models.frozen import freeze_for_cpu
 
     ensemble, _ = load_bundle(tiny_bundle, "cpu", members=("a",))
+    model = ensemble.members["a"].model
     x = torch.randn(3, 1, 44, 44)
-    frozen = freeze_for_cpu(ensemble.model_a, 44)
+    frozen = freeze_for_cpu(model, 44)
 
     def no_tracing(*_, **__):
         raise RuntimeError("no TorchScript here")
 
     monkeypatch.setattr(torch.jit, "trace", no_tracing)
-    eager = freeze_for_cpu(ensemble.model_a, 44)
+    eager = freeze_for_cpu(model, 44)
     assert "eager (RuntimeError: no TorchScript here)" in eager.how
     assert torch.allclose(eager(x).float(), frozen(x).float(), atol=1e-2)
     with pytest.raises(ValueError, match="eval mode"):
-        freeze_for_cpu(ensemble.model_a.train(), 44)
+        freeze_for_cpu(model.train(), 44)
 
 
 def test_the_bundle_card_is_a_typed_record_and_bad_cards_are_named(tiny_bundle, tmp_path):
@@ -318,12 +398,12 @@ def test_the_bundle_card_is_a_typed_record_and_bad_cards_are_named(tiny_bundle, 
     broken = tmp_path / "broken"
     shutil.copytree(tiny_bundle, broken)
     data = json.loads((broken / "bundle.json").read_text())
-    data["fusion"]["weight_a"] = "half"
+    data["fusion"]["temperature"] = "warm"
     (broken / "bundle.json").write_text(json.dumps(data))
-    with pytest.raises(CheckpointError, match=r"bundle.json: fusion.weight_a: expected float"):
+    with pytest.raises(CheckpointError, match=r"bundle.json: fusion.temperature: expected float"):
         read_bundle_card(broken)
-    del data["members"]["a"]
-    data["fusion"]["weight_a"] = 0.5
+    data["fusion"]["temperature"] = 1.0
+    del data["members"]["a"]["crop"]
     (broken / "bundle.json").write_text(json.dumps(data))
-    with pytest.raises(CheckpointError, match=r"members: missing key\(s\) a"):
+    with pytest.raises(CheckpointError, match=r"members.a: missing key\(s\) crop"):
         read_bundle_card(broken)

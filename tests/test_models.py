@@ -100,3 +100,28 @@ def test_the_resnet18_member_on_48x48_faces_has_its_documented_size_and_shapes()
         assert logits.shape == (2, 7) and embedding.shape == (2, 512)
     with pytest.raises(ValueError, match="from-scratch variant"):
         build_model("resnet18_48", pretrained="imagenet")
+
+
+def test_the_vgg_member_has_its_documented_size_and_a_pooled_head():
+    model = build_model("vgg_gap", dropout=0.3).eval()
+    assert num_params(model) == 3_951_559 and model.keras_depth() == 10 and model.num_features == 384
+    for size in (44, 48):
+        logits, embedding = model(torch.randn(2, 1, size, size), return_embedding=True)
+        assert logits.shape == (2, 7) and embedding.shape == (2, 384)
+    with pytest.raises(ValueError, match="trained from scratch"):
+        build_model("vgg_gap", pretrained="imagenet")
+
+
+@pytest.mark.parametrize("recipe", ["model_a_light.yaml", "resnet18_48_cpu.yaml", "vgg_gap_cpu.yaml"])
+def test_the_member_recipes_build_their_models(recipe):
+    from pathlib import Path
+
+    from ferray.config import load_config
+    from ferray.engine import build_state
+
+    cfg = load_config(Path(__file__).parents[1] / "experiments" / recipe, ["train.compile=false"])
+    assert cfg.train.budget_minutes > 0 and cfg.data.selection_split == "auto"
+    state = build_state(cfg, torch.device("cpu"))
+    assert not state.schedule.planned  # the budget plans the schedule's length once the run starts
+    if recipe == "model_a_light.yaml":
+        assert type(state.core.dropout) is torch.nn.Dropout and cfg.loss.center_lambda == 0

@@ -82,8 +82,7 @@ def test_the_core_loop_and_the_fusion_ignore_the_test_split(twin_data, tmp_path)
             kept.append((name, member, run.best["epoch"], {k: v.clone() for k, v in state.core.state_dict().items()}))
         cards.append(
             build_bundle(
-                tmp_path / name / "a" / "best.pt",
-                tmp_path / name / "b" / "best.pt",
+                {"a": tmp_path / name / "a" / "best.pt", "b": tmp_path / name / "b" / "best.pt"},
                 None,
                 data,
                 tmp_path / name / "bundle",

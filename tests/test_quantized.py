@@ -91,7 +91,7 @@ def test_int8_without_a_calibration_says_how_to_make_one(tiny_bundle):
     from ferray.bundle import load_bundle
 
     with pytest.raises(
-        Int8Unavailable, match=f"member A has no int8 calibration: make one with `ferray quantize {tiny_bundle}"
+        Int8Unavailable, match=f"member a has no int8 calibration: make one with `ferray quantize {tiny_bundle}"
     ):
         load_bundle(tiny_bundle, "cpu", members=("a",), int8=True)
 
@@ -102,7 +102,7 @@ def test_ranges_made_for_other_crops_are_refused(tiny_bundle, tiny):
     ensemble, _ = load_bundle(tiny_bundle, "cpu", members=("a",))
     ensemble.int8, ensemble.int8_ranges = True, {"a": {**tiny[2], "crop": 40}}
     with pytest.raises(CheckpointError, match="made for 40x40 crops"):
-        ensemble.probs_a(torch.zeros(1, 48, 48, dtype=torch.uint8))
+        ensemble.probs("a", torch.zeros(1, 48, 48, dtype=torch.uint8))
 
 
 def test_quantize_refuses_the_installed_default_and_bad_face_counts(tiny_bundle, prepared_synth, tmp_path):
@@ -144,7 +144,7 @@ def test_quantize_writes_ranges_and_figures_that_evaluate_reproduces(tiny_bundle
     shutil.copytree(tiny_bundle, copy)
     entry = quantize_bundle(copy, prepared_synth, faces=20)
     card = read_bundle_card(copy)
-    assert card.members.a.int8 == entry and (copy / entry.ranges).is_file()
+    assert card.members["a"].int8 == entry and (copy / entry.ranges).is_file() and entry.ranges == "model_a.int8.json"
     assert entry.calibration["split"] == "Training" and entry.calibration["faces"] == 20
     assert set(entry.evaluations) == set(card.evaluations)
     assert (copy / "MODEL_CARD.md").read_text() == render_model_card(card) and "## int8" in render_model_card(card)
@@ -156,7 +156,7 @@ def test_quantize_writes_ranges_and_figures_that_evaluate_reproduces(tiny_bundle
     from ferray.bundle import load_bundle
     from ferray.serve_app.app import Member
 
-    replica = Member.func_or_class(str(copy), "a", {"int8": True, "threads": torch.get_num_threads()})
+    replica = Member.func_or_class(str(copy), ["a"], {"int8": True, "threads": torch.get_num_threads()})
     faces = torch.randint(0, 256, (3, 48, 48), dtype=torch.uint8)
-    expected = load_bundle(copy, "cpu", members=("a",), int8=True)[0].probs_a(faces)
+    expected = load_bundle(copy, "cpu", members=("a",), int8=True)[0].probs("a", faces)
     assert torch.allclose(torch.from_numpy(replica._run(faces.numpy())), expected, atol=1e-5)

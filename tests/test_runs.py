@@ -65,8 +65,8 @@ def test_a_bundle_carries_its_members_training_curves_drawn_from_the_run(tmp_pat
     from ferray.bundle import build_bundle, read_bundle_card
 
     _tiny_run(tmp_path / "run", synth_faces, None, "train.ema_decay=0.9")
-    build_bundle(tmp_path / "run" / "best.pt", None, None, prepared_synth, tmp_path / "bundle", tests=False)
+    build_bundle({"a": tmp_path / "run" / "best.pt"}, None, prepared_synth, tmp_path / "bundle", tests=False)
     card = read_bundle_card(tmp_path / "bundle")
-    assert card.members.a.curves == "training-a.png" and card.members.a.weights in ("ema", "raw")
+    assert card.members["a"].curves == "training-a.png" and card.members["a"].weights in ("ema", "raw")
     assert (tmp_path / "bundle" / "training-a.png").stat().st_size > 10_000
-    assert "![training curves of A](training-a.png)" in (tmp_path / "bundle" / "MODEL_CARD.md").read_text()
+    assert "![training curves of a](training-a.png)" in (tmp_path / "bundle" / "MODEL_CARD.md").read_text()

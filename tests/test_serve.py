@@ -33,6 +33,7 @@ def server(ray_session, tiny_bundle):
         f"max_faces_per_request={MAX_FACES}",
         f"max_request_pixels={MAX_REQUEST_PIXELS}",
         "layout=split",  # A and B apart: the replica-kill test kills B's
+        "members=a,b",  # the split layout's members (the bundle's third, c, is served fused below)
         "ingress.num_cpus=0.25",
         "model_a.num_cpus=0.5",
         "model_b.num_cpus=0.5",
@@ -247,7 +248,7 @@ def test_overload_gets_fast_json_503s_and_the_server_recovers(server, tiny_bundl
         f"ensemble.{k}"
         for k in ("max_ongoing_requests=1", "max_batch_size=1", "max_queued_requests=1", "num_cpus=0.25")
     ] + ["ensemble.min_replicas=1", "ensemble.max_replicas=1"]
-    url = second_app(server, tiny_bundle, "overload", ["layout=fused", *tight])
+    url = second_app(server, tiny_bundle, "overload", ["layout=fused", "members=a,b", *tight])
     assert get(f"{server}/readyz")[0] == 200
     body = png_bytes(synth_faces[0][5])
 
@@ -274,24 +275,27 @@ def test_overload_gets_fast_json_503s_and_the_server_recovers(server, tiny_bundl
         serve.delete("overload")
 
 
-def test_members_a_serves_model_a_alone_at_its_own_temperature(server, tiny_bundle, synth_faces):
-    """members: a (`ferray serve --members a`): one fused deployment of Model A alone, no B in the
-    answers or in /readyz, the probabilities those of `ferray.load(members="a")`."""
+@pytest.mark.parametrize("members, answering", [("fast", {"a"}), ("all", {"a", "b", "c"})])
+def test_a_set_is_served_by_one_fused_deployment_of_its_members(server, tiny_bundle, synth_faces, members, answering):
+    """members: fast (`ferray serve --members fast`): Model A alone, no B in the answers; all: the three
+    members of the bundle in one replica. The probabilities are those of `ferray.load(members=...)`."""
     from ray import serve
 
     import ferray
 
-    url = second_app(server, tiny_bundle, "solo", ["layout=fused", "members=a", "ensemble.num_cpus=0.25"])
+    url = second_app(server, tiny_bundle, members, ["layout=fused", f"members={members}", "ensemble.num_cpus=0.25"])
     try:
         assert json.loads(get(f"{url}/readyz")[1])["members"] == {"ensemble": "ready"}
         face = synth_faces[0][6]
         status, (answer, _) = _post_with_headers(f"{url}/predict", png_bytes(face))
         (found,) = answer["faces"]
-        assert status == 200 and set(found["members"]) == {"a"}
-        expected = ferray.load(tiny_bundle, members="a").predict(face)["faces"][0]["probs"]
-        assert found["probs"] == pytest.approx(expected, abs=1e-5)
+        assert status == 200 and set(found["members"]) == answering
+        expected = ferray.load(tiny_bundle, members=members).predict(face)["faces"][0]
+        assert found["probs"] == pytest.approx(expected["probs"], abs=1e-5)
+        for name in answering:
+            assert found["members"][name] == pytest.approx(expected["members"][name], abs=1e-5)
     finally:
-        serve.delete("solo")
+        serve.delete(members)
 
 
 def second_app(server: str, tiny_bundle, name: str, overrides: list[str]) -> str:
@@ -433,7 +437,7 @@ def test_a_request_the_model_cannot_take_fails_alone(tiny_bundle):
 
     from ferray.serve_app.app import Member
 
-    replica = Member.func_or_class(str(tiny_bundle), "a", {"threads": torch.get_num_threads()})
+    replica = Member.func_or_class(str(tiny_bundle), ["a"], {"threads": torch.get_num_threads()})
     forward = replica._forward
 
     def picky(faces):
@@ -458,7 +462,9 @@ def test_the_fused_ingress_merges_concurrent_requests_and_gives_each_its_own_ans
     from ray import serve
 
     merged = ["ensemble.max_batch_size=8", "ensemble.batch_wait_timeout_s=0.2", "ensemble.num_cpus=0.25"]
-    url = second_app(server, tiny_bundle, "merged", ["layout=fused", f"max_faces_per_request={MAX_FACES}", *merged])
+    url = second_app(
+        server, tiny_bundle, "merged", ["layout=fused", "members=a,b", f"max_faces_per_request={MAX_FACES}", *merged]
+    )
     faces = synth_faces[0][:12]
 
     def ask(base, face):

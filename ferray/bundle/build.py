@@ -1,9 +1,10 @@
 """`ferray ensemble`: a serving bundle made from trained checkpoints (Ray-free).
 
-A bundle is a folder: bundle.json (the typed BundleCard: fusion, labels, members, every
-evaluation, each member's training facts), the members' checkpoints with only what inference
-needs (half-precision weights + config; loaded with weights_only=True), the members' run records
-(run_a/, run_b/), confusion matrices and MODEL_CARD.md, rendered from the card alone.
+A bundle is a folder: bundle.json (the typed BundleCard: fusion, labels, any number of named members,
+the named sets of them, every evaluation, each member's training facts), the members' checkpoints
+with only what inference needs (model_NAME.pt: half-precision weights + config; loaded with
+weights_only=True), the SR generator the members of input "sr" share (sr.pt), the members' run
+records (run_NAME/), confusion matrices and MODEL_CARD.md, rendered from the card alone.
 `ferray.bundle.load_bundle` rebuilds everything from the folder alone.
 """
 
@@ -13,7 +14,6 @@ import datetime as _dt
 import logging
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from ferray import __version__
@@ -24,14 +24,14 @@ from ferray.bundle.card import (
     TRAINING_FIGURE,
     BundleCard,
     MemberCard,
-    Members,
     SRCard,
     write_card,
 )
 from ferray.bundle.evaluation import _numpy, evaluate_views
-from ferray.bundle.fusion import fit_fusion, member_accuracies
-from ferray.bundle.runtime import load_members
-from ferray.config import ExperimentConfig
+from ferray.bundle.fusion import fit_fusion, member_accuracies, set_accuracies
+from ferray.bundle.load import fusion_rule
+from ferray.bundle.runtime import load_members, member_input
+from ferray.config import ConfigError, ExperimentConfig
 from ferray.data.contract import (
     EMOTIONS,
     FER_SIZE,
@@ -43,69 +43,90 @@ from ferray.data.contract import (
     untouched_splits,
 )
 from ferray.device import default_device
-from ferray.engine import load_checkpoint, slim_checkpoint
+from ferray.engine import CheckpointError, load_checkpoint, slim_checkpoint
 from ferray.models import num_params
 from ferray.runs import RUN_FILES
 
 log = logging.getLogger(__name__)
 
 
-def bundle_selection_split(cfg_a: ExperimentConfig, manifest: dict, data) -> str:
-    """The split a bundle's fusion is fitted on: the one member A was selected on when the data has
-    it (the same faces, so nothing else is touched), else the data's own selection split."""
-    chosen = cfg_a.data.selection_split
+def bundle_selection_split(cfg: ExperimentConfig, manifest: dict, data) -> str:
+    """The split a bundle's fusion is fitted on: the one its first member was selected on when the data
+    has it (the same faces, so nothing else is touched), else the data's own selection split."""
+    chosen = cfg.data.selection_split
     return chosen if chosen in manifest["splits"] else selection_split(manifest, "auto", str(data))
 
 
+def default_sets(names: list[str]) -> dict[str, list[str]]:
+    """ "all" (every member) and, for an ensemble, "fast" (its first member alone)."""
+    return {"all": list(names)} | ({"fast": [names[0]]} if len(names) > 1 else {})
+
+
 def build_bundle(
-    a: str | Path,
-    b: str | Path | None,
+    members: dict[str, str | Path],
     sr: str | Path | None,
     data: str | Path,
     out: str | Path,
     split: str | None = None,
     tta: bool = True,
     overwrite: bool = False,
-    probs: tuple[np.ndarray, np.ndarray] | None = None,
+    probs: dict | None = None,
     tests: bool = True,
+    sets: dict[str, list[str]] | None = None,
+    weights: str = "auto",
+    inputs: dict[str, str] | None = None,
 ) -> BundleCard:
-    """Fit the fusion on the selection split of `data` (`split`, else the one A was selected on) and
-    write the serving bundle to `out`; with `tests`, also evaluate every split that neither trained
-    nor selected (center crop and TTA: the figures of the model card). `b` None: a bundle of A alone.
-    `probs`: the members' (P_A, P_B) on the selection split with that TTA, when already computed."""
+    """Fit the fusion of `members` ({name: checkpoint}, in order) on the selection split of `data`
+    (`split`, else the one the first member was selected on) and write the serving bundle to `out`;
+    with `tests`, also evaluate every split that neither trained nor selected (center crop and TTA:
+    the figures of the model card). `sr`: the SR generator of the members that read SR faces
+    (`inputs`, else each member's own training crop says: ferray.bundle.runtime.member_input).
+    `sets`: named sets of members (default_sets). `weights`: auto | equal | fitted (fit_fusion).
+    `probs`: the members' probabilities on the selection split with that TTA, when already computed."""
+    if not members:
+        raise ConfigError("a bundle needs at least one member")
+    names = list(members)
+    bad = [name for name in names if not name.replace("_", "").isalnum() or not name.isascii()]
+    if bad:
+        raise ConfigError(f"member name(s) {', '.join(map(repr, bad))}: use letters, digits and _ (e.g. a, r18)")
+    sets = sets or default_sets(names)
+    for set_name, set_members in sets.items():
+        unknown = [m for m in set_members if m not in members]
+        if unknown or not set_members:
+            raise ConfigError(
+                f"set {set_name!r}: {', '.join(unknown) or 'no members'} (the members are {', '.join(names)})"
+            )
     device = default_device()
     manifest = read_manifest(data)
     if manifest["image_size"] != [FER_SIZE, FER_SIZE]:
-        raise DataError(f"{data}: the ensemble is fitted on the prepared 48x48 faces (B's SR input is made from them)")
-    ensemble = load_members(a, b, sr, device, fold=False)
-    member_cards = Members(  # the members as trained (their parameter counts), before folding for the evaluations
-        a=_member_card(ensemble.model_a, ensemble.cfg_a, a, "a"),
-        b=None if b is None else _member_card(ensemble.model_b, ensemble.cfg_b, b, "b"),
-        sr=None
-        if sr is None
-        else SRCard(
-            checkpoint="sr.pt", source=str(sr), content_loss=load_checkpoint(sr, kind="sr").get("content_loss")
-        ),
-    )
+        raise DataError(f"{data}: the ensemble is fitted on the prepared 48x48 faces (SR input is made from them)")
+    inputs = dict(inputs or {})
+    for name, checkpoint in members.items():
+        inputs.setdefault(name, member_input(model_config(checkpoint), sr))
+    ensemble = load_members({name: (members[name], inputs[name]) for name in names}, sr, device, fold=False)
+    if sr is not None and not ensemble.needs_sr:
+        raise CheckpointError(f"{sr}: an SR generator, but no member reads SR faces")
+    # the members as trained (their parameter counts), before folding for the evaluations
+    member_cards = {name: _member_card(ensemble.members[name], members[name], name) for name in names}
     ensemble.fold_batch_norms()
-    split = split or bundle_selection_split(ensemble.cfg_a, manifest, data)
+    split = split or bundle_selection_split(ensemble.members[names[0]].cfg, manifest, data)
     faces, labels, _ = load_split(data, split)
     if probs is None:
         log.info(
-            f"ensemble: members on {len(labels):,} {split} (selection) faces{' with ten-crop TTA' if tta else ''} ..."
+            f"ensemble: {len(names)} member(s) on {len(labels):,} {split} (selection) faces"
+            f"{' with ten-crop TTA' if tta else ''} ..."
         )
         ensemble.tta = tta
         probs = _numpy(ensemble.member_probs(torch.from_numpy(faces)))
-    pa, pb = probs
-    if (pb is not None and pa.shape != pb.shape) or len(pa) != len(labels):
-        raise ValueError(
-            f"probs: shapes {pa.shape} and {None if pb is None else pb.shape} for {len(labels)} {split} faces"
-        )
-    fusion, alternatives = fit_fusion(pa, pb, labels, split)
-    ensemble.weight_a, ensemble.temperature = fusion.weight_a, fusion.temperature
-    accuracy = member_accuracies(pa, pb, labels, ensemble.weight_a)
-    splits = [split] + (untouched_splits(manifest, split, ensemble.cfg_a.data.train_split) if tests else [])
-    evaluations = evaluate_views(ensemble, data, splits, split, {(split, tta): (pa, pb)}) if tests else {}
+    if list(probs) != names or any(p.shape != (len(labels), len(EMOTIONS)) for p in probs.values()):
+        shapes = {name: tuple(p.shape) for name, p in probs.items()}
+        raise ConfigError(f"probs: {shapes} for the members {names} on {len(labels)} {split} faces")
+    fusion, alternatives, temperatures = fit_fusion(probs, labels, split, sets, weights)
+    for name, temperature in temperatures.items():
+        member_cards[name].temperature = temperature
+    accuracy = member_accuracies(probs, labels, fusion.weights) | {
+        f"set {name}": value for name, value in set_accuracies(probs, labels, fusion.weights, sets).items()
+    }
     card = BundleCard(
         format=BUNDLE_FORMAT,
         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -114,39 +135,49 @@ def build_bundle(
         tta=tta,
         selection_split=split,
         fusion=fusion,
+        members=member_cards,
+        sr=None if sr is None else SRCard("sr.pt", str(sr), load_checkpoint(sr, kind="sr").get("content_loss")),
+        sets=sets,
         accuracy={split: accuracy},
         alternatives=alternatives,
-        evaluations=evaluations,
         data={"path": str(Path(data).absolute()), "checksum": manifest["checksum"], "splits": manifest["splits"]},
-        members=member_cards,
     )
-    _write_bundle(out, card, a, b, sr, overwrite)
-    members = f"A {accuracy['a']:.2%}" + (f", B {accuracy['b']:.2%}" if b is not None else "")
-    fused = (
-        f"; w_A = {fusion.weight_a:.2f}, ensemble {accuracy['ensemble']:.2%} (logit mean "
-        f"{alternatives['logit mean']['accuracy']:.2%}, stacking "
-        f"{alternatives['stacking (logistic regression, 5-fold CV)']['accuracy']:.2%} by 5-fold CV)"
-        if b
-        else ""
-    )
-    log.info(f"ensemble: {split} (selection) accuracy {members}{fused}; bundle {out}")
-    for name in splits[1:]:
-        view = evaluations[name].views[card.view()]
-        log.info(f"ensemble: {name} (test) accuracy {view.accuracy:.2%}{' with TTA' if tta else ''}")
+    ensemble.rule = fusion_rule(card, tuple(names))
+    train_split = ensemble.members[names[0]].cfg.data.train_split
+    splits = [split] + (untouched_splits(manifest, split, train_split) if tests else [])
+    card.evaluations = evaluate_views(ensemble, data, splits, split, {(split, tta): probs}, sets) if tests else {}
+    _write_bundle(out, card, members, sr, overwrite)
+    _log_built(card, split, splits, out)
     return card
 
 
-def _write_bundle(out, card: BundleCard, a, b, sr, overwrite: bool) -> None:
+def model_config(checkpoint) -> ExperimentConfig:
+    from ferray.config import from_dict
+
+    return from_dict(load_checkpoint(checkpoint)["config"])
+
+
+def _log_built(card: BundleCard, split: str, splits: list[str], out) -> None:
+    accuracy, fusion = card.accuracy[split], card.fusion
+    members = ", ".join(f"{name} {accuracy[name]:.2%}" for name in card.names())
+    sets = ", ".join(f"{name} {accuracy[f'set {name}']:.2%}" for name in card.sets)
+    log.info(
+        f"ensemble: {split} (selection) accuracy: members {members}; sets {sets}; weights {fusion.weights_choice}; "
+        f"bundle {out}"
+    )
+    for name in splits[1:]:
+        view = card.evaluations[name].views[card.view()]
+        log.info(f"ensemble: {name} (test) accuracy {view.accuracy:.2%}{' with TTA' if card.tta else ''}")
+
+
+def _write_bundle(out, card: BundleCard, members: dict, sr, overwrite: bool) -> None:
     from ferray.metrics import plot_confusion
 
     with atomic_output(out, overwrite=overwrite, kind="bundle") as tmp:
-        torch.save(slim_checkpoint(load_checkpoint(a)), tmp / "model_a.pt")
-        _copy_run_files(Path(a).parent, tmp / "run_a")
-        _plot_run(tmp / "run_a", card.members.a, tmp, "Model A")
-        if b is not None:
-            torch.save(slim_checkpoint(load_checkpoint(b)), tmp / "model_b.pt")
-            _copy_run_files(Path(b).parent, tmp / "run_b")
-            _plot_run(tmp / "run_b", card.members.b, tmp, "Model B")
+        for name, checkpoint in members.items():
+            torch.save(slim_checkpoint(load_checkpoint(checkpoint)), tmp / card.members[name].checkpoint)
+            _copy_run_files(Path(checkpoint).parent, tmp / f"run_{name}")
+            _plot_run(tmp / f"run_{name}", card.members[name], tmp, f"member {name}")
         if sr is not None:
             torch.save(slim_checkpoint(load_checkpoint(sr, kind="sr")), tmp / "sr.pt")
         for split, evaluation in card.evaluations.items():
@@ -191,10 +222,11 @@ def _copy_run_files(run_dir: Path, into: Path) -> None:
             (into / path.name).write_bytes(path.read_bytes())
 
 
-def _member_card(model, cfg: ExperimentConfig, source, member: str) -> MemberCard:
+def _member_card(member, source, name: str) -> MemberCard:
     payload = load_checkpoint(source)
+    model, cfg = member.model, member.cfg
     return MemberCard(
-        checkpoint=f"model_{member}.pt",
+        checkpoint=f"model_{name}.pt",
         source=str(source),
         model=cfg.model.name,
         parameters=num_params(model),
@@ -208,7 +240,8 @@ def _member_card(model, cfg: ExperimentConfig, source, member: str) -> MemberCar
         selection_accuracy=payload.get("metrics", {}).get("eval_acc"),
         run=run_facts(source),
         weights=payload.get("weights", "raw"),
-        curves=_curves_figure(source, member),
+        curves=_curves_figure(source, name),
+        input=member.input,
     )
 
 
@@ -233,6 +266,8 @@ def run_facts(checkpoint) -> dict | None:
         "data_checksum",
         "budget_minutes",
         "images_per_s",
+        "planned_epochs",
+        "continues",
     )
     return {k: facts[k] for k in keep if k in facts}
 

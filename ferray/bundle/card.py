@@ -17,7 +17,8 @@ from pathlib import Path
 from ferray.config import ConfigError, build_typed
 from ferray.errors import CheckpointError
 
-BUNDLE_FORMAT = "ferray.bundle/1"
+BUNDLE_FORMAT = "ferray.bundle/2"  # any number of named members, named sets of them
+V1_FORMAT = "ferray.bundle/1"  # Model A [+ Model B]: still read, upgraded as it is loaded (upgrade_v1)
 BUNDLE_FILE = "bundle.json"
 CARD_FILE = "MODEL_CARD.md"
 TRAINING_FIGURE = "training-{member}.png"  # a member's curves, drawn from its run's metrics.jsonl
@@ -35,6 +36,7 @@ class ViewReport:
     confusion: list
     confusion_normalized: list
     members: dict = field(default_factory=dict)  # each member's and the ensemble's accuracy on the same faces
+    sets: dict = field(default_factory=dict)  # each named set's fused accuracy on the same faces
     # expected calibration error of the served (calibrated) probabilities, and of the fused ones
     # before the temperature (None in bundles made before calibration)
     ece: float | None = None
@@ -49,15 +51,16 @@ class Evaluation:
 
 @dataclass
 class Fusion:
+    """How the members' probabilities become the served ones: P = sum_i w_i P_i / sum_i w_i over the
+    answering members, then P^(1/T) renormalised (ferray.bundle.fusion.FusionRule)."""
+
     method: str
-    weight_a: float
+    weights: dict  # member name -> weight (equal unless fitted weights beat them: weights_choice)
     fitted_on: str | None
     how: str
-    # the fused output's temperature, fitted on `fitted_on` (ferray.bundle.fusion.fit_temperature);
-    # 1.0 in bundles made before it existed
-    temperature: float = 1.0
-    # Model A's own temperature, for answers from A alone (members "a": ferray.bundle.fusion.rule_of)
-    temperature_a: float = 1.0
+    temperature: float = 1.0  # of the full set's fused output, fitted on `fitted_on`
+    set_temperatures: dict = field(default_factory=dict)  # each named set's own fitted temperature
+    weights_choice: str = "equal"  # why these weights (equal, or fitted and by how much they won)
 
 
 @dataclass
@@ -97,6 +100,12 @@ class MemberCard:
     weights: str = "raw"  # "ema" when the moving average of the weights was selected
     curves: str | None = None  # the training curves' figure in the bundle, drawn from the run's metrics
     int8: Int8Card | None = None
+    # what the member reads: "face" (the 48x48 face) or "sr" (the bundle's SR generator's 96x96 face)
+    input: str = "face"
+    # the member's own, fitted on the selection split, for its answers alone (None: never fitted, as in
+    # the B of a ferray.bundle/1 bundle, which answered only fused; it then answers at T = 1)
+    temperature: float | None = None
+    cost_ms: float | None = None  # the member's forward per face with the bundle's views, where measured
 
 
 @dataclass
@@ -104,17 +113,6 @@ class SRCard:
     checkpoint: str
     source: str
     content_loss: str | None = None
-
-
-@dataclass
-class Members:
-    a: MemberCard
-    b: MemberCard | None = None
-    sr: SRCard | None = None
-
-    def names(self) -> tuple[str, ...]:
-        """The classifiers held: ("a", "b"), or ("a",) for a bundle of Model A alone."""
-        return ("a", "b") if self.b is not None else ("a",)
 
 
 @dataclass
@@ -126,11 +124,18 @@ class BundleCard:
     tta: bool  # served with ten-crop TTA
     selection_split: str
     fusion: Fusion
-    members: Members
-    accuracy: dict = field(default_factory=dict)  # {selection split: {a, b, ensemble}}
+    members: dict[str, MemberCard]  # in the bundle's order (the first: the fast set's default)
+    sr: SRCard | None = None  # the SR generator that the members of input "sr" share
+    sets: dict = field(default_factory=dict)  # set name -> member names, e.g. {"all": [...], "fast": ["a"]}
+    accuracy: dict = field(default_factory=dict)  # {selection split: {member..., set..., ensemble}}
     alternatives: dict = field(default_factory=dict)  # other fusions measured on the selection split
     evaluations: dict[str, Evaluation] = field(default_factory=dict)
     data: dict = field(default_factory=dict)  # path, checksum, splits
+    upgraded_from: str | None = None  # the format it was written in, when read from an older one
+
+    def names(self) -> tuple[str, ...]:
+        """The members, in the bundle's order."""
+        return tuple(self.members)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -151,6 +156,8 @@ def public_card(card: BundleCard) -> dict:
     evaluation, training length) without local paths, library versions or the machines' names."""
     data = card.to_dict()
     data.pop("data", None)
+    if data.get("sr"):
+        data["sr"] = {k: v for k, v in data["sr"].items() if k not in ("source", "checkpoint")}
     for member in data["members"].values():
         if not member:
             continue
@@ -163,7 +170,38 @@ def public_card(card: BundleCard) -> dict:
     return data
 
 
+def upgrade_v1(data: dict) -> dict:
+    """A ferray.bundle/1 card (members a [+ b, behind the SR generator sr], one weight for A) as
+    today's: the same members and fusion, the sets it could answer with ("all"; "fast": A alone, at
+    A's own temperature, as `--members a` answered)."""
+    data = dict(data)
+    members = dict(data["members"])
+    sr = members.pop("sr", None)
+    names = [name for name in ("a", "b") if members.get(name)]
+    members = {name: dict(members[name]) for name in names}
+    fusion = dict(data["fusion"])
+    weight_a, temperature_a = fusion.pop("weight_a"), fusion.pop("temperature_a", 1.0)
+    for name in names:
+        members[name]["input"] = "sr" if name == "b" and sr else "face"
+    members["a"]["temperature"] = temperature_a  # B's was never fitted: it answered only fused
+    fusion["weights"] = {"a": weight_a, "b": 1 - weight_a} if "b" in members else {"a": 1.0}
+    temperature = fusion.get("temperature", 1.0)
+    fusion["set_temperatures"] = {"all": temperature, "fast": temperature_a}
+    fusion["weights_choice"] = "fitted (the weight of A on a grid, as ferray.bundle/1 made every bundle)"
+    data.update(
+        format=BUNDLE_FORMAT,
+        members=members,
+        sr=sr,
+        sets={"all": names, "fast": ["a"]},
+        fusion=fusion,
+        upgraded_from=V1_FORMAT,
+    )
+    return data
+
+
 def card_from_dict(data: dict, where: str = BUNDLE_FILE) -> BundleCard:
+    if isinstance(data, dict) and data.get("format") == V1_FORMAT:
+        data = upgrade_v1(data)
     try:
         return build_typed(BundleCard, data, "")
     except ConfigError as e:
@@ -178,9 +216,9 @@ def load_card(card_file: Path) -> BundleCard:
         raise CheckpointError(f"{card_file}: missing") from None
     except json.JSONDecodeError as error:
         raise CheckpointError(f"{card_file}: not valid JSON ({error})") from None
-    if not isinstance(data, dict) or data.get("format") != BUNDLE_FORMAT:
+    if not isinstance(data, dict) or data.get("format") not in (BUNDLE_FORMAT, V1_FORMAT):
         found = data.get("format") if isinstance(data, dict) else type(data).__name__
-        raise CheckpointError(f"{card_file}: format {found!r}, expected {BUNDLE_FORMAT!r}")
+        raise CheckpointError(f"{card_file}: format {found!r}, expected {BUNDLE_FORMAT!r} (or {V1_FORMAT!r})")
     return card_from_dict(data, str(card_file))
 
 

@@ -10,8 +10,15 @@ import numpy as np
 import torch
 
 from ferray.bundle.card import Evaluation, ViewReport
-from ferray.bundle.fusion import FusionRule, calibrate, expected_calibration_error, fuse, member_accuracies, score
-from ferray.bundle.load import load_bundle, resolve_bundle
+from ferray.bundle.fusion import (
+    FusionRule,
+    calibrate,
+    expected_calibration_error,
+    member_accuracies,
+    score,
+    set_accuracies,
+)
+from ferray.bundle.load import answering_members, fusion_rule, load_bundle, resolve_bundle
 from ferray.bundle.runtime import Ensemble
 from ferray.data.contract import FER_SIZE, DataError, load_split, read_manifest
 from ferray.metrics import confusion_matrix, summarize_confusion
@@ -20,10 +27,10 @@ log = logging.getLogger(__name__)
 
 
 def evaluate_views(
-    ensemble: Ensemble, data, splits: list[str], selection: str, known: dict | None = None
+    ensemble: Ensemble, data, splits: list[str], selection: str, known: dict | None = None, sets: dict | None = None
 ) -> dict[str, Evaluation]:
-    """Every split x {center crop, ten-crop TTA}: the fused report with each member's accuracy, the
-    selection split marked as such. `known`: {(split, tta): (P_A, P_B)} already computed."""
+    """Every split x {center crop, ten-crop TTA}: the fused report with each member's and each set's
+    accuracy, the selection split marked as such. `known`: {(split, tta): {member: P}} already computed."""
     known = dict(known or {})
     evaluations = {}
     for split in splits:
@@ -34,26 +41,26 @@ def evaluate_views(
                 log.info(f"ensemble: {split} ({len(labels):,} faces){' with ten-crop TTA' if tta else ''} ...")
                 ensemble.tta = tta
                 known[split, tta] = _numpy(ensemble.member_probs(torch.from_numpy(faces)))
-            pa, pb = known[split, tta]
-            report = fused_summary(pa, pb, labels, ensemble.rule)
-            report["members"] = member_accuracies(pa, pb, labels, ensemble.weight_a)
+            probs = known[split, tta]
+            report = fused_summary(probs, labels, ensemble.rule)
+            report["members"] = member_accuracies(probs, labels, ensemble.rule.weights)
+            report["sets"] = set_accuracies(probs, labels, ensemble.rule.weights, sets or {})
             evaluations[split].views["tta" if tta else "center"] = ViewReport(**report)
     return evaluations
 
 
-def fused_summary(pa: np.ndarray, pb: np.ndarray | None, labels: np.ndarray, rule: FusionRule) -> dict:
+def fused_summary(probs: dict, labels: np.ndarray, rule: FusionRule) -> dict:
     """The confusion summary of the served answers, with their calibration error before and after
     the temperature (the temperature moves no argmax, so the accuracy is the same either way)."""
-    fused = fuse(pa, pb, rule.weight_a)
-    report = summarize_confusion(confusion_matrix(labels, fused.argmax(1)))
-    report["ece"] = expected_calibration_error(calibrate(fused, rule.temperature), labels)
-    report["ece_uncalibrated"] = expected_calibration_error(fused, labels)
+    uncalibrated = FusionRule(rule.weights, 1.0)(probs)
+    report = summarize_confusion(confusion_matrix(labels, uncalibrated.argmax(1)))
+    report["ece"] = expected_calibration_error(calibrate(uncalibrated, rule.temperature), labels)
+    report["ece_uncalibrated"] = expected_calibration_error(uncalibrated, labels)
     return report
 
 
-def _numpy(pair) -> tuple[np.ndarray, np.ndarray | None]:
-    pa, pb = pair
-    return pa.numpy(), None if pb is None else pb.numpy()
+def _numpy(probs: dict) -> dict[str, np.ndarray]:
+    return {name: p.numpy() for name, p in probs.items()}
 
 
 def evaluate_bundle(
@@ -65,33 +72,53 @@ def evaluate_bundle(
     int8: bool = False,
     members: str = "all",
 ) -> dict:
-    """The ensemble's report on a split, with each member's accuracy beside it; `tta` None: as the
-    bundle says (the fusion weight is the bundle's either way). With `out`, writes
+    """The report of the bundle's answers from `members` (a set or member names) on a split, with
+    every member and every set of the bundle beside it (all of them are forwarded once, and each set
+    fused from those answers); `tta` None: as the bundle says. With `out`, writes
     eval-<split>[-tta].{json,png} there (never into the bundle: it may be the installed default)."""
     from ferray.evaluate import format_report
 
-    ensemble, card = load_bundle(bundle, members=members, int8=int8)
+    ensemble, card = load_bundle(bundle, members="all", int8=int8)
+    answering = answering_members(card, members)
     if tta is not None:
         ensemble.tta = tta
     faces, labels, _ = load_split(data, split)
     if faces.shape[1:] != (FER_SIZE, FER_SIZE):
         raise DataError(f"{data}: the bundle takes the prepared 48x48 faces, not {faces.shape[1]}x{faces.shape[2]}")
-    pa, pb = _numpy(ensemble.member_probs(torch.from_numpy(faces)))
-    report = fused_report(pa, pb, labels, ensemble.rule, split, ensemble.tta, resolve_bundle(bundle))
-    report["precision"] = _precision(ensemble, "a")
+    probs = _numpy(ensemble.member_probs(torch.from_numpy(faces)))
+    rule = fusion_rule(card, answering)
+    report = fused_report({n: probs[n] for n in answering}, labels, rule, split, ensemble.tta, resolve_bundle(bundle))
+    report["members"] = {name: score(p, labels)[0] for name, p in probs.items()}
+    report["sets"] = {name: _set_accuracy(card, probs, labels, name) for name in card.sets}
+    report["precision"] = _precision(ensemble, answering[0])
     report["selection_split"] = card.selection_split
     report["selection"] = split == card.selection_split and read_manifest(data)["checksum"] == card.data["checksum"]
     if out is not None:
         log.info(f"wrote {write_fused_report(report, Path(out))}")
     log.info(format_report(report))
-    members = ", ".join(f"{name.upper()} {acc:.2%}" for name, acc in report["members"].items())
-    log.info(
-        f"members on {split}: {members}, ensemble {report['accuracy']:.2%} (w_A = {ensemble.weight_a:.2f}, "
-        f"T = {ensemble.temperature:.2f}: calibration error {report['ece_uncalibrated']:.3f} -> "
-        f"{report['ece']:.3f}; A forwarded in {report['precision']})"
-        + ("  [the bundle's selection split: not a test]" if report["selection"] else "")
-    )
+    log.info(side_by_side(report, card))
     return report
+
+
+def _set_accuracy(card, probs: dict, labels: np.ndarray, name: str) -> float:
+    names = answering_members(card, name)
+    return score(fusion_rule(card, names)({n: probs[n] for n in names}), labels)[0]
+
+
+def side_by_side(report: dict, card) -> str:
+    """Every member and every set of the bundle on the report's split, the answering one marked."""
+    view = "ten-crop TTA" if report["tta"] else "center crop"
+    lines = [f"{report['split']} ({view}){'  [the selection split: not a test]' if report['selection'] else ''}:"]
+    for name, accuracy in report["members"].items():
+        member = card.members[name]
+        lines.append(f"  member {name:<8} {accuracy:7.2%}  {member.model} on {member.input} faces")
+    for name, accuracy in report["sets"].items():
+        lines.append(f"  set    {name:<8} {accuracy:7.2%}  {' + '.join(card.sets[name])}")
+    lines.append(
+        f"  answering: {report['model']} {report['accuracy']:.2%} (T = {report['temperature']:.2f}: calibration "
+        f"error {report['ece_uncalibrated']:.3f} -> {report['ece']:.3f}; forwarded in {report['precision']})"
+    )
+    return "\n".join(lines)
 
 
 def _precision(ensemble: Ensemble, which: str) -> str:
@@ -101,26 +128,25 @@ def _precision(ensemble: Ensemble, which: str) -> str:
 
 
 def fused_report(
-    pa: np.ndarray,
-    pb: np.ndarray | None,
+    probs: dict,
     labels: np.ndarray,
     rule: FusionRule,
     split: str,
     tta: bool,
     bundle: str | Path,
 ) -> dict:
-    """The ensemble's evaluation from its members' probabilities, each member's accuracy beside it."""
-    report = fused_summary(pa, pb, labels, rule)
-    members = {"a": score(pa, labels)[0]} | ({"b": score(pb, labels)[0]} if pb is not None else {})
+    """The evaluation of the answers fused from `probs` (the answering members'), each member's
+    accuracy beside it."""
+    report = fused_summary(probs, labels, rule)
     return {
         **report,
         "split": split,
         "tta": tta,
-        "model": "ensemble (A + B)" if pb is not None else "Model A",
+        "model": " + ".join(probs) if len(probs) > 1 else f"member {next(iter(probs))}",
         "epoch": "-",
-        "members": members,
+        "members": {name: score(p, labels)[0] for name, p in probs.items()},
         "bundle": str(bundle),
-        "weight_a": rule.weight_a,
+        "weights": dict(rule.weights),
         "temperature": rule.temperature,
     }
 

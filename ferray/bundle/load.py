@@ -8,8 +8,9 @@ from pathlib import Path
 import torch
 
 from ferray.bundle.card import BUNDLE_FILE, BundleCard, load_card
-from ferray.bundle.fusion import rule_of
+from ferray.bundle.fusion import FusionRule
 from ferray.bundle.runtime import Ensemble, load_members
+from ferray.config import ConfigError
 from ferray.device import default_device
 from ferray.engine import CheckpointError
 
@@ -28,17 +29,41 @@ def resolve_bundle(path: str | Path | None) -> Path:
     return Path(path)
 
 
-MEMBER_CHOICES = ("all", "a")
-
-
 def answering_members(card: BundleCard, members: str | tuple[str, ...] | list[str] = "all") -> tuple[str, ...]:
-    """The members that answer: "all" (every member the bundle holds) or "a" (Model A alone, the
-    cheaper path); a tuple of member names is taken as it is (what a Serve replica loads)."""
+    """The members that answer: a set the bundle declares ("all", "fast", ...), or member names as a
+    comma list ("a,c") or a tuple (what a Serve replica loads), in the bundle's order. "all" is every
+    member, even in a bundle that declares no sets."""
     if isinstance(members, str):
-        if members not in MEMBER_CHOICES:
-            raise ValueError(f"members {members!r}: choose {' or '.join(MEMBER_CHOICES)}")
-        return card.members.names() if members == "all" else ("a",)
-    return tuple(members)
+        if members in card.sets:
+            chosen = list(card.sets[members])
+        elif members == "all":
+            chosen = list(card.names())
+        else:
+            chosen = [name.strip() for name in members.split(",") if name.strip()]
+    else:
+        chosen = list(members)
+    unknown = [name for name in chosen if name not in card.members]
+    if unknown or not chosen:
+        sets = ", ".join(card.sets) or "all"
+        raise ConfigError(
+            f"members {members!r}: {'no member ' + ', '.join(unknown) if unknown else 'none named'}; the bundle has "
+            f"the sets {sets} and the members {', '.join(card.names())} (a set's name, or members as a comma list)"
+        )
+    return tuple(name for name in card.names() if name in chosen)
+
+
+def fusion_rule(card: BundleCard, names: tuple[str, ...]) -> FusionRule:
+    """The rule of answers from `names`: the fusion's weights of those members and the temperature
+    fitted for that set (a named set's; one member's own; for another list, the full fusion's)."""
+    fusion = card.fusion
+    if len(names) == 1:
+        temperature = card.members[names[0]].temperature
+        return FusionRule({names[0]: 1.0}, 1.0 if temperature is None else temperature)
+    weights = {name: fusion.weights.get(name, 1.0) for name in names}
+    for set_name, members in card.sets.items():
+        if set(members) == set(names) and set_name in fusion.set_temperatures:
+            return FusionRule(weights, fusion.set_temperatures[set_name])
+    return FusionRule(weights, fusion.temperature)
 
 
 def load_bundle(
@@ -49,32 +74,29 @@ def load_bundle(
     int8: bool = False,
 ) -> tuple[Ensemble, BundleCard]:
     """The ensemble of a bundle folder (None: the default one), from the folder alone (never a path a
-    client names). `members` picks what to load and answer with ("all", "a": answering_members): a
-    Serve replica of Model A needs neither B nor the generator. `fold`: batch norms folded for
+    client names). `members` picks what to load and answer with (a set's name or member names:
+    answering_members): a set without SR members needs no generator. `fold`: batch norms folded for
     inference (False: the models exactly as trained). `int8`: forward in int8 on the CPU (the
     bundle must be calibrated: `ferray quantize`)."""
     path = resolve_bundle(path)
     card = read_bundle_card(path)
-    members = answering_members(card, members)
+    names = answering_members(card, members)
     device = torch.device(device) if device else default_device()
-    parts = card.members
-    a = path / parts.a.checkpoint if "a" in members else None
-    b = path / parts.b.checkpoint if "b" in members and parts.b is not None else None
-    sr = path / parts.sr.checkpoint if b is not None and parts.sr is not None else None
-    ensemble = load_members(a, b, sr, device, fold)
-    rule = rule_of(card.fusion, members)  # Model A alone: its own temperature
-    ensemble.weight_a, ensemble.temperature, ensemble.tta = rule.weight_a, rule.temperature, card.tta
+    chosen = {name: (path / card.members[name].checkpoint, card.members[name].input) for name in names}
+    sr = path / card.sr.checkpoint if card.sr is not None else None
+    ensemble = load_members(chosen, sr, device, fold)
+    ensemble.rule, ensemble.tta = fusion_rule(card, names), card.tta
     ensemble.int8 = int8
     if not int8:  # the ranges are read only where they are used
         return ensemble, card
-    for name in members:
-        member = getattr(parts, name, None)
-        if member is not None and member.int8 is not None:
+    for name in names:
+        member = card.members[name]
+        if member.int8 is not None:
             ensemble.int8_ranges[name] = _read_json(path / member.int8.ranges, "int8 calibration")
     if not ensemble.int8_ranges:
         from ferray.models.quantized import Int8Unavailable
 
-        loaded = " or ".join(m.upper() for m in members if getattr(parts, m, None) is not None)
+        loaded = " or ".join(names)
         raise Int8Unavailable(
             f"{path}: int8 asked for, but member {loaded} has no int8 calibration: make one with "
             f"`ferray quantize {path} --data DIR`"
@@ -92,8 +114,8 @@ def _read_json(path: Path, what: str) -> dict:
 
 
 def bundle_members(card: BundleCard) -> tuple[str, ...]:
-    """The members a bundle holds: ("a", "b"), or ("a",) for a bundle of Model A alone."""
-    return card.members.names()
+    """The members a bundle holds, in its order."""
+    return card.names()
 
 
 def read_bundle_card(path: str | Path | None) -> BundleCard:

@@ -1,10 +1,12 @@
-"""The ensemble at inference: Model A and Model B (behind its SR generator) with their fusion weight,
-forwarded on the CPU through frozen (bf16 or fp32) or int8 copies (Ray-free).
+"""The ensemble at inference: any number of named members, those that read SR faces behind one
+shared SR generator, fused by the bundle's rule; forwarded on the CPU through frozen (bf16 or fp32)
+or int8 copies (Ray-free).
 
-    fused = w * P_A(face) + (1 - w) * P_B(SR(face))
+    P = sum_i w_i P_i(view of its input) / sum_i w_i, then the temperature (ferray.bundle.fusion)
 
-P_A: Model A on the 48x48 face (ten-crop TTA); P_B: Model B on the face upscaled 2x by the SR
-generator (ten-crop TTA at 96/88). Either member may be absent: a Serve replica loads one.
+A member reads the 48x48 face ("face"; its own data.input_scale may upscale it bicubically) or the
+face upscaled 2x by the SR generator ("sr"), each with the bundle's views (ten-crop TTA or the center
+crop). A Serve replica or a set loads only the members it answers with.
 """
 
 from __future__ import annotations
@@ -27,16 +29,19 @@ from ferray.sr.nets import generated_faces
 
 
 @dataclass
-class Ensemble:
-    """A and B with their fusion weight. Either member may be absent: a Serve replica loads one."""
+class LoadedMember:
+    model: torch.nn.Module
+    cfg: ExperimentConfig
+    input: str = "face"  # "face": the 48x48 face; "sr": the SR generator's 96x96 face
 
-    model_a: torch.nn.Module | None
-    cfg_a: ExperimentConfig | None
-    model_b: torch.nn.Module | None
-    cfg_b: ExperimentConfig | None
-    generator: torch.nn.Module | None  # None: B takes bicubic input (data.input_scale 2) or 96x96 faces as given
-    weight_a: float = 0.5
-    temperature: float = 1.0  # of the fused output (ferray.bundle.fusion.fit_temperature)
+
+@dataclass
+class Ensemble:
+    """The loaded members, by name in the bundle's order, and their fusion rule."""
+
+    members: dict[str, LoadedMember]
+    generator: torch.nn.Module | None = None  # feeds the members of input "sr"
+    rule: FusionRule = field(default_factory=FusionRule)
     tta: bool = True
     device: torch.device = torch.device("cpu")
     bf16: bool | None = None  # None: where it is fast (ferray.device.use_bf16); False forces fp32
@@ -52,43 +57,46 @@ class Ensemble:
     _frozen: dict = field(default_factory=dict, init=False, repr=False, compare=False)
     _freezing: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False, compare=False)
 
-    @torch.no_grad()
-    def probs_a(self, faces: torch.Tensor) -> torch.Tensor:
-        """uint8 48x48 faces (N, 48, 48) -> P_A (N, 7) on the CPU."""
-        faces = self._check(faces).to(self.device)
-        model, autocast = self.runner("a")
-        return predict_proba(
-            model, faces, self.cfg_a.augment.crop, self.tta, autocast, self.cfg_a.data.input_scale
-        ).cpu()
+    def names(self) -> tuple[str, ...]:
+        return tuple(self.members)
+
+    @property
+    def needs_sr(self) -> bool:
+        return any(member.input == "sr" for member in self.members.values())
 
     @torch.no_grad()
-    def probs_b(self, faces: torch.Tensor) -> torch.Tensor:
-        """uint8 48x48 faces (N, 48, 48) -> P_B (N, 7) on the CPU, through the SR generator if any."""
+    def probs(self, name: str, faces: torch.Tensor, upscaled: torch.Tensor | None = None) -> torch.Tensor:
+        """uint8 48x48 faces (N, 48, 48) -> member `name`'s probabilities (N, 7) on the CPU; `upscaled`:
+        the generator's faces of the same batch, when already made (members of input "sr" share them)."""
+        member = self.members[name]
         faces = self._check(faces).to(self.device)
-        crop, scale = self.cfg_b.augment.crop, self.cfg_b.data.input_scale
-        if self.generator is not None:
-            faces, scale = self.upscale(faces), 1
-        model, autocast = self.runner("b")
-        return predict_proba(model, faces, crop, self.tta, autocast, scale).cpu()
+        scale = member.cfg.data.input_scale
+        if member.input == "sr":
+            faces, scale = (upscaled if upscaled is not None else self.upscale(faces)), 1
+        model, autocast = self.runner(name)
+        return predict_proba(model, faces, member.cfg.augment.crop, self.tta, autocast, scale).cpu()
 
     @torch.no_grad()
     def upscale(self, faces: torch.Tensor) -> torch.Tensor:
         """uint8 faces (N, 48, 48) on self.device -> the generator's uint8 (N, 96, 96), rounded as
         `sr upscale` writes them (on the CPU both run the generator's frozen fp32 copy)."""
+        if self.generator is None:
+            raise CheckpointError("a member reads SR faces, but the ensemble has no SR generator")
         generator = self.generator
         if self.freeze and self.device.type == "cpu":  # fp32 whatever the CPU: its pixels are what B was trained on
             generator = self._copy("sr", generator, FER_SIZE, "float32")
-        return generated_faces(generator, faces)
+        return generated_faces(generator, self._check(faces).to(self.device))
 
-    def runner(self, which: str) -> tuple[torch.nn.Module, bool]:
-        """(the module that forwards member `which`, whether it needs bf16 autocast). In bf16 on a CPU,
+    def runner(self, name: str) -> tuple[torch.nn.Module, bool]:
+        """(the module that forwards member `name`, whether it needs bf16 autocast). In bf16 on a CPU,
         a frozen bf16 copy of the member (made once, on first use; it runs in bf16 by itself), or its
         int8 copy; else the member itself, under autocast where bf16 is used (CUDA)."""
-        model, cfg = (self.model_a, self.cfg_a) if which == "a" else (self.model_b, self.cfg_b)
-        int8 = self.int8 and which in self.int8_ranges  # a member that was not calibrated runs as it would
+        member = self.members[name]
+        int8 = self.int8 and name in self.int8_ranges  # a member that was not calibrated runs as it would
         if not int8 and (not self._amp or not self.freeze or self.device.type != "cpu"):
-            return model, self._amp
-        return self._copy(which, model, cfg.augment.crop, "int8" if int8 else "bfloat16"), False  # crop x crop views
+            return member.model, self._amp
+        how = "int8" if int8 else "bfloat16"
+        return self._copy(name, member.model, member.cfg.augment.crop, how), False  # crop x crop views
 
     def _copy(self, which: str, module: torch.nn.Module, size: int, how: str) -> torch.nn.Module:
         """The CPU copy `how` (int8, or a frozen dtype) of `module`, made on first use."""
@@ -116,39 +124,38 @@ class Ensemble:
             )
         return quantize_for_cpu(model, ranges, where=where)
 
-    def warm_up(self, which: str) -> None:
-        """Make now what member `which` forwards (a frozen or int8 copy; int8 compiles each batch
+    def warm_up(self, name: str) -> None:
+        """Make now what member `name` forwards (a frozen or int8 copy; int8 compiles each batch
         shape it uses), so that no request pays for it."""
-        runner, _ = self.runner(which)
+        runner, _ = self.runner(name)
         if hasattr(runner, "warm_up"):
             runner.warm_up()
-        (self.probs_a if which == "a" else self.probs_b)(torch.zeros(1, FER_SIZE, FER_SIZE, dtype=torch.uint8))
+        self.probs(name, torch.zeros(1, FER_SIZE, FER_SIZE, dtype=torch.uint8))
 
-    def member_probs(self, faces: torch.Tensor, batch: int = 256) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(P_A, P_B) of (N, 48, 48) uint8 faces, in chunks of `batch`; P_B is None in a bundle of A alone."""
-        chunks = self._check(faces).split(batch)
-        pa = torch.cat([self.probs_a(c) for c in chunks])
-        return pa, (torch.cat([self.probs_b(c) for c in chunks]) if self.model_b is not None else None)
+    def member_probs(self, faces: torch.Tensor, batch: int = 256) -> dict[str, torch.Tensor]:
+        """Every member's probabilities of (N, 48, 48) uint8 faces, in chunks of `batch` (the SR
+        generator runs once per chunk for all the members that read its faces)."""
+        answers: dict[str, list] = {name: [] for name in self.members}
+        for chunk in self._check(faces).split(batch):
+            upscaled = self.upscale(chunk) if self.needs_sr else None
+            for name in self.members:
+                answers[name].append(self.probs(name, chunk, upscaled))
+        return {name: torch.cat(parts) for name, parts in answers.items()}
 
-    @property
-    def rule(self) -> FusionRule:
-        """The fusion weight and temperature that make the served probabilities."""
-        return FusionRule(self.weight_a, self.temperature)
-
-    def fuse(self, pa: torch.Tensor, pb: torch.Tensor | None) -> torch.Tensor:
-        return self.rule(pa, pb)
+    def fuse(self, probs: dict) -> torch.Tensor:
+        return self.rule(probs)
 
     def fold_batch_norms(self) -> None:
         """Fold the classifiers' batch norms into their convolutions (same answers, a faster forward;
         ferray.models.folding). Not the SR generator: its output is rounded to uint8 pixels, and
         the classifiers were trained on exactly those pixels."""
-        for model in (self.model_a, self.model_b):
-            if model is not None:
-                fold_batch_norms(model)
+        for member in self.members.values():
+            fold_batch_norms(member.model)
 
     def predict(self, faces: torch.Tensor) -> dict:
-        pa, pb = self.member_probs(faces)
-        return {"probs": self.fuse(pa, pb), "a": pa, "b": pb}
+        """{"probs": the served probabilities, "members": each member's}."""
+        probs = self.member_probs(faces)
+        return {"probs": self.fuse(probs), "members": probs}
 
     @property
     def _amp(self) -> bool:
@@ -161,39 +168,53 @@ class Ensemble:
         return faces
 
 
-# ------------------------------------------------------------------------------------------ fusion
-
-
+# ------------------------------------------------------------------------------------------ loading
 def load_members(
-    a: str | Path | None, b: str | Path | None, sr: str | Path | None, device, fold: bool = True
+    members: dict[str, tuple[str | Path, str]], sr: str | Path | None, device, fold: bool = True
 ) -> Ensemble:
-    """The members named (None skips one), each checked to fit its place in the ensemble; with
-    `fold`, ready for inference (batch norms folded: Ensemble.fold_batch_norms)."""
-    model_a = cfg_a = model_b = cfg_b = generator = None
-    if a is not None:
-        model_a, cfg_a, _ = model_from_checkpoint(a, device)
-        if cfg_a.data.input_scale != 1 or cfg_a.augment.crop > FER_SIZE:
-            raise CheckpointError(
-                f"{a}: member A must take the 48x48 faces directly (it was trained with "
-                f"input_scale {cfg_a.data.input_scale}, crop {cfg_a.augment.crop})"
-            )
-    if b is not None:
-        model_b, cfg_b, _ = model_from_checkpoint(b, device)
-        if sr is not None:
-            if cfg_b.data.input_scale != 1:
-                raise CheckpointError(
-                    f"{b} takes bicubic input (data.input_scale {cfg_b.data.input_scale}); no SR generator with it"
-                )
-            from ferray.sr.engine import generator_from_checkpoint
+    """The members named ({name: (checkpoint, input)}, input "face" or "sr"), each checked to fit
+    what it reads, and the SR generator if any member reads its faces; with `fold`, ready for
+    inference (batch norms folded: Ensemble.fold_batch_norms)."""
+    loaded = {}
+    for name, (checkpoint, kind) in members.items():
+        model, cfg, _ = model_from_checkpoint(checkpoint, device)
+        check_member_input(name, checkpoint, cfg, kind, sr)
+        loaded[name] = LoadedMember(model, cfg, kind)
+    generator = None
+    if any(member.input == "sr" for member in loaded.values()):
+        from ferray.sr.engine import generator_from_checkpoint
 
-            generator = generator_from_checkpoint(sr, device)[0]
-        elif cfg_b.data.input_scale == 1 and cfg_b.augment.crop > FER_SIZE:
-            raise CheckpointError(
-                f"{b} was trained on upscaled faces (crop {cfg_b.augment.crop}): give its SR checkpoint (--sr)"
-            )
-    elif sr is not None:
-        raise CheckpointError(f"{sr}: an SR generator feeds Model B; give B's checkpoint too (--b)")
-    ensemble = Ensemble(model_a, cfg_a, model_b, cfg_b, generator, device=torch.device(device))
+        generator = generator_from_checkpoint(sr, device)[0]
+    ensemble = Ensemble(loaded, generator, device=torch.device(device))
     if fold:
         ensemble.fold_batch_norms()
     return ensemble
+
+
+INPUTS = ("face", "sr")
+
+
+def check_member_input(name: str, checkpoint, cfg: ExperimentConfig, kind: str, sr) -> None:
+    """A member reads what it was trained on: 48x48 faces (crop at most 48 after its own bicubic
+    input_scale), or the SR generator's 96x96 faces (input_scale 1, and a generator given)."""
+    if kind not in INPUTS:
+        raise CheckpointError(f"member {name} ({checkpoint}): input {kind!r}; choose one of {', '.join(INPUTS)}")
+    if kind == "sr":
+        if sr is None:
+            raise CheckpointError(f"member {name} ({checkpoint}) reads SR faces: give the SR generator (--sr)")
+        if cfg.data.input_scale != 1:
+            raise CheckpointError(
+                f"member {name} ({checkpoint}) takes bicubic input (data.input_scale {cfg.data.input_scale}); "
+                "it reads the 48x48 faces, not the SR generator's"
+            )
+    elif cfg.augment.crop > FER_SIZE * cfg.data.input_scale:
+        raise CheckpointError(
+            f"member {name} ({checkpoint}) was trained on larger faces (crop {cfg.augment.crop}): it reads the SR "
+            "generator's faces; give it as an SR member (and the generator with --sr)"
+        )
+
+
+def member_input(cfg: ExperimentConfig, sr) -> str:
+    """What a member trained with `cfg` reads, when its builder does not say: SR faces where its crop
+    is larger than the 48x48 face it would otherwise get and a generator is given."""
+    return "sr" if sr is not None and cfg.data.input_scale == 1 and cfg.augment.crop > FER_SIZE else "face"

@@ -126,11 +126,15 @@ def run_demo(out: Path | None, n: int = 1400, seed: int = 0) -> dict:
             ),
         ),
         (
-            "ensemble: A + (SR -> B), fusion weight fitted on PublicTest -> the serving bundle",
+            "ensemble: three members (A, the search's best trial, SR -> B), fused on the selection split -> "
+            "the serving bundle (sets all, fast)",
             lambda: done.update(
                 bundle=build_bundle(
-                    done["model_a"].best_checkpoint,
-                    done["model_b"].best_checkpoint,
+                    {
+                        "a": done["model_a"].best_checkpoint,
+                        "tuned": done["tune"]["best_checkpoint"],
+                        "b": done["model_b"].best_checkpoint,
+                    },
                     done["srgan"].best_checkpoint,
                     data,
                     out / "bundle",
@@ -138,7 +142,7 @@ def run_demo(out: Path | None, n: int = 1400, seed: int = 0) -> dict:
             ),
         ),
         (
-            "evaluate: the ensemble on PublicTest, members side by side",
+            "evaluate: the ensemble on PublicTest, every member and set side by side",
             lambda: done.update(evaluation_bundle=evaluate_bundle(out / "bundle", data, "PublicTest")),
         ),
         (
@@ -184,7 +188,7 @@ def predict_with_default(data, faces: int = 4) -> list[dict]:
     card = model.card
     test = next((s for s, e in card.evaluations.items() if not e.selection), None)
     if test:
-        models = " + ".join(getattr(card.members, m).model for m in card.members.names())  # A [+ B]
+        models = " + ".join(member.model for member in card.members.values())
         log.info(
             f"default model: {models}, {test} accuracy "
             f"{card.evaluations[test].views['tta'].accuracy:.2%} with ten-crop TTA (its MODEL_CARD.md)"

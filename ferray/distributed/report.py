@@ -29,7 +29,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from ferray.bundle.card import VIEWS
-from ferray.bundle.fusion import rule_of
 from ferray.config import ConfigError, ExperimentConfig, from_dict
 from ferray.config import differences as config_diff
 from ferray.data.contract import FER_SIZE, DataError, load_split, read_manifest, selection_split, untouched_splits
@@ -180,15 +179,15 @@ def evaluate_all(
     return evaluations, probs
 
 
-def member_probs(probs: dict, key_a: str, key_b: str, split: str, view: str) -> tuple:
-    """(P_A, P_B) of one split on the same faces in the same order (B's data is the upscaled copy)."""
+def member_probs(probs: dict, key_a: str, key_b: str, split: str, view: str) -> dict:
+    """{"a": P_A, "b": P_B} of one split on the same faces in the same order (B's data is the upscaled copy)."""
     (pa, ids_a), (pb, ids_b) = probs[key_a, split, view], probs[key_b, split, view]
     if ids_a != ids_b:
         raise DataError(
             f"{split}: the upscaled faces are not the same faces as the 48x48 ones (ids differ); "
             "upscale again from this data"
         )
-    return pa, pb
+    return {"a": pa, "b": pb}
 
 
 def model_facts(checkpoint: str) -> dict:
@@ -437,7 +436,7 @@ def make_figures(
     splits: list[str],
     steps: Steps,
 ) -> dict:
-    from ferray.bundle import build_bundle, fused_report, write_fused_report
+    from ferray.bundle import build_bundle, fused_report, fusion_rule, write_fused_report
     from ferray.explain import explain_split
     from ferray.figures import plot_crops
     from ferray.metrics import plot_confusion
@@ -458,8 +457,7 @@ def make_figures(
     bundle = out / "bundle"
     selection = record["selection_split"]
     card = build_bundle(
-        runs[key_a]["best_checkpoint"],
-        runs[key_b]["best_checkpoint"],
+        {"a": runs[key_a]["best_checkpoint"], "b": runs[key_b]["best_checkpoint"]},
         record["srgan"]["best_checkpoint"],
         plan.data,
         bundle,
@@ -467,13 +465,14 @@ def make_figures(
         overwrite=True,
         tests=False,
         probs=member_probs(probs, key_a, key_b, selection, "tta"),
+        inputs={"a": "face", "b": "sr"},
     )
-    rule, ensemble = rule_of(card.fusion), {}
+    rule, ensemble = fusion_rule(card, ("a", "b")), {}
     for split in splits:
         labels = load_split(plan.data, split)[1]
         ensemble[split] = {
             view: fused_report(
-                *member_probs(probs, key_a, key_b, split, view), labels, rule, split, view == "tta", bundle
+                member_probs(probs, key_a, key_b, split, view), labels, rule, split, view == "tta", bundle
             )
             for view in VIEWS
         }

@@ -31,8 +31,20 @@ def app_args(
     args = copy.deepcopy(document["applications"][0].get("args") or {})
     args["bundle"] = str(resolve_bundle(bundle if bundle is not None else args.get("bundle")).absolute())
     apply_overrides(args, list(overrides))  # the --set syntax of every ferray command
-    parse_settings(args)  # every mistake reported here, before Serve starts anything
+    settings = parse_settings(args)  # every mistake reported here, before Serve starts anything
+    check_members(settings)
     return args, dict(document.get("http_options") or {})
+
+
+def check_members(settings) -> None:
+    """The members the settings name are a set or members of their bundle (read from its card)."""
+    from ferray.bundle import answering_members, read_bundle_card
+    from ferray.config import ConfigError
+
+    try:
+        answering_members(read_bundle_card(settings.bundle), settings.members)
+    except ConfigError as error:
+        raise ConfigError(f"args.members: {error}") from None
 
 
 def start(

@@ -220,6 +220,47 @@ class VGGGray(_PooledClassifier):
         return {"vgg16": 16, "vgg19": 19}[self.arch]
 
 
+# ------------------------------------------------------------------------------ VGG with a pooled head
+# (width, 3x3 convs) per stage, a 2x2 max pool after each but the last: 44 -> 22 -> 11 -> 5
+VGG_GAP_STAGES = ((64, 2), (128, 2), (256, 3), (384, 2))
+
+
+class VGGPooled(_PooledClassifier):
+    """A VGG-style member trained from scratch on the 44x44 crops: 3x3 convolutions with batch norm
+    and ReLU in four stages, then global average pooling, dropout and one linear layer (no fully
+    connected neck: the pooled head is what the best published single network trained from scratch
+    on FER2013 uses, and it keeps the parameters in the convolutions)."""
+
+    def __init__(self, stages=VGG_GAP_STAGES, num_classes: int = NUM_CLASSES, dropout: float = 0.0):
+        super().__init__()
+        layers, cin = [], 1
+        for index, (width, convs) in enumerate(stages):
+            for _ in range(convs):
+                conv = nn.Conv2d(cin, width, 3, padding=1, bias=False)
+                layers += [conv, nn.BatchNorm2d(width), nn.ReLU(inplace=True)]
+                cin = width
+            if index < len(stages) - 1:
+                layers.append(nn.MaxPool2d(2, 2))
+        for layer in layers:
+            if isinstance(layer, nn.Conv2d):
+                nn.init.kaiming_normal_(layer.weight, mode="fan_out", nonlinearity="relu")
+        self.features = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.num_features = cin
+        self.depth = sum(convs for _, convs in stages) + 1
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.fc = nn.Linear(cin, num_classes)
+
+    def forward_features(self, x):
+        return self.pool(self.features(x)).flatten(1)  # (B, 384)
+
+    def head_parameters(self):
+        return list(self.fc.parameters())
+
+    def keras_depth(self) -> int:
+        return self.depth
+
+
 # ----------------------------------------------------------------------------------------- builders
 @register_model("resnet50_b", input_size=88, description="Model B: ImageNet ResNet50 on 2x SR faces (1-channel stem)")
 def resnet50_b(num_classes: int = NUM_CLASSES, pretrained: str = "none", dropout: float = 0.0, **_) -> ResNetGray:
@@ -257,6 +298,18 @@ def resnet18_b(num_classes: int = NUM_CLASSES, pretrained: str = "none", dropout
 def resnet18_48(num_classes: int = NUM_CLASSES, pretrained: str = "none", dropout: float = 0.0, **_) -> ResNetGray:
     """A member that reads the same 44x44 crops as Model A at about Model B's cost (layer1 at 22x22)."""
     return ResNetGray("resnet18", num_classes, pretrained, dropout, stem="face48")
+
+
+@register_model(
+    "vgg_gap",
+    input_size=44,
+    description="a VGG-style member: 9 3x3 convs with batch norm in 4 stages, global average pooling (from scratch)",
+)
+def vgg_gap(num_classes: int = NUM_CLASSES, pretrained: str = "none", dropout: float = 0.0, **_) -> VGGPooled:
+    """An ensemble member unlike Model A (dense convolutions, no residuals), trained from scratch."""
+    if pretrained not in ("none", "", None):
+        raise ValueError("vgg_gap has no pretrained weights: it is trained from scratch")
+    return VGGPooled(VGG_GAP_STAGES, num_classes, dropout)
 
 
 @register_model("vgg16", input_size=44, description="the paper's VGG16 baseline: torchvision conv base + small head")

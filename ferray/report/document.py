@@ -263,16 +263,25 @@ def _table1(doc: Document, plan: ReportPlan, record: dict) -> None:
         table1_rows(plan, record),
         note="Params are counted as a Keras summary totals them (weights + batch-norm moving statistics), "
         "as the paper counts; depth is weight layers. The paper's VGG figures count the conv base only. "
-        f"Ensemble: w_A = {fusion['weight_a']:.2f} fitted on {fusion['fitted_on']} ({fusion['how']}), the same w "
-        "for the center-crop and TTA columns; its params are A's plus B's (the SR generator adds "
+        f"Ensemble: weights {_weights(fusion)} ({fusion.get('weights_choice', 'fitted')}) on "
+        f"{fusion['fitted_on']} ({fusion['how']}), "
+        "the same for the center-crop and TTA columns; its params are A's plus B's (the SR generator adds "
         "its own at inference). n/a: not measured here, or not given in the plan's `paper:` section.",
     )
     alternatives = record["fusion_alternatives"]
     doc.paragraph(
         f"Other fusions measured on {fusion['fitted_on']} when the bundle was built: "
-        + "; ".join(f"{name} {pct(v['accuracy'])}" for name, v in alternatives.items())
+        + "; ".join(f"{name} {pct(v['accuracy'])}" for name, v in alternatives.items() if "accuracy" in v)
         + "."
     )
+
+
+def _weights(fusion: dict) -> str:
+    """The members' shares of the fused mean (a record of an older ferray has A's weight alone)."""
+    if "weights" not in fusion:
+        return f"a {fusion['weight_a']:.2f}, b {1 - fusion['weight_a']:.2f}"
+    total = sum(fusion["weights"].values())
+    return ", ".join(f"{name} {w / total:.2f}" for name, w in fusion["weights"].items())
 
 
 def _figures(doc: Document, plan: ReportPlan, record: dict, out: Path) -> None:

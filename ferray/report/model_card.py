@@ -29,20 +29,21 @@ def _duration(seconds) -> str:
 def _member_line(name: str, member: MemberCard, sr: SRCard | None = None) -> str:
     origin = "fine-tuned from ImageNet weights" if member.pretrained else "trained from scratch"
     weights = "the moving average of its weights" if member.weights == "ema" else "its weights as trained"
+    alone = "" if member.temperature is None else f" (temperature alone {member.temperature:.3f})"
     line = (
-        f"- **{name}**: `{member.model}` ({member.parameters:,} parameters, depth {member.depth or 'n/a'}), "
+        f"- **{name}**{alone}: `{member.model}` "
+        f"({member.parameters:,} parameters, depth {member.depth or 'n/a'}), "
         f"{origin}, {member.epochs} epochs, selected on {member.selection_split} "
         f"({_pct(member.selection_accuracy)} there, center crop; {weights}); input "
     )
-    if name == "B":
-        line += (
-            f"the face upscaled 2x by the SR generator ({sr.content_loss} content loss)"
-            if sr
-            else "the face upscaled 2x by bicubic"
-        )
+    if member.input == "sr":
+        line += f"the face upscaled 2x by the SR generator ({sr.content_loss if sr else '?'} content loss)"
+    elif member.input_scale > 1:
+        line += f"the face upscaled {member.input_scale}x by bicubic"
     else:
         line += "the 48x48 face"
-    return line + f", {member.crop}x{member.crop} crops."
+    cost = f"; {member.cost_ms:.1f} ms a face" if member.cost_ms else ""
+    return line + f", {member.crop}x{member.crop} crops{cost}."
 
 
 def _run_lines(member: MemberCard) -> list[str]:
@@ -56,6 +57,12 @@ def _run_lines(member: MemberCard) -> list[str]:
         + (f" (budget {run['budget_minutes']:g} min)" if run.get("budget_minutes") else "")
         + f", best epoch {run.get('best_epoch', '?')}, {run.get('workers', 1)} worker(s)"
     ]
+    if run.get("continues"):
+        chain = " -> ".join(
+            f"`{link.get('name', '?')}` ({link.get('epochs', '?')} epochs, weights `{link.get('checksum', '?')}`)"
+            for link in run["continues"]
+        )
+        lines.append(f"  - a warm restart continuing {chain}")
     if machine:
         lines.append(
             f"  - machine: {machine.get('cpu', '?')}, {machine.get('threads', '?')} threads, "
@@ -71,16 +78,21 @@ def _run_lines(member: MemberCard) -> list[str]:
 
 def _curves(card: BundleCard) -> list[tuple[str, str]]:
     """(member, figure) for each member whose training curves the bundle holds."""
-    members = [(m, getattr(card.members, m)) for m in card.members.names()]
-    return [(m, member.curves) for m, member in members if member.curves]
+    return [(m, member.curves) for m, member in card.members.items() if member.curves]
 
 
 def _accuracy_table(card: BundleCard) -> list[str]:
     evaluations = card.evaluations
-    members = list(card.members.names())
+    members = list(card.names())
+    sets = [  # the sets measured (a bundle of the first format measured none)
+        name
+        for name in card.sets
+        if name != "all" and any(name in e.views["tta"].sets for e in evaluations.values() if "tta" in e.views)
+    ]
     header = ["split", "role", *[label for _, label in VIEWS]]
     if len(members) > 1:
-        header += [f"{m.upper()} alone ({label})" for m in members for _, label in VIEWS[1:]]
+        header += [f"{m} alone ({VIEWS[1][1]})" for m in members]
+        header += [f"set {name} ({VIEWS[1][1]})" for name in sets]
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for split, evaluation in evaluations.items():
         views = evaluation.views
@@ -91,7 +103,8 @@ def _accuracy_table(card: BundleCard) -> list[str]:
         )
         row = [split, role, *[_pct(views[v].accuracy) for v, _ in VIEWS]]
         if len(members) > 1:
-            row += [_pct(views["tta"].members[m]) for m in members]
+            row += [_pct(views["tta"].members.get(m)) for m in members]
+            row += [_pct(views["tta"].sets.get(name)) for name in sets]
         lines.append("| " + " | ".join(row) + " |")
     return lines
 
@@ -119,7 +132,7 @@ def _per_class_table(card: BundleCard) -> list[str]:
 
 
 def render_model_card(card: BundleCard) -> str:
-    a, b, sr = card.members.a, card.members.b, card.members.sr
+    sr, many = card.sr, len(card.members) > 1
     evaluations = card.evaluations
     tests = [s for s, e in evaluations.items() if not e.selection]
     selection = card.selection_split
@@ -131,12 +144,12 @@ def render_model_card(card: BundleCard) -> str:
         "",
         "## Members",
         "",
-        _member_line("A", a),
-        *_run_lines(a),
     ]
-    if b:
-        lines += [_member_line("B", b, sr), *_run_lines(b)]
-    lines += [f"\n![training curves of {m.upper()}]({figure})" for m, figure in _curves(card)]
+    for name, member in card.members.items():
+        lines += [_member_line(name, member, sr), *_run_lines(member)]
+    if card.sets:
+        lines += ["", "Sets (`--members SET`): " + "; ".join(f"`{n}` = {' + '.join(m)}" for n, m in card.sets.items())]
+    lines += [f"\n![training curves of {m}]({figure})" for m, figure in _curves(card)]
     if tests:
         one = len(tests) == 1
         untouched = (
@@ -149,21 +162,24 @@ def render_model_card(card: BundleCard) -> str:
         "",
         "## Protocol",
         "",
-        f"Every choice made from data (best epoch, schedules{', fusion weight' if b else ''}) was made on "
+        f"Every choice made from data (best epoch, schedules{', the fusion' if many else ''}) was made on "
         f"**{selection}**; {untouched}",
     ]
-    if b:
+    if many:
         fusion = card.fusion
+        total = sum(fusion.weights.values())
+        mean = " + ".join(f"{w / total:.2f} * P_{name}" for name, w in fusion.weights.items())
         lines += [
             "",
             "## Fusion",
             "",
-            f"{fusion.method}: P = {fusion.weight_a:.2f} * P_A + {1 - fusion.weight_a:.2f} * P_B, "
-            f"fitted on {fusion.fitted_on} ({fusion.how}).",
+            f"{fusion.method}: P = {mean}, fitted on {fusion.fitted_on} ({fusion.how}).",
+            f"- weights: {fusion.weights_choice}",
         ]
         lines += [
             f"- alternative on {fusion.fitted_on}: {name}: {_pct(alt['accuracy'])}"
             for name, alt in card.alternatives.items()
+            if "accuracy" in alt
         ]
     lines += [
         "",
@@ -188,7 +204,8 @@ def render_model_card(card: BundleCard) -> str:
         acc = card.accuracy[selection]
         lines += [f"- {selection} (selection, not a test): ensemble {_pct(acc['ensemble'])}"]
     lines += _calibration_lines(card)
-    lines += _int8_lines(a.int8)
+    for name, member in card.members.items():
+        lines += _int8_lines(name, member.int8)
     lines += ["", f"Data: {card.data['path']} (checksum `{card.data['checksum']}`).", ""]
     return "\n".join(lines)
 
@@ -217,16 +234,16 @@ def _calibration_lines(card: BundleCard) -> list[str]:
     return lines
 
 
-def _int8_lines(int8: Int8Card | None) -> list[str]:
-    """Member A in int8 (`ferray quantize`), measured by that command on the same splits."""
+def _int8_lines(name: str, int8: Int8Card | None) -> list[str]:
+    """A member in int8 (`ferray quantize`), measured by that command on the same splits."""
     if not int8:
         return []
     source = int8.calibration
     lines = [
         "",
-        "## int8 (CPU throughput)",
+        f"## int8 (CPU throughput): member {name}",
         "",
-        f"Model A also runs in int8 on a CPU ({int8.how}), with activation ranges calibrated on the ten "
+        f"Member {name} also runs in int8 on a CPU ({int8.how}), with activation ranges calibrated on the ten "
         f"views of {source['faces']:,} {source['split']} faces (seed {source['seed']}; `{int8.ranges}`). "
         "Measured by `ferray quantize`:",
         "",
