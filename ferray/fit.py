@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from ferray.runs import BEST_FILE, LATEST_FILE, METRICS_FILE, RESULT_FILE, RunFolder, RunRecord
-from ferray.sittings import BudgetPlan
+from ferray.sittings import BudgetPlan, warm_start
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +121,8 @@ class LocalRun:
         self.folder = RunFolder(run_dir)
         self.run_dir, self.task, self.cfg = self.folder.path, task, cfg
         self.facts = dict(facts or {})
-        self.folder.start(cfg, fresh_metrics=True)
+        lineage = warm_start(cfg.train.init, cfg.model.name)[1] if getattr(cfg.train, "init", "") else []
+        self.folder.start(cfg, provenance={"continues": lineage} if lineage else None, fresh_metrics=True)
         if "machine" in self.facts:
             self.folder.write_machine(self.facts.pop("machine"))
         self.best: dict | None = None

@@ -7,7 +7,7 @@ from ferray import engine
 from ferray.config import load_config
 from ferray.errors import CheckpointError
 from ferray.fit import LocalRun, fit
-from ferray.runs import WEIGHTS_FILE
+from ferray.runs import WEIGHTS_FILE, RunFolder
 from ferray.sittings import BudgetPlan, warm_start
 from ferray.tasks import CLASSIFIER
 
@@ -127,7 +127,7 @@ def test_a_budgeted_run_planned_after_its_warm_up_holds_the_peak_until_the_plan(
 def test_a_warm_restart_starts_at_the_saved_half_precision_weights_and_names_its_chain(tmp_path, faces):
     first_cfg = tiny("train.epochs=1", "model.dropout=0.2", "model.dropout_kind=element")
     first, _, _ = _fit(first_cfg, faces, run_dir=tmp_path / "first")
-    LocalRun(tmp_path / "first", CLASSIFIER, first_cfg).folder.write_weights()
+    RunFolder(tmp_path / "first").write_weights()
     weights = tmp_path / "first" / WEIGHTS_FILE
     assert next(iter(engine.load_checkpoint(weights)["model"].values())).dtype == torch.float16
 
@@ -145,7 +145,7 @@ def test_a_warm_restart_starts_at_the_saved_half_precision_weights_and_names_its
 
     # The chain goes on: a run started from the second's weights names both.
     second_state, _, _ = _fit(cfg, faces, run_dir=tmp_path / "second", state=second)
-    LocalRun(tmp_path / "second", CLASSIFIER, cfg).folder.write_weights()
+    RunFolder(tmp_path / "second").write_weights()
     _, chain = warm_start(tmp_path / "second" / WEIGHTS_FILE, "xception_a_tiny")
     assert len(chain) == 2 and chain[0] == second.lineage[0]
 
@@ -166,3 +166,16 @@ def test_a_mismatched_warm_restart_is_refused_naming_the_layer(tmp_path, faces):
         warm_start(tmp_path / "missing.pt", "resnet18_48")
     with pytest.raises(CheckpointError, match="no such checkpoint"):
         warm_start(tmp_path / "nope.pt", "xception_a_tiny")
+
+
+def test_the_ray_free_runner_records_the_chain_a_warm_restart_continues(tmp_path, faces):
+    from ferray.runs import read_record
+
+    first_cfg = tiny("train.epochs=1")
+    _fit(first_cfg, faces, run_dir=tmp_path / "first")
+    RunFolder(tmp_path / "first").write_weights()
+    cfg = tiny("train.epochs=1", f"train.init={tmp_path / 'first' / WEIGHTS_FILE}")
+    _fit(cfg, faces, run_dir=tmp_path / "second")
+    record = read_record(tmp_path / "second")
+    assert [link["name"] for link in record.continues] == [first_cfg.name] and record.continues[0]["epochs"] == 1
+    assert read_record(tmp_path / "first").continues == []
