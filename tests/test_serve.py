@@ -87,7 +87,7 @@ def test_predict_routes_and_cli_agree(server, tiny_bundle, synth_faces, tmp_path
     check_probs(raw["faces"][0])
     path = tmp_path / "face.png"
     path.write_bytes(png_bytes(face))
-    (local,) = predict_files(tiny_bundle, [path])
+    (local,) = predict_files(tiny_bundle, [path], members="a,b")  # the set the module's app serves
     assert np.allclose(list(local["faces"][0]["probs"].values()), list(raw["faces"][0]["probs"].values()), atol=1e-5)
 
     body, content_type = multipart([("file", "face.png", png_bytes(face))])
