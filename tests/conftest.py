@@ -46,6 +46,22 @@ def synth_faces():
 
 
 @pytest.fixture(scope="session")
+def tiny_faces(synth_faces):
+    """(train images, train labels, held-out images, held-out labels) as tensors: 96 Training faces
+    and 64 of the other splits, for runs of the tiny model through the Ray-free loop."""
+    import torch
+
+    images, labels, splits = synth_faces
+    train = splits == "Training"
+    return (
+        torch.from_numpy(images[train][:96]),
+        torch.from_numpy(labels[train][:96]),
+        torch.from_numpy(images[~train][:64]),
+        torch.from_numpy(labels[~train][:64]),
+    )
+
+
+@pytest.fixture(scope="session")
 def shared_fer2013():
     if not SHARED_FER2013.is_dir():
         pytest.skip(f"FER2013 not present at {SHARED_FER2013}")

@@ -34,15 +34,8 @@ def tiny_config(*extra):
 
 
 @pytest.fixture(scope="module")
-def faces(synth_faces):
-    images, labels, splits = synth_faces
-    train = splits == "Training"
-    return (
-        torch.from_numpy(images[train][:96]),
-        torch.from_numpy(labels[train][:96]),
-        torch.from_numpy(images[~train][:64]),
-        torch.from_numpy(labels[~train][:64]),
-    )
+def faces(tiny_faces):
+    return tiny_faces
 
 
 @pytest.mark.parametrize("optimizer", ["adamax", "adam", "adamw", "sgd"])

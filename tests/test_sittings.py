@@ -38,15 +38,8 @@ class FakeClock:
 
 
 @pytest.fixture
-def faces(synth_faces):
-    images, labels, splits = synth_faces
-    train = splits == "Training"
-    return (
-        torch.from_numpy(images[train][:96]),
-        torch.from_numpy(labels[train][:96]),
-        torch.from_numpy(images[~train][:32]),
-        torch.from_numpy(labels[~train][:32]),
-    )
+def faces(tiny_faces):
+    return tiny_faces
 
 
 def _fit(cfg, faces, clock=None, run_dir=None, state=None):
