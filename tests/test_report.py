@@ -74,7 +74,7 @@ def test_the_shipped_plans_load(prepared_synth):
     for name in ("paper.yaml", "paper_debug.yaml"):
         plan = load_plan(EXPERIMENTS / name, data=prepared_synth)
         assert [r.key for r in plan.runs] == ["vgg16", "vgg19", "model_a", "model_b"]
-        assert plan.run("model_b").on_sr and plan.ensemble == ("model_a", "model_b")
+        assert plan.run("model_b").on_sr and plan.ensemble == {"a": "model_a", "b": "model_b"}
     assert load_plan(EXPERIMENTS / "paper.yaml").paper["ensemble"] == {"PublicTest": 71.608, "PrivateTest": 73.244}
 
 
@@ -90,6 +90,7 @@ def test_the_cpu_plan_applies_each_runs_own_overrides_and_lists_the_rows_it_does
     second = {"key": "model_a_v2", "label": "Model A, second generation", "sets": ["train.epochs=20"]}
     raw["runs"].insert(1, second | {"experiment": str(EXPERIMENTS / "model_a_cpu_v2.yaml")})
     raw["sr"]["experiment"] = str(EXPERIMENTS / raw["sr"]["experiment"])
+    raw["ensemble"] = {"a": "model_a", "a2": "model_a_v2", "b": "model_b"}  # three members
     (tmp_path / "plan.yaml").write_text(yaml.safe_dump(raw))
     plan = load_plan(tmp_path / "plan.yaml", data=prepared_synth)
     assert [r.key for r in plan.runs] == ["model_a", "model_a_v2", "model_b"] and plan.run("model_b").on_sr
@@ -107,11 +108,22 @@ def test_the_cpu_plan_applies_each_runs_own_overrides_and_lists_the_rows_it_does
             k: {s: dict.fromkeys(("center", "tta"), evaluation) for s in ("Validation", "PublicTest")} for k in keys
         },
         "ensemble": {s: dict.fromkeys(("center", "tta"), evaluation) for s in ("Validation", "PublicTest")},
+        "sets": {
+            name: {"members": members, **{s: dict.fromkeys(("center", "tta"), {"accuracy": 0.25}) for s in splits}}
+            for name, members in (("all", ["a", "a2", "b"]), ("fast", ["a"]), ("no_sr", ["a", "a2"]))
+            for splits in [("Validation", "PublicTest")]
+        },
     }
     rows = table1_rows(plan, record)
     vgg16 = next(row for row in rows if row[0].startswith("VGG16"))
     assert "not run here: `ferray train experiments/vgg16.yaml" in vgg16[0] and vgg16[3:7] == ["n/a"] * 4
     assert vgg16[7] == "14,714,688" and len({len(row) for row in rows}) == 1
+    # a row per member (each is a run), the full ensemble, and each set of several members
+    labels = [row[0] for row in rows]
+    assert "Ensemble (model_a + model_a_v2 + model_b)" in labels
+    assert not any(label.startswith("Set fast") for label in labels)  # one member: its own row
+    no_sr = next(row for row in rows if row[0] == "Set no_sr (model_a + model_a_v2)")
+    assert no_sr[1] == "20" and no_sr[3:7] == ["25.00%"] * 4
 
 
 @pytest.mark.parametrize(
@@ -286,7 +298,7 @@ def finished_report(tmp_path_factory, prepared_synth, ray_session):
     made = {spec.key: fake_run(runs, plan.run_config(spec, prepared_synth)) for spec in plan.runs if not spec.on_sr}
     sr_cfg = plan.config(plan.sr_experiment, prepared_synth)
     # as the report trains it: without VGG19's weights, the content loss uses Model A's features
-    sr_cfg.sr.content_checkpoint = str(made[plan.ensemble[0]] / "best.pt")
+    sr_cfg.sr.content_checkpoint = str(made[plan.first_member] / "best.pt")
     generator = fake_run(runs, sr_cfg, task="sr") / "best.pt"
     upscale_local(prepared_synth, root / "data_sr", "srgan", str(generator))
     fake_run(runs, plan.config(plan.run("model_b").experiment, root / "data_sr"))

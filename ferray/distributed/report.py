@@ -179,15 +179,19 @@ def evaluate_all(
     return evaluations, probs
 
 
-def member_probs(probs: dict, key_a: str, key_b: str, split: str, view: str) -> dict:
-    """{"a": P_A, "b": P_B} of one split on the same faces in the same order (B's data is the upscaled copy)."""
-    (pa, ids_a), (pb, ids_b) = probs[key_a, split, view], probs[key_b, split, view]
-    if ids_a != ids_b:
-        raise DataError(
-            f"{split}: the upscaled faces are not the same faces as the 48x48 ones (ids differ); "
-            "upscale again from this data"
-        )
-    return {"a": pa, "b": pb}
+def member_probs(probs: dict, members: dict[str, str], split: str, view: str) -> dict:
+    """{member: P} of one split, every member's on the same faces in the same order (a member on SR
+    faces read the upscaled copy)."""
+    answers, first_ids = {}, None
+    for member, key in members.items():
+        p, ids = probs[key, split, view]
+        if first_ids is not None and ids != first_ids:
+            raise DataError(
+                f"{split}: the upscaled faces are not the same faces as the 48x48 ones (ids differ); "
+                "upscale again from this data"
+            )
+        answers[member], first_ids = p, ids
+    return answers
 
 
 def model_facts(checkpoint: str) -> dict:
@@ -310,9 +314,10 @@ def obtain_all_runs(plan: ReportPlan, out: Path, reuse: list[Path], train: bool 
     data_of.update(dict.fromkeys(results, plan.data))
     log.info(f"report: [SRGAN] {plan.sr_experiment.name}")
     sr_cfg = plan.config(plan.sr_experiment, plan.data)
-    if plan.ensemble[0] in results and not sr_cfg.sr.content_checkpoint and sr_cfg.sr.content in ("auto", "model_a"):
+    first = plan.first_member
+    if first in results and not sr_cfg.sr.content_checkpoint and sr_cfg.sr.content in ("auto", "model_a"):
         # without VGG19's ImageNet weights (content: auto), the content loss uses Model A's features
-        sr_cfg.sr.content_checkpoint = results[plan.ensemble[0]]["best_checkpoint"]
+        sr_cfg.sr.content_checkpoint = results[first]["best_checkpoint"]
     srgan = obtain_run(sr_cfg, runs, reuse, task=SR, train=train)
     on_sr = [s for s in plan.runs if s.on_sr]
     if not on_sr:
@@ -442,7 +447,8 @@ def make_figures(
     from ferray.metrics import plot_confusion
     from ferray.sr.evaluation import evaluate_generator
 
-    runs, (key_a, key_b) = record["runs"], plan.ensemble
+    runs, members = record["runs"], plan.ensemble
+    on_sr = {spec.key for spec in plan.runs if spec.on_sr}
     log.info("report: Figure 2 (SR), the ensemble bundle (Figure 5), Figures 3 and 4")
     sr = steps(
         evaluate_generator,
@@ -452,32 +458,36 @@ def make_figures(
         out=figures,
         faces=plan.figures["sr_faces"],
     )
-    # The members' probabilities from the evaluations above: B's on the upscaled faces equal what the
-    # bundle computes (SR on the fly, rounded to uint8 as `sr upscale` writes), so nothing is run twice.
+    # The members' probabilities from the evaluations above: an SR member's on the upscaled faces equal
+    # what the bundle computes (SR on the fly, rounded to uint8 as `sr upscale` writes), so nothing is run twice.
     bundle = out / "bundle"
     selection = record["selection_split"]
     card = build_bundle(
-        {"a": runs[key_a]["best_checkpoint"], "b": runs[key_b]["best_checkpoint"]},
-        record["srgan"]["best_checkpoint"],
+        {member: runs[key]["best_checkpoint"] for member, key in members.items()},
+        record["srgan"]["best_checkpoint"] if on_sr & set(members.values()) else None,
         plan.data,
         bundle,
         split=selection,
         overwrite=True,
         tests=False,
-        probs=member_probs(probs, key_a, key_b, selection, "tta"),
-        inputs={"a": "face", "b": "sr"},
+        probs=member_probs(probs, members, selection, "tta"),
+        inputs={member: "sr" if key in on_sr else "face" for member, key in members.items()},
     )
-    rule, ensemble = fusion_rule(card, ("a", "b")), {}
+    rule, ensemble, sets = fusion_rule(card, card.names()), {}, {}
     for split in splits:
         labels = load_split(plan.data, split)[1]
         ensemble[split] = {
-            view: fused_report(
-                member_probs(probs, key_a, key_b, split, view), labels, rule, split, view == "tta", bundle
-            )
+            view: fused_report(member_probs(probs, members, split, view), labels, rule, split, view == "tta", bundle)
             for view in VIEWS
         }
         for report in ensemble[split].values():
             write_fused_report(report, out / "evaluations" / "ensemble")
+        for name, set_members in card.sets.items():
+            set_rule = fusion_rule(card, tuple(set_members))
+            sets.setdefault(name, {"members": list(set_members)})[split] = {
+                view: {"accuracy": set_accuracy(member_probs(probs, members, split, view), set_rule, labels)}
+                for view in VIEWS
+            }
     confusion = {
         split: str(
             plot_confusion(
@@ -488,7 +498,7 @@ def make_figures(
         )
         for split in splits
     }
-    cfg_a = from_dict(_config_of(runs[key_a]["best_checkpoint"]))
+    cfg_a = from_dict(_config_of(runs[plan.first_member]["best_checkpoint"]))
     faces, _, _ = load_split(plan.data, "Training")
     crops = plot_crops(
         faces[0],
@@ -500,7 +510,7 @@ def make_figures(
     )
     guided = steps(
         explain_split,
-        runs[key_a]["best_checkpoint"],
+        runs[plan.first_member]["best_checkpoint"],
         plan.data,
         "PublicTest",
         plan.figures["explain_per_class"],
@@ -512,6 +522,7 @@ def make_figures(
         "fusion": dataclasses.asdict(card.fusion),
         "fusion_alternatives": card.alternatives,
         "ensemble": ensemble,
+        "sets": sets,
         "figures": {
             "fig2": str(figures / "sr-grid-PublicTest.png"),
             "fig3": str(crops),
@@ -520,6 +531,12 @@ def make_figures(
         },
         "guided_faces": guided["faces"],
     }
+
+
+def set_accuracy(probs: dict, rule, labels) -> float:
+    """The accuracy of a set's fused answers (`rule` weighs only its members)."""
+    fused = rule({member: probs[member] for member in rule.weights})
+    return float((fused.argmax(1) == labels).mean())
 
 
 def _config_of(checkpoint: str) -> dict:

@@ -82,13 +82,12 @@ def table1_rows(plan: ReportPlan, record: dict) -> list[list[str]]:
                 paper_pct(paper.get("PrivateTest")),
             ]
         )
-    a, b = plan.ensemble
+    keys = list(plan.ensemble.values())
     ensemble, paper = record["ensemble"], plan.paper.get("ensemble", {})
-    params = record["models"][a]["keras_params"] + record["models"][b]["keras_params"]
     rows.append(
         [
-            f"Ensemble ({a} + {b})",
-            count(params),
+            f"Ensemble ({' + '.join(keys)})",
+            count(sum(record["models"][key]["keras_params"] for key in keys)),
             "-",
             *[pct(ensemble[s][v]["accuracy"]) if s in ensemble else "n/a" for s in splits for v in VIEWS],
             count(paper.get("params")),
@@ -97,6 +96,19 @@ def table1_rows(plan: ReportPlan, record: dict) -> list[list[str]]:
             paper_pct(paper.get("PrivateTest")),
         ]
     )
+    for name, measured in record.get("sets", {}).items():  # the bundle's other sets (all is the row above)
+        members = [plan.ensemble[m] for m in measured["members"]]
+        if name == "all" or len(members) == 1:  # a set of one member is that member's own row
+            continue
+        rows.append(
+            [
+                f"Set {name} ({' + '.join(members)})",
+                count(sum(record["models"][key]["keras_params"] for key in members)),
+                "-",
+                *[pct(measured[s][v]["accuracy"]) if s in measured else "n/a" for s in splits for v in VIEWS],
+                *["n/a"] * 4,
+            ]
+        )
     return rows
 
 
@@ -160,7 +172,7 @@ def commands(plan: ReportPlan, record: dict, out: Path) -> dict[str, list[str]]:
     sets = " ".join(f"--set {_q(s)}" for s in plan.sets)
     data, runs, figures = _q(record["data"]), record["runs"], out / "figures"
     data_sr = _q(record["data_sr"]) if record["data_sr"] else "DATA_SR"  # None: upscaled in memory (the GPU bench)
-    a, b = plan.ensemble
+    a = plan.first_member
     srgan = record["srgan"]
 
     def train_line(spec) -> str:
@@ -190,10 +202,10 @@ def commands(plan: ReportPlan, record: dict, out: Path) -> dict[str, list[str]]:
                 f"--split {split} --no-tta   # and --tta"
             )
     bundle = _q(record["bundle"] or "BUNDLE")  # None: the fusion was fitted in memory (the GPU bench)
-    ensemble = [
-        f"ferray ensemble --a {_q(runs[a]['best_checkpoint'])} --b {_q(runs[b]['best_checkpoint'])} --sr "
-        f"{_q(srgan['best_checkpoint'])} --data {data} --out {bundle} --overwrite"
-    ]
+    members = " ".join(f"--member {m}={_q(runs[key]['best_checkpoint'])}" for m, key in plan.ensemble.items())
+    on_sr = {spec.key for spec in plan.runs if spec.on_sr} & set(plan.ensemble.values())
+    sr = f" --sr {_q(srgan['best_checkpoint'])}" if on_sr else ""
+    ensemble = [f"ferray ensemble {members}{sr} --data {data} --out {bundle} --overwrite"]
     ensemble += [
         f"ferray evaluate --bundle {bundle} --data {data} --split {s} --tta   # Figure 5; without --tta: center crop"
         for s in record["splits"]

@@ -11,7 +11,7 @@
       - {key: vgg16, label: VGG16, command: "ferray train experiments/vgg16.yaml --data data/fer2013 (a GPU)"}
     sr: {experiment: srgan.yaml, actors: 1, gpus_per_actor: 1}
     concurrent_runs: 2                 # runs that do not depend on each other trained at once (default 1)
-    ensemble: {a: model_a, b: model_b}
+    ensemble: {a: model_a, b: model_b}  # the bundle's members (any number): member name -> run key
     figures: {crops: 8, explain_per_class: 2, sr_faces: 6}
     paper: {model_a: {params: 2720439, depth: 83}, ensemble: {PublicTest: 71.608, PrivateTest: 73.244}}
 
@@ -55,7 +55,7 @@ class ReportPlan:
     data: Path
     runs: list[RunSpec]
     sr_experiment: Path
-    ensemble: tuple[str, str]
+    ensemble: dict[str, str]  # the bundle's members, in order: member name -> run key
     description: str = ""
     sets: list[str] = field(default_factory=list)
     sr_actors: int = 1
@@ -64,6 +64,12 @@ class ReportPlan:
     paper: dict = field(default_factory=dict)
     not_run: list[NotRun] = field(default_factory=list)
     concurrent_runs: int = 1
+
+    @property
+    def first_member(self) -> str:
+        """The run key of the ensemble's first member (Model A in the paper's plans): its features feed
+        the SR content loss where VGG19's are absent, and it draws Figures 3 and 4."""
+        return next(iter(self.ensemble.values()))
 
     def run_config(self, spec: RunSpec, data: Path, resolve_split: bool = True) -> ExperimentConfig:
         """A run of the plan as it is trained: its experiment with the plan's and its own overrides."""
@@ -171,11 +177,13 @@ def load_plan(path: str | Path, data: str | Path | None = None, sets: list[str] 
         raise ConfigError(f"{path}: runs: a key is used twice ({', '.join(keys)})")
     sr = _mapping(raw.get("sr") or {}, f"{path}: sr")
     ensemble = _mapping(raw.get("ensemble") or {}, f"{path}: ensemble")
-    for member in ("a", "b"):
-        if ensemble.get(member) not in keys:
-            raise ConfigError(
-                f"{path}: ensemble.{member} must name one of the runs ({', '.join(keys)}), not {ensemble.get(member)!r}"
-            )
+    if not ensemble:
+        raise ConfigError(f"{path}: ensemble: the bundle's members, e.g. {{a: model_a, b: model_b}}")
+    for member, key in ensemble.items():
+        if key not in keys:
+            raise ConfigError(f"{path}: ensemble.{member} must name one of the runs ({', '.join(keys)}), not {key!r}")
+        if not str(member).replace("_", "").isalnum():
+            raise ConfigError(f"{path}: ensemble.{member}: a member name is letters, digits and _")
     figures = {**FIGURE_DEFAULTS, **_mapping(raw.get("figures") or {}, f"{path}: figures")}
     for key, value in figures.items():
         if key not in FIGURE_DEFAULTS or not isinstance(value, int) or value < 1:
@@ -211,7 +219,7 @@ def load_plan(path: str | Path, data: str | Path | None = None, sets: list[str] 
         data=Path(chosen),
         runs=specs,
         sr_experiment=_experiment(base, sr.get("experiment"), f"{path}: sr.experiment"),
-        ensemble=(ensemble["a"], ensemble["b"]),
+        ensemble={str(member): str(key) for member, key in ensemble.items()},
         description=str(raw.get("description", "")),
         sets=[str(s) for s in sets_] + list(sets),
         sr_actors=int(sr.get("actors", 1)),
