@@ -133,6 +133,7 @@ def test_a_three_member_bundle_round_trip(tiny_bundle, prepared_synth, tmp_path)
     ]
     assert card["format"] == "ferray.bundle/2" and list(card["members"]) == ["a", "b", "c"]
     assert {name: m["input"] for name, m in card["members"].items()} == {"a": "face", "b": "sr", "c": "face"}
+    assert all(m["cost_ms"] > 0 for m in card["members"].values())  # timed where the bundle was built
     assert card["sets"] == {"all": ["a", "b", "c"], "fast": ["a"]}
     # synthetic data has PrivateTest: the fusion is fitted on PublicTest, PrivateTest is the test
     assert card["selection_split"] == "PublicTest" and card["fusion"]["fitted_on"] == "PublicTest"
@@ -140,7 +141,7 @@ def test_a_three_member_bundle_round_trip(tiny_bundle, prepared_synth, tmp_path)
     assert set(card["fusion"]["weights"]) == {"a", "b", "c"} and card["members"]["b"]["pretrained"] is False
     text = (tiny_bundle / "MODEL_CARD.md").read_text()
     assert "Fusion" in text and "## Calibration" in text and f"T = {card['fusion']['temperature']:.3f}" in text
-    assert "**c**" in text and "`all` = a + b + c" in text
+    assert "**c**" in text and "`all` = a + b + c" in text and "ms a face where the bundle was built" in text
     for evaluation in card["evaluations"].values():  # the calibration error before and after, per view
         assert all(0 <= v["ece"] <= 1 and 0 <= v["ece_uncalibrated"] <= 1 for v in evaluation["views"].values())
         assert set(evaluation["views"]["tta"]["sets"]) == {"all", "fast"}

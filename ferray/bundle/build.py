@@ -122,8 +122,9 @@ def build_bundle(
         shapes = {name: tuple(p.shape) for name, p in probs.items()}
         raise ConfigError(f"probs: {shapes} for the members {names} on {len(labels)} {split} faces")
     fusion, alternatives, temperatures = fit_fusion(probs, labels, split, sets, weights)
+    costs = member_costs(ensemble, torch.from_numpy(faces[:COST_FACES]), tta)
     for name, temperature in temperatures.items():
-        member_cards[name].temperature = temperature
+        member_cards[name].temperature, member_cards[name].cost_ms = temperature, costs[name]
     accuracy = member_accuracies(probs, labels, fusion.weights) | {
         f"set {name}": value for name, value in set_accuracies(probs, labels, fusion.weights, sets).items()
     }
@@ -149,6 +150,32 @@ def build_bundle(
     _write_bundle(out, card, members, sr, overwrite)
     _log_built(card, split, splits, out)
     return card
+
+
+COST_FACES = 32  # selection faces each member's cost per face is timed on
+
+
+def member_costs(ensemble, faces: torch.Tensor, tta: bool) -> dict[str, float]:
+    """Each member's forward per face (ms) with the bundle's views, on this machine, as served (the
+    batch norms folded; an SR member's time includes the generator's): the best of two timed calls
+    after a warm-up one, in hundredths of a ms."""
+    import time
+
+    ensemble.tta, costs = tta, {}
+    for name, member in ensemble.members.items():
+
+        def forward(name=name, member=member):
+            upscaled = ensemble.upscale(faces) if member.input == "sr" else None
+            return ensemble.probs(name, faces, upscaled)
+
+        forward()
+        times = []
+        for _ in range(2):
+            started = time.perf_counter()
+            forward()
+            times.append(time.perf_counter() - started)
+        costs[name] = round(1000 * min(times) / len(faces), 2)
+    return costs
 
 
 def model_config(checkpoint) -> ExperimentConfig:

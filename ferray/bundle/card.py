@@ -105,7 +105,9 @@ class MemberCard:
     # the member's own, fitted on the selection split, for its answers alone (None: never fitted, as in
     # the B of a ferray.bundle/1 bundle, which answered only fused; it then answers at T = 1)
     temperature: float | None = None
-    cost_ms: float | None = None  # the member's forward per face with the bundle's views, where measured
+    # the member's forward per face (ms) with the bundle's views, timed by `ferray ensemble` on the
+    # machine that built the bundle (docs/benchmarks.md: bench/cpu_infer, each member and set)
+    cost_ms: float | None = None
 
 
 @dataclass

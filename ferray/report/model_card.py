@@ -42,7 +42,7 @@ def _member_line(name: str, member: MemberCard, sr: SRCard | None = None) -> str
         line += f"the face upscaled {member.input_scale}x by bicubic"
     else:
         line += "the 48x48 face"
-    cost = f"; {member.cost_ms:.1f} ms a face" if member.cost_ms else ""
+    cost = f"; {member.cost_ms:.1f} ms a face where the bundle was built" if member.cost_ms else ""
     return line + f", {member.crop}x{member.crop} crops{cost}."
 
 
