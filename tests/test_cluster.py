@@ -85,10 +85,53 @@ def test_serve_fast_mode_is_set_for_ferrays_ray_unless_turned_off(monkeypatch):
     assert os.environ["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1" and os.environ["RAY_SERVE_ENABLE_HA_PROXY"] == "0"
 
 
-def test_rayignore_keeps_data_runs_and_caches_out_of_job_uploads():
-    ignored = (REPO / ".rayignore").read_text().split()
-    for entry in ("ferray-demo/", "runs/", "data/", "*.pt", "*.parquet"):
-        assert entry in ignored
+def uploaded(root: Path) -> set[str]:
+    """The files `ray job submit --working-dir ROOT` packages, by Ray's own walk and matcher (its
+    .gitignore and .rayignore rules), relative to ROOT."""
+    from ray._private.runtime_env.packaging import _dir_travel
+
+    files: set[str] = set()
+    _dir_travel(root, [], lambda p: p.is_file() and files.add(str(p.relative_to(root))), include_gitignore=True)
+    return files
+
+
+def rsynced(root: Path, excludes: list[str]) -> set[str]:
+    """The files `rsync -a --exclude P ... ROOT/ DEST/` copies (the cluster's file_mounts), for the
+    pattern forms cluster.yaml uses: "/x" matches x at the transfer's root only, "**/x" a path whose
+    last component is x at any depth, and an excluded folder takes everything under it."""
+
+    def excluded(parts: tuple[str, ...]) -> bool:
+        for pattern in excludes:
+            if pattern.startswith("/") and len(parts) == 1 and parts[0] == pattern[1:]:
+                return True
+            if pattern.startswith("**/") and parts[-1] == pattern[3:]:
+                return True
+        return False
+
+    kept = set()
+    for path in root.rglob("*"):
+        parts = path.relative_to(root).parts
+        if path.is_file() and not any(excluded(parts[: i + 1]) for i in range(len(parts))):
+            kept.add("/".join(parts))
+    return kept
+
+
+def test_the_synced_tree_and_the_job_upload_hold_the_package_and_its_weights_but_no_data(tmp_path):
+    import shutil
+
+    root = tmp_path / "project"
+    shutil.copytree(REPO, root, ignore=shutil.ignore_patterns(".git", "__pycache__", "*.egg-info"))
+    for folder in ("data/fer2013", "runs/debug_a", "ferray-demo/data"):  # what a user's checkout holds
+        (root / folder).mkdir(parents=True, exist_ok=True)
+        (root / folder / "x.parquet").write_bytes(b"x")
+        (root / folder / "best.pt").write_bytes(b"x")
+    package = {str(p.relative_to(root)) for p in (root / "ferray").rglob("*.py")}
+    weights = {str(p.relative_to(root)) for p in (root / "ferray" / "bundles").rglob("*.pt")}
+    assert "ferray/data/contract.py" in package and weights
+    raw = yaml.safe_load((REPO / "cluster.yaml").read_text())
+    for kept in (uploaded(root), rsynced(root, raw["rsync_exclude"])):
+        assert package <= kept and weights <= kept and "pyproject.toml" in kept
+        assert not any(f.startswith(("data/", "runs/", "ferray-demo/")) for f in kept)
 
 
 def test_requests_the_cluster_can_never_satisfy_fail_at_once(ray_session, monkeypatch, prepared_synth, tmp_path):
