@@ -57,6 +57,19 @@ def test_the_cluster_authenticates_every_call_and_opens_only_serve_to_the_world(
     assert yaml.safe_load((REPO / "serve" / "config.yaml").read_text())["http_options"]["port"] == 8000
 
 
+def test_the_shared_root_is_the_containers_and_the_object_store_fits_in_shared_memory():
+    raw = yaml.safe_load((REPO / "cluster.yaml").read_text())
+    init = raw["initialization_commands"]
+    mount = next(i for i, c in enumerate(init) if "mount -t nfs4" in c)
+    assert any("chown 1000:100 /mnt/ferray" in c for c in init[mount + 1 :])  # after the mount, before setup
+    shm = next(o for o in raw["docker"]["run_options"] if o.startswith("--shm-size="))
+    shm_bytes = int(shm.split("=")[1].rstrip("g")) * 2**30
+    starts = [c for c in raw["head_start_ray_commands"] + raw["worker_start_ray_commands"] if "ray start" in c]
+    for command in starts:
+        store = int(re.search(r"--object-store-memory=(\d+)", command).group(1))
+        assert store + 2**30 <= shm_bytes  # the store in /dev/shm, with room for NCCL
+
+
 def test_every_node_runs_serve_in_the_mode_ferray_serve_uses_locally():
     from ferray.distributed.runtime import SERVE_FAST_ENV
 
