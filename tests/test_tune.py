@@ -93,11 +93,18 @@ def test_bad_search_files_fail_before_any_trial(tmp_path, space, extra, message)
         load_search(search_file(tmp_path, space, **extra))
 
 
-def test_concurrency_is_bounded_by_resources():
+def test_concurrency_is_bounded_by_resources(monkeypatch):
+    for name in ("FERRAY_MAX_CPUS", "FERRAY_MAX_GPUS"):
+        monkeypatch.delenv(name, raising=False)
     cfg = load_config(None, ["scaling.workers=2", "scaling.cpus_per_worker=1"])
     assert feasible_concurrency(cfg, {"CPU": 4}) == 2 and feasible_concurrency(cfg, {"CPU": 3}) == 1
     gpu = load_config(None, ["scaling.gpus_per_worker=1"])
     assert feasible_concurrency(gpu, {"CPU": 16, "GPU": 1}) == 1
+    # an autoscaling cluster starts as a head of 0 CPUs: the node types' ceilings count, not what is up now
+    assert feasible_concurrency(gpu, {"CPU": 0, "GPU": 0}) == 0
+    monkeypatch.setenv("FERRAY_MAX_CPUS", "128")
+    monkeypatch.setenv("FERRAY_MAX_GPUS", "8")
+    assert feasible_concurrency(gpu, {"CPU": 0, "GPU": 0}) == 8 and feasible_concurrency(cfg, {"CPU": 0}) == 64
 
 
 @pytest.fixture(scope="module")

@@ -342,10 +342,14 @@ def train_in_trial(cfg: ExperimentConfig, run_dir: Path, metric: str = "eval_acc
 
 
 def feasible_concurrency(cfg: ExperimentConfig, cluster: dict) -> int:
+    """The trials that can ever run at once: on an autoscaling cluster, against the ceilings its node
+    types declare (FERRAY_MAX_CPUS / FERRAY_MAX_GPUS; a fresh cluster is a head of 0 CPUs), else
+    against what it has now."""
+    from ferray.distributed.cluster import ceiling
     from ferray.distributed.train import run_resources
 
     need = run_resources(cfg)
-    limits = [math.floor(cluster.get(r, 0) / n + 1e-9) for r, n in need.items() if n > 0]
+    limits = [math.floor(ceiling(r, cluster.get(r, 0)) / n + 1e-9) for r, n in need.items() if n > 0]
     return max(0, min(limits)) if limits else 1
 
 
