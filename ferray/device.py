@@ -26,7 +26,27 @@ TRIM_THRESHOLD_BYTES = 1 << 30
 
 
 def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """CUDA where this process may use a GPU, else the CPU. A Ray task, actor or Serve replica may use
+    one only if Ray assigned it one: Ray no longer hides the GPUs from a process that reserved none,
+    and a replica or upscaling actor of `num_gpus=0` on a GPU node would take a GPU that another
+    process reserved."""
+    if not torch.cuda.is_available() or in_ray_worker_without_gpu():
+        return torch.device("cpu")
+    return torch.device("cuda")
+
+
+def in_ray_worker_without_gpu() -> bool:
+    """Whether this process is a Ray worker (not a driver) that Ray assigned no GPU. Ray is looked up
+    only where it is loaded already: the core never imports it."""
+    import sys
+
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return False
+    context = ray.get_runtime_context()
+    if context.worker.mode != ray._private.worker.WORKER_MODE:
+        return False  # a driver (the CLI, a notebook) sees the machine's GPUs
+    return not context.get_accelerator_ids().get("GPU")
 
 
 def flags_in(cpuinfo: str) -> set[str]:

@@ -73,3 +73,34 @@ def test_cpu_training_workers_keep_glibc_to_one_arena(monkeypatch):
     monkeypatch.delenv("MALLOC_ARENA_MAX")
     monkeypatch.setenv("FERRAY_CPU_MALLOC", "0")
     assert cpu_worker_env(0) == {}
+
+
+def test_a_process_without_ray_uses_a_gpu_where_there_is_one(monkeypatch):
+    from ferray.device import default_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert default_device().type == "cuda"  # no Ray here (or a driver): the machine's GPU
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert default_device().type == "cpu"
+
+
+def test_a_ray_actor_that_reserved_no_gpu_computes_on_the_cpu(ray_session):
+    """Ray leaves the GPUs visible to a `num_gpus=0` actor: with CUDA faked available there, ferray
+    still picks the CPU, as it must for Serve replicas and upscaling actors that reserved none."""
+    import ray
+
+    @ray.remote(num_gpus=0, num_cpus=0.1)
+    class Probe:
+        def device(self) -> str:
+            import torch
+
+            from ferray.device import default_device
+
+            torch.cuda.is_available = lambda: True  # this actor's process only
+            return default_device().type
+
+    probe = Probe.remote()
+    try:
+        assert ray.get(probe.device.remote()) == "cpu"
+    finally:
+        ray.kill(probe)
