@@ -386,3 +386,14 @@ def test_ferrays_own_ray_mutes_rays_warnings_about_itself_and_keeps_the_users_fi
     monkeypatch.setenv("PYTHONWARNINGS", "")
     with own_ray_environment():
         assert not os.environ["PYTHONWARNINGS"]  # verbose: every warning shows
+
+
+def test_a_worker_whose_node_cannot_see_the_run_folder_refuses_to_write_it(tmp_path):
+    """Checked on the worker too: a folder only the driver's node holds is refused, naming it."""
+    from ferray.distributed.train import check_visible_here
+    from ferray.runs import RunFolder
+
+    with pytest.raises(ConfigError, match=r"run folder .*elsewhere is not on this node .*every node mounts"):
+        check_visible_here(tmp_path / "elsewhere")
+    RunFolder(tmp_path / "shared").start(load_config(None, []))
+    check_visible_here(tmp_path / "shared")

@@ -200,6 +200,7 @@ def train_loop(loop_config: dict) -> None:
     task = loop_config["task"]
     cfg = from_dict(loop_config["experiment"])
     run_dir = Path(loop_config["run_dir"])
+    check_visible_here(run_dir)
     run_files = RunFolder(run_dir)
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
@@ -248,6 +249,19 @@ def train_loop(loop_config: dict) -> None:
     )
     if writer is not None:
         writer.close()
+
+
+def check_visible_here(run_dir: Path) -> None:
+    """The run folder the driver made must be there on this worker's node: the check at submit time
+    sees only the nodes up then (on an autoscaling cluster, often the head alone), and a worker that
+    made the folder afresh on its own disk would write the run where no one reads it."""
+    if not (run_dir / CONFIG_FILE).is_file():
+        import socket
+
+        raise ConfigError(
+            f"run folder {run_dir} is not on this node ({socket.gethostname()}): runs must be on storage "
+            "every node mounts at the same path (NFS/EFS; see cluster.yaml), e.g. --out /mnt/ferray/runs"
+        )
 
 
 def _from_rank0(value: int, device, world: int) -> int:
