@@ -111,7 +111,7 @@ def main() -> int:
     small = {"Training": splits["Training"], selection: splits[selection], **tests}
     for spec in [s for s in plan.runs if not s.on_sr]:
         classifier(spec, small)
-    key_a = plan.ensemble[0]
+    key_a = plan.first_member
     cfg_sr = config(
         plan.sr_experiment, "srgan", f"sr.content_checkpoint={out / 'runs' / configs[key_a].name / 'best.pt'}"
     )
@@ -152,28 +152,37 @@ def assemble(
     plan, out: Path, faces: dict, selection: str, runs, srgan, evaluations, probs, cores, configs, generator, device
 ) -> dict:
     """The record `ferray report` builds, from this process's runs: ensemble, figures, hardware."""
-    from ferray.bundle import fit_fusion, fused_report, write_fused_report
-    from ferray.bundle.fusion import rule_of
+    from ferray.bundle import FusionRule, fit_fusion, fused_report, write_fused_report
+    from ferray.bundle.fusion import set_accuracies
     from ferray.distributed.report import hardware, headline_split, model_facts
     from ferray.explain import explain_grid
     from ferray.figures import plot_crops
     from ferray.metrics import plot_confusion
     from ferray.sr.evaluation import sr_report
 
-    key_a, key_b = plan.ensemble
+    key_a, members = plan.first_member, plan.ensemble
     figures = out / "figures"
     names = [s for s in faces if s != "Training"]  # the selection split first, then the tests
-    fusion, alternatives = fit_fusion(
-        probs[key_a, selection, "tta"], probs[key_b, selection, "tta"], faces[selection].labels, selection
-    )
+
+    def member_probs(split: str, view: str) -> dict:
+        return {member: probs[key, split, view] for member, key in members.items()}
+
+    sets = {"all": list(members)} | ({"fast": [next(iter(members))]} if len(members) > 1 else {})
+    fusion, alternatives, _ = fit_fusion(member_probs(selection, "tta"), faces[selection].labels, selection, sets)
+    rule = FusionRule(fusion.weights, fusion.set_temperatures.get("all", fusion.temperature))
     ensemble = {
-        s: {
-            v: fused_report(
-                probs[key_a, s, v], probs[key_b, s, v], faces[s].labels, rule_of(fusion), s, v == "tta", "-"
-            )
-            for v in ("center", "tta")
-        }
+        s: {v: fused_report(member_probs(s, v), faces[s].labels, rule, s, v == "tta", "-") for v in ("center", "tta")}
         for s in names
+    }
+
+    def set_accuracy(name: str, set_members: list, split: str, view: str) -> float:
+        measured = set_accuracies(member_probs(split, view), faces[split].labels, fusion.weights, {name: set_members})
+        return measured[name]
+
+    measured_sets = {
+        name: {"members": set_members}
+        | {s: {v: {"accuracy": set_accuracy(name, set_members, s, v)} for v in ("center", "tta")} for s in names}
+        for name, set_members in sets.items()
     }
     for split in ensemble.values():
         for report in split.values():
@@ -227,6 +236,7 @@ def assemble(
         "fusion": dataclasses.asdict(fusion),
         "fusion_alternatives": alternatives,
         "ensemble": ensemble,
+        "sets": measured_sets,
         "sr_eval": sr,
         "guided_faces": guided["faces"],
         "hardware": hardware(),
