@@ -273,9 +273,15 @@ def _member_card(member, source, name: str) -> MemberCard:
 
 
 def run_facts(checkpoint) -> dict | None:
-    """What the member's run recorded about itself (RUN/result.json beside RUN/best.pt), if it is there."""
-    from ferray.runs import read_record
+    """What the member's run recorded about itself (RUN/result.json beside RUN/best.pt), if it is there:
+    a search's best checkpoint sits beside the search's summary instead, which is no run's record."""
+    import json
 
+    from ferray.runs import RESULT_FILE, read_record
+
+    result = Path(checkpoint).parent / RESULT_FILE
+    if result.is_file() and "task" not in json.loads(result.read_text()):
+        return None
     record = read_record(Path(checkpoint).parent)
     if record is None:
         return None
