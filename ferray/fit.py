@@ -121,7 +121,7 @@ class LocalRun:
         self.folder = RunFolder(run_dir)
         self.run_dir, self.task, self.cfg = self.folder.path, task, cfg
         self.facts = dict(facts or {})
-        lineage = warm_start(cfg.train.init, cfg.model.name)[1] if getattr(cfg.train, "init", "") else []
+        lineage = warm_start(cfg.train.init, cfg.model.name)[1] if cfg.train.init else []
         self.folder.start(cfg, provenance={"continues": lineage} if lineage else None, fresh_metrics=True)
         if "machine" in self.facts:
             self.folder.write_machine(self.facts.pop("machine"))
