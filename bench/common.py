@@ -65,9 +65,10 @@ def add_common_args(parser: argparse.ArgumentParser, out: str, minutes: float) -
 
 
 def device_and_flags() -> tuple[torch.device, str]:
+    from ferray.device import fast_cuda_math
+
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    torch.backends.cudnn.benchmark = True
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    fast_cuda_math(device)
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
     return device, name
 

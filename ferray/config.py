@@ -283,6 +283,7 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+    check_gpu_share(cfg.scaling)
     if cfg.optim.backbone_lr_ratio < 1 and cfg.model.pretrained in ("none", ""):
         raise ConfigError(
             f"optim.backbone_lr_ratio {cfg.optim.backbone_lr_ratio:g} is a fine-tuning recipe (the "
@@ -291,6 +292,17 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
             "or set optim.backbone_lr_ratio=1"
         )
     return cfg
+
+
+def check_gpu_share(scaling: ScalingConfig) -> None:
+    """Several workers with a fraction of a GPU each would let Ray put two ranks on one GPU, where
+    NCCL aborts (one process group cannot hold two ranks of one device)."""
+    gpus = scaling.gpus_per_worker
+    if scaling.workers > 1 and gpus and gpus != int(gpus):
+        raise ConfigError(
+            f"scaling.gpus_per_worker {gpus:g} with scaling.workers {scaling.workers}: ranks of one run "
+            "cannot share a GPU (NCCL aborts); give each worker whole GPUs (1) or run one worker"
+        )
 
 
 LEGACY_KEYS = {("data", "eval_split"): "selection_split"}  # old name -> new name, for older checkpoints

@@ -87,8 +87,29 @@ def use_bf16(device: torch.device | str, requested: bool = True) -> bool:
     if not requested:
         return False
     if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+        return cuda_has_native_bf16(device)
     return device.type == "cpu" and cpu_has_native_bf16()
+
+
+# bf16 tensor cores arrived with Ampere (compute capability 8.0). Older GPUs (T4 7.5, V100 7.0) run
+# bf16 autocast by emulation, slower than fp32, though torch.cuda.is_bf16_supported() says yes.
+NATIVE_BF16_CAPABILITY = (8, 0)
+
+
+def cuda_has_native_bf16(device: torch.device | str = "cuda") -> bool:
+    """Whether this GPU computes bf16 in hardware (compute capability >= 8.0)."""
+    return torch.cuda.get_device_capability(torch.device(device)) >= NATIVE_BF16_CAPABILITY
+
+
+def fast_cuda_math(device: torch.device | str) -> None:
+    """cuDNN's autotuner and TF32 matmuls and convolutions, on a CUDA device (a no-op elsewhere).
+    Every path that computes on a GPU sets these (Ray workers, Serve replicas, upscaling actors,
+    bench/gpu_*): ferray's batch shapes are fixed, so autotuning pays after the first batches."""
+    if torch.device(device).type != "cuda":
+        return
+    torch.backends.cudnn.benchmark = True
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
 
 
 @functools.lru_cache(maxsize=1)
@@ -140,7 +161,13 @@ def autocast(device: torch.device | str, enabled: bool):
 
 
 def precision_name(device: torch.device | str, bf16: bool) -> str:
-    return f"{'bf16 autocast' if bf16 else 'fp32'} on {torch.device(device).type}"
+    """How a run computes, for its card: on a GPU without bf16 hardware it says why fp32."""
+    device = torch.device(device)
+    name = f"{'bf16 autocast' if bf16 else 'fp32'} on {device.type}"
+    if device.type == "cuda" and not bf16 and torch.cuda.is_available() and not cuda_has_native_bf16(device):
+        major, minor = torch.cuda.get_device_capability(device)
+        name += f" (compute capability {major}.{minor}: bf16 would be emulated)"
+    return name
 
 
 def cpu_model() -> str:

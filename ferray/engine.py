@@ -19,7 +19,7 @@ import torch.nn as nn
 from ferray import __version__
 from ferray.augment import predict_proba, train_views
 from ferray.config import ExperimentConfig, OptimConfig, from_dict, to_dict
-from ferray.device import autocast, keep_cpu_buffers, use_bf16
+from ferray.device import autocast, fast_cuda_math, keep_cpu_buffers, use_bf16
 from ferray.ema import WeightEMA
 from ferray.errors import CheckpointError
 from ferray.labels import NUM_CLASSES
@@ -238,6 +238,7 @@ def build_state(
     torch.manual_seed(cfg.train.seed)
     if device.type == "cpu":
         keep_cpu_buffers()  # freed activation buffers reused, not page-faulted in every step
+    fast_cuda_math(device)
     model = build_model(
         cfg.model.name,
         num_classes=NUM_CLASSES,
@@ -293,9 +294,34 @@ class compiled(nn.Module):
             try:
                 return self._compiled(*args, **kwargs)
             except Exception as e:  # noqa: BLE001
-                self._compiled, self.fallback = None, f"{type(e).__name__}: {str(e)[:300]}"
-                print(f"torch.compile failed; training continues in eager mode ({self.fallback})", flush=True)
+                self.give_up(e)
         return self.module(*args, **kwargs)
+
+    def give_up(self, error: Exception) -> bool:
+        """Eager from now on; False where it was eager already (the error is then not compile's)."""
+        if self._compiled is None:
+            return False
+        self._compiled, self.fallback = None, f"{type(error).__name__}: {str(error)[:300]}"
+        print(f"torch.compile failed; training continues in eager mode ({self.fallback})", flush=True)
+        return True
+
+
+def forward_backward(state: TrainState, x: torch.Tensor, labels: torch.Tensor):
+    """One step's forward, loss and backward: (logits, features, loss, parts). The backward graph is
+    compiled at the first backward (and again for a new shape), outside `compiled.forward`: a failure
+    there turns the model eager and the step is done again, where eager cannot fail the same way."""
+    for attempt in (0, 1):
+        with autocast(state.device, state.use_amp):
+            logits, features = state.model(x, return_embedding=True)
+        loss, parts = state.loss_fn(logits, features, labels)
+        state.optimizer.zero_grad(set_to_none=True)
+        try:
+            loss.backward()
+        except Exception as e:
+            if attempt or not isinstance(state.model, compiled) or not state.model.give_up(e):
+                raise
+            continue
+        return logits, features, loss, parts
 
 
 class EpochProgress:
@@ -353,11 +379,7 @@ def train_one_epoch(state: TrainState, batches: Iterable, steps_per_epoch: int) 
         x = train_views(images, cfg.augment, cfg.data.input_scale)
         if state.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        with autocast(device, state.use_amp):
-            logits, features = model(x, return_embedding=True)
-        loss, parts = loss_fn(logits, features, labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        logits, features, loss, parts = forward_backward(state, x, labels)
         if cfg.optim.grad_clip > 0:
             nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
         apply_weight_decay(optimizer)

@@ -97,3 +97,11 @@ def test_overrides_types_and_errors(tmp_path):
         load_config(path)
     with pytest.raises(ConfigError, match="no such experiment file"):
         load_config(tmp_path / "missing.yaml")
+
+
+def test_several_workers_on_fractions_of_a_gpu_are_refused():
+    # Ray would place two ranks on one GPU, and NCCL aborts the process group.
+    with pytest.raises(ConfigError, match=r"scaling.gpus_per_worker 0.5 with scaling.workers 2: ranks of one run"):
+        load_config(None, ["scaling.workers=2", "scaling.gpus_per_worker=0.5"])
+    load_config(None, ["scaling.workers=1", "scaling.gpus_per_worker=0.5"])  # one rank on part of a GPU
+    load_config(None, ["scaling.workers=2", "scaling.gpus_per_worker=1"])

@@ -104,3 +104,28 @@ def test_a_ray_actor_that_reserved_no_gpu_computes_on_the_cpu(ray_session):
         assert ray.get(probe.device.remote()) == "cpu"
     finally:
         ray.kill(probe)
+
+
+@pytest.mark.parametrize(("capability", "native"), [((7, 0), False), ((7, 5), False), ((8, 0), True), ((9, 0), True)])
+def test_gpus_use_bf16_only_with_bf16_hardware(monkeypatch, capability, native):
+    # torch.cuda.is_bf16_supported() says yes on a T4 or V100 (emulated, slower than fp32).
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert device.use_bf16("cuda") is native
+    name = device.precision_name("cuda", device.use_bf16("cuda"))
+    if native:
+        assert name == "bf16 autocast on cuda"
+    else:
+        assert name == f"fp32 on cuda (compute capability {capability[0]}.{capability[1]}: bf16 would be emulated)"
+
+
+def test_fast_cuda_math_is_set_on_a_gpu_only(monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    device.fast_cuda_math("cpu")
+    assert not torch.backends.cudnn.benchmark and not torch.backends.cuda.matmul.allow_tf32
+    device.fast_cuda_math("cuda")  # no GPU is needed to set the flags
+    assert torch.backends.cudnn.benchmark and torch.backends.cudnn.allow_tf32
+    assert torch.backends.cuda.matmul.allow_tf32

@@ -205,3 +205,38 @@ def test_training_prints_progress_within_the_epoch(synth_tensors, capsys):
     engine.train_one_epoch(state, engine.TensorBatches(x[:96], y[:96], 32), 3)
     printed = capsys.readouterr().out.splitlines()
     assert [line.split(",")[0] for line in printed] == [f"epoch 1/4: step {i}/3 ({i / 3:.0%})" for i in (1, 2, 3)]
+
+
+class _FailsBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise RuntimeError("backward compile failed (a stand-in)")
+
+
+def test_a_compile_failure_in_the_backward_turns_training_eager(synth_tensors, capsys):
+    x, y, _, _ = synth_tensors
+    state = engine.build_state(tiny_config("train.compile=true"), torch.device("cpu"))
+    assert isinstance(state.model, engine.compiled)
+    eager = state.model.module
+
+    class CompiledForward(torch.nn.Module):  # what a compiled graph whose backward cannot compile does
+        def forward(self, *args, **kwargs):
+            logits, features = eager(*args, **kwargs)
+            return _FailsBackward.apply(logits), features
+
+    state.model._compiled = CompiledForward()
+    row = engine.train_one_epoch(state, engine.TensorBatches(x[:64], y[:64], 32), 2)
+    assert row["train_images"] == 64 and math.isfinite(row["train_loss"])
+    assert state.model.fallback.startswith("RuntimeError: backward compile failed")
+    assert "training continues in eager mode" in capsys.readouterr().out
+    with pytest.raises(RuntimeError, match="eager fails too"):  # an error of eager's own is not retried
+        state.model.module.register_forward_hook(lambda *a: _raise(RuntimeError("eager fails too")))
+        engine.train_one_epoch(state, engine.TensorBatches(x[:32], y[:32], 32), 1)
+
+
+def _raise(error):
+    raise error

@@ -154,3 +154,41 @@ def test_two_actors_match_the_single_process_loop(ray_session, tmp_path, sr_chec
     a, la, ia = load_split(tmp_path / "local", "Training")
     b, lb, ib = load_split(tmp_path / "ray", "Training")
     assert ia == ib and np.array_equal(la, lb) and np.array_equal(a, b)
+
+
+def test_the_generator_step_leaves_the_discriminator_out_of_its_backward(synth_faces):
+    # Under DDP each gradient the discriminator accumulates is an all-reduce: its own step needs one
+    # per step, and the generator's step none.
+    images, labels, _ = synth_faces
+    state = sr_engine.build_sr_state(sr_config(), torch.device("cpu"))
+    state.epoch = 1  # adversarial
+    accumulated = []
+    for p in state.discriminator.parameters():
+        p.register_post_accumulate_grad_hook(lambda p: accumulated.append(p))
+    steps = 2
+    batches = TensorBatches(torch.from_numpy(images[: 16 * steps]), torch.from_numpy(labels[: 16 * steps]), 16)
+    sr_engine.train_sr_epoch(state, batches)
+    assert len(accumulated) == steps * len(list(state.discriminator.parameters()))
+    assert all(p.requires_grad for p in state.discriminator.parameters())
+
+
+def test_the_driver_decides_the_files_every_worker_reads(tmp_path, monkeypatch):
+    # `auto` decided on each node would give ranks on nodes with and without VGG19's weights
+    # different losses; ImageNet weights looked up in each node's own cache may be absent there.
+    from ferray.distributed.train import pin_outside_files
+    from ferray.tasks import CLASSIFIER, get_task
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    cfg = sr_config("sr.content=auto")
+    assert pin_outside_files(cfg, get_task("sr")) == {} and cfg.sr.content == "mse"
+    hub = tmp_path / "torch" / "hub" / "checkpoints"
+    hub.mkdir(parents=True)
+    (hub / "vgg19-dcbb9e9d.pth").write_bytes(b"weights")
+    cfg = sr_config("sr.content=auto")
+    files = pin_outside_files(cfg, get_task("sr"))
+    assert cfg.sr.content == "vgg19" and files == {"sr.content_weights": str(hub / "vgg19-dcbb9e9d.pth")}
+    assert cfg.sr.content_weights == str(hub / "vgg19-dcbb9e9d.pth")
+    (hub / "resnet18-f37072fd.pth").write_bytes(b"weights")
+    cfg = load_config(None, ["model.name=resnet18_b", "model.pretrained=imagenet"])
+    assert pin_outside_files(cfg, CLASSIFIER) == {"model.pretrained": str(hub / "resnet18-f37072fd.pth")}
+    assert cfg.model.pretrained == str(hub / "resnet18-f37072fd.pth")

@@ -462,6 +462,28 @@ def warm_start_lineage(cfg: ExperimentConfig, task: Task) -> list[dict]:
     return warm_start(cfg.train.init, cfg.model.name)[1]
 
 
+def pin_outside_files(cfg: ExperimentConfig, task: Task) -> dict[str, str]:
+    """Decide here, once, which files outside the run the workers read, and write the decision into
+    `cfg` (which every worker receives): ImageNet weights as the absolute file the driver found, the
+    SRGAN's content loss as the kind chosen here (auto would be decided again on each node, and
+    ranks on nodes with and without VGG19's weights would train different losses). Returns the
+    files, for the shared-storage check."""
+    files: dict[str, str] = {}
+    if task is CLASSIFIER and cfg.model.pretrained not in ("none", ""):
+        from ferray.models.resnet_vgg import pretrained_file
+
+        cfg.model.pretrained = files["model.pretrained"] = str(pretrained_file(cfg.model.name, cfg.model.pretrained))
+    if task is not CLASSIFIER:
+        from ferray.sr.losses import resolve_content, vgg19_weights_path
+
+        cfg.sr.content = resolve_content(cfg.sr)
+        if cfg.sr.content == "vgg19":
+            cfg.sr.content_weights = files["sr.content_weights"] = str(vgg19_weights_path(cfg.sr).resolve())
+        if cfg.sr.content == "model_a":
+            cfg.sr.content_checkpoint = files["sr.content_checkpoint"] = str(Path(cfg.sr.content_checkpoint).resolve())
+    return files
+
+
 def run_training(
     cfg: ExperimentConfig,
     out: Path,
@@ -475,6 +497,7 @@ def run_training(
     from ferray.distributed.runtime import connect
 
     manifest = check_data(cfg, task)
+    outside = pin_outside_files(cfg, task)  # before the resume check: the run's config has them pinned
     train_rows = manifest["splits"][cfg.data.train_split]["rows"]
     run_dir = prepare_run_dir(out, name or cfg.name, resume)
     if resume:
@@ -482,7 +505,9 @@ def run_training(
     lineage = warm_start_lineage(cfg, task)
     info = connect()
     check_resources(cfg)
-    check_shared_paths({"data": cfg.data.path, "run folder": run_dir, **({"init": cfg.train.init} if lineage else {})})
+    check_shared_paths(
+        {"data": cfg.data.path, "run folder": run_dir, **({"init": cfg.train.init} if lineage else {}), **outside}
+    )
     provenance = {"commit": code_version(), "data_checksum": manifest["checksum"], "data": cfg.data.path}
     RunFolder(run_dir).start(cfg, provenance={**provenance, **({"continues": lineage} if lineage else {})})
     log.info(

@@ -362,9 +362,11 @@ def run_search(spec: SearchSpec, out: Path, resume: bool = False) -> dict:
 
     from ferray.distributed.cluster import check_shared_paths
     from ferray.distributed.runtime import connect
-    from ferray.distributed.train import check_data, check_resources, run_resources
+    from ferray.distributed.train import check_data, check_resources, pin_outside_files, run_resources
+    from ferray.tasks import CLASSIFIER
 
     manifest = check_data(spec.base)  # makes data.path absolute: trials run in directories of their own
+    outside = pin_outside_files(spec.base, CLASSIFIER)  # every trial reads the files found here
     search_dir = (Path(out) / spec.name).absolute()
     tuner_path = search_dir / "search"
     if resume and not tune.Tuner.can_restore(str(tuner_path)):
@@ -381,7 +383,7 @@ def run_search(spec: SearchSpec, out: Path, resume: bool = False) -> dict:
             f"cluster ({info.cpus:g} CPUs, {info.gpus:g} GPUs) runs at most {feasible} at once"
         )
     search_dir.mkdir(parents=True, exist_ok=True)
-    check_shared_paths({"data": spec.base.data.path, "search folder": search_dir})
+    check_shared_paths({"data": spec.base.data.path, "search folder": search_dir, **outside})
     epochs = spec.base.train.epochs
     scheduler = (
         ASHAScheduler(

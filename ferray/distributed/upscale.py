@@ -47,9 +47,11 @@ def upscale(
         from ferray.sr.engine import generator_from_checkpoint
 
         generator_from_checkpoint(checkpoint)
+        checkpoint = str(Path(checkpoint).absolute())  # the actors' working directory is not this one
     connect()
     Path(out).absolute().parent.mkdir(parents=True, exist_ok=True)
-    check_shared_paths({"data": data, "output folder": Path(out).absolute().parent})
+    shared = {"data": data, "output folder": Path(out).absolute().parent}
+    check_shared_paths({**shared, **({"checkpoint": checkpoint} if checkpoint else {})})
     require("GPU", actors, gpus_per_actor, "actors")
     log.info(
         f"upscale: {manifest['rows']:,} faces 48 -> 96 by {method} with {actors} actor(s)"

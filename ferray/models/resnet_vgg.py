@@ -42,10 +42,20 @@ IMAGENET_FILES = {
 }
 
 
+# The torchvision architecture whose ImageNet weights each registered model with pretrained weights
+# starts from.
+PRETRAINED_ARCH = {"resnet50_b": "resnet50", "resnet18_b": "resnet18", "vgg16": "vgg16", "vgg19": "vgg19"}
+
+
 def pretrained_state_dict(arch: str, pretrained: str) -> dict | None:
     """The state dict that `pretrained` names for torchvision architecture `arch`, or None for "none"."""
     if pretrained in ("none", "", None):
         return None
+    return torch.load(weights_file(arch, pretrained), map_location="cpu", weights_only=True)
+
+
+def weights_file(arch: str, pretrained: str) -> Path:
+    """The file `pretrained` ("imagenet" or a path) names for torchvision architecture `arch`."""
     if pretrained == "imagenet":
         path = Path(torch.hub.get_dir()) / "checkpoints" / IMAGENET_FILES[arch]
         if not path.is_file():
@@ -60,7 +70,15 @@ def pretrained_state_dict(arch: str, pretrained: str) -> dict | None:
         path = Path(pretrained)
         if not path.is_file():
             raise PretrainedWeightsError(f"model.pretrained={pretrained}: no such file")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    return path.resolve()
+
+
+def pretrained_file(model_name: str, pretrained: str) -> Path:
+    """The weights file a registered model's `pretrained` names (its torchvision architecture's)."""
+    arch = PRETRAINED_ARCH.get(model_name)
+    if arch is None:
+        raise PretrainedWeightsError(f"model.pretrained={pretrained}: {model_name} has no pretrained weights")
+    return weights_file(arch, pretrained)
 
 
 def pretrained_available(model_name: str, pretrained: str) -> bool:

@@ -16,6 +16,7 @@ import torch.nn as nn
 
 from ferray import __version__
 from ferray.config import ExperimentConfig, from_dict, to_dict
+from ferray.device import fast_cuda_math
 from ferray.engine import CHECKPOINT_FORMAT, EpochProgress, epoch_seed, load_checkpoint, unwrap
 from ferray.sr.losses import ContentLoss, adversarial_loss, perceptual_loss, resolve_content
 from ferray.sr.nets import Discriminator, Generator, GeneratorSpec, bicubic, make_lr
@@ -54,6 +55,7 @@ def build_sr_state(
     cfg: ExperimentConfig, device: torch.device, wrap: Callable[[nn.Module], nn.Module] | None = None, rank: int = 0
 ) -> SRState:
     torch.manual_seed(cfg.train.seed)
+    fast_cuda_math(device)
     generator = Generator(generator_spec(cfg)).to(device)
     discriminator = Discriminator(cfg.sr.discriminator_channels).to(device)
     content = ContentLoss(cfg.sr, resolve_content(cfg.sr)).to(device)
@@ -66,6 +68,18 @@ def build_sr_state(
     if wrap is not None:
         generator, discriminator = wrap(generator), wrap(discriminator)
     return SRState(cfg, generator, discriminator, opt_g, opt_d, content, device, rank)
+
+
+def judged_by_fixed(discriminator: nn.Module, sr: torch.Tensor) -> torch.Tensor:
+    """The discriminator's logits for the generator's step, with its weights out of the graph: the
+    generator's backward then computes no discriminator gradients, and under DDP (the discriminator
+    forwarded through its bare module) does not all-reduce them a second time."""
+    core = unwrap(discriminator)
+    core.requires_grad_(False)
+    try:
+        return core(sr)
+    finally:
+        core.requires_grad_(True)
 
 
 def train_sr_epoch(state: SRState, batches: Iterable, steps_per_epoch: int = 0) -> dict:
@@ -93,7 +107,7 @@ def train_sr_epoch(state: SRState, batches: Iterable, steps_per_epoch: int = 0) 
             d_loss.backward()
             state.opt_d.step()
             content = state.content(sr, hr)
-            fake_logits = d(sr)
+            fake_logits = judged_by_fixed(d, sr)
             g_loss = perceptual_loss(content, fake_logits, state.cfg.sr.adversarial_weight)
             g_adv = adversarial_loss(fake_logits.detach(), True)
         else:

@@ -27,15 +27,20 @@ from ferray.data.contract import (
     split_dir,
     write_manifest,
 )
-from ferray.device import default_device
+from ferray.device import default_device, fast_cuda_math
 from ferray.models.frozen import freeze_for_cpu
 from ferray.sr.nets import as_pixels, as_unit, bicubic, generated_faces
 
 METHODS = ("srgan", "bicubic")
-# The generator always runs on chunks of this many faces (the last one padded): convolution
+# The generator always runs on chunks of a fixed number of faces (the last one padded): convolution
 # libraries pick algorithms by batch size, and a fixed size keeps every face's result bit-identical
-# however Ray Data or a plain loop happens to batch the rows.
-CHUNK = 16
+# (on one kind of device) however Ray Data or a plain loop happens to batch the rows. A GPU needs
+# large chunks to be busy; a CPU is as fast on small ones and pads less.
+CHUNKS = {"cpu": 16, "cuda": 256}  # 256: the batch size of `ferray sr upscale`
+
+
+def chunk_size(device: torch.device) -> int:
+    return CHUNKS.get(device.type, CHUNKS["cpu"])
 
 
 class Upscaler:
@@ -53,6 +58,8 @@ class Upscaler:
         if threads:
             torch.set_num_threads(threads)
         self.device = torch.device(device) if device else default_device()
+        self.chunk = chunk_size(self.device)
+        fast_cuda_math(self.device)
         self.method, self.generator = method, None
         if method == "srgan":
             if checkpoint is None:
@@ -70,9 +77,9 @@ class Upscaler:
         x = torch.from_numpy(np.ascontiguousarray(faces)).to(self.device)
         if self.generator is None:
             return as_pixels(bicubic(as_unit(x), 2)).cpu().numpy()
-        pad = (-n) % CHUNK
+        pad = (-n) % self.chunk
         x = torch.cat([x, x.new_zeros(pad, *x.shape[1:])]) if pad else x
-        return torch.cat([generated_faces(self.generator, chunk) for chunk in x.split(CHUNK)])[:n].cpu().numpy()
+        return torch.cat([generated_faces(self.generator, chunk) for chunk in x.split(self.chunk)])[:n].cpu().numpy()
 
     def __call__(self, table: pa.Table) -> pa.Table:
         faces = pixels_to_images(table.column("pixels"))
