@@ -220,3 +220,57 @@ def code_version() -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return commit + ("+dirty" if dirty else "")
+
+
+def driver_version() -> str | None:
+    """The NVIDIA driver's version as nvidia-smi reports it; None where there is no nvidia-smi."""
+    import subprocess
+
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.strip().splitlines()[0] if out.strip() else None
+
+
+def gpu_problem(driver: str | None = None) -> str | None:
+    """Why torch cannot compute on this machine's GPU, in a sentence a node's setup log can show;
+    None where it can. Without this check a node whose driver is too old for torch's CUDA trains on
+    its CPU, quietly and many times slower."""
+    if torch.cuda.is_available():
+        return None
+    driver = driver or driver_version()
+    where = f"NVIDIA driver {driver}" if driver else "no NVIDIA driver (nvidia-smi not found)"
+    return (
+        f"torch {torch.__version__} (CUDA {torch.version.cuda}) cannot use this machine's GPU: {where}. "
+        "A driver new enough for that CUDA is needed (cluster.yaml: the ImageId of each node type)"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m ferray.device --require-gpu`: exit 1 with the reason where torch cannot use the GPU
+    (cluster.yaml runs it on every node that has one)."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(prog="python -m ferray.device", description=main.__doc__)
+    parser.add_argument("--require-gpu", action="store_true", help="fail unless torch can compute on a GPU here")
+    args = parser.parse_args(argv)
+    problem = gpu_problem() if args.require_gpu else None
+    if problem:
+        print(problem, file=sys.stderr)
+        return 1
+    device = default_device()
+    for key, value in machine_facts(device, use_bf16(device)).items():
+        print(f"{key}: {value}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

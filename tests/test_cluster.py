@@ -397,3 +397,47 @@ def test_a_worker_whose_node_cannot_see_the_run_folder_refuses_to_write_it(tmp_p
         check_visible_here(tmp_path / "elsewhere")
     RunFolder(tmp_path / "shared").start(load_config(None, []))
     check_visible_here(tmp_path / "shared")
+
+
+def test_every_node_type_names_an_image_whose_driver_runs_torchs_cuda():
+    # Ray's default AWS image predates the NVIDIA driver torch's CUDA build needs: GPU workers would
+    # fail, or train on their CPUs without a word. Each type names its image; a GPU node checks.
+    text = (REPO / "cluster.yaml").read_text()
+    raw = yaml.safe_load(text)
+    for name, node_type in raw["available_node_types"].items():
+        assert node_type["node_config"]["ImageId"].startswith("ami-"), name
+    assert "driver >= 580" in text and "base-oss-nvidia-driver-gpu" in text
+    assert "if nvidia-smi -L > /dev/null 2>&1; then python -m ferray.device --require-gpu; fi" in raw["setup_commands"]
+
+
+def test_a_gpu_torch_cannot_use_is_a_failed_setup_that_says_why(monkeypatch, capsys):
+    import torch
+
+    from ferray import device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    problem = device.gpu_problem(driver="535.104.05")
+    assert "cannot use this machine's GPU: NVIDIA driver 535.104.05" in problem and torch.__version__ in problem
+    monkeypatch.setattr(device, "driver_version", lambda: "535.104.05")
+    assert device.main(["--require-gpu"]) == 1
+    assert "NVIDIA driver 535.104.05" in capsys.readouterr().err
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert device.gpu_problem() is None
+
+
+def test_shells_on_the_nodes_hold_the_token_and_the_serve_rule_follows_its_cidr():
+    raw = yaml.safe_load((REPO / "cluster.yaml").read_text())
+    # `ray exec`, `ray attach` and `serve deploy` on the head run in the login shell: without the
+    # token variables there every Ray call is refused.
+    profile = next(c for c in raw["setup_commands"] if ">> ~/.bashrc" in c)
+    for variable in (
+        "RAY_AUTH_MODE=token",
+        "RAY_AUTH_TOKEN_PATH=/mnt/ferray/.ray/auth_token",
+        "TORCH_HOME=/mnt/ferray/",
+    ):
+        assert variable in profile
+    # Ray writes rules only into a group it creates: the group's name carries the CIDR, so a new CIDR
+    # is a new group with the new rule rather than an old group keeping the old one.
+    group = raw["provider"]["security_group"]
+    (cidr,) = [r["CidrIp"] for rule in group["IpPermissions"] for r in rule["IpRanges"]]
+    assert group["GroupName"] == f"ferray-serve-{cidr}"
