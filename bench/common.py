@@ -1,7 +1,9 @@
 """What the Ray-free GPU benches share: finding FER2013, the device, the flags, the smoke subset.
 
 Run the benches as modules from the repository root (`python -m bench.gpu_model_a`): the GPU
-machines have the working tree and PyTorch, not an installed ferray or Ray.
+machines have the working tree, not an installed ferray or Ray. Beside PyTorch the benches need
+numpy, pyarrow (ferray's readers of FER2013) and PyYAML (the experiment files), which the lent
+GPU machines' image holds; elsewhere `BENCH_NEEDS` missing are named before anything starts.
 """
 
 from __future__ import annotations
@@ -64,7 +66,20 @@ def add_common_args(parser: argparse.ArgumentParser, out: str, minutes: float) -
     )
 
 
+BENCH_NEEDS = {"numpy": "numpy", "pyarrow": "pyarrow", "yaml": "pyyaml", "PIL": "pillow"}
+
+
+def check_needs() -> None:
+    """Exit naming every package the benches need and this Python lacks (pip names)."""
+    import importlib.util
+
+    missing = [package for module, package in BENCH_NEEDS.items() if importlib.util.find_spec(module) is None]
+    if missing:
+        sys.exit(f"the GPU benches need {', '.join(missing)} beside PyTorch: pip install {' '.join(missing)}")
+
+
 def device_and_flags() -> tuple[torch.device, str]:
+    check_needs()
     from ferray.device import fast_cuda_math
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

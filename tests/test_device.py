@@ -129,3 +129,17 @@ def test_fast_cuda_math_is_set_on_a_gpu_only(monkeypatch):
     device.fast_cuda_math("cuda")  # no GPU is needed to set the flags
     assert torch.backends.cudnn.benchmark and torch.backends.cudnn.allow_tf32
     assert torch.backends.cuda.matmul.allow_tf32
+
+
+def test_the_gpu_benches_name_the_packages_they_lack(monkeypatch):
+    import importlib.util
+
+    from bench import common
+
+    real = importlib.util.find_spec
+    lacking = ("pyarrow", "yaml")
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in lacking else real(name))
+    with pytest.raises(SystemExit, match=r"need pyarrow, pyyaml beside PyTorch: pip install pyarrow pyyaml"):
+        common.device_and_flags()
+    monkeypatch.setattr(importlib.util, "find_spec", real)
+    assert common.device_and_flags()[0].type in ("cpu", "cuda")
