@@ -374,6 +374,14 @@ def _add_ensemble(sub) -> None:
         help="the fusion's member weights: equal, fitted (min log-loss on the selection split), or auto: "
         "fitted only where they beat equal ones by more than the split's bootstrap noise",
     )
+    p.add_argument(
+        "--select",
+        choices=("none", "greedy"),
+        default="none",
+        help="none: every member is kept; greedy: the members are candidates, and the bundle keeps those "
+        "that greedy forward selection (equal weights) chooses on the selection split; the path is in the "
+        "model card and a figure",
+    )
     p.add_argument("--data", required=True, type=Path, help="prepared 48x48 data folder")
     p.add_argument("--out", required=True, type=Path, help="bundle folder to write")
     p.add_argument(
@@ -735,6 +743,7 @@ def cmd_ensemble(args) -> int:
         tests=args.tests,
         sets=_named_lists(args.sets, "--set") or None,
         weights=args.weights,
+        select=args.select,
     )
     return 0
 

@@ -441,3 +441,27 @@ def test_shells_on_the_nodes_hold_the_token_and_the_serve_rule_follows_its_cidr(
     group = raw["provider"]["security_group"]
     (cidr,) = [r["CidrIp"] for rule in group["IpPermissions"] for r in rule["IpRanges"]]
     assert group["GroupName"] == f"ferray-serve-{cidr}"
+
+
+@pytest.mark.slow
+def test_the_cluster_path_runs_on_an_autoscaling_cluster(tmp_path):
+    """prepare -> train -> tune -> upscale -> ensemble -> serve -> HTTP through the Jobs API, on nodes
+    Ray's fake provider starts for the load and stops when idle (tests/autoscaling.py)."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    done = subprocess.run(
+        [sys.executable, str(REPO / "tests" / "autoscaling.py"), str(tmp_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1500,
+    )
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    assert done.returncode == 0 and lines, (done.stdout[-3000:], done.stderr[-3000:])
+    facts = json.loads(lines[-1][len("RESULT ") :])
+    assert facts["workers_at_start"] == 0  # a head of 0 CPUs: every node below came for the load
+    assert facts["uses_the_cluster"]
+    assert facts["stages"]["train"]["workers"] >= 2 and facts["train"]["workers"] == 2
+    assert facts["train"]["epochs"] == 2
+    assert facts["gpu_nodes_seen"] >= 1  # the upscaling actor's GPU brought a GPU node
+    assert max(facts["answer"]["probs"], key=facts["answer"]["probs"].get) == facts["answer"]["label"]
+    assert facts["idle_seconds"] >= 0  # every worker node went after its idle timeout

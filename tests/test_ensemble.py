@@ -408,3 +408,56 @@ def test_the_bundle_card_is_a_typed_record_and_bad_cards_are_named(tiny_bundle, 
     (broken / "bundle.json").write_text(json.dumps(data))
     with pytest.raises(CheckpointError, match=r"members.a: missing key\(s\) crop"):
         read_bundle_card(broken)
+
+
+def _answers(labels: np.ndarray, right: np.ndarray, confidence: float, wrong_share: float) -> np.ndarray:
+    """Probabilities that put `confidence` on the label where `right`, else `wrong_share` on the next class."""
+    rows = np.arange(len(labels))
+    probs = np.full((len(labels), 7), 0.0)
+    probs[rows, labels] = np.where(right, confidence, 0.05)
+    probs[rows, (labels + 1) % 7] = np.where(right, 0.02, wrong_share)
+    rest = 1 - probs.sum(1, keepdims=True)
+    empty = probs == 0
+    return probs + empty * rest / empty.sum(1, keepdims=True)
+
+
+def test_greedy_selection_keeps_the_members_that_help_and_says_how(tiny_bundle, prepared_synth, tmp_path):
+    from ferray.bundle.fusion import greedy_selection, selected_members
+    from ferray.data.contract import load_split
+
+    _, labels, _ = load_split(prepared_synth, "PublicTest")
+    first = np.arange(len(labels)) < int(0.7 * len(labels))
+    # a is right on the first 70% (confidently enough), c on the rest; together they are right everywhere;
+    # b, behind the SR generator, answers noise: greedy keeps a and c, and the bundle drops b and the SR
+    probs = {
+        "a": _answers(labels, first, 0.6, 0.4),
+        "b": np.random.default_rng(0).dirichlet(np.ones(7), len(labels)),
+        "c": _answers(labels, ~first, 0.9, 0.3),
+    }
+    path = greedy_selection(probs, labels)
+    assert [step["members"] for step in path][:2] == [["a"], ["a", "c"]]
+    assert path[0]["accuracy"] == pytest.approx(first.mean()) and path[1]["accuracy"] == 1.0
+    assert selected_members(path) == ["a", "c"]
+    members = tiny_bundle.parent / "members"
+    candidates = {name: members / f"{name}.pt" for name in ("a", "b", "c")}
+    out = tmp_path / "chosen"
+    card = build_bundle(candidates, members / "sr.pt", prepared_synth, out, probs=probs, select="greedy", tests=False)
+    assert list(card.members) == ["a", "c"] and card.sr is None and card.sets == {"all": ["a", "c"], "fast": ["a"]}
+    assert card.selection["candidates"] == ["a", "b", "c"] and card.selection["kept"] == ["a", "c"]
+    assert card.accuracy["PublicTest"]["ensemble"] == 1.0
+    files = {p.name for p in out.iterdir()}
+    assert {"model_a.pt", "model_c.pt", "selection-PublicTest.png"} <= files and not {"model_b.pt", "sr.pt"} & files
+    text = (out / "MODEL_CARD.md").read_text()
+    assert "## Members chosen" in text and "left out b" in text and "| a + c | 100.00% |" in text
+    assert load_bundle(out)[0].names() == ("a", "c")
+    with pytest.raises(Exception, match=r"set 'slow': b \(the members kept by greedy selection are a, c\)"):
+        build_bundle(
+            candidates,
+            members / "sr.pt",
+            prepared_synth,
+            tmp_path / "x",
+            probs=probs,
+            select="greedy",
+            tests=False,
+            sets={"slow": ["b"]},
+        )

@@ -28,7 +28,14 @@ from ferray.bundle.card import (
     write_card,
 )
 from ferray.bundle.evaluation import _numpy, evaluate_views
-from ferray.bundle.fusion import fit_fusion, member_accuracies, set_accuracies
+from ferray.bundle.fusion import (
+    SELECTION_HOW,
+    fit_fusion,
+    greedy_selection,
+    member_accuracies,
+    selected_members,
+    set_accuracies,
+)
 from ferray.bundle.load import fusion_rule
 from ferray.bundle.runtime import load_members, member_input
 from ferray.config import ConfigError, ExperimentConfig
@@ -75,6 +82,7 @@ def build_bundle(
     sets: dict[str, list[str]] | None = None,
     weights: str = "auto",
     inputs: dict[str, str] | None = None,
+    select: str = "none",
 ) -> BundleCard:
     """Fit the fusion of `members` ({name: checkpoint}, in order) on the selection split of `data`
     (`split`, else the one the first member was selected on) and write the serving bundle to `out`;
@@ -82,20 +90,18 @@ def build_bundle(
     the figures of the model card). `sr`: the SR generator of the members that read SR faces
     (`inputs`, else each member's own training crop says: ferray.bundle.runtime.member_input).
     `sets`: named sets of members (default_sets). `weights`: auto | equal | fitted (fit_fusion).
-    `probs`: the members' probabilities on the selection split with that TTA, when already computed."""
+    `probs`: the members' probabilities on the selection split with that TTA, when already computed.
+    `select`: "greedy" keeps the members that greedy forward selection chooses on the selection split
+    (ferray.bundle.fusion.greedy_selection; its path goes into the card and a figure); "none" keeps all."""
     if not members:
         raise ConfigError("a bundle needs at least one member")
+    if select not in SELECT_CHOICES:
+        raise ConfigError(f"select {select!r}: choose one of {', '.join(SELECT_CHOICES)}")
     names = list(members)
     bad = [name for name in names if not name.replace("_", "").isalnum() or not name.isascii()]
     if bad:
         raise ConfigError(f"member name(s) {', '.join(map(repr, bad))}: use letters, digits and _ (e.g. a, r18)")
-    sets = sets or default_sets(names)
-    for set_name, set_members in sets.items():
-        unknown = [m for m in set_members if m not in members]
-        if unknown or not set_members:
-            raise ConfigError(
-                f"set {set_name!r}: {', '.join(unknown) or 'no members'} (the members are {', '.join(names)})"
-            )
+    check_sets(sets or {}, names)
     device = default_device()
     manifest = read_manifest(data)
     if manifest["image_size"] != [FER_SIZE, FER_SIZE]:
@@ -121,6 +127,20 @@ def build_bundle(
     if list(probs) != names or any(p.shape != (len(labels), len(EMOTIONS)) for p in probs.values()):
         shapes = {name: tuple(p.shape) for name, p in probs.items()}
         raise ConfigError(f"probs: {shapes} for the members {names} on {len(labels)} {split} faces")
+    selection = None
+    if select == "greedy" and len(names) > 1:
+        path = greedy_selection(probs, labels)
+        kept = [name for name in names if name in selected_members(path)]  # in the order given
+        selection = {"how": SELECTION_HOW.format(split=split), "candidates": names, "kept": kept, "path": path}
+        log.info(_selection_lines(selection))
+        names, probs = kept, {name: probs[name] for name in kept}
+        members, member_cards = {n: members[n] for n in kept}, {n: member_cards[n] for n in kept}
+        ensemble.members = {name: ensemble.members[name] for name in kept}
+        if not ensemble.needs_sr:
+            sr, ensemble.generator = None, None
+        if sets:
+            check_sets(sets, names, after="greedy selection")
+    sets = sets or default_sets(names)
     fusion, alternatives, temperatures = fit_fusion(probs, labels, split, sets, weights)
     costs = member_costs(ensemble, torch.from_numpy(faces[:COST_FACES]), tta)
     for name, temperature in temperatures.items():
@@ -141,6 +161,7 @@ def build_bundle(
         sets=sets,
         accuracy={split: accuracy},
         alternatives=alternatives,
+        selection=selection,
         data={"path": str(Path(data).absolute()), "checksum": manifest["checksum"], "splits": manifest["splits"]},
     )
     ensemble.rule = fusion_rule(card, tuple(names))
@@ -153,6 +174,23 @@ def build_bundle(
 
 
 COST_FACES = 32  # selection faces each member's cost per face is timed on
+SELECT_CHOICES = ("none", "greedy")
+
+
+def check_sets(sets: dict[str, list[str]], names: list[str], after: str = "") -> None:
+    """Every named set is non-empty and made of the bundle's members."""
+    for set_name, set_members in sets.items():
+        unknown = [m for m in set_members if m not in names]
+        if unknown or not set_members:
+            kept = f" kept by {after}" if after else ""
+            raise ConfigError(
+                f"set {set_name!r}: {', '.join(unknown) or 'no members'} (the members{kept} are {', '.join(names)})"
+            )
+
+
+def _selection_lines(selection: dict) -> str:
+    steps = [f"  {' + '.join(step['members'])}: {step['accuracy']:.2%}" for step in selection["path"]]
+    return "greedy selection:\n" + "\n".join(steps) + f"\nkept: {', '.join(selection['kept'])}"
 
 
 def member_costs(ensemble, faces: torch.Tensor, tta: bool) -> dict[str, float]:
@@ -215,8 +253,36 @@ def _write_bundle(out, card: BundleCard, members: dict, sr, overwrite: bool) -> 
                 tmp / f"confusion-{split}.png",
                 f"{split} ({role}){' TTA' if card.tta else ''}: {report.accuracy:.2%}",
             )
+        if card.selection is not None:
+            split = card.selection_split
+            plot_selection(card.selection, tmp / SELECTION_FIGURE.format(split=split), split)
         write_card(card, tmp / BUNDLE_FILE)
         (tmp / CARD_FILE).write_text(model_card(card))
+
+
+SELECTION_FIGURE = "selection-{split}.png"
+
+
+def plot_selection(selection: dict, path: Path, split: str) -> Path:
+    """The greedy path: the selection split's accuracy against the number of members, each point
+    labelled with the member it added; the kept set marked."""
+    from ferray.plotting import pyplot, save
+
+    plt = pyplot()
+    path_steps = selection["path"]
+    sizes = list(range(1, len(path_steps) + 1))
+    accuracy = [100 * step["accuracy"] for step in path_steps]
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    ax.plot(sizes, accuracy, marker="o")
+    for size, value, step in zip(sizes, accuracy, path_steps):
+        ax.annotate(f"+{step['members'][-1]}", (size, value), textcoords="offset points", xytext=(0, 6), ha="center")
+    kept = len(selection["kept"])
+    ax.axvline(kept, color="gray", linestyle="--", linewidth=1)
+    ax.set_xticks(sizes)
+    ax.set_xlabel("members (greedy forward selection, equal weights)")
+    ax.set_ylabel(f"{split} accuracy (%)")
+    ax.grid(alpha=0.3)
+    return save(fig, path, f"members chosen on {split}: {kept} of {len(selection['candidates'])} kept")
 
 
 def _plot_run(run_files: Path, member: MemberCard, bundle: Path, name: str) -> None:

@@ -131,6 +131,9 @@ class BundleCard:
     sets: dict = field(default_factory=dict)  # set name -> member names, e.g. {"all": [...], "fast": ["a"]}
     accuracy: dict = field(default_factory=dict)  # {selection split: {member..., set..., ensemble}}
     alternatives: dict = field(default_factory=dict)  # other fusions measured on the selection split
+    # how the members were chosen from candidates (`ferray ensemble --select greedy`): how, the
+    # candidates, the kept ones and the greedy path's accuracy at each size; None when all were kept
+    selection: dict | None = None
     evaluations: dict[str, Evaluation] = field(default_factory=dict)
     data: dict = field(default_factory=dict)  # path, checksum, splits
     upgraded_from: str | None = None  # the format it was written in, when read from an older one

@@ -207,3 +207,34 @@ def set_accuracies(probs: dict, labels: np.ndarray, weights: dict, sets: dict) -
         for name, members in sets.items()
         if all(m in probs for m in members)
     }
+
+
+SELECTION_HOW = (
+    "greedy forward selection with equal weights on {split}: the best member alone, then at each step the "
+    "member whose addition gives the highest accuracy (ties: the lower log-loss); the set kept is the "
+    "smallest of the highest accuracy along that path"
+)
+
+
+def greedy_selection(probs: dict, labels: np.ndarray) -> list[dict]:
+    """The path of greedy forward selection over the members of `probs` (equal weights): one entry per
+    size, {"members": [...], "accuracy", "log_loss"}, the first the best member alone."""
+
+    def measured(members: list[str]) -> dict:
+        accuracy, log_loss = score(fuse({m: probs[m] for m in members}, {}), labels)
+        return {"members": members, "accuracy": accuracy, "log_loss": log_loss}
+
+    left, path = list(probs), []
+    while left:
+        chosen = path[-1]["members"] if path else []
+        steps = [measured([*chosen, name]) for name in left]
+        best = max(steps, key=lambda step: (step["accuracy"], -step["log_loss"]))
+        path.append(best)
+        left.remove(best["members"][-1])
+    return path
+
+
+def selected_members(path: list[dict]) -> list[str]:
+    """The smallest set of the highest accuracy on the greedy path."""
+    top = max(step["accuracy"] for step in path)
+    return next(step["members"] for step in path if step["accuracy"] == top)

@@ -131,6 +131,26 @@ def _per_class_table(card: BundleCard) -> list[str]:
     return lines
 
 
+def _selection_lines(selection: dict, split: str) -> list[str]:
+    """The members kept from the candidates, and the greedy path that chose them."""
+    from ferray.bundle.build import SELECTION_FIGURE
+
+    left_out = [name for name in selection["candidates"] if name not in selection["kept"]]
+    return [
+        "",
+        "## Members chosen",
+        "",
+        f"{selection['how'][0].upper()}{selection['how'][1:]}. Kept {', '.join(selection['kept'])}"
+        + (f"; left out {', '.join(left_out)}." if left_out else "."),
+        "",
+        f"| members | {split} |",
+        "|---|---|",
+        *(f"| {' + '.join(step['members'])} | {_pct(step['accuracy'])} |" for step in selection["path"]),
+        "",
+        f"![greedy selection on {split}]({SELECTION_FIGURE.format(split=split)})",
+    ]
+
+
 def render_model_card(card: BundleCard) -> str:
     sr, many = card.sr, len(card.members) > 1
     evaluations = card.evaluations
@@ -181,6 +201,8 @@ def render_model_card(card: BundleCard) -> str:
             for name, alt in card.alternatives.items()
             if "accuracy" in alt
         ]
+    if card.selection is not None:
+        lines += _selection_lines(card.selection, card.selection_split)
     lines += [
         "",
         "## Accuracy",

@@ -1,0 +1,285 @@
+"""An autoscaling Ray cluster on this machine, driven as a user drives cluster.yaml's: Ray's own fake
+multi-node provider (RAY_FAKE_CLUSTER=1, the one Ray tests its autoscaler with) starts and stops
+"nodes" (raylets of their own) as the load asks, and every stage goes through the Jobs API.
+
+    python tests/autoscaling.py OUT        # prints one line "RESULT {json}" for tests/test_cluster.py
+
+The node types mirror cluster.yaml's: a head of 0 CPUs and 0 GPUs (it runs no work), a CPU worker
+type and a GPU worker type whose GPU is a declared resource (this machine has none: processes given
+it compute on the CPU, which is what ferray.device does where torch sees no GPU), each with a
+maximum, an idle timeout of seconds, token authentication on. The stages: prepare (a CSV of
+synthetic faces) -> train on 2 workers the autoscaler puts on 2 new nodes -> a Tune search of 2
+trials -> sr upscale on a GPU node -> ensemble -> serve -> one request over HTTP -> every worker
+node gone after its idle timeout. `ray job submit --working-dir` uploads a copy of the project made
+with .rayignore's rules, from a folder other than the installed package.
+
+What it cannot show (docs/cluster.md): nodes here share one file system and one machine, so the
+shared-storage checks pass trivially, and nothing of AWS (images, drivers, EFS, security groups).
+Run in a subprocess: the test session holds a Ray of its own, and this cluster has its own ports.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+IDLE_MINUTES = 0.25
+NODE_TYPES = {
+    "ray.head.default": {"resources": {"CPU": 0, "GPU": 0}, "node_config": {}, "max_workers": 0},
+    "cpu_worker": {
+        "resources": {"CPU": 1, "object_store_memory": 120 << 20},
+        "node_config": {},
+        "min_workers": 0,
+        "max_workers": 2,
+    },
+    "gpu_worker": {
+        "resources": {"CPU": 1, "GPU": 1, "object_store_memory": 120 << 20},
+        "node_config": {},
+        "min_workers": 0,
+        "max_workers": 1,
+    },
+}
+
+
+def free_port() -> int:
+    from ferray.testing import free_port as free
+
+    return free()
+
+
+def autoscaling_config(gcs: str) -> dict:
+    """A cluster-launcher config for the fake provider, with cluster.yaml's node-type layout."""
+    empty = ("file_mounts", "cluster_synced_files", "rsync_exclude", "rsync_filter")
+    commands = (
+        "initialization_commands",
+        "setup_commands",
+        "head_setup_commands",
+        "worker_setup_commands",
+        "head_start_ray_commands",
+        "worker_start_ray_commands",
+    )
+    return {
+        "cluster_name": "ferray-fake",
+        "max_workers": 3,
+        "upscaling_speed": 1.0,
+        "idle_timeout_minutes": IDLE_MINUTES,
+        "provider": {"type": "fake_multinode", "gcs_address": gcs, "disable_launch_config_check": True},
+        "auth": {"ssh_user": "ubuntu"},
+        "available_node_types": NODE_TYPES,
+        "head_node_type": "ray.head.default",
+        "file_mounts_sync_continuously": False,
+        **{key: ({} if key == "file_mounts" else []) for key in empty},
+        **{key: [] for key in commands},
+    }
+
+
+class FakeCluster:
+    """`ray start --head --block` with the autoscaler of a fake provider; stopped with its process."""
+
+    def __init__(self, out: Path):
+        self.out = out
+        self.port, self.dashboard = free_port(), free_port()
+        self.address = f"http://127.0.0.1:{self.dashboard}"
+        self.env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {
+            "RAY_FAKE_CLUSTER": "1",
+            "AUTOSCALER_UPDATE_INTERVAL_S": "1",
+            "RAY_AUTH_MODE": "token",
+            "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "2",
+            "FERRAY_MAX_CPUS": "3",  # what the node types can ever offer (cluster.yaml sets the same)
+            "FERRAY_MAX_GPUS": "1",
+            "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
+        }
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        config = self.out / "autoscaling.json"
+        config.write_text(json.dumps(autoscaling_config(f"127.0.0.1:{self.port}")))
+        command = [
+            "ray",
+            "start",
+            "--head",
+            "--block",
+            f"--port={self.port}",
+            "--num-cpus=0",
+            "--num-gpus=0",
+            f"--autoscaling-config={config}",
+            "--include-dashboard=true",
+            f"--dashboard-port={self.dashboard}",
+            f"--dashboard-agent-listen-port={free_port()}",
+            f"--metrics-export-port={free_port()}",
+            "--object-store-memory=150000000",
+            "--disable-usage-stats",
+        ]
+        log = open(self.out / "head.log", "w")  # noqa: SIM115 - open for the head's lifetime
+        self.process = subprocess.Popen(command, env=self.env, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{self.address}/api/version", timeout=2):
+                    return
+            except urllib.error.HTTPError:  # 401 without the token: the dashboard is up
+                return
+            except OSError:
+                if time.monotonic() > deadline or self.process.poll() is not None:
+                    head_log = (self.out / "head.log").read_text()[-2000:]
+                    raise RuntimeError(f"the head did not start: {head_log}") from None
+                time.sleep(1)
+
+    def stop(self) -> None:
+        if self.process is None:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+    def ray(self, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+        return subprocess.run(["ray", *args], env=self.env, capture_output=True, text=True, timeout=timeout)
+
+    def submit(self, workdir: Path, *command: str, wait: bool = True) -> tuple[str, str]:
+        """Submit `command` as a job with `workdir` uploaded; (job id, its logs) once it ends, or
+        (job id, "") at once with wait=False. A failed job raises with its logs."""
+        flags = [] if wait else ["--no-wait"]
+        done = self.ray(
+            "job", "submit", "--address", self.address, "--working-dir", str(workdir), *flags, "--", *command
+        )
+        found = re.search(r"raysubmit_\w+", done.stdout + done.stderr)
+        if found is None:
+            raise RuntimeError(f"{' '.join(command)}: not submitted: {done.stdout[-2000:]} {done.stderr[-2000:]}")
+        job = found.group(0)
+        if not wait:
+            return job, ""
+        logs = self.ray("job", "logs", "--address", self.address, job).stdout
+        status = self.ray("job", "status", "--address", self.address, job)
+        if "succeeded" not in (status.stdout + status.stderr).lower():
+            raise RuntimeError(f"{' '.join(command)}: the job failed:\n{logs[-4000:]}")
+        return job, logs
+
+    def workers(self) -> list[dict]:
+        """The alive nodes other than the head, with their resources."""
+        import ray
+
+        return [n for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0) > 0]
+
+
+def project_copy(out: Path) -> Path:
+    """The tree `ray job submit --working-dir .` would upload, copied apart (Ray's own walk and
+    .rayignore rules), so that the jobs run ferray from the upload, not from the installed package."""
+    from ray._private.runtime_env.packaging import _dir_travel
+
+    target = out / "project"
+
+    def copy(path: Path) -> None:
+        if path.is_file():
+            dest = target / path.relative_to(REPO)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(path, dest)
+
+    _dir_travel(REPO, [], copy, include_gitignore=True)
+    return target
+
+
+def wait_for(what: str, ready, timeout: float) -> float:
+    """Poll `ready()` until true; the seconds it took, or RuntimeError naming `what`."""
+    t0 = time.monotonic()
+    while not ready():
+        if time.monotonic() - t0 > timeout:
+            raise RuntimeError(f"{what}: not within {timeout:.0f} s")
+        time.sleep(1)
+    return time.monotonic() - t0
+
+
+def request_over_http(port: int) -> dict:
+    """/readyz until ready, then one /predict/pixels of a gray face."""
+    url = f"http://127.0.0.1:{port}"
+
+    def ready() -> bool:
+        try:
+            with urllib.request.urlopen(f"{url}/readyz", timeout=5) as answer:
+                return answer.status == 200
+        except OSError:
+            return False
+
+    wait_for("the served bundle's /readyz", ready, 300)
+    body = json.dumps({"pixels": [128] * 48 * 48}).encode()  # one face, a FER2013 pixel row
+    request = urllib.request.Request(
+        f"{url}/predict/pixels", data=body, headers={"Content-Type": "application/json"}, method="POST"
+    )
+    with urllib.request.urlopen(request, timeout=60) as answer:
+        return json.loads(answer.read())
+
+
+def run(out: Path) -> dict:
+    import ray
+
+    from ferray.data.synth import SynthSpec, synthesize
+
+    out.mkdir(parents=True, exist_ok=True)
+    shared = out / "shared"  # the cluster's shared root (/mnt/ferray on cluster.yaml's nodes)
+    synthesize(shared / "csv", SynthSpec(n=420, seed=3), fmt="csv")
+    workdir = project_copy(out)
+    cluster = FakeCluster(out)
+    cluster.start()
+    facts: dict = {"stages": {}}
+    try:
+        os.environ.update({k: v for k, v in cluster.env.items() if k.startswith("RAY_AUTH")})
+        ray.init(address=f"127.0.0.1:{cluster.port}", logging_level="ERROR")
+        facts["workers_at_start"] = len(cluster.workers())
+        data, runs = str(shared / "data"), str(shared / "runs")
+
+        def stage(name: str, *command: str) -> str:
+            t0 = time.monotonic()
+            _, logs = cluster.submit(workdir, *command)
+            facts["stages"][name] = {"seconds": round(time.monotonic() - t0, 1), "workers": len(cluster.workers())}
+            return logs
+
+        logs = stage("prepare", "ferray", "prepare", "--source", str(shared / "csv" / "fer2013.csv"), "--out", data)
+        facts["uses_the_cluster"] = "ferray: using the Ray cluster at" in logs
+        stage(
+            "train",
+            *("ferray", "train", "experiments/debug_a.yaml", "--data", data, "--out", runs, "--workers", "2"),
+            *("--epochs", "2", "--set", "scaling.cpus_per_worker=1", "--set", "train.batch_size=32"),
+        )
+        facts["train"] = json.loads((shared / "runs" / "debug_a" / "result.json").read_text())
+        stage(
+            "tune",
+            *("ferray", "tune", "experiments/debug_tune.yaml", "--data", data, "--out", runs, "--samples", "2"),
+            *("--set", "train.epochs=1"),
+        )
+        stage(
+            "upscale",
+            *("ferray", "sr", "upscale", "--method", "bicubic", "--data", data, "--out", str(shared / "data_x2")),
+            *("--actors", "1", "--gpus-per-actor", "1"),
+        )
+        facts["gpu_nodes_seen"] = len([n for n in ray.nodes() if n["Resources"].get("GPU")])
+        bundle = str(shared / "bundle")
+        stage(
+            "ensemble",
+            *("ferray", "ensemble", "--member", f"a={shared / 'runs' / 'debug_a' / 'best.pt'}"),
+            *("--data", data, "--out", bundle, "--no-tta"),
+        )
+        port = free_port()
+        job, _ = cluster.submit(workdir, "ferray", "serve", "--bundle", bundle, "--port", str(port), wait=False)
+        t0 = time.monotonic()
+        facts["answer"] = request_over_http(port)
+        facts["stages"]["serve"] = {"seconds": round(time.monotonic() - t0, 1), "workers": len(cluster.workers())}
+        cluster.ray("job", "stop", "--address", cluster.address, job)
+        facts["idle_seconds"] = round(wait_for("the worker nodes to go when idle", lambda: not cluster.workers(), 300))
+    finally:
+        ray.shutdown()
+        cluster.stop()
+    return facts
+
+
+if __name__ == "__main__":
+    print("RESULT " + json.dumps(run(Path(sys.argv[1]))), flush=True)
