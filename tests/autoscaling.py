@@ -31,12 +31,19 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+# Every Ray process of this cluster, this script's own driver included, authenticates with the token
+# in ~/.ray/auth_token (made by the head on first use). Ray reads the mode when it is imported.
+os.environ["RAY_AUTH_MODE"] = "token"
+os.environ.pop("RAY_ADDRESS", None)
 REPO = Path(__file__).resolve().parents[1]
+FAKE_HEAD_NODE_ID = "f" * 51 + "00000"  # ray.autoscaler._private.fake_multi_node.node_provider's
 IDLE_MINUTES = 0.25
 NODE_TYPES = {
     "ray.head.default": {"resources": {"CPU": 0, "GPU": 0}, "node_config": {}, "max_workers": 0},
     "cpu_worker": {
-        "resources": {"CPU": 1, "object_store_memory": 120 << 20},
+        # one Train worker of 2 CPUs a node, and a CPU beside it for Ray Data's reads (which wait for a
+        # free CPU rather than ask the autoscaler for one; cluster.yaml's nodes have 8 and 16 CPUs)
+        "resources": {"CPU": 3, "object_store_memory": 120 << 20},
         "node_config": {},
         "min_workers": 0,
         "max_workers": 2,
@@ -72,7 +79,18 @@ def autoscaling_config(gcs: str) -> dict:
         "max_workers": 3,
         "upscaling_speed": 1.0,
         "idle_timeout_minutes": IDLE_MINUTES,
-        "provider": {"type": "fake_multinode", "gcs_address": gcs, "disable_launch_config_check": True},
+        # autoscaler v2 (as Ray's own AutoscalingCluster runs it): it follows the nodes through Ray's
+        # own view of them; v1 waits for a node updater (ssh) the fake raylets cannot have
+        # (as an external provider: the wheel lacks the fake provider's default config file, which
+        # the autoscaler reads for the built-in type name)
+        "provider": {
+            "type": "external",
+            "module": "ray.autoscaler._private.fake_multi_node.node_provider.FakeMultiNodeProvider",
+            "gcs_address": gcs,
+            "disable_launch_config_check": True,
+            "launch_multiple": True,
+            "head_node_id": FAKE_HEAD_NODE_ID,
+        },
         "auth": {"ssh_user": "ubuntu"},
         "available_node_types": NODE_TYPES,
         "head_node_type": "ray.head.default",
@@ -92,9 +110,12 @@ class FakeCluster:
         self.env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {
             "RAY_FAKE_CLUSTER": "1",
             "AUTOSCALER_UPDATE_INTERVAL_S": "1",
+            "RAY_enable_autoscaler_v2": "1",
+            "RAY_CLOUD_INSTANCE_ID": FAKE_HEAD_NODE_ID,
+            "RAY_OVERRIDE_NODE_ID_FOR_TESTING": FAKE_HEAD_NODE_ID,
             "RAY_AUTH_MODE": "token",
             "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "2",
-            "FERRAY_MAX_CPUS": "3",  # what the node types can ever offer (cluster.yaml sets the same)
+            "FERRAY_MAX_CPUS": "7",  # what the node types can ever offer (cluster.yaml sets the same)
             "FERRAY_MAX_GPUS": "1",
             "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
         }
@@ -219,7 +240,7 @@ def request_over_http(port: int) -> dict:
         return json.loads(answer.read())
 
 
-def run(out: Path) -> dict:
+def run(out: Path, quick: bool = False) -> dict:
     import ray
 
     from ferray.data.synth import SynthSpec, synthesize
@@ -232,7 +253,6 @@ def run(out: Path) -> dict:
     cluster.start()
     facts: dict = {"stages": {}}
     try:
-        os.environ.update({k: v for k, v in cluster.env.items() if k.startswith("RAY_AUTH")})
         ray.init(address=f"127.0.0.1:{cluster.port}", logging_level="ERROR")
         facts["workers_at_start"] = len(cluster.workers())
         data, runs = str(shared / "data"), str(shared / "runs")
@@ -245,10 +265,15 @@ def run(out: Path) -> dict:
 
         logs = stage("prepare", "ferray", "prepare", "--source", str(shared / "csv" / "fer2013.csv"), "--out", data)
         facts["uses_the_cluster"] = "ferray: using the Ray cluster at" in logs
+        if quick:  # prepare alone, then the idle nodes going (for working on this script)
+            facts["idle_seconds"] = round(
+                wait_for("the worker nodes to go when idle", lambda: not cluster.workers(), 300)
+            )
+            return facts
         stage(
             "train",
             *("ferray", "train", "experiments/debug_a.yaml", "--data", data, "--out", runs, "--workers", "2"),
-            *("--epochs", "2", "--set", "scaling.cpus_per_worker=1", "--set", "train.batch_size=32"),
+            *("--epochs", "2", "--set", "scaling.cpus_per_worker=2", "--set", "train.batch_size=32"),
         )
         facts["train"] = json.loads((shared / "runs" / "debug_a" / "result.json").read_text())
         stage(
@@ -268,8 +293,14 @@ def run(out: Path) -> dict:
             *("ferray", "ensemble", "--member", f"a={shared / 'runs' / 'debug_a' / 'best.pt'}"),
             *("--data", data, "--out", bundle, "--no-tta"),
         )
+        # the fake nodes share this machine's address, so one proxy (on the head) takes the port; on a
+        # real cluster each node has its own address and serve/config.yaml's EveryNode holds
+        config = shared / "serve.yaml"
+        every_node = (REPO / "serve" / "config.yaml").read_text()
+        config.write_text(every_node.replace("proxy_location: EveryNode", "proxy_location: HeadOnly"))
         port = free_port()
-        job, _ = cluster.submit(workdir, "ferray", "serve", "--bundle", bundle, "--port", str(port), wait=False)
+        serving = ("ferray", "serve", "--bundle", bundle, "--port", str(port), "--config", str(config))
+        job, _ = cluster.submit(workdir, *serving, wait=False)
         t0 = time.monotonic()
         facts["answer"] = request_over_http(port)
         facts["stages"]["serve"] = {"seconds": round(time.monotonic() - t0, 1), "workers": len(cluster.workers())}
@@ -282,4 +313,8 @@ def run(out: Path) -> dict:
 
 
 if __name__ == "__main__":
-    print("RESULT " + json.dumps(run(Path(sys.argv[1]))), flush=True)
+    import signal
+
+    # a timeout's SIGTERM unwinds through run()'s `finally`, which stops the head and its nodes
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    print("RESULT " + json.dumps(run(Path(sys.argv[1]), quick="--quick" in sys.argv)), flush=True)

@@ -36,6 +36,13 @@ def app_args(
     return args, dict(document.get("http_options") or {})
 
 
+def proxy_location(config: str | Path | None = None) -> str:
+    """Where Serve runs its HTTP proxies, from the Serve config (EveryNode by default, as Serve's)."""
+    from ferray.serve_app.settings import CONFIG_FILE, load_config
+
+    return str(load_config(config or CONFIG_FILE).get("proxy_location") or "EveryNode")
+
+
 def check_members(settings) -> None:
     """The members the settings name are a set or members of their bundle (read from its card)."""
     from ferray.bundle import answering_members, read_bundle_card
@@ -72,7 +79,11 @@ def start(
     verbose = access_log or is_verbose()
     logging_config = LoggingConfig(log_level="INFO" if verbose else "WARNING", enable_access_log=verbose)
     # the controller's and proxies' INFO lines (replica bookkeeping) only with FERRAY_VERBOSE=1
-    serve.start(http_options=http, logging_config=LoggingConfig(log_level="INFO" if is_verbose() else "WARNING"))
+    serve.start(
+        proxy_location=proxy_location(config),
+        http_options=http,
+        logging_config=LoggingConfig(log_level="INFO" if is_verbose() else "WARNING"),
+    )
     serve.run(build(args), name=APP_NAME, route_prefix="/", blocking=False, logging_config=logging_config)
     url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
     wait_ready(url, wait_s)
