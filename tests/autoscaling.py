@@ -171,9 +171,8 @@ class FakeCluster:
         """Submit `command` as a job with `workdir` uploaded; (job id, its logs) once it ends, or
         (job id, "") at once with wait=False. A failed job raises with its logs."""
         flags = [] if wait else ["--no-wait"]
-        done = self.ray(
-            "job", "submit", "--address", self.address, "--working-dir", str(workdir), *flags, "--", *command
-        )
+        where = ("--address", self.address, "--working-dir", str(workdir))
+        done = self.ray("job", "submit", *where, *flags, "--", "sh", "-c", from_root(command))
         found = re.search(r"raysubmit_\w+", done.stdout + done.stderr)
         if found is None:
             raise RuntimeError(f"{' '.join(command)}: not submitted: {done.stdout[-2000:]} {done.stderr[-2000:]}")
@@ -191,6 +190,20 @@ class FakeCluster:
         import ray
 
         return [n for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0) > 0]
+
+
+def from_root(command: tuple[str, ...]) -> str:
+    """A shell line that runs `command` from / with "@/x" standing for the uploaded copy's x.
+
+    The fake nodes share one disk, and a node's first use of an uploaded working directory
+    re-extracts it in place (Ray's working_dir plugin unpacks with overwrite): a driver whose current
+    directory it is would find that directory gone (Tune's driver fails on os.getcwd). So each stage's
+    driver leaves it and reads the upload by its path, which the re-extraction makes again. On a real
+    cluster every node has its own disk, and `ray job submit --working-dir . -- ferray ...` is all."""
+    import shlex
+
+    words = ['"$W"' + shlex.quote(word[1:]) if word.startswith("@/") else shlex.quote(word) for word in command]
+    return 'W="$PWD"; cd / && exec ' + " ".join(words)
 
 
 def project_copy(out: Path) -> Path:
@@ -272,13 +285,13 @@ def run(out: Path, quick: bool = False) -> dict:
             return facts
         stage(
             "train",
-            *("ferray", "train", "experiments/debug_a.yaml", "--data", data, "--out", runs, "--workers", "2"),
+            *("ferray", "train", "@/experiments/debug_a.yaml", "--data", data, "--out", runs, "--workers", "2"),
             *("--epochs", "2", "--set", "scaling.cpus_per_worker=2", "--set", "train.batch_size=32"),
         )
         facts["train"] = json.loads((shared / "runs" / "debug_a" / "result.json").read_text())
         stage(
             "tune",
-            *("ferray", "tune", "experiments/debug_tune.yaml", "--data", data, "--out", runs, "--samples", "2"),
+            *("ferray", "tune", "@/experiments/debug_tune.yaml", "--data", data, "--out", runs, "--samples", "2"),
             *("--set", "train.epochs=1"),
         )
         stage(

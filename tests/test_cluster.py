@@ -463,5 +463,6 @@ def test_the_cluster_path_runs_on_an_autoscaling_cluster(tmp_path):
     assert facts["stages"]["train"]["workers"] >= 2 and facts["train"]["workers"] == 2
     assert facts["train"]["epochs"] == 2
     assert facts["gpu_nodes_seen"] >= 1  # the upscaling actor's GPU brought a GPU node
-    assert max(facts["answer"]["probs"], key=facts["answer"]["probs"].get) == facts["answer"]["label"]
-    assert facts["idle_seconds"] >= 0  # every worker node went after its idle timeout
+    (face,) = facts["answer"]["faces"]  # the served ensemble answered over HTTP
+    assert max(face["probs"], key=face["probs"].get) == face["label"] and set(face["members"]) == {"a"}
+    assert facts["idle_seconds"] >= 0  # every worker node went after its idle timeout (else wait_for raised)
