@@ -60,6 +60,26 @@ def untrained_bundle(folder: str | Path, data: str | Path, tta: bool = True, **m
 
 
 # ------------------------------------------------------------------------------ HTTP helpers
+def wait_for_dashboard(address: str, process, timeout: float) -> None:
+    """Until a Ray head started as `process` answers on its dashboard `address` (a 401 without the
+    token counts: it is up); RuntimeError if the process ends or `timeout` seconds pass first."""
+    import time
+    import urllib.error
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(f"{address}/api/version", timeout=2):
+                return
+        except urllib.error.HTTPError:
+            return
+        except OSError:
+            if time.monotonic() > deadline or process.poll() is not None:
+                raise RuntimeError(f"the Ray head at {address} did not start") from None
+            time.sleep(1)
+
+
 def free_port() -> int:
     from ferray.distributed.runtime import free_local_port
 

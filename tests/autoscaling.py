@@ -63,6 +63,12 @@ def free_port() -> int:
     return free()
 
 
+def wait_for_dashboard(address: str, process, timeout: float) -> None:
+    from ferray.testing import wait_for_dashboard as wait
+
+    wait(address, process, timeout)
+
+
 def autoscaling_config(gcs: str) -> dict:
     """A cluster-launcher config for the fake provider, with cluster.yaml's node-type layout."""
     empty = ("file_mounts", "cluster_synced_files", "rsync_exclude", "rsync_filter")
@@ -142,18 +148,10 @@ class FakeCluster:
         ]
         log = open(self.out / "head.log", "w")  # noqa: SIM115 - open for the head's lifetime
         self.process = subprocess.Popen(command, env=self.env, stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"{self.address}/api/version", timeout=2):
-                    return
-            except urllib.error.HTTPError:  # 401 without the token: the dashboard is up
-                return
-            except OSError:
-                if time.monotonic() > deadline or self.process.poll() is not None:
-                    head_log = (self.out / "head.log").read_text()[-2000:]
-                    raise RuntimeError(f"the head did not start: {head_log}") from None
-                time.sleep(1)
+        try:
+            wait_for_dashboard(self.address, self.process, 120)
+        except RuntimeError as error:
+            raise RuntimeError(f"{error}: {(self.out / 'head.log').read_text()[-2000:]}") from None
 
     def stop(self) -> None:
         if self.process is None:

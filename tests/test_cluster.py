@@ -9,9 +9,6 @@ import os
 import re
 import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -214,17 +211,9 @@ def head_node(tmp_path):
     )
     address = f"http://127.0.0.1:{dashboard}"
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                with urllib.request.urlopen(f"{address}/api/version", timeout=2):
-                    break
-            except urllib.error.HTTPError:  # 401 without the token: the dashboard is up
-                break
-            except OSError:
-                if time.monotonic() > deadline or process.poll() is not None:
-                    raise RuntimeError("the head node did not start") from None
-                time.sleep(1)
+        from ferray.testing import wait_for_dashboard
+
+        wait_for_dashboard(address, process, 90)
         yield address, env
     finally:
         process.terminate()
@@ -289,18 +278,24 @@ def test_jobs_submitted_to_a_head_node_use_the_cluster(head_node, tmp_path):
 
 
 # ------------------------------------------------------------------------------------ multi-node
-def multinode(what: str, out: Path) -> dict:
+def script_result(script: str, *args: str, timeout: float = 600) -> dict:
+    """Run tests/SCRIPT ARGS in its own process (the session holds a Ray of its own) and return the
+    JSON of its last "RESULT {...}" line, with its stdout."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     done = subprocess.run(
-        [sys.executable, str(REPO / "tests" / "multinode.py"), what, str(out)],
+        [sys.executable, str(REPO / "tests" / script), *args],
         env=env,
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=timeout,
     )
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     assert done.returncode == 0 and lines, (done.stdout[-3000:], done.stderr[-3000:])
     return json.loads(lines[-1][len("RESULT ") :]) | {"stdout": done.stdout}
+
+
+def multinode(what: str, out: Path) -> dict:
+    return script_result("multinode.py", what, str(out))
 
 
 @pytest.mark.slow
@@ -447,17 +442,7 @@ def test_shells_on_the_nodes_hold_the_token_and_the_serve_rule_follows_its_cidr(
 def test_the_cluster_path_runs_on_an_autoscaling_cluster(tmp_path):
     """prepare -> train -> tune -> upscale -> ensemble -> serve -> HTTP through the Jobs API, on nodes
     Ray's fake provider starts for the load and stops when idle (tests/autoscaling.py)."""
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    done = subprocess.run(
-        [sys.executable, str(REPO / "tests" / "autoscaling.py"), str(tmp_path)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=1500,
-    )
-    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-    assert done.returncode == 0 and lines, (done.stdout[-3000:], done.stderr[-3000:])
-    facts = json.loads(lines[-1][len("RESULT ") :])
+    facts = script_result("autoscaling.py", str(tmp_path), timeout=1500)
     assert facts["workers_at_start"] == 0  # a head of 0 CPUs: every node below came for the load
     assert facts["uses_the_cluster"]
     assert facts["stages"]["train"]["workers"] >= 2 and facts["train"]["workers"] == 2
