@@ -54,7 +54,7 @@ def test_serve_settings_use_the_same_typed_builder_and_set_syntax():
     ]:
         with pytest.raises(ConfigError, match=message):
             app_args(None, overrides=[bad])
-    assert app_args(None, overrides=["members=a"])[0]["members"] == "a"
+    assert app_args(None, overrides=["members=fast"])[0]["members"] == "fast"
 
 
 def test_the_fused_deployment_counts_calls_and_the_split_members_count_requests():

@@ -178,7 +178,7 @@ def test_the_driver_decides_the_files_every_worker_reads(tmp_path, monkeypatch):
     from ferray.distributed.train import pin_outside_files
     from ferray.tasks import CLASSIFIER, get_task
 
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "torch" / "hub"))  # torch's cache, empty
     cfg = sr_config("sr.content=auto")
     assert pin_outside_files(cfg, get_task("sr")) == {} and cfg.sr.content == "mse"
     hub = tmp_path / "torch" / "hub" / "checkpoints"
