@@ -31,12 +31,13 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from ferray.testing import free_port, wait_for_dashboard
+
 # Every Ray process of this cluster, this script's own driver included, authenticates with the token
 # in ~/.ray/auth_token (made by the head on first use). Ray reads the mode when it is imported.
 os.environ["RAY_AUTH_MODE"] = "token"
 os.environ.pop("RAY_ADDRESS", None)
 REPO = Path(__file__).resolve().parents[1]
-FAKE_HEAD_NODE_ID = "f" * 51 + "00000"  # ray.autoscaler._private.fake_multi_node.node_provider's
 IDLE_MINUTES = 0.25
 NODE_TYPES = {
     "ray.head.default": {"resources": {"CPU": 0, "GPU": 0}, "node_config": {}, "max_workers": 0},
@@ -57,19 +58,7 @@ NODE_TYPES = {
 }
 
 
-def free_port() -> int:
-    from ferray.testing import free_port as free
-
-    return free()
-
-
-def wait_for_dashboard(address: str, process, timeout: float) -> None:
-    from ferray.testing import wait_for_dashboard as wait
-
-    wait(address, process, timeout)
-
-
-def autoscaling_config(gcs: str) -> dict:
+def autoscaling_config(gcs: str, head_id: str) -> dict:
     """A cluster-launcher config for the fake provider, with cluster.yaml's node-type layout."""
     empty = ("file_mounts", "cluster_synced_files", "rsync_exclude", "rsync_filter")
     commands = (
@@ -95,7 +84,7 @@ def autoscaling_config(gcs: str) -> dict:
             "gcs_address": gcs,
             "disable_launch_config_check": True,
             "launch_multiple": True,
-            "head_node_id": FAKE_HEAD_NODE_ID,
+            "head_node_id": head_id,
         },
         "auth": {"ssh_user": "ubuntu"},
         "available_node_types": NODE_TYPES,
@@ -110,15 +99,17 @@ class FakeCluster:
     """`ray start --head --block` with the autoscaler of a fake provider; stopped with its process."""
 
     def __init__(self, out: Path):
-        self.out = out
+        from ray.autoscaler._private.fake_multi_node.node_provider import FAKE_HEAD_NODE_ID
+
+        self.out, self.head_id = out, FAKE_HEAD_NODE_ID
         self.port, self.dashboard = free_port(), free_port()
         self.address = f"http://127.0.0.1:{self.dashboard}"
         self.env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {
             "RAY_FAKE_CLUSTER": "1",
             "AUTOSCALER_UPDATE_INTERVAL_S": "1",
             "RAY_enable_autoscaler_v2": "1",
-            "RAY_CLOUD_INSTANCE_ID": FAKE_HEAD_NODE_ID,
-            "RAY_OVERRIDE_NODE_ID_FOR_TESTING": FAKE_HEAD_NODE_ID,
+            "RAY_CLOUD_INSTANCE_ID": self.head_id,
+            "RAY_OVERRIDE_NODE_ID_FOR_TESTING": self.head_id,
             "RAY_AUTH_MODE": "token",
             "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "2",
             "FERRAY_MAX_CPUS": "7",  # what the node types can ever offer (cluster.yaml sets the same)
@@ -129,7 +120,7 @@ class FakeCluster:
 
     def start(self) -> None:
         config = self.out / "autoscaling.json"
-        config.write_text(json.dumps(autoscaling_config(f"127.0.0.1:{self.port}")))
+        config.write_text(json.dumps(autoscaling_config(f"127.0.0.1:{self.port}", self.head_id)))
         command = [
             "ray",
             "start",
