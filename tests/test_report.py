@@ -251,6 +251,27 @@ def test_reuse_needs_the_same_config_and_the_same_faces(tmp_path, prepared_synth
         obtain_run(cfg, runs, [])
 
 
+def test_a_run_is_reused_by_a_plan_that_names_what_training_resolved(tmp_path, prepared_synth):
+    """Training pins sr.content=auto to the kind it chose; the plan still says auto and must match."""
+    from ferray.distributed.report import obtain_run
+    from ferray.distributed.train import pin_outside_files
+    from ferray.tasks import SR
+
+    plan = load_plan(write_plan(tmp_path), data=prepared_synth)
+    model_a = fake_run(tmp_path / "elsewhere", plan.config(plan.run("model_a").experiment, prepared_synth))
+    sr_cfg = plan.config(plan.sr_experiment, prepared_synth)
+    sr_cfg.sr.content, sr_cfg.sr.content_checkpoint = "auto", str(model_a / "best.pt")
+    trained = plan.config(plan.sr_experiment, prepared_synth)
+    trained.sr.content, trained.sr.content_checkpoint = "auto", str(model_a / "best.pt")
+    pin_outside_files(trained, SR)
+    assert trained.sr.content == "model_a"  # what a run records
+    fake_run(tmp_path / "elsewhere", trained, task="sr")
+    assert obtain_run(sr_cfg, tmp_path / "runs", [tmp_path / "elsewhere"], task=SR, train=False)["reused"]
+    sr_cfg.sr.content = "mse"  # a plan that asks for another loss does not match it
+    with pytest.raises(ConfigError, match="sr.content: 'model_a' \\(plan: 'mse'\\)"):
+        obtain_run(sr_cfg, tmp_path / "runs", [tmp_path / "elsewhere"], task=SR, train=False)
+
+
 @pytest.mark.slow
 def test_upscaled_faces_are_found_by_source_or_made_with_ray_data(tmp_path, prepared_synth, ray_session):
     from ferray.distributed.report import upscaled_data

@@ -91,6 +91,24 @@ def finished_run(run_dir: Path) -> dict | None:
     return None
 
 
+def as_recorded(cfg: ExperimentConfig, task: Task) -> ExperimentConfig:
+    """A copy of `cfg` as a run of it records its config: training pins what "auto" and "imagenet"
+    resolve to on this machine (distributed.train.pin_outside_files), so a plan saying
+    sr.content=auto matches the finished run that trained with the kind auto chose. Where the files
+    cannot be resolved here, the plan as written (the comparison then names the difference)."""
+    import copy
+
+    from ferray.distributed.train import pin_outside_files
+    from ferray.errors import ContentError, PretrainedWeightsError
+
+    pinned = copy.deepcopy(cfg)
+    try:
+        pin_outside_files(pinned, task)
+    except (ContentError, PretrainedWeightsError):
+        return cfg
+    return pinned
+
+
 def obtain_run(
     cfg: ExperimentConfig, runs: Path, reuse: list[Path], task: Task = CLASSIFIER, train: bool = True
 ) -> dict:
@@ -98,14 +116,14 @@ def obtain_run(
     (train=False, `--reuse-only`: a ConfigError naming the run and why nothing matched)."""
     from ferray.distributed.train import run_training
 
-    why_not = []
+    why_not, recorded = [], as_recorded(cfg, task)
     for folder in [*reuse, runs]:
         run_dir = folder / cfg.name
         summary = finished_run(run_dir)
         if summary is None:
             why_not.append(f"{run_dir}: no finished run there")
             continue
-        differences = config_differences(run_dir, cfg)
+        differences = config_differences(run_dir, recorded)
         if not differences:
             log.info(f"report: reusing the finished run {run_dir}")
             return {**summary, "reused": True}
