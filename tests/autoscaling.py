@@ -31,6 +31,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from support import checkpoints_written
+
 from ferray.testing import free_port, wait_for_dashboard
 
 # Every Ray process of this cluster, this script's own driver included, authenticates with the token
@@ -115,6 +117,13 @@ class FakeCluster:
             "FERRAY_MAX_CPUS": "7",  # what the node types can ever offer (cluster.yaml sets the same)
             "FERRAY_MAX_GPUS": "1",
             "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
+            # a killed node is declared dead after ~1.5 s rather than Ray's ~15 s, and Train checks
+            # its workers twice a second: the test waits on both, and a real cluster's timing is not
+            # what it checks
+            "RAY_health_check_period_ms": "500",
+            "RAY_health_check_timeout_ms": "500",
+            "RAY_health_check_failure_threshold": "3",
+            "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
         }
         self.process: subprocess.Popen | None = None
 
@@ -166,19 +175,55 @@ class FakeCluster:
         if found is None:
             raise RuntimeError(f"{' '.join(command)}: not submitted: {done.stdout[-2000:]} {done.stderr[-2000:]}")
         job = found.group(0)
-        if not wait:
-            return job, ""
+        return job, (self.finished(job, " ".join(command)) if wait else "")
+
+    def finished(self, job: str, what: str) -> str:
+        """The logs of `job` once it ends; RuntimeError with its logs if it did not succeed."""
+        self.ray("job", "logs", "--address", self.address, "--follow", job)  # returns when the job ends
         logs = self.ray("job", "logs", "--address", self.address, job).stdout
         status = self.ray("job", "status", "--address", self.address, job)
         if "succeeded" not in (status.stdout + status.stderr).lower():
-            raise RuntimeError(f"{' '.join(command)}: the job failed:\n{logs[-4000:]}")
-        return job, logs
+            raise RuntimeError(f"{what}: the job failed:\n{logs[-4000:]}")
+        return logs
 
     def workers(self) -> list[dict]:
         """The alive nodes other than the head, with their resources."""
         import ray
 
         return [n for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0) > 0]
+
+
+def kill_node_holding(class_name: str) -> dict:
+    """SIGKILL the raylet of a worker node that holds an alive actor of `class_name` (its workers die
+    with it, as when a machine goes): how many such actors there were, on how many nodes, and how
+    many the killed node held."""
+    import signal
+
+    import ray
+    from ray.util.state import list_actors
+
+    actors = [
+        a
+        for a in list_actors(address=ray.get_runtime_context().gcs_address, filters=[("state", "=", "ALIVE")])
+        if class_name in (a.class_name or "")
+    ]
+    if not actors:
+        raise RuntimeError(f"no alive {class_name} actor to kill the node of")
+    node_id = actors[0].node_id
+    socket = next(n["RayletSocketName"] for n in ray.nodes() if n["NodeID"] == node_id)
+    raylets = []
+    for proc in Path("/proc").iterdir():
+        try:
+            words = (proc / "cmdline").read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if proc.name.isdigit() and words[0].endswith("raylet") and any(socket in word for word in words):
+            raylets.append(int(proc.name))
+    if len(raylets) != 1:
+        raise RuntimeError(f"found {len(raylets)} raylets for the node of socket {socket}")
+    os.kill(raylets[0], signal.SIGKILL)
+    held = [a for a in actors if a.node_id == node_id]
+    return {"actors": len(actors), "on_nodes": len({a.node_id for a in actors}), "on_killed_node": len(held)}
 
 
 def from_root(command: tuple[str, ...]) -> str:
@@ -242,6 +287,32 @@ def request_over_http(port: int) -> dict:
         return json.loads(answer.read())
 
 
+def train_losing_a_node(cluster: FakeCluster, workdir: Path, data: str, runs: str) -> dict:
+    """Train on 2 workers that the autoscaler puts on 2 new nodes; once the first epoch's checkpoint
+    is in the shared root, a node holding a worker is killed: the run must restart its workers (on a
+    node the autoscaler starts in its place) from that checkpoint and finish every epoch once."""
+    command = ("ferray", "train", "@/experiments/debug_a.yaml", "--data", data, "--out", runs, "--workers", "2")
+    command += ("--epochs", "3", "--set", "scaling.cpus_per_worker=2", "--set", "train.batch_size=32")
+    command += ("--set", "scaling.max_failures=2")
+    run_dir = Path(runs) / "debug_a"
+    t0 = time.monotonic()
+    job, _ = cluster.submit(workdir, *command, wait=False)
+    wait_for("the first epoch's checkpoint", lambda: checkpoints_written(run_dir) >= 1, 600)
+    facts = {"killed_after_epochs": checkpoints_written(run_dir), "nodes_before_the_kill": len(cluster.workers())}
+    facts["kill"] = kill_node_holding("RayTrainWorker")
+    logs = cluster.finished(job, "train")
+    result = json.loads((run_dir / "result.json").read_text())
+    logged = [json.loads(line)["epoch"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    resumed = re.findall(r"resumed from the checkpoint of epoch (\d+)", logs)
+    return facts | {
+        "seconds": round(time.monotonic() - t0, 1),
+        "epochs": result["epochs"],
+        "workers": result["workers"],
+        "logged": logged,
+        "resumed_from": [int(e) for e in resumed],
+    }
+
+
 def run(out: Path, quick: bool = False) -> dict:
     import ray
 
@@ -272,12 +343,8 @@ def run(out: Path, quick: bool = False) -> dict:
                 wait_for("the worker nodes to go when idle", lambda: not cluster.workers(), 300)
             )
             return facts
-        stage(
-            "train",
-            *("ferray", "train", "@/experiments/debug_a.yaml", "--data", data, "--out", runs, "--workers", "2"),
-            *("--epochs", "2", "--set", "scaling.cpus_per_worker=2", "--set", "train.batch_size=32"),
-        )
-        facts["train"] = json.loads((shared / "runs" / "debug_a" / "result.json").read_text())
+        facts["train"] = train_losing_a_node(cluster, workdir, data, runs)
+        facts["stages"]["train"] = {"seconds": facts["train"]["seconds"], "workers": len(cluster.workers())}
         stage(
             "tune",
             *("ferray", "tune", "@/experiments/debug_tune.yaml", "--data", data, "--out", runs, "--samples", "2"),

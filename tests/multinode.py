@@ -19,6 +19,8 @@ import threading
 import time
 from pathlib import Path
 
+from support import checkpoints_written
+
 HEAD = {"num_cpus": 1, "object_store_memory": 200 << 20, "include_dashboard": True}
 WORKER = {"num_cpus": 2, "object_store_memory": 150 << 20}
 CLUSTER: list = []
@@ -97,17 +99,11 @@ def train(out: Path) -> dict:
     )
     run_dir, events = out / "runs" / "debug_a", {}
 
-    def checkpoints() -> int:
-        try:
-            return len(json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())["checkpoint_results"])
-        except (OSError, ValueError, KeyError):
-            return 0
-
     def kill_a_node_after_a_checkpoint():
         deadline = time.time() + 300
         while time.time() < deadline:
-            if checkpoints() >= 1:
-                events["killed_after_epochs"] = checkpoints()
+            if checkpoints_written(run_dir) >= 1:
+                events["killed_after_epochs"] = checkpoints_written(run_dir)
                 events["kill"] = kill_node_holding(cluster, nodes, "RayTrainWorker")
                 return
             time.sleep(0.2)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import uuid
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -85,3 +86,34 @@ def ferray_messages():
     finally:
         logger.removeHandler(handler)
         logger.setLevel(before)
+
+
+def fresh_venv(venv: Path) -> Path:
+    """A new virtualenv at VENV that sees the packages of the interpreter running the tests (torch,
+    Ray), but not ferray: `--system-site-packages` alone would show it the base interpreter's, which
+    lack them when the tests run in a virtualenv, so a .pth file names this interpreter's folders (as
+    plain paths: their own .pth files, this checkout's editable install among them, stay out)."""
+    import site
+    import subprocess
+    import sys
+
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
+    ours = [p for p in [*site.getsitepackages(), site.getusersitepackages()] if Path(p).is_dir()]
+    inner = subprocess.run(
+        [str(venv / "bin" / "python"), "-c", "import site; print(site.getsitepackages()[0])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    (Path(inner) / "_ferray_test_outer_site.pth").write_text("\n".join(ours) + "\n")
+    return venv
+
+
+def checkpoints_written(run_dir: Path) -> int:
+    """How many epoch checkpoints Ray Train has recorded for the run folder RUN_DIR so far."""
+    import json
+
+    try:
+        return len(json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())["checkpoint_results"])
+    except (OSError, ValueError, KeyError):
+        return 0

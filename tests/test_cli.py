@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+from support import fresh_venv
 
 from ferray.cli import build_parser
 
@@ -99,22 +100,10 @@ def test_info_on_a_folder_that_is_not_prepared(tmp_path):
 def installed_ferray(tmp_path_factory):
     """`pip install .` (not editable) into a fresh venv, as a user installs a wheel; the venv sees
     the packages of the interpreter running the tests (torch, Ray) so that only ferray itself is
-    built and installed. `--system-site-packages` alone would show it the base interpreter's, which
-    lack them when the tests run in a virtualenv: a .pth file names this interpreter's folders (as
-    plain paths, so their own .pth files, this checkout's editable install among them, stay out)."""
-    import site
+    built and installed."""
     from pathlib import Path
 
-    venv = tmp_path_factory.mktemp("wheel") / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
-    ours = [p for p in [*site.getsitepackages(), site.getusersitepackages()] if Path(p).is_dir()]
-    inner = subprocess.run(
-        [str(venv / "bin" / "python"), "-c", "import site; print(site.getsitepackages()[0])"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.strip()
-    (Path(inner) / "_ferray_test_outer_site.pth").write_text("\n".join(ours) + "\n")
+    venv = fresh_venv(tmp_path_factory.mktemp("wheel") / "venv")
     repo = Path(__file__).resolve().parents[1]
     built = subprocess.run(
         [str(venv / "bin" / "pip"), "install", "-q", "--no-deps", str(repo)],

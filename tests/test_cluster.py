@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from support import fresh_venv
 
 from ferray.config import ConfigError, load_config
 
@@ -290,12 +291,80 @@ def script_result(script: str, *args: str, timeout: float = 600) -> dict:
         timeout=timeout,
     )
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-    assert done.returncode == 0 and lines, (done.stdout[-3000:], done.stderr[-3000:])
+    if done.returncode != 0 or not lines:
+        # the error first: a CI log keeps the start of a failure's message, and the stdout is mostly
+        # the autoscaler's chatter
+        said = [line for line in done.stderr.strip().splitlines() if line.strip()]
+        pytest.fail(
+            f"tests/{script} exit {done.returncode}: {said[-1] if said else 'nothing on stderr'}\n"
+            f"--- stderr, the end ---\n{done.stderr[-4000:]}\n--- stdout, the end ---\n{done.stdout[-1500:]}"
+        )
     return json.loads(lines[-1][len("RESULT ") :]) | {"stdout": done.stdout}
 
 
 def multinode(what: str, out: Path) -> dict:
     return script_result("multinode.py", what, str(out))
+
+
+# every ferray module imported, and the default bundle's weight files found, from where ferray stands
+IMPORT_ALL = """
+import importlib, json, pkgutil, sys
+from pathlib import Path
+import ferray
+names = [m.name for m in pkgutil.walk_packages(ferray.__path__, "ferray.")]
+for name in names:
+    importlib.import_module(name)
+from ferray.bundle import default_bundle_path
+weights = sorted(p.name for p in Path(default_bundle_path()).glob("*.pt"))
+print(json.dumps({"file": ferray.__file__, "modules": len(names), "weights": weights}))
+"""
+
+
+def copy_files(root: Path, files: set[str], target: Path) -> Path:
+    import shutil
+
+    for name in files:
+        (target / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(root / name, target / name)
+    return target
+
+
+@pytest.mark.slow
+def test_the_synced_tree_installs_and_the_job_upload_imports_in_a_clean_virtualenv(tmp_path):
+    """What a node gets: cluster.yaml's rsync of the checkout then its `pip install -e`; what a job
+    gets: the `--working-dir .` upload first on the path. Each in a virtualenv without ferray."""
+    import shutil
+
+    root = tmp_path / "checkout"
+    shutil.copytree(REPO, root, ignore=shutil.ignore_patterns(".git", "__pycache__", "*.egg-info", "build"))
+    raw = yaml.safe_load((REPO / "cluster.yaml").read_text())
+    synced = copy_files(root, rsynced(root, raw["rsync_exclude"]), tmp_path / "synced")
+    upload = copy_files(root, uploaded(root), tmp_path / "upload")
+    shipped = sorted(p.name for p in (REPO / "ferray" / "bundles" / "default").glob("*.pt"))
+    venv = fresh_venv(tmp_path / "venv")
+    python = str(venv / "bin" / "python")
+
+    def imports(cwd: Path, **env: str) -> dict:
+        done = subprocess.run(
+            [python, "-c", IMPORT_ALL], capture_output=True, text=True, cwd=cwd, env={**os.environ, **env}, timeout=600
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    # a job's driver and workers: the upload's folder on the path (Ray puts it first), nothing installed
+    found = imports(tmp_path, PYTHONPATH=str(upload))
+    assert found["file"] == str(upload / "ferray" / "__init__.py") and found["weights"] == shipped
+    # a node: the synced tree installed in place, as setup_commands does
+    installed = subprocess.run(
+        [str(venv / "bin" / "pip"), "install", "-q", "--no-deps", "-e", str(synced)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert installed.returncode == 0, installed.stderr[-3000:]
+    found = imports(tmp_path, PYTHONPATH="")
+    assert found["file"] == str(synced / "ferray" / "__init__.py") and found["weights"] == shipped
+    assert found["modules"] > 50
 
 
 @pytest.mark.slow
@@ -440,13 +509,18 @@ def test_shells_on_the_nodes_hold_the_token_and_the_serve_rule_follows_its_cidr(
 
 @pytest.mark.slow
 def test_the_cluster_path_runs_on_an_autoscaling_cluster(tmp_path):
-    """prepare -> train -> tune -> upscale -> ensemble -> serve -> HTTP through the Jobs API, on nodes
-    Ray's fake provider starts for the load and stops when idle (tests/autoscaling.py)."""
+    """prepare -> train (a node killed mid-run) -> tune -> upscale -> ensemble -> serve -> HTTP through
+    the Jobs API, on nodes Ray's fake provider starts for the load and stops when idle
+    (tests/autoscaling.py)."""
     facts = script_result("autoscaling.py", str(tmp_path), timeout=1500)
     assert facts["workers_at_start"] == 0  # a head of 0 CPUs: every node below came for the load
     assert facts["uses_the_cluster"]
-    assert facts["stages"]["train"]["workers"] >= 2 and facts["train"]["workers"] == 2
-    assert facts["train"]["epochs"] == 2
+    train = facts["train"]
+    assert train["nodes_before_the_kill"] >= 2 and train["workers"] == 2
+    assert train["kill"]["on_nodes"] == 2 and train["kill"]["on_killed_node"] == 1  # one worker a node, one killed
+    assert train["killed_after_epochs"] >= 1 and train["epochs"] == 3
+    # restarted from the checkpoint in the shared root: no epoch lost or repeated
+    assert train["logged"] == [1, 2, 3] and train["resumed_from"] and train["resumed_from"][0] >= 1
     assert facts["gpu_nodes_seen"] >= 1  # the upscaling actor's GPU brought a GPU node
     (face,) = facts["answer"]["faces"]  # the served ensemble answered over HTTP
     assert max(face["probs"], key=face["probs"].get) == face["label"] and set(face["members"]) == {"a"}
