@@ -22,6 +22,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -29,7 +31,7 @@ import numpy as np
 from fastapi import FastAPI, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse
 from ray import serve
-from ray.exceptions import RayActorError
+from ray.exceptions import ActorDiedError, ActorUnavailableError
 from ray.serve.config import BackpressureConfig
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 
@@ -37,8 +39,11 @@ from .settings import ReplicaSettings, ServeSettings, parse_settings
 
 logger = logging.getLogger("ferray.serve")
 PAGE = Path(__file__).with_name("static") / "index.html"
+READY_CACHE_S = 2.0  # /readyz answers from a probe at most this old
 GROUPS_IN_FLIGHT = 2  # fused layout: merged groups being answered at once (each in one part per replica)
-MEMBER_FAILURES = (RayActorError, DeploymentUnavailableError, ReplicaUnavailableError)  # retried on another replica
+# A call that found no replica to run it is retried on another; one whose replica died running it is
+# not (a request that kills replicas, by memory say, must not take two more down with it).
+NOT_RUN = (ActorUnavailableError, DeploymentUnavailableError, ReplicaUnavailableError)
 
 
 class MemberUnavailable(Exception):
@@ -95,9 +100,12 @@ class Member:
             for faces in requests:
                 try:
                     answers.append(self._run(faces))
-                except Exception as error:  # noqa: BLE001 - answered as that request's failure
-                    logger.exception("member(s) %s failed on one request", self.which)
-                    answers.append(f"{type(error).__name__}: {str(error)[:200]}")
+                except Exception:  # noqa: BLE001 - answered as that request's failure
+                    # the client gets an id to quote, never the exception's text (which can name the
+                    # server's files and code); the log has both
+                    error_id = uuid.uuid4().hex[:12]
+                    logger.exception("member(s) %s failed on one request (error id %s)", self.which, error_id)
+                    answers.append(f"error id {error_id}")
             return answers
 
     def _run(self, faces: np.ndarray) -> np.ndarray:
@@ -166,6 +174,8 @@ class Ingress:
             max_concurrent_batches=GROUPS_IN_FLIGHT,
         )(self._group_call)
         self.page = PAGE.read_text()
+        self._ready_answer: tuple[float, bool, dict] | None = None  # (when, ready, each member's state)
+        self._ready_probe: asyncio.Future | None = None
 
     # -------------------------------------------------------------------------------- plumbing
     async def _member(self, which: str, faces, method: str = "predict"):
@@ -187,8 +197,15 @@ class Ingress:
                     if which == "ensemble"
                     else f"{model} is at capacity; retry shortly"
                 ) from None
-            except MEMBER_FAILURES as error:
-                logger.warning("member %s failed (attempt %d): %s", which, attempt + 1, type(error).__name__)
+            except ActorDiedError:
+                error_id = uuid.uuid4().hex[:12]
+                logger.exception("the replica of member %s died running a request (error id %s)", which, error_id)
+                raise MemberUnavailable(
+                    f"{model}: the replica stopped while answering this request (error id {error_id}); "
+                    "it was not retried"
+                ) from None
+            except NOT_RUN as error:
+                logger.warning("member %s unavailable (attempt %d): %s", which, attempt + 1, type(error).__name__)
                 await asyncio.sleep(delay)
                 delay *= 2
                 continue
@@ -314,10 +331,11 @@ class Ingress:
             return JSONResponse({"error": str(error)}, status_code=error.status)
         except MemberUnavailable as error:
             return JSONResponse({"error": str(error)}, status_code=503, headers={"Retry-After": "1"})
-        except Exception as error:  # noqa: BLE001 - a bug or a model failure must still answer JSON
-            logger.exception("request failed")
+        except Exception:  # noqa: BLE001 - a bug or a model failure must still answer JSON
+            error_id = uuid.uuid4().hex[:12]
+            logger.exception("request failed (error id %s)", error_id)
             return JSONResponse(
-                {"error": f"the server could not answer this request ({type(error).__name__}); retry shortly"},
+                {"error": f"the server could not answer this request (error id {error_id}); retry shortly"},
                 status_code=503,
                 headers={"Retry-After": "1"},
             )
@@ -358,13 +376,21 @@ class Ingress:
         def parse(body: bytes):
             try:
                 payload = json.loads(body)
-            except (json.JSONDecodeError, UnicodeDecodeError) as error:
-                raise InputError(f"malformed JSON body ({error})") from None
             except RecursionError:
                 raise InputError("JSON body nested too deep") from None
+            except ValueError as error:  # also an integer of more digits than Python converts (4,300)
+                raise InputError(f"malformed JSON body ({str(error)[:200]})") from None
             return faces_from_pixels(payload, limits=self.limits)
 
         async def work():
+            content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+            if content_type != "application/json":
+                # not a form's or a cross-site page's "simple" POST (text/plain, forms): those may not
+                # spend the server's compute
+                raise InputError(
+                    f"content type {content_type or '(none)'!r} is not accepted: send the rows as application/json",
+                    status=415,
+                )
             body = await self._body(request)
             # parsing and checking a large body is CPU work: off the event loop
             faces = await asyncio.get_running_loop().run_in_executor(None, parse, body)
@@ -382,13 +408,25 @@ class Ingress:
     @api.get("/readyz")
     async def readyz(self):
         """200 only when every member of the bundle is loaded and answers a tiny forward; else 503
-        naming what is not ready."""
+        naming what is not ready. One probe runs at a time and its answer serves every GET of the
+        next READY_CACHE_S seconds (`checked_s_ago` says how old it is): a probe is a forward of every
+        member, and anonymous polling must not take the slots of real predictions."""
+        answer = self._ready_answer
+        if answer is None or time.monotonic() - answer[0] > READY_CACHE_S:
+            if self._ready_probe is None or self._ready_probe.done():
+                self._ready_probe = asyncio.ensure_future(self._probe_members())
+            answer = await asyncio.shield(self._ready_probe)
+        checked, ready, states = answer
+        body = {"status": "ready" if ready else "not ready", "members": states}
+        body["checked_s_ago"] = round(time.monotonic() - checked, 2)
+        return JSONResponse(body, status_code=200 if ready else 503, headers={} if ready else {"Retry-After": "2"})
+
+    async def _probe_members(self) -> tuple[float, bool, dict]:
         members = {which: handle for which, handle in self.members.items() if handle is not None}
         results = await asyncio.gather(*(self._ready(which, handle) for which, handle in members.items()))
         states = dict(zip(members, results))
-        ready = all(state == "ready" for state in states.values())
-        body = {"status": "ready" if ready else "not ready", "members": states}
-        return JSONResponse(body, status_code=200 if ready else 503, headers={} if ready else {"Retry-After": "2"})
+        self._ready_answer = (time.monotonic(), all(state == "ready" for state in states.values()), states)
+        return self._ready_answer
 
     async def _ready(self, which: str, handle) -> str:
         try:

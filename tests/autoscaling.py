@@ -350,12 +350,14 @@ def run(out: Path, quick: bool = False) -> dict:
             *("ferray", "tune", "@/experiments/debug_tune.yaml", "--data", data, "--out", runs, "--samples", "2"),
             *("--set", "train.epochs=1"),
         )
-        stage(
+        logs = stage(
             "upscale",
             *("ferray", "sr", "upscale", "--method", "bicubic", "--data", data, "--out", str(shared / "data_x2")),
             *("--actors", "1", "--gpus-per-actor", "1"),
         )
-        facts["gpu_nodes_seen"] = len([n for n in ray.nodes() if n["Resources"].get("GPU")])
+        # the autoscaler's own events in the job's log (the node may be gone, idle, by the time the job's
+        # end is seen here)
+        facts["gpu_nodes_added"] = len(re.findall(r"Adding 1 node\(s\) of type gpu_worker", logs))
         bundle = str(shared / "bundle")
         stage(
             "ensemble",

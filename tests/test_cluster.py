@@ -367,6 +367,16 @@ def test_the_synced_tree_installs_and_the_job_upload_imports_in_a_clean_virtuale
     assert found["modules"] > 50
 
 
+def test_processes_of_ferrays_ray_find_their_own_cluster_when_a_second_ray_starts(tmp_path):
+    """A second Ray started after ferray's own (a `ferray serve` beside a training run): a process of
+    the first that looks its cluster up without an address (as Train's placement-group cleaner does)
+    finds its own, not the newer one; the driver's own environment is left as it was."""
+    facts = script_result("two_rays.py", str(tmp_path))
+    assert facts["env"] == f"127.0.0.1:{facts['own_port']}"
+    assert facts["finds_itself"], facts
+    assert facts["driver_env"] is None
+
+
 @pytest.mark.slow
 def test_training_across_nodes_survives_a_lost_node(tmp_path):
     result = multinode("train", tmp_path)
@@ -521,7 +531,7 @@ def test_the_cluster_path_runs_on_an_autoscaling_cluster(tmp_path):
     assert train["killed_after_epochs"] >= 1 and train["epochs"] == 3
     # restarted from the checkpoint in the shared root: no epoch lost or repeated
     assert train["logged"] == [1, 2, 3] and train["resumed_from"] and train["resumed_from"][0] >= 1
-    assert facts["gpu_nodes_seen"] >= 1  # the upscaling actor's GPU brought a GPU node
+    assert facts["gpu_nodes_added"] >= 1  # the upscaling actor's GPU brought a GPU node
     (face,) = facts["answer"]["faces"]  # the served ensemble answered over HTTP
     assert max(face["probs"], key=face["probs"].get) == face["label"] and set(face["members"]) == {"a"}
     assert facts["idle_seconds"] >= 0  # every worker node went after its idle timeout (else wait_for raised)

@@ -4,6 +4,7 @@ in headless Chromium, and a replica killed while requests flow."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import threading
 import time
@@ -76,6 +77,25 @@ def test_info_routes(server, tiny_bundle):
     paths = json.loads(get(f"{server}/openapi.json")[1])["paths"]
     assert {"/predict", "/predict/batch", "/predict/pixels", "/healthz", "/labels", "/model"} <= set(paths)
     assert get(f"{server}/docs")[0] == 200 and b"<canvas" in get(f"{server}/")[1]
+
+
+def test_the_served_card_shows_only_the_fields_it_lists(tiny_bundle, monkeypatch):
+    """A field added to the card later is private until listed (GET /model serves public_card)."""
+    from ferray.bundle import read_bundle_card
+    from ferray.bundle.card import BundleCard, public_card
+
+    card = read_bundle_card(tiny_bundle)
+    plain = card.to_dict()
+    plain["new_field"] = "/srv/secret"
+    plain["members"]["a"]["new_field"] = "/srv/secret"
+    plain["members"]["a"]["run"] = {"name": "debug_a", "epochs": 2, "new_field": "/srv/secret"}
+    plain["sr"] = {"checkpoint": "sr.pt", "source": "/srv/sr.pt", "content_loss": "mse", "new_field": 1}
+    monkeypatch.setattr(BundleCard, "to_dict", lambda self: plain)
+    shown = public_card(card)
+    assert "new_field" not in shown and "data" not in shown and shown["fusion"] == plain["fusion"]
+    assert "new_field" not in shown["members"]["a"] and "checkpoint" not in shown["members"]["a"]
+    assert shown["members"]["a"]["run"] == {"name": "debug_a", "epochs": 2}
+    assert shown["sr"] == {"content_loss": "mse"} and shown["members"]["a"]["parameters"] > 0
 
 
 def test_predict_routes_and_cli_agree(server, tiny_bundle, synth_faces, tmp_path):
@@ -177,6 +197,11 @@ def test_crafted_requests_get_json_4xx_never_a_500(server, synth_faces):
         ("/predict/pixels", json.dumps({"pixels": row[:-1] + ["7"]}).encode(), "application/json", 422, "'7'"),
         ("/predict/pixels", json.dumps({"pixels": {"a": 1}}).encode(), "application/json", 422, "non-empty list"),
         ("/predict/pixels", json.dumps([1, 2]).encode(), "application/json", 422, "expected a JSON object"),
+        # an integer of more digits than Python converts: a JSON 400, not a 503 with a trace in the log
+        ("/predict/pixels", b'{"pixels": [' + b"9" * 5000 + b"]}", "application/json", 400, "4300 digits"),
+        # a form's or a cross-site page's simple POST may not spend the models' compute
+        ("/predict/pixels", json.dumps({"pixels": row}).encode(), "text/plain", 415, "application/json"),
+        ("/predict/pixels", json.dumps({"pixels": row}).encode(), "application/x-www-form-urlencoded", 415, "json"),
         ("/predict", encode(np.zeros((2, 900), np.uint8), "PNG"), "image/png", 422, "not a photo of faces"),
         ("/predict", b"GIF89a" + bytes(40), "image/png", 415, "GIF"),
         ("/predict", encode(np.zeros((60, 60), np.uint8), "TIFF"), "image/tiff", 415, "send PNG, JPEG, BMP or WebP"),
@@ -192,8 +217,22 @@ def test_crafted_requests_get_json_4xx_never_a_500(server, synth_faces):
 
 
 def test_readyz_says_ready_only_when_every_member_answers(server):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ferray.serve_app.app import READY_CACHE_S
+
+    time.sleep(READY_CACHE_S + 0.1)  # no answer left from an earlier probe: this GET runs one
     status, body = get(f"{server}/readyz")
-    assert status == 200 and json.loads(body) == {"status": "ready", "members": {"a": "ready", "b": "ready"}}
+    fresh = json.loads(body)
+    assert status == 200 and {k: fresh[k] for k in ("status", "members")} == {
+        "status": "ready",
+        "members": {"a": "ready", "b": "ready"},
+    }
+    time.sleep(0.3)
+    # polling within READY_CACHE_S is answered from that probe, not by another forward of every member
+    with ThreadPoolExecutor(8) as pool:
+        polled = list(pool.map(lambda _: json.loads(get(f"{server}/readyz")[1]), range(8)))
+    assert all(p["status"] == "ready" and p["checked_s_ago"] >= 0.3 for p in polled), polled
 
 
 def test_web_page_in_headless_chromium(server, synth_faces, tmp_path):
@@ -431,8 +470,9 @@ def test_ferray_serve_starts_answers_and_leaves_no_process_on_sigterm(tiny_bundl
     assert not alive(family), f"processes left behind: {sorted(alive(family))}"
 
 
-def test_a_request_the_model_cannot_take_fails_alone(tiny_bundle):
-    """One poisoned request in a merged batch: it gets its error, the others their answers."""
+def test_a_request_the_model_cannot_take_fails_alone(tiny_bundle, caplog):
+    """One poisoned request in a merged batch: it gets an error id (the exception's text only in the
+    server's log, under that id), the others their answers."""
     import torch
 
     from ferray.serve_app.app import Member
@@ -448,8 +488,12 @@ def test_a_request_the_model_cannot_take_fails_alone(tiny_bundle):
     replica._forward = picky
     good = np.random.default_rng(0).integers(0, 256, (2, 48, 48), dtype=np.uint8)
     poisoned = np.full((1, 48, 48), 7, np.uint8)
-    answers = replica.run_requests([good, poisoned, good[:1]])
-    assert isinstance(answers[1], str) and "this face breaks the model" in answers[1]
+    with caplog.at_level("ERROR", logger="ferray.serve"):
+        answers = replica.run_requests([good, poisoned, good[:1]])
+    assert isinstance(answers[1], str) and "breaks" not in answers[1]
+    error_id = re.fullmatch(r"error id ([0-9a-f]{12})", answers[1]).group(1)
+    logged = [r for r in caplog.records if error_id in r.getMessage()]
+    assert logged and "this face breaks the model" in str(logged[0].exc_info[1])
     assert answers[0].shape == (2, 7) and answers[2].shape == (1, 7)
     assert np.allclose(answers[2], answers[0][:1], atol=1e-6)
 
@@ -527,3 +571,52 @@ def test_queue_bounds_are_checked_for_the_ingress_as_for_the_replicas():
         with pytest.raises(ConfigError, match=f"{part}: max_queued_requests must be >= 1, or -1"):
             parse_settings({part: {"max_queued_requests": 0}})
     assert parse_settings({"ingress": {"max_queued_requests": -1}}).ingress.max_queued_requests == -1
+
+
+class ScriptedReplicas:
+    """A member's handle whose calls fail as scripted (an exception per call), then answer."""
+
+    def __init__(self, failures: list[Exception]):
+        self.failures, self.calls = list(failures), 0
+        self.predict = self
+
+    def remote(self, faces):
+        self.calls += 1
+        failure = self.failures.pop(0) if self.failures else None
+
+        class Response:
+            def __await__(self):
+                if failure is not None:
+                    raise failure
+                return faces
+                yield  # noqa: B901 - a generator, so that awaiting it works
+
+            def cancel(self):
+                pass
+
+        return Response()
+
+
+def test_a_call_is_retried_only_when_no_replica_ran_it():
+    """Retried on another replica when none ran it; never after the replica died running it."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from ray.exceptions import ActorDiedError
+    from ray.serve.exceptions import ReplicaUnavailableError
+
+    from ferray.serve_app.app import Ingress, MemberUnavailable
+
+    def call(replicas, faces):
+        """Ingress._member on an ingress of only what it reads (settings, members)."""
+        settings = SimpleNamespace(member_retries=2, member_timeout_s=5.0)
+        ingress = SimpleNamespace(settings=settings, members={"a": replicas})
+        return asyncio.run(Ingress.func_or_class._member(ingress, "a", faces))
+
+    faces = np.zeros((1, 48, 48), np.uint8)  # the scripted replicas answer with what they were sent
+    unavailable = ScriptedReplicas([ReplicaUnavailableError("r1")])
+    assert call(unavailable, faces) is faces and unavailable.calls == 2
+    died = ScriptedReplicas([ActorDiedError()])
+    with pytest.raises(MemberUnavailable, match="stopped while answering this request.*not retried"):
+        call(died, faces)
+    assert died.calls == 1

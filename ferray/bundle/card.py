@@ -150,28 +150,43 @@ class BundleCard:
         return "tta" if self.tta else "center"
 
 
-# what a served card leaves out: where the files were on the machines that made it, and the
-# libraries and systems they ran (a map of the server for whoever asks, and not the model's science)
-PRIVATE_MEMBER_KEYS = ("source", "trained_on", "checkpoint")
-PRIVATE_RUN_KEYS = ("machine", "commit", "data_checksum")
+# What a served card shows: the model's science, named field by field, so that a field added to the
+# card later stays private until it is listed here (where files were on the machines that made it,
+# the libraries and systems they ran, the data's path: a map of the server, not the model's science).
+PUBLIC_CARD_KEYS = (
+    "format", "created", "ferray_version", "labels", "tta", "selection_split", "fusion", "members", "sr",
+    "sets", "accuracy", "alternatives", "selection", "evaluations", "upgraded_from",
+)  # fmt: skip
+PUBLIC_MEMBER_KEYS = (
+    "model", "parameters", "depth", "crop", "input_scale", "pretrained", "epochs", "selection_split",
+    "selection_accuracy", "run", "weights", "int8", "input", "temperature", "cost_ms",
+)  # fmt: skip
+PUBLIC_RUN_KEYS = (
+    "name", "best_epoch", "epochs", "planned_epochs", "budget_minutes", "seconds", "train_seconds", "workers",
+    "gpus_per_worker", "images_per_s",
+)  # fmt: skip
+PUBLIC_SR_KEYS = ("content_loss",)
+PUBLIC_INT8_KEYS = ("how", "calibration", "calibration_seconds", "evaluations")
+
+
+def shown(data: dict | None, keys: tuple[str, ...]) -> dict | None:
+    return None if data is None else {k: data[k] for k in keys if k in data}
 
 
 def public_card(card: BundleCard) -> dict:
-    """The card as GET /model serves it: the model's scientific content (members, fusion, every
-    evaluation, training length) without local paths, library versions or the machines' names."""
-    data = card.to_dict()
-    data.pop("data", None)
-    if data.get("sr"):
-        data["sr"] = {k: v for k, v in data["sr"].items() if k not in ("source", "checkpoint")}
-    for member in data["members"].values():
+    """The card as GET /model serves it: only the fields PUBLIC_*_KEYS name."""
+    data = shown(card.to_dict(), PUBLIC_CARD_KEYS)
+    data["sr"] = shown(data.get("sr"), PUBLIC_SR_KEYS)
+    members = {}
+    for name, member in data["members"].items():
         if not member:
+            members[name] = member
             continue
-        for key in PRIVATE_MEMBER_KEYS:
-            member.pop(key, None)
-        if member.get("run"):
-            member["run"] = {k: v for k, v in member["run"].items() if k not in PRIVATE_RUN_KEYS}
-        if member.get("int8"):
-            member["int8"] = {k: v for k, v in member["int8"].items() if k not in ("made_with", "ranges")}
+        member = shown(member, PUBLIC_MEMBER_KEYS)
+        member["run"] = shown(member.get("run"), PUBLIC_RUN_KEYS)
+        member["int8"] = shown(member.get("int8"), PUBLIC_INT8_KEYS)
+        members[name] = member
+    data["members"] = members
     return data
 
 

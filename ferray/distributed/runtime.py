@@ -86,14 +86,16 @@ RAY_INTERNAL_WARNINGS = ("ignore:`ExecutionOptions.exclude_resources` is depreca
 # HAProxy's stats and metrics listeners have fixed default ports (8404, 9101): a second Ray on the
 # same machine (a second `ferray serve`, a test beside a server) would fail to start its HAProxy.
 HAPROXY_PORT_VARIABLES = ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT")
+OWN_ADDRESS_VARIABLES = ("RAY_GCS_SERVER_PORT", "RAY_ADDRESS")
 
 
 @contextmanager
 def own_ray_environment():
     """Around the ray.init that starts a Ray of ferray's own: Serve's mode (configure_serve_env),
     its short ingress drain (EMBEDDED_SERVE_ENV), Ray's warnings about itself muted
-    (RAY_INTERNAL_WARNINGS, added to the user's PYTHONWARNINGS) and, for HAProxy's side listeners, ports free on
-    this machine. Ray's processes keep what they inherited at start; the ports are taken back from
+    (RAY_INTERNAL_WARNINGS, added to the user's PYTHONWARNINGS), for HAProxy's side listeners ports free on
+    this machine, and the GCS's port with RAY_ADDRESS naming it (below). Ray's processes keep what they
+    inherited at start; the ports are taken back from
     this process's environment afterwards, so that a process it starts (a `ferray serve` under
     test) picks its own. Ports the user set stay."""
     configure_serve_env()
@@ -102,14 +104,22 @@ def own_ray_environment():
     if not is_verbose():
         filters = [f for f in os.environ.get("PYTHONWARNINGS", "").split(",") if f]
         os.environ["PYTHONWARNINGS"] = ",".join(filters + [f for f in RAY_INTERNAL_WARNINGS if f not in filters])
-    saved = {name: os.environ.get(name) for name in HAPROXY_PORT_VARIABLES}
-    for name, value in saved.items():
-        if value is None:
+    saved = {name: os.environ.get(name) for name in (*HAPROXY_PORT_VARIABLES, *OWN_ADDRESS_VARIABLES)}
+    for name in HAPROXY_PORT_VARIABLES:
+        if saved[name] is None:
             os.environ[name] = str(free_local_port())
+    if saved["RAY_GCS_SERVER_PORT"] is None:
+        # Ray's processes look a cluster up by address "auto" (Train's placement-group cleaner does,
+        # through the state API): with several Rays on the machine that finds the newest, and a
+        # second Ray started beside a training run (a `ferray serve`, a test) made the run's cleaner
+        # judge its controller gone and remove the run's placement group. So the GCS gets a port
+        # chosen here, and every process of this Ray inherits RAY_ADDRESS naming it.
+        port = free_local_port()
+        os.environ["RAY_GCS_SERVER_PORT"], os.environ["RAY_ADDRESS"] = str(port), f"127.0.0.1:{port}"
     try:
         yield
     finally:
-        for name, value in saved.items():
+        for name, value in saved.items():  # this process and what it starts later choose afresh
             if value is None:
                 os.environ.pop(name, None)
             else:
