@@ -68,6 +68,24 @@ def test_the_shared_root_is_the_containers_and_the_object_store_fits_in_shared_m
         assert store + 2**30 <= shm_bytes  # the store in /dev/shm, with room for NCCL
 
 
+def test_the_nodes_install_a_ray_that_pyproject_admits():
+    """Ray refuses mixed versions: cluster.yaml's pinned Ray is one that the laptop's install allows."""
+    import tomllib
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    (ray_req,) = [Requirement(r) for r in project["dependencies"] if Requirement(r).name == "ray"]
+    pinned = re.search(r"ray\[[a-z,]+\]==([0-9.]+)", (REPO / "cluster.yaml").read_text()).group(1)
+    assert ray_req.specifier.contains(Version(pinned))
+
+
+def test_serve_run_of_the_shipped_config_listens_on_loopback_only():
+    """`serve run serve/config.yaml` as shipped is not open to the network until the user opens it."""
+    raw = yaml.safe_load((REPO / "serve" / "config.yaml").read_text())
+    assert raw["http_options"]["host"] == "127.0.0.1"
+
+
 def test_every_node_runs_serve_in_the_mode_ferray_serve_uses_locally():
     from ferray.distributed.runtime import SERVE_FAST_ENV
 
