@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import itertools
 import math
+import re
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -81,7 +82,15 @@ def open_image(data: bytes, name: str = "image", limits: Limits = Limits()):
         # reads the header only: the size is known before decoding
         image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
     except DecompressionBombError as error:  # PIL's own guard fires on headers past ~179 MP
-        raise InputError(f"{name}: {error}; refused before decoding", status=413) from None
+        declared = re.search(r"\((\d+) pixels\)", str(error))
+        pixels = int(declared.group(1)) if declared else Image.MAX_IMAGE_PIXELS * 2
+        raise LimitExceeded(
+            f"{name}: declared size of {pixels:,} pixels is over the limit of {limits.max_pixels:,} pixels "
+            "(a decompression bomb is refused before decoding)",
+            "max_image_pixels",
+            pixels,
+            limits.max_pixels,
+        ) from None
     except UnidentifiedImageError:
         raise InputError(
             f"{name}: not an image this API reads ({_sniff(data)}); send PNG, JPEG, BMP or WebP", status=415
@@ -118,6 +127,16 @@ def decode_opened(image, name: str = "image") -> np.ndarray:
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 
+def sixteen_to_eight(wide: np.ndarray, rows: int = 256) -> np.ndarray:
+    """16-bit gray -> 8 bits, rounded (65535 -> 255), in integers and a band of rows at a time: a
+    40-megapixel 16-bit image needs no more than its own copy (float64 of it whole took ~320 MB)."""
+    out = np.empty(wide.shape, np.uint8)
+    for start in range(0, wide.shape[0], rows):
+        band = np.clip(wide[start : start + rows], 0, 65535).astype(np.uint32)
+        out[start : start + rows] = (band + 128) // 257
+    return out
+
+
 def to_gray(image) -> np.ndarray:
     """A PIL image -> (H, W) uint8 grayscale, upright. Phone photos store their rotation in EXIF
     rather than in the pixels: applied first, or faces lie on their side and go undetected.
@@ -126,8 +145,7 @@ def to_gray(image) -> np.ndarray:
 
     image = ImageOps.exif_transpose(image)
     if image.mode in SIXTEEN_BIT_MODES:
-        wide = np.asarray(image, dtype=np.float64)
-        return np.clip(np.round(wide / 257.0), 0, 255).astype(np.uint8)  # 65535 -> 255
+        return sixteen_to_eight(np.asarray(image))
     return np.asarray(image.convert("L"), dtype=np.uint8)
 
 

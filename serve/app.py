@@ -267,22 +267,33 @@ class Ingress:
 
     async def _body(self, request: Request) -> bytes:
         """The request body, refused as soon as it passes the limit (never buffered whole)."""
-        from ferray.faces import InputError
+        from ferray.errors import LimitExceeded
 
         limit = self.settings.max_body_bytes
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
-            raise InputError(f"request body of {int(declared):,} bytes is over the limit of {limit:,}", status=413)
+            raise LimitExceeded(
+                f"request body of {int(declared):,} bytes is over the limit of {limit:,}",
+                "max_body_bytes",
+                int(declared),
+                limit,
+            )
         chunks, size = [], 0
         async for chunk in request.stream():
             size += len(chunk)
-            if size > limit:
-                raise InputError(f"request body is over the limit of {limit:,} bytes", status=413)
+            if size > limit:  # the rest is never read: the value is what had arrived when it passed
+                raise LimitExceeded(
+                    f"request body is over the limit of {limit:,} bytes ({size:,} read when refused)",
+                    "max_body_bytes",
+                    size,
+                    limit,
+                )
             chunks.append(chunk)
         return b"".join(chunks)
 
     async def _images(self, request: Request, many: bool) -> list[tuple[str, bytes]]:
         """Images of a raw body (image/* or application/octet-stream) or a multipart form."""
+        from ferray.errors import LimitExceeded
         from ferray.faces import InputError
 
         content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
@@ -292,9 +303,17 @@ class Ingress:
             async def replay():
                 return {"type": "http.request", "body": body, "more_body": False}
 
+            limit = self.settings.max_batch_images
             try:
-                form = await Request(request.scope, replay).form(max_files=self.settings.max_batch_images + 1)
+                form = await Request(request.scope, replay).form(max_files=limit + 1)
             except Exception as error:
+                if "Too many files" in str(error):  # Starlette stops at the file past max_files
+                    raise LimitExceeded(
+                        f"at least {limit + 2} images in one request is over the limit of {limit}",
+                        "max_batch_images",
+                        limit + 2,
+                        limit,
+                    ) from None
                 raise InputError(f"malformed multipart body ({error})") from None
             images = [
                 (item.filename or key, await item.read()) for key, item in form.multi_items() if hasattr(item, "read")
@@ -312,8 +331,11 @@ class Ingress:
         if not many and len(images) > 1:
             raise InputError(f"{len(images)} files sent to /predict; use /predict/batch for several", status=422)
         if len(images) > self.settings.max_batch_images:
-            raise InputError(
-                f"{len(images)} images in one request; the limit is {self.settings.max_batch_images}", status=413
+            raise LimitExceeded(
+                f"{len(images)} images in one request is over the limit of {self.settings.max_batch_images}",
+                "max_batch_images",
+                len(images),
+                self.settings.max_batch_images,
             )
         return images
 

@@ -156,6 +156,36 @@ def test_sixteen_bit_images_are_scaled_not_clipped():
     assert gray.dtype == np.uint8 and gray[0, 0] == 128 and gray[0, 47] == 255
 
 
+def test_sixteen_bit_scaling_is_exact_rounding_over_every_value():
+    from ferray.faces import sixteen_to_eight
+
+    every = np.arange(65536, dtype=np.uint16).reshape(256, 256)
+    expected = np.clip(np.round(every / 257.0), 0, 255).astype(np.uint8)
+    assert np.array_equal(sixteen_to_eight(every, rows=7), expected)  # bands that do not divide the rows
+    assert sixteen_to_eight(np.array([[-5, 70000]], np.int32)).tolist() == [[0, 255]]  # mode "I" beyond 16 bits
+
+
+def test_a_header_pillow_itself_refuses_is_a_413_naming_the_limit_and_the_size():
+    import struct
+    import zlib
+
+    import pytest
+
+    from ferray.errors import LimitExceeded
+    from ferray.faces import Limits, open_image
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", 20_000, 20_000, 8, 0, 0, 0, 0)  # 400 megapixels of gray declared
+    bomb = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b"")
+    with pytest.raises(LimitExceeded) as refused:
+        open_image(bomb, "bomb.png", Limits())
+    body = refused.value.body()
+    assert (body["limit"], body["value"], body["allowed"]) == ("max_image_pixels", 400_000_000, Limits().max_pixels)
+    assert "bomb.png" in body["error"] and refused.value.status == 413
+
+
 def test_limits_name_themselves_and_pixel_rows_are_checked_by_numpy():
     import json
 

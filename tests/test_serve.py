@@ -21,6 +21,7 @@ pytestmark = pytest.mark.slow
 BODY_LIMIT = 300_000
 MAX_FACES = 6
 MAX_REQUEST_PIXELS = 250_000
+MAX_BATCH = 8  # images in one /predict/batch (above MAX_FACES + 1: the faces' limit is tested with a batch)
 
 
 @pytest.fixture(scope="module")
@@ -33,6 +34,7 @@ def server(ray_session, tiny_bundle):
         f"max_body_bytes={BODY_LIMIT}",
         f"max_faces_per_request={MAX_FACES}",
         f"max_request_pixels={MAX_REQUEST_PIXELS}",
+        f"max_batch_images={MAX_BATCH}",
         "layout=split",  # A and B apart: the replica-kill test kills B's
         "members=a,b",  # the split layout's members (the bundle's third, c, is served fused below)
         "ingress.num_cpus=0.25",
@@ -170,6 +172,28 @@ def test_every_bad_input_is_a_4xx_and_the_server_goes_on(server, synth_faces):
     assert status == 200 and len(answer["faces"]) == 1
 
 
+def post_chunked(url: str, chunks: list[bytes], content_type: str) -> tuple[int, dict]:
+    """POST with Transfer-Encoding: chunked (no length declared); the server may answer, and close,
+    before the last chunk is sent."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    where = urlsplit(url)
+    connection = http.client.HTTPConnection(where.hostname, where.port, timeout=30)
+    connection.putrequest("POST", where.path)
+    connection.putheader("Content-Type", content_type)
+    connection.putheader("Transfer-Encoding", "chunked")
+    connection.endheaders()
+    try:
+        for chunk in chunks:
+            connection.send(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+        connection.send(b"0\r\n\r\n")
+    except OSError:
+        pass  # refused mid-body: the answer is waiting
+    response = connection.getresponse()
+    return response.status, json.loads(response.read())
+
+
 def test_each_limit_is_a_413_naming_the_limit_and_the_value(server, synth_faces):
     face = synth_faces[0][5]
     row = face.reshape(-1).tolist()
@@ -183,7 +207,22 @@ def test_each_limit_is_a_413_naming_the_limit_and_the_value(server, synth_faces)
     status, answer = post(f"{server}/predict/batch", *multipart([("a", "a.png", wide), ("b", "b.png", wide)]))
     assert status == 413 and (answer["limit"], answer["value"]) == ("max_request_pixels", 320_000), answer
     status, answer = post(f"{server}/predict", bytes(BODY_LIMIT + 10), "image/png")
-    assert status == 413 and "over the limit" in answer["error"]
+    assert status == 413 and (answer["limit"], answer["value"], answer["allowed"]) == (
+        "max_body_bytes",
+        BODY_LIMIT + 10,
+        BODY_LIMIT,
+    )
+    # a body sent in chunks, with no length declared: refused once what arrived passes the limit
+    status, answer = post_chunked(f"{server}/predict", [bytes(100_000)] * 4, "image/png")
+    assert status == 413 and answer["limit"] == "max_body_bytes" and answer["value"] > BODY_LIMIT, answer
+    for sent, value in ((MAX_BATCH + 1, MAX_BATCH + 1), (MAX_BATCH + 6, MAX_BATCH + 2)):  # the second: "at least"
+        files = [("f", f"f{i}.png", png_bytes(face)) for i in range(sent)]
+        status, answer = post(f"{server}/predict/batch?detect=false", *multipart(files))
+        assert status == 413 and (answer["limit"], answer["value"], answer["allowed"]) == (
+            "max_batch_images",
+            value,
+            MAX_BATCH,
+        ), answer
     many = [("f", f"f{i}.png", png_bytes(face)) for i in range(MAX_FACES + 1)]  # one face each, with detection off
     status, answer = post(f"{server}/predict/batch?detect=false", *multipart(many))
     assert status == 413 and answer["limit"] == "max_faces_per_request", answer
