@@ -267,7 +267,7 @@ class Ingress:
 
     async def _body(self, request: Request) -> bytes:
         """The request body, refused as soon as it passes the limit (never buffered whole)."""
-        from ferray.errors import LimitExceeded
+        from ferray.errors import InputError, LimitExceeded
 
         limit = self.settings.max_body_bytes
         declared = request.headers.get("content-length")
@@ -278,17 +278,24 @@ class Ingress:
                 int(declared),
                 limit,
             )
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:  # the rest is never read: the value is what had arrived when it passed
-                raise LimitExceeded(
-                    f"request body is over the limit of {limit:,} bytes ({size:,} read when refused)",
-                    "max_body_bytes",
-                    size,
-                    limit,
-                )
-            chunks.append(chunk)
+        chunks, size, deadline = [], 0, self.settings.body_timeout_s
+        try:
+            async with asyncio.timeout(deadline):
+                async for chunk in request.stream():
+                    size += len(chunk)
+                    if size > limit:  # the rest is never read: the value is what had arrived when it passed
+                        raise LimitExceeded(
+                            f"request body is over the limit of {limit:,} bytes ({size:,} read when refused)",
+                            "max_body_bytes",
+                            size,
+                            limit,
+                        )
+                    chunks.append(chunk)
+        except TimeoutError:
+            raise InputError(
+                f"request body not received within {deadline:g} s ({size:,} bytes had arrived); send it faster",
+                status=408,
+            ) from None
         return b"".join(chunks)
 
     async def _images(self, request: Request, many: bool) -> list[tuple[str, bytes]]:

@@ -103,7 +103,11 @@ class ServeSettings:
     max_request_pixels: int = 60_000_000  # all images of one request together, before decoding any
     max_faces_per_request: int = 64  # faces detected in a request's images, or pixel rows sent
     max_batch_images: int = 32  # images in one /predict/batch request
-    member_retries: int = 2  # a request whose member replica died is retried on another
+    # a body not received whole within this many seconds is answered 408 (a slow upload holds an
+    # ingress slot and its memory meanwhile); ferray's Ray gives HAProxy's client timeout the same
+    body_timeout_s: float = 30.0
+    # a call that no replica ran (none available) is retried on another; never one whose replica died running it
+    member_retries: int = 2
     member_timeout_s: float = 30.0
     ready_timeout_s: float = 5.0  # /readyz: how long a member's tiny forward may take
     # fused: one deployment ("ensemble") holds every member and answers a face in one hop; split: A and
@@ -136,6 +140,8 @@ class ServeSettings:
         )
         if any(getattr(self, name) < 1 for name in limits):
             raise ConfigError(f"{', '.join(limits)} must be >= 1")
+        if not self.body_timeout_s > 0:
+            raise ConfigError(f"body_timeout_s is {self.body_timeout_s}; it must be > 0 seconds")
         return self
 
 

@@ -432,6 +432,35 @@ def test_a_second_ray_on_the_machine_gets_its_own_haproxy_side_ports(monkeypatch
     assert os.environ["RAY_SERVE_HAPROXY_STATS_PORT"] == "18404"
 
 
+def test_each_ray_ferray_starts_keeps_haproxys_files_in_a_private_directory(monkeypatch):
+    """Ray's default puts every Serve's HAProxy config and (world-writable) admin socket in one shared
+    /tmp/haproxy-serve: each Ray ferray starts gets a 0700 directory of its own, not handed down."""
+    import os
+    import stat
+    from pathlib import Path
+
+    from ferray.distributed.runtime import HAPROXY_FILE_VARIABLES, own_ray_environment
+
+    for name in HAPROXY_FILE_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    folders = []
+    for _ in range(2):
+        with own_ray_environment():
+            paths = {name: Path(os.environ[name]) for name in HAPROXY_FILE_VARIABLES}
+        folder = paths["RAY_SERVE_HAPROXY_SERVER_STATE_BASE"]
+        assert all(path == folder or path.parent == folder for path in paths.values()), paths
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o700 and folder.stat().st_uid == os.getuid()
+        assert folder.name.startswith(f"fs-{os.getpid()}-")
+        # HAProxy's limit on a socket's path, with the node-id folder (56 characters) Ray adds
+        assert len(str(paths["RAY_SERVE_HAPROXY_SOCKET_PATH"])) + 57 <= 97
+        folders.append(folder)
+    assert folders[0] != folders[1] and not any(name in os.environ for name in HAPROXY_FILE_VARIABLES)
+    monkeypatch.setenv("RAY_SERVE_HAPROXY_SOCKET_PATH", "/run/mine/admin.sock")  # where the user put them
+    with own_ray_environment():
+        assert os.environ["RAY_SERVE_HAPROXY_SOCKET_PATH"] == "/run/mine/admin.sock"
+        assert "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC" not in os.environ
+
+
 def test_ferrays_own_ray_drains_a_stopped_ingress_briefly_unless_the_user_says_otherwise(monkeypatch):
     """Ray's 30 s drain of a stopped ingress replica (for load balancers in front of a cluster) made
     every Serve shutdown on one machine take 30 s; ferray's own Ray shortens it, cluster.yaml does not."""

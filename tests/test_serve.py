@@ -21,6 +21,7 @@ pytestmark = pytest.mark.slow
 BODY_LIMIT = 300_000
 MAX_FACES = 6
 MAX_REQUEST_PIXELS = 250_000
+BODY_TIMEOUT_S = 4  # a body not received whole by then: 408
 MAX_BATCH = 8  # images in one /predict/batch (above MAX_FACES + 1: the faces' limit is tested with a batch)
 
 
@@ -35,6 +36,7 @@ def server(ray_session, tiny_bundle):
         f"max_faces_per_request={MAX_FACES}",
         f"max_request_pixels={MAX_REQUEST_PIXELS}",
         f"max_batch_images={MAX_BATCH}",
+        f"body_timeout_s={BODY_TIMEOUT_S}",
         "layout=split",  # A and B apart: the replica-kill test kills B's
         "members=a,b",  # the split layout's members (the bundle's third, c, is served fused below)
         "ingress.num_cpus=0.25",
@@ -226,6 +228,25 @@ def test_each_limit_is_a_413_naming_the_limit_and_the_value(server, synth_faces)
     many = [("f", f"f{i}.png", png_bytes(face)) for i in range(MAX_FACES + 1)]  # one face each, with detection off
     status, answer = post(f"{server}/predict/batch?detect=false", *multipart(many))
     assert status == 413 and answer["limit"] == "max_faces_per_request", answer
+
+
+def test_a_slow_upload_gets_a_json_408_after_the_body_deadline(server):
+    """A client that declares a body and sends it slowly holds a slot only until body_timeout_s."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    where = urlsplit(server)
+    connection = http.client.HTTPConnection(where.hostname, where.port, timeout=60)
+    connection.putrequest("POST", "/predict")
+    connection.putheader("Content-Type", "image/png")
+    connection.putheader("Content-Length", "100000")
+    connection.endheaders()
+    connection.send(b"\x89PNG\r\n\x1a\n")  # and then nothing more
+    t0 = time.monotonic()
+    response = connection.getresponse()
+    waited, answer = time.monotonic() - t0, json.loads(response.read())
+    assert response.status == 408 and "not received within" in answer["error"], answer
+    assert BODY_TIMEOUT_S - 0.5 < waited < BODY_TIMEOUT_S + 20
 
 
 def test_crafted_requests_get_json_4xx_never_a_500(server, synth_faces):

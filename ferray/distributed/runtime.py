@@ -13,6 +13,7 @@ import socket
 import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 from ferray.distributed import ray_internals
 
@@ -57,7 +58,14 @@ def configure_train_env(single_machine: bool = False) -> None:
 # THROUGHPUT_OPTIMIZED: gRPC between replicas and user code on the replica's own loop; HA_PROXY: an
 # HAProxy process answers HTTP and forwards to the ingress replicas' own HTTP servers, instead of
 # Ray's Python proxy actor. bench/serve_load.py measures each against the default mode.
-SERVE_FAST_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"}
+# HAProxy's client timeout is Ray's hour by default: a client sending a body slowly held a connection
+# that long. The ingress answers 408 after body_timeout_s (30 s, serve/settings.py); HAProxy's own
+# limit matches it.
+SERVE_FAST_ENV = {
+    "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+    "RAY_SERVE_ENABLE_HA_PROXY": "1",
+    "RAY_SERVE_HAPROXY_TIMEOUT_CLIENT_S": "30",
+}
 
 
 def configure_serve_env() -> None:
@@ -86,6 +94,15 @@ RAY_INTERNAL_WARNINGS = ("ignore:`ExecutionOptions.exclude_resources` is depreca
 # HAProxy's stats and metrics listeners have fixed default ports (8404, 9101): a second Ray on the
 # same machine (a second `ferray serve`, a test beside a server) would fail to start its HAProxy.
 HAPROXY_PORT_VARIABLES = ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT")
+# HAProxy's files: Ray's defaults put them all in one /tmp/haproxy-serve, shared by every Serve on the
+# machine (two `ferray serve` shared one admin socket, which Ray makes world-writable, and one config)
+HAPROXY_FILE_VARIABLES = {
+    "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": "haproxy.cfg",
+    "RAY_SERVE_HAPROXY_SOCKET_PATH": "admin.sock",
+    "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": "metrics.sock",
+    "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": "",
+    "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": "server-state",
+}
 OWN_ADDRESS_VARIABLES = ("RAY_GCS_SERVER_PORT", "RAY_ADDRESS")
 
 
@@ -93,21 +110,26 @@ OWN_ADDRESS_VARIABLES = ("RAY_GCS_SERVER_PORT", "RAY_ADDRESS")
 def own_ray_environment():
     """Around the ray.init that starts a Ray of ferray's own: Serve's mode (configure_serve_env),
     its short ingress drain (EMBEDDED_SERVE_ENV), Ray's warnings about itself muted
-    (RAY_INTERNAL_WARNINGS, added to the user's PYTHONWARNINGS), for HAProxy's side listeners ports free on
-    this machine, and the GCS's port with RAY_ADDRESS naming it (below). Ray's processes keep what they
-    inherited at start; the ports are taken back from
-    this process's environment afterwards, so that a process it starts (a `ferray serve` under
-    test) picks its own. Ports the user set stay."""
+    (RAY_INTERNAL_WARNINGS, added to the user's PYTHONWARNINGS), for HAProxy's side listeners ports free
+    on this machine and its files in a private directory (server_directory), and the GCS's port with
+    RAY_ADDRESS naming it (below). Ray's processes keep what they inherited at start; these are taken
+    back from this process's environment afterwards, so that a process it starts (a `ferray serve`
+    under test) picks its own. What the user set stays."""
     configure_serve_env()
     for name, value in EMBEDDED_SERVE_ENV.items():
         os.environ.setdefault(name, value)
     if not is_verbose():
         filters = [f for f in os.environ.get("PYTHONWARNINGS", "").split(",") if f]
         os.environ["PYTHONWARNINGS"] = ",".join(filters + [f for f in RAY_INTERNAL_WARNINGS if f not in filters])
-    saved = {name: os.environ.get(name) for name in (*HAPROXY_PORT_VARIABLES, *OWN_ADDRESS_VARIABLES)}
+    chosen_here = (*HAPROXY_PORT_VARIABLES, *OWN_ADDRESS_VARIABLES, *HAPROXY_FILE_VARIABLES)
+    saved = {name: os.environ.get(name) for name in chosen_here}
     for name in HAPROXY_PORT_VARIABLES:
         if saved[name] is None:
             os.environ[name] = str(free_local_port())
+    if all(saved[name] is None for name in HAPROXY_FILE_VARIABLES):
+        private = server_directory()
+        for name, file in HAPROXY_FILE_VARIABLES.items():
+            os.environ[name] = str(private / file) if file else str(private)
     if saved["RAY_GCS_SERVER_PORT"] is None:
         # Ray's processes look a cluster up by address "auto" (Train's placement-group cleaner does,
         # through the state API): with several Rays on the machine that finds the newest, and a
@@ -124,6 +146,24 @@ def own_ray_environment():
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
+
+
+def server_directory() -> Path:
+    """A directory of this process's own Ray's serving files, readable by this user only (0700):
+    HAProxy's config, admin socket and server state. Removed when the process exits normally; one
+    left by a killed process is found by its pid in the name (fs-PID-...).
+
+    Short, in /tmp: Ray puts HAProxy's sockets one node-id folder (56 characters) further down, and
+    HAProxy refuses a socket path of more than 97."""
+    import atexit
+    import shutil
+    import tempfile
+
+    base = tempfile.gettempdir()
+    base = base if len(base) <= 8 else "/tmp"
+    folder = Path(tempfile.mkdtemp(prefix=f"fs-{os.getpid()}-", dir=base))  # mkdtemp makes it 0700
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder
 
 
 def free_local_port() -> int:
