@@ -938,7 +938,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except FerrayError as e:
         print(f"ferray {args.command}: error: {e}", file=sys.stderr)
-        return 1
+        return e.exit_status
     except BrokenPipeError:  # `ferray models | head`: the reader left; nothing to say to it
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115  (Python flushes stdout at exit)
         return 0

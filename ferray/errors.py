@@ -9,6 +9,14 @@ from __future__ import annotations
 class FerrayError(Exception):
     """A mistake in what was asked or given; the message names the file, row, field or request."""
 
+    exit_status = 1  # of the `ferray` command it ends
+
+
+class PortInUse(FerrayError, OSError):
+    """A port a server was asked to listen on is held by another process (named where it can be read)."""
+
+    exit_status = 2
+
 
 class ConfigError(FerrayError, ValueError):
     """A config, search file, plan or flag that cannot be used (names the file or override and the key);

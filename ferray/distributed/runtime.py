@@ -150,8 +150,9 @@ def own_ray_environment():
 
 def server_directory() -> Path:
     """A directory of this process's own Ray's serving files, readable by this user only (0700):
-    HAProxy's config, admin socket and server state. Removed when the process exits normally; one
-    left by a killed process is found by its pid in the name (fs-PID-...).
+    HAProxy's config, admin socket and server state. Removed when the process exits normally, and by a
+    watchdog when it is killed (ferray.distributed.leftovers); one left when both were killed is
+    found by the next `ferray serve` by the pid in its name (fs-PID-...).
 
     Short, in /tmp: Ray puts HAProxy's sockets one node-id folder (56 characters) further down, and
     HAProxy refuses a socket path of more than 97."""
@@ -159,11 +160,20 @@ def server_directory() -> Path:
     import shutil
     import tempfile
 
-    base = tempfile.gettempdir()
-    base = base if len(base) <= 8 else "/tmp"
-    folder = Path(tempfile.mkdtemp(prefix=f"fs-{os.getpid()}-", dir=base))  # mkdtemp makes it 0700
+    from ferray.distributed.leftovers import FOLDER_PREFIX, start_watchdog
+
+    folder = Path(tempfile.mkdtemp(prefix=f"{FOLDER_PREFIX}{os.getpid()}-", dir=server_base()))  # 0700
     atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    start_watchdog(folder)  # clears it, and ends what runs from it, once this process ends
     return folder
+
+
+def server_base() -> str:
+    """Where server_directory makes its folders: the temporary directory where its name is short."""
+    import tempfile
+
+    base = tempfile.gettempdir()
+    return base if len(base) <= 8 else "/tmp"
 
 
 def free_local_port() -> int:

@@ -139,6 +139,28 @@ def stop(owns_ray: bool) -> None:
         serve.delete(APP_NAME)
 
 
+def check_port_free(host: str, port: int) -> None:
+    """PortInUse (one line naming the port and, where it can be read, the process holding it) rather
+    than a stack trace from deep inside Serve once Ray has started."""
+    import errno
+    import socket
+
+    from ferray.distributed.leftovers import listener_of
+    from ferray.errors import PortInUse
+
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers bind: TIME_WAIT is no holder
+        try:
+            probe.bind((host, port))
+        except OSError as error:
+            if error.errno != errno.EADDRINUSE:
+                raise PortInUse(f"cannot listen on {host}:{port} ({error.strerror})") from None
+            holder = listener_of(port)
+            raise PortInUse(
+                f"port {port} on {host} is in use{' by ' + holder if holder else ''}; stop it or choose another --port"
+            ) from None
+
+
 def serve_forever(
     bundle,
     port: int = 8000,
@@ -148,8 +170,12 @@ def serve_forever(
 ) -> None:
     """`ferray serve`: start, print the URL, block until Ctrl-C or SIGTERM, then shut everything down."""
     from ferray.bundle import resolve_bundle
-    from ferray.distributed.runtime import connect
+    from ferray.distributed.leftovers import clean_leftovers
+    from ferray.distributed.runtime import connect, server_base
 
+    for line in clean_leftovers(server_base()):  # what a killed server (and its watchdog) left
+        log.info(f"serve: {line}")
+    check_port_free(host, port)
     stopping = threading.Event()
     previous = signal.signal(signal.SIGTERM, lambda *_: stopping.set())
     owns_ray = False
