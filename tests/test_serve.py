@@ -10,6 +10,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -472,44 +473,39 @@ def test_a_killed_replica_is_replaced(server, synth_faces):
     assert alive and alive[0].name != replicas[0].name
 
 
-def test_ferray_serve_starts_answers_and_leaves_no_process_on_sigterm(tiny_bundle, synth_faces):
+def start_ferray_serve(bundle, port: int, **popen):
+    """`ferray serve` in a process of its own, returned once it says ready (with its stderr so far)."""
     import os
-    import signal
     import subprocess
     import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"FERRAY_NUM_CPUS": "4"}
+    overrides = ["--set", "model_a.max_replicas=1", "--set", "model_b.max_replicas=1"]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "ferray.cli", "serve", "--bundle", str(bundle), "--port", str(port), *overrides],
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+        **popen,
+    )
+    lines = []
+    for line in process.stderr:  # the command says when it is ready, after its own health check
+        lines.append(line)
+        if "serve: ready at" in line:
+            break
+    assert f"ready at http://127.0.0.1:{port}" in "".join(lines), "".join(lines)
+    return process
+
+
+def test_ferray_serve_starts_answers_and_leaves_no_process_on_sigterm(tiny_bundle, synth_faces):
+    import signal
 
     from support import alive, descendants
 
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"FERRAY_NUM_CPUS": "4"}
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "ferray.cli",
-            "serve",
-            "--bundle",
-            str(tiny_bundle),
-            "--port",
-            str(port),
-            "--set",
-            "model_a.max_replicas=1",
-            "--set",
-            "model_b.max_replicas=1",
-        ],
-        env=env,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    process = start_ferray_serve(tiny_bundle, port)
     try:
-        url = f"http://127.0.0.1:{port}"
-        lines = []
-        for line in process.stderr:  # the command says when it is ready, after its own health check
-            lines.append(line)
-            if "serve: ready at" in line:
-                break
-        assert f"ready at {url}" in "".join(lines), "".join(lines)
-        status, answer = post(f"{url}/predict", png_bytes(synth_faces[0][5]), "image/png")
+        status, answer = post(f"http://127.0.0.1:{port}/predict", png_bytes(synth_faces[0][5]), "image/png")
         assert status == 200 and len(answer["faces"]) == 1
         family = descendants(process.pid)
         assert family, "the embedded Ray's processes should be children of `ferray serve`"
@@ -524,6 +520,45 @@ def test_ferray_serve_starts_answers_and_leaves_no_process_on_sigterm(tiny_bundl
     assert "serve: stopped" in stderr, stderr
     assert stopped_in < 10, f"SIGTERM took {stopped_in:.1f} s"
     assert "failed to shut down" not in stderr and "Traceback" not in stderr, stderr
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and alive(family):
+        time.sleep(0.5)
+    assert not alive(family), f"processes left behind: {sorted(alive(family))}"
+
+
+def test_a_killed_ferray_serve_leaves_no_haproxy_and_the_next_one_starts_on_its_port(tiny_bundle):
+    """SIGKILL of the server's whole process group, as an out-of-memory killer or a crash ends it:
+    HAProxy (outside that group, as Ray starts it) is ended by the server's watchdog within seconds,
+    and a new `ferray serve` on the same port starts and answers."""
+    import os
+    import signal
+
+    from support import alive, descendants
+
+    from ferray.distributed.leftovers import process_table
+
+    port = free_port()
+    process = start_ferray_serve(tiny_bundle, port, start_new_session=True)
+    family = descendants(process.pid)
+    table = process_table()
+    haproxy = {pid for pid in family if table.get(pid) and Path(table[pid][0]).name == "haproxy"}
+    try:
+        assert haproxy, "the fast serving mode runs HAProxy"
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=30)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and alive(haproxy):
+            time.sleep(0.2)
+        assert not alive(haproxy), f"HAProxy outlived its server: {sorted(alive(haproxy))}"
+    finally:
+        if process.poll() is None:
+            process.kill()
+    again = start_ferray_serve(tiny_bundle, port)
+    try:
+        assert get(f"http://127.0.0.1:{port}/readyz")[0] == 200
+    finally:
+        again.terminate()
+        again.communicate(timeout=120)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline and alive(family):
         time.sleep(0.5)
