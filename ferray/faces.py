@@ -29,6 +29,7 @@ DEFAULT_MAX_PIXELS = 40_000_000  # a 40-megapixel photo decodes to ~120 MB of RG
 DEFAULT_MAX_REQUEST_PIXELS = 60_000_000  # all the images of one request together
 MAX_ASPECT = 20  # a longer side more than this many times the shorter: a strip, not a photo of faces
 DEFAULT_MAX_FACES = 64  # faces one request may ask the models for (detected, or pixel rows)
+DETECTED_FRACTION = 20  # the detector looks for faces of 1/20 of the image's shorter side and up
 BOX_MARGIN = 0.1  # fraction of the Haar box added on each side (FER2013 crops include some hair and chin)
 
 
@@ -174,7 +175,7 @@ def detect_boxes(gray: np.ndarray) -> list[tuple[int, int, int, int]]:
     """Frontal-face boxes (x, y, w, h), largest first, of a grayscale image."""
     import cv2
 
-    smallest = max(24, min(gray.shape) // 20)
+    smallest = max(24, min(gray.shape) // DETECTED_FRACTION)
     found = _cascade().detectMultiScale(
         cv2.equalizeHist(gray), scaleFactor=1.1, minNeighbors=5, minSize=(smallest, smallest)
     )

@@ -17,8 +17,9 @@ Entry point for `serve run serve/config.yaml` / `serve deploy` and for `ferray s
 args being the application's `args` mapping of serve/config.yaml (see serve/settings.py).
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: Serve rebuilds the ingress's methods with only the globals
+# their code names, so FastAPI could not resolve an annotation such as `request: Request` given as a
+# string (the parameter was then read as a query field). Annotations are objects here.
 import asyncio
 import json
 import logging
@@ -35,6 +36,7 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError
 from ray.serve.config import BackpressureConfig
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 
+from .intake import Busy, Intake, content_type_of, decode_threads, images_of, received
 from .settings import ReplicaSettings, ServeSettings, parse_settings
 
 logger = logging.getLogger("ferray.serve")
@@ -174,6 +176,8 @@ class Ingress:
             max_concurrent_batches=GROUPS_IN_FLIGHT,
         )(self._group_call)
         self.page = PAGE.read_text()
+        intake = self.settings.intake
+        self.intake = Intake(intake.max_held_body_bytes, decode_threads(intake.decode_slots), intake.wait_s)
         self._ready_answer: tuple[float, bool, dict] | None = None  # (when, ready, each member's state)
         self._ready_probe: asyncio.Future | None = None
 
@@ -258,93 +262,16 @@ class Ingress:
         answers = await asyncio.gather(*(self._member(name, faces) for name in names))
         return dict(zip(names, answers))
 
+    def _received(self, request: Request):
+        """The request's body, read within its limits while the ingress has room to hold it."""
+        return received(self.intake, request, self.settings.max_body_bytes, self.settings.body_timeout_s)
+
     async def _answer(self, images: list[tuple[str, bytes]], detect: bool) -> list[dict]:
         from ferray.predict import all_faces, assemble, find_faces
 
-        # decoding and detection are CPU work: keep the event loop free for other requests
-        found = await asyncio.get_running_loop().run_in_executor(None, find_faces, images, detect, self.limits)
+        # decoding and detection are CPU work: in the decode stage's threads, off the event loop
+        found = await self.intake.decode(find_faces, images, detect, self.limits)
         return assemble(found, await self._members(all_faces(found)), self.rule)
-
-    async def _body(self, request: Request) -> bytes:
-        """The request body, refused as soon as it passes the limit (never buffered whole)."""
-        from ferray.errors import InputError, LimitExceeded
-
-        limit = self.settings.max_body_bytes
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            raise LimitExceeded(
-                f"request body of {int(declared):,} bytes is over the limit of {limit:,}",
-                "max_body_bytes",
-                int(declared),
-                limit,
-            )
-        chunks, size, deadline = [], 0, self.settings.body_timeout_s
-        try:
-            async with asyncio.timeout(deadline):
-                async for chunk in request.stream():
-                    size += len(chunk)
-                    if size > limit:  # the rest is never read: the value is what had arrived when it passed
-                        raise LimitExceeded(
-                            f"request body is over the limit of {limit:,} bytes ({size:,} read when refused)",
-                            "max_body_bytes",
-                            size,
-                            limit,
-                        )
-                    chunks.append(chunk)
-        except TimeoutError:
-            raise InputError(
-                f"request body not received within {deadline:g} s ({size:,} bytes had arrived); send it faster",
-                status=408,
-            ) from None
-        return b"".join(chunks)
-
-    async def _images(self, request: Request, many: bool) -> list[tuple[str, bytes]]:
-        """Images of a raw body (image/* or application/octet-stream) or a multipart form."""
-        from ferray.errors import LimitExceeded
-        from ferray.faces import InputError
-
-        content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        body = await self._body(request)
-        if content_type == "multipart/form-data":
-
-            async def replay():
-                return {"type": "http.request", "body": body, "more_body": False}
-
-            limit = self.settings.max_batch_images
-            try:
-                form = await Request(request.scope, replay).form(max_files=limit + 1)
-            except Exception as error:
-                if "Too many files" in str(error):  # Starlette stops at the file past max_files
-                    raise LimitExceeded(
-                        f"at least {limit + 2} images in one request is over the limit of {limit}",
-                        "max_batch_images",
-                        limit + 2,
-                        limit,
-                    ) from None
-                raise InputError(f"malformed multipart body ({error})") from None
-            images = [
-                (item.filename or key, await item.read()) for key, item in form.multi_items() if hasattr(item, "read")
-            ]
-            if not images:
-                raise InputError("multipart body has no file part; send the image as a file field", status=422)
-        elif content_type.startswith("image/") or content_type == "application/octet-stream":
-            images = [("body", body)]
-        else:
-            raise InputError(
-                f"content type {content_type or '(none)'!r} is not accepted: send the image as the raw "
-                "body (image/png, image/jpeg, ...) or as multipart/form-data",
-                status=415,
-            )
-        if not many and len(images) > 1:
-            raise InputError(f"{len(images)} files sent to /predict; use /predict/batch for several", status=422)
-        if len(images) > self.settings.max_batch_images:
-            raise LimitExceeded(
-                f"{len(images)} images in one request is over the limit of {self.settings.max_batch_images}",
-                "max_batch_images",
-                len(images),
-                self.settings.max_batch_images,
-            )
-        return images
 
     async def _guarded(self, work):
         """Every answer is JSON: 4xx naming what was wrong with the request, 503 (Retry-After) when a
@@ -358,7 +285,7 @@ class Ingress:
             return JSONResponse(error.body(), status_code=413)
         except InputError as error:
             return JSONResponse({"error": str(error)}, status_code=error.status)
-        except MemberUnavailable as error:
+        except (MemberUnavailable, Busy) as error:
             return JSONResponse({"error": str(error)}, status_code=503, headers={"Retry-After": "1"})
         except Exception:  # noqa: BLE001 - a bug or a model failure must still answer JSON
             error_id = uuid.uuid4().hex[:12]
@@ -385,14 +312,18 @@ class Ingress:
         """The image is the raw body (image/png, image/jpeg, image/bmp, image/webp) or one multipart file."""
 
         async def work():
-            return (await self._answer(await self._images(request, many=False), detect))[0]
+            async with self._received(request) as body:
+                images = await images_of(request, body, False, self.settings.max_batch_images)
+                return (await self._answer(images, detect))[0]
 
         return await self._guarded(work())
 
     @api.post("/predict/batch", summary="Classify the faces in several images (multipart files)")
     async def predict_batch(self, request: Request, detect: bool = Query(True)):
         async def work():
-            return {"results": await self._answer(await self._images(request, many=True), detect)}
+            async with self._received(request) as body:
+                images = await images_of(request, body, True, self.settings.max_batch_images)
+                return {"results": await self._answer(images, detect)}
 
         return await self._guarded(work())
 
@@ -412,7 +343,7 @@ class Ingress:
             return faces_from_pixels(payload, limits=self.limits)
 
         async def work():
-            content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+            content_type = content_type_of(request)
             if content_type != "application/json":
                 # not a form's or a cross-site page's "simple" POST (text/plain, forms): those may not
                 # spend the server's compute
@@ -420,9 +351,8 @@ class Ingress:
                     f"content type {content_type or '(none)'!r} is not accepted: send the rows as application/json",
                     status=415,
                 )
-            body = await self._body(request)
-            # parsing and checking a large body is CPU work: off the event loop
-            faces = await asyncio.get_running_loop().run_in_executor(None, parse, body)
+            async with self._received(request) as body:
+                faces = await self.intake.decode(parse, body)  # parsing a large body is CPU work too
             probs = await self._members(faces)
             boxes = [Face((0, 0, 48, 48), pixels) for pixels in faces]
             return {"faces": describe(boxes, probs, self.rule)}

@@ -96,6 +96,18 @@ class IngressSettings:
 
 
 @dataclass
+class IntakeSettings:
+    """What requests may hold in the ingress before the models see them (serve/intake.py)."""
+
+    # bytes of request bodies held at once, each counted from its declared length (a chunked body
+    # as max_body_bytes) until it is answered: with the defaults, 6 bodies at the size limit, or
+    # hundreds of photos
+    max_held_body_bytes: int = 64 * 1024 * 1024
+    decode_slots: int = 0  # images decoded (and faces found) at once; 0: the machine's cores
+    wait_s: float = 1.0  # how long a request waits for room before its 503 (Retry-After)
+
+
+@dataclass
 class ServeSettings:
     bundle: str = "default"  # a bundle folder, or "default": the model that ships with ferray
     max_body_bytes: int = 10 * 1024 * 1024
@@ -118,6 +130,7 @@ class ServeSettings:
     # one), or member names as a comma list ("a": Model A alone, at its own temperature)
     members: str = "all"
     ingress: IngressSettings = field(default_factory=IngressSettings)
+    intake: IntakeSettings = field(default_factory=IntakeSettings)
     ensemble: ReplicaSettings = field(default_factory=ReplicaSettings)
     model_a: ReplicaSettings = field(default_factory=ReplicaSettings)
     model_b: ReplicaSettings = field(default_factory=ReplicaSettings)
@@ -140,6 +153,13 @@ class ServeSettings:
         )
         if any(getattr(self, name) < 1 for name in limits):
             raise ConfigError(f"{', '.join(limits)} must be >= 1")
+        if self.intake.max_held_body_bytes < self.max_body_bytes:
+            raise ConfigError(
+                f"intake.max_held_body_bytes ({self.intake.max_held_body_bytes:,}) is below max_body_bytes "
+                f"({self.max_body_bytes:,}): a body at the limit could never be held"
+            )
+        if self.intake.decode_slots < 0 or not self.intake.wait_s > 0:
+            raise ConfigError("intake.decode_slots must be >= 0 (0: the cores) and intake.wait_s > 0 seconds")
         if not self.body_timeout_s > 0:
             raise ConfigError(f"body_timeout_s is {self.body_timeout_s}; it must be > 0 seconds")
         return self

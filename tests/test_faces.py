@@ -96,6 +96,33 @@ def test_detection_finds_the_face_and_crops_it(synth_faces):
     assert np.array_equal(faces_in_image(face)[0].pixels, face)
 
 
+def test_a_large_jpeg_is_decoded_at_draft_size_with_boxes_in_its_own_pixels(synth_faces):
+    """A 2400x1920 photo decodes at 1/2 (the shorter side stays >= 20 x 48): boxes and sizes are the
+    sent image's, and the face is found where a full decode finds it."""
+    import cv2
+
+    from ferray.predict import find_faces
+
+    face = detectable_face(synth_faces[0])
+    photo = cv2.resize(face_photo(face), (2400, 1920), interpolation=cv2.INTER_CUBIC)
+    jpeg = encode(photo, "JPEG")
+    png = encode(photo, "PNG")  # decoded whole: the reference
+    ((_, size, drafted),) = find_faces([("photo.jpg", jpeg)], True, Limits())
+    ((_, _, whole),) = find_faces([("photo.png", png)], True, Limits())
+    assert size == (1920, 2400) and drafted and whole
+    (x, y, w, h), (x0, y0, w0, h0) = drafted[0].box, whole[0].box
+    assert abs(x - x0) <= 0.05 * w0 and abs(y - y0) <= 0.05 * h0 and abs(w - w0) <= 0.1 * w0 and abs(h - h0) <= 0.1 * h0
+    assert np.abs(drafted[0].pixels.astype(int) - whole[0].pixels).mean() < 12
+
+    from PIL import Image
+
+    from ferray.predict import draft_for_faces
+
+    image = Image.open(io.BytesIO(jpeg))
+    assert draft_for_faces(image) == 2.0 and image.size == (1200, 960) and min(image.size) >= 20 * 48
+    assert draft_for_faces(Image.open(io.BytesIO(png))) == 1.0  # only JPEG has draft decoding
+
+
 def test_a_photo_without_a_face_is_a_422():
     sky = np.tile(np.linspace(40, 220, 400, dtype=np.uint8), (300, 1))
     with pytest.raises(InputError, match="no face found in the 400x300") as error:

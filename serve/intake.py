@@ -1,0 +1,163 @@
+"""What a request may hold in the ingress before the models see it: its body, read against a size
+limit and a deadline; the bytes of all bodies held at once; and the slots of the decode stage
+(decoding images and finding faces is CPU work, outside the models' queues).
+
+A request that finds no room waits at most `wait_s`, then is answered 503 with Retry-After (Busy),
+as overload is at the models: a burst of large or decode-heavy requests cannot hold the ingress's
+memory or cores, nor keep other clients' requests waiting behind it for long.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+
+from fastapi import Request
+
+from ferray.errors import InputError, LimitExceeded
+
+
+class Busy(Exception):
+    """No room in the ingress now: answered 503 with Retry-After."""
+
+
+def decode_threads(configured: int) -> int:
+    """The decode stage's slots: as configured, or (0) this machine's cores."""
+    return configured if configured > 0 else max(1, len(os.sched_getaffinity(0)))
+
+
+class Intake:
+    """The ingress's bounds on bodies held and images being decoded (one per ingress replica)."""
+
+    def __init__(self, held_bytes: int, decode_slots: int, wait_s: float):
+        self.held_bytes, self.wait_s, self.slots = held_bytes, wait_s, decode_slots
+        self._held = 0
+        self._room = asyncio.Condition()
+        self._decoding = asyncio.Semaphore(decode_slots)
+        self._pool = ThreadPoolExecutor(decode_slots, thread_name_prefix="ferray-decode")
+
+    @asynccontextmanager
+    async def holding(self, size: int):
+        """Room for a body of `size` bytes among those held, for as long as the request is answered."""
+        async with self._room:
+            try:
+                await asyncio.wait_for(self._room.wait_for(lambda: self._held + size <= self.held_bytes), self.wait_s)
+            except TimeoutError:
+                raise Busy(
+                    f"the server holds {self._held:,} bytes of request bodies (its limit: {self.held_bytes:,}); "
+                    "retry shortly"
+                ) from None
+            self._held += size
+        try:
+            yield
+        finally:
+            async with self._room:
+                self._held -= size
+                self._room.notify_all()
+
+    async def decode(self, work: Callable, *args):
+        """`work(*args)` (decoding, detection, parsing) in one of the decode stage's threads."""
+        try:
+            await asyncio.wait_for(self._decoding.acquire(), self.wait_s)
+        except TimeoutError:
+            raise Busy(f"all {self.slots} decode slots are busy; retry shortly") from None
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._pool, work, *args)
+        finally:
+            self._decoding.release()
+
+
+def content_type_of(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";")[0].strip().lower()
+
+
+def body_size_to_hold(request: Request, limit: int) -> int:
+    """The bytes a request's body may take: its declared length, or (chunked) the limit."""
+    declared = request.headers.get("content-length")
+    return int(declared) if declared is not None and declared.isdigit() and int(declared) <= limit else limit
+
+
+async def read_body(request: Request, limit: int, deadline: float) -> bytes:
+    """The request body, refused as soon as it passes `limit` (never buffered whole) or when it has
+    not arrived whole within `deadline` seconds (408)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise LimitExceeded(
+            f"request body of {int(declared):,} bytes is over the limit of {limit:,}",
+            "max_body_bytes",
+            int(declared),
+            limit,
+        )
+    chunks, size = [], 0
+    try:
+        async with asyncio.timeout(deadline):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:  # the rest is never read: the value is what had arrived when it passed
+                    raise LimitExceeded(
+                        f"request body is over the limit of {limit:,} bytes ({size:,} read when refused)",
+                        "max_body_bytes",
+                        size,
+                        limit,
+                    )
+                chunks.append(chunk)
+    except TimeoutError:
+        raise InputError(
+            f"request body not received within {deadline:g} s ({size:,} bytes had arrived); send it faster",
+            status=408,
+        ) from None
+    return b"".join(chunks)
+
+
+@asynccontextmanager
+async def received(intake: Intake, request: Request, limit: int, deadline: float):
+    """The request's body, read within its limits while the ingress has room to hold it (until the
+    request is answered)."""
+    async with intake.holding(body_size_to_hold(request, limit)):
+        yield await read_body(request, limit, deadline)
+
+
+async def images_of(request: Request, body: bytes, many: bool, max_images: int) -> list[tuple[str, bytes]]:
+    """Images of a raw body (image/* or application/octet-stream) or a multipart form."""
+    content_type = content_type_of(request)
+    if content_type == "multipart/form-data":
+
+        async def replay():
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        try:
+            form = await Request(request.scope, replay).form(max_files=max_images + 1)
+        except Exception as error:
+            if "Too many files" in str(error):  # Starlette stops at the file past max_files
+                raise LimitExceeded(
+                    f"at least {max_images + 2} images in one request is over the limit of {max_images}",
+                    "max_batch_images",
+                    max_images + 2,
+                    max_images,
+                ) from None
+            raise InputError(f"malformed multipart body ({error})") from None
+        files = [(key, item) for key, item in form.multi_items() if hasattr(item, "read")]
+        images = [(item.filename or key, await item.read()) for key, item in files]
+        if not images:
+            raise InputError("multipart body has no file part; send the image as a file field", status=422)
+    elif content_type.startswith("image/") or content_type == "application/octet-stream":
+        images = [("body", body)]
+    else:
+        raise InputError(
+            f"content type {content_type or '(none)'!r} is not accepted: send the image as the raw "
+            "body (image/png, image/jpeg, ...) or as multipart/form-data",
+            status=415,
+        )
+    if not many and len(images) > 1:
+        raise InputError(f"{len(images)} files sent to /predict; use /predict/batch for several", status=422)
+    if len(images) > max_images:
+        raise LimitExceeded(
+            f"{len(images)} images in one request is over the limit of {max_images}",
+            "max_batch_images",
+            len(images),
+            max_images,
+        )
+    return images
