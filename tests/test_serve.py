@@ -325,13 +325,27 @@ def test_web_page_in_headless_chromium(server, synth_faces, tmp_path):
     try:
         browser.get(f"{server}/")
         browser.find_element(By.ID, "file").send_keys(str(image))
-        WebDriverWait(browser, 30).until(lambda b: b.find_elements(By.CSS_SELECTOR, "#results .face"))
+        drawn = "return document.getElementById('photo').width"
+        WebDriverWait(browser, 30).until(
+            lambda b: b.find_elements(By.CSS_SELECTOR, "#results .face") and b.execute_script(drawn)
+        )
         face = browser.find_element(By.CSS_SELECTOR, "#results .face")
         bars = face.find_elements(By.CSS_SELECTOR, ".bar")
         expected = post(f"{server}/predict", image.read_bytes(), "image/png")[1]["faces"][0]["label"]
         assert len(bars) == 7 and face.get_attribute("data-label") == expected
-        assert browser.execute_script("return document.getElementById('photo').width") == 48
+        assert browser.execute_script(drawn) == 48
         assert browser.find_element(By.ID, "error").text == ""
+        # an image the server reads but this browser cannot decode: the answer, and a line saying so,
+        # never "classifying..." for ever
+        browser.get(f"{server}/")
+        browser.execute_script("window.createImageBitmap = () => Promise.reject(new Error('cannot decode'));")
+        browser.find_element(By.ID, "file").send_keys(str(image))
+        WebDriverWait(browser, 30).until(lambda b: b.find_element(By.ID, "error").text)
+        assert "cannot draw the image (cannot decode)" in browser.find_element(By.ID, "error").text
+        assert (
+            browser.find_elements(By.CSS_SELECTOR, "#results .face")
+            and "classifying" not in browser.find_element(By.ID, "results").text
+        )
     finally:
         browser.quit()
 
