@@ -1,0 +1,192 @@
+"""Good clients beside hostile ones: does the served ensemble keep answering?
+
+    python -m bench.serve_hostile [--bundle BUNDLE] [--clients 8] [--seconds 15] [--attackers 16]
+
+One `ferray serve`-style app (the fused layout in Serve's high-throughput mode) on 127.0.0.1. Good
+clients POST 48x48 face PNGs to /predict, first alone (quiet), then beside each attack in turn:
+  slow uploads    attackers declare a 1 MB body and send a byte a second (the body deadline: 408)
+  decode-heavy    attackers send 24-megapixel photos to /predict with face detection on
+  large bodies    attackers send 9 MB bodies at once (read whole, then refused: 415)
+  readiness       attackers poll GET /readyz as fast as they can
+For each it prints the good clients' requests/s as a ratio to the quiet run, their p99 latency and
+their statuses, and how every attacker request was answered (status, and whether its body was JSON).
+Targets: good clients keep >= 70% of their quiet throughput and a p99 under 2 s under every attack,
+nothing is lost or answered 500, and every refused attacker request got a JSON status.
+
+Without --bundle an untrained bundle of the real Model A and a ResNet18 Model B on SR faces is
+written first (speed does not depend on the weights).
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import io
+import json
+import tempfile
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from bench.loadgen import HEADER, face_bodies, format_row, run_load, speed_bundle
+
+MIN_RATIO, MAX_P99_S = 0.7, 2.0
+
+
+def big_photo(width: int = 6000, height: int = 4000) -> bytes:
+    """A 24-megapixel JPEG (smooth, so its bytes stay small; decoding and searching it are the cost)."""
+    import numpy as np
+    from PIL import Image
+
+    ramp = np.add.outer(np.linspace(30, 120, height), np.linspace(0, 100, width)).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(ramp).save(buffer, format="JPEG", quality=70)
+    return buffer.getvalue()
+
+
+class Attack:
+    """`attackers` threads running `one(connection)` in a loop until stopped; each returns a status
+    and whether the answer's body was JSON."""
+
+    def __init__(self, url: str, attackers: int, one):
+        self.where, self.attackers, self.one = urlsplit(url), attackers, one
+        self.answers: Counter = Counter()
+        self.stop, self.lock = threading.Event(), threading.Lock()
+        self.threads = [threading.Thread(target=self.loop, daemon=True) for _ in range(attackers)]
+
+    def loop(self) -> None:
+        while not self.stop.is_set():
+            try:
+                status, is_json = self.one(self.where)
+            except (OSError, http.client.HTTPException):
+                status, is_json = 0, False
+                time.sleep(0.05)
+            with self.lock:
+                self.answers[(status, is_json)] += 1
+
+    def __enter__(self):
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        for thread in self.threads:
+            thread.join(timeout=60)
+
+
+def answer_of(connection: http.client.HTTPConnection) -> tuple[int, bool]:
+    response = connection.getresponse()
+    body = response.read()
+    try:
+        json.loads(body)
+        return response.status, True
+    except ValueError:
+        return response.status, False
+
+
+def slow_upload(where) -> tuple[int, bool]:
+    """Declare 1 MB, then send a byte a second until the server answers (or two minutes pass)."""
+    import select
+
+    connection = http.client.HTTPConnection(where.hostname, where.port, timeout=120)
+    connection.putrequest("POST", "/predict")
+    connection.putheader("Content-Type", "image/png")
+    connection.putheader("Content-Length", str(1 << 20))
+    connection.endheaders()
+    try:
+        for _ in range(120):
+            if select.select([connection.sock], [], [], 1.0)[0]:  # the server has answered
+                break
+            connection.send(b"\0")
+    except OSError:
+        pass
+    try:
+        return answer_of(connection)
+    finally:
+        connection.close()
+
+
+def posting(path: str, body: bytes, content_type: str):
+    def one(where) -> tuple[int, bool]:
+        connection = http.client.HTTPConnection(where.hostname, where.port, timeout=120)
+        try:
+            connection.request("POST", path, body=body, headers={"Content-Type": content_type})
+            return answer_of(connection)
+        finally:
+            connection.close()
+
+    return one
+
+
+def polling_readiness(where) -> tuple[int, bool]:
+    connection = http.client.HTTPConnection(where.hostname, where.port, timeout=60)
+    try:
+        connection.request("GET", "/readyz")
+        return answer_of(connection)
+    finally:
+        connection.close()
+
+
+def attacks() -> dict:
+    return {
+        "slow uploads": slow_upload,
+        "decode-heavy": posting("/predict", big_photo(), "image/jpeg"),
+        "large bodies": posting("/predict", bytes(9 << 20), "image/png"),
+        "readiness": polling_readiness,
+    }
+
+
+def good_load(url: str, bodies, args) -> dict:
+    run_load(url, bodies, args.clients, 2.0)  # warm-up
+    return run_load(url, bodies, args.clients, args.seconds).summary()
+
+
+def run(args) -> int:
+    import ray
+    from ray import serve
+
+    from ferray.distributed.serving import start
+    from ferray.testing import free_port
+
+    bundle = Path(args.bundle) if args.bundle else speed_bundle(tempfile.mkdtemp(prefix="ferray-hostile-"))
+    url = start(bundle, port=free_port())
+    bodies = face_bodies(32)
+    failed = []
+    try:
+        print(HEADER)
+        quiet = good_load(url, bodies, args)
+        print(format_row("quiet", quiet))
+        for name, one in attacks().items():
+            with Attack(url, args.attackers, one) as attack:
+                time.sleep(2.0)  # the attack under way before the good clients start
+                good = good_load(url, bodies, args)
+            ratio = good["rps"] / quiet["rps"] if quiet["rps"] else float("nan")
+            bad_answers = {k: v for k, v in attack.answers.items() if k[0] != 200 and not k[1]}
+            print(format_row(name, good) + f"  ratio {ratio:.2f}")
+            print(f"    attackers: {dict(sorted(attack.answers.items()))} ((status, JSON body): count)")
+            if ratio < MIN_RATIO or good["p99"] > MAX_P99_S or good["errors"] or bad_answers:
+                failed.append(name)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    print(
+        f"targets: good clients >= {MIN_RATIO:.0%} of quiet throughput, p99 < {MAX_P99_S:g} s, no errors, "
+        f"every refusal JSON: {'met' if not failed else 'missed under ' + ', '.join(failed)}"
+    )
+    return 1 if failed else 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--bundle", help="a bundle folder (default: an untrained bundle of the real members)")
+    parser.add_argument("--clients", type=int, default=8, help="good clients")
+    parser.add_argument("--seconds", type=float, default=15.0, help="of good load per phase")
+    parser.add_argument("--attackers", type=int, default=16, help="hostile clients per attack")
+    return run(parser.parse_args())
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
