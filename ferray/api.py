@@ -32,8 +32,14 @@ class Predictor:
         limits: Limits = Limits(),
         int8: bool = False,
         members: str = "all",
+        detector: str = "haar",
     ):
         from ferray.bundle import load_bundle, resolve_bundle
+        from ferray.faces import DETECTORS
+
+        if detector not in DETECTORS:
+            raise InputError(f"detector {detector!r} is not one of {', '.join(DETECTORS)}")
+        self.detector = detector
         from ferray.predict import local_predictor
 
         self.bundle = resolve_bundle(bundle)
@@ -57,7 +63,7 @@ class Predictor:
         found = []
         for index, image in enumerate(images):
             name, gray = self._gray(image, index)
-            found.append((name, gray.shape, faces_in_image(gray, detect, name)))
+            found.append((name, gray.shape, faces_in_image(gray, detect, name, self.detector)))
         return assemble(found, self._members(all_faces(found)), self.ensemble.rule)
 
     def _gray(self, image: Any, index: int) -> tuple[str, np.ndarray]:
@@ -96,11 +102,16 @@ def _array_to_gray(array: np.ndarray, name: str) -> np.ndarray:
 
 
 def load(
-    bundle: str | Path | None = None, device: str | None = None, int8: bool = False, members: str = "all"
+    bundle: str | Path | None = None,
+    device: str | None = None,
+    int8: bool = False,
+    members: str = "all",
+    detector: str = "haar",
 ) -> Predictor:
     """A predictor for `bundle` (a folder from `ferray ensemble`); None: the model that ships with ferray.
     `int8`: the calibrated members in int8 on the CPU (a bundle calibrated by `ferray quantize`; needs
     torchao). `members`: a set the bundle declares ("all", the default; "fast": fewer members, cheaper
     per face) or member names as a comma list ("a,r18"), fused at that set's own temperature
-    (docs/benchmarks.md has each set's cost)."""
-    return Predictor(bundle, device, int8=int8, members=members)
+    (docs/benchmarks.md has each set's cost). `detector`: OpenCV's Haar cascade ("haar"), or the
+    learned MTCNN ("mtcnn", `pip install 'ferray[mtcnn]'`), which also levels each face by its eyes."""
+    return Predictor(bundle, device, int8=int8, members=members, detector=detector)

@@ -416,6 +416,13 @@ def _add_predict(sub) -> None:
         action="store_false",
         help="classify each whole image as one face (no face detection)",
     )
+    p.add_argument(
+        "--detector",
+        choices=("haar", "mtcnn"),
+        default="haar",
+        help="haar: OpenCV's cascade (default); mtcnn: the learned detector, which levels each face by its eyes "
+        "(pip install 'ferray[mtcnn]')",
+    )
     p.add_argument("--json-out", type=Path, help="write the JSON here instead of stdout")
     _add_int8_flag(p)
     _add_members_flag(p)
@@ -793,7 +800,9 @@ def cmd_quantize(args) -> int:
 def cmd_predict(args) -> int:
     from ferray.predict import format_answers, predict_files, to_json
 
-    answers = predict_files(args.bundle, args.images, detect=args.detect, int8=args.int8, members=args.members)
+    answers = predict_files(
+        args.bundle, args.images, detect=args.detect, int8=args.int8, members=args.members, detector=args.detector
+    )
     _echo(format_answers(answers))
     if args.json_out:
         args.json_out.write_text(to_json(answers) + "\n")

@@ -37,7 +37,7 @@ def describe(faces: Sequence[Face], probs: dict[str, np.ndarray], rule: Callable
 
 
 def find_faces(
-    images: Sequence[tuple[str, bytes]], detect: bool, limits: Limits
+    images: Sequence[tuple[str, bytes]], detect: bool, limits: Limits, detector: str = "haar"
 ) -> list[tuple[str, tuple, list[Face]]]:
     """(name, (height, width), faces) of each named image; InputError on anything unusable, and a
     LimitExceeded where the request as a whole is over its pixels (known from the headers, before any
@@ -56,7 +56,7 @@ def find_faces(
         width, height = image.size
         scale = draft_for_faces(image) if detect else 1.0
         gray = decode_opened(image, name)
-        faces = faces_in_image(gray, detect, name)
+        faces = faces_in_image(gray, detect, name, detector)
         if scale != 1.0:  # boxes in the sent image's pixels, not the draft's
             faces = [Face(tuple(round(v * scale) for v in face.box), face.pixels) for face in faces]
         count += len(faces)
@@ -109,10 +109,11 @@ def answer_images(
     rule: Callable,
     detect: bool = True,
     limits: Limits = Limits(),
+    detector: str = "haar",
 ) -> list[dict]:
     """The answer for each named image; `predict_members` maps (N, 48, 48) uint8 -> {member: P},
     `rule` those -> the served probabilities."""
-    found = find_faces(images, detect, limits)
+    found = find_faces(images, detect, limits, detector)
     return assemble(found, predict_members(all_faces(found)), rule)
 
 
@@ -132,10 +133,12 @@ def predict_files(
     limits: Limits = Limits(),
     int8: bool = False,
     members: str = "all",
+    detector: str = "haar",
 ) -> list[dict]:
     """`ferray predict`: the HTTP API's answer for image files, without a server (bundle None: the
     default model that ships with ferray; `int8`: the calibrated members in int8, see
-    ferray.quantize; `members`: a set of the bundle's, or member names as a comma list)."""
+    ferray.quantize; `members`: a set of the bundle's, or member names as a comma list; `detector`:
+    haar or mtcnn, see ferray.faces.faces_in_image)."""
     from ferray.bundle import load_bundle
 
     images = []
@@ -145,7 +148,7 @@ def predict_files(
             raise InputError(f"{path}: no such file")
         images.append((str(path), path.read_bytes()))
     ensemble, _ = load_bundle(bundle, members=members, int8=int8)
-    return answer_images(images, local_predictor(ensemble), ensemble.rule, detect, limits)
+    return answer_images(images, local_predictor(ensemble), ensemble.rule, detect, limits, detector)
 
 
 def format_answers(answers: list[dict]) -> str:

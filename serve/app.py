@@ -270,7 +270,7 @@ class Ingress:
         from ferray.predict import all_faces, assemble, find_faces
 
         # decoding and detection are CPU work: in the decode stage's threads, off the event loop
-        found = await self.intake.decode(find_faces, images, detect, self.limits)
+        found = await self.intake.decode(find_faces, images, detect, self.limits, self.settings.detector)
         return assemble(found, await self._members(all_faces(found)), self.rule)
 
     async def _guarded(self, work):
@@ -417,6 +417,10 @@ def build(args: dict | None = None):
 
     bundle = str(resolve_bundle(settings.bundle).absolute())
     card = read_bundle_card(bundle)  # fail here, before any replica starts, if the bundle is not there
+    if settings.detector == "mtcnn":
+        from ferray.mtcnn import networks
+
+        networks()  # and here if the learned detector's networks are not installed
     plain = {key: value for key, value in (args or {}).items()} | {"bundle": bundle}
     ingress = Ingress.options(
         num_replicas=settings.ingress.replicas,

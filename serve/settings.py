@@ -118,6 +118,9 @@ class ServeSettings:
     # a body not received whole within this many seconds is answered 408 (a slow upload holds an
     # ingress slot and its memory meanwhile); ferray's Ray gives HAProxy's client timeout the same
     body_timeout_s: float = 30.0
+    # the face detector for photos: haar (OpenCV's cascade) or mtcnn (learned, levels each face by its
+    # eyes; needs `pip install 'ferray[mtcnn]'`)
+    detector: str = "haar"
     # a call that no replica ran (none available) is retried on another; never one whose replica died running it
     member_retries: int = 2
     member_timeout_s: float = 30.0
@@ -160,6 +163,10 @@ class ServeSettings:
             )
         if self.intake.decode_slots < 0 or not self.intake.wait_s > 0:
             raise ConfigError("intake.decode_slots must be >= 0 (0: the cores) and intake.wait_s > 0 seconds")
+        from ferray.faces import DETECTORS
+
+        if self.detector not in DETECTORS:
+            raise ConfigError(f"detector is {self.detector!r}; choose one of {', '.join(DETECTORS)}")
         if not self.body_timeout_s > 0:
             raise ConfigError(f"body_timeout_s is {self.body_timeout_s}; it must be > 0 seconds")
         return self

