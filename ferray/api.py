@@ -66,6 +66,17 @@ class Predictor:
             found.append((name, gray.shape, faces_in_image(gray, detect, name, self.detector)))
         return assemble(found, self._members(all_faces(found)), self.ensemble.rule)
 
+    def predict_video(self, path: str | Path, every: int = 1):
+        """Per sampled frame (every `every`-th) of a video file: {frame, time, faces}, each face with
+        its track id across frames, its box, label and probabilities, and the track's smoothed ones
+        (ferray.video). A generator: frames are read and answered as they are consumed."""
+        from ferray.video import video_answers
+
+        path = Path(path)
+        if not path.is_file():
+            raise InputError(f"{path}: no such file")
+        return video_answers(path, lambda faces: self.ensemble.rule(self._members(faces)), self.detector, every)
+
     def _gray(self, image: Any, index: int) -> tuple[str, np.ndarray]:
         from ferray.faces import decode_image, to_gray
 

@@ -406,7 +406,7 @@ def _add_predict(sub) -> None:
         description="The answer the HTTP API gives (/predict), for image files, from a bundle in "
         "this process: a summary on stderr and the JSON on stdout (or --json-out).",
     )
-    p.add_argument("images", nargs="+", type=Path, help="PNG, JPEG, BMP or WebP files")
+    p.add_argument("images", nargs="+", type=Path, help="PNG, JPEG, BMP or WebP files, or one video")
     p.add_argument(
         "--bundle", help="serving bundle (default: the model that ships with ferray, Model A trained on FER2013)"
     )
@@ -424,6 +424,10 @@ def _add_predict(sub) -> None:
         "(pip install 'ferray[mtcnn]')",
     )
     p.add_argument("--json-out", type=Path, help="write the JSON here instead of stdout")
+    video = p.add_argument_group("videos (.mp4, .avi, .mov, .mkv, .webm: one at a time)")
+    video.add_argument("--every", type=int, default=1, help="answer every N-th frame (default: every frame)")
+    video.add_argument("--csv", action="store_true", help="CSV rows (one per face) instead of JSON lines")
+    video.add_argument("--annotate", type=Path, help="write a copy of the video with boxes and labels here (.mp4)")
     _add_int8_flag(p)
     _add_members_flag(p)
     p.set_defaults(func=cmd_predict)
@@ -799,7 +803,10 @@ def cmd_quantize(args) -> int:
 
 def cmd_predict(args) -> int:
     from ferray.predict import format_answers, predict_files, to_json
+    from ferray.video import is_video
 
+    if any(is_video(path) for path in args.images):
+        return _predict_video(args)
     answers = predict_files(
         args.bundle, args.images, detect=args.detect, int8=args.int8, members=args.members, detector=args.detector
     )
@@ -808,6 +815,23 @@ def cmd_predict(args) -> int:
         args.json_out.write_text(to_json(answers) + "\n")
     else:
         print(to_json(answers))
+    return 0
+
+
+def _predict_video(args) -> int:
+    from ferray.api import Predictor
+    from ferray.errors import UsageError
+    from ferray.video import predict_video_file
+
+    if len(args.images) != 1:
+        raise UsageError("give one video at a time (images may be given several)")
+    predictor = Predictor(args.bundle, int8=args.int8, members=args.members, detector=args.detector)
+    out = open(args.json_out, "w", newline="") if args.json_out else sys.stdout  # noqa: SIM115 - closed below
+    try:
+        predict_video_file(predictor, args.images[0], out, args.every, args.csv, args.annotate, progress=_echo)
+    finally:
+        if out is not sys.stdout:
+            out.close()
     return 0
 
 

@@ -224,21 +224,26 @@ def aligned_face(gray: np.ndarray, box, landmarks: np.ndarray, margin: float = B
     return resize48(patch)
 
 
+def detected_faces(gray: np.ndarray, detector: str = "haar") -> list[Face]:
+    """Every face `detector` finds in a grayscale image, cropped to 48x48 (mtcnn: levelled by its
+    eyes first), largest first; none found is an empty list."""
+    if detector == "mtcnn":
+        from ferray import mtcnn
+
+        found = mtcnn.detect(gray, min_face=max(20, min(gray.shape) // DETECTED_FRACTION))
+        return [Face(d.box, aligned_face(gray, d.box, d.landmarks)) for d in found]
+    if detector == "haar":
+        return [Face(box, crop_face(gray, box)) for box in detect_boxes(gray)]
+    raise InputError(f"detector {detector!r} is not one of {', '.join(DETECTORS)}")
+
+
 def faces_in_image(gray: np.ndarray, detect: bool = True, name: str = "image", detector: str = "haar") -> list[Face]:
     """A 48x48 image is a face as is; with `detect` a larger one yields every face found by
     `detector` (mtcnn: each levelled by its eyes), else the whole image is resized to one face."""
     height, width = gray.shape
     if (height, width) == (FER_SIZE, FER_SIZE) or not detect:
         return [Face((0, 0, width, height), resize48(gray))]
-    if detector == "mtcnn":
-        from ferray import mtcnn
-
-        found = mtcnn.detect(gray, min_face=max(20, min(gray.shape) // DETECTED_FRACTION))
-        faces = [Face(d.box, aligned_face(gray, d.box, d.landmarks)) for d in found]
-    elif detector == "haar":
-        faces = [Face(box, crop_face(gray, box)) for box in detect_boxes(gray)]
-    else:
-        raise InputError(f"detector {detector!r} is not one of {', '.join(DETECTORS)}")
+    faces = detected_faces(gray, detector)
     if not faces:
         raise InputError(
             f"{name}: no face found in the {width}x{height} image; send a closer photo, or "
