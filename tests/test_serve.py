@@ -335,6 +335,17 @@ def test_web_page_in_headless_chromium(server, synth_faces, tmp_path):
         assert len(bars) == 7 and face.get_attribute("data-label") == expected
         assert browser.execute_script(drawn) == 48
         assert browser.find_element(By.ID, "error").text == ""
+        # the webcam's live mode tracks faces across frames and smooths their probabilities, as
+        # ferray/video.py does: the same face (boxes overlapping) keeps its track, its label held by the
+        # moving average through one frame that disagrees
+        tracked = browser.execute_script(
+            "const s = {tracks: [], next: 1};"
+            "const a = track(s, [{box: [0, 0, 50, 50], probs: {happy: 1, sad: 0}}]);"
+            "const b = track(s, [{box: [5, 0, 50, 50], probs: {happy: 0.2, sad: 0.8}},"
+            "                    {box: [300, 0, 50, 50], probs: {happy: 0, sad: 1}}]);"
+            "return [a[0].track, b[0].track, b[1].track, b[0].probs.happy, b[0].label];"
+        )
+        assert tracked[:3] == [1, 1, 2] and abs(tracked[3] - 0.6) < 1e-9 and tracked[4] == "happy"
         # an image the server reads but this browser cannot decode: the answer, and a line saying so,
         # never "classifying..." for ever
         browser.get(f"{server}/")
