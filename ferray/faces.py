@@ -203,7 +203,10 @@ def resize48(gray: np.ndarray) -> np.ndarray:
     return cv2.resize(gray, (FER_SIZE, FER_SIZE), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
 
 
-DETECTORS = ("haar", "mtcnn")  # OpenCV's Haar cascade; the learned MTCNN with landmarks (ferray.mtcnn)
+DETECTORS = ("haar", "mtcnn")
+# MTCNN's boxes already take in as much of the face as FER2013's crops: no margin (bench/detect.py:
+# the model's accuracy on the levelled crops fell as the margin grew, 0.0 best of -0.2 to 0.2)
+MTCNN_MARGIN = 0.0  # OpenCV's Haar cascade; the learned MTCNN with landmarks (ferray.mtcnn)
 
 
 def aligned_face(gray: np.ndarray, box, landmarks: np.ndarray, margin: float = BOX_MARGIN) -> np.ndarray:
@@ -230,8 +233,10 @@ def detected_faces(gray: np.ndarray, detector: str = "haar") -> list[Face]:
     if detector == "mtcnn":
         from ferray import mtcnn
 
-        found = mtcnn.detect(gray, min_face=max(20, min(gray.shape) // DETECTED_FRACTION))
-        return [Face(d.box, aligned_face(gray, d.box, d.landmarks)) for d in found]
+        # faces of 40 px and up (or 1/20 of the shorter side): smaller ones make poor 48x48 crops, and
+        # each pyramid level below costs more than all above it
+        found = mtcnn.detect(gray, min_face=max(40, min(gray.shape) // DETECTED_FRACTION))
+        return [Face(d.box, aligned_face(gray, d.box, d.landmarks, MTCNN_MARGIN)) for d in found]
     if detector == "haar":
         return [Face(box, crop_face(gray, box)) for box in detect_boxes(gray)]
     raise InputError(f"detector {detector!r} is not one of {', '.join(DETECTORS)}")
