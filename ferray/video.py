@@ -117,10 +117,6 @@ class Tracker:
         return [chosen[i] for i in range(len(boxes))]
 
 
-def labelled(p: np.ndarray) -> dict[str, float]:
-    return {name: round(float(v), 6) for name, v in zip(EMOTIONS, p)}
-
-
 def video_answers(
     path: str | Path,
     classify: Callable[[np.ndarray], np.ndarray],
@@ -130,6 +126,7 @@ def video_answers(
     """Per sampled frame: {frame, time, faces: [{track, box, label, probs, smoothed}]}; `classify`
     maps (N, 48, 48) uint8 faces to their served probabilities (N, 7)."""
     from ferray.faces import detected_faces
+    from ferray.predict import labelled
 
     tracker = Tracker()
     for index, seconds, gray, _ in sampled_frames(path, every):

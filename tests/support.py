@@ -55,15 +55,9 @@ def descendants(pid: int) -> set[int]:
 
 def alive(pids: set[int]) -> set[int]:
     """The pids that still exist and are not zombies."""
-    living = set()
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                if f.read().rsplit(")", 1)[1].split()[0] != "Z":
-                    living.add(pid)
-        except OSError:
-            pass
-    return living
+    from ferray.distributed.leftovers import alive as running
+
+    return {pid for pid in pids if running(pid)}
 
 
 @contextlib.contextmanager
