@@ -16,6 +16,7 @@ from support import ferray_messages
 from ferray.config import ConfigError, dump_yaml
 from ferray.report.plan import load_plan
 from ferray.runs import RunFolder, RunRecord
+from ferray.tasks import get_task
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 
@@ -36,15 +37,17 @@ def write_plan(folder: Path, **changes) -> Path:
 
 
 def fake_run(runs: Path, cfg, task: str = "classifier") -> Path:
-    """A finished run as `ferray train` leaves it (config.yaml, best.pt, result.json), untrained."""
+    """A finished run as `ferray train` leaves it (config.yaml as training pins it, best.pt,
+    result.json), untrained."""
     import torch
 
+    from ferray.distributed.report import as_recorded
     from ferray.engine import build_state, save_checkpoint
     from ferray.sr.engine import build_sr_state, save_sr_checkpoint
 
     run_dir = runs / cfg.name
     run_dir.mkdir(parents=True)
-    (run_dir / "config.yaml").write_text(dump_yaml(cfg))
+    (run_dir / "config.yaml").write_text(dump_yaml(as_recorded(cfg, get_task(task))))
     cpu = torch.device("cpu")
     if task == "sr":
         save_sr_checkpoint(run_dir / "best.pt", build_sr_state(cfg, cpu), {"eval_psnr": 20.0})
