@@ -179,8 +179,9 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def machine_facts(device: torch.device | str, bf16: bool) -> dict:
-    """What a result needs to say about where it was measured."""
+def machine_facts(device: torch.device | str, bf16: bool, precision: str | None = None) -> dict:
+    """What a result needs to say about where it was measured; `precision` names how training
+    computed (ferray.precision.Precision.name), else bf16 autocast or fp32 from `bf16`."""
     device = torch.device(device)
     accelerator = torch.cuda.get_device_name(device) if device.type == "cuda" else "no GPU"
     return {
@@ -189,11 +190,18 @@ def machine_facts(device: torch.device | str, bf16: bool) -> dict:
         "threads": torch.get_num_threads(),
         "native_bf16_cpu": cpu_has_native_bf16(),
         "accelerator": accelerator,
-        "precision": precision_name(device, bf16),
+        "precision": precision or precision_name(device, bf16),
         "torch": torch.__version__,
         "python": platform.python_version(),
         "system": platform.platform(terse=True),
     }
+
+
+def training_machine_facts(state) -> dict:
+    """machine_facts for a training state (a classifier's names its Precision; the SRGAN's trains in
+    fp32)."""
+    precision = getattr(state, "precision", None)
+    return machine_facts(state.device, bool(getattr(state, "use_amp", False)), getattr(precision, "name", None))
 
 
 def code_version() -> str | None:

@@ -19,13 +19,14 @@ import torch.nn as nn
 from ferray import __version__
 from ferray.augment import predict_proba, train_views
 from ferray.config import ExperimentConfig, OptimConfig, from_dict, to_dict
-from ferray.device import autocast, fast_cuda_math, keep_cpu_buffers, use_bf16
+from ferray.device import fast_cuda_math, keep_cpu_buffers, use_bf16
 from ferray.ema import WeightEMA
 from ferray.errors import CheckpointError
 from ferray.labels import NUM_CLASSES
 from ferray.losses import JointLoss
 from ferray.metrics import confusion_matrix, summarize_confusion
 from ferray.models import build_model
+from ferray.precision import Precision
 
 CHECKPOINT_FORMAT = "ferray.checkpoint/1"
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -129,6 +130,17 @@ def apply_weight_decay(optimizer: torch.optim.Optimizer) -> None:
             torch._foreach_mul_(group["params"], 1.0 - group["lr"] * wd)
 
 
+def optimizer_step(precision: Precision, optimizer: torch.optim.Optimizer) -> None:
+    """Decoupled weight decay and the optimizer's step. With fp16's gradient scaler a step whose
+    gradients overflowed is skipped, and so is its decay: there it follows the update instead of
+    preceding it (the same to first order in lr * wd)."""
+    if precision.scaler is None:
+        apply_weight_decay(optimizer)
+        optimizer.step()
+    elif precision.step(optimizer):
+        apply_weight_decay(optimizer)
+
+
 class LRSchedule:
     """Learning rate as a function of (fractional) epoch: warm-up, then none/cosine/step/plateau."""
 
@@ -200,6 +212,11 @@ class TrainState:
     # the runs this one continues (train.init): oldest first, each {name, epochs, selection, checksum}
     lineage: list = field(default_factory=list)
     step_hook: Callable[[int], None] | None = None  # called after each step (a budget's plan)
+    precision: Precision | None = None  # the step's autocast and gradient scaler; None: from the device
+
+    def __post_init__(self):
+        if self.precision is None:
+            self.precision = Precision.for_device(self.device, self.cfg.train.amp)
 
     @property
     def core(self) -> nn.Module:
@@ -207,6 +224,7 @@ class TrainState:
 
     @property
     def use_amp(self) -> bool:
+        """bf16 autocast (evaluation's: where the hardware has no bf16 it evaluates in fp32)."""
         return use_bf16(self.device, self.cfg.train.amp)
 
     @property
@@ -311,12 +329,12 @@ def forward_backward(state: TrainState, x: torch.Tensor, labels: torch.Tensor):
     compiled at the first backward (and again for a new shape), outside `compiled.forward`: a failure
     there turns the model eager and the step is done again, where eager cannot fail the same way."""
     for attempt in (0, 1):
-        with autocast(state.device, state.use_amp):
+        with state.precision.autocast():
             logits, features = state.model(x, return_embedding=True)
         loss, parts = state.loss_fn(logits, features, labels)
         state.optimizer.zero_grad(set_to_none=True)
         try:
-            loss.backward()
+            state.precision.backward(loss)
         except Exception as e:
             if attempt or not isinstance(state.model, compiled) or not state.model.give_up(e):
                 raise
@@ -380,10 +398,10 @@ def train_one_epoch(state: TrainState, batches: Iterable, steps_per_epoch: int) 
         if state.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         logits, features, loss, parts = forward_backward(state, x, labels)
+        state.precision.unscale(optimizer)
         if cfg.optim.grad_clip > 0:
             nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-        apply_weight_decay(optimizer)
-        optimizer.step()
+        optimizer_step(state.precision, optimizer)
         loss_fn.after_step(features, labels)
         if state.ema is not None:
             state.ema.update(state.core)
@@ -539,6 +557,7 @@ def checkpoint_payload(state: TrainState, metrics: dict) -> dict:
         "centers": state.loss_fn.center.centers.detach().cpu(),
         "center_balance": torch.cat([state.loss_fn.balance, state.loss_fn.balanced[None]]).detach().cpu(),
         "optimizer": state.optimizer.state_dict(),
+        "grad_scaler": state.precision.state_dict(),
         "schedule": state.schedule.state_dict(),
         "epoch": state.epoch,
         "best_accuracy": state.best_accuracy,
@@ -619,6 +638,7 @@ def restore_state(state: TrainState, payload: dict) -> None:
             f"the checkpoint's optimizer state does not fit this optimizer ({e}); it was written "
             "by an older ferray: start the run again"
         ) from None
+    state.precision.load_state_dict(payload.get("grad_scaler", {}))
     state.schedule.load_state_dict(payload["schedule"])
     state.epoch, state.best_accuracy = payload["epoch"], payload["best_accuracy"]
     state.history = list(payload["history"])

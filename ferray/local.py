@@ -47,12 +47,10 @@ def train_local(
 ) -> tuple[object, LocalRun]:
     """(state with the kept checkpoint's weights loaded, the run). cfg.train.compile uses
     torch.compile, falling back to eager (said in the output and the run's facts) if it fails."""
-    from ferray.device import machine_facts
+    from ferray.device import training_machine_facts
 
     state = task.build(cfg, device)
-    run = LocalRun(
-        run_dir, task, cfg, {**(facts or {}), "machine": machine_facts(device, getattr(state, "use_amp", False))}
-    )
+    run = LocalRun(run_dir, task, cfg, {**(facts or {}), "machine": training_machine_facts(state)})
     train_batches = on_device(train, device, cfg.train.batch_size, True, cfg.train.seed)
     selection_batches = on_device(selection, device, cfg.train.eval_batch_size, False)
     t0 = time.perf_counter()

@@ -218,10 +218,10 @@ def train_loop(loop_config: dict) -> None:
             print(f"resumed from the checkpoint of epoch {state.epoch}", flush=True)
 
     if rank == 0:
-        from ferray.device import machine_facts
+        from ferray.device import training_machine_facts
 
         record_placement_group(run_dir)
-        run_files.write_machine(machine_facts(state.device, bool(getattr(state, "use_amp", False))))
+        run_files.write_machine(training_machine_facts(state))
     steps_per_epoch = max(1, loop_config["train_rows"] // (cfg.train.batch_size * world))
     data = _EpochData(cfg, device, rank)
     writer = tensorboard_writer(run_dir) if rank == 0 else None

@@ -282,7 +282,7 @@ def train_in_trial(cfg: ExperimentConfig, run_dir: Path, metric: str = "eval_acc
     import torch
 
     from ferray import engine
-    from ferray.device import machine_facts
+    from ferray.device import training_machine_facts
     from ferray.distributed.train import (
         log_epoch,
         read_in_key_order,
@@ -306,7 +306,7 @@ def train_in_trial(cfg: ExperimentConfig, run_dir: Path, metric: str = "eval_acc
             task.restore(state, engine.load_checkpoint(folder, kind=task.kind))
         run_files.rewrite_epochs(state.history)
         print(f"resumed from the checkpoint of epoch {state.epoch}", flush=True)
-    run_files.write_machine(machine_facts(state.device, bool(getattr(state, "use_amp", False))))
+    run_files.write_machine(training_machine_facts(state))
     images, labels = read_in_key_order(cfg, device)
     train = TensorBatches(images, labels, cfg.train.batch_size, seed=cfg.train.seed, rank=0)
     selection = selection_batches(cfg, device)
