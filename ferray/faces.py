@@ -150,6 +150,44 @@ def to_gray(image) -> np.ndarray:
     return np.asarray(image.convert("L"), dtype=np.uint8)
 
 
+# Every accepted format's first bytes (WebP: "RIFF", 4 bytes of length, "WEBP"): a body that
+# starts otherwise is refused once these have arrived, before the rest of it is read.
+SIGNATURE_BYTES = 12
+
+
+def format_of_start(head: bytes) -> str | None:
+    """The accepted format whose signature `head` (a body's first SIGNATURE_BYTES) starts with."""
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "PNG"
+    if head.startswith(b"\xff\xd8\xff"):
+        return "JPEG"
+    if head.startswith(b"BM"):
+        return "BMP"
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "WEBP"
+    return None
+
+
+def check_image_start(head: bytes, name: str = "body") -> None:
+    """An InputError (415) unless `head` starts like an image this API reads."""
+    if len(head) >= SIGNATURE_BYTES and format_of_start(head) is None:
+        raise InputError(
+            f"{name}: not an image this API reads ({_sniff(head)}); send PNG, JPEG, BMP or WebP", status=415
+        )
+
+
+def declared_pixels(data: bytes) -> int:
+    """Width x height from the image's header (nothing decoded); 0 where the header is unreadable
+    (decoding then names what is wrong)."""
+    from PIL import Image
+
+    try:
+        width, height = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS).size
+    except Exception:  # noqa: BLE001 - any unreadable header: the decode stage reports it
+        return 0
+    return width * height
+
+
 def _sniff(data: bytes) -> str:
     head = data[:16]
     if head.lstrip().startswith((b"{", b"[")):

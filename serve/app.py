@@ -36,7 +36,7 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError
 from ray.serve.config import BackpressureConfig
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 
-from .intake import Busy, Intake, content_type_of, decode_threads, images_of, received
+from .intake import Busy, Intake, content_type_of, decode_threads, images_of, raw_image_body, received
 from .settings import ReplicaSettings, ServeSettings, parse_settings
 
 logger = logging.getLogger("ferray.serve")
@@ -262,15 +262,23 @@ class Ingress:
         answers = await asyncio.gather(*(self._member(name, faces) for name in names))
         return dict(zip(names, answers))
 
-    def _received(self, request: Request):
-        """The request's body, read within its limits while the ingress has room to hold it."""
-        return received(self.intake, request, self.settings.max_body_bytes, self.settings.body_timeout_s)
+    def _received(self, request: Request, images: bool = False):
+        """The request's body, read within its limits while the ingress has room to hold it. For
+        `images`, a content type that is neither an image nor a form is refused before the body is
+        read, and a raw body that does not start like an image as soon as its first bytes arrive."""
+        from ferray.faces import check_image_start
+
+        check = check_image_start if images and raw_image_body(request) else None
+        return received(self.intake, request, self.settings.max_body_bytes, self.settings.body_timeout_s, check)
 
     async def _answer(self, images: list[tuple[str, bytes]], detect: bool) -> list[dict]:
+        from ferray.faces import declared_pixels
         from ferray.predict import all_faces, assemble, find_faces
 
-        # decoding and detection are CPU work: in the decode stage's threads, off the event loop
-        found = await self.intake.decode(find_faces, images, detect, self.limits, self.settings.detector)
+        # decoding and detection are CPU work: in the decode stage's threads, off the event loop, in
+        # the large images' lane where the headers declare many pixels
+        pixels = sum(declared_pixels(data) for _, data in images)
+        found = await self.intake.decode(find_faces, images, detect, self.limits, self.settings.detector, pixels=pixels)
         return assemble(found, await self._members(all_faces(found)), self.rule)
 
     async def _guarded(self, work):
@@ -312,7 +320,7 @@ class Ingress:
         """The image is the raw body (image/png, image/jpeg, image/bmp, image/webp) or one multipart file."""
 
         async def work():
-            async with self._received(request) as body:
+            async with self._received(request, images=True) as body:
                 images = await images_of(request, body, False, self.settings.max_batch_images)
                 return (await self._answer(images, detect))[0]
 
@@ -321,7 +329,7 @@ class Ingress:
     @api.post("/predict/batch", summary="Classify the faces in several images (multipart files)")
     async def predict_batch(self, request: Request, detect: bool = Query(True)):
         async def work():
-            async with self._received(request) as body:
+            async with self._received(request, images=True) as body:
                 images = await images_of(request, body, True, self.settings.max_batch_images)
                 return {"results": await self._answer(images, detect)}
 

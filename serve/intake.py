@@ -18,6 +18,7 @@ from contextlib import asynccontextmanager
 from fastapi import Request
 
 from ferray.errors import InputError, LimitExceeded
+from ferray.faces import SIGNATURE_BYTES
 
 
 class Busy(Exception):
@@ -29,15 +30,30 @@ def decode_threads(configured: int) -> int:
     return configured if configured > 0 else max(1, len(os.sched_getaffinity(0)))
 
 
+# Images declaring more pixels than this (12-megapixel phone photos; a 1080p frame is under it) are
+# decoded in a lane of their own with half the slots: large photos, whose decoding and face search
+# take seconds, cannot hold every core while the small faces most clients send wait behind them.
+HEAVY_PIXELS = 4_000_000
+
+
+class _Lane:
+    """Slots of the decode stage: a semaphore for waiting on one, and the threads that run in them."""
+
+    def __init__(self, slots: int, what: str):
+        self.slots, self.what = slots, what
+        self.free = asyncio.Semaphore(slots)
+        self.pool = ThreadPoolExecutor(slots, thread_name_prefix="ferray-decode")
+
+
 class Intake:
     """The ingress's bounds on bodies held and images being decoded (one per ingress replica)."""
 
     def __init__(self, held_bytes: int, decode_slots: int, wait_s: float):
-        self.held_bytes, self.wait_s, self.slots = held_bytes, wait_s, decode_slots
+        self.held_bytes, self.wait_s = held_bytes, wait_s
         self._held = 0
         self._room = asyncio.Condition()
-        self._decoding = asyncio.Semaphore(decode_slots)
-        self._pool = ThreadPoolExecutor(decode_slots, thread_name_prefix="ferray-decode")
+        self._light = _Lane(decode_slots, "decode slots")
+        self._heavy = _Lane(max(1, decode_slots // 2), f"decode slots for large images (over {HEAVY_PIXELS:,} pixels)")
 
     @asynccontextmanager
     async def holding(self, size: int):
@@ -58,16 +74,18 @@ class Intake:
                 self._held -= size
                 self._room.notify_all()
 
-    async def decode(self, work: Callable, *args):
-        """`work(*args)` (decoding, detection, parsing) in one of the decode stage's threads."""
+    async def decode(self, work: Callable, *args, pixels: int = 0):
+        """`work(*args)` (decoding, detection, parsing) in one of the decode stage's threads: in the
+        large images' lane where the request's images declare over HEAVY_PIXELS in all."""
+        lane = self._heavy if pixels > HEAVY_PIXELS else self._light
         try:
-            await asyncio.wait_for(self._decoding.acquire(), self.wait_s)
+            await asyncio.wait_for(lane.free.acquire(), self.wait_s)
         except TimeoutError:
-            raise Busy(f"all {self.slots} decode slots are busy; retry shortly") from None
+            raise Busy(f"all {lane.slots} {lane.what} are busy; retry shortly") from None
         try:
-            return await asyncio.get_running_loop().run_in_executor(self._pool, work, *args)
+            return await asyncio.get_running_loop().run_in_executor(lane.pool, work, *args)
         finally:
-            self._decoding.release()
+            lane.free.release()
 
 
 def content_type_of(request: Request) -> str:
@@ -80,9 +98,12 @@ def body_size_to_hold(request: Request, limit: int) -> int:
     return int(declared) if declared is not None and declared.isdigit() and int(declared) <= limit else limit
 
 
-async def read_body(request: Request, limit: int, deadline: float) -> bytes:
+async def read_body(
+    request: Request, limit: int, deadline: float, check_start: Callable[[bytes], None] | None = None
+) -> bytes:
     """The request body, refused as soon as it passes `limit` (never buffered whole) or when it has
-    not arrived whole within `deadline` seconds (408)."""
+    not arrived whole within `deadline` seconds (408); `check_start` sees its first SIGNATURE_BYTES
+    as soon as they arrive (a body that is no image is refused before the rest is read)."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise LimitExceeded(
@@ -104,6 +125,9 @@ async def read_body(request: Request, limit: int, deadline: float) -> bytes:
                         limit,
                     )
                 chunks.append(chunk)
+                if check_start is not None and size >= SIGNATURE_BYTES:
+                    check_start(b"".join(chunks)[:SIGNATURE_BYTES])
+                    check_start = None
     except TimeoutError:
         raise InputError(
             f"request body not received within {deadline:g} s ({size:,} bytes had arrived); send it faster",
@@ -113,17 +137,33 @@ async def read_body(request: Request, limit: int, deadline: float) -> bytes:
 
 
 @asynccontextmanager
-async def received(intake: Intake, request: Request, limit: int, deadline: float):
+async def received(
+    intake: Intake, request: Request, limit: int, deadline: float, check_start: Callable[[bytes], None] | None = None
+):
     """The request's body, read within its limits while the ingress has room to hold it (until the
     request is answered)."""
     async with intake.holding(body_size_to_hold(request, limit)):
-        yield await read_body(request, limit, deadline)
+        yield await read_body(request, limit, deadline, check_start)
+
+
+def raw_image_body(request: Request) -> bool:
+    """Whether the body is one raw image (image/*, application/octet-stream) rather than a multipart
+    form; any other content type is refused (415) before the body is read."""
+    content_type = content_type_of(request)
+    if content_type == "multipart/form-data":
+        return False
+    if content_type.startswith("image/") or content_type == "application/octet-stream":
+        return True
+    raise InputError(
+        f"content type {content_type or '(none)'!r} is not accepted: send the image as the raw "
+        "body (image/png, image/jpeg, ...) or as multipart/form-data",
+        status=415,
+    )
 
 
 async def images_of(request: Request, body: bytes, many: bool, max_images: int) -> list[tuple[str, bytes]]:
     """Images of a raw body (image/* or application/octet-stream) or a multipart form."""
-    content_type = content_type_of(request)
-    if content_type == "multipart/form-data":
+    if not raw_image_body(request):
 
         async def replay():
             return {"type": "http.request", "body": body, "more_body": False}
@@ -143,14 +183,8 @@ async def images_of(request: Request, body: bytes, many: bool, max_images: int) 
         images = [(item.filename or key, await item.read()) for key, item in files]
         if not images:
             raise InputError("multipart body has no file part; send the image as a file field", status=422)
-    elif content_type.startswith("image/") or content_type == "application/octet-stream":
-        images = [("body", body)]
     else:
-        raise InputError(
-            f"content type {content_type or '(none)'!r} is not accepted: send the image as the raw "
-            "body (image/png, image/jpeg, ...) or as multipart/form-data",
-            status=415,
-        )
+        images = [("body", body)]
     if not many and len(images) > 1:
         raise InputError(f"{len(images)} files sent to /predict; use /predict/batch for several", status=422)
     if len(images) > max_images:

@@ -65,3 +65,94 @@ def test_decoding_beyond_its_slots_waits_briefly_then_gets_busy():
         return await intake.decode(lambda x: x * 2, 21)  # the slot is free again
 
     assert asyncio.run(scenario()) == 42
+
+
+def test_large_images_decode_in_a_lane_of_their_own():
+    from ferray.serve_app.intake import HEAVY_PIXELS
+
+    started, go_on = threading.Event(), threading.Event()
+
+    def slow():
+        started.set()
+        go_on.wait(10)
+        return "photo"
+
+    async def scenario():
+        intake = Intake(held_bytes=100, decode_slots=2, wait_s=0.2)  # large images: 1 slot
+        photo = asyncio.create_task(intake.decode(slow, pixels=HEAVY_PIXELS + 1))
+        while not started.is_set():
+            await asyncio.sleep(0.01)
+        with pytest.raises(Busy, match=r"all 1 decode slots for large images \(over 4,000,000 pixels\) are busy"):
+            await intake.decode(lambda: "never", pixels=24_000_000)
+        # the small faces most clients send are decoded at once meanwhile, in both of their slots
+        faces = await asyncio.gather(*(intake.decode(lambda i=i: i, pixels=48 * 48) for i in range(4)))
+        go_on.set()
+        return faces, await photo
+
+    assert asyncio.run(scenario()) == ([0, 1, 2, 3], "photo")
+
+
+def streamed_request(chunks: list[bytes], content_type: str):
+    """A Starlette request whose body arrives in `chunks`; the list of chunks the server pulled."""
+    from starlette.requests import Request
+
+    pulled, waiting = [], list(chunks)
+
+    async def receive():
+        body = waiting.pop(0) if waiting else b""
+        pulled.append(body)
+        return {"type": "http.request", "body": body, "more_body": bool(waiting)}
+
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/predict",
+        "query_string": b"",
+        "headers": [(b"content-type", content_type.encode())],
+    }
+    return Request(scope, receive), pulled
+
+
+def test_a_body_that_is_no_image_is_refused_at_its_first_bytes():
+    from ferray.errors import InputError
+    from ferray.faces import check_image_start
+    from ferray.serve_app.intake import read_body
+
+    junk, pulled = streamed_request([bytes(1 << 16)] * 100, "image/png")
+    with pytest.raises(InputError, match=r"not an image this API reads \(first bytes 00 00") as refused:
+        asyncio.run(read_body(junk, 10 << 20, 5.0, check_image_start))
+    assert refused.value.status == 415 and len(pulled) == 1  # the other 99 chunks were never read
+
+    png = b"\x89PNG\r\n\x1a\n" + bytes(1 << 16)
+    image, pulled = streamed_request([png[:5], png[5:], bytes(10)], "image/png")  # the signature split
+    assert asyncio.run(read_body(image, 10 << 20, 5.0, check_image_start)) == png + bytes(10)
+
+
+def test_a_content_type_that_is_no_image_is_refused_before_the_body_is_read():
+    from ferray.errors import InputError
+    from ferray.serve_app.intake import raw_image_body
+
+    assert raw_image_body(streamed_request([], "image/jpeg")[0])
+    assert raw_image_body(streamed_request([], "application/octet-stream")[0])
+    assert not raw_image_body(streamed_request([], "multipart/form-data; boundary=x")[0])
+    with pytest.raises(InputError, match="content type 'text/plain' is not accepted") as refused:
+        raw_image_body(streamed_request([b"hello"], "text/plain")[0])
+    assert refused.value.status == 415
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "BMP", "WEBP"])
+def test_every_accepted_format_is_known_by_its_first_bytes_and_its_size_by_its_header(fmt):
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from ferray.faces import SIGNATURE_BYTES, check_image_start, declared_pixels, format_of_start
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.zeros((30, 70), np.uint8)).save(buffer, format=fmt)
+    data = buffer.getvalue()
+    assert format_of_start(data[:SIGNATURE_BYTES]) == fmt
+    check_image_start(data[:SIGNATURE_BYTES])  # no error
+    assert declared_pixels(data) == 30 * 70
+    assert declared_pixels(b"GIF89a" + bytes(30)) == 0  # unreadable: the decode stage names why

@@ -145,6 +145,7 @@ def bad_requests(face: np.ndarray) -> list:
         ("/predict", b"definitely not an image", "image/png", 415, "not an image"),
         ("/predict", good_png[: len(good_png) // 2], "image/png", 400, "truncated"),
         ("/predict", bytes(BODY_LIMIT + 10), "image/png", 413, "over the limit"),
+        ("/predict", bytes(BODY_LIMIT - 10), "image/png", 415, "first bytes 00 00"),  # refused on its first bytes
         ("/predict", good_png, "text/plain", 415, "content type 'text/plain'"),
         ("/predict", png_bytes(sky), "image/png", 422, "no face found"),
         ("/predict", *multipart([("a", "a.png", good_png), ("b", "b.png", good_png)]), 422, "/predict/batch"),
