@@ -13,6 +13,7 @@ trials -> sr upscale on a GPU node -> ensemble -> serve -> one request over HTTP
 node gone after its idle timeout. `ray job submit --working-dir` uploads a copy of the project made
 with .rayignore's rules, from a folder other than the installed package.
 
+Each node's Ray directory (sessions, sockets, unpacked uploads) is its own (tests/fake_nodes.py).
 What it cannot show (docs/cluster.md): nodes here share one file system and one machine, so the
 shared-storage checks pass trivially, and nothing of AWS (images, drivers, EFS, security groups).
 Run in a subprocess: the test session holds a Ray of its own, and this cluster has its own ports.
@@ -60,8 +61,9 @@ NODE_TYPES = {
 }
 
 
-def autoscaling_config(gcs: str, head_id: str) -> dict:
-    """A cluster-launcher config for the fake provider, with cluster.yaml's node-type layout."""
+def autoscaling_config(gcs: str, head_id: str, nodes_root: Path) -> dict:
+    """A cluster-launcher config for the fake provider, with cluster.yaml's node-type layout; each
+    node's Ray directory (sessions, sockets, unpacked uploads) under nodes_root, apart."""
     empty = ("file_mounts", "cluster_synced_files", "rsync_exclude", "rsync_filter")
     commands = (
         "initialization_commands",
@@ -82,7 +84,8 @@ def autoscaling_config(gcs: str, head_id: str) -> dict:
         # the autoscaler reads for the built-in type name)
         "provider": {
             "type": "external",
-            "module": "ray.autoscaler._private.fake_multi_node.node_provider.FakeMultiNodeProvider",
+            "module": "fake_nodes.NodesApartProvider",
+            "nodes_root": str(nodes_root),
             "gcs_address": gcs,
             "disable_launch_config_check": True,
             "launch_multiple": True,
@@ -101,13 +104,19 @@ class FakeCluster:
     """`ray start --head --block` with the autoscaler of a fake provider; stopped with its process."""
 
     def __init__(self, out: Path):
+        import tempfile
+
         from ray.autoscaler._private.fake_multi_node.node_provider import FAKE_HEAD_NODE_ID
 
         self.out, self.head_id = out, FAKE_HEAD_NODE_ID
+        # every node's Ray directory apart, the head's too; short paths (Unix sockets live there)
+        self.nodes_root = Path(tempfile.mkdtemp(prefix="fk", dir="/tmp"))
         self.port, self.dashboard = free_port(), free_port()
         self.address = f"http://127.0.0.1:{self.dashboard}"
         self.env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {
             "RAY_FAKE_CLUSTER": "1",
+            # the head's autoscaler imports the provider of tests/fake_nodes.py
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parent), os.environ.get("PYTHONPATH")])),
             "AUTOSCALER_UPDATE_INTERVAL_S": "1",
             "RAY_enable_autoscaler_v2": "1",
             "RAY_CLOUD_INSTANCE_ID": self.head_id,
@@ -129,7 +138,7 @@ class FakeCluster:
 
     def start(self) -> None:
         config = self.out / "autoscaling.json"
-        config.write_text(json.dumps(autoscaling_config(f"127.0.0.1:{self.port}", self.head_id)))
+        config.write_text(json.dumps(autoscaling_config(f"127.0.0.1:{self.port}", self.head_id, self.nodes_root)))
         command = [
             "ray",
             "start",
@@ -145,6 +154,7 @@ class FakeCluster:
             f"--metrics-export-port={free_port()}",
             "--object-store-memory=150000000",
             "--disable-usage-stats",
+            f"--temp-dir={self.nodes_root / 'head'}",
         ]
         log = open(self.out / "head.log", "w")  # noqa: SIM115 - open for the head's lifetime
         self.process = subprocess.Popen(command, env=self.env, stdout=log, stderr=subprocess.STDOUT)
@@ -161,6 +171,7 @@ class FakeCluster:
             self.process.wait(timeout=60)
         except subprocess.TimeoutExpired:
             self.process.kill()
+        shutil.rmtree(self.nodes_root, ignore_errors=True)
 
     def ray(self, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
         return subprocess.run(["ray", *args], env=self.env, capture_output=True, text=True, timeout=timeout)
@@ -170,7 +181,7 @@ class FakeCluster:
         (job id, "") at once with wait=False. A failed job raises with its logs."""
         flags = [] if wait else ["--no-wait"]
         where = ("--address", self.address, "--working-dir", str(workdir))
-        done = self.ray("job", "submit", *where, *flags, "--", "sh", "-c", from_root(command))
+        done = self.ray("job", "submit", *where, *flags, "--", *in_upload(command))
         found = re.search(r"raysubmit_\w+", done.stdout + done.stderr)
         if found is None:
             raise RuntimeError(f"{' '.join(command)}: not submitted: {done.stdout[-2000:]} {done.stderr[-2000:]}")
@@ -185,6 +196,14 @@ class FakeCluster:
         if "succeeded" not in (status.stdout + status.stderr).lower():
             raise RuntimeError(f"{what}: the job failed:\n{logs[-4000:]}")
         return logs
+
+    def node_dirs(self) -> list[str]:
+        """The Ray directory of each alive worker node (its raylet's socket lies under it)."""
+        return sorted(
+            str(Path(n["RayletSocketName"]).relative_to(self.nodes_root).parts[0])
+            for n in self.workers()
+            if Path(n["RayletSocketName"]).is_relative_to(self.nodes_root)
+        )
 
     def workers(self) -> list[dict]:
         """The alive nodes other than the head, with their resources."""
@@ -226,18 +245,9 @@ def kill_node_holding(class_name: str) -> dict:
     return {"actors": len(actors), "on_nodes": len({a.node_id for a in actors}), "on_killed_node": len(held)}
 
 
-def from_root(command: tuple[str, ...]) -> str:
-    """A shell line that runs `command` from / with "@/x" standing for the uploaded copy's x.
-
-    The fake nodes share one disk, and a node's first use of an uploaded working directory
-    re-extracts it in place (Ray's working_dir plugin unpacks with overwrite): a driver whose current
-    directory it is would find that directory gone (Tune's driver fails on os.getcwd). So each stage's
-    driver leaves it and reads the upload by its path, which the re-extraction makes again. On a real
-    cluster every node has its own disk, and `ray job submit --working-dir . -- ferray ...` is all."""
-    import shlex
-
-    words = ['"$W"' + shlex.quote(word[1:]) if word.startswith("@/") else shlex.quote(word) for word in command]
-    return 'W="$PWD"; cd / && exec ' + " ".join(words)
+def in_upload(command: tuple[str, ...]) -> list[str]:
+    """`command` with "@/x" standing for the uploaded copy's x: a job runs in its upload, so x."""
+    return [word[2:] if word.startswith("@/") else word for word in command]
 
 
 def project_copy(out: Path) -> Path:
@@ -299,6 +309,7 @@ def train_losing_a_node(cluster: FakeCluster, workdir: Path, data: str, runs: st
     job, _ = cluster.submit(workdir, *command, wait=False)
     wait_for("the first epoch's checkpoint", lambda: checkpoints_written(run_dir) >= 1, 600)
     facts = {"killed_after_epochs": checkpoints_written(run_dir), "nodes_before_the_kill": len(cluster.workers())}
+    facts["node_dirs"] = cluster.node_dirs()
     facts["kill"] = kill_node_holding("RayTrainWorker")
     logs = cluster.finished(job, "train")
     result = json.loads((run_dir / "result.json").read_text())

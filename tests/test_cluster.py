@@ -574,6 +574,8 @@ def test_the_cluster_path_runs_on_an_autoscaling_cluster(tmp_path):
     assert facts["uses_the_cluster"]
     train = facts["train"]
     assert train["nodes_before_the_kill"] >= 2 and train["workers"] == 2
+    # each node's Ray directory apart (its sessions, sockets and unpacked uploads), as on machines
+    assert len(set(train["node_dirs"])) == len(train["node_dirs"]) >= 2 and "head" not in train["node_dirs"]
     assert train["kill"]["on_nodes"] == 2 and train["kill"]["on_killed_node"] == 1  # one worker a node, one killed
     assert train["killed_after_epochs"] >= 1 and train["epochs"] == 3
     # restarted from the checkpoint in the shared root: no epoch lost or repeated
