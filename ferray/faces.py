@@ -242,26 +242,33 @@ def resize48(gray: np.ndarray) -> np.ndarray:
 
 
 DETECTORS = ("haar", "mtcnn")
-# MTCNN's boxes already take in as much of the face as FER2013's crops: no margin (bench/detect.py:
-# the model's accuracy on the levelled crops fell as the margin grew, 0.0 best of -0.2 to 0.2)
-MTCNN_MARGIN = 0.0  # OpenCV's Haar cascade; the learned MTCNN with landmarks (ferray.mtcnn)
+# Where FER2013's faces have MTCNN's five landmarks (left eye, right eye, nose, left and right mouth
+# corner), in 48x48 pixels: the mean over 363 of 400 random Training faces, each enlarged 4x and
+# padded for the detector (`python -m bench.landmarks --data data/fer2013`). A face found in a photo
+# is mapped onto these points, so the model sees it placed and scaled as it saw its training faces.
+FER_LANDMARKS = np.array([[15.87, 17.93], [33.19, 18.10], [24.22, 28.23], [16.76, 37.34], [31.34, 37.55]])
+ALIGN_OVERSAMPLE = 4  # the warp draws 4x the final size, then shrinks by area (no aliasing)
 
 
-def aligned_face(gray: np.ndarray, box, landmarks: np.ndarray, margin: float = BOX_MARGIN) -> np.ndarray:
-    """The face levelled (rotated about its box's centre until the eyes are level), then cropped as
-    crop_face crops (a square of the box's longer side widened by `margin`) and resized to 48x48:
-    FER2013's faces are roughly upright."""
+def similarity_to(points: np.ndarray, template: np.ndarray) -> np.ndarray:
+    """The 2x3 rotation + uniform scale + shift that maps `points` onto `template` by least squares."""
+    x, y = points[:, 0], points[:, 1]
+    ones, zeros = np.ones_like(x), np.zeros_like(x)
+    # u = a*x - b*y + tx, v = b*x + a*y + ty
+    rows = np.vstack([np.stack([x, -y, ones, zeros], 1), np.stack([y, x, zeros, ones], 1)])
+    (a, b, tx, ty), *_ = np.linalg.lstsq(rows, np.concatenate([template[:, 0], template[:, 1]]), rcond=None)
+    return np.array([[a, -b, tx], [b, a, ty]])
+
+
+def aligned_face(gray: np.ndarray, landmarks: np.ndarray, template: np.ndarray = FER_LANDMARKS) -> np.ndarray:
+    """The face as FER2013 has its faces: turned, scaled and shifted so that its five landmarks fall
+    where FER2013's faces have theirs (FER_LANDMARKS), 48x48. FER2013's faces are roughly upright, so
+    this levels a tilted face too."""
     import cv2
 
-    (left_x, left_y), (right_x, right_y) = landmarks[0], landmarks[1]
-    tilt = math.degrees(math.atan2(right_y - left_y, right_x - left_x))
-    x, y, w, h = box
-    cx, cy = x + w / 2, y + h / 2
-    side = max(w, h) * (1 + 2 * margin)
-    turn = cv2.getRotationMatrix2D((cx, cy), tilt, 1.0)
-    turn[:, 2] += (side / 2 - cx, side / 2 - cy)  # the box's centre to the patch's centre
-    size = max(1, round(side))
-    patch = cv2.warpAffine(gray, turn, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+    big = ALIGN_OVERSAMPLE * FER_SIZE
+    warp = similarity_to(np.asarray(landmarks, float), template * ALIGN_OVERSAMPLE)
+    patch = cv2.warpAffine(gray, warp, (big, big), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
     return resize48(patch)
 
 
@@ -274,7 +281,7 @@ def detected_faces(gray: np.ndarray, detector: str = "haar") -> list[Face]:
         # faces of 40 px and up (or 1/20 of the shorter side): smaller ones make poor 48x48 crops, and
         # each pyramid level below costs more than all above it
         found = mtcnn.detect(gray, min_face=max(40, min(gray.shape) // DETECTED_FRACTION))
-        return [Face(d.box, aligned_face(gray, d.box, d.landmarks, MTCNN_MARGIN)) for d in found]
+        return [Face(d.box, aligned_face(gray, d.landmarks)) for d in found]
     if detector == "haar":
         return [Face(box, crop_face(gray, box)) for box in detect_boxes(gray)]
     raise InputError(f"detector {detector!r} is not one of {', '.join(DETECTORS)}")

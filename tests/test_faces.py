@@ -249,3 +249,27 @@ def test_limits_name_themselves_and_pixel_rows_are_checked_by_numpy():
     with pytest.raises(LimitExceeded, match="max_faces_per_request"):
         small = encode(np.zeros((48, 48), np.uint8), "PNG")
         find_faces([(str(i), small) for i in range(4)], detect=False, limits=limits)
+
+
+def test_a_found_face_is_mapped_onto_fer2013s_landmarks():
+    """Five bright dots placed where a turned, scaled, shifted face has its landmarks come out of the
+    alignment where FER2013's faces have theirs, and the warp found is the inverse of the one made."""
+    import cv2
+
+    from ferray.faces import FER_LANDMARKS, aligned_face, similarity_to
+
+    angle, scale, shift = 23.0, 3.1, np.array([210.0, 140.0])
+    turn = np.radians(angle)
+    made = scale * FER_LANDMARKS @ np.array([[np.cos(turn), np.sin(turn)], [-np.sin(turn), np.cos(turn)]]) + shift
+    photo = np.zeros((480, 640), np.uint8)
+    for x, y in made:
+        cv2.circle(photo, (round(x), round(y)), 6, 255, -1)
+    back = similarity_to(made, FER_LANDMARKS)
+    assert np.hypot(*back[:, :2] @ [1, 0]) == pytest.approx(1 / scale, rel=1e-6)  # the inverse scale
+    face = aligned_face(photo, made)
+    assert face.shape == (48, 48)
+    for x, y in FER_LANDMARKS:  # each dot's brightness centred on its template point
+        ys, xs = np.mgrid[0:48, 0:48]
+        near = (np.hypot(xs - x, ys - y) < 4) * face.astype(float)
+        assert near.sum() > 0
+        assert np.hypot((near * xs).sum() / near.sum() - x, (near * ys).sum() / near.sum() - y) < 0.8
