@@ -1,0 +1,105 @@
+"""The teacher bank: a teacher ensemble's fused probabilities for every face of a split on a fixed
+set of views (ferray.distill.views), stored as probabilities only (half precision) beside the
+prepared data, with the data's checksum and the teacher's identity. A bank is derived from FER2013:
+it stays beside the data and is never committed to the project.
+
+    DATA/teacher_banks/NAME/probs.npy       (faces, views, classes) float16, faces in the split's id order
+    DATA/teacher_banks/NAME/manifest.json   format, split, data checksum, teacher, seed, views, augment"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ferray.config import AugmentConfig
+from ferray.device import autocast
+from ferray.distill.views import render, view_params
+from ferray.errors import FerrayError
+
+BANK_FORMAT = "ferray.teacher_bank/1"
+
+
+class BankMismatch(FerrayError):
+    """A bank made with another teacher, other data or other views than asked for."""
+
+
+def teacher_identity(bundle: str | Path) -> dict:
+    """A bundle's name and a digest of its card and weights (what its answers depend on)."""
+    folder = Path(bundle)
+    digest = hashlib.blake2b(digest_size=8)
+    for path in sorted(p for p in folder.iterdir() if p.suffix in (".json", ".pt")):
+        digest.update(path.name.encode())
+        digest.update(path.read_bytes())
+    return {"name": folder.name, "digest": f"blake2b64:{digest.hexdigest()}"}
+
+
+@torch.no_grad()
+def teacher_probs(ensemble, faces: torch.Tensor, face_ids: np.ndarray, views: int, seed: int, augment: AugmentConfig):
+    """(N, views, classes) fused probabilities of uint8 faces (N, 48, 48), view v of face face_ids[i]
+    drawn by ferray.distill.views: each member sees the view at its own input (the 48x48 face, or the
+    SR generator's face of it) through the same normalized affine map."""
+    upscaled = ensemble.upscale(faces) if ensemble.needs_sr else None
+    answers = torch.empty(len(faces), views, 0)
+    for view in range(views):
+        members = {}
+        for name, member in ensemble.members.items():
+            source, scale = (upscaled, 1) if member.input == "sr" else (faces, member.cfg.data.input_scale)
+            crop = member.cfg.augment.crop
+            size = source.shape[-1] * scale
+            params = view_params(seed, face_ids, np.full(len(faces), view), augment, crop, size)
+            x = render(source.to(ensemble.device), *params, crop, scale)
+            model, amp = ensemble.runner(name)
+            with autocast(ensemble.device, amp):
+                members[name] = model(x).float().softmax(-1).cpu()
+        fused = ensemble.fuse(members)
+        fused = torch.as_tensor(np.asarray(fused), dtype=torch.float32)
+        if answers.shape[-1] == 0:
+            answers = torch.empty(len(faces), views, fused.shape[-1])
+        answers[:, view] = fused
+    return answers
+
+
+def bank_manifest(split: str, data_checksum: str, teacher: dict, seed: int, views: int, augment: AugmentConfig):
+    return {
+        "format": BANK_FORMAT,
+        "split": split,
+        "data_checksum": data_checksum,
+        "teacher": teacher,
+        "seed": seed,
+        "views": views,
+        "augment": asdict(augment),
+    }
+
+
+def save_bank(folder: str | Path, probs: np.ndarray, manifest: dict) -> Path:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    np.save(folder / "probs.npy", np.asarray(probs, np.float16))
+    (folder / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return folder
+
+
+def load_bank(folder: str | Path, expected: dict) -> np.ndarray:
+    """The bank's probabilities, once its manifest agrees with `expected` (a bank_manifest of what
+    the student trains on); a BankMismatch naming each field that differs, both values."""
+    folder = Path(folder)
+    try:
+        manifest = json.loads((folder / "manifest.json").read_text())
+    except (OSError, ValueError) as error:
+        raise BankMismatch(f"{folder}: no readable teacher bank manifest ({error})") from None
+    differ = [
+        f"{key}: the bank's {manifest.get(key)!r}, expected {value!r}"
+        for key, value in expected.items()
+        if manifest.get(key) != value
+    ]
+    if differ:
+        raise BankMismatch(f"{folder}: the teacher bank was made for something else; " + "; ".join(differ))
+    probs = np.load(folder / "probs.npy")
+    if probs.shape[1] != manifest["views"]:
+        raise BankMismatch(f"{folder}: probs.npy holds {probs.shape[1]} views, its manifest says {manifest['views']}")
+    return probs

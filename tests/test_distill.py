@@ -1,0 +1,98 @@
+"""Distillation's parts: views drawn from (seed, face, view) alone, the teacher bank, the student's loss."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from ferray.augment import eval_views
+from ferray.config import AugmentConfig
+from ferray.distill.bank import BankMismatch, bank_manifest, load_bank, save_bank, teacher_identity, teacher_probs
+from ferray.distill.loss import distillation_loss
+from ferray.distill.views import TTA_VIEWS, render, view_params
+
+AUGMENT = AugmentConfig(rotation=10, shift=0.1, scale=0.1, brightness=0.1, contrast=0.2)
+
+
+def test_a_view_depends_on_its_seed_face_and_view_alone():
+    faces, views = np.array([3, 7, 9, 3, 500]), np.array([12, 12, 40, 13, 2])
+    theta, gain, bias = view_params(5, faces, views, AUGMENT, 44, 48)
+    order = np.array([4, 2, 0, 3, 1])  # the same pairs in another batch, in another order
+    again = view_params(5, faces[order], views[order], AUGMENT, 44, 48)
+    assert torch.equal(again[0], theta[order]) and torch.equal(again[1], gain[order])
+    assert not torch.equal(theta[0], theta[3]) and not torch.equal(theta[0], theta[1])  # other view, other face
+    assert not torch.equal(view_params(6, faces, views, AUGMENT, 44, 48)[0], theta)  # another seed
+    assert torch.allclose(view_params(5, faces, views, AUGMENT, 88, 96)[0], theta)  # B's 88 of 96: the same views
+
+
+def test_augmented_views_stay_in_trainings_ranges():
+    n = 4000
+    theta, gain, bias = view_params(0, np.arange(n), np.full(n, 17), AUGMENT, 44, 48)
+    scale = torch.linalg.det(theta[:, :, :2]).abs().sqrt() * 48 / 44  # 1 / zoom
+    assert scale.min() > 1 / 1.1 - 1e-4 and scale.max() < 1 / 0.9 + 1e-4
+    assert scale.std() > 0.04  # spread over the range, not stuck
+    angle = torch.rad2deg(torch.atan2(theta[:, 1, 0].abs(), theta[:, 1, 1]))
+    assert angle.max() <= 10 + 1e-3 and angle.max() > 9
+    assert (theta[:, 0, 0] < 0).float().mean() == pytest.approx(0.5, abs=0.05)  # half mirrored
+    assert gain.min() >= 0.8 and gain.max() <= 1.2 and bias.abs().max() <= 0.1
+
+
+def test_the_first_ten_views_are_the_tta_crops(synth_faces):
+    images = torch.from_numpy(synth_faces[0][:6])
+    crops = eval_views(images, 44, True)  # (10, 6, 1, 44, 44)
+    for view in range(TTA_VIEWS):
+        params = view_params(0, np.arange(6), np.full(6, view), AUGMENT, 44, 48)
+        assert torch.allclose(render(images, *params, 44), crops[view], atol=1e-4), view
+
+
+@pytest.fixture(scope="module")
+def teacher(tiny_bundle):
+    from ferray.bundle.load import load_bundle
+
+    ensemble, _ = load_bundle(tiny_bundle, device="cpu")
+    return ensemble
+
+
+def test_the_bank_is_the_same_from_the_same_seed_and_refused_for_another_teacher_or_data(
+    teacher, tiny_bundle, synth_faces, tmp_path
+):
+    faces, ids = torch.from_numpy(synth_faces[0][:8]), np.arange(8)
+    probs = teacher_probs(teacher, faces, ids, 12, seed=1, augment=AUGMENT)
+    assert probs.shape == (8, 12, 7) and torch.allclose(probs.sum(-1), torch.ones(8, 12), atol=1e-4)
+    assert torch.equal(teacher_probs(teacher, faces, ids, 12, seed=1, augment=AUGMENT), probs)
+    assert (probs[:, 10] - probs[:, 11]).abs().max() > 0  # two augmented views (an untrained teacher differs little)
+    # a chunk of the same faces gets the same answers: nothing depends on the batch
+    assert torch.allclose(teacher_probs(teacher, faces[5:], ids[5:], 12, 1, AUGMENT), probs[5:], atol=1e-5)
+
+    me = teacher_identity(tiny_bundle)
+    manifest = bank_manifest("Training", "blake2b64-sum:aaaa", me, 1, 12, AUGMENT)
+    folder = save_bank(tmp_path / "bank", probs.numpy(), manifest)
+    assert np.allclose(load_bank(folder, manifest), probs.numpy(), atol=1e-3)
+    other_data = manifest | {"data_checksum": "blake2b64-sum:bbbb"}
+    named = "data_checksum: the bank's 'blake2b64-sum:aaaa', expected 'blake2b64-sum:bbbb'"
+    with pytest.raises(BankMismatch, match=named):
+        load_bank(folder, other_data)
+    other_teacher = manifest | {"teacher": {"name": "bundle", "digest": "blake2b64:0"}}
+    with pytest.raises(BankMismatch, match=f"teacher: the bank's .*{me['digest']}.*expected .*blake2b64:0"):
+        load_bank(folder, other_teacher)
+
+
+def test_the_loss_pulls_the_student_toward_the_teacher(synth_faces):
+    from ferray.models import build_model
+
+    torch.manual_seed(0)
+    student = build_model("xception_a_tiny", num_classes=7)
+    images = torch.from_numpy(synth_faces[0][:32])
+    x = render(images, *view_params(0, np.arange(32), np.full(32, 4), AUGMENT, 44, 48), 44)
+    teacher = torch.distributions.Dirichlet(torch.full((7,), 0.5)).sample((32,))
+    labels = teacher.argmax(-1)
+    optimizer = torch.optim.Adam(student.parameters(), lr=3e-3)
+    kls = []
+    for _ in range(30):
+        loss, parts = distillation_loss(student(x), teacher, labels, temperature=2.0, label_share=0.0)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        kls.append(parts["kl"].item())
+    assert kls[-1] < 0.5 * kls[0], kls
