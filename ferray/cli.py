@@ -53,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_explain(sub)
     _add_crops(sub)
     _add_report(sub)
+    _add_distill(sub)
     _add_verbosity(parser)
     return parser
 
@@ -471,6 +472,12 @@ def _add_models(sub) -> None:
         "depth and training input size.",
     )
     p.set_defaults(func=cmd_models)
+
+
+def _add_distill(sub) -> None:
+    from ferray.distill.cli import add_distill
+
+    add_distill(sub, _formatter)
 
 
 def _add_sr(sub) -> None:

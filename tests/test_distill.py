@@ -96,3 +96,23 @@ def test_the_loss_pulls_the_student_toward_the_teacher(synth_faces):
         optimizer.step()
         kls.append(parts["kl"].item())
     assert kls[-1] < 0.5 * kls[0], kls
+
+
+@pytest.mark.slow
+def test_the_bank_made_by_ray_data_is_the_teachers_answers_in_the_splits_order(
+    ray_session, teacher, tiny_bundle, prepared_synth
+):
+    import json
+
+    from ferray.data.contract import load_split
+    from ferray.distill.make_bank import face_keys, make_bank
+
+    folder = make_bank(str(tiny_bundle), prepared_synth, "PublicTest", views=11, seed=3, batch_size=16)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    data_manifest = json.loads((prepared_synth / "manifest.json").read_text())
+    assert manifest["data_checksum"] == data_manifest["checksum"] and manifest["views"] == 11
+    assert manifest["teacher"] == teacher_identity(tiny_bundle)
+    bank = load_bank(folder, manifest)
+    images, _, ids = load_split(prepared_synth, "PublicTest")
+    direct = teacher_probs(teacher, torch.from_numpy(images), face_keys(ids), 11, 3, AugmentConfig())
+    assert bank.shape == tuple(direct.shape) and np.allclose(bank, direct.numpy(), atol=2e-3)

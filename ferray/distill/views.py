@@ -75,8 +75,9 @@ def view_params(
     seed: int, faces: np.ndarray, views: np.ndarray, cfg: AugmentConfig, crop: int, size: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(theta (N, 2, 3), gain (N,), bias (N,)) of view views[i] of face faces[i]. `crop` of `size`
-    fixes the ratio only (44 of 48 and 88 of 96 give the same thetas)."""
-    faces, views = np.asarray(faces, np.int64), np.asarray(views, np.int64)
+    fixes the ratio only (44 of 48 and 88 of 96 give the same thetas). A face is named by any
+    integer key (ferray.distill.make_bank.face_keys: a hash of its id)."""
+    faces, views = np.asarray(faces).astype(np.uint64), np.asarray(views, np.int64)
     u = uniforms(seed, faces, views, 9)
     theta = augmented_thetas(u, cfg, crop, size)
     tta = views < TTA_VIEWS

@@ -1,0 +1,117 @@
+"""`ferray distill bank`: the teacher bank of a split with Ray Data.
+
+read_parquet (the split) -> map_batches over an actor pool of TeacherAnswers (the teacher bundle
+loaded once per actor) -> each face's fused probabilities on every view -> in the split's id order
+-> DATA/teacher_banks/NAME (ferray.distill.bank). A face's views are drawn from a hash of its id, so
+neither the pool's batching nor its order changes a bank."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+from ferray.config import AugmentConfig
+from ferray.distill.bank import bank_manifest, save_bank, teacher_identity
+
+log = logging.getLogger(__name__)
+DEFAULT_VIEWS = 26  # the ten TTA views and 16 augmented ones
+
+
+def face_keys(ids) -> np.ndarray:
+    """Each face id's key for ferray.distill.views (8 bytes of its blake2b digest)."""
+    return np.array(
+        [int.from_bytes(hashlib.blake2b(str(i).encode(), digest_size=8).digest(), "little") for i in ids], np.uint64
+    )
+
+
+class TeacherAnswers:
+    """A table of faces (id, pixels, ...) -> (id, probs): the teacher's probabilities on every view,
+    (views, classes) half precision, as bytes."""
+
+    def __init__(self, bundle: str, views: int, seed: int, augment: dict, threads: int | None = None):
+        import torch
+
+        from ferray.bundle.load import load_bundle
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.ensemble, _ = load_bundle(bundle)
+        self.views, self.seed, self.augment = views, seed, AugmentConfig(**augment)
+
+    def __call__(self, table):
+        import pyarrow as pa
+        import torch
+
+        from ferray.data.contract import pixels_to_images
+        from ferray.distill.bank import teacher_probs
+
+        ids = table.column("id").to_pylist()
+        faces = torch.from_numpy(pixels_to_images(table.column("pixels")).copy())
+        probs = teacher_probs(self.ensemble, faces, face_keys(ids), self.views, self.seed, self.augment)
+        rows = [row.tobytes() for row in probs.numpy().astype(np.float16)]
+        return pa.table({"id": table.column("id"), "probs": pa.array(rows, pa.binary())})
+
+
+def make_bank(
+    bundle: str | None,
+    data: str | Path,
+    split: str = "Training",
+    views: int = DEFAULT_VIEWS,
+    seed: int = 0,
+    augment: AugmentConfig | None = None,
+    actors: int = 1,
+    cpus_per_actor: float = 1.0,
+    batch_size: int = 128,
+    name: str | None = None,
+) -> Path:
+    """Compute and save the bank; its folder."""
+    import pyarrow as pa
+    import ray
+    import ray.data
+
+    from ferray.bundle.load import read_bundle_card, resolve_bundle
+    from ferray.data.contract import read_manifest, split_dir
+    from ferray.distributed.runtime import connect
+    from ferray.errors import UsageError
+
+    if views < 1 or actors < 1 or batch_size < 1:
+        raise UsageError("--views, --actors and --batch-size must be at least 1")
+    augment = augment or AugmentConfig()
+    folder = resolve_bundle(bundle)
+    card = read_bundle_card(folder)
+    manifest = read_manifest(data)
+    teacher = teacher_identity(folder)
+    out = Path(data) / "teacher_banks" / (name or f"{teacher['name']}-{split}-{views}v-s{seed}")
+    connect()
+    expected = manifest["splits"].get(split, {}).get("rows") if isinstance(manifest.get("splits"), dict) else None
+    members = ", ".join(card.members)
+    log.info(f"distill bank: {split} of {data} through {folder.name} ({members}), {views} views, seed {seed}")
+    t0 = time.perf_counter()
+    ds = ray.data.read_parquet(str(split_dir(data, split).absolute()), file_extensions=["parquet"])
+    ds = ds.repartition(4 * actors).map_batches(
+        TeacherAnswers,
+        fn_constructor_kwargs={
+            "bundle": str(folder.absolute()),
+            "views": views,
+            "seed": seed,
+            "augment": asdict(augment),
+            "threads": max(1, int(cpus_per_actor)),
+        },
+        batch_size=batch_size,
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=actors),
+        num_cpus=cpus_per_actor,
+    )
+    answered = pa.concat_tables(ray.get(ds.to_arrow_refs())).sort_by("id")  # load_split's order
+    if expected is not None and answered.num_rows != expected:
+        raise RuntimeError(f"internal: {answered.num_rows} faces answered of the {expected} in {split}")
+    probs = np.stack([np.frombuffer(row, np.float16) for row in answered.column("probs").to_pylist()])
+    probs = probs.reshape(answered.num_rows, views, -1)
+    save_bank(out, probs, bank_manifest(split, manifest["checksum"], teacher, seed, views, augment))
+    log.info(f"distill bank: {answered.num_rows:,} faces x {views} views in {time.perf_counter() - t0:.0f} s -> {out}")
+    return out
