@@ -32,6 +32,7 @@ def test_the_command_list_is_complete():
         "evaluate",
         "models",
         "sr",
+        "distill",
         "tune",
         "ensemble",
         "quantize",
