@@ -105,7 +105,8 @@ def test_the_bank_made_by_ray_data_is_the_teachers_answers_in_the_splits_order(
     import json
 
     from ferray.data.contract import load_split
-    from ferray.distill.make_bank import face_keys, make_bank
+    from ferray.distill.bank import face_keys
+    from ferray.distributed.bank import make_bank
 
     folder = make_bank(str(tiny_bundle), prepared_synth, "PublicTest", views=11, seed=3, batch_size=16)
     manifest = json.loads((folder / "manifest.json").read_text())

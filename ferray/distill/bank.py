@@ -38,30 +38,32 @@ def teacher_identity(bundle: str | Path) -> dict:
     return {"name": folder.name, "digest": f"blake2b64:{digest.hexdigest()}"}
 
 
+def face_keys(ids) -> np.ndarray:
+    """Each face id's key for ferray.distill.views (8 bytes of its blake2b digest)."""
+    return np.array(
+        [int.from_bytes(hashlib.blake2b(str(i).encode(), digest_size=8).digest(), "little") for i in ids], np.uint64
+    )
+
+
 @torch.no_grad()
 def teacher_probs(ensemble, faces: torch.Tensor, face_ids: np.ndarray, views: int, seed: int, augment: AugmentConfig):
     """(N, views, classes) fused probabilities of uint8 faces (N, 48, 48), view v of face face_ids[i]
     drawn by ferray.distill.views: each member sees the view at its own input (the 48x48 face, or the
     SR generator's face of it) through the same normalized affine map."""
     upscaled = ensemble.upscale(faces) if ensemble.needs_sr else None
-    answers = torch.empty(len(faces), views, 0)
+    answers = []
     for view in range(views):
         members = {}
         for name, member in ensemble.members.items():
             source, scale = (upscaled, 1) if member.input == "sr" else (faces, member.cfg.data.input_scale)
             crop = member.cfg.augment.crop
-            size = source.shape[-1] * scale
-            params = view_params(seed, face_ids, np.full(len(faces), view), augment, crop, size)
+            params = view_params(seed, face_ids, np.full(len(faces), view), augment, crop, source.shape[-1] * scale)
             x = render(source.to(ensemble.device), *params, crop, scale)
             model, amp = ensemble.runner(name)
             with autocast(ensemble.device, amp):
                 members[name] = model(x).float().softmax(-1).cpu()
-        fused = ensemble.fuse(members)
-        fused = torch.as_tensor(np.asarray(fused), dtype=torch.float32)
-        if answers.shape[-1] == 0:
-            answers = torch.empty(len(faces), views, fused.shape[-1])
-        answers[:, view] = fused
-    return answers
+        answers.append(ensemble.fuse(members))
+    return torch.stack(answers, dim=1)
 
 
 def bank_manifest(split: str, data_checksum: str, teacher: dict, seed: int, views: int, augment: AugmentConfig):
@@ -103,3 +105,27 @@ def load_bank(folder: str | Path, expected: dict) -> np.ndarray:
     if probs.shape[1] != manifest["views"]:
         raise BankMismatch(f"{folder}: probs.npy holds {probs.shape[1]} views, its manifest says {manifest['views']}")
     return probs
+
+
+class TeacherAnswers:
+    """A table of faces (id, pixels, ...) -> (id, probs): the teacher's probabilities on every view,
+    (views, classes) half precision, as bytes."""
+
+    def __init__(self, bundle: str, views: int, seed: int, augment: dict, threads: int | None = None):
+        from ferray.bundle.load import load_bundle
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.ensemble, _ = load_bundle(bundle)
+        self.views, self.seed, self.augment = views, seed, AugmentConfig(**augment)
+
+    def __call__(self, table):
+        import pyarrow as pa
+
+        from ferray.data.contract import pixels_to_images
+
+        ids = table.column("id").to_pylist()
+        faces = torch.from_numpy(pixels_to_images(table.column("pixels")).copy())
+        probs = teacher_probs(self.ensemble, faces, face_keys(ids), self.views, self.seed, self.augment)
+        rows = [row.tobytes() for row in probs.numpy().astype(np.float16)]
+        return pa.table({"id": table.column("id"), "probs": pa.array(rows, pa.binary())})

@@ -38,7 +38,7 @@ def add_distill(sub, formatter) -> None:
 
 
 def cmd_distill_bank(args) -> int:
-    from ferray.distill.make_bank import make_bank
+    from ferray.distributed.bank import make_bank
 
     out = make_bank(
         args.bundle,

@@ -76,7 +76,7 @@ def view_params(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(theta (N, 2, 3), gain (N,), bias (N,)) of view views[i] of face faces[i]. `crop` of `size`
     fixes the ratio only (44 of 48 and 88 of 96 give the same thetas). A face is named by any
-    integer key (ferray.distill.make_bank.face_keys: a hash of its id)."""
+    integer key (ferray.distill.bank.face_keys: a hash of its id)."""
     faces, views = np.asarray(faces).astype(np.uint64), np.asarray(views, np.int64)
     u = uniforms(seed, faces, views, 9)
     theta = augmented_thetas(u, cfg, crop, size)

@@ -1,13 +1,12 @@
 """`ferray distill bank`: the teacher bank of a split with Ray Data.
 
-read_parquet (the split) -> map_batches over an actor pool of TeacherAnswers (the teacher bundle
-loaded once per actor) -> each face's fused probabilities on every view -> in the split's id order
--> DATA/teacher_banks/NAME (ferray.distill.bank). A face's views are drawn from a hash of its id, so
-neither the pool's batching nor its order changes a bank."""
+read_parquet (the split) -> map_batches over an actor pool of ferray.distill.bank.TeacherAnswers (the
+teacher bundle loaded once per actor) -> each face's fused probabilities on every view -> in the
+split's id order -> DATA/teacher_banks/NAME (ferray.distill.bank). A face's views are drawn from a
+hash of its id, so neither the pool's batching nor its order changes a bank."""
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from dataclasses import asdict
@@ -16,45 +15,10 @@ from pathlib import Path
 import numpy as np
 
 from ferray.config import AugmentConfig
-from ferray.distill.bank import bank_manifest, save_bank, teacher_identity
+from ferray.distill.bank import TeacherAnswers, bank_manifest, save_bank, teacher_identity
 
 log = logging.getLogger(__name__)
 DEFAULT_VIEWS = 26  # the ten TTA views and 16 augmented ones
-
-
-def face_keys(ids) -> np.ndarray:
-    """Each face id's key for ferray.distill.views (8 bytes of its blake2b digest)."""
-    return np.array(
-        [int.from_bytes(hashlib.blake2b(str(i).encode(), digest_size=8).digest(), "little") for i in ids], np.uint64
-    )
-
-
-class TeacherAnswers:
-    """A table of faces (id, pixels, ...) -> (id, probs): the teacher's probabilities on every view,
-    (views, classes) half precision, as bytes."""
-
-    def __init__(self, bundle: str, views: int, seed: int, augment: dict, threads: int | None = None):
-        import torch
-
-        from ferray.bundle.load import load_bundle
-
-        if threads:
-            torch.set_num_threads(threads)
-        self.ensemble, _ = load_bundle(bundle)
-        self.views, self.seed, self.augment = views, seed, AugmentConfig(**augment)
-
-    def __call__(self, table):
-        import pyarrow as pa
-        import torch
-
-        from ferray.data.contract import pixels_to_images
-        from ferray.distill.bank import teacher_probs
-
-        ids = table.column("id").to_pylist()
-        faces = torch.from_numpy(pixels_to_images(table.column("pixels")).copy())
-        probs = teacher_probs(self.ensemble, faces, face_keys(ids), self.views, self.seed, self.augment)
-        rows = [row.tobytes() for row in probs.numpy().astype(np.float16)]
-        return pa.table({"id": table.column("id"), "probs": pa.array(rows, pa.binary())})
 
 
 def make_bank(
@@ -75,7 +39,7 @@ def make_bank(
     import ray.data
 
     from ferray.bundle.load import read_bundle_card, resolve_bundle
-    from ferray.data.contract import read_manifest, split_dir
+    from ferray.data.contract import DataError, read_manifest, split_dir
     from ferray.distributed.runtime import connect
     from ferray.errors import UsageError
 
@@ -88,7 +52,9 @@ def make_bank(
     teacher = teacher_identity(folder)
     out = Path(data) / "teacher_banks" / (name or f"{teacher['name']}-{split}-{views}v-s{seed}")
     connect()
-    expected = manifest["splits"].get(split, {}).get("rows") if isinstance(manifest.get("splits"), dict) else None
+    if split not in manifest["splits"]:
+        raise DataError(f"{data}: no split {split!r} (has: {', '.join(manifest['splits'])})")
+    expected = manifest["splits"][split]["rows"]
     members = ", ".join(card.members)
     log.info(f"distill bank: {split} of {data} through {folder.name} ({members}), {views} views, seed {seed}")
     t0 = time.perf_counter()
@@ -108,7 +74,7 @@ def make_bank(
         num_cpus=cpus_per_actor,
     )
     answered = pa.concat_tables(ray.get(ds.to_arrow_refs())).sort_by("id")  # load_split's order
-    if expected is not None and answered.num_rows != expected:
+    if answered.num_rows != expected:
         raise RuntimeError(f"internal: {answered.num_rows} faces answered of the {expected} in {split}")
     probs = np.stack([np.frombuffer(row, np.float16) for row in answered.column("probs").to_pylist()])
     probs = probs.reshape(answered.num_rows, views, -1)
