@@ -161,6 +161,16 @@ class SRConfig:
 
 
 @dataclass
+class DistillConfig:
+    """A student taught by a teacher bank (`ferray distill bank`); an empty bank trains on labels alone."""
+
+    bank: str = ""  # the bank's folder, or its name under DATA/teacher_banks
+    teacher: str = ""  # a bundle the bank must have been made with ("": the bank's own record is trusted)
+    temperature: float = 2.0  # the softening of both sides' answers (Hinton et al.)
+    label_share: float = 0.4  # the cross-entropy's share of the loss; the rest is KL to the teacher
+
+
+@dataclass
 class ExperimentConfig:
     name: str = "experiment"
     description: str = ""
@@ -172,6 +182,7 @@ class ExperimentConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
     sr: SRConfig = field(default_factory=SRConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
 
 CHOICES = {
@@ -279,6 +290,13 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
         (0 < cfg.optim.backbone_lr_ratio <= 1, "optim.backbone_lr_ratio must be in (0, 1]"),
         (cfg.scaling.workers >= 1, "scaling.workers must be >= 1"),
         (cfg.scaling.gpus_per_worker >= 0, "scaling.gpus_per_worker must be >= 0"),
+        (cfg.distill.temperature > 0, "distill.temperature must be > 0"),
+        (0 <= cfg.distill.label_share <= 1, "distill.label_share must be in [0, 1]"),
+        (
+            not cfg.distill.bank or cfg.train.loader == "cache",
+            "distill.bank needs train.loader: cache (a streamed shard does not carry the faces' keys the "
+            "bank is found by)",
+        ),
     ]
     for ok, message in checks:
         if not ok:

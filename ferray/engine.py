@@ -36,7 +36,9 @@ CHECKPOINT_FILE = "checkpoint.pt"
 class TensorBatches:
     """In-memory faces as shuffled batches (the data can live on the GPU). Each epoch's order is a
     function of (seed, rank, epoch) alone, so a resumed run sees the batches an uninterrupted one
-    would: `epoch(e)` gives epoch e's batches; plain iteration goes through epochs 0, 1, 2, ..."""
+    would: `epoch(e)` gives epoch e's batches; plain iteration goes through epochs 0, 1, 2, ...
+    With `keys` (the faces' keys: a student finds its teacher's answers by them) a batch is
+    (images, labels, keys)."""
 
     def __init__(
         self,
@@ -47,10 +49,12 @@ class TensorBatches:
         drop_last: bool = True,
         seed: int = 0,
         rank: int = 0,
+        keys: torch.Tensor | None = None,
     ):
-        if len(images) != len(labels):
-            raise ValueError(f"{len(images)} images but {len(labels)} labels")
-        self.images, self.labels = images, labels
+        if len(images) != len(labels) or (keys is not None and len(keys) != len(labels)):
+            counted = f", {len(keys)} keys" if keys is not None else ""
+            raise ValueError(f"{len(images)} images but {len(labels)} labels{counted}")
+        self.images, self.labels, self.keys = images, labels, keys
         self.batch_size, self.shuffle, self.drop_last = batch_size, shuffle, drop_last
         self.seed, self.rank, self.next_epoch = seed, rank, 0
 
@@ -70,12 +74,15 @@ class TensorBatches:
         generator = torch.Generator().manual_seed(epoch_seed(self.seed, self.rank, epoch))
         return torch.randperm(n, generator=generator)
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
         order = self.order(self.next_epoch).to(self.images.device)
         self.next_epoch += 1
         for i in range(len(self)):
             idx = order[i * self.batch_size : (i + 1) * self.batch_size]
-            yield self.images[idx], self.labels[idx]
+            if self.keys is None:
+                yield self.images[idx], self.labels[idx]
+            else:
+                yield self.images[idx], self.labels[idx], self.keys[idx.to(self.keys.device)]
 
 
 # -------------------------------------------------------------------------------------- optimizing
@@ -213,6 +220,7 @@ class TrainState:
     lineage: list = field(default_factory=list)
     step_hook: Callable[[int], None] | None = None  # called after each step (a budget's plan)
     precision: Precision | None = None  # the step's autocast and gradient scaler; None: from the device
+    teacher: object | None = None  # a ferray.distill.student.Teacher (distill.bank): the views and their answers
 
     def __post_init__(self):
         if self.precision is None:
@@ -283,6 +291,12 @@ def build_state(
         cfg.loss.center_features,
         cfg.loss.center_share,
     ).to(device)
+    loss_fn.distill = (cfg.distill.temperature, cfg.distill.label_share)
+    teacher = None
+    if cfg.distill.bank:
+        from ferray.distill.student import load_teacher
+
+        teacher = load_teacher(cfg, device)
     optimizer = make_optimizer(model, cfg.optim)
     ema = WeightEMA(model, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
     if wrap is not None:
@@ -290,7 +304,7 @@ def build_state(
     if cfg.train.compile:
         model = compiled(model, cfg.train.compile_mode)
     schedule = LRSchedule(cfg.optim, cfg.train.epochs, planned=cfg.train.budget_minutes <= 0)
-    return TrainState(cfg, model, loss_fn, optimizer, schedule, device, rank, ema, lineage=lineage)
+    return TrainState(cfg, model, loss_fn, optimizer, schedule, device, rank, ema, lineage=lineage, teacher=teacher)
 
 
 class compiled(nn.Module):
@@ -324,14 +338,14 @@ class compiled(nn.Module):
         return True
 
 
-def forward_backward(state: TrainState, x: torch.Tensor, labels: torch.Tensor):
+def forward_backward(state: TrainState, x: torch.Tensor, labels: torch.Tensor, teacher: torch.Tensor | None = None):
     """One step's forward, loss and backward: (logits, features, loss, parts). The backward graph is
     compiled at the first backward (and again for a new shape), outside `compiled.forward`: a failure
     there turns the model eager and the step is done again, where eager cannot fail the same way."""
     for attempt in (0, 1):
         with state.precision.autocast():
             logits, features = state.model(x, return_embedding=True)
-        loss, parts = state.loss_fn(logits, features, labels)
+        loss, parts = state.loss_fn(logits, features, labels, teacher)
         state.optimizer.zero_grad(set_to_none=True)
         try:
             state.precision.backward(loss)
@@ -377,27 +391,39 @@ class EpochProgress:
         )
 
 
+def lesson(state: TrainState, images: torch.Tensor, keys: torch.Tensor | None):
+    """(the step's input views, the teacher's probabilities on them or None): training's random
+    views, or with a teacher (distill.bank) the bank's views of these faces, found by their keys."""
+    cfg = state.cfg
+    if state.teacher is None:
+        return train_views(images, cfg.augment, cfg.data.input_scale), None
+    if keys is None:
+        raise RuntimeError("internal: a student's batches carry no face keys (distill.bank needs the cached loader)")
+    seed = epoch_seed(cfg.train.seed, state.rank, state.epoch)
+    return state.teacher.lesson(images, keys, seed, cfg.augment.crop, cfg.data.input_scale)
+
+
 def train_one_epoch(state: TrainState, batches: Iterable, steps_per_epoch: int) -> dict:
     """One pass over `batches`; returns loss parts, training accuracy, images and seconds."""
     cfg, device = state.cfg, state.device
     model, loss_fn, optimizer = state.model, state.loss_fn, state.optimizer
     model.train()
     torch.manual_seed(epoch_seed(cfg.train.seed, state.rank, state.epoch))
-    totals = torch.zeros(5, device=device)  # loss * n, ce * n, center * n, correct, lambda * center * n
+    totals = torch.zeros(6, device=device)  # loss * n, ce * n, center * n, correct, lambda * center * n, kl * n
     images_seen, step, t0 = 0, 0, time.perf_counter()
     progress = EpochProgress(
         state.epoch + 1, state.schedule.epochs, steps_per_epoch, cfg.train.progress_seconds, state.rank
     )
-    for images, labels in batches:
-        images = images.to(device, non_blocking=True)
-        labels = labels.to(device, non_blocking=True).long()
+    for batch in batches:
+        images = batch[0].to(device, non_blocking=True)
+        labels = batch[1].to(device, non_blocking=True).long()
         factor = state.schedule.factor(state.epoch + step / max(steps_per_epoch, 1))
         for group in optimizer.param_groups:
             group["lr"] = cfg.optim.lr * group.get("lr_scale", 1.0) * factor
-        x = train_views(images, cfg.augment, cfg.data.input_scale)
+        x, teacher = lesson(state, images, batch[2] if len(batch) > 2 else None)
         if state.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        logits, features, loss, parts = forward_backward(state, x, labels)
+        logits, features, loss, parts = forward_backward(state, x, labels, teacher)
         state.precision.unscale(optimizer)
         if cfg.optim.grad_clip > 0:
             nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
@@ -413,6 +439,7 @@ def train_one_epoch(state: TrainState, batches: Iterable, steps_per_epoch: int) 
                 parts["center"] * n,
                 (logits.argmax(1) == labels).sum().float(),
                 parts["lambda"] * parts["center"] * n,
+                parts.get("kl", torch.zeros((), device=device)) * n,
             ]
         )
         images_seen += n
@@ -422,12 +449,14 @@ def train_one_epoch(state: TrainState, batches: Iterable, steps_per_epoch: int) 
             state.step_hook(step)
     if images_seen == 0:
         raise RuntimeError("the training data produced no batch (fewer rows than one batch?)")
-    loss_sum, ce_sum, center_sum, correct, weighted_center = (totals / images_seen).tolist()
+    loss_sum, ce_sum, center_sum, correct, weighted_center, kl_sum = (totals / images_seen).tolist()
     seconds = time.perf_counter() - t0
     # How much the center term weighs against the cross-entropy (the figure lambda is chosen by),
     # and the lambda that weighed it (fixed, or following loss.center_share).
     center_share = weighted_center / max(ce_sum, 1e-12)
+    distilled = {"train_kl": kl_sum} if state.teacher is not None else {}
     return {
+        **distilled,
         "train_loss": loss_sum,
         "train_ce": ce_sum,
         "train_center": center_sum,

@@ -24,8 +24,11 @@ from ferray.tasks import CLASSIFIER, Task
 log = logging.getLogger(__name__)
 
 
-def on_device(faces: Faces, device, batch_size: int, train: bool, seed: int = 0) -> TensorBatches:
-    """Faces as batches on `device` (uint8 there: 2.3 kB a face), shuffled each epoch when training."""
+def on_device(faces: Faces, device, batch_size: int, train: bool, seed: int = 0, keys: bool = False) -> TensorBatches:
+    """Faces as batches on `device` (uint8 there: 2.3 kB a face), shuffled each epoch when training;
+    with `keys`, each batch carries its faces' keys (a student finds its teacher's answers by them)."""
+    from ferray.data.contract import id_keys
+
     return TensorBatches(
         torch.from_numpy(faces.images).to(device),
         torch.from_numpy(faces.labels).to(device),
@@ -33,6 +36,7 @@ def on_device(faces: Faces, device, batch_size: int, train: bool, seed: int = 0)
         shuffle=train,
         drop_last=train,
         seed=seed,
+        keys=torch.from_numpy(id_keys(faces.ids)) if keys else None,
     )
 
 
@@ -51,7 +55,7 @@ def train_local(
 
     state = task.build(cfg, device)
     run = LocalRun(run_dir, task, cfg, {**(facts or {}), "machine": training_machine_facts(state)})
-    train_batches = on_device(train, device, cfg.train.batch_size, True, cfg.train.seed)
+    train_batches = on_device(train, device, cfg.train.batch_size, True, cfg.train.seed, keys=bool(cfg.distill.bank))
     selection_batches = on_device(selection, device, cfg.train.eval_batch_size, False)
     t0 = time.perf_counter()
     fit(

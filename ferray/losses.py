@@ -104,6 +104,7 @@ class JointLoss(nn.Module):
     ):
         super().__init__()
         self.center_lambda, self.label_smoothing, self.center_share = center_lambda, label_smoothing, center_share
+        self.distill = (2.0, 0.4)  # (temperature, label share) when a teacher is given: the run's distill section
         self.center = CenterLoss(num_classes, feature_dim, center_alpha, reduction, features)
         # running means of log cross-entropy and log center term; `balanced` 0 until the first step
         self.register_buffer("balance", torch.zeros(2))
@@ -120,11 +121,21 @@ class JointLoss(nn.Module):
     def _logs(ce: torch.Tensor, center: torch.Tensor) -> torch.Tensor:
         return torch.stack([ce.detach(), center.detach()]).clamp_min(1e-8).log()
 
-    def forward(self, logits, features, labels) -> tuple[torch.Tensor, dict]:
+    def forward(self, logits, features, labels, teacher=None) -> tuple[torch.Tensor, dict]:
+        """With `teacher` (probabilities (N, C) on the same views), the classification term is
+        distillation's (ferray.distill.loss: KL to the teacher plus a share of cross-entropy) and the
+        center term stays; `distill` = (temperature, label share) then."""
         ce = F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing)
         zero = torch.zeros((), device=ce.device)
+        classify, kl = ce, zero
+        if teacher is not None:
+            from ferray.distill.loss import distillation_loss
+
+            temperature, share = self.distill
+            classify, kd_parts = distillation_loss(logits, teacher, labels, temperature, share)
+            kl = kd_parts["kl"]
         if self.center_lambda == 0:
-            return ce, {"ce": ce.detach(), "center": zero, "lambda": zero}
+            return classify, {"ce": ce.detach(), "center": zero, "lambda": zero, "kl": kl}
         center = self.center(features, labels)
         lam = self.current_lambda(ce, center)
         if self.center_share > 0:
@@ -132,7 +143,7 @@ class JointLoss(nn.Module):
                 measured, m = self._logs(ce, center), self.BALANCE_MOMENTUM
                 self.balance.copy_(torch.where(self.balanced > 0, m * self.balance + (1 - m) * measured, measured))
                 self.balanced.fill_(1.0)
-        return ce + lam * center, {"ce": ce.detach(), "center": center.detach(), "lambda": lam.detach()}
+        return classify + lam * center, {"ce": ce.detach(), "center": center.detach(), "lambda": lam.detach(), "kl": kl}
 
     def after_step(self, features, labels) -> None:
         if self.center_lambda != 0:

@@ -104,8 +104,9 @@ class ClassifierTask:
             if "eval_weights" in row
             else ""
         )
+        teacher = f"(KL to the teacher {row['train_kl']:.3f}) " if "train_kl" in row else ""
         return (
-            f"epoch {row['epoch']:>3}/{row['planned_epochs']}  loss {row['train_loss']:.4f}  "
+            f"epoch {row['epoch']:>3}/{row['planned_epochs']}  loss {row['train_loss']:.4f}  {teacher}"
             f"(center {row['train_center_share']:.1%} of CE, lambda {row.get('train_center_lambda', 0):.3g})  "
             f"train {row['train_acc']:6.2%}  "
             f"{cfg.data.selection_split} {row['eval_acc']:6.2%}{ema} (best {row['best_eval_acc']:6.2%})  "

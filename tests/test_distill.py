@@ -117,3 +117,90 @@ def test_the_bank_made_by_ray_data_is_the_teachers_answers_in_the_splits_order(
     images, _, ids = load_split(prepared_synth, "PublicTest")
     direct = teacher_probs(teacher, torch.from_numpy(images), face_keys(ids), 11, 3, AugmentConfig())
     assert bank.shape == tuple(direct.shape) and np.allclose(bank, direct.numpy(), atol=2e-3)
+
+
+# ------------------------------------------------------------------------------------------ student
+def _student_cfg(data, bank, *sets):
+    from ferray.config import load_config
+
+    return load_config(
+        None,
+        [
+            "model.name=xception_a_tiny",
+            f"data.path={data}",
+            f"distill.bank={bank}",
+            "train.batch_size=32",
+            "train.amp=false",
+            "train.channels_last=false",
+            "loss.center_lambda=0",
+            *sets,
+        ],
+    )
+
+
+def _fake_bank(data, folder, views=12, seed=4, shift=1, checksum=None):
+    """A bank on the Training split whose teacher answers (label + shift) mod 7 on every view, a
+    little softened: a teacher that disagrees with the labels, so what the student learns shows."""
+    from ferray.data.contract import load_split, read_manifest
+
+    _, labels, _ = load_split(data, "Training")
+    probs = np.full((len(labels), views, 7), 0.02, np.float32)
+    probs[np.arange(len(labels)), :, (labels + shift) % 7] = 0.88
+    identity = {"name": "fake", "digest": "blake2b64:fake"}
+    manifest = bank_manifest("Training", checksum or read_manifest(data)["checksum"], identity, seed, views, AUGMENT)
+    return save_bank(folder, probs, manifest)
+
+
+def test_a_student_sees_the_banks_own_views_and_their_answers(prepared_synth, tmp_path):
+    from ferray.data.contract import load_split
+    from ferray.distill.bank import face_keys
+    from ferray.distill.student import load_teacher
+    from ferray.distributed.train import read_in_key_order
+
+    folder = _fake_bank(prepared_synth, tmp_path / "bank")
+    cfg = _student_cfg(prepared_synth, folder)
+    teacher = load_teacher(cfg, torch.device("cpu"))
+    images, labels, keys = read_in_key_order(cfg, torch.device("cpu"))
+    x, answers = teacher.lesson(images[:20], keys[:20], seed=9, crop=44)
+    _, split_labels, ids = load_split(prepared_synth, "Training")
+    rows = teacher.rows(keys[:20])
+    assert [ids[r] for r in rows] and np.array_equal(split_labels[rows], labels[:20].numpy())  # the right faces
+    views = teacher.pick_views(rows, 9)
+    expected = render(images[:20], *view_params(4, face_keys([ids[r] for r in rows]), views, AUGMENT, 44, 48), 44)
+    assert torch.allclose(x, expected) and torch.equal(answers.argmax(-1), (labels[:20] + 1) % 7)
+    assert len(set(teacher.pick_views(np.arange(len(ids)), 9))) == 12  # every view is drawn
+    assert not np.array_equal(teacher.pick_views(rows, 10), views)  # another epoch, other views
+
+
+def test_a_student_learns_its_teachers_answers_not_only_the_labels(prepared_synth, tmp_path):
+    from ferray import engine
+    from ferray.distributed.train import read_in_key_order
+
+    folder = _fake_bank(prepared_synth, tmp_path / "bank")
+    cfg = _student_cfg(prepared_synth, folder, "distill.label_share=0", "optim.lr=0.01")
+    state = engine.build_state(cfg, torch.device("cpu"))
+    images, labels, keys = read_in_key_order(cfg, torch.device("cpu"))
+    batches = engine.TensorBatches(images, labels, 32, keys=keys)
+    rows = [engine.train_one_epoch(state, batches.epoch(e), len(batches)) for e in range(8)]
+    assert rows[-1]["train_kl"] < 0.6 * rows[0]["train_kl"], [r["train_kl"] for r in rows]
+    state.model.eval()
+    with torch.no_grad():
+        answers = state.model(engine.train_views(images, AugmentConfig(rotation=0, shift=0, scale=0, flip=False), 1))
+    agree = (answers.argmax(-1) == (labels + 1) % 7).float().mean().item()
+    with_labels = (answers.argmax(-1) == labels).float().mean().item()
+    # the teacher's answer, which is never the label (chance: 1/7), over the labels' (label_share 0)
+    assert agree > 0.3 and agree > 2 * with_labels, (agree, with_labels)
+
+
+def test_a_bank_of_other_data_or_for_a_stream_is_refused_naming_it(prepared_synth, tmp_path):
+    from ferray import engine
+    from ferray.config import ConfigError
+
+    folder = _fake_bank(prepared_synth, tmp_path / "bank", checksum="blake2b64-sum:other")
+    named = r"data_checksum: the bank's 'blake2b64-sum:other', expected 'blake2b64-sum:"
+    with pytest.raises(BankMismatch, match=named):
+        engine.build_state(_student_cfg(prepared_synth, folder), torch.device("cpu"))
+    with pytest.raises(BankMismatch, match="no readable teacher bank manifest"):
+        engine.build_state(_student_cfg(prepared_synth, tmp_path / "absent"), torch.device("cpu"))
+    with pytest.raises(ConfigError, match="distill.bank needs train.loader: cache"):
+        _student_cfg(prepared_synth, folder, "train.loader=stream")

@@ -133,7 +133,7 @@ def test_one_worker_reads_the_faces_its_ray_data_shard_would_hold(ray_session, s
     assert reads_its_own_faces(one) and data_arguments(one) == {}
     for cfg in (tiny(synth_data, 1), tiny(synth_data, 1, "scaling.workers=1", "train.loader=stream")):
         assert not reads_its_own_faces(cfg) and "train" in data_arguments(cfg)["datasets"]
-    images, labels = read_in_key_order(one, torch.device("cpu"))
-    shard_images, shard_labels = _cached(build_datasets(one)["train"], torch.device("cpu"))
-    assert torch.equal(images, shard_images) and torch.equal(labels, shard_labels)
+    images, labels, keys = read_in_key_order(one, torch.device("cpu"))
+    shard_images, shard_labels, shard_keys = _cached(build_datasets(one)["train"], torch.device("cpu"))
+    assert torch.equal(images, shard_images) and torch.equal(labels, shard_labels) and torch.equal(keys, shard_keys)
     assert len(labels) == read_manifest(synth_data)["splits"]["Training"]["rows"]

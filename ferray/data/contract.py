@@ -84,10 +84,15 @@ def decode_faces(table: pa.Table) -> dict:
     so a run's batches do not depend on the order in which Ray Data's read tasks finish. It lives here,
     not in the Train module, because Ray Data runs it in fresh worker processes: importing it from a
     module that imports torch would cost each of them seconds of start-up."""
+    keys = id_keys(table.column("id").to_numpy(zero_copy_only=False))
+    return {"image": pixels_to_images(table.column("pixels")), "label": table.column("label").to_numpy(), "key": keys}
+
+
+def id_keys(ids) -> np.ndarray:
+    """(N,) int64 keys of face ids: a fixed hash (pandas' hash_array, the same in every process)."""
     from pandas.util import hash_array
 
-    keys = hash_array(table.column("id").to_numpy(zero_copy_only=False).astype(object)).view("int64")
-    return {"image": pixels_to_images(table.column("pixels")), "label": table.column("label").to_numpy(), "key": keys}
+    return hash_array(np.asarray(ids, dtype=object)).view("int64")
 
 
 def read_split(root: str | os.PathLike, split: str, columns=None) -> pa.Table:

@@ -86,9 +86,10 @@ def save_bank(folder: str | Path, probs: np.ndarray, manifest: dict) -> Path:
     return folder
 
 
-def load_bank(folder: str | Path, expected: dict) -> np.ndarray:
-    """The bank's probabilities, once its manifest agrees with `expected` (a bank_manifest of what
-    the student trains on); a BankMismatch naming each field that differs, both values."""
+def load_bank(folder: str | Path, expected: dict, with_manifest: bool = False):
+    """The bank's probabilities, once its manifest agrees with `expected` (fields of a bank_manifest
+    of what the student trains on); a BankMismatch naming each field that differs, both values.
+    With `with_manifest`, (probabilities, manifest)."""
     folder = Path(folder)
     try:
         manifest = json.loads((folder / "manifest.json").read_text())
@@ -104,7 +105,7 @@ def load_bank(folder: str | Path, expected: dict) -> np.ndarray:
     probs = np.load(folder / "probs.npy")
     if probs.shape[1] != manifest["views"]:
         raise BankMismatch(f"{folder}: probs.npy holds {probs.shape[1]} views, its manifest says {manifest['views']}")
-    return probs
+    return (probs, manifest) if with_manifest else probs
 
 
 class TeacherAnswers:

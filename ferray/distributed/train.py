@@ -106,10 +106,10 @@ def _cached(shard, device):
 
 
 def in_key_order(images, labels, keys, device):
-    """Faces and labels sorted by their keys (decode_faces), on `device`: the order a cached shard
+    """(faces, labels, keys) sorted by the keys (decode_faces), on `device`: the order a cached shard
     trains in, wherever the faces were read (a Ray Data shard, or the files in a one-worker Tune trial)."""
     order = keys.argsort()
-    return images[order].to(device), labels[order].to(device)
+    return images[order].to(device), labels[order].to(device), keys[order].to(device)
 
 
 def read_in_key_order(cfg: ExperimentConfig, device):
@@ -162,14 +162,21 @@ class _EpochData:
 
         self.cfg, self.device, self.rank = cfg, device, rank
         if reads_its_own_faces(cfg):
-            images, labels = read_in_key_order(cfg, device)
+            images, labels, keys = read_in_key_order(cfg, device)
         elif cfg.train.loader == "cache":
             self.train_shard = ray.train.get_dataset_shard("train")
-            images, labels = _cached(self.train_shard, device)
+            images, labels, keys = _cached(self.train_shard, device)
         else:
             self.train_shard = ray.train.get_dataset_shard("train")
         if cfg.train.loader == "cache":
-            self.train_cache = TensorBatches(images, labels, cfg.train.batch_size, seed=cfg.train.seed, rank=rank)
+            self.train_cache = TensorBatches(
+                images,
+                labels,
+                cfg.train.batch_size,
+                seed=cfg.train.seed,
+                rank=rank,
+                keys=keys if cfg.distill.bank else None,  # a student finds its teacher's answers by them
+            )
         self.eval_batches = selection_batches(cfg, device) if rank == 0 else None
 
     def train(self, epoch: int):

@@ -307,8 +307,10 @@ def train_in_trial(cfg: ExperimentConfig, run_dir: Path, metric: str = "eval_acc
         run_files.rewrite_epochs(state.history)
         print(f"resumed from the checkpoint of epoch {state.epoch}", flush=True)
     run_files.write_machine(training_machine_facts(state))
-    images, labels = read_in_key_order(cfg, device)
-    train = TensorBatches(images, labels, cfg.train.batch_size, seed=cfg.train.seed, rank=0)
+    images, labels, keys = read_in_key_order(cfg, device)
+    train = TensorBatches(
+        images, labels, cfg.train.batch_size, seed=cfg.train.seed, rank=0, keys=keys if cfg.distill.bank else None
+    )
     selection = selection_batches(cfg, device)
     writer, best_dir = tensorboard_writer(run_dir), run_dir / TRIAL_BEST_DIR
     sign = 1 if mode == "max" else -1
