@@ -111,3 +111,20 @@ def checkpoints_written(run_dir: Path) -> int:
         return len(json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())["checkpoint_results"])
     except (OSError, ValueError, KeyError):
         return 0
+
+
+def listening_addresses(pid: int) -> set[str]:
+    """The "address:port" of every TCP socket process `pid` listens on (Linux /proc; IPv4 only)."""
+    import socket
+    import struct
+
+    from ferray.distributed.leftovers import open_files
+
+    mine = open_files(pid)
+    found = set()
+    for row in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = row.split()
+        if fields[3] == "0A" and f"socket:[{fields[9]}]" in mine:  # 0A: LISTEN
+            address, port = fields[1].split(":")
+            found.add(f"{socket.inet_ntoa(struct.pack('<I', int(address, 16)))}:{int(port, 16)}")
+    return found

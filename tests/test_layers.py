@@ -81,6 +81,32 @@ def test_ray_internals_are_touched_only_on_a_tested_ray(monkeypatch, caplog):
     ray_internals.supported.cache_clear()
 
 
+def test_haproxys_side_listeners_are_put_on_loopback_when_serve_imports_its_template(caplog):
+    """The worker hook of ferray's own Ray, in a fresh interpreter as a Ray worker runs it: Serve's
+    HAProxy config then binds its stats page and metrics to 127.0.0.1, and the front is unchanged."""
+    import subprocess
+    import sys
+    import types
+
+    from ferray.distributed import ray_internals
+
+    check = (
+        "from ferray.distributed.ray_internals import haproxy_side_listeners_on_loopback as hook\n"
+        "hook()\n"
+        "from ray.serve._private import haproxy\n"
+        "t = haproxy.HAPROXY_CONFIG_TEMPLATE\n"
+        "print([line.strip() for line in t.splitlines() if line.strip().startswith('bind')])\n"
+    )
+    out = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, check=True).stdout
+    assert "bind 127.0.0.1:{{ config.stats_port }}" in out and "bind 127.0.0.1:{{ config.metrics_port }}" in out
+    assert "bind *:" not in out and "bind :{{" not in out
+    assert "bind {{ config.frontend_host }}:{{ config.frontend_port }}" in out  # the front: where the user said
+    changed = types.SimpleNamespace(HAPROXY_CONFIG_TEMPLATE="listen stats\n  bind 0.0.0.0:{{ config.stats_port }}\n")
+    with caplog.at_level("WARNING"):
+        assert not ray_internals.loopback_side_listeners(changed)
+    assert "stay on every interface" in caplog.text and "0.0.0.0" in changed.HAPROXY_CONFIG_TEMPLATE
+
+
 def test_dependency_floors_leave_out_releases_with_known_security_fixes_missing():
     import tomllib
     from packaging.requirements import Requirement

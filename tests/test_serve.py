@@ -527,7 +527,9 @@ def start_ferray_serve(bundle, port: int, **popen):
 def test_ferray_serve_starts_answers_and_leaves_no_process_on_sigterm(tiny_bundle, synth_faces):
     import signal
 
-    from support import alive, descendants
+    from support import alive, descendants, listening_addresses
+
+    from ferray.distributed.leftovers import process_table
 
     port = free_port()
     process = start_ferray_serve(tiny_bundle, port)
@@ -536,6 +538,11 @@ def test_ferray_serve_starts_answers_and_leaves_no_process_on_sigterm(tiny_bundl
         assert status == 200 and len(answer["faces"]) == 1
         family = descendants(process.pid)
         assert family, "the embedded Ray's processes should be children of `ferray serve`"
+        table = process_table()
+        haproxy = [pid for pid in family if table.get(pid) and Path(table[pid][0]).name == "haproxy"]
+        listening = set().union(*(listening_addresses(pid) for pid in haproxy))
+        # the front, the stats page and the metrics: all three on loopback, none on every interface
+        assert len(listening) == 3 and all(a.startswith("127.0.0.1:") for a in listening), listening
         process.send_signal(signal.SIGTERM)
         signalled = time.monotonic()
         _, stderr = process.communicate(timeout=120)

@@ -9,7 +9,10 @@ public API alone, a little slower or noisier, saying so once.
 from __future__ import annotations
 
 import functools
+import importlib.abc
+import importlib.machinery
 import logging
+import sys
 
 log = logging.getLogger(__name__)
 
@@ -73,3 +76,60 @@ def placement_group_by_id(group_id: str):
     except ImportError:
         return None
     return PlacementGroup(PlacementGroupID(bytes.fromhex(group_id)))
+
+
+# HAProxy's side listeners (its stats page and Prometheus metrics) are bound to every interface by
+# Serve's config template, without authentication; a server of ferray's own binds them to loopback.
+HAPROXY_TEMPLATES = "ray.serve._private.haproxy_templates"
+HAPROXY_SIDE_BINDS = (
+    ("bind *:{{ config.stats_port }}", "bind 127.0.0.1:{{ config.stats_port }}"),
+    ("bind :{{ config.metrics_port }}", "bind 127.0.0.1:{{ config.metrics_port }}"),
+)
+
+
+def loopback_side_listeners(templates) -> bool:
+    """Rewrite a haproxy_templates module's config template so the stats and metrics listeners bind
+    127.0.0.1; False (and a warning) where the template is not the one this was written against."""
+    text = getattr(templates, "HAPROXY_CONFIG_TEMPLATE", "")
+    if not all(old in text or new in text for old, new in HAPROXY_SIDE_BINDS):
+        log.warning("Serve's HAProxy template has changed: its stats and metrics listeners stay on every interface")
+        return False
+    for old, new in HAPROXY_SIDE_BINDS:
+        text = text.replace(old, new)
+    templates.HAPROXY_CONFIG_TEMPLATE = text
+    haproxy = sys.modules.get("ray.serve._private.haproxy")  # a copy taken by `from ... import` already
+    if haproxy is not None and hasattr(haproxy, "HAPROXY_CONFIG_TEMPLATE"):
+        haproxy.HAPROXY_CONFIG_TEMPLATE = text
+    return True
+
+
+class _RewriteOnImport(importlib.abc.MetaPathFinder):
+    """Finds HAPROXY_TEMPLATES as Python would, and rewrites it as soon as it has run (before the
+    module that imports its template names can copy them)."""
+
+    def find_spec(self, name, path, target=None):
+        if name != HAPROXY_TEMPLATES:
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        if spec is None or spec.loader is None:
+            return spec
+        run = spec.loader.exec_module
+
+        def exec_module(module):
+            run(module)
+            loopback_side_listeners(module)
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+def haproxy_side_listeners_on_loopback() -> None:
+    """Ray's worker_process_setup_hook for a Ray of ferray's own: in whichever worker renders
+    HAProxy's config (Serve's proxy actor), its side listeners bind loopback. Costs nothing in the
+    workers that never import Serve's HAProxy module."""
+    if not supported():
+        return
+    if HAPROXY_TEMPLATES in sys.modules:
+        loopback_side_listeners(sys.modules[HAPROXY_TEMPLATES])
+    elif not any(isinstance(finder, _RewriteOnImport) for finder in sys.meta_path):
+        sys.meta_path.insert(0, _RewriteOnImport())

@@ -104,6 +104,8 @@ HAPROXY_FILE_VARIABLES = {
     "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": "server-state",
 }
 OWN_ADDRESS_VARIABLES = ("RAY_GCS_SERVER_PORT", "RAY_ADDRESS")
+# Run in every worker of a Ray of ferray's own: HAProxy's stats and metrics listeners on loopback.
+LOOPBACK_HOOK = "ferray.distributed.ray_internals.haproxy_side_listeners_on_loopback"
 
 
 @contextmanager
@@ -251,7 +253,12 @@ def connect(quiet: bool | None = None, progress: bool | None = None) -> RayInfo:
         # (ray.init() would join that one; joining it is what RAY_ADDRESS is for)
         with own_ray_environment():
             ray.init(
-                address="local", num_cpus=cpus, object_store_memory=store, include_dashboard=True, logging_level=level
+                address="local",
+                num_cpus=cpus,
+                object_store_memory=store,
+                include_dashboard=True,
+                logging_level=level,
+                runtime_env={"worker_process_setup_hook": LOOPBACK_HOOK},
             )
         mode = "embedded"
     configure_data(quiet=quiet, progress=sys.stderr.isatty() if progress is None else progress)
