@@ -204,3 +204,17 @@ def test_a_bank_of_other_data_or_for_a_stream_is_refused_naming_it(prepared_synt
         engine.build_state(_student_cfg(prepared_synth, tmp_path / "absent"), torch.device("cpu"))
     with pytest.raises(ConfigError, match="distill.bank needs train.loader: cache"):
         _student_cfg(prepared_synth, folder, "train.loader=stream")
+
+
+def test_the_banks_progress_says_how_far_how_fast_and_how_long_is_left():
+    from ferray.distributed.bank import BankProgress
+
+    now = [0.0]
+    progress = BankProgress(1000, 12, every_s=60, clock=lambda: now[0])
+    now[0] = 30.0
+    assert progress.update(100) is None  # under a minute since the start
+    now[0] = 120.0
+    line = progress.update(300)  # 400 faces in 120 s: 40 views/s, 600 faces left: 180 s
+    assert line == "distill bank: 400/1,000 faces (40%), 40 views/s, ~3 min left"
+    now[0] = 130.0
+    assert progress.update(600).startswith("distill bank: 1,000/1,000 faces (100%)")  # the last one always
