@@ -7,6 +7,7 @@ import torch
 
 from ferray import engine
 from ferray.config import OptimConfig, load_config
+from ferray.errors import CheckpointError
 from ferray.sittings import planned_epochs
 
 
@@ -108,13 +109,13 @@ def test_evaluate_reports_accuracy_per_class_and_confusion(synth_tensors):
 
 
 def test_bad_checkpoints_are_named(tmp_path):
-    with pytest.raises(engine.CheckpointError, match="no such checkpoint"):
+    with pytest.raises(CheckpointError, match="no such checkpoint"):
         engine.load_checkpoint(tmp_path / "none.pt")
     torch.save({"weights": torch.zeros(1)}, tmp_path / "other.pt")
-    with pytest.raises(engine.CheckpointError, match="not a ferray checkpoint"):
+    with pytest.raises(CheckpointError, match="not a ferray checkpoint"):
         engine.load_checkpoint(tmp_path / "other.pt")
     (tmp_path / "junk.pt").write_bytes(b"junk")
-    with pytest.raises(engine.CheckpointError, match="not a readable"):
+    with pytest.raises(CheckpointError, match="not a readable"):
         engine.load_checkpoint(tmp_path / "junk.pt")
 
 
