@@ -13,6 +13,9 @@ import sys
 from pathlib import Path
 
 from ferray import __version__
+from ferray.cli_args import echo, experiment_config, flag_overrides, format_manifest_of, run_flags
+from ferray.cli_args import formatter as _formatter
+from ferray.cli_bundles import add_ensemble, add_int8_flag, add_members_flag, add_predict, add_quantize, add_serve
 from ferray.errors import UsageError
 
 EPILOG = """\
@@ -22,10 +25,6 @@ the paper: report (every run, Table 1, Figures 2-5); explain (guided backprop); 
 Ray: set RAY_ADDRESS (or run under `ray job submit`) to use a cluster; otherwise an embedded Ray
 is started on this machine. Run `ferray <command> --help` for each command's options.
 """
-
-
-def _formatter(prog):
-    return argparse.HelpFormatter(prog, max_help_position=32)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,10 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_models(sub)
     _add_sr(sub)
     _add_tune(sub)
-    _add_ensemble(sub)
-    _add_quantize(sub)
-    _add_predict(sub)
-    _add_serve(sub)
+    add_ensemble(sub)
+    add_quantize(sub)
+    add_predict(sub)
+    add_serve(sub)
     _add_explain(sub)
     _add_crops(sub)
     _add_report(sub)
@@ -197,7 +196,7 @@ def _add_train(sub) -> None:
         "precision: the file to keep) and result.json.",
     )
     p.add_argument("experiment", type=Path, help="an experiments/*.yaml file")
-    _run_flags(p, "run", "--workers", "data-parallel workers", "epochs", "e.g. --set optim.lr=0.003")
+    run_flags(p, "run", "--workers", "data-parallel workers", "epochs", "e.g. --set optim.lr=0.003")
     p.add_argument(
         "--init",
         type=Path,
@@ -211,50 +210,6 @@ def _add_train(sub) -> None:
 
 
 # Flags shared by the commands that train (train, sr train, tune): each maps onto one config key.
-RUN_FLAGS = {
-    "data": "data.path",
-    "workers": "scaling.workers",
-    "workers_per_trial": "scaling.workers",
-    "gpus_per_worker": "scaling.gpus_per_worker",
-    "epochs": "train.epochs",
-    "init": "train.init",
-}
-
-
-def _run_flags(p, what: str, workers_flag: str, workers_help: str, epochs_help: str, set_example: str) -> None:
-    p.add_argument("--data", help="prepared data folder (overrides data.path)")
-    p.add_argument(workers_flag, type=int, help=f"{workers_help} (overrides scaling.workers)")
-    p.add_argument("--gpus-per-worker", type=float, help="GPUs per worker (overrides scaling.gpus_per_worker)")
-    p.add_argument("--epochs", type=int, help=f"{epochs_help} (overrides train.epochs)")
-    p.add_argument("--out", type=Path, default=Path("runs"), help="folder of runs (default: ./runs)")
-    p.add_argument("--name", help=f"{what} name (default: the file's name)")
-    p.add_argument(
-        "--resume",
-        action="store_true",
-        help=f"continue the interrupted {what} OUT/NAME without repeating what finished",
-    )
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help=f"override any config value, {set_example} (repeatable)",
-    )
-
-
-def _flag_overrides(args) -> list[str]:
-    """--set values, then the dedicated flags given (each the override of its config key)."""
-    overrides = list(args.overrides)
-    for flag, key in RUN_FLAGS.items():
-        value = getattr(args, flag, None)
-        if isinstance(value, Path):
-            value = value.resolve()  # the workers' working folder is not the caller's
-        if value is not None:
-            overrides.append(f"{key}={value}")
-    return overrides
-
-
 def _add_evaluate(sub) -> None:
     p = sub.add_parser(
         "evaluate",
@@ -285,182 +240,9 @@ def _add_evaluate(sub) -> None:
         help="folder for eval-<split>[-tta].json/.png (default: beside the checkpoint; "
         "for --bundle, none are written unless --out is given: a bundle may be the installed default)",
     )
-    _add_int8_flag(p)
-    _add_members_flag(p)
+    add_int8_flag(p)
+    add_members_flag(p)
     p.set_defaults(func=cmd_evaluate)
-
-
-def _add_members_flag(p) -> None:
-    p.add_argument(
-        "--members",
-        default="all",
-        metavar="SET|NAMES",
-        help="the members that answer: a set the bundle declares (all, the default: every member; fast: "
-        "fewer members, cheaper per face) or member names as a comma list (e.g. a, or a,r18), fused at "
-        "that set's own temperature; `ferray evaluate --bundle` shows every member and set",
-    )
-
-
-def _add_int8_flag(p) -> None:
-    p.add_argument(
-        "--int8",
-        action="store_true",
-        help="forward Model A in int8 on the CPU (a bundle calibrated by `ferray quantize`; needs "
-        "torchao: pip install 'ferray[int8]'); each batch shape compiles once, before its first answer",
-    )
-
-
-def _add_quantize(sub) -> None:
-    p = sub.add_parser(
-        "quantize",
-        formatter_class=_formatter,
-        help="calibrate a bundle's Model A for int8 CPU inference",
-        description="Record Model A's activation ranges on the ten TTA views of --faces Training "
-        "faces (the test splits stay untouched), write them into BUNDLE (model_a.int8.json, a few kB; "
-        "the int8 weights are made from the bundle's own on load), then evaluate the int8 model on "
-        "the splits the bundle was evaluated on and add those accuracies to bundle.json and "
-        "MODEL_CARD.md. Needs torchao (pip install 'ferray[int8]'). Minutes on a CPU: calibrating, "
-        "compiling and evaluating with TTA.",
-    )
-    p.add_argument(
-        "bundle", type=Path, help="the bundle folder to calibrate (written into; copy the installed default first)"
-    )
-    p.add_argument("--data", required=True, type=Path, help="prepared 48x48 data folder with a Training split")
-    p.add_argument("--member", help="the member to calibrate (default: the bundle's first, Model A in a paper bundle)")
-    p.add_argument(
-        "--faces", type=int, default=256, help="Training faces to calibrate on (default: 256, ten views each)"
-    )
-    p.add_argument("--seed", type=int, default=0, help="which faces (default: 0)")
-    p.set_defaults(func=cmd_quantize)
-
-
-def _add_ensemble(sub) -> None:
-    p = sub.add_parser(
-        "ensemble",
-        formatter_class=_formatter,
-        help="fuse any number of trained members into a serving bundle",
-        description="Fuse trained members by the mean of their probabilities: equal weights by default "
-        "(fitted weights only where they beat equal ones on the selection split by more than its "
-        "bootstrap noise), then one temperature fitted on the selection split, and one per named "
-        "set and per member for answers from fewer members. Members read the 48x48 face or, when "
-        "they were trained on larger faces, the SR generator's (--sr, shared by all of them). The "
-        "mean of log-probabilities and stacking are measured too and recorded. Every untouched "
-        "split is then evaluated (center crop and TTA) for the model card. Writes the serving "
-        "bundle OUT: bundle.json, half-precision checkpoints, confusion matrices and MODEL_CARD.md.",
-    )
-    p.add_argument(
-        "--member",
-        dest="members",
-        action="append",
-        default=[],
-        metavar="NAME=CKPT",
-        help="a member: its name (letters, digits, _) and checkpoint, e.g. r18=runs/resnet18_48_cpu/best.fp16.pt "
-        "(repeatable; the first is the fast set's)",
-    )
-    p.add_argument("--a", type=Path, help="shorthand for --member a=CKPT (Model A)")
-    p.add_argument("--b", type=Path, help="shorthand for --member b=CKPT (Model B)")
-    p.add_argument("--sr", type=Path, help="the SR generator the members trained on larger faces read")
-    p.add_argument(
-        "--set",
-        dest="sets",
-        action="append",
-        default=[],
-        metavar="NAME=M1,M2",
-        help="a named set of members (repeatable; default: all = every member, fast = the first)",
-    )
-    p.add_argument(
-        "--weights",
-        choices=("auto", "equal", "fitted"),
-        default="auto",
-        help="the fusion's member weights: equal, fitted (min log-loss on the selection split), or auto: "
-        "fitted only where they beat equal ones by more than the split's bootstrap noise",
-    )
-    p.add_argument(
-        "--select",
-        choices=("none", "greedy"),
-        default="none",
-        help="none: every member is kept; greedy: the members are candidates, and the bundle keeps those "
-        "that greedy forward selection (equal weights) chooses on the selection split; the path is in the "
-        "model card and a figure",
-    )
-    p.add_argument("--data", required=True, type=Path, help="prepared 48x48 data folder")
-    p.add_argument("--out", required=True, type=Path, help="bundle folder to write")
-    p.add_argument(
-        "--split", help="split the fusion is fitted on (default: the selection split the first member was chosen on)"
-    )
-    p.add_argument("--no-tta", dest="tta", action="store_false", help="no ten-crop test-time augmentation")
-    p.add_argument(
-        "--no-tests",
-        dest="tests",
-        action="store_false",
-        help="do not evaluate the untouched splits (faster; the model card then has no test figures)",
-    )
-    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
-    p.set_defaults(func=cmd_ensemble)
-
-
-def _add_predict(sub) -> None:
-    p = sub.add_parser(
-        "predict",
-        formatter_class=_formatter,
-        help="classify the faces in images, without a server",
-        description="The answer the HTTP API gives (/predict), for image files, from a bundle in "
-        "this process: a summary on stderr and the JSON on stdout (or --json-out).",
-    )
-    p.add_argument("images", nargs="+", type=Path, help="PNG, JPEG, BMP or WebP files, or one video")
-    p.add_argument(
-        "--bundle", help="serving bundle (default: the model that ships with ferray, Model A trained on FER2013)"
-    )
-    p.add_argument(
-        "--no-detect",
-        dest="detect",
-        action="store_false",
-        help="classify each whole image as one face (no face detection)",
-    )
-    p.add_argument(
-        "--detector",
-        choices=("haar", "mtcnn"),
-        default="haar",
-        help="haar: OpenCV's cascade (default); mtcnn: the learned detector, which levels each face by its eyes "
-        "(pip install 'ferray[mtcnn]')",
-    )
-    p.add_argument("--json-out", type=Path, help="write the JSON here instead of stdout")
-    video = p.add_argument_group("videos (.mp4, .avi, .mov, .mkv, .webm: one at a time)")
-    video.add_argument("--every", type=int, default=1, help="answer every N-th frame (default: every frame)")
-    video.add_argument("--csv", action="store_true", help="CSV rows (one per face) instead of JSON lines")
-    video.add_argument("--annotate", type=Path, help="write a copy of the video with boxes and labels here (.mp4)")
-    _add_int8_flag(p)
-    _add_members_flag(p)
-    p.set_defaults(func=cmd_predict)
-
-
-def _add_serve(sub) -> None:
-    p = sub.add_parser(
-        "serve",
-        formatter_class=_formatter,
-        help="serve the ensemble over HTTP with Ray Serve",
-        description="Start the Serve application of serve/config.yaml for BUNDLE on the Ray this "
-        "command connects to (embedded by default) and print its URL. Ctrl-C or SIGTERM shuts the "
-        "application (and an embedded Ray) down. API docs at URL/docs, a web page at URL/.",
-    )
-    p.add_argument(
-        "--bundle",
-        help="serving bundle (`ferray ensemble` or `ferray demo`; default: the model that ships "
-        "with ferray, Model A trained on FER2013)",
-    )
-    p.add_argument("--port", type=int, default=8000, help="HTTP port (default: 8000)")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1; 0.0.0.0 for all)")
-    p.add_argument("--config", type=Path, help="Serve config (default: serve/config.yaml of the package)")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override an application arg, e.g. --set model_a.max_batch_size=1 (repeatable)",
-    )
-    _add_members_flag(p)
-    p.set_defaults(func=cmd_serve)
 
 
 def _add_models(sub) -> None:
@@ -474,77 +256,16 @@ def _add_models(sub) -> None:
     p.set_defaults(func=cmd_models)
 
 
+def _add_sr(sub) -> None:
+    from ferray.sr.cli import add_sr
+
+    add_sr(sub, _formatter)
+
+
 def _add_distill(sub) -> None:
     from ferray.distill.cli import add_distill
 
     add_distill(sub, _formatter)
-
-
-def _add_sr(sub) -> None:
-    p = sub.add_parser(
-        "sr",
-        formatter_class=_formatter,
-        help="SRGAN x2: train, upscale a dataset, evaluate",
-        description="Super-resolution of the faces (SRGAN x2): train the generator on 24 -> 48 "
-        "pairs made from the faces themselves, upscale a prepared dataset 48 -> 96 with a Ray "
-        "Data actor pool, and measure PSNR/SSIM against bicubic.",
-    )
-    srsub = p.add_subparsers(dest="sr_command", metavar="<sr command>", required=True)
-    t = srsub.add_parser(
-        "train",
-        formatter_class=_formatter,
-        help="train the SRGAN with Ray Train",
-        description="Pre-train the generator with pixel MSE (SRResNet), then train it "
-        "adversarially (content + 1e-3 adversarial loss), through Ray Train like `ferray train` "
-        "(checkpoints, --resume, metrics.jsonl). The run records which content loss was used.",
-    )
-    t.add_argument("experiment", type=Path, help="an experiments/*srgan*.yaml file")
-    _run_flags(
-        t,
-        "run",
-        "--workers",
-        "data-parallel workers",
-        "total epochs, pre-training included",
-        "e.g. --set sr.content=mse",
-    )
-    t.set_defaults(func=cmd_sr_train)
-    u = srsub.add_parser(
-        "upscale",
-        formatter_class=_formatter,
-        help="upscale a prepared dataset 48 -> 96",
-        description="Apply the generator to every split 48 -> 96 with Ray Data map_batches over "
-        "an actor pool (one GPU per actor where there are GPUs), writing the prepared-data "
-        "contract at 96x96 with a manifest that records the generator checkpoint.",
-    )
-    u.add_argument("--checkpoint", type=Path, help="an `ferray sr train` checkpoint (e.g. RUN/best.pt)")
-    u.add_argument("--data", required=True, type=Path, help="prepared 48x48 data")
-    u.add_argument("--out", required=True, type=Path, help="output folder (must not exist unless --overwrite)")
-    u.add_argument(
-        "--method",
-        choices=("srgan", "bicubic"),
-        default="srgan",
-        help="srgan (default) or the bicubic baseline (no --checkpoint needed)",
-    )
-    u.add_argument("--actors", type=int, default=1, help="actors in the pool (default: 1)")
-    u.add_argument("--gpus-per-actor", type=float, default=0.0, help="GPUs per actor (default: 0, CPU)")
-    u.add_argument(
-        "--cpus-per-actor", type=float, default=1.0, help="CPUs (and torch threads) per actor when on CPU (default: 1)"
-    )
-    u.add_argument("--batch-size", type=int, default=256, help="faces per batch (default: 256)")
-    u.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    u.set_defaults(func=cmd_sr_upscale)
-    e = srsub.add_parser(
-        "eval",
-        formatter_class=_formatter,
-        help="PSNR/SSIM of SR vs bicubic, and a figure",
-        description="PSNR and SSIM of the generator against bicubic at 24 -> 48 on a split "
-        "of the 48x48 data, and a PNG grid of LR / bicubic / SR / HR faces (the paper's Figure 2).",
-    )
-    e.add_argument("--checkpoint", required=True, type=Path, help="an `ferray sr train` checkpoint")
-    e.add_argument("--data", required=True, type=Path, help="prepared 48x48 data")
-    e.add_argument("--split", default="PublicTest", help="split (default: PublicTest)")
-    e.add_argument("--out", type=Path, help="folder for the JSON and the PNG (default: beside the checkpoint)")
-    e.set_defaults(func=cmd_sr_eval)
 
 
 def _add_tune(sub) -> None:
@@ -561,7 +282,7 @@ def _add_tune(sub) -> None:
     p.add_argument("search", type=Path, help="a search file, e.g. experiments/tune_a.yaml")
     p.add_argument("--samples", type=int, help="number of trials (overrides search.samples)")
     p.add_argument("--max-concurrent", type=int, help="trials at a time (default: what the resources allow)")
-    _run_flags(
+    run_flags(
         p,
         "search",
         "--workers-per-trial",
@@ -668,12 +389,6 @@ def _add_report(sub) -> None:
 
 
 # ------------------------------------------------------------------------------------- commands
-def experiment_config(args):
-    from ferray.config import load_runnable_config
-
-    return load_runnable_config(args.experiment, _flag_overrides(args))
-
-
 def cmd_train(args) -> int:
     from ferray.distributed.train import run_training
 
@@ -682,43 +397,10 @@ def cmd_train(args) -> int:
     return 0
 
 
-def cmd_sr_train(args) -> int:
-    from ferray.distributed.train import run_training
-    from ferray.tasks import SR
-
-    run_training(experiment_config(args), args.out, name=args.name, resume=args.resume, task=SR)
-    return 0
-
-
-def cmd_sr_upscale(args) -> int:
-    from ferray.distributed.upscale import upscale
-
-    manifest = upscale(
-        args.data,
-        args.out,
-        args.method,
-        str(args.checkpoint) if args.checkpoint else None,
-        args.actors,
-        args.gpus_per_actor,
-        args.batch_size,
-        args.overwrite,
-        cpus_per_actor=args.cpus_per_actor,
-    )
-    print(_format_manifest(manifest, args.out))
-    return 0
-
-
-def cmd_sr_eval(args) -> int:
-    from ferray.sr.evaluation import evaluate_generator
-
-    evaluate_generator(args.checkpoint, args.data, args.split, args.out)
-    return 0
-
-
 def cmd_tune(args) -> int:
     from ferray.distributed.tune import load_search, run_search
 
-    spec = load_search(args.search, _flag_overrides(args))
+    spec = load_search(args.search, flag_overrides(args))
     if args.samples is not None:
         spec.samples = args.samples
     if args.max_concurrent is not None:
@@ -747,109 +429,6 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
-def cmd_ensemble(args) -> int:
-    from ferray.bundle import build_bundle
-
-    build_bundle(
-        ensemble_members(args),
-        args.sr,
-        args.data,
-        args.out,
-        split=args.split,
-        tta=args.tta,
-        overwrite=args.overwrite,
-        tests=args.tests,
-        sets=_named_lists(args.sets, "--set") or None,
-        weights=args.weights,
-        select=args.select,
-    )
-    return 0
-
-
-def ensemble_members(args) -> dict[str, Path]:
-    """--a, --b and every --member NAME=CKPT, in that order; each name once."""
-    members: dict[str, Path] = {}
-    pairs = [("a", args.a), ("b", args.b)] + [
-        (name, Path(path)) for name, path in _named_values(args.members, "--member").items()
-    ]
-    for name, path in pairs:
-        if path is None:
-            continue
-        if name in members:
-            raise UsageError(f"member {name!r} is given twice")
-        members[name] = path
-    if not members:
-        raise UsageError("no members: give --member NAME=CKPT (repeatable), or --a CKPT [--b CKPT]")
-    return members
-
-
-def _named_values(items: list[str], flag: str) -> dict[str, str]:
-    values = {}
-    for item in items:
-        name, sep, value = item.partition("=")
-        if not sep or not name.strip() or not value.strip():
-            raise UsageError(f"{flag} {item!r}: write NAME=VALUE")
-        if name.strip() in values:
-            raise UsageError(f"{flag} {name.strip()!r} is given twice")
-        values[name.strip()] = value.strip()
-    return values
-
-
-def _named_lists(items: list[str], flag: str) -> dict[str, list[str]]:
-    return {
-        name: [v.strip() for v in value.split(",") if v.strip()] for name, value in _named_values(items, flag).items()
-    }
-
-
-def cmd_quantize(args) -> int:
-    from ferray.quantize import quantize_bundle
-
-    quantize_bundle(args.bundle, args.data, faces=args.faces, seed=args.seed, member=args.member)
-    return 0
-
-
-def cmd_predict(args) -> int:
-    from ferray.predict import format_answers, predict_files, to_json
-    from ferray.video import is_video
-
-    if any(is_video(path) for path in args.images):
-        return _predict_video(args)
-    answers = predict_files(
-        args.bundle, args.images, detect=args.detect, int8=args.int8, members=args.members, detector=args.detector
-    )
-    _echo(format_answers(answers))
-    if args.json_out:
-        args.json_out.write_text(to_json(answers) + "\n")
-    else:
-        print(to_json(answers))
-    return 0
-
-
-def _predict_video(args) -> int:
-    from ferray.api import Predictor
-    from ferray.errors import UsageError
-    from ferray.video import predict_video_file
-
-    if len(args.images) != 1:
-        raise UsageError("give one video at a time (images may be given several)")
-    predictor = Predictor(args.bundle, int8=args.int8, members=args.members, detector=args.detector)
-    out = open(args.json_out, "w", newline="") if args.json_out else sys.stdout  # noqa: SIM115 - closed below
-    try:
-        predict_video_file(predictor, args.images[0], out, args.every, args.csv, args.annotate, progress=_echo)
-    finally:
-        if out is not sys.stdout:
-            out.close()
-    return 0
-
-
-def cmd_serve(args) -> int:
-    from ferray.distributed.serving import serve_forever
-
-    overrides = args.overrides + ([f"members={args.members}"] if args.members != "all" else [])
-    serve_forever(args.bundle, port=args.port, host=args.host, config=args.config, overrides=overrides)
-    return 0
-
-
 def cmd_models(args) -> int:
     from ferray.models.registry import models_table
 
@@ -869,7 +448,7 @@ def cmd_prepare(args) -> int:
         validation=args.validation,
         seed=args.seed,
     )
-    print(_format_manifest(manifest, args.out))
+    print(format_manifest_of(manifest, args.out))
     return 0
 
 
@@ -885,7 +464,7 @@ def cmd_synth(args) -> int:
         args.overwrite,
     )
     if args.format == "parquet":
-        print(_format_manifest(result, args.out))
+        print(format_manifest_of(result, args.out))
     else:
         print(f"wrote {args.n} synthetic faces as {args.format} to {args.out} ({result['splits']})")
     return 0
@@ -895,7 +474,7 @@ def cmd_info(args) -> int:
     from ferray.data.contract import read_manifest, verify
 
     manifest = read_manifest(args.dir)
-    print(json.dumps(manifest, indent=2) if args.json else _format_manifest(manifest, args.dir))
+    print(json.dumps(manifest, indent=2) if args.json else format_manifest_of(manifest, args.dir))
     if args.verify:
         ok, found = verify(args.dir, manifest)
         print(f"verify: {'OK' if ok else 'MISMATCH'} (files: {found.rows} rows, {found.checksum})")
@@ -944,7 +523,7 @@ def cmd_crops(args) -> int:
         count=args.count,
         seed=args.seed,
     )
-    _echo(f"wrote {path}")
+    echo(f"wrote {path}")
     return 0
 
 
@@ -955,16 +534,6 @@ def cmd_report(args) -> int:
     plan = load_plan(args.plan, data=args.data, sets=args.overrides)
     run_report(plan, args.out, reuse=args.reuse, reuse_only=args.reuse_only)
     return 0
-
-
-def _format_manifest(manifest: dict, root) -> str:
-    from ferray.data.describe import format_manifest
-
-    return format_manifest(manifest, root)
-
-
-def _echo(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
