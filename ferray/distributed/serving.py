@@ -176,15 +176,23 @@ def serve_forever(
     for line in clean_leftovers(server_base()):  # what a killed server (and its watchdog) left
         log.info(f"serve: {line}")
     check_port_free(host, port)
-    stopping = threading.Event()
-    previous = signal.signal(signal.SIGTERM, lambda *_: stopping.set())
+    stopping, ready = threading.Event(), threading.Event()
+
+    def on_sigterm(*_):
+        stopping.set()
+        if not ready.is_set():  # still starting: stop starting (the finally below shuts down what started)
+            raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
     owns_ray = False
     try:
         log.info(f"serve: starting {resolve_bundle(bundle)} (replicas load the models; this takes a few seconds) ...")
         owns_ray = connect().mode == "embedded"
+        # again right after ray.init, which installs a crash reporter for SIGTERM (a C stack dump on a
+        # plain stop): ours must be the last word
+        signal.signal(signal.SIGTERM, on_sigterm)
         url = start(bundle, port, host, config, overrides, access_log=True)
-        # again after ray.init, which installs its own crash reporter for SIGTERM: ours must be the last word
-        signal.signal(signal.SIGTERM, lambda *_: stopping.set())
+        ready.set()
         log.info(f"serve: ready at {url}  (web page {url}/, API docs {url}/docs); Ctrl-C to stop")
         while not stopping.wait(0.5):
             pass
