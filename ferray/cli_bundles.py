@@ -86,7 +86,8 @@ def add_ensemble(sub) -> None:
         action="append",
         default=[],
         metavar="NAME=M1,M2",
-        help="a named set of members (repeatable; default: all = every member, fast = the first)",
+        help="a named set of members (repeatable; default: all = every member, or those --select "
+        "chooses, fast = the first); a member a set names stays in the bundle for it",
     )
     p.add_argument(
         "--weights",

@@ -450,7 +450,25 @@ def test_greedy_selection_keeps_the_members_that_help_and_says_how(tiny_bundle, 
     text = (out / "MODEL_CARD.md").read_text()
     assert "## Members chosen" in text and "left out b" in text and "| a + c | 100.00% |" in text
     assert load_bundle(out)[0].names() == ("a", "c")
-    with pytest.raises(Exception, match=r"set 'slow': b \(the members kept by greedy selection are a, c\)"):
+    # a set that asks for a member the selection left out (a distilled `fast` one) keeps it for that
+    # set alone: the ensemble is still the chosen a + c, fused and calibrated without it
+    out = tmp_path / "with_fast"
+    card = build_bundle(
+        candidates,
+        members / "sr.pt",
+        prepared_synth,
+        out,
+        probs=probs,
+        select="greedy",
+        tests=False,
+        sets={"fast": ["b"]},
+    )
+    assert list(card.members) == ["a", "b", "c"] and card.sr is not None  # b reads the SR faces
+    assert card.sets == {"all": ["a", "c"], "fast": ["b"]} and card.selection["kept"] == ["a", "c"]
+    assert card.accuracy["PublicTest"]["ensemble"] == 1.0 and set(card.fusion.weights) == {"a", "c"}
+    assert card.accuracy["PublicTest"]["set fast"] == card.accuracy["PublicTest"]["b"]
+    assert load_bundle(out)[0].names() == ("a", "c") and load_bundle(out, members="fast")[0].names() == ("b",)
+    with pytest.raises(Exception, match=r"set 'slow': z \(the members are a, b, c\)"):
         build_bundle(
             candidates,
             members / "sr.pt",
@@ -459,5 +477,5 @@ def test_greedy_selection_keeps_the_members_that_help_and_says_how(tiny_bundle, 
             probs=probs,
             select="greedy",
             tests=False,
-            sets={"slow": ["b"]},
+            sets={"slow": ["z"]},
         )

@@ -36,7 +36,7 @@ from ferray.bundle.fusion import (
     selected_members,
     set_accuracies,
 )
-from ferray.bundle.load import fusion_rule
+from ferray.bundle.load import answering_members, fusion_rule
 from ferray.bundle.runtime import load_members, member_input
 from ferray.config import ConfigError, ExperimentConfig
 from ferray.data.contract import (
@@ -130,8 +130,12 @@ def build_bundle(
     selection = None
     if select == "greedy" and len(names) > 1:
         path = greedy_selection(probs, labels)
-        kept = [name for name in names if name in selected_members(path)]  # in the order given
-        selection = {"how": SELECTION_HOW.format(split=split), "candidates": names, "kept": kept, "path": path}
+        chosen = [name for name in names if name in selected_members(path)]  # in the order given
+        # a member another named set asks for (a distilled `fast` one) stays in the bundle for that
+        # set, and the ensemble ("all") is what the selection chose
+        asked = {m for set_name, ms in (sets or {}).items() if set_name != "all" for m in ms}
+        kept = [name for name in names if name in chosen or name in asked]
+        selection = {"how": SELECTION_HOW.format(split=split), "candidates": names, "kept": chosen, "path": path}
         log.info(_selection_lines(selection))
         names, probs = kept, {name: probs[name] for name in kept}
         members, member_cards = {n: members[n] for n in kept}, {n: member_cards[n] for n in kept}
@@ -139,13 +143,16 @@ def build_bundle(
         if not ensemble.needs_sr:
             sr, ensemble.generator = None, None
         if sets:
+            sets = {"all": chosen} | sets
             check_sets(sets, names, after="greedy selection")
+        else:
+            sets = default_sets(chosen)
     sets = sets or default_sets(names)
     fusion, alternatives, temperatures = fit_fusion(probs, labels, split, sets, weights)
     costs = member_costs(ensemble, torch.from_numpy(faces[:COST_FACES]), tta)
     for name, temperature in temperatures.items():
         member_cards[name].temperature, member_cards[name].cost_ms = temperature, costs[name]
-    accuracy = member_accuracies(probs, labels, fusion.weights) | {
+    accuracy = member_accuracies(probs, labels, fusion.weights, sets.get("all")) | {
         f"set {name}": value for name, value in set_accuracies(probs, labels, fusion.weights, sets).items()
     }
     card = BundleCard(
@@ -164,7 +171,7 @@ def build_bundle(
         selection=selection,
         data={"path": str(Path(data).absolute()), "checksum": manifest["checksum"], "splits": manifest["splits"]},
     )
-    ensemble.rule = fusion_rule(card, tuple(names))
+    ensemble.rule = fusion_rule(card, answering_members(card, "all"))
     train_split = ensemble.members[names[0]].cfg.data.train_split
     splits = [split] + (untouched_splits(manifest, split, train_split) if tests else [])
     card.evaluations = evaluate_views(ensemble, data, splits, split, {(split, tta): probs}, sets) if tests else {}

@@ -42,8 +42,9 @@ def evaluate_views(
                 ensemble.tta = tta
                 known[split, tta] = _numpy(ensemble.member_probs(torch.from_numpy(faces)))
             probs = known[split, tta]
-            report = fused_summary(probs, labels, ensemble.rule)
-            report["members"] = member_accuracies(probs, labels, ensemble.rule.weights)
+            fused = {name: probs[name] for name in ensemble.rule.weights}  # the "all" set's members
+            report = fused_summary(fused, labels, ensemble.rule)
+            report["members"] = member_accuracies(probs, labels, ensemble.rule.weights, list(fused))
             report["sets"] = set_accuracies(probs, labels, ensemble.rule.weights, sets or {})
             evaluations[split].views["tta" if tta else "center"] = ViewReport(**report)
     return evaluations

@@ -165,6 +165,8 @@ def fit_fusion(
     temperature of its own fused output."""
     if weights not in WEIGHTS_CHOICES:
         raise ValueError(f"fusion weights {weights!r}: choose one of {', '.join(WEIGHTS_CHOICES)}")
+    every = probs  # the sets' temperatures read every member; the fusion itself is the "all" set's
+    probs = {name: probs[name] for name in sets.get("all", list(probs))}
     equal = {name: 1.0 for name in probs}
     chosen, choice = equal, "equal"
     alternatives: dict = {}
@@ -180,7 +182,7 @@ def fit_fusion(
         alternatives["logit mean"] = {"accuracy": score(log_mean / log_mean.sum(1, keepdims=True), labels)[0]}
         alternatives["stacking (logistic regression, 5-fold CV)"] = {"accuracy": stacking_cv_accuracy(probs, labels)}
     set_temperatures = {
-        name: fit_temperature(fuse({m: probs[m] for m in members}, chosen), labels) for name, members in sets.items()
+        name: fit_temperature(fuse({m: every[m] for m in members}, chosen), labels) for name, members in sets.items()
     }
     fusion = Fusion(
         method="probability mean",
@@ -191,13 +193,15 @@ def fit_fusion(
         set_temperatures=set_temperatures,
         weights_choice=choice,
     )
-    temperatures = {name: fit_temperature(p, labels) for name, p in probs.items()}
+    temperatures = {name: fit_temperature(p, labels) for name, p in every.items()}
     return fusion, alternatives, temperatures
 
 
-def member_accuracies(probs: dict, labels: np.ndarray, weights: dict) -> dict:
-    """The ensemble's accuracy (every member in `probs`) and each member's."""
-    return {"ensemble": score(fuse(probs, weights), labels)[0]} | {n: score(p, labels)[0] for n, p in probs.items()}
+def member_accuracies(probs: dict, labels: np.ndarray, weights: dict, ensemble: list | None = None) -> dict:
+    """The ensemble's accuracy (the members in `ensemble`, default every member in `probs`) and each
+    member's."""
+    fused = probs if ensemble is None else {name: probs[name] for name in ensemble}
+    return {"ensemble": score(fuse(fused, weights), labels)[0]} | {n: score(p, labels)[0] for n, p in probs.items()}
 
 
 def set_accuracies(probs: dict, labels: np.ndarray, weights: dict, sets: dict) -> dict:
