@@ -36,7 +36,17 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError
 from ray.serve.config import BackpressureConfig
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 
-from .intake import Busy, Intake, content_type_of, decode_threads, images_of, raw_image_body, received
+from .intake import (
+    Busy,
+    Intake,
+    content_type_of,
+    decode_threads,
+    images_of,
+    memory_limit,
+    raw_image_body,
+    received,
+    resident_bytes,
+)
 from .settings import ReplicaSettings, ServeSettings, parse_settings
 
 logger = logging.getLogger("ferray.serve")
@@ -177,7 +187,11 @@ class Ingress:
         )(self._group_call)
         self.page = PAGE.read_text()
         intake = self.settings.intake
-        self.intake = Intake(intake.max_held_body_bytes, decode_threads(intake.decode_slots), intake.wait_s)
+        slots = decode_threads(intake.decode_slots)
+        limit = intake.max_memory_mb * 2**20 or memory_limit(
+            resident_bytes(), intake.max_held_body_bytes, slots, self.settings.max_image_pixels
+        )
+        self.intake = Intake(intake.max_held_body_bytes, slots, intake.wait_s, memory_bytes=limit)
         self._ready_answer: tuple[float, bool, dict] | None = None  # (when, ready, each member's state)
         self._ready_probe: asyncio.Future | None = None
 

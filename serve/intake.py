@@ -45,11 +45,37 @@ class _Lane:
         self.pool = ThreadPoolExecutor(slots, thread_name_prefix="ferray-decode")
 
 
-class Intake:
-    """The ingress's bounds on bodies held and images being decoded (one per ingress replica)."""
+def resident_bytes() -> int:
+    """This process's resident memory (Linux /proc; 0 where it cannot be read)."""
+    try:
+        with open("/proc/self/statm", "rb") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
 
-    def __init__(self, held_bytes: int, decode_slots: int, wait_s: float):
+
+# What decoding one image may take at most, per pixel of max_image_pixels: the file's RGB(A) decode,
+# its gray copy and the detector's working copies (16-bit images are scaled with integers).
+DECODE_BYTES_PER_PIXEL = 8
+MEMORY_SLACK = 256 * 1024 * 1024  # allocator fragmentation, the web page, the event loop's buffers
+
+
+def memory_limit(baseline: int, held_bytes: int, decode_slots: int, image_pixels: int) -> int:
+    """The ingress's memory bound by construction: what it holds at rest, plus the bodies it may
+    hold, plus every decode slot (light and heavy lanes) decoding an image at the pixel limit."""
+    slots = decode_slots + max(1, decode_slots // 2)
+    return baseline + held_bytes + slots * image_pixels * DECODE_BYTES_PER_PIXEL + MEMORY_SLACK
+
+
+class Intake:
+    """The ingress's bounds on bodies held and images being decoded (one per ingress replica), and
+    a memory limit: past `memory_bytes` of resident memory (0: none) a new request is refused (503)
+    until the memory falls, whatever grew it (the bounds above are by construction; this is the
+    check that they held)."""
+
+    def __init__(self, held_bytes: int, decode_slots: int, wait_s: float, memory_bytes: int = 0, rss=resident_bytes):
         self.held_bytes, self.wait_s = held_bytes, wait_s
+        self.memory_bytes, self._rss = memory_bytes, rss
         self._held = 0
         self._room = asyncio.Condition()
         self._light = _Lane(decode_slots, "decode slots")
@@ -58,6 +84,11 @@ class Intake:
     @asynccontextmanager
     async def holding(self, size: int):
         """Room for a body of `size` bytes among those held, for as long as the request is answered."""
+        if self.memory_bytes and (used := self._rss()) > self.memory_bytes:
+            raise Busy(
+                f"the server's ingress uses {used / 2**20:,.0f} MB of memory, over its limit of "
+                f"{self.memory_bytes / 2**20:,.0f} MB (intake.max_memory_mb); retry shortly"
+            )
         async with self._room:
             try:
                 await asyncio.wait_for(self._room.wait_for(lambda: self._held + size <= self.held_bytes), self.wait_s)

@@ -105,6 +105,9 @@ class IntakeSettings:
     max_held_body_bytes: int = 64 * 1024 * 1024
     decode_slots: int = 0  # images decoded (and faces found) at once; 0: the machine's cores
     wait_s: float = 1.0  # how long a request waits for room before its 503 (Retry-After)
+    # the ingress's resident memory past which new requests get a 503 until it falls; 0: its bound by
+    # construction (its memory at start, the bodies above, every decode slot at max_image_pixels)
+    max_memory_mb: int = 0
 
 
 @dataclass
@@ -163,6 +166,10 @@ class ServeSettings:
             )
         if self.intake.decode_slots < 0 or not self.intake.wait_s > 0:
             raise ConfigError("intake.decode_slots must be >= 0 (0: the cores) and intake.wait_s > 0 seconds")
+        if self.intake.max_memory_mb < 0:
+            raise ConfigError(
+                f"intake.max_memory_mb is {self.intake.max_memory_mb}; it must be >= 0 (0: sized at start)"
+            )
         from ferray.faces import DETECTORS
 
         if self.detector not in DETECTORS:

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from ferray.serve_app.intake import Busy, Intake
+from ferray.serve_app.intake import Busy, Intake, memory_limit, resident_bytes
 
 
 def test_bodies_beyond_the_held_bytes_wait_briefly_then_get_busy():
@@ -156,3 +156,38 @@ def test_every_accepted_format_is_known_by_its_first_bytes_and_its_size_by_its_h
     check_image_start(data[:SIGNATURE_BYTES])  # no error
     assert declared_pixels(data) == 30 * 70
     assert declared_pixels(b"GIF89a" + bytes(30)) == 0  # unreadable: the decode stage names why
+
+
+def test_past_its_memory_limit_the_ingress_refuses_new_requests_until_it_falls():
+    used = [900 * 2**20]
+
+    async def scenario():
+        intake = Intake(held_bytes=100, decode_slots=1, wait_s=0.2, memory_bytes=1000 * 2**20, rss=lambda: used[0])
+        async with intake.holding(10):  # under the limit: let in
+            pass
+        used[0] = 1200 * 2**20
+        with pytest.raises(Busy, match=r"uses 1,200 MB of memory, over its limit of 1,000 MB \(intake.max_memory_mb\)"):
+            async with intake.holding(10):
+                pass
+        used[0] = 800 * 2**20
+        async with intake.holding(10):  # fallen back: let in again
+            pass
+
+    asyncio.run(scenario())
+
+
+def test_the_memory_limit_by_construction_counts_bodies_and_every_decode_slot():
+    assert resident_bytes() > 10 * 2**20  # this interpreter, with torch imported by the app's modules
+    base, held, pixels = 500 * 2**20, 64 * 2**20, 40_000_000
+    two = memory_limit(base, held, 2, pixels)  # 2 light slots and 1 heavy
+    assert two - base - held == 3 * pixels * 8 + 256 * 2**20
+    assert memory_limit(base, held, 4, pixels) - two == 3 * pixels * 8  # 4 + 2 slots: three more
+
+
+def test_a_negative_memory_limit_is_refused_naming_it():
+    from ferray.errors import ConfigError
+    from ferray.serve_app.settings import parse_settings
+
+    with pytest.raises(ConfigError, match="intake.max_memory_mb is -1"):
+        parse_settings({"intake": {"max_memory_mb": -1}})
+    assert parse_settings({"intake": {"max_memory_mb": 512}}).intake.max_memory_mb == 512
