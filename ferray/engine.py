@@ -34,6 +34,7 @@ from ferray.device import fast_cuda_math, keep_cpu_buffers, use_bf16
 from ferray.ema import WeightEMA
 from ferray.errors import CheckpointError  # noqa: F401 - engine.CheckpointError, for its callers
 from ferray.labels import NUM_CLASSES
+from ferray.logs import time_left
 from ferray.losses import JointLoss
 from ferray.metrics import confusion_matrix, summarize_confusion
 from ferray.models import build_model
@@ -298,8 +299,8 @@ def build_state(
         cfg.loss.center_reduction,
         cfg.loss.center_features,
         cfg.loss.center_share,
+        (cfg.distill.temperature, cfg.distill.label_share),
     ).to(device)
-    loss_fn.distill = (cfg.distill.temperature, cfg.distill.label_share)
     teacher = None
     if cfg.distill.bank:
         from ferray.distill.student import load_teacher
@@ -395,7 +396,7 @@ class EpochProgress:
         left = max(self.steps - step, 0) * elapsed / max(step, 1)
         self.echo(
             f"epoch {self.epoch}/{self.planned}: step {step}/{self.steps} ({min(step / self.steps, 1):.0%}), "
-            f"{rate}, ~{f'{left / 60:.0f} min' if left >= 90 else f'{left:.0f} s'} left"
+            f"{rate}, ~{time_left(left)} left"
         )
 
 

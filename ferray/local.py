@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from ferray.config import ExperimentConfig
+from ferray.data.contract import id_keys
 from ferray.data.memory import Faces
 from ferray.engine import TensorBatches
 from ferray.fit import BEST_FILE, LocalRun, fit
@@ -27,8 +28,6 @@ log = logging.getLogger(__name__)
 def on_device(faces: Faces, device, batch_size: int, train: bool, seed: int = 0, keys: bool = False) -> TensorBatches:
     """Faces as batches on `device` (uint8 there: 2.3 kB a face), shuffled each epoch when training;
     with `keys`, each batch carries its faces' keys (a student finds its teacher's answers by them)."""
-    from ferray.data.contract import id_keys
-
     return TensorBatches(
         torch.from_numpy(faces.images).to(device),
         torch.from_numpy(faces.labels).to(device),

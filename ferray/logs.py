@@ -49,6 +49,11 @@ class _Stderr(logging.StreamHandler):
         pass
 
 
+def time_left(seconds: float) -> str:
+    """ "7 min" from 90 s up, else "45 s": how progress lines say what is left."""
+    return f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f} s"
+
+
 @contextlib.contextmanager
 def quiet(name: str = ROOT) -> Iterator[None]:
     """Only warnings and errors from `name` (and below it) inside the block."""

@@ -29,6 +29,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ferray.distill.loss import distillation_loss
+
 FEATURE_SPACES = ("normalized", "raw")
 
 
@@ -101,10 +103,11 @@ class JointLoss(nn.Module):
         reduction: str = "mean",
         features: str = "normalized",
         center_share: float = 0.0,
+        distill: tuple[float, float] = (2.0, 0.4),
     ):
         super().__init__()
         self.center_lambda, self.label_smoothing, self.center_share = center_lambda, label_smoothing, center_share
-        self.distill = (2.0, 0.4)  # (temperature, label share) when a teacher is given: the run's distill section
+        self.distill = distill  # (temperature, label share) when a teacher is given: the run's distill section
         self.center = CenterLoss(num_classes, feature_dim, center_alpha, reduction, features)
         # running means of log cross-entropy and log center term; `balanced` 0 until the first step
         self.register_buffer("balance", torch.zeros(2))
@@ -129,8 +132,6 @@ class JointLoss(nn.Module):
         zero = torch.zeros((), device=ce.device)
         classify, kl = ce, zero
         if teacher is not None:
-            from ferray.distill.loss import distillation_loss
-
             temperature, share = self.distill
             classify, kd_parts = distillation_loss(logits, teacher, labels, temperature, share)
             kl = kd_parts["kl"]

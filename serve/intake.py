@@ -36,6 +36,11 @@ def decode_threads(configured: int) -> int:
 HEAVY_PIXELS = 4_000_000
 
 
+def heavy_slots(decode_slots: int) -> int:
+    """The large images' lane: half the decode slots, at least one."""
+    return max(1, decode_slots // 2)
+
+
 class _Lane:
     """Slots of the decode stage: a semaphore for waiting on one, and the threads that run in them."""
 
@@ -63,7 +68,7 @@ MEMORY_SLACK = 256 * 1024 * 1024  # allocator fragmentation, the web page, the e
 def memory_limit(baseline: int, held_bytes: int, decode_slots: int, image_pixels: int) -> int:
     """The ingress's memory bound by construction: what it holds at rest, plus the bodies it may
     hold, plus every decode slot (light and heavy lanes) decoding an image at the pixel limit."""
-    slots = decode_slots + max(1, decode_slots // 2)
+    slots = decode_slots + heavy_slots(decode_slots)
     return baseline + held_bytes + slots * image_pixels * DECODE_BYTES_PER_PIXEL + MEMORY_SLACK
 
 
@@ -79,7 +84,7 @@ class Intake:
         self._held = 0
         self._room = asyncio.Condition()
         self._light = _Lane(decode_slots, "decode slots")
-        self._heavy = _Lane(max(1, decode_slots // 2), f"decode slots for large images (over {HEAVY_PIXELS:,} pixels)")
+        self._heavy = _Lane(heavy_slots(decode_slots), f"decode slots for large images (over {HEAVY_PIXELS:,} pixels)")
 
     @asynccontextmanager
     async def holding(self, size: int):

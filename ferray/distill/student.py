@@ -9,13 +9,13 @@ order, and its views are drawn from another hash of the id (ferray.distill.bank.
 
 from __future__ import annotations
 
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ferray.config import AugmentConfig, ExperimentConfig
+from ferray.data.contract import id_keys, read_manifest, read_split
 from ferray.distill.bank import BankMismatch, face_keys, load_bank, teacher_identity
 from ferray.distill.views import render, uniforms, view_params
 
@@ -34,8 +34,6 @@ class Teacher:
     """A bank's probabilities (faces, views, classes) on a device and how its faces are found."""
 
     def __init__(self, probs: torch.Tensor, ids: list, seed: int, augment: AugmentConfig, source: str = "bank"):
-        from ferray.data.contract import id_keys
-
         if probs.shape[0] != len(ids):
             raise BankMismatch(f"{source}: {probs.shape[0]} faces in the bank, {len(ids)} in the split")
         self.probs, self.views = probs, probs.shape[1]
@@ -74,8 +72,6 @@ class Teacher:
 def load_teacher(cfg: ExperimentConfig, device) -> Teacher:
     """The bank distill.bank names, checked against the training split and data (its checksum) and,
     where distill.teacher names a bundle, against that teacher: BankMismatch naming both sides."""
-    from ferray.data.contract import read_manifest, read_split
-
     folder = bank_folder(cfg)
     manifest = read_manifest(cfg.data.path)
     expected = {"split": cfg.data.train_split, "data_checksum": manifest["checksum"]}
@@ -87,8 +83,3 @@ def load_teacher(cfg: ExperimentConfig, device) -> Teacher:
     ids = read_split(cfg.data.path, cfg.data.train_split, columns=["id"]).sort_by("id").column("id").to_pylist()
     augment = AugmentConfig(**bank["augment"])
     return Teacher(torch.from_numpy(probs).to(device), ids, int(bank["seed"]), augment, source=str(folder))
-
-
-def describe(teacher: Teacher) -> dict:
-    """What a run records of its teacher."""
-    return {"bank": teacher.source, "views": teacher.views, "seed": teacher.seed, "augment": asdict(teacher.augment)}

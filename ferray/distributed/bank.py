@@ -16,6 +16,7 @@ import numpy as np
 
 from ferray.config import AugmentConfig
 from ferray.distill.bank import TeacherAnswers, bank_manifest, save_bank, teacher_identity
+from ferray.logs import time_left
 
 log = logging.getLogger(__name__)
 DEFAULT_VIEWS = 26  # the ten TTA views and 16 augmented ones
@@ -42,7 +43,7 @@ class BankProgress:
         left = (self.faces - self.done) / max(rate, 1e-9)
         line = (
             f"distill bank: {self.done:,}/{self.faces:,} faces ({self.done / max(self.faces, 1):.0%}), "
-            f"{rate * self.views:,.0f} views/s, ~{f'{left / 60:.0f} min' if left >= 90 else f'{left:.0f} s'} left"
+            f"{rate * self.views:,.0f} views/s, ~{time_left(left)} left"
         )
         log.info(line)
         return line
