@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from ferray import __version__
-from ferray.cli_args import echo, experiment_config, flag_overrides, format_manifest_of, run_flags
+from ferray.cli_args import add_set_flag, echo, experiment_config, flag_overrides, format_manifest_of, run_flags
 from ferray.cli_args import formatter as _formatter
 from ferray.cli_bundles import add_ensemble, add_int8_flag, add_members_flag, add_predict, add_quantize, add_serve
 from ferray.errors import UsageError
@@ -335,14 +335,7 @@ def _add_crops(sub) -> None:
     p.add_argument("--index", type=int, default=0, help="which Training face (default: 0)")
     p.add_argument("--count", type=int, default=8, help="views to draw (default: 8)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value, e.g. --set augment.rotation=20 (repeatable)",
-    )
+    add_set_flag(p, "override a config value, e.g. --set augment.rotation=20 (repeatable)")
     p.add_argument("--out", type=Path, default=Path("crops.png"), help="PNG to write (default: crops.png)")
     p.set_defaults(func=cmd_crops)
 
@@ -377,14 +370,7 @@ def _add_report(sub) -> None:
         action="store_true",
         help="never train: stop, naming the run and why, when a run has no finished match to reuse",
     )
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a value in every run, e.g. --set scaling.gpus_per_worker=1 (repeatable)",
-    )
+    add_set_flag(p, "override a value in every run, e.g. --set scaling.gpus_per_worker=1 (repeatable)")
     p.set_defaults(func=cmd_report)
 
 

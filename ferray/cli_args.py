@@ -22,6 +22,11 @@ RUN_FLAGS = {
 }
 
 
+def add_set_flag(p, help: str) -> None:
+    """--set KEY=VALUE (repeatable), collected in args.overrides."""
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=help)
+
+
 def run_flags(p, what: str, workers_flag: str, workers_help: str, epochs_help: str, set_example: str) -> None:
     p.add_argument("--data", help="prepared data folder (overrides data.path)")
     p.add_argument(workers_flag, type=int, help=f"{workers_help} (overrides scaling.workers)")
@@ -34,14 +39,7 @@ def run_flags(p, what: str, workers_flag: str, workers_help: str, epochs_help: s
         action="store_true",
         help=f"continue the interrupted {what} OUT/NAME without repeating what finished",
     )
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help=f"override any config value, {set_example} (repeatable)",
-    )
+    add_set_flag(p, f"override any config value, {set_example} (repeatable)")
 
 
 def flag_overrides(args) -> list[str]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from ferray.cli_args import echo, formatter
+from ferray.cli_args import add_set_flag, echo, formatter
 from ferray.errors import UsageError
 
 
@@ -172,14 +172,7 @@ def add_serve(sub) -> None:
     p.add_argument("--port", type=int, default=8000, help="HTTP port (default: 8000)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1; 0.0.0.0 for all)")
     p.add_argument("--config", type=Path, help="Serve config (default: serve/config.yaml of the package)")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override an application arg, e.g. --set model_a.max_batch_size=1 (repeatable)",
-    )
+    add_set_flag(p, "override an application arg, e.g. --set model_a.max_batch_size=1 (repeatable)")
     add_members_flag(p)
     p.set_defaults(func=cmd_serve)
 
