@@ -7,10 +7,13 @@ them. Nothing is downloaded at run time. The pipeline is ferray's own:
 
   1. P-Net, fully convolutional, over an image pyramid (scales 0.709 apart, from the smallest face
      asked for down to 12 pixels): a face score and a box correction per 12x12 window, stride 2;
-     windows above a threshold, non-maximum suppression per scale and across scales, boxes corrected
-     and made square;
-  2. R-Net on each candidate resized to 24x24: a score and a correction, the rest suppressed;
-  3. O-Net on 48x48 crops: a score, a correction and the five landmarks.
+     windows above a threshold, corrected, made square and merged. The pyramid is searched upright,
+     and turned by +-25 degrees from faces of twice the smallest size up (those levels are small);
+  2. R-Net on each candidate, turned by its angle and resized to 24x24: a score and a correction;
+     a candidate it is unsure of is read turned by -30 to 30 degrees as well, and its best reading kept;
+  3. O-Net on 48x48 patches at that angle: a score, a correction and the five landmarks; a face whose
+     eyes are still tilted is read once more, levelled by them.
+A tilted face so costs a few small patches, not a second and third search of the whole image.
 
 The networks were trained on images whose two spatial axes are swapped (the Keras port kept the
 original Caffe models' column-major layout): each input is given to them transposed, NWHC.
@@ -19,19 +22,33 @@ original Caffe models' column-major layout): each input is given to them transpo
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 
 import numpy as np
 
 from ferray.errors import FerrayError
 
-# The three stages' face scores: below the usual (0.6, 0.7, 0.7), which missed about one face in ten
-# of PublicTest's upright ones in bench/detect.py's scenes, with no false detection more there.
-THRESHOLDS = (0.5, 0.6, 0.6)
-# The image is searched as it is and turned by these angles: the networks find faces within about 15
-# degrees of upright (bench/detect.py: recall 47% at 30 degrees from the upright pass alone, 79% with these).
-TURNS = (0.0, -25.0, 25.0)
+# The three stages' face scores, below the usual (0.6, 0.7, 0.7): P-Net searches upright only, and
+# R-Net reads its candidates turned, so both let more through and O-Net, on the best-turned patch,
+# decides (bench/detect.py's scenes: recall 98% at (0.4, 0.2, 0.5) against 95% with the earlier three
+# full passes at (0.5, 0.6, 0.6), no false detection more).
+THRESHOLDS = (0.4, 0.2, 0.5)
+# The angles (degrees) R-Net reads each candidate at: the networks find faces within about 15 degrees
+# of upright, so these cover faces turned by up to about 40.
+TURNS = (0.0, -15.0, 15.0, -30.0, 30.0)
+# The angles (degrees) P-Net searches the image turned by, for faces of twice the smallest size and
+# up: upright, its windows find most small tilted faces but place large ones poorly.
+SEARCH_TURNS = (-25.0, 25.0)
+SEARCH_FROM = 2.0  # the turned search looks for faces of this many times the smallest and up
+# R-Net's upright score between which a candidate is read turned as well: above, it is a face read
+# well enough upright; below, no face at any angle (bench/detect.py's scenes: no face whose best
+# turned reading passed had an upright score under 0.005)
+TURNED_READINGS = (0.005, 0.9)
+# P-Net's windows across the pyramid's scales are merged above this overlap (the usual 0.7 left about
+# 19 candidates a scene in bench/detect.py's scenes, most on the same faces; 0.5 about 11, no face lost)
+PROPOSAL_OVERLAP = 0.5
+RELEVEL_DEGREES = 8.0  # a face whose eyes are tilted more than this in O-Net's patch is read again, levelled
 PYRAMID_STEP = 0.709  # between the pyramid's scales (sqrt(0.5): faces twice as large every two levels)
 OUTPUTS = {  # each network's outputs by layer name: (box corrections[, landmarks], face/not-face softmax)
     "pnet": ("conv2d_4", "softmax"),
@@ -75,46 +92,38 @@ def run(name: str, batch: np.ndarray) -> list[np.ndarray]:
     return net.forward(list(OUTPUTS[name]))
 
 
-def detect(gray: np.ndarray, min_face: int = 20, turns: tuple[float, ...] = TURNS) -> list[Detection]:
-    """Faces of at least `min_face` pixels in a (H, W) uint8 image, largest first: searched upright and
-    turned by each of `turns` (degrees), the detections mapped back and the overlapping ones merged
-    (the best score kept)."""
-    import cv2
-
-    height, width = gray.shape
-    centre, found = (width / 2, height / 2), []
-    for angle in turns:
-        if not angle:
-            found += detect_upright(gray, min_face)
-            continue
-        turn = cv2.getRotationMatrix2D(centre, angle, 1.0)
-        turned = cv2.warpAffine(gray, turn, (width, height), borderMode=cv2.BORDER_REFLECT)
-        back = cv2.invertAffineTransform(turn)
-        for d in detect_upright(turned, min_face):
-            x, y, w, h = d.box
-            cx, cy = back @ np.array([x + w / 2, y + h / 2, 1.0])
-            points = np.hstack([d.landmarks, np.ones((5, 1))]) @ back.T
-            found.append(Detection((int(round(cx - w / 2)), int(round(cy - h / 2)), w, h), d.score, points))
-    if len(found) > 1:
-        corners = np.array([[x, y, x + w, y + h, d.score] for d in found for (x, y, w, h) in [d.box]], float)
-        found = [found[i] for i in suppress(corners, 0.3)]
-    return sorted(found, key=lambda d: -d.box[2] * d.box[3])
-
-
-def detect_upright(gray: np.ndarray, min_face: int) -> list[Detection]:
-    """The three stages on the image as it is."""
-    image = np.repeat(gray[:, :, None], 3, axis=2).astype(np.float32)  # the networks read 3 channels
-    boxes = proposals(image, min_face)
-    if len(boxes):
-        boxes = refine(image, boxes)
-    if not len(boxes):
+def detect(gray: np.ndarray, min_face: int = 20, turns: tuple[float, ...] | None = None) -> list[Detection]:
+    """Faces of at least `min_face` pixels in a (H, W) uint8 image, largest first. P-Net searches the
+    image upright, and turned by SEARCH_TURNS for faces of twice `min_face` and up (those levels of
+    the pyramid are small: a sixth of the upright search); R-Net reads each candidate at its angle,
+    and where unsure at each of `turns` (degrees), keeping the best reading; O-Net reads it at that
+    angle, and once more levelled by its eyes where they are still tilted."""
+    candidates = proposals(gray, min_face)
+    levels = halvings(gray) if candidates else []
+    if candidates:
+        candidates = refine(levels, candidates, TURNS if turns is None else turns)
+    if not candidates:
         return []
-    boxes, landmarks = finish(image, boxes)
-    found = [
-        Detection((int(round(x1)), int(round(y1)), int(round(x2 - x1)), int(round(y2 - y1))), float(score), points)
-        for (x1, y1, x2, y2, score), points in zip(boxes, landmarks)
-    ]
-    return found
+    return sorted(finish(levels, candidates), key=lambda d: -d.box[2] * d.box[3])
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A square face candidate, read at `angle` degrees: its centre and side in the image."""
+
+    cx: float
+    cy: float
+    side: float
+    angle: float
+    score: float = 0.0
+
+    def corners(self) -> list[float]:
+        half = self.side / 2
+        return [self.cx - half, self.cy - half, self.cx + half, self.cy + half, self.score]
+
+
+def candidates_of(boxes: np.ndarray, angle: float = 0.0) -> list[Candidate]:
+    return [Candidate((x1 + x2) / 2, (y1 + y2) / 2, max(x2 - x1, y2 - y1), angle, s) for x1, y1, x2, y2, s in boxes]
 
 
 def pyramid(height: int, width: int, min_face: int) -> list[float]:
@@ -127,74 +136,176 @@ def pyramid(height: int, width: int, min_face: int) -> list[float]:
     return scales
 
 
-def proposals(image: np.ndarray, min_face: int) -> np.ndarray:
-    """Stage 1: candidate boxes (N, 5: x1, y1, x2, y2, score), corrected and squared."""
+def proposals(gray: np.ndarray, min_face: int) -> list[Candidate]:
+    """Stage 1: candidates from P-Net, upright over the whole pyramid and turned by each of
+    SEARCH_TURNS from faces of twice `min_face` up; the overlapping ones merged (best score kept)."""
     import cv2
 
-    height, width = image.shape[:2]
-    found = []
-    for scale in pyramid(height, width, min_face):
-        resized = cv2.resize(image, (math.ceil(width * scale), math.ceil(height * scale)), interpolation=cv2.INTER_AREA)
-        corrections, scores = run("pnet", resized[None])
+    height, width = gray.shape
+    found = candidates_of(windows(gray, pyramid(height, width, min_face)))
+    base = 12.0 / (SEARCH_FROM * min_face)  # the scale at which P-Net covers the turned search's smallest faces
+    small = cv2.resize(gray, (math.ceil(width * base), math.ceil(height * base)), interpolation=cv2.INTER_AREA)
+    sh, sw = small.shape
+    for angle in SEARCH_TURNS:
+        turn = cv2.getRotationMatrix2D((sw / 2, sh / 2), angle, 1.0)
+        turned = cv2.warpAffine(small, turn, (sw, sh), borderMode=cv2.BORDER_REFLECT)
+        back = cv2.invertAffineTransform(turn)
+        for x1, y1, x2, y2, score in windows(turned, pyramid(sh, sw, 12)):
+            cx, cy = back @ np.array([(x1 + x2) / 2, (y1 + y2) / 2, 1.0]) / base
+            found.append(Candidate(float(cx), float(cy), max(x2 - x1, y2 - y1) / base, angle, float(score)))
+    if not found:
+        return []
+    return [found[i] for i in suppress(np.array([c.corners() for c in found]), PROPOSAL_OVERLAP)]
+
+
+def windows(gray: np.ndarray, scales: list[float]) -> np.ndarray:
+    """P-Net's face windows at `scales` of the image (N, 5: x1, y1, x2, y2, score), corrected and
+    squared, the overlapping ones at each scale merged."""
+    import cv2
+
+    height, width = gray.shape
+    found, resized = [], gray
+    for scale in scales:
+        # each level shrunk from the one before (a fraction of shrinking the whole image each time), as
+        # one uint8 channel, then given the 3 channels the network reads
+        size = (math.ceil(width * scale), math.ceil(height * scale))
+        resized = cv2.resize(resized, size, interpolation=cv2.INTER_AREA) if size != resized.shape[::-1] else resized
+        corrections, scores = run("pnet", np.repeat(resized[None, :, :, None], 3, axis=3))
         # outputs come transposed like the input: (1, W', H', C) -> (H', W', C)
         corrections, scores = corrections[0].transpose(1, 0, 2), scores[0].transpose(1, 0, 2)[:, :, 1]
         ys, xs = np.nonzero(scores >= THRESHOLDS[0])
         if not len(ys):
             continue
-        windows = np.stack(
+        boxes = np.stack(
             [(2 * xs + 1) / scale, (2 * ys + 1) / scale, (2 * xs + 12) / scale, (2 * ys + 12) / scale, scores[ys, xs]],
             axis=1,
         )
-        keep = suppress(windows, 0.5)
-        found.append(np.hstack([windows[keep], corrections[ys, xs][keep]]))
-    if not found:
-        return np.zeros((0, 5))
-    boxes = np.vstack(found)
-    boxes = boxes[suppress(boxes, 0.7)]
-    return square(corrected(boxes[:, :5], boxes[:, 5:9]))
+        keep = suppress(boxes, 0.5)
+        found.append(square(corrected(boxes[keep], corrections[ys, xs][keep])))
+    return np.vstack(found) if found else np.zeros((0, 5))
 
 
-def refine(image: np.ndarray, boxes: np.ndarray) -> np.ndarray:
-    """Stage 2: R-Net's score and correction of each candidate."""
-    corrections, scores = run("rnet", patches(image, boxes, 24))
-    keep = scores[:, 1] > THRESHOLDS[1]
-    boxes = np.hstack([boxes[keep, :4], scores[keep, 1:2]])
-    corrections = corrections[keep]
-    chosen = suppress(boxes, 0.7)
-    return square(corrected(boxes[chosen], corrections[chosen]))
-
-
-def finish(image: np.ndarray, boxes: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
-    """Stage 3: O-Net's score, correction and landmarks; overlapping boxes suppressed by the smaller."""
-    corrections, points, scores = run("onet", patches(image, boxes, 48))
-    keep = scores[:, 1] > THRESHOLDS[2]
-    boxes, corrections, points = np.hstack([boxes[keep, :4], scores[keep, 1:2]]), corrections[keep], points[keep]
-    sides = np.stack([boxes[:, 2] - boxes[:, 0] + 1, boxes[:, 3] - boxes[:, 1] + 1], axis=1)
-    landmarks = [
-        np.stack([box[0] + side[0] * point[:5], box[1] + side[1] * point[5:]], axis=1)
-        for box, side, point in zip(boxes, sides, points)
+def refine(levels: list[np.ndarray], candidates: list[Candidate], turns: tuple[float, ...]) -> list[Candidate]:
+    """Stage 2: R-Net reads each candidate at its angle, and at each of `turns` where that reading is
+    neither sure nor hopeless (TURNED_READINGS); the best reading's score and correction are kept,
+    the rest suppressed."""
+    readings = list(candidates)
+    patches, warps = turned_patches(levels, readings, 24)
+    corrections, scores = run("rnet", patches)
+    low, high = TURNED_READINGS
+    unsure = [c for c, score in zip(candidates, scores[:, 1]) if low < score < high]
+    turned = [replace(c, angle=angle) for angle in turns for c in unsure if angle != c.angle]
+    if turned:
+        more_patches, more_warps = turned_patches(levels, turned, 24)
+        more_corrections, more_scores = run("rnet", more_patches)
+        readings, warps = readings + turned, warps + more_warps
+        corrections, scores = np.vstack([corrections, more_corrections]), np.vstack([scores, more_scores])
+    best: dict[tuple, int] = {}  # a candidate's best reading, by its place
+    for i, reading in enumerate(readings):
+        place = (reading.cx, reading.cy, reading.side)
+        if place not in best or scores[i, 1] > scores[best[place], 1]:
+            best[place] = i
+    chosen = [
+        moved(readings[i], corrections[i], warps[i], 24, float(scores[i, 1]))
+        for i in best.values()
+        if scores[i, 1] > THRESHOLDS[1]
     ]
-    boxes = corrected(boxes, corrections)
-    chosen = suppress(boxes, 0.7, by_smaller=True)
-    return boxes[chosen], [landmarks[i] for i in chosen]
+    if not chosen:
+        return []
+    return [chosen[i] for i in suppress(np.array([c.corners() for c in chosen]), 0.7)]
 
 
-def patches(image: np.ndarray, boxes: np.ndarray, size: int) -> np.ndarray:
-    """Each box's pixels (zeros where it leaves the image) resized to size x size: (N, size, size, 3)."""
+def finish(levels: list[np.ndarray], candidates: list[Candidate]) -> list[Detection]:
+    """Stage 3: O-Net's score, correction and landmarks at each candidate's angle; a face whose eyes
+    are still tilted by more than RELEVEL_DEGREES there is read once more at its eyes' angle (O-Net's
+    landmarks are surest on a level face); overlapping boxes suppressed by the smaller."""
+    found = [reading for reading in read_faces(levels, candidates) if reading]
+    tilted = [i for i, (face, points) in enumerate(found) if abs(eye_angle(points) - face.angle) > RELEVEL_DEGREES]
+    again = read_faces(levels, [replace(found[i][0], angle=eye_angle(found[i][1])) for i in tilted])
+    for i, reading in zip(tilted, again):
+        if reading and reading[0].score >= found[i][0].score * 0.8:
+            found[i] = reading
+    if not found:
+        return []
+    corners = np.array([face.corners() for face, _ in found])
+    detections = []
+    for i in suppress(corners, 0.7, by_smaller=True):
+        x1, y1, x2, y2, score = corners[i]
+        box = (int(round(x1)), int(round(y1)), int(round(x2 - x1)), int(round(y2 - y1)))
+        detections.append(Detection(box, float(score), found[i][1]))
+    return detections
+
+
+def read_faces(levels: list[np.ndarray], candidates: list[Candidate]) -> list[tuple[Candidate, np.ndarray] | None]:
+    """O-Net on each candidate at its angle: the moved candidate and its five landmarks in the image,
+    or None below the threshold."""
+    if not candidates:
+        return []
+    patches, warps = turned_patches(levels, candidates, 48)
+    corrections, points, scores = run("onet", patches)
+    out = []
+    for candidate, warp, correction, point, score in zip(candidates, warps, corrections, points, scores[:, 1]):
+        if score <= THRESHOLDS[2]:
+            out.append(None)
+            continue
+        # the landmarks are fractions of the patch; mapped back through the patch's turn
+        landmarks = np.stack([48 * point[:5], 48 * point[5:], np.ones(5)], axis=1) @ cv2_inverse(warp).T
+        out.append((moved(candidate, correction, warp, 48, float(score)), landmarks))
+    return out
+
+
+def eye_angle(landmarks: np.ndarray) -> float:
+    """The eyes' line against the horizontal, degrees, as the turn that levels it (cv2's sense)."""
+    (lx, ly), (rx, ry) = landmarks[:2]
+    return float(np.degrees(np.arctan2(ry - ly, rx - lx)))
+
+
+def moved(candidate: Candidate, correction: np.ndarray, warp: np.ndarray, size: int, score: float) -> Candidate:
+    """A candidate moved by a network's correction (fractions of the patch's side, in the patch's
+    turned frame), made square again."""
+    x1, y1, x2, y2 = size * (np.array([0.0, 0.0, 1.0, 1.0]) + correction)
+    centre = cv2_inverse(warp) @ np.array([(x1 + x2) / 2, (y1 + y2) / 2, 1.0])
+    side = max(x2 - x1, y2 - y1) * candidate.side / size
+    return Candidate(float(centre[0]), float(centre[1]), float(side), candidate.angle, score)
+
+
+def cv2_inverse(warp: np.ndarray) -> np.ndarray:
     import cv2
 
-    height, width = image.shape[:2]
-    out = np.zeros((len(boxes), size, size, 3), np.float32)
-    for i, (x1, y1, x2, y2) in enumerate(np.round(boxes[:, :4]).astype(int)):
-        w, h = x2 - x1 + 1, y2 - y1 + 1
-        if w < 1 or h < 1:
-            continue
-        canvas = np.zeros((h, w, 3), np.float32)
-        sx, sy, ex, ey = max(x1, 0), max(y1, 0), min(x2 + 1, width), min(y2 + 1, height)
-        if ex > sx and ey > sy:
-            canvas[sy - y1 : ey - y1, sx - x1 : ex - x1] = image[sy:ey, sx:ex]
-        out[i] = cv2.resize(canvas, (size, size), interpolation=cv2.INTER_AREA)
-    return out
+    return cv2.invertAffineTransform(warp)
+
+
+def halvings(gray: np.ndarray, smallest: int = 24) -> list[np.ndarray]:
+    """The image and its successive halvings (Gaussian, cv2.pyrDown) down to `smallest` pixels: a
+    patch is drawn from the one that shrinks it by at most 2 (a warp alone would alias a large face
+    down to 24 pixels)."""
+    import cv2
+
+    levels = [gray]
+    while min(levels[-1].shape) >= 2 * smallest:
+        levels.append(cv2.pyrDown(levels[-1]))
+    return levels
+
+
+def turned_patches(
+    levels: list[np.ndarray], candidates: list[Candidate], size: int
+) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Each candidate's square, turned by its angle about its centre, as size x size (zeros where it
+    leaves the image), drawn from `levels` (halvings()): (N, size, size, 3) float32, and each
+    patch's 2x3 map from the image to the patch."""
+    import cv2
+
+    out = np.zeros((len(candidates), size, size, 3), np.float32)
+    warps = []
+    for i, c in enumerate(candidates):
+        zoom = size / max(c.side, 1.0)
+        level = min(len(levels) - 1, max(0, math.floor(math.log2(1 / zoom)))) if zoom < 1 else 0
+        shrink = 0.5**level
+        turn = cv2.getRotationMatrix2D((c.cx * shrink, c.cy * shrink), c.angle, zoom / shrink)
+        turn[:, 2] += size / 2 - np.array([c.cx, c.cy]) * shrink
+        out[i] = cv2.warpAffine(levels[level], turn, (size, size), flags=cv2.INTER_LINEAR)[:, :, None]
+        warps.append(turn @ np.diag([shrink, shrink, 1.0]))  # image -> level -> patch
+    return out, warps
 
 
 def corrected(boxes: np.ndarray, corrections: np.ndarray) -> np.ndarray:
