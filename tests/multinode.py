@@ -1,13 +1,14 @@
 """A multi-node Ray cluster on this machine (ray.cluster_utils.Cluster), for tests/test_cluster.py.
 
-    python tests/multinode.py train OUT     # 2 workers on 2 nodes, one node killed mid-run
     python tests/multinode.py upscale OUT   # 2 upscale actors on 2 nodes, one node killed mid-run
 
+(Training that loses a node is tested on nodes an autoscaler starts, through jobs: tests/autoscaling.py.)
+
 Run in a subprocess because the test session already holds a single-node Ray. The head has one
-CPU (Ray Data's reads); each of 3 worker nodes has 2 CPUs, so 2 workers (or actors) of 2 CPUs sit on
-2 different nodes, and the third is the node that an autoscaler would have added after a loss
+CPU (Ray Data's reads); each of 3 worker nodes has 2 CPUs, so 2 actors of 2 CPUs sit on 2
+different nodes, and the third is the node that an autoscaler would have added after a loss
 (Cluster.add_node works only from the main thread, which the run occupies). The node killed is
-one that holds a worker. Prints one JSON line with what happened, for the test to check.
+one that holds an actor. Prints one JSON line with what happened, for the test to check.
 """
 
 from __future__ import annotations
@@ -18,8 +19,6 @@ import sys
 import threading
 import time
 from pathlib import Path
-
-from support import checkpoints_written
 
 HEAD = {"num_cpus": 1, "object_store_memory": 200 << 20, "include_dashboard": True}
 WORKER = {"num_cpus": 2, "object_store_memory": 150 << 20}
@@ -78,44 +77,6 @@ def kill_node_holding(cluster, nodes, class_name: str) -> dict:
     return seen
 
 
-def train(out: Path) -> dict:
-    from ferray.config import load_config
-    from ferray.data.synth import SynthSpec, synthesize
-    from ferray.distributed.train import run_training
-
-    synthesize(out / "data", SynthSpec(n=420, seed=5))
-    cluster, nodes = start_cluster()
-    experiments = Path(__file__).resolve().parents[1] / "experiments"
-    cfg = load_config(
-        experiments / "debug_a.yaml",
-        [
-            f"data.path={out / 'data'}",
-            "train.epochs=4",
-            "scaling.workers=2",
-            "scaling.cpus_per_worker=2",
-            "scaling.max_failures=2",
-            "train.batch_size=32",
-        ],
-    )
-    run_dir, events = out / "runs" / "debug_a", {}
-
-    def kill_a_node_after_a_checkpoint():
-        deadline = time.time() + 300
-        while time.time() < deadline:
-            if checkpoints_written(run_dir) >= 1:
-                events["killed_after_epochs"] = checkpoints_written(run_dir)
-                events["kill"] = kill_node_holding(cluster, nodes, "RayTrainWorker")
-                return
-            time.sleep(0.2)
-
-    watcher = threading.Thread(target=kill_a_node_after_a_checkpoint, daemon=True)
-    watcher.start()
-    result = run_training(cfg, out / "runs")
-    watcher.join(timeout=5)
-    epochs = [json.loads(line)["epoch"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {"epochs": result.epochs, "logged": epochs, "workers": result.workers, **events}
-
-
 def upscale_run(out: Path) -> dict:
     from ferray.data.contract import load_split, read_manifest
     from ferray.data.synth import SynthSpec, synthesize
@@ -159,7 +120,9 @@ def upscale_run(out: Path) -> dict:
 if __name__ == "__main__":
     what, out = sys.argv[1], Path(sys.argv[2])
     out.mkdir(parents=True, exist_ok=True)
-    summary = train(out) if what == "train" else upscale_run(out)
+    if what != "upscale":
+        raise SystemExit(f"multinode.py: unknown run {what!r}; the one run is: upscale")
+    summary = upscale_run(out)
     print("RESULT " + json.dumps(summary), flush=True)
     import ray
 
