@@ -27,7 +27,12 @@ def _duration(seconds) -> str:
 
 
 def _member_line(name: str, member: MemberCard, sr: SRCard | None = None) -> str:
-    origin = "fine-tuned from ImageNet weights" if member.pretrained else "trained from scratch"
+    if member.pretrained:
+        origin = "fine-tuned from ImageNet weights"
+    elif member.run and member.run.get("continues"):  # a warm restart (a student, a second sitting)
+        origin = "no pretrained weights, continued from earlier sittings (below)"
+    else:
+        origin = "trained from scratch"
     weights = "the moving average of its weights" if member.weights == "ema" else "its weights as trained"
     alone = "" if member.temperature is None else f" (temperature alone {member.temperature:.3f})"
     line = (
