@@ -95,9 +95,9 @@ def run(name: str, batch: np.ndarray) -> list[np.ndarray]:
 def detect(gray: np.ndarray, min_face: int = 20, turns: tuple[float, ...] | None = None) -> list[Detection]:
     """Faces of at least `min_face` pixels in a (H, W) uint8 image, largest first. P-Net searches the
     image upright, and turned by SEARCH_TURNS for faces of twice `min_face` and up (those levels of
-    the pyramid are small: both turned searches together cost half the upright one); R-Net reads each candidate at its angle,
-    and where unsure at each of `turns` (degrees), keeping the best reading; O-Net reads it at that
-    angle, and once more levelled by its eyes where they are still tilted."""
+    the pyramid are small: both turned searches together cost half the upright one); R-Net reads
+    each candidate at its angle, and where unsure at each of `turns` (degrees), keeping the best
+    reading; O-Net reads it at that angle, and once more levelled by its eyes where still tilted."""
     candidates = proposals(gray, min_face)
     levels = halvings(gray) if candidates else []
     if candidates:
