@@ -29,10 +29,9 @@ import numpy as np
 
 from ferray.errors import FerrayError
 
-# The three stages' face scores, below the usual (0.6, 0.7, 0.7): P-Net searches upright only, and
-# R-Net reads its candidates turned, so both let more through and O-Net, on the best-turned patch,
-# decides (bench/detect.py's scenes: recall 98% at (0.4, 0.2, 0.5) against 95% with the earlier three
-# full passes at (0.5, 0.6, 0.6), no false detection more).
+# The three stages' face scores, below the usual (0.6, 0.7, 0.7): P-Net searches upright (turned only
+# for large faces) and R-Net reads its candidates turned, so both let more through and O-Net, on the
+# best-turned patch, decides (bench/detect.py's scenes: no false detection more; docs/benchmarks.md).
 THRESHOLDS = (0.4, 0.2, 0.5)
 # The angles (degrees) R-Net reads each candidate at: the networks find faces within about 15 degrees
 # of upright, so these cover faces turned by up to about 40.
@@ -41,12 +40,13 @@ TURNS = (0.0, -15.0, 15.0, -30.0, 30.0)
 # up: upright, its windows find most small tilted faces but place large ones poorly.
 SEARCH_TURNS = (-25.0, 25.0)
 SEARCH_FROM = 2.0  # the turned search looks for faces of this many times the smallest and up
-# R-Net's upright score between which a candidate is read turned as well: above, it is a face read
-# well enough upright; below, no face at any angle (bench/detect.py's scenes: no face whose best
-# turned reading passed had an upright score under 0.005)
+# R-Net's score at a candidate's own angle between which it is read turned as well: above, a face
+# read well enough as it is; below, no face at any angle (in bench/detect.py's scenes no face whose
+# best turned reading passed scored under the lower bound as it was)
 TURNED_READINGS = (0.005, 0.9)
-# P-Net's windows across the pyramid's scales are merged above this overlap (the usual 0.7 left about
-# 19 candidates a scene in bench/detect.py's scenes, most on the same faces; 0.5 about 11, no face lost)
+# P-Net's windows across the pyramid's scales are merged above this overlap (the usual 0.7 left many
+# candidates on the same faces, each read at several turns by R-Net; 0.5 lost no face in
+# bench/detect.py's scenes)
 PROPOSAL_OVERLAP = 0.5
 RELEVEL_DEGREES = 8.0  # a face whose eyes are tilted more than this in O-Net's patch is read again, levelled
 PYRAMID_STEP = 0.709  # between the pyramid's scales (sqrt(0.5): faces twice as large every two levels)
@@ -99,9 +99,10 @@ def detect(gray: np.ndarray, min_face: int = 20, turns: tuple[float, ...] | None
     each candidate at its angle, and where unsure at each of `turns` (degrees), keeping the best
     reading; O-Net reads it at that angle, and once more levelled by its eyes where still tilted."""
     candidates = proposals(gray, min_face)
-    levels = halvings(gray) if candidates else []
-    if candidates:
-        candidates = refine(levels, candidates, TURNS if turns is None else turns)
+    if not candidates:
+        return []
+    levels = halvings(gray)
+    candidates = refine(levels, candidates, TURNS if turns is None else turns)
     if not candidates:
         return []
     return sorted(finish(levels, candidates), key=lambda d: -d.box[2] * d.box[3])
@@ -122,8 +123,9 @@ class Candidate:
         return [self.cx - half, self.cy - half, self.cx + half, self.cy + half, self.score]
 
 
-def candidates_of(boxes: np.ndarray, angle: float = 0.0) -> list[Candidate]:
-    return [Candidate((x1 + x2) / 2, (y1 + y2) / 2, max(x2 - x1, y2 - y1), angle, s) for x1, y1, x2, y2, s in boxes]
+def candidates_of(boxes: np.ndarray) -> list[Candidate]:
+    """Upright candidates from boxes (N, 5: x1, y1, x2, y2, score)."""
+    return [Candidate((x1 + x2) / 2, (y1 + y2) / 2, max(x2 - x1, y2 - y1), 0.0, s) for x1, y1, x2, y2, s in boxes]
 
 
 def pyramid(height: int, width: int, min_face: int) -> list[float]:
@@ -249,7 +251,7 @@ def read_faces(levels: list[np.ndarray], candidates: list[Candidate]) -> list[tu
             out.append(None)
             continue
         # the landmarks are fractions of the patch; mapped back through the patch's turn
-        landmarks = np.stack([48 * point[:5], 48 * point[5:], np.ones(5)], axis=1) @ cv2_inverse(warp).T
+        landmarks = np.stack([48 * point[:5], 48 * point[5:], np.ones(5)], axis=1) @ inverted(warp).T
         out.append((moved(candidate, correction, warp, 48, float(score)), landmarks))
     return out
 
@@ -264,15 +266,14 @@ def moved(candidate: Candidate, correction: np.ndarray, warp: np.ndarray, size: 
     """A candidate moved by a network's correction (fractions of the patch's side, in the patch's
     turned frame), made square again."""
     x1, y1, x2, y2 = size * (np.array([0.0, 0.0, 1.0, 1.0]) + correction)
-    centre = cv2_inverse(warp) @ np.array([(x1 + x2) / 2, (y1 + y2) / 2, 1.0])
+    centre = inverted(warp) @ np.array([(x1 + x2) / 2, (y1 + y2) / 2, 1.0])
     side = max(x2 - x1, y2 - y1) * candidate.side / size
     return Candidate(float(centre[0]), float(centre[1]), float(side), candidate.angle, score)
 
 
-def cv2_inverse(warp: np.ndarray) -> np.ndarray:
-    import cv2
-
-    return cv2.invertAffineTransform(warp)
+def inverted(warp: np.ndarray) -> np.ndarray:
+    """The 2x3 affine map that undoes `warp` (a patch's map back to the image)."""
+    return np.linalg.inv(np.vstack([warp, [0.0, 0.0, 1.0]]))[:2]
 
 
 def halvings(gray: np.ndarray, smallest: int = 24) -> list[np.ndarray]:
