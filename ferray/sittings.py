@@ -132,6 +132,8 @@ def warm_start(path: str | Path, model_name: str) -> tuple[dict, list[dict]]:
         "selection_split": cfg.data.selection_split,
         "checksum": file_checksum(path),
     }
+    if cfg.distill.bank:  # a student's sitting: the teacher bank it learned from
+        link["distilled"] = Path(cfg.distill.bank).name
     return payload, [*payload.get("lineage", []), link]
 
 

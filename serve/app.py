@@ -400,7 +400,10 @@ class Ingress:
         checked, ready, states = answer
         body = {"status": "ready" if ready else "not ready", "members": states}
         body["checked_s_ago"] = round(time.monotonic() - checked, 2)
-        return JSONResponse(body, status_code=200 if ready else 503, headers={} if ready else {"Retry-After": "2"})
+        # a ready answer may be repeated for a second (by HAProxy's cache in the fast mode:
+        # ferray.distributed.ray_internals.HAPROXY_REWRITES); a 503 never is
+        headers = {"Cache-Control": "max-age=1"} if ready else {"Retry-After": "2", "Cache-Control": "no-store"}
+        return JSONResponse(body, status_code=200 if ready else 503, headers=headers)
 
     async def _probe_members(self) -> tuple[float, bool, dict]:
         members = {which: handle for which, handle in self.members.items() if handle is not None}

@@ -18,19 +18,20 @@ def ray_session():
     """
     import ray
 
-    from ferray.distributed.runtime import configure_train_env, connect, own_ray_environment
+    from ferray.distributed.runtime import HAPROXY_HOOK, configure_train_env, connect, own_ray_environment
 
     os.environ.pop("RAY_ADDRESS", None)
     configure_train_env(single_machine=True)
     os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")
     if not ray.is_initialized():
-        with own_ray_environment():  # Serve's mode, as `ferray serve` runs it
+        with own_ray_environment():  # Serve's mode and HAProxy's config, as `ferray serve` runs them
             ray.init(
                 address="local",
                 num_cpus=4,
                 object_store_memory=300 << 20,
                 include_dashboard=True,
                 logging_level="ERROR",
+                runtime_env={"worker_process_setup_hook": HAPROXY_HOOK},
             )
     connect(progress=False)
     yield ray

@@ -38,6 +38,9 @@ def test_the_default_bundle_loads_with_weights_only_and_answers_in_fer_order(car
 def test_the_model_card_is_written_from_the_runs_own_files(card):
     """No number on the card is typed by hand: it renders from bundle.json, whose run facts are the
     training runs' result.json, whose selection figures are the best epochs of metrics.jsonl."""
+    from ferray.bundle.build import distilled_facts
+    from ferray.config import from_dict
+    from ferray.engine import load_checkpoint
     from ferray.report.model_card import render_model_card
 
     assert (BUNDLE / "MODEL_CARD.md").read_text() == render_model_card(card)
@@ -57,6 +60,8 @@ def test_the_model_card_is_written_from_the_runs_own_files(card):
             # cores later stretches a run (docs/runs/resnet18_48_cpu: 125.6 min of a 115-minute plan)
             assert result["train_seconds"] <= result["budget_minutes"] * 60 * 1.15
         assert result["selection_split"] == "Validation"
+        taught = distilled_facts(from_dict(load_checkpoint(BUNDLE / member.checkpoint)["config"]))
+        assert member.distilled == taught  # a student says what taught it, as its own config does
     assert card.selection_split == "Validation" and card.evaluations["PublicTest"].selection is False
     assert (BUNDLE / "confusion-PublicTest.png").stat().st_size > 10_000
 

@@ -83,9 +83,10 @@ def test_ray_internals_are_touched_only_on_a_tested_ray(monkeypatch, caplog):
     ray_internals.supported.cache_clear()
 
 
-def test_haproxys_side_listeners_are_put_on_loopback_when_serve_imports_its_template(caplog):
+def test_haproxys_config_of_ferray_is_rewritten_when_serve_imports_its_template(caplog):
     """The worker hook of ferray's own Ray, in a fresh interpreter as a Ray worker runs it: Serve's
-    HAProxy config then binds its stats page and metrics to 127.0.0.1, and the front is unchanged."""
+    HAProxy config then binds its stats page and metrics to 127.0.0.1, the front is unchanged, and
+    GETs of /readyz go through a cache; a template this was not written for is left as it is."""
     import subprocess
     import sys
     import types
@@ -93,20 +94,30 @@ def test_haproxys_side_listeners_are_put_on_loopback_when_serve_imports_its_temp
     from ferray.distributed import ray_internals
 
     check = (
-        "from ferray.distributed.ray_internals import haproxy_side_listeners_on_loopback as hook\n"
+        "from ferray.distributed.ray_internals import haproxy_config_of_ferray as hook\n"
         "hook()\n"
         "from ray.serve._private import haproxy\n"
-        "t = haproxy.HAPROXY_CONFIG_TEMPLATE\n"
-        "print([line.strip() for line in t.splitlines() if line.strip().startswith('bind')])\n"
+        "print(haproxy.HAPROXY_CONFIG_TEMPLATE)\n"
     )
-    out = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, check=True).stdout
-    assert "bind 127.0.0.1:{{ config.stats_port }}" in out and "bind 127.0.0.1:{{ config.metrics_port }}" in out
-    assert "bind *:" not in out and "bind :{{" not in out
-    assert "bind {{ config.frontend_host }}:{{ config.frontend_port }}" in out  # the front: where the user said
+    template = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, check=True).stdout
+    binds = [line.strip() for line in template.splitlines() if line.strip().startswith("bind")]
+    assert "bind 127.0.0.1:{{ config.stats_port }}" in binds and "bind 127.0.0.1:{{ config.metrics_port }}" in binds
+    assert not [b for b in binds if b.startswith(("bind *:", "bind :{{"))], binds
+    assert "bind {{ config.frontend_host }}:{{ config.frontend_port }}" in binds  # the front: where the user said
+    cache = f"cache {ray_internals.READY_CACHE}"
+    front = template.index("frontend http_frontend")
+    assert template.count(cache) == 1 and template.index(cache) < front  # a section of its own, before the front
+    rules = template[front:].split("\nbackend ")[0]
+    assert f"http-request cache-use {ray_internals.READY_CACHE}" in rules
+    assert f"http-response cache-store {ray_internals.READY_CACHE}" in rules
+    again = types.SimpleNamespace(HAPROXY_CONFIG_TEMPLATE=template)
+    assert ray_internals.rewrite_haproxy_templates(again) == ["side listeners on loopback", "readiness cache"]
+    assert again.HAPROXY_CONFIG_TEMPLATE == template  # rewriting twice changes nothing
     changed = types.SimpleNamespace(HAPROXY_CONFIG_TEMPLATE="listen stats\n  bind 0.0.0.0:{{ config.stats_port }}\n")
     with caplog.at_level("WARNING"):
-        assert not ray_internals.loopback_side_listeners(changed)
-    assert "stay on every interface" in caplog.text and "0.0.0.0" in changed.HAPROXY_CONFIG_TEMPLATE
+        assert ray_internals.rewrite_haproxy_templates(changed) == []
+    assert "stay on every interface" in caplog.text and "every /readyz poll reaches the ingress" in caplog.text
+    assert changed.HAPROXY_CONFIG_TEMPLATE == "listen stats\n  bind 0.0.0.0:{{ config.stats_port }}\n"
 
 
 def test_dependency_floors_leave_out_releases_with_known_security_fixes_missing():

@@ -1,5 +1,7 @@
 """Training in sittings: a budget planned once (a fake clock), warm restarts from half-precision weights."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -141,6 +143,22 @@ def test_a_warm_restart_starts_at_the_saved_half_precision_weights_and_names_its
     RunFolder(tmp_path / "second").write_weights()
     _, chain = warm_start(tmp_path / "second" / WEIGHTS_FILE, "xception_a_tiny")
     assert len(chain) == 2 and chain[0] == second.lineage[0]
+
+
+def test_a_students_sitting_names_its_teacher_bank_in_the_chain(tmp_path):
+    """A link of the chain that was taught by a teacher bank says which (the model card shows it)."""
+    from ferray.report.model_card import _run_lines
+
+    payload = engine.checkpoint_payload(
+        CLASSIFIER.build(tiny("train.epochs=1"), torch.device("cpu")), {"eval_acc": 0.5}
+    )
+    for bank, expected in (("data/teacher_banks/default-Training-12v-s0", "default-Training-12v-s0"), ("", None)):
+        payload["config"]["distill"]["bank"] = bank  # as a student's checkpoint records it
+        torch.save(payload, tmp_path / "student.pt")
+        _, chain = warm_start(tmp_path / "student.pt", "xception_a_tiny")
+        assert chain[-1].get("distilled") == expected
+    member = SimpleNamespace(run={"name": "next", "continues": [{**chain[-1], "distilled": "t-Training-12v-s0"}]})
+    assert "distilled from `t-Training-12v-s0`" in "\n".join(_run_lines(member))
 
 
 def test_a_mismatched_warm_restart_is_refused_naming_the_layer(tmp_path, faces):

@@ -342,7 +342,19 @@ def _member_card(member, source, name: str) -> MemberCard:
         weights=payload.get("weights", "raw"),
         curves=_curves_figure(source, name),
         input=member.input,
+        distilled=distilled_facts(cfg),
     )
+
+
+def distilled_facts(cfg) -> dict | None:
+    """How a student was taught (None for a model trained on labels alone)."""
+    if not cfg.distill.bank:
+        return None
+    return {
+        "bank": Path(cfg.distill.bank).name,
+        "temperature": cfg.distill.temperature,
+        "label_share": cfg.distill.label_share,
+    }
 
 
 def run_facts(checkpoint) -> dict | None:

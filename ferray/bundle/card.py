@@ -108,6 +108,9 @@ class MemberCard:
     # the member's forward per face (ms) with the bundle's views, timed by `ferray ensemble` on the
     # machine that built the bundle (docs/benchmarks.md: bench/cpu_infer, each member and set)
     cost_ms: float | None = None
+    # a student's teaching (its config's distill section): the teacher bank it learned from (its
+    # name says the teacher, the split, the views and their seed), the temperature and the labels' share
+    distilled: dict | None = None
 
 
 @dataclass

@@ -85,22 +85,64 @@ HAPROXY_SIDE_BINDS = (
     ("bind *:{{ config.stats_port }}", "bind 127.0.0.1:{{ config.stats_port }}"),
     ("bind :{{ config.metrics_port }}", "bind 127.0.0.1:{{ config.metrics_port }}"),
 )
+# /readyz answered by HAProxy from its memory while the ingress's last ready answer is fresh (the
+# ingress marks it `Cache-Control: max-age=1`; a 503 is never stored): anonymous readiness polling
+# went through HTTP parsing and the event loop of the ingress's Python once per GET, and hundreds a
+# second took the cores from real predictions (bench/serve_hostile.py).
+READY_CACHE = "ferray_ready"
+READY_CACHE_SECTION = f"""cache {READY_CACHE}
+    total-max-size 1
+    max-object-size 16384
+    max-age 1
+frontend http_frontend
+"""
+READY_CACHE_RULES = f"""{{{{ healthz_rules|safe }}}}
+    # ferray: a fresh ready answer of /readyz from HAProxy's cache
+    acl ferray_readyz path_end /readyz
+    http-request set-var(txn.ferray_readyz) bool(true) if ferray_readyz METH_GET
+    http-request cache-use {READY_CACHE} if {{ var(txn.ferray_readyz) -m bool }}
+    http-response cache-store {READY_CACHE} if {{ var(txn.ferray_readyz) -m bool }}
+"""
+HAPROXY_READY_CACHE = (
+    ("frontend http_frontend\n", READY_CACHE_SECTION),
+    ("{{ healthz_rules|safe }}\n", READY_CACHE_RULES),
+)
+# (what a rewrite does, its replacements, what stays as Serve wrote it when the template has changed)
+HAPROXY_REWRITES = (
+    ("side listeners on loopback", HAPROXY_SIDE_BINDS, "its stats and metrics listeners stay on every interface"),
+    ("readiness cache", HAPROXY_READY_CACHE, "every /readyz poll reaches the ingress"),
+)
 
 
-def loopback_side_listeners(templates) -> bool:
-    """Rewrite a haproxy_templates module's config template so the stats and metrics listeners bind
-    127.0.0.1; False (and a warning) where the template is not the one this was written against."""
-    text = getattr(templates, "HAPROXY_CONFIG_TEMPLATE", "")
-    if not all(old in text or new in text for old, new in HAPROXY_SIDE_BINDS):
-        log.warning("Serve's HAProxy template has changed: its stats and metrics listeners stay on every interface")
-        return False
-    for old, new in HAPROXY_SIDE_BINDS:
+def rewrite_template(text: str, replacements, unchanged: str) -> str:
+    """`text` with each (old, new) of `replacements` made once; `text` as it was (and a warning saying
+    `unchanged`) where an old part is missing or repeated, i.e. Serve's template is not the one this
+    was written against. Already rewritten text is returned as it is."""
+    if all(new in text for _, new in replacements):
+        return text
+    if not all(text.count(old) == 1 for old, _ in replacements):
+        log.warning(f"Serve's HAProxy template has changed: {unchanged}")
+        return text
+    for old, new in replacements:
         text = text.replace(old, new)
+    return text
+
+
+def rewrite_haproxy_templates(templates) -> list[str]:
+    """Rewrite a haproxy_templates module's config template (HAPROXY_REWRITES): the stats and
+    metrics listeners bind 127.0.0.1, and /readyz is cached; the names of the rewrites made."""
+    text = getattr(templates, "HAPROXY_CONFIG_TEMPLATE", "")
+    made = []
+    for name, replacements, unchanged in HAPROXY_REWRITES:
+        rewritten = rewrite_template(text, replacements, unchanged)
+        if all(new in rewritten for _, new in replacements):
+            made.append(name)
+        text = rewritten
     templates.HAPROXY_CONFIG_TEMPLATE = text
     haproxy = sys.modules.get("ray.serve._private.haproxy")  # a copy taken by `from ... import` already
     if haproxy is not None and hasattr(haproxy, "HAPROXY_CONFIG_TEMPLATE"):
         haproxy.HAPROXY_CONFIG_TEMPLATE = text
-    return True
+    return made
 
 
 class _RewriteOnImport(importlib.abc.MetaPathFinder):
@@ -117,19 +159,19 @@ class _RewriteOnImport(importlib.abc.MetaPathFinder):
 
         def exec_module(module):
             run(module)
-            loopback_side_listeners(module)
+            rewrite_haproxy_templates(module)
 
         spec.loader.exec_module = exec_module
         return spec
 
 
-def haproxy_side_listeners_on_loopback() -> None:
+def haproxy_config_of_ferray() -> None:
     """Ray's worker_process_setup_hook for a Ray of ferray's own: in whichever worker renders
-    HAProxy's config (Serve's proxy actor), its side listeners bind loopback. Costs nothing in the
-    workers that never import Serve's HAProxy module."""
+    HAProxy's config (Serve's proxy actor), its side listeners bind loopback and /readyz is cached
+    (HAPROXY_REWRITES). Costs nothing in the workers that never import Serve's HAProxy module."""
     if not supported():
         return
     if HAPROXY_TEMPLATES in sys.modules:
-        loopback_side_listeners(sys.modules[HAPROXY_TEMPLATES])
+        rewrite_haproxy_templates(sys.modules[HAPROXY_TEMPLATES])
     elif not any(isinstance(finder, _RewriteOnImport) for finder in sys.meta_path):
         sys.meta_path.insert(0, _RewriteOnImport())

@@ -104,8 +104,9 @@ HAPROXY_FILE_VARIABLES = {
     "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": "server-state",
 }
 OWN_ADDRESS_VARIABLES = ("RAY_GCS_SERVER_PORT", "RAY_ADDRESS")
-# Run in every worker of a Ray of ferray's own: HAProxy's stats and metrics listeners on loopback.
-LOOPBACK_HOOK = "ferray.distributed.ray_internals.haproxy_side_listeners_on_loopback"
+# Run in every worker of a Ray of ferray's own: HAProxy's stats and metrics listeners on loopback,
+# and /readyz answered from HAProxy's cache (ferray.distributed.ray_internals.HAPROXY_REWRITES).
+HAPROXY_HOOK = "ferray.distributed.ray_internals.haproxy_config_of_ferray"
 
 
 @contextmanager
@@ -258,7 +259,7 @@ def connect(quiet: bool | None = None, progress: bool | None = None) -> RayInfo:
                 object_store_memory=store,
                 include_dashboard=True,
                 logging_level=level,
-                runtime_env={"worker_process_setup_hook": LOOPBACK_HOOK},
+                runtime_env={"worker_process_setup_hook": HAPROXY_HOOK},
             )
         mode = "embedded"
     configure_data(quiet=quiet, progress=sys.stderr.isatty() if progress is None else progress)

@@ -33,6 +33,12 @@ def _member_line(name: str, member: MemberCard, sr: SRCard | None = None) -> str
         origin = "no pretrained weights, continued from earlier sittings (below)"
     else:
         origin = "trained from scratch"
+    if member.distilled:
+        taught = member.distilled
+        origin += (
+            f", distilled from the teacher bank `{taught['bank']}` (temperature {taught['temperature']:g}, "
+            f"labels' share {taught['label_share']:g})"
+        )
     weights = "the moving average of its weights" if member.weights == "ema" else "its weights as trained"
     alone = "" if member.temperature is None else f" (temperature alone {member.temperature:.3f})"
     line = (
@@ -64,7 +70,9 @@ def _run_lines(member: MemberCard) -> list[str]:
     ]
     if run.get("continues"):
         chain = " -> ".join(
-            f"`{link.get('name', '?')}` ({link.get('epochs', '?')} epochs, weights `{link.get('checksum', '?')}`)"
+            f"`{link.get('name', '?')}` ({link.get('epochs', '?')} epochs"
+            + (f", distilled from `{link['distilled']}`" if link.get("distilled") else "")
+            + f", weights `{link.get('checksum', '?')}`)"
             for link in run["continues"]
         )
         lines.append(f"  - a warm restart continuing {chain}")
