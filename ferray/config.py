@@ -162,12 +162,22 @@ class SRConfig:
 
 @dataclass
 class DistillConfig:
-    """A student taught by a teacher bank (`ferray distill bank`); an empty bank trains on labels alone."""
+    """A student taught by a teacher bank (`ferray distill bank`), or by a teacher bundle answering the
+    student's own augmented views as it trains (online); neither: it trains on labels alone."""
 
     bank: str = ""  # the bank's folder, or its name under DATA/teacher_banks
-    teacher: str = ""  # a bundle the bank must have been made with ("": the bank's own record is trusted)
+    # with a bank: a bundle the bank must have been made with ("": the bank's own record is trusted);
+    # online: the bundle that answers ("": the shipped one)
+    teacher: str = ""
+    # the teacher answers every step's views (new ones each epoch, as training augments them) instead
+    # of a bank's fixed views: no bank to make, any number of views, for a teacher forward per step
+    online: bool = False
     temperature: float = 2.0  # the softening of both sides' answers (Hinton et al.)
     label_share: float = 0.4  # the cross-entropy's share of the loss; the rest is KL to the teacher
+
+    def teacher_name(self) -> str:
+        """The online teacher's bundle by name ("default": the one that shipped when it taught)."""
+        return Path(self.teacher).name if self.teacher else "default"
 
 
 @dataclass
@@ -292,6 +302,7 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
         (cfg.scaling.gpus_per_worker >= 0, "scaling.gpus_per_worker must be >= 0"),
         (cfg.distill.temperature > 0, "distill.temperature must be > 0"),
         (0 <= cfg.distill.label_share <= 1, "distill.label_share must be in [0, 1]"),
+        (not (cfg.distill.bank and cfg.distill.online), "distill.bank and distill.online: choose one teacher"),
         (
             not cfg.distill.bank or cfg.train.loader == "cache",
             "distill.bank needs train.loader: cache (a streamed shard does not carry the faces' keys the "
@@ -361,14 +372,15 @@ def differences(old: ExperimentConfig, new: ExperimentConfig, ignore: tuple[str,
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    """Apply `section.key=value` overrides (values parsed as YAML) to a config mapping."""
+    """Apply `section.key=value` overrides (values parsed as YAML; an empty value is the empty text,
+    e.g. `distill.bank=` for no bank) to a config mapping."""
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"--set {item!r}: expected key=value, e.g. optim.lr=0.003")
         key, raw = item.split("=", 1)
         path = key.strip().split(".")
         try:
-            value = yaml.safe_load(raw)
+            value = "" if not raw.strip() else yaml.safe_load(raw)  # `key=` empties a text setting
         except yaml.YAMLError as e:
             raise ConfigError(f"--set {item!r}: value is not valid YAML ({e})") from None
         node = data

@@ -229,7 +229,8 @@ class TrainState:
     lineage: list = field(default_factory=list)
     step_hook: Callable[[int], None] | None = None  # called after each step (a budget's plan)
     precision: Precision | None = None  # the step's autocast and gradient scaler; None: from the device
-    teacher: object | None = None  # a ferray.distill.student.Teacher (distill.bank): the views and their answers
+    # a ferray.distill.student.Teacher (distill.bank) or OnlineTeacher (distill.online): views and answers
+    teacher: object | None = None
 
     def __post_init__(self):
         if self.precision is None:
@@ -302,7 +303,7 @@ def build_state(
         (cfg.distill.temperature, cfg.distill.label_share),
     ).to(device)
     teacher = None
-    if cfg.distill.bank:
+    if cfg.distill.bank or cfg.distill.online:
         from ferray.distill.student import load_teacher
 
         teacher = load_teacher(cfg, device)
@@ -406,9 +407,11 @@ def lesson(state: TrainState, images: torch.Tensor, keys: torch.Tensor | None):
     cfg = state.cfg
     if state.teacher is None:
         return train_views(images, cfg.augment, cfg.data.input_scale), None
+    seed = epoch_seed(cfg.train.seed, state.rank, state.epoch)
+    if cfg.distill.online:  # views of its own, answered now: no keys needed
+        return state.teacher.lesson(images, None, seed, cfg.augment.crop, cfg.data.input_scale)
     if keys is None:
         raise RuntimeError("internal: a student's batches carry no face keys (distill.bank needs the cached loader)")
-    seed = epoch_seed(cfg.train.seed, state.rank, state.epoch)
     return state.teacher.lesson(images, keys, seed, cfg.augment.crop, cfg.data.input_scale)
 
 

@@ -132,8 +132,10 @@ def warm_start(path: str | Path, model_name: str) -> tuple[dict, list[dict]]:
         "selection_split": cfg.data.selection_split,
         "checksum": file_checksum(path),
     }
-    if cfg.distill.bank:  # a student's sitting: the teacher bank it learned from
+    if cfg.distill.bank:  # a student's sitting: the teacher bank it learned from, or its online teacher
         link["distilled"] = Path(cfg.distill.bank).name
+    elif cfg.distill.online:
+        link["distilled"] = f"{cfg.distill.teacher_name()} (online)"
     return payload, [*payload.get("lineage", []), link]
 
 

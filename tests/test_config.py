@@ -82,8 +82,10 @@ def test_paper_recipe_is_the_papers():
 def test_overrides_types_and_errors(tmp_path):
     cfg = load_config(None, ["optim.lr=3e-4", "train.epochs=7", "optim.step_epochs=[3, 5]", "augment.flip=false"])
     assert (cfg.optim.lr, cfg.train.epochs, cfg.optim.step_epochs, cfg.augment.flip) == (3e-4, 7, [3, 5], False)
+    assert load_config(None, ["distill.bank=x", "distill.bank="]).distill.bank == ""  # `key=` empties a text
     for bad, message in [
         ("optim.lr=fast", "optim.lr: expected float"),
+        ("optim.lr=", "optim.lr: expected float, got ''"),
         ("optim.nope=1", "unknown key"),
         ("train.epochs=2.5", "train.epochs: expected int"),
         ("optim.lr", "expected key=value"),

@@ -128,7 +128,7 @@ def _student_cfg(data, bank, *sets):
         [
             "model.name=xception_a_tiny",
             f"data.path={data}",
-            f"distill.bank={bank}",
+            *([f"distill.bank={bank}"] if bank else []),
             "train.batch_size=32",
             "train.amp=false",
             "train.channels_last=false",
@@ -218,3 +218,48 @@ def test_the_banks_progress_says_how_far_how_fast_and_how_long_is_left():
     assert line == "distill bank: 400/1,000 faces (40%), 40 views/s, ~3 min left"
     now[0] = 130.0
     assert progress.update(600).startswith("distill bank: 1,000/1,000 faces (100%)")  # the last one always
+
+
+# ------------------------------------------------------------------------------------ online teacher
+def test_an_online_teacher_answers_the_students_own_views_new_ones_each_epoch(tiny_bundle, synth_faces):
+    """distill.online: the teacher bundle answers the very views the student is shown, drawn as
+    training augments them; the same epoch draws the same views again (a resumed epoch), another
+    epoch others."""
+    from ferray.bundle.load import load_bundle
+    from ferray.distill.student import OnlineTeacher
+
+    ensemble, _ = load_bundle(tiny_bundle, device="cpu", members="a")  # one member, so its answer shows
+    images = torch.from_numpy(synth_faces[0][:8])
+    x, probs = OnlineTeacher(ensemble, AUGMENT, "tiny").lesson(images, None, seed=3, crop=44)
+    assert x.shape == (8, 1, 44, 44) and probs.shape == (8, 7)
+    assert torch.allclose(probs.sum(-1), torch.ones(8), atol=1e-4)
+    member = ensemble.members["a"]
+    assert member.cfg.augment.crop == 44 and member.input == "face"  # it sees the student's view as is
+    runner, _ = ensemble.runner("a")
+    with torch.no_grad():
+        own = ensemble.fuse({"a": runner(x).float().softmax(-1)})
+    assert torch.allclose(probs, own, atol=1e-5)
+    again = OnlineTeacher(ensemble, AUGMENT, "tiny")
+    assert torch.equal(again.lesson(images, None, seed=3, crop=44)[0], x)  # the epoch's stream, drawn again
+    assert not torch.equal(again.lesson(images, None, seed=3, crop=44)[0], x)  # the next batch: new views
+    assert not torch.equal(OnlineTeacher(ensemble, AUGMENT, "t").lesson(images, None, seed=4, crop=44)[0], x)
+    whole, _ = load_bundle(tiny_bundle, device="cpu")  # a member behind the SR generator answers too
+    x, probs = OnlineTeacher(whole, AUGMENT, "tiny").lesson(images, None, seed=3, crop=44)
+    assert probs.shape == (8, 7) and torch.allclose(probs.sum(-1), torch.ones(8), atol=1e-4)
+
+
+def test_a_student_trains_with_an_online_teacher_and_a_bank_and_online_are_refused_together(
+    prepared_synth, tiny_bundle, tmp_path
+):
+    from ferray import engine
+    from ferray.distill.student import OnlineTeacher
+    from ferray.errors import ConfigError
+
+    cfg = _student_cfg(prepared_synth, "", "distill.online=true", f"distill.teacher={tiny_bundle}", "distill.bank=")
+    state = engine.build_state(cfg, torch.device("cpu"))
+    assert isinstance(state.teacher, OnlineTeacher)
+    images, labels = torch.from_numpy(np.zeros((64, 48, 48), np.uint8)), torch.zeros(64, dtype=torch.long)
+    row = engine.train_one_epoch(state, engine.TensorBatches(images, labels, 32).epoch(0), 2)
+    assert row["train_kl"] > 0 and np.isfinite(row["train_loss"])  # the KL to the teacher is in the loss
+    with pytest.raises(ConfigError, match="distill.bank and distill.online: choose one teacher"):
+        _student_cfg(prepared_synth, tmp_path / "bank", "distill.online=true")

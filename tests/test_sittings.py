@@ -157,6 +157,9 @@ def test_a_students_sitting_names_its_teacher_bank_in_the_chain(tmp_path):
         torch.save(payload, tmp_path / "student.pt")
         _, chain = warm_start(tmp_path / "student.pt", "xception_a_tiny")
         assert chain[-1].get("distilled") == expected
+    payload["config"]["distill"] |= {"online": True, "teacher": "bundles/ensemble7"}  # taught as it trained
+    torch.save(payload, tmp_path / "student.pt")
+    assert warm_start(tmp_path / "student.pt", "xception_a_tiny")[1][-1]["distilled"] == "ensemble7 (online)"
     member = SimpleNamespace(run={"name": "next", "continues": [{**chain[-1], "distilled": "t-Training-12v-s0"}]})
     assert "distilled from `t-Training-12v-s0`" in "\n".join(_run_lines(member))
 

@@ -347,14 +347,12 @@ def _member_card(member, source, name: str) -> MemberCard:
 
 
 def distilled_facts(cfg) -> dict | None:
-    """How a student was taught (None for a model trained on labels alone)."""
-    if not cfg.distill.bank:
+    """How a student was taught (None for a model trained on labels alone): the teacher bank, or the
+    teacher bundle that answered online."""
+    if not (cfg.distill.bank or cfg.distill.online):
         return None
-    return {
-        "bank": Path(cfg.distill.bank).name,
-        "temperature": cfg.distill.temperature,
-        "label_share": cfg.distill.label_share,
-    }
+    taught = {"bank": Path(cfg.distill.bank).name} if cfg.distill.bank else {"online": cfg.distill.teacher_name()}
+    return taught | {"temperature": cfg.distill.temperature, "label_share": cfg.distill.label_share}
 
 
 def run_facts(checkpoint) -> dict | None:

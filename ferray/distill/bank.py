@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -53,17 +54,26 @@ def teacher_probs(ensemble, faces: torch.Tensor, face_ids: np.ndarray, views: in
     upscaled = ensemble.upscale(faces) if ensemble.needs_sr else None
     answers = []
     for view in range(views):
-        members = {}
-        for name, member in ensemble.members.items():
-            source, scale = (upscaled, 1) if member.input == "sr" else (faces, member.cfg.data.input_scale)
-            crop = member.cfg.augment.crop
-            params = view_params(seed, face_ids, np.full(len(faces), view), augment, crop, source.shape[-1] * scale)
-            x = render(source.to(ensemble.device), *params, crop, scale)
-            model, amp = ensemble.runner(name)
-            with autocast(ensemble.device, amp):
-                members[name] = model(x).float().softmax(-1).cpu()
-        answers.append(ensemble.fuse(members))
+        numbers = np.full(len(faces), view)
+        answers.append(fused_answers(ensemble, faces, upscaled, partial(view_params, seed, face_ids, numbers, augment)))
     return torch.stack(answers, dim=1)
+
+
+@torch.no_grad()
+def fused_answers(ensemble, faces: torch.Tensor, upscaled: torch.Tensor | None, params_for) -> torch.Tensor:
+    """(N, classes) fused probabilities (on the CPU) of uint8 faces (N, 48, 48) seen through one view
+    each, params_for(crop, size) -> (theta, gain, bias) at a member's crop of its input's size: a
+    member of input "sr" sees it on `upscaled` (the generator's faces), the others on the face."""
+    members = {}
+    for name, member in ensemble.members.items():
+        source, scale = (upscaled, 1) if member.input == "sr" else (faces, member.cfg.data.input_scale)
+        crop = member.cfg.augment.crop
+        params = params_for(crop, source.shape[-1] * scale)
+        x = render(source.to(ensemble.device), *params, crop, scale)
+        model, amp = ensemble.runner(name)
+        with autocast(ensemble.device, amp):
+            members[name] = model(x).float().softmax(-1).cpu()
+    return ensemble.fuse(members)
 
 
 def bank_manifest(split: str, data_checksum: str, teacher: dict, seed: int, views: int, augment: AugmentConfig):

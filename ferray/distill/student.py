@@ -16,8 +16,8 @@ import torch
 
 from ferray.config import AugmentConfig, ExperimentConfig
 from ferray.data.contract import id_keys, read_manifest, read_split
-from ferray.distill.bank import BankMismatch, face_keys, load_bank, teacher_identity
-from ferray.distill.views import render, uniforms, view_params
+from ferray.distill.bank import BankMismatch, face_keys, fused_answers, load_bank, teacher_identity
+from ferray.distill.views import TTA_VIEWS, VIEW_DRAWS, params_of, render, uniforms, view_params
 
 _VIEW_DRAW = 0x5EED  # keeps the student's choice of view apart from the views' own draws
 
@@ -69,9 +69,46 @@ class Teacher:
         return x, self.probs[index].float()
 
 
-def load_teacher(cfg: ExperimentConfig, device) -> Teacher:
+class OnlineTeacher:
+    """A teacher bundle answering the student's views as it trains (distill.online): each step's
+    faces through views drawn as training augments them (ferray.distill.views, from a stream seeded
+    by the epoch, so a resumed epoch draws what it drew), each member seeing the same view at its own
+    input and crop, their fused probabilities the student's target."""
+
+    def __init__(self, ensemble, augment: AugmentConfig, source: str):
+        self.ensemble, self.augment, self.source = ensemble, augment, source
+        self._seed, self._rng = None, None
+
+    def lesson(self, images: torch.Tensor, keys, seed: int, crop: int, scale: int = 1):
+        """(the student's views (B, 1, crop, crop), the teacher's probabilities on them (B, classes))."""
+        if seed != self._seed:  # a new epoch: a new stream
+            self._seed, self._rng = seed, np.random.default_rng(seed ^ _VIEW_DRAW)
+        u = self._rng.random((len(images), VIEW_DRAWS))
+        numbers = np.full(len(images), TTA_VIEWS)
+        x = render(images, *params_of(u, numbers, self.augment, crop, images.shape[-1] * scale), crop, scale)
+        faces = images.to(self.ensemble.device)
+        upscaled = self.ensemble.upscale(faces) if self.ensemble.needs_sr else None
+        probs = fused_answers(
+            self.ensemble, faces, upscaled, lambda c, size: params_of(u, numbers, self.augment, c, size)
+        )
+        return x, probs.to(images.device)
+
+
+def load_online_teacher(cfg: ExperimentConfig, device) -> OnlineTeacher:
+    """The bundle distill.teacher names ("": the shipped one), loaded on the training device."""
+    from ferray.bundle.load import load_bundle, resolve_bundle
+
+    folder = resolve_bundle(cfg.distill.teacher or None)
+    ensemble, _ = load_bundle(folder, device)
+    return OnlineTeacher(ensemble, cfg.augment, source=str(folder))
+
+
+def load_teacher(cfg: ExperimentConfig, device) -> Teacher | OnlineTeacher:
     """The bank distill.bank names, checked against the training split and data (its checksum) and,
-    where distill.teacher names a bundle, against that teacher: BankMismatch naming both sides."""
+    where distill.teacher names a bundle, against that teacher: BankMismatch naming both sides; or
+    with distill.online, the teacher bundle itself."""
+    if cfg.distill.online:
+        return load_online_teacher(cfg, device)
     folder = bank_folder(cfg)
     manifest = read_manifest(cfg.data.path)
     expected = {"split": cfg.data.train_split, "data_checksum": manifest["checksum"]}

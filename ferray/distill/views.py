@@ -20,6 +20,7 @@ from ferray.augment import standardize, to_input
 from ferray.config import AugmentConfig
 
 TTA_VIEWS = 10
+VIEW_DRAWS = 9  # numbers drawn per view: rotation, zoom, flip, offset (2), shift (2), contrast, brightness
 _MASK = np.uint64(0xFFFFFFFFFFFFFFFF)
 
 
@@ -78,7 +79,19 @@ def view_params(
     fixes the ratio only (44 of 48 and 88 of 96 give the same thetas). A face is named by any
     integer key (ferray.distill.bank.face_keys: a hash of its id)."""
     faces, views = np.asarray(faces).astype(np.uint64), np.asarray(views, np.int64)
-    u = uniforms(seed, faces, views, 9)
+    return params_of(uniforms(seed, faces, views, VIEW_DRAWS), views, cfg, crop, size)
+
+
+def random_view_params(
+    rng: np.random.Generator, count: int, cfg: AugmentConfig, crop: int, size: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`count` augmented views (as view_params describes them) from a random stream: a teacher that
+    answers as the student trains needs no view twice, so none is named by (seed, face, view)."""
+    return params_of(rng.random((count, VIEW_DRAWS)), np.full(count, TTA_VIEWS), cfg, crop, size)
+
+
+def params_of(u: np.ndarray, views: np.ndarray, cfg: AugmentConfig, crop: int, size: int):
+    """(theta, gain, bias) of views numbered `views` from their draws u (N, VIEW_DRAWS)."""
     theta = augmented_thetas(u, cfg, crop, size)
     tta = views < TTA_VIEWS
     if tta.any():

@@ -35,8 +35,13 @@ def _member_line(name: str, member: MemberCard, sr: SRCard | None = None) -> str
         origin = "trained from scratch"
     if member.distilled:
         taught = member.distilled
+        source = (
+            f"the teacher bank `{taught['bank']}`"
+            if "bank" in taught
+            else f"the bundle `{taught.get('online', '?')}` answering its views as it trained"
+        )
         origin += (
-            f", distilled from the teacher bank `{taught['bank']}` (temperature {taught['temperature']:g}, "
+            f", distilled from {source} (temperature {taught['temperature']:g}, "
             f"labels' share {taught['label_share']:g})"
         )
     weights = "the moving average of its weights" if member.weights == "ema" else "its weights as trained"
