@@ -2,6 +2,7 @@
 
     python -m bench.cpu_train [--steps 12] [--threads 2] [--model xception_a] [--batch 64]
     python -m bench.cpu_train --members      # each member model's fast-path step against Model A's
+    python -m bench.cpu_train --online-teacher   # a student taught online by the shipped bundle, against labels
 
 The same engine step (ferray.engine.train_one_epoch: augmentation, forward, joint loss, backward,
 AdaMax, center update) on the same random faces, timed after warm-up steps:
@@ -10,6 +11,11 @@ AdaMax, center update) on the same random faces, timed after warm-up steps:
   CPU has native bf16 (AVX512-BF16 / AMX; ferray.device decides, and prints which).
 Prints images/s of each and the ratio last. Target: >= 1.8x (met on CPUs with native bf16; an
 AVX2-only CPU has only channels_last to gain, since emulated bf16 is slower than fp32).
+
+With --online-teacher [BUNDLE]: a student's fast-path step taught online (distill.online: the
+teacher bundle, the shipped one by default, answers every step's views) against the same step on
+labels alone, in one run: what an online teacher costs against a teacher bank (whose step costs
+what the labels' does).
 
 With --members: the fast-path step of every ensemble member's model on its own crops (the
 experiments/*_cpu.yaml recipes' models), each as a ratio to Model A's rate measured in the same run:
@@ -48,7 +54,18 @@ def main() -> None:
     parser.add_argument("--model", default="xception_a")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--members", action="store_true", help="each member model's step against Model A's")
+    parser.add_argument(
+        "--online-teacher",
+        nargs="?",
+        const="default",
+        metavar="BUNDLE",
+        help="a student's step with an online teacher (default: the shipped bundle) against one on labels",
+    )
     args = parser.parse_args()
+    if args.online_teacher:
+        torch.set_num_threads(args.threads)
+        online_rows(args.online_teacher, args.steps, args.batch, args.model)
+        return
     if args.members:
         torch.set_num_threads(args.threads)
         member_rows(args.steps, args.batch)
@@ -74,6 +91,20 @@ def main() -> None:
     print(f"fast path:            {quick:7.1f} img/s", flush=True)
     print(f"fast path / fp32: {quick / baseline:.2f}x (target >= 1.8x)")
     sr_rows(args.steps, args.batch)
+
+
+def online_rows(teacher: str, steps: int, batch: int, model: str) -> None:
+    """The student's fast-path rate on labels, then with the online teacher, and their ratio."""
+    from ferray.config import load_config
+    from ferray.device import cpu_has_native_bf16, cpu_model
+
+    sets = [f"model.name={model}", f"train.batch_size={batch}", "loss.center_lambda=0"]
+    print(f"cpu: {cpu_model()}, native bf16: {cpu_has_native_bf16()}; {model}, batch {batch}, {steps} timed steps")
+    alone = images_per_s(load_config(None, sets), steps, batch)
+    print(f"on labels (or a teacher bank): {alone:7.1f} img/s", flush=True)
+    taught = images_per_s(load_config(None, [*sets, "distill.online=true", f"distill.teacher={teacher}"]), steps, batch)
+    print(f"online teacher ({teacher}):   {taught:7.1f} img/s", flush=True)
+    print(f"online / labels: {taught / alone:.2f}x (the teacher's forward in every step)")
 
 
 # the members' models with their crops: (label, registered model, crop)

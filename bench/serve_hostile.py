@@ -8,8 +8,9 @@ clients POST 48x48 face PNGs to /predict, first alone (quiet), then beside each 
   decode-heavy    attackers send 24-megapixel photos to /predict with face detection on
   large bodies    attackers send 9 MB bodies at once that are no image (refused at their first bytes: 415)
   readiness       attackers poll GET /readyz as fast as they can
-The attackers run in a process of their own at the lowest CPU priority (--attackers-share-cpu: at
-normal priority), as if on other machines; each phase prints the CPU seconds they spent.
+The attackers run in a process of their own at the lowest CPU priority (Linux's SCHED_IDLE, else
+nice 19; --attackers-share-cpu: at normal priority), as if on other machines; each phase prints the
+CPU seconds they spent.
 For each it prints the good clients' requests/s as a ratio to the quiet run, their p99 latency and
 their statuses, and how every attacker request was answered (status, and whether its body was JSON).
 Targets: good clients keep >= 70% of their quiet throughput and a p99 under 2 s under every attack,
@@ -85,8 +86,11 @@ def attack_process(url: str, attackers: int, name: str, stop, results, share_cpu
     import os
     import resource
 
-    if not share_cpu:
-        os.nice(19)
+    if not share_cpu:  # SCHED_IDLE: only when no other process wants the CPU (nice 19 still takes a share)
+        try:
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+        except (AttributeError, OSError):
+            os.nice(19)
     where, one = urlsplit(url), attacks()[name]
     answers, lock = Counter(), threading.Lock()
 

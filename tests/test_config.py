@@ -50,7 +50,7 @@ def test_serve_settings_use_the_same_typed_builder_and_set_syntax():
         ("model_a.nope=1", r"args.model_a: unknown key\(s\) nope"),
         ("model_a", "expected key=value"),
         ("members=z", "args.members: members 'z': no member z; the bundle has the sets all, fast"),
-        ("members=", "args.members: expected str"),
+        ("members=", r"members is empty; name a set of the bundle \(all, fast, ...\) or members"),
     ]:
         with pytest.raises(ConfigError, match=message):
             app_args(None, overrides=[bad])
