@@ -230,7 +230,7 @@ def test_an_online_teacher_answers_the_students_own_views_new_ones_each_epoch(ti
 
     ensemble, _ = load_bundle(tiny_bundle, device="cpu", members="a")  # one member, so its answer shows
     images = torch.from_numpy(synth_faces[0][:8])
-    x, probs = OnlineTeacher(ensemble, AUGMENT, "tiny").lesson(images, None, seed=3, crop=44)
+    x, probs = OnlineTeacher(ensemble, AUGMENT).lesson(images, None, seed=3, crop=44)
     assert x.shape == (8, 1, 44, 44) and probs.shape == (8, 7)
     assert torch.allclose(probs.sum(-1), torch.ones(8), atol=1e-4)
     member = ensemble.members["a"]
@@ -239,12 +239,12 @@ def test_an_online_teacher_answers_the_students_own_views_new_ones_each_epoch(ti
     with torch.no_grad():
         own = ensemble.fuse({"a": runner(x).float().softmax(-1)})
     assert torch.allclose(probs, own, atol=1e-5)
-    again = OnlineTeacher(ensemble, AUGMENT, "tiny")
+    again = OnlineTeacher(ensemble, AUGMENT)
     assert torch.equal(again.lesson(images, None, seed=3, crop=44)[0], x)  # the epoch's stream, drawn again
     assert not torch.equal(again.lesson(images, None, seed=3, crop=44)[0], x)  # the next batch: new views
-    assert not torch.equal(OnlineTeacher(ensemble, AUGMENT, "t").lesson(images, None, seed=4, crop=44)[0], x)
+    assert not torch.equal(OnlineTeacher(ensemble, AUGMENT).lesson(images, None, seed=4, crop=44)[0], x)
     whole, _ = load_bundle(tiny_bundle, device="cpu")  # a member behind the SR generator answers too
-    x, probs = OnlineTeacher(whole, AUGMENT, "tiny").lesson(images, None, seed=3, crop=44)
+    x, probs = OnlineTeacher(whole, AUGMENT).lesson(images, None, seed=3, crop=44)
     assert probs.shape == (8, 7) and torch.allclose(probs.sum(-1), torch.ones(8), atol=1e-4)
 
 

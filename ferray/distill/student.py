@@ -9,6 +9,7 @@ order, and its views are drawn from another hash of the id (ferray.distill.bank.
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -75,23 +76,22 @@ class OnlineTeacher:
     by the epoch, so a resumed epoch draws what it drew), each member seeing the same view at its own
     input and crop, their fused probabilities the student's target."""
 
-    def __init__(self, ensemble, augment: AugmentConfig, source: str):
-        self.ensemble, self.augment, self.source = ensemble, augment, source
+    def __init__(self, ensemble, augment: AugmentConfig):
+        self.ensemble, self.augment = ensemble, augment
         self._seed, self._rng = None, None
 
     def lesson(self, images: torch.Tensor, keys, seed: int, crop: int, scale: int = 1):
         """(the student's views (B, 1, crop, crop), the teacher's probabilities on them (B, classes))."""
         if seed != self._seed:  # a new epoch: a new stream
             self._seed, self._rng = seed, np.random.default_rng(seed ^ _VIEW_DRAW)
-        u = self._rng.random((len(images), VIEW_DRAWS))
-        numbers = np.full(len(images), TTA_VIEWS)
-        x = render(images, *params_of(u, numbers, self.augment, crop, images.shape[-1] * scale), crop, scale)
+        # the batch's views (augmented: numbered past the TTA crops), at any crop of any input size
+        params_for = partial(
+            params_of, self._rng.random((len(images), VIEW_DRAWS)), np.full(len(images), TTA_VIEWS), self.augment
+        )
+        x = render(images, *params_for(crop, images.shape[-1] * scale), crop, scale)
         faces = images.to(self.ensemble.device)
         upscaled = self.ensemble.upscale(faces) if self.ensemble.needs_sr else None
-        probs = fused_answers(
-            self.ensemble, faces, upscaled, lambda c, size: params_of(u, numbers, self.augment, c, size)
-        )
-        return x, probs.to(images.device)
+        return x, fused_answers(self.ensemble, faces, upscaled, params_for).to(images.device)
 
 
 def load_online_teacher(cfg: ExperimentConfig, device) -> OnlineTeacher:
@@ -100,7 +100,7 @@ def load_online_teacher(cfg: ExperimentConfig, device) -> OnlineTeacher:
 
     folder = resolve_bundle(cfg.distill.teacher or None)
     ensemble, _ = load_bundle(folder, device)
-    return OnlineTeacher(ensemble, cfg.augment, source=str(folder))
+    return OnlineTeacher(ensemble, cfg.augment)
 
 
 def load_teacher(cfg: ExperimentConfig, device) -> Teacher | OnlineTeacher:

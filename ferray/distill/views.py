@@ -82,14 +82,6 @@ def view_params(
     return params_of(uniforms(seed, faces, views, VIEW_DRAWS), views, cfg, crop, size)
 
 
-def random_view_params(
-    rng: np.random.Generator, count: int, cfg: AugmentConfig, crop: int, size: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`count` augmented views (as view_params describes them) from a random stream: a teacher that
-    answers as the student trains needs no view twice, so none is named by (seed, face, view)."""
-    return params_of(rng.random((count, VIEW_DRAWS)), np.full(count, TTA_VIEWS), cfg, crop, size)
-
-
 def params_of(u: np.ndarray, views: np.ndarray, cfg: AugmentConfig, crop: int, size: int):
     """(theta, gain, bias) of views numbered `views` from their draws u (N, VIEW_DRAWS)."""
     theta = augmented_thetas(u, cfg, crop, size)

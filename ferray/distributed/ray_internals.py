@@ -114,18 +114,18 @@ HAPROXY_REWRITES = (
 )
 
 
-def rewrite_template(text: str, replacements, unchanged: str) -> str:
-    """`text` with each (old, new) of `replacements` made once; `text` as it was (and a warning saying
-    `unchanged`) where an old part is missing or repeated, i.e. Serve's template is not the one this
-    was written against. Already rewritten text is returned as it is."""
+def rewrite_template(text: str, replacements, unchanged: str) -> tuple[str, bool]:
+    """(`text` with each (old, new) of `replacements` made once, True); (`text` as it was, False) and
+    a warning saying `unchanged` where an old part is missing or repeated, i.e. Serve's template is
+    not the one this was written against. Already rewritten text comes back as it is, True."""
     if all(new in text for _, new in replacements):
-        return text
+        return text, True
     if not all(text.count(old) == 1 for old, _ in replacements):
         log.warning(f"Serve's HAProxy template has changed: {unchanged}")
-        return text
+        return text, False
     for old, new in replacements:
         text = text.replace(old, new)
-    return text
+    return text, True
 
 
 def rewrite_haproxy_templates(templates) -> list[str]:
@@ -134,10 +134,9 @@ def rewrite_haproxy_templates(templates) -> list[str]:
     text = getattr(templates, "HAPROXY_CONFIG_TEMPLATE", "")
     made = []
     for name, replacements, unchanged in HAPROXY_REWRITES:
-        rewritten = rewrite_template(text, replacements, unchanged)
-        if all(new in rewritten for _, new in replacements):
+        text, done = rewrite_template(text, replacements, unchanged)
+        if done:
             made.append(name)
-        text = rewritten
     templates.HAPROXY_CONFIG_TEMPLATE = text
     haproxy = sys.modules.get("ray.serve._private.haproxy")  # a copy taken by `from ... import` already
     if haproxy is not None and hasattr(haproxy, "HAPROXY_CONFIG_TEMPLATE"):
