@@ -242,32 +242,36 @@ def resize48(gray: np.ndarray) -> np.ndarray:
 
 
 DETECTORS = ("haar", "mtcnn")
-# Where FER2013's faces have MTCNN's five landmarks (left eye, right eye, nose, left and right mouth
-# corner), in 48x48 pixels: the mean over 363 of 400 random Training faces, each enlarged 4x and
-# padded for the detector (`python -m bench.landmarks --data data/fer2013`). A face found in a photo
-# is mapped onto these points, so the model sees it placed and scaled as it saw its training faces.
-FER_LANDMARKS = np.array([[15.87, 17.93], [33.19, 18.10], [24.22, 28.23], [16.76, 37.34], [31.34, 37.55]])
-ALIGN_OVERSAMPLE = 4  # the warp draws 4x the final size, then shrinks by area (no aliasing)
+# How FER2013 frames its faces against MTCNN's box: the 48x48 square's side in box sides, and its
+# centre's offset from the box's in box sides (x right, y down, in the levelled face's frame); the
+# medians over 380 of 400 random Training faces, each enlarged 4x and padded for the detector
+# (`python -m bench.landmarks --data data/fer2013`). A face found in a photo is cut to this square,
+# so the model sees it framed as it saw its training faces. Framing by the box reproduces FER2013's
+# framing better than mapping the five landmarks onto their mean places: the landmarks of FER2013's
+# faces spread by 4-5 px between faces, and the models learned each face as it was framed
+# (docs/benchmarks.md, bench/detect.py).
+FER_BOX_SIDE = 0.932
+FER_BOX_OFFSET = (0.001, -0.008)
+FRAME_OVERSAMPLE = 4  # the warp draws 4x the final size, then shrinks by area (no aliasing)
 
 
-def similarity_to(points: np.ndarray, template: np.ndarray) -> np.ndarray:
-    """The 2x3 rotation + uniform scale + shift that maps `points` onto `template` by least squares."""
-    x, y = points[:, 0], points[:, 1]
-    ones, zeros = np.ones_like(x), np.zeros_like(x)
-    # u = a*x - b*y + tx, v = b*x + a*y + ty
-    rows = np.vstack([np.stack([x, -y, ones, zeros], 1), np.stack([y, x, zeros, ones], 1)])
-    (a, b, tx, ty), *_ = np.linalg.lstsq(rows, np.concatenate([template[:, 0], template[:, 1]]), rcond=None)
-    return np.array([[a, -b, tx], [b, a, ty]])
-
-
-def aligned_face(gray: np.ndarray, landmarks: np.ndarray, template: np.ndarray = FER_LANDMARKS) -> np.ndarray:
-    """The face as FER2013 has its faces: turned, scaled and shifted so that its five landmarks fall
-    where FER2013's faces have theirs (FER_LANDMARKS), 48x48. FER2013's faces are roughly upright, so
-    this levels a tilted face too."""
+def levelled_face(gray: np.ndarray, box: tuple[int, int, int, int], landmarks: np.ndarray) -> np.ndarray:
+    """The face as FER2013 frames its faces, 48x48: the square of FER_BOX_SIDE box sides about the
+    box's centre (moved by FER_BOX_OFFSET), turned so that the eyes (from the landmarks) are level;
+    beyond the image's edge its edge pixels are repeated."""
     import cv2
 
-    big = ALIGN_OVERSAMPLE * FER_SIZE
-    warp = similarity_to(np.asarray(landmarks, float), template * ALIGN_OVERSAMPLE)
+    from ferray.mtcnn import eye_angle
+
+    x, y, w, h = box
+    side, angle = max(w, h), eye_angle(landmarks)
+    turn = math.radians(angle)
+    dx, dy = FER_BOX_OFFSET[0] * side, FER_BOX_OFFSET[1] * side  # in the levelled frame, turned into the image's
+    cx = x + w / 2 + dx * math.cos(turn) - dy * math.sin(turn)
+    cy = y + h / 2 + dx * math.sin(turn) + dy * math.cos(turn)
+    big = FRAME_OVERSAMPLE * FER_SIZE
+    warp = cv2.getRotationMatrix2D((cx, cy), angle, big / (FER_BOX_SIDE * side))
+    warp[:, 2] += (big - 1) / 2 - np.array([cx, cy])  # onto the middle of the patch's pixel centres
     patch = cv2.warpAffine(gray, warp, (big, big), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
     return resize48(patch)
 
@@ -281,7 +285,7 @@ def detected_faces(gray: np.ndarray, detector: str = "haar") -> list[Face]:
         # faces of 40 px and up (or 1/20 of the shorter side): smaller ones make poor 48x48 crops, and
         # each pyramid level below costs more than all above it
         found = mtcnn.detect(gray, min_face=max(40, min(gray.shape) // DETECTED_FRACTION))
-        return [Face(d.box, aligned_face(gray, d.landmarks)) for d in found]
+        return [Face(d.box, levelled_face(gray, d.box, d.landmarks)) for d in found]
     if detector == "haar":
         return [Face(box, crop_face(gray, box)) for box in detect_boxes(gray)]
     raise InputError(f"detector {detector!r} is not one of {', '.join(DETECTORS)}")

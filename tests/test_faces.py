@@ -251,25 +251,30 @@ def test_limits_name_themselves_and_pixel_rows_are_checked_by_numpy():
         find_faces([(str(i), small) for i in range(4)], detect=False, limits=limits)
 
 
-def test_a_found_face_is_mapped_onto_fer2013s_landmarks():
-    """Five bright dots placed where a turned, scaled, shifted face has its landmarks come out of the
-    alignment where FER2013's faces have theirs, and the warp found is the inverse of the one made."""
+@pytest.mark.parametrize("angle", [23.0, -30.0, 0.0])
+def test_a_found_face_is_cut_levelled_as_fer2013_frames_its_faces(angle):
+    """A 48x48 face put into a photo turned, enlarged and shifted, with the box a detector would give
+    it (FER2013's square is FER_BOX_SIDE of it) and its eyes: levelled_face gives the 48x48 face back."""
     import cv2
 
-    from ferray.faces import FER_LANDMARKS, aligned_face, similarity_to
+    from ferray.faces import FER_BOX_OFFSET, FER_BOX_SIDE, levelled_face
 
-    angle, scale, shift = 23.0, 3.1, np.array([210.0, 140.0])
-    turn = np.radians(angle)
-    made = scale * FER_LANDMARKS @ np.array([[np.cos(turn), np.sin(turn)], [-np.sin(turn), np.cos(turn)]]) + shift
-    photo = np.zeros((480, 640), np.uint8)
-    for x, y in made:
-        cv2.circle(photo, (round(x), round(y)), 6, 255, -1)
-    back = similarity_to(made, FER_LANDMARKS)
-    assert np.hypot(*back[:, :2] @ [1, 0]) == pytest.approx(1 / scale, rel=1e-6)  # the inverse scale
-    face = aligned_face(photo, made)
-    assert face.shape == (48, 48)
-    for x, y in FER_LANDMARKS:  # each dot's brightness centred on its template point
-        ys, xs = np.mgrid[0:48, 0:48]
-        near = (np.hypot(xs - x, ys - y) < 4) * face.astype(float)
-        assert near.sum() > 0
-        assert np.hypot((near * xs).sum() / near.sum() - x, (near * ys).sum() / near.sum() - y) < 0.8
+    rng = np.random.default_rng(3)
+    face = cv2.normalize(cv2.GaussianBlur(rng.normal(size=(48, 48)), (0, 0), 2.0), None, 0, 255, cv2.NORM_MINMAX)
+    face = face.astype(np.uint8)
+    scale, centre = 3.1, np.array([330.0, 250.0])
+    place = cv2.getRotationMatrix2D((23.5, 23.5), angle, scale)  # about the middle of its pixel centres
+    place[:, 2] += centre - [23.5, 23.5]
+    photo = cv2.warpAffine(face, place, (640, 480), flags=cv2.INTER_CUBIC)
+    eyes = np.array([[16.0, 18.0, 1.0], [33.0, 18.0, 1.0]]) @ place.T
+    landmarks = np.vstack([eyes, np.zeros((3, 2))])  # the nose and mouth corners play no part
+    side = 48 * scale / FER_BOX_SIDE
+    turn = np.radians(-angle)  # the eyes' line in the photo (cv2 turns counter-clockwise on screen)
+    offset = np.array(FER_BOX_OFFSET) * side
+    box_centre = centre - [[np.cos(turn), -np.sin(turn)], [np.sin(turn), np.cos(turn)]] @ offset
+    box = (box_centre[0] - side / 2, box_centre[1] - side / 2, side, side)
+    back = levelled_face(photo, box, landmarks)
+    assert back.shape == (48, 48) and back.dtype == np.uint8
+    inner = (slice(3, 45), slice(3, 45))
+    assert np.abs(back[inner].astype(float) - face[inner]).mean() < 4.0
+    assert np.corrcoef(back[inner].ravel(), face[inner].ravel())[0, 1] > 0.98
