@@ -153,3 +153,22 @@ def test_an_unknown_detector_is_refused_by_name():
         faces_in_image(np.zeros((100, 100), np.uint8), detector="dlib")
     with pytest.raises(ConfigError, match="detector is 'dlib'; choose one of haar, mtcnn"):
         parse_settings({"detector": "dlib"})
+
+
+def test_the_detection_bench_cuts_a_pasted_face_back_by_its_placement():
+    """bench/detect.py's reference for what the pasting costs: a face pasted turned and enlarged into
+    a scene comes back from placed_cut as the face lit as pasted (but for the blended corners)."""
+    import cv2
+
+    from bench.detect import Placed, lit, paste, placed_cut
+
+    rng = np.random.default_rng(4)
+    face = cv2.normalize(cv2.GaussianBlur(rng.normal(size=(48, 48)), (0, 0), 2.0), None, 20, 230, cv2.NORM_MINMAX)
+    face = face.astype(np.uint8)
+    scene = np.full((480, 640), 100.0)
+    place = Placed(0, 300.0, 200.0, 128, 25.0, 0.6)
+    paste(scene, face, place, place.brightness)
+    back = placed_cut(scene.astype(np.uint8), place)
+    middle = (slice(12, 36), slice(12, 36))  # inside the oval, where the face is pasted opaque
+    assert np.abs(back[middle].astype(float) - lit(face, 0.6)[middle]).mean() < 3.0
+    assert np.abs(back[:4, :4].astype(float) - 100).mean() < 10  # a corner: the background
