@@ -248,7 +248,7 @@ DETECTORS = ("haar", "mtcnn")
 # (`python -m bench.landmarks --data data/fer2013`). A face found in a photo is cut to this square,
 # so the model sees it framed as it saw its training faces. Framing by the box reproduces FER2013's
 # framing better than mapping the five landmarks onto their mean places: the landmarks of FER2013's
-# faces spread by 4-5 px between faces, and the models learned each face as it was framed
+# faces spread by 3.5-5.3 px (sd) between faces, and the models learned each face as it was framed
 # (docs/benchmarks.md, bench/detect.py).
 FER_BOX_SIDE = 0.932
 FER_BOX_OFFSET = (0.001, -0.008)
