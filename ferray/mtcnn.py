@@ -346,7 +346,15 @@ def square(boxes: np.ndarray) -> np.ndarray:
 
 def suppress(boxes: np.ndarray, overlap: float, by_smaller: bool = False) -> np.ndarray:
     """Non-maximum suppression: the indices kept, best score first. Overlap is intersection over
-    union, or over the smaller box (`by_smaller`: a box inside another goes)."""
+    union (OpenCV's NMSBoxes, given sides of x2 - x1 + 1 so that its areas are the pixel counts used
+    here), or over the smaller box (`by_smaller`: a box inside another goes)."""
+    if not by_smaller:
+        import cv2
+
+        sides = boxes[:, 2:4] - boxes[:, 0:2] + 1
+        rects = np.column_stack([boxes[:, :2], sides]).tolist()
+        lifted = (boxes[:, 4] + 1.0).tolist()  # NMSBoxes drops scores at or below its threshold (at least 0)
+        return np.array(cv2.dnn.NMSBoxes(rects, lifted, 0.0, overlap), dtype=int).ravel()
     x1, y1, x2, y2, scores = boxes[:, 0], boxes[:, 1], boxes[:, 2], boxes[:, 3], boxes[:, 4]
     areas = (x2 - x1 + 1) * (y2 - y1 + 1)
     order, kept = np.argsort(-scores), []
@@ -355,7 +363,5 @@ def suppress(boxes: np.ndarray, overlap: float, by_smaller: bool = False) -> np.
         kept.append(best)
         w = np.maximum(0.0, np.minimum(x2[best], x2[rest]) - np.maximum(x1[best], x1[rest]) + 1)
         h = np.maximum(0.0, np.minimum(y2[best], y2[rest]) - np.maximum(y1[best], y1[rest]) + 1)
-        inter = w * h
-        base = np.minimum(areas[best], areas[rest]) if by_smaller else areas[best] + areas[rest] - inter
-        order = rest[inter / base <= overlap]
+        order = rest[w * h / np.minimum(areas[best], areas[rest]) <= overlap]
     return np.array(kept, dtype=int)

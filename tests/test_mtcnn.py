@@ -18,6 +18,25 @@ def test_suppression_keeps_the_best_of_overlapping_boxes():
     assert mtcnn.suppress(boxes, 0.5, by_smaller=True).tolist() == [3, 2]  # but lies inside the others
 
 
+def test_suppression_by_union_keeps_what_the_plain_greedy_rule_keeps():
+    """suppress's union overlap (OpenCV's NMSBoxes) on many random boxes: the same indices, in the
+    same order, as the rule written out: the best box stays, those overlapping it more go, repeat."""
+    rng = np.random.default_rng(7)
+    corners = rng.uniform(0, 200, (300, 2))
+    boxes = np.column_stack([corners, corners + rng.uniform(12, 60, (300, 1)), rng.uniform(0.4, 1.0, 300)])
+    x1, y1, x2, y2, scores = boxes.T
+    areas = (x2 - x1 + 1) * (y2 - y1 + 1)
+    order, expected = list(np.argsort(-scores)), []
+    while order:
+        best = order.pop(0)
+        expected.append(best)
+        w = np.maximum(0, np.minimum(x2[best], x2[order]) - np.maximum(x1[best], x1[order]) + 1)
+        h = np.maximum(0, np.minimum(y2[best], y2[order]) - np.maximum(y1[best], y1[order]) + 1)
+        union = areas[best] + areas[order] - w * h
+        order = [i for i, overlap in zip(order, w * h / union) if overlap <= 0.5]
+    assert mtcnn.suppress(boxes, 0.5).tolist() == expected
+
+
 def test_boxes_are_squared_about_their_centre_and_the_pyramid_reaches_12_pixels():
     (squared,) = mtcnn.square(np.array([[10.0, 20.0, 30.0, 60.0, 1.0]]))
     assert squared.tolist() == [0.0, 20.0, 40.0, 60.0, 1.0]
