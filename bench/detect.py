@@ -72,14 +72,9 @@ def paste(scene: np.ndarray, face: np.ndarray, place: Placed, brightness: float)
 def placed_cut(scene: np.ndarray, place: Placed) -> np.ndarray:
     """The pasted square cut from the scene by its known placement and turned back, 48x48: the face
     as a perfect detector would frame it (what the pasting itself costs, apart from detection)."""
-    import cv2
+    from ferray.faces import turned_square
 
-    from ferray.faces import resize48
-
-    big = 4 * 48
-    warp = cv2.getRotationMatrix2D((place.cx, place.cy), -place.angle, big / place.size)
-    warp[:, 2] += (big - 1) / 2 - np.array([place.cx, place.cy])
-    return resize48(cv2.warpAffine(scene, warp, (big, big), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE))
+    return turned_square(scene, place.cx, place.cy, place.size, -place.angle)
 
 
 def make_scenes(faces: np.ndarray, n: int, seed: int) -> list[tuple[np.ndarray, list[Placed]]]:

@@ -257,10 +257,7 @@ FRAME_OVERSAMPLE = 4  # the warp draws 4x the final size, then shrinks by area (
 
 def levelled_face(gray: np.ndarray, box: tuple[int, int, int, int], landmarks: np.ndarray) -> np.ndarray:
     """The face as FER2013 frames its faces, 48x48: the square of FER_BOX_SIDE box sides about the
-    box's centre (moved by FER_BOX_OFFSET), turned so that the eyes (from the landmarks) are level;
-    beyond the image's edge its edge pixels are repeated."""
-    import cv2
-
+    box's centre (moved by FER_BOX_OFFSET), turned so that the eyes (from the landmarks) are level."""
     from ferray.mtcnn import eye_angle
 
     x, y, w, h = box
@@ -269,8 +266,16 @@ def levelled_face(gray: np.ndarray, box: tuple[int, int, int, int], landmarks: n
     dx, dy = FER_BOX_OFFSET[0] * side, FER_BOX_OFFSET[1] * side  # in the levelled frame, turned into the image's
     cx = x + w / 2 + dx * math.cos(turn) - dy * math.sin(turn)
     cy = y + h / 2 + dx * math.sin(turn) + dy * math.cos(turn)
+    return turned_square(gray, cx, cy, FER_BOX_SIDE * side, angle)
+
+
+def turned_square(gray: np.ndarray, cx: float, cy: float, side: float, angle: float) -> np.ndarray:
+    """The square of `side` pixels about (cx, cy), turned by `angle` degrees (cv2's sense), 48x48;
+    beyond the image's edge its edge pixels are repeated."""
+    import cv2
+
     big = FRAME_OVERSAMPLE * FER_SIZE
-    warp = cv2.getRotationMatrix2D((cx, cy), angle, big / (FER_BOX_SIDE * side))
+    warp = cv2.getRotationMatrix2D((cx, cy), angle, big / side)
     warp[:, 2] += (big - 1) / 2 - np.array([cx, cy])  # onto the middle of the patch's pixel centres
     patch = cv2.warpAffine(gray, warp, (big, big), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
     return resize48(patch)
