@@ -52,12 +52,13 @@ class ClassifierTask:
     reported_metrics = ("eval_acc", "best_eval_acc", "eval_loss", "train_acc", "train_loss")
 
     def check_data(self, manifest: dict, cfg: ExperimentConfig) -> None:
-        size = manifest["image_size"][0]
+        size = manifest["image_size"][0] * cfg.data.input_scale  # faces upscaled on the fly are cropped after it
         if cfg.augment.crop > size:
             from ferray.errors import ConfigError
 
+            scaled = f" (upscaled {cfg.data.input_scale}x)" if cfg.data.input_scale > 1 else ""
             raise ConfigError(
-                f"augment.crop {cfg.augment.crop} is larger than the {size}x{size} faces in {cfg.data.path}"
+                f"augment.crop {cfg.augment.crop} is larger than the {size}x{size} faces{scaled} in {cfg.data.path}"
             )
 
     def model_name(self, cfg: ExperimentConfig) -> str:

@@ -107,3 +107,18 @@ def test_several_workers_on_fractions_of_a_gpu_are_refused():
         load_config(None, ["scaling.workers=2", "scaling.gpus_per_worker=0.5"])
     load_config(None, ["scaling.workers=1", "scaling.gpus_per_worker=0.5"])  # one rank on part of a GPU
     load_config(None, ["scaling.workers=2", "scaling.gpus_per_worker=1"])
+
+
+def test_crop_checked_against_the_faces_as_upscaled():
+    """A crop above the stored faces is fine when data.input_scale upscales them first (Model B on
+    48x48 faces at 2x takes 88x88 crops); above the upscaled size it is refused, naming both."""
+    from ferray.tasks import ClassifierTask
+
+    manifest = {"image_size": [48, 48]}
+    upscaled = from_dict({"data": {"path": "d", "input_scale": 2}, "augment": {"crop": 88}})
+    ClassifierTask().check_data(manifest, upscaled)
+    with pytest.raises(ConfigError, match=r"augment.crop 88 is larger than the 48x48 faces in d"):
+        ClassifierTask().check_data(manifest, from_dict({"data": {"path": "d"}, "augment": {"crop": 88}}))
+    too_big = from_dict({"data": {"path": "d", "input_scale": 2}, "augment": {"crop": 100}})
+    with pytest.raises(ConfigError, match=r"100 is larger than the 96x96 faces \(upscaled 2x\)"):
+        ClassifierTask().check_data(manifest, too_big)
