@@ -10,7 +10,10 @@ clients POST 48x48 face PNGs to /predict, first alone (quiet), then beside each 
   readiness       attackers poll GET /readyz as fast as they can
 The attackers run in a process of their own at the lowest CPU priority (Linux's SCHED_IDLE, else
 nice 19; --attackers-share-cpu: at normal priority), as if on other machines; each phase prints the
-CPU seconds they spent.
+CPU seconds they spent. They connect from an address of their own (--attacker-address, 127.0.0.2:
+one hostile client with many connections), as a client on another machine would, so the server's
+limits per client address (ferray serve --client-requests-per-s, --client-upload-mb-per-s) apply to
+them and not to the good clients; --no-client-limits measures the server without those limits.
 For each it prints the good clients' requests/s as a ratio to the quiet run, their p99 latency and
 their statuses, and how every attacker request was answered (status, and whether its body was JSON).
 Targets: good clients keep >= 70% of their quiet throughput and a p99 under 2 s under every attack,
@@ -30,6 +33,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -55,13 +59,13 @@ class Attack:
     would be measured slow for the bench's sake, not the server's); each returns a status and
     whether the answer's body was JSON. `answers` counts them once the attack is over."""
 
-    def __init__(self, url: str, attackers: int, name: str, share_cpu: bool = False):
+    def __init__(self, url: str, attackers: int, name: str, share_cpu: bool = False, source: str = ""):
         import multiprocessing
 
         context = multiprocessing.get_context("spawn")
         self.stop, self.results = context.Event(), context.Queue()
         self.process = context.Process(
-            target=attack_process, args=(url, attackers, name, self.stop, self.results, share_cpu)
+            target=attack_process, args=(url, attackers, name, self.stop, self.results, share_cpu, source)
         )
         self.answers: Counter = Counter()
         self.cpu_s = 0.0  # the attacking process's CPU seconds
@@ -77,7 +81,9 @@ class Attack:
         self.process.join(timeout=30)
 
 
-def attack_process(url: str, attackers: int, name: str, stop, results, share_cpu: bool = False) -> None:
+def attack_process(
+    url: str, attackers: int, name: str, stop, results, share_cpu: bool = False, source: str = ""
+) -> None:
     """The attacking process: its threads until `stop`, then the answers' counts (and the CPU seconds
     the attack cost its senders) into `results`. At the lowest priority unless `share_cpu`: a real
     attacker runs on machines of its own, and on the bench's two cores an attacker's own CPU (a
@@ -91,7 +97,8 @@ def attack_process(url: str, attackers: int, name: str, stop, results, share_cpu
             os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
         except (AttributeError, OSError):
             os.nice(19)
-    where, one = urlsplit(url), attacks()[name]
+    parts, one = urlsplit(url), attacks()[name]
+    where = Target(parts.hostname, parts.port, source)
     answers, lock = Counter(), threading.Lock()
 
     def loop() -> None:
@@ -114,6 +121,18 @@ def attack_process(url: str, attackers: int, name: str, stop, results, share_cpu
     results.put((list(answers.items()), usage.ru_utime + usage.ru_stime))
 
 
+@dataclass(frozen=True)
+class Target:
+    host: str
+    port: int
+    source: str = ""  # the address to connect from ("": the system's choice)
+
+    def connect(self, timeout: float) -> http.client.HTTPConnection:
+        return http.client.HTTPConnection(
+            self.host, self.port, timeout=timeout, source_address=(self.source, 0) if self.source else None
+        )
+
+
 def answer_of(connection: http.client.HTTPConnection) -> tuple[int, bool]:
     response = connection.getresponse()
     body = response.read()
@@ -128,7 +147,7 @@ def slow_upload(where) -> tuple[int, bool]:
     """Declare 1 MB, then send a byte a second until the server answers (or two minutes pass)."""
     import select
 
-    connection = http.client.HTTPConnection(where.hostname, where.port, timeout=120)
+    connection = where.connect(120)
     connection.putrequest("POST", "/predict")
     connection.putheader("Content-Type", "image/png")
     connection.putheader("Content-Length", str(1 << 20))
@@ -149,7 +168,7 @@ def slow_upload(where) -> tuple[int, bool]:
 
 def posting(path: str, body: bytes, content_type: str):
     def one(where) -> tuple[int, bool]:
-        connection = http.client.HTTPConnection(where.hostname, where.port, timeout=120)
+        connection = where.connect(120)
         try:
             connection.request("POST", path, body=body, headers={"Content-Type": content_type})
             return answer_of(connection)
@@ -160,7 +179,7 @@ def posting(path: str, body: bytes, content_type: str):
 
 
 def polling_readiness(where) -> tuple[int, bool]:
-    connection = http.client.HTTPConnection(where.hostname, where.port, timeout=60)
+    connection = where.connect(60)
     try:
         connection.request("GET", "/readyz")
         return answer_of(connection)
@@ -186,9 +205,17 @@ def run(args) -> int:
     import ray
     from ray import serve
 
+    from ferray.distributed.client_limits import export_limits, limits_from_environment
     from ferray.distributed.serving import start
     from ferray.testing import free_port
 
+    if args.no_client_limits:  # read when the server's Ray starts
+        export_limits(0, 0)
+    limits = limits_from_environment()
+    print(
+        f"limits per client address: {limits.requests_per_s:g} requests/s, {limits.upload_mb_per_s:g} MB/s of "
+        f"uploads (0: none); attackers from {args.attacker_address or 'the same address as the good clients'}"
+    )
     bundle = Path(args.bundle) if args.bundle else speed_bundle(tempfile.mkdtemp(prefix="ferray-hostile-"))
     url = start(bundle, port=free_port())
     bodies = face_bodies(32)
@@ -198,7 +225,7 @@ def run(args) -> int:
         quiet = good_load(url, bodies, args)
         print(format_row("quiet", quiet))
         for name in attacks():
-            with Attack(url, args.attackers, name, args.attackers_share_cpu) as attack:
+            with Attack(url, args.attackers, name, args.attackers_share_cpu, args.attacker_address) as attack:
                 time.sleep(2.0)  # the attack under way before the good clients start
                 good = good_load(url, bodies, args)
             ratio = good["rps"] / quiet["rps"] if quiet["rps"] else float("nan")
@@ -231,6 +258,12 @@ def main() -> int:
         action="store_true",
         help="run the attackers at normal priority (default: the lowest, as if on machines of their own)",
     )
+    parser.add_argument(
+        "--attacker-address",
+        default="127.0.0.2",
+        help="the loopback address the attackers connect from ('': the good clients' own, 127.0.0.1)",
+    )
+    parser.add_argument("--no-client-limits", action="store_true", help="serve without the limits per client address")
     return run(parser.parse_args())
 
 

@@ -174,6 +174,25 @@ def add_serve(sub) -> None:
     p.add_argument("--config", type=Path, help="Serve config (default: serve/config.yaml of the package)")
     add_set_flag(p, "override an application arg, e.g. --set model_a.max_batch_size=1 (repeatable)")
     add_members_flag(p)
+    limits = p.add_argument_group(
+        "limits per client address",
+        "kept by the HAProxy in front of a Ray this command starts (on a cluster: your load balancer's); "
+        "0 turns one off",
+    )
+    limits.add_argument(
+        "--client-requests-per-s",
+        type=float,
+        metavar="N",
+        help="requests a second from one address, over 10 s; beyond, each request is held 2 s, then "
+        "answered 429 (default: 50)",
+    )
+    limits.add_argument(
+        "--client-upload-mb-per-s",
+        type=float,
+        metavar="MB",
+        help="request bodies of one address share this bandwidth; larger uploads are forwarded slower, "
+        "not refused (default: 8)",
+    )
     p.set_defaults(func=cmd_serve)
 
 
@@ -273,8 +292,10 @@ def _predict_video(args) -> int:
 
 
 def cmd_serve(args) -> int:
+    from ferray.distributed.client_limits import export_limits
     from ferray.distributed.serving import serve_forever
 
+    export_limits(args.client_requests_per_s, args.client_upload_mb_per_s)  # before its Ray starts
     overrides = args.overrides + ([f"members={args.members}"] if args.members != "all" else [])
     serve_forever(args.bundle, port=args.port, host=args.host, config=args.config, overrides=overrides)
     return 0

@@ -33,7 +33,28 @@ def decode_threads(configured: int) -> int:
 # Images declaring more pixels than this (12-megapixel phone photos; a 1080p frame is under it) are
 # decoded in a lane of their own with half the slots: large photos, whose decoding and face search
 # take seconds, cannot hold every core while the small faces most clients send wait behind them.
+# That lane's threads also run at the lowest CPU priority (background_thread): on a busy server the
+# model replicas come first and a large photo takes the cores they leave (or waits its wait_s and is
+# answered 503); on an idle one it runs at full speed.
 HEAVY_PIXELS = 4_000_000
+
+
+def background_thread() -> str:
+    """Put the calling thread (Linux schedules threads, not processes) at the lowest CPU priority:
+    SCHED_IDLE, else nice 19; what it got, for the log."""
+    import threading
+
+    thread = threading.get_native_id()
+    try:
+        os.sched_setscheduler(thread, os.SCHED_IDLE, os.sched_param(0))
+        return "SCHED_IDLE"
+    except (AttributeError, OSError):
+        pass
+    try:
+        os.setpriority(os.PRIO_PROCESS, thread, 19)
+        return "nice 19"
+    except (AttributeError, OSError):
+        return "unchanged"
 
 
 def heavy_slots(decode_slots: int) -> int:
@@ -42,12 +63,15 @@ def heavy_slots(decode_slots: int) -> int:
 
 
 class _Lane:
-    """Slots of the decode stage: a semaphore for waiting on one, and the threads that run in them."""
+    """Slots of the decode stage: a semaphore for waiting on one, and the threads that run in them
+    (`background`: at the lowest CPU priority)."""
 
-    def __init__(self, slots: int, what: str):
+    def __init__(self, slots: int, what: str, background: bool = False):
         self.slots, self.what = slots, what
         self.free = asyncio.Semaphore(slots)
-        self.pool = ThreadPoolExecutor(slots, thread_name_prefix="ferray-decode")
+        self.pool = ThreadPoolExecutor(
+            slots, thread_name_prefix="ferray-decode", initializer=background_thread if background else None
+        )
 
 
 def resident_bytes() -> int:
@@ -84,7 +108,9 @@ class Intake:
         self._held = 0
         self._room = asyncio.Condition()
         self._light = _Lane(decode_slots, "decode slots")
-        self._heavy = _Lane(heavy_slots(decode_slots), f"decode slots for large images (over {HEAVY_PIXELS:,} pixels)")
+        self._heavy = _Lane(
+            heavy_slots(decode_slots), f"decode slots for large images (over {HEAVY_PIXELS:,} pixels)", background=True
+        )
 
     @asynccontextmanager
     async def holding(self, size: int):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
 
@@ -90,6 +91,24 @@ def test_large_images_decode_in_a_lane_of_their_own():
         return faces, await photo
 
     assert asyncio.run(scenario()) == ([0, 1, 2, 3], "photo")
+
+
+def test_large_images_decode_at_the_lowest_cpu_priority_and_faces_do_not():
+    """The large images' lane runs its work in threads Linux schedules last (SCHED_IDLE, else nice
+    19): the model replicas come first on a busy server. The small faces' lane is left as it was."""
+    from ferray.serve_app.intake import HEAVY_PIXELS
+
+    def priority():
+        thread = threading.get_native_id()
+        return os.sched_getscheduler(thread), os.getpriority(os.PRIO_PROCESS, thread)
+
+    async def scenario():
+        intake = Intake(held_bytes=100, decode_slots=2, wait_s=1)
+        return await intake.decode(priority, pixels=HEAVY_PIXELS + 1), await intake.decode(priority, pixels=48 * 48)
+
+    (policy, nice), small = asyncio.run(scenario())
+    assert policy == os.SCHED_IDLE or nice == 19, (policy, nice)
+    assert small == (os.sched_getscheduler(0), os.getpriority(os.PRIO_PROCESS, 0))
 
 
 def streamed_request(chunks: list[bytes], content_type: str):

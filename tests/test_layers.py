@@ -91,7 +91,8 @@ def test_haproxys_config_of_ferray_is_rewritten_when_serve_imports_its_template(
     import sys
     import types
 
-    from ferray.distributed import ray_internals
+    from ferray.distributed import client_limits, ray_internals
+    from ferray.distributed.client_limits import ClientLimits
 
     check = (
         "from ferray.distributed.ray_internals import haproxy_config_of_ferray as hook\n"
@@ -104,19 +105,26 @@ def test_haproxys_config_of_ferray_is_rewritten_when_serve_imports_its_template(
     assert "bind 127.0.0.1:{{ config.stats_port }}" in binds and "bind 127.0.0.1:{{ config.metrics_port }}" in binds
     assert not [b for b in binds if b.startswith(("bind *:", "bind :{{"))], binds
     assert "bind {{ config.frontend_host }}:{{ config.frontend_port }}" in binds  # the front: where the user said
-    cache = f"cache {ray_internals.READY_CACHE}"
+    cache = f"\ncache {ray_internals.READY_CACHE}\n"  # the section (a filter names it too)
     front = template.index("frontend http_frontend")
     assert template.count(cache) == 1 and template.index(cache) < front  # a section of its own, before the front
     rules = template[front:].split("\nbackend ")[0]
     assert f"http-request cache-use {ray_internals.READY_CACHE}" in rules
     assert f"http-response cache-store {ray_internals.READY_CACHE}" in rules
+    # the limits per client address: kept before anything else of the front answers (the cache too),
+    # the cache declared as a filter beside the bandwidth one (HAProxy refuses the config otherwise)
+    assert template.index(f"backend {client_limits.TABLE}") < front
+    assert rules.index("http-request track-sc2 src") < rules.index("http-request tarpit") < rules.index("cache-use")
+    assert f"filter cache {ray_internals.READY_CACHE}" in rules and "filter bwlim-in" in rules
     again = types.SimpleNamespace(HAPROXY_CONFIG_TEMPLATE=template)
-    assert ray_internals.rewrite_haproxy_templates(again) == ["side listeners on loopback", "readiness cache"]
+    made = ["side listeners on loopback", "readiness cache", "client limits"]
+    assert ray_internals.rewrite_haproxy_templates(again, ClientLimits()) == made
     assert again.HAPROXY_CONFIG_TEMPLATE == template  # rewriting twice changes nothing
     changed = types.SimpleNamespace(HAPROXY_CONFIG_TEMPLATE="listen stats\n  bind 0.0.0.0:{{ config.stats_port }}\n")
     with caplog.at_level("WARNING"):
         assert ray_internals.rewrite_haproxy_templates(changed) == []
     assert "stay on every interface" in caplog.text and "every /readyz poll reaches the ingress" in caplog.text
+    assert "no limits per client address" in caplog.text
     assert changed.HAPROXY_CONFIG_TEMPLATE == "listen stats\n  bind 0.0.0.0:{{ config.stats_port }}\n"
 
 

@@ -313,6 +313,43 @@ def test_readyz_says_ready_only_when_every_member_answers(server):
         assert "age" in repeated[-1][1] and repeated[-1][2] == repeated[-2][2], repeated
 
 
+@pytest.mark.skipif(os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") != "1", reason="limits kept by HAProxy (fast mode)")
+def test_a_flooding_address_is_held_and_answered_429_while_others_are_served(server):
+    """ferray's own Ray renders HAProxy's config with the limits per client address: GETs of /readyz
+    from one address past its rate (the default, over 10 s) are held, then answered with a JSON 429
+    naming the address; another address meanwhile gets its answer at once."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    from ferray.distributed import client_limits
+
+    where = urlsplit(server)
+
+    def get_from(source: str):
+        connection = http.client.HTTPConnection(where.hostname, where.port, source_address=(source, 0), timeout=30)
+        started = time.monotonic()
+        try:
+            connection.request("GET", "/readyz")
+            response = connection.getresponse()
+            return response.status, response.headers, response.read(), time.monotonic() - started
+        finally:
+            connection.close()
+
+    most = round(client_limits.limits_from_environment().requests_per_s * client_limits.RATE_WINDOW_S)
+    answered = 0  # 200s before the first other status
+    while answered <= most:
+        status, headers, body, seconds = get_from("127.0.0.2")
+        if status != 200:
+            break
+        answered += 1
+    assert (status, answered) == (429, most), (status, answered, body)
+    answer = json.loads(body)
+    assert "requests a second from 127.0.0.2" in answer["error"] and headers["Retry-After"] == "10"
+    assert seconds >= client_limits.TARPIT_S - 0.2
+    status, _, body, seconds = get_from("127.0.0.1")
+    assert status == 200 and json.loads(body)["status"] == "ready" and seconds < 2
+
+
 def test_web_page_in_headless_chromium(server, synth_faces, tmp_path):
     chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
     if not (chromium and driver):

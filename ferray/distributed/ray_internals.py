@@ -128,15 +128,40 @@ def rewrite_template(text: str, replacements, unchanged: str) -> tuple[str, bool
     return text, True
 
 
-def rewrite_haproxy_templates(templates) -> list[str]:
+HAPROXY_FRONTEND_BIND = "    bind {{ config.frontend_host }}:{{ config.frontend_port }}\n"
+
+
+def client_limit_rewrites(limits, cache: str | None):
+    """The replacements that keep limits per client address (ferray.distributed.client_limits): the
+    stick table a section of its own (before the metrics listener: the readiness cache's rewrite
+    finds its own section before the front as it wrote it), the rules first in the front."""
+    from ferray.distributed.client_limits import frontend_rules, table_section
+
+    return (
+        ("frontend prometheus\n", table_section(limits) + "frontend prometheus\n"),
+        (HAPROXY_FRONTEND_BIND, HAPROXY_FRONTEND_BIND + frontend_rules(limits, cache)),
+    )
+
+
+def rewrite_haproxy_templates(templates, limits=None) -> list[str]:
     """Rewrite a haproxy_templates module's config template (HAPROXY_REWRITES): the stats and
-    metrics listeners bind 127.0.0.1, and /readyz is cached; the names of the rewrites made."""
+    metrics listeners bind 127.0.0.1, and /readyz is cached; then the limits per client address
+    (`limits`, a ClientLimits; None: those this process inherited). The names of the rewrites made."""
+    from ferray.distributed.client_limits import limits_from_environment
+
     text = getattr(templates, "HAPROXY_CONFIG_TEMPLATE", "")
     made = []
     for name, replacements, unchanged in HAPROXY_REWRITES:
         text, done = rewrite_template(text, replacements, unchanged)
         if done:
             made.append(name)
+    limits = limits_from_environment() if limits is None else limits
+    if limits.active:
+        cache = READY_CACHE if "readiness cache" in made else None
+        rewrites = client_limit_rewrites(limits, cache)
+        text, done = rewrite_template(text, rewrites, "no limits per client address")
+        if done:
+            made.append("client limits")
     templates.HAPROXY_CONFIG_TEMPLATE = text
     haproxy = sys.modules.get("ray.serve._private.haproxy")  # a copy taken by `from ... import` already
     if haproxy is not None and hasattr(haproxy, "HAPROXY_CONFIG_TEMPLATE"):
