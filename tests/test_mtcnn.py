@@ -176,7 +176,8 @@ def test_an_unknown_detector_is_refused_by_name():
 
 def test_the_detection_bench_cuts_a_pasted_face_back_by_its_placement():
     """bench/detect.py's reference for what the pasting costs: a face pasted turned and enlarged into
-    a scene comes back from placed_cut as the face lit as pasted (but for the blended corners)."""
+    a scene comes back from placed_cut as the face lit as pasted: whole (its corners too) when pasted
+    as a square, its corners the background's when blended as an oval."""
     import cv2
 
     from bench.detect import Placed, lit, paste, placed_cut
@@ -184,10 +185,17 @@ def test_the_detection_bench_cuts_a_pasted_face_back_by_its_placement():
     rng = np.random.default_rng(4)
     face = cv2.normalize(cv2.GaussianBlur(rng.normal(size=(48, 48)), (0, 0), 2.0), None, 20, 230, cv2.NORM_MINMAX)
     face = face.astype(np.uint8)
-    scene = np.full((480, 640), 100.0)
     place = Placed(0, 300.0, 200.0, 128, 25.0, 0.6)
-    paste(scene, face, place, place.brightness)
-    back = placed_cut(scene.astype(np.uint8), place)
-    middle = (slice(12, 36), slice(12, 36))  # inside the oval, where the face is pasted opaque
-    assert np.abs(back[middle].astype(float) - lit(face, 0.6)[middle]).mean() < 3.0
-    assert np.abs(back[:4, :4].astype(float) - 100).mean() < 10  # a corner: the background
+    expected = lit(face, 0.6).astype(float)
+    backs = {}
+    for blend in ("square", "oval"):
+        scene = np.full((480, 640), 100.0)
+        paste(scene, face, place, place.brightness, blend)
+        backs[blend] = placed_cut(scene.astype(np.uint8), place).astype(float)
+    middle = (slice(12, 36), slice(12, 36))  # opaque either way
+    assert np.abs(backs["square"][middle] - expected[middle]).mean() < 3.0
+    assert np.abs(backs["oval"][middle] - expected[middle]).mean() < 3.0
+    inside = (slice(4, 44), slice(4, 44))  # all but the feathered rim
+    assert np.abs(backs["square"][inside] - expected[inside]).mean() < 3.0
+    assert np.abs(backs["square"][4:8, 4:8] - expected[4:8, 4:8]).mean() < 5  # a corner: the face's own
+    assert np.abs(backs["oval"][:4, :4] - 100).mean() < 10  # a corner: the background
