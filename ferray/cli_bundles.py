@@ -184,7 +184,7 @@ def add_serve(sub) -> None:
         type=float,
         metavar="N",
         help="requests a second from one address, over 10 s; beyond, each request is held 2 s, then "
-        "answered 429 (default: 50)",
+        "answered 429 (default: 200)",
     )
     limits.add_argument(
         "--client-upload-mb-per-s",

@@ -23,6 +23,9 @@ def ray_session():
     os.environ.pop("RAY_ADDRESS", None)
     configure_train_env(single_machine=True)
     os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")
+    # the limits per client address below the default, so that the flood test reaches them in a
+    # few seconds on a slow machine (the tests' own traffic stays far under it)
+    os.environ.setdefault("FERRAY_CLIENT_REQUESTS_PER_S", "50")
     if not ray.is_initialized():
         with own_ray_environment():  # Serve's mode and HAProxy's config, as `ferray serve` runs them
             ray.init(

@@ -17,13 +17,13 @@ from ferray.testing import free_port
 
 
 def test_limits_come_from_the_environment_and_a_bad_value_is_named(caplog):
-    assert client_limits.limits_from_environment({}) == ClientLimits(50.0, 8.0)
+    assert client_limits.limits_from_environment({}) == ClientLimits(200.0, 8.0)
     env = {client_limits.REQUESTS_VARIABLE: "0", client_limits.UPLOAD_VARIABLE: "2.5"}
     assert client_limits.limits_from_environment(env) == ClientLimits(0.0, 2.5)
     assert not ClientLimits(0, 0).active and table_section(ClientLimits(0, 0)) == ""
     with caplog.at_level("WARNING"):
         limits = client_limits.limits_from_environment({client_limits.REQUESTS_VARIABLE: "lots"})
-    assert limits.requests_per_s == 50.0 and "FERRAY_CLIENT_REQUESTS_PER_S is 'lots'" in caplog.text
+    assert limits.requests_per_s == 200.0 and "FERRAY_CLIENT_REQUESTS_PER_S is 'lots'" in caplog.text
     for bad in ("-1", "nan", "inf", "x"):
         with pytest.raises(ConfigError, match="--client-upload-mb-per-s"):
             client_limits.check_limit(bad, "--client-upload-mb-per-s")
