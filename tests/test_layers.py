@@ -92,7 +92,6 @@ def test_haproxys_config_of_ferray_is_rewritten_when_serve_imports_its_template(
     import types
 
     from ferray.distributed import client_limits, ray_internals
-    from ferray.distributed.client_limits import ClientLimits
 
     check = (
         "from ferray.distributed.ray_internals import haproxy_config_of_ferray as hook\n"
@@ -118,8 +117,11 @@ def test_haproxys_config_of_ferray_is_rewritten_when_serve_imports_its_template(
     assert f"filter cache {ray_internals.READY_CACHE}" in rules and "filter bwlim-in" in rules
     again = types.SimpleNamespace(HAPROXY_CONFIG_TEMPLATE=template)
     made = ["side listeners on loopback", "readiness cache", "client limits"]
-    assert ray_internals.rewrite_haproxy_templates(again, ClientLimits()) == made
+    assert ray_internals.rewrite_haproxy_templates(again, client_limits.limits_from_environment()) == made
     assert again.HAPROXY_CONFIG_TEMPLATE == template  # rewriting twice changes nothing
+    other = types.SimpleNamespace(HAPROXY_CONFIG_TEMPLATE=template)  # other limits: the first ones stay
+    assert "client limits" in ray_internals.rewrite_haproxy_templates(other, client_limits.ClientLimits(7, 1))
+    assert other.HAPROXY_CONFIG_TEMPLATE == template
     changed = types.SimpleNamespace(HAPROXY_CONFIG_TEMPLATE="listen stats\n  bind 0.0.0.0:{{ config.stats_port }}\n")
     with caplog.at_level("WARNING"):
         assert ray_internals.rewrite_haproxy_templates(changed) == []

@@ -147,6 +147,7 @@ def rewrite_haproxy_templates(templates, limits=None) -> list[str]:
     """Rewrite a haproxy_templates module's config template (HAPROXY_REWRITES): the stats and
     metrics listeners bind 127.0.0.1, and /readyz is cached; then the limits per client address
     (`limits`, a ClientLimits; None: those this process inherited). The names of the rewrites made."""
+    from ferray.distributed import client_limits
     from ferray.distributed.client_limits import limits_from_environment
 
     text = getattr(templates, "HAPROXY_CONFIG_TEMPLATE", "")
@@ -156,7 +157,9 @@ def rewrite_haproxy_templates(templates, limits=None) -> list[str]:
         if done:
             made.append(name)
     limits = limits_from_environment() if limits is None else limits
-    if limits.active:
+    if f"backend {client_limits.TABLE}\n" in text:  # rewritten before (by this process): kept as it was
+        made.append("client limits")
+    elif limits.active:
         cache = READY_CACHE if "readiness cache" in made else None
         rewrites = client_limit_rewrites(limits, cache)
         text, done = rewrite_template(text, rewrites, "no limits per client address")
