@@ -89,14 +89,12 @@ def attack_process(
     attacker runs on machines of its own, and on the bench's two cores an attacker's own CPU (a
     Python client sending a thousand requests a second takes most of a core) would be counted as
     the server's weakness."""
-    import os
     import resource
 
+    from ferray.serve_app.intake import background_thread
+
     if not share_cpu:  # SCHED_IDLE: only when no other process wants the CPU (nice 19 still takes a share)
-        try:
-            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-        except (AttributeError, OSError):
-            os.nice(19)
+        background_thread()  # before the attacking threads start: they inherit it
     parts, one = urlsplit(url), attacks()[name]
     where = Target(parts.hostname, parts.port, source)
     answers, lock = Counter(), threading.Lock()

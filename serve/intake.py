@@ -39,22 +39,19 @@ def decode_threads(configured: int) -> int:
 HEAVY_PIXELS = 4_000_000
 
 
-def background_thread() -> str:
-    """Put the calling thread (Linux schedules threads, not processes) at the lowest CPU priority:
-    SCHED_IDLE, else nice 19; what it got, for the log."""
+def background_thread() -> None:
+    """Put the calling thread at the lowest CPU priority: SCHED_IDLE, else nice 19 (Linux schedules
+    threads, not processes; threads it starts afterwards inherit it)."""
     import threading
 
     thread = threading.get_native_id()
     try:
         os.sched_setscheduler(thread, os.SCHED_IDLE, os.sched_param(0))
-        return "SCHED_IDLE"
     except (AttributeError, OSError):
-        pass
-    try:
-        os.setpriority(os.PRIO_PROCESS, thread, 19)
-        return "nice 19"
-    except (AttributeError, OSError):
-        return "unchanged"
+        try:
+            os.setpriority(os.PRIO_PROCESS, thread, 19)
+        except (AttributeError, OSError):
+            pass
 
 
 def heavy_slots(decode_slots: int) -> int:
