@@ -191,6 +191,20 @@ def test_paths_some_node_cannot_see_are_named(ray_session, tmp_path):
         check_shared_paths({"data": "/nowhere/fer2013"})
 
 
+def test_a_node_that_leaves_before_its_path_probe_is_skipped(ray_session, tmp_path, monkeypatch):
+    """An autoscaler stops idle nodes at any moment: one listed alive and gone when its probe is
+    scheduled (TaskUnschedulableError in CI) holds no workers and misses nothing; the others count."""
+    from ferray.distributed import cluster
+
+    here = cluster.alive_nodes()
+    gone = {"NodeID": "ab" * 28, "NodeManagerAddress": "192.0.2.9", "Alive": True}
+    monkeypatch.setattr(cluster, "alive_nodes", lambda: [*here, gone])
+    assert cluster.missing_on_nodes({"data": tmp_path}, timeout_s=30) == []
+    assert cluster.missing_on_nodes({"data": "/nowhere/fer2013"}, timeout_s=30) == [
+        f"data /nowhere/fer2013 (node {here[0]['NodeManagerAddress']})"
+    ]
+
+
 # ------------------------------------------------------------------------------------ a real head
 def _free_port() -> int:
     from ferray.testing import free_port

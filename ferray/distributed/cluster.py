@@ -42,8 +42,20 @@ def missing_on_nodes(paths: dict[str, str | Path], timeout_s: float = 60.0) -> l
         for what, path in paths.items():
             ref = probe.options(scheduling_strategy=strategy).remote(str(Path(path).absolute()))
             pending.append((ref, what, path, node["NodeManagerAddress"]))
-    results = ray.get([ref for ref, *_ in pending], timeout=timeout_s)
-    return [f"{what} {path} (node {ip})" for found, (_, what, path, ip) in zip(results, pending) if not found]
+    ray.wait([ref for ref, *_ in pending], num_returns=len(pending), timeout=timeout_s)
+    return [f"{what} {path} (node {ip})" for ref, what, path, ip in pending if not _found_or_node_gone(ref)]
+
+
+def _found_or_node_gone(ref) -> bool:
+    """A probe's answer; True for a node that left between the listing and the probe (an autoscaler
+    stops idle nodes at any moment): no worker can run there, so it cannot miss a path."""
+    import ray
+    from ray.exceptions import NodeDiedError, TaskUnschedulableError
+
+    try:
+        return ray.get(ref, timeout=0)
+    except (TaskUnschedulableError, NodeDiedError):
+        return True
 
 
 def check_shared_paths(paths: dict[str, str | Path]) -> None:
