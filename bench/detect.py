@@ -158,12 +158,24 @@ def angle_bucket(place: Placed) -> int:
     return min(ANGLES, key=lambda a: abs(abs(place.angle) - a))
 
 
-def accuracy(predictor, faces: list[np.ndarray], labels: np.ndarray) -> float:
+def correct(predictor, faces: list[np.ndarray], labels: np.ndarray) -> np.ndarray:
+    """Whether the bundle's served answer for each face is its label."""
     from ferray.data.contract import EMOTIONS
 
     answers = predictor.predict_many(faces, detect=False)
     predicted = [EMOTIONS.index(a["faces"][0]["label"]) for a in answers]
-    return float(np.mean(np.array(predicted) == labels))
+    return np.array(predicted) == labels
+
+
+def accuracy_by(places: list[Placed], ways: dict[str, np.ndarray], key, values) -> str:
+    """'value: way1/way2/... (faces)' for each value of key(place): where the gap comes from."""
+    cells = []
+    for value in values:
+        chosen = np.array([key(p) == value for p in places])
+        if chosen.any():
+            shares = "/".join(f"{100 * right[chosen].mean():.0f}" for right in ways.values())
+            cells.append(f"{value}: {shares} ({chosen.sum()})")
+    return "  ".join(cells)
 
 
 def main() -> int:
@@ -210,17 +222,23 @@ def main() -> int:
         chosen = result["found"][: args.faces]
         if not chosen:
             continue
-        truth = labels[[place.index for place, _ in chosen]]
-        after = accuracy(predictor, [pixels for _, pixels in chosen], truth)
-        # the same faces, lit as they were pasted, given directly (48x48, upright): what detection,
-        # cropping and levelling cost, apart from the lighting
-        direct = accuracy(predictor, [lit(images[p.index], p.brightness) for p, _ in chosen], truth)
-        placed = accuracy(predictor, [cut[id(p)] for p, _ in chosen], truth)
+        places, truth = [p for p, _ in chosen], labels[[place.index for place, _ in chosen]]
+        ways = {
+            "found": correct(predictor, [pixels for _, pixels in chosen], truth),
+            "placed": correct(predictor, [cut[id(p)] for p in places], truth),
+            # the same faces, lit as they were pasted, given directly (48x48, upright): what detection,
+            # cropping and levelling cost, apart from the lighting
+            "directly": correct(predictor, [lit(images[p.index], p.brightness) for p in places], truth),
+        }
+        after, placed, direct = (float(right.mean()) for right in ways.values())
         print(
             f"{detector:<6} accuracy on {len(chosen)} faces as found: {after:.1%}; the same faces given directly: "
             f"{direct:.1%} ({100 * (after - direct):+.1f} points); cut by their known placement: {placed:.1%} "
             f"(the pasting costs {100 * (direct - placed):+.1f}, detection and framing {100 * (placed - after):+.1f})"
         )
+        print(f"       % found/placed/directly by size:  {accuracy_by(places, ways, lambda p: p.size, SIZES)}")
+        print(f"       by angle: {accuracy_by(places, ways, angle_bucket, ANGLES)}")
+        print(f"       by light: {accuracy_by(places, ways, lambda p: p.brightness, (0.6, 1.0, 1.4))}")
     return 0
 
 
