@@ -148,7 +148,6 @@ def rewrite_haproxy_templates(templates, limits=None) -> list[str]:
     metrics listeners bind 127.0.0.1, and /readyz is cached; then the limits per client address
     (`limits`, a ClientLimits; None: those this process inherited). The names of the rewrites made."""
     from ferray.distributed import client_limits
-    from ferray.distributed.client_limits import limits_from_environment
 
     text = getattr(templates, "HAPROXY_CONFIG_TEMPLATE", "")
     made = []
@@ -156,7 +155,7 @@ def rewrite_haproxy_templates(templates, limits=None) -> list[str]:
         text, done = rewrite_template(text, replacements, unchanged)
         if done:
             made.append(name)
-    limits = limits_from_environment() if limits is None else limits
+    limits = client_limits.limits_from_environment() if limits is None else limits
     if f"backend {client_limits.TABLE}\n" in text:  # rewritten before (by this process): kept as it was
         made.append("client limits")
     elif limits.active:
