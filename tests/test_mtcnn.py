@@ -209,3 +209,19 @@ def test_the_detection_bench_splits_each_ways_accuracy_by_the_faces_placement():
     places = [Placed(0, 0, 0, size, 0.0, 1.0) for size in (48, 48, 48, 200)]
     ways = {"found": np.array([True, False, False, True]), "directly": np.array([True, True, False, True])}
     assert accuracy_by(places, ways, lambda p: p.size, (48, 64, 200)) == "48: 33/67 (3)  200: 100/100 (1)"
+
+
+def test_the_detection_bench_gives_each_members_own_gap_from_the_same_answers():
+    """Which member loses most to detection: each member's share right as found / placed / directly
+    (from the answers every face carries), with its gap and the two parts of it."""
+    from bench.detect import member_gap, top_label
+
+    assert top_label({"happy": 0.2, "sad": 0.7, "fear": 0.1}) == "sad"
+    answers = {
+        "found": {"b4": np.array([True, False, False, False])},
+        "placed": {"b4": np.array([True, True, False, False])},
+        "directly": {"b4": np.array([True, True, True, False])},
+    }
+    assert member_gap("b4", answers) == (
+        "b4 alone: 25.0% / 50.0% / 75.0% (-50.0; detection and framing -25.0, the pasting -25.0)"
+    )
