@@ -129,6 +129,44 @@ def test_the_cpu_plan_applies_each_runs_own_overrides_and_lists_the_rows_it_does
     assert no_sr[1] == "20" and no_sr[3:7] == ["25.00%"] * 4
 
 
+def test_table1_shows_the_shipped_bundles_members_and_sets_as_its_card_measured_them(tiny_bundle, prepared_synth):
+    """`shipped:` adds a row per member of the bundle and per set of several, with the figures
+    `ferray ensemble` recorded for every split and view; the `all` set sits beside the paper's
+    ensemble. Figures measured on other faces, or a split the bundle never measured, are refused."""
+    from ferray.bundle.load import read_bundle_card
+    from ferray.data.contract import DataError, read_manifest
+    from ferray.report.document import pct, shipped_rows
+    from ferray.report.shipped import shipped_record
+
+    card, checksum = read_bundle_card(tiny_bundle), read_manifest(prepared_synth)["checksum"]
+    splits = ["PublicTest", "PrivateTest"]
+    shipped = shipped_record(str(tiny_bundle), checksum, splits)
+    assert list(shipped["members"]) == ["a", "b", "c"] and shipped["sets"]["all"]["members"] == ["a", "b", "c"]
+    assert shipped["members"]["a"]["keras_params"] > card.members["a"].parameters  # + batch-norm statistics
+    rows = shipped_rows(shipped, splits, {"PublicTest": 71.608, "PrivateTest": 73.244})
+    labels = [row[0] for row in rows]
+    where = f"shipped `{tiny_bundle}`"
+    assert labels == [
+        f"{where}: member a (xception_a_tiny; set fast)",
+        f"{where}: member b (xception_a_tiny)",
+        f"{where}: member c (xception_a_tiny)",
+        f"{where}: set all (a + b + c)",
+    ]
+    views = card.evaluations["PrivateTest"].views
+    assert rows[1][5:7] == [pct(views["center"].members["b"]), pct(views["tta"].members["b"])]
+    assert rows[3][3:7] == [pct(card.evaluations[s].views[v].accuracy) for s in splits for v in ("center", "tta")]
+    assert rows[3][9:] == ["71.608%", "73.244%"] and rows[0][9:] == ["n/a", "n/a"]
+    assert len({len(row) for row in rows}) == 1
+    with pytest.raises(DataError, match=r"shipped: .* measured on other faces .*blake2b64-sum:0000"):
+        shipped_record(str(tiny_bundle), "blake2b64-sum:0000", splits)
+    with pytest.raises(DataError, match=r"shipped: .* has no evaluation of Validation"):
+        shipped_record(str(tiny_bundle), checksum, ["Validation", "PublicTest"])
+
+
+def test_the_cpu_plan_shows_the_installed_default(prepared_synth):
+    assert load_plan(EXPERIMENTS / "paper_cpu.yaml", data=prepared_synth).shipped == "default"
+
+
 @pytest.mark.parametrize(
     "changes, message",
     [
@@ -142,6 +180,8 @@ def test_the_cpu_plan_applies_each_runs_own_overrides_and_lists_the_rows_it_does
         ({"runs": [{"key": "model_a", "experiment": "debug_a.yaml", "sets": "train.epochs=2"}]}, r"runs\[0\].sets"),
         ({"concurrent_runs": 0}, r"concurrent_runs: a positive integer"),
         ({"concurrent_runs": "2"}, r"concurrent_runs: a positive integer"),
+        ({"shipped": "nowhere"}, r"shipped: nowhere: not a ferray bundle \(no bundle.json"),
+        ({"shipped": 3}, r"shipped: `default` or a bundle folder, not 3"),
     ],
 )
 def test_bad_plans_are_refused_naming_the_file_and_field(tmp_path, changes, message):
@@ -311,13 +351,14 @@ def test_markdown_and_html_say_the_same_and_escape():
 
 # ---------------------------------------------------------------------------------- whole report
 @pytest.fixture(scope="module")
-def finished_report(tmp_path_factory, prepared_synth, ray_session):
-    """The debug plan over finished (untrained) runs of every experiment and their upscaled faces."""
+def finished_report(tmp_path_factory, prepared_synth, tiny_bundle, ray_session):
+    """The debug plan over finished (untrained) runs of every experiment and their upscaled faces,
+    with a shipped bundle's rows."""
     from ferray.distributed.report import run_report
     from ferray.sr.inference import upscale_local
 
     root = tmp_path_factory.mktemp("report")
-    plan = load_plan(write_plan(root), data=prepared_synth)
+    plan = load_plan(write_plan(root, shipped=str(tiny_bundle)), data=prepared_synth)
     runs = root / "finished"
     made = {spec.key: fake_run(runs, plan.run_config(spec, prepared_synth)) for spec in plan.runs if not spec.on_sr}
     sr_cfg = plan.config(plan.sr_experiment, prepared_synth)
@@ -400,6 +441,9 @@ def test_table_numbers_are_the_evaluation_files(finished_report):
     assert table["Ensemble (model_a + model_b)"][2:6] == ensemble
     assert table["Model A (1/8 width)"][0] == f"{record['models']['model_a']['keras_params']:,}"
     assert table["Ensemble (model_a + model_b)"][8:] == ["71.608%", "73.244%"]  # the paper's, from the plan
+    shipped = record["shipped"]["sets"]["all"]["accuracy"]
+    shipped_all = next(cells for label, cells in table.items() if label.endswith(": set all (a + b + c)"))
+    assert shipped_all[2:6] == [pct(shipped[s][v]) for s in ("PublicTest", "PrivateTest") for v in ("center", "tta")]
     # synthetic data has PrivateTest: FER2013's protocol selects on PublicTest, and the table says so
     header = (out / "report.md").read_text().split("## Table 1")[1].split("\n\n")[1].splitlines()[0]
     assert (

@@ -34,6 +34,7 @@ from ferray.config import differences as config_diff
 from ferray.data.contract import FER_SIZE, DataError, load_split, read_manifest, selection_split, untouched_splits
 from ferray.logs import quiet
 from ferray.report.plan import ReportPlan
+from ferray.report.shipped import shipped_record
 from ferray.tasks import CLASSIFIER, SR, Task
 
 log = logging.getLogger(__name__)
@@ -280,6 +281,8 @@ def run_report(
     splits = [selection, *untouched_splits(manifest, selection)]
     if "PublicTest" not in manifest["splits"]:
         raise DataError(f"{plan.data}: no PublicTest faces; Figures 2 and 4 and the paper's columns need them")
+    # the shipped bundle's rows are read now: a bundle measured on other faces fails before any training
+    shipped = shipped_record(plan.shipped, manifest["checksum"], splits) if plan.shipped else None
     reuse = [Path(r).absolute() for r in reuse]
     for folder in reuse:
         if not folder.is_dir():
@@ -312,6 +315,7 @@ def run_report(
         **runs_record,
         "evaluations": evaluations,
         "models": {k: model_facts(r["best_checkpoint"]) for k, r in runs_record["runs"].items()},
+        "shipped": shipped,
     }
     record.update(make_figures(plan, record, probs, figures, out, splits, steps))
     record["hardware"] = hardware()

@@ -109,7 +109,43 @@ def table1_rows(plan: ReportPlan, record: dict) -> list[list[str]]:
                 *["n/a"] * 4,
             ]
         )
+    return rows + shipped_rows(record.get("shipped"), splits, plan.paper.get("ensemble", {}))
+
+
+def shipped_rows(shipped: dict | None, splits: list[str], paper: dict) -> list[list[str]]:
+    """The shipped bundle's members, then its sets of two or more (a set of one is its member's row,
+    which names it); its `all` set beside the paper's ensemble."""
+    if not shipped:
+        return []
+    rows, where = [], f"shipped `{shipped['bundle']}`"
+    solo = {s["members"][0]: name for name, s in shipped["sets"].items() if len(s["members"]) == 1}
+    for name, member in shipped["members"].items():
+        also = f"; set {solo[name]}" if name in solo else ""
+        label = f"{where}: member {name} ({member['model']}{also})"
+        rows.append([label, count(member["keras_params"]), str(member["depth"] or "-"), *_cells(member, splits)])
+        rows[-1] += ["n/a"] * 4
+    for name, measured in shipped["sets"].items():
+        if len(measured["members"]) == 1:
+            continue
+        theirs = paper if name == "all" else {}
+        rows.append(
+            [
+                f"{where}: set {name} ({' + '.join(measured['members'])})",
+                count(measured["keras_params"]),
+                "-",
+                *_cells(measured, splits),
+                count(theirs.get("params")),
+                str(theirs.get("depth", "n/a")),
+                paper_pct(theirs.get("PublicTest")),
+                paper_pct(theirs.get("PrivateTest")),
+            ]
+        )
     return rows
+
+
+def _cells(measured: dict, splits: list[str]) -> list[str]:
+    accuracy = measured["accuracy"]
+    return [pct(accuracy[s][v]) if s in accuracy else "n/a" for s in splits for v in VIEWS]
 
 
 def split_label(record: dict, split: str) -> str:
@@ -278,13 +314,25 @@ def _table1(doc: Document, plan: ReportPlan, record: dict) -> None:
         f"Ensemble: weights {_weights(fusion)} ({fusion.get('weights_choice', 'fitted')}) on "
         f"{fusion['fitted_on']} ({fusion['how']}), "
         "the same for the center-crop and TTA columns; its params are A's plus B's (the SR generator adds "
-        "its own at inference). n/a: not measured here, or not given in the plan's `paper:` section.",
+        "its own at inference). n/a: not measured here, or not given in the plan's `paper:` section."
+        + _shipped_note(record.get("shipped")),
     )
     alternatives = record["fusion_alternatives"]
     doc.paragraph(
         f"Other fusions measured on {fusion['fitted_on']} when the bundle was built: "
         + "; ".join(f"{name} {pct(v['accuracy'])}" for name, v in alternatives.items() if "accuracy" in v)
         + "."
+    )
+
+
+def _shipped_note(shipped: dict | None) -> str:
+    if not shipped:
+        return ""
+    views = "served with ten-crop TTA" if shipped["tta"] else "served with the center crop"
+    return (
+        f" Rows `shipped`: the bundle {shipped['bundle']} (built {shipped['created'][:10]}, {views}), its "
+        "figures as `ferray ensemble` measured them on these same faces when it built the bundle (its "
+        "bundle.json), not measured again; its `all` set is the model ferray serves."
     )
 
 

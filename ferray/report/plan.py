@@ -12,6 +12,8 @@
     sr: {experiment: srgan.yaml, actors: 1, gpus_per_actor: 1}
     concurrent_runs: 2                 # runs that do not depend on each other trained at once (default 1)
     ensemble: {a: model_a, b: model_b}  # the bundle's members (any number): member name -> run key
+    shipped: default                   # optional: a bundle whose members and sets get Table 1 rows too
+                                       # (`default`, the installed one, or a folder relative to the plan)
     figures: {crops: 8, explain_per_class: 2, sr_faces: 6}
     paper: {model_a: {params: 2720439, depth: 83}, ensemble: {PublicTest: 71.608, PrivateTest: 73.244}}
 
@@ -64,6 +66,9 @@ class ReportPlan:
     paper: dict = field(default_factory=dict)
     not_run: list[NotRun] = field(default_factory=list)
     concurrent_runs: int = 1
+    # a bundle (default, or a folder) whose members and sets Table 1 shows beside the paper's rows, as
+    # `ferray ensemble` measured them (ferray.report.shipped); None: none
+    shipped: str | None = None
 
     @property
     def first_member(self) -> str:
@@ -138,6 +143,21 @@ def _run_spec(base: Path, item, where: str) -> RunSpec:
     )
 
 
+def _shipped(base: Path, value, where: str) -> str | None:
+    """`default` (the installed bundle) or a bundle folder, relative to the plan file; None if absent."""
+    from ferray.bundle.card import BUNDLE_FILE
+    from ferray.bundle.load import DEFAULT_BUNDLE
+
+    if value is None or value == DEFAULT_BUNDLE:
+        return value
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{where}: `default` or a bundle folder, not {value!r}")
+    folder = (base / value).resolve()
+    if not (folder / BUNDLE_FILE).is_file():
+        raise ConfigError(f"{where}: {value}: not a ferray bundle (no {BUNDLE_FILE} in {folder})")
+    return str(folder)
+
+
 def _not_run(item, where: str) -> NotRun:
     item = _mapping(item, where)
     if set(item) != {"key", "label", "command"} or not all(isinstance(v, str) and v for v in item.values()):
@@ -162,6 +182,7 @@ def load_plan(path: str | Path, data: str | Path | None = None, sets: list[str] 
         "figures",
         "paper",
         "concurrent_runs",
+        "shipped",
     }
     if set(raw) - known:
         raise ConfigError(
@@ -228,6 +249,7 @@ def load_plan(path: str | Path, data: str | Path | None = None, sets: list[str] 
         paper=paper,
         not_run=not_run,
         concurrent_runs=concurrent,
+        shipped=_shipped(base, raw.get("shipped"), f"{path}: shipped"),
     )
     for spec in specs:  # every experiment must load as the plan would run it: fail now, not after hours
         plan.run_config(spec, plan.data, resolve_split=False)
