@@ -207,10 +207,10 @@ def test_a_bank_of_other_data_or_for_a_stream_is_refused_naming_it(prepared_synt
 
 
 def test_the_banks_progress_says_how_far_how_fast_and_how_long_is_left():
-    from ferray.distributed.bank import BankProgress
+    from ferray.logs import FaceProgress
 
     now = [0.0]
-    progress = BankProgress(1000, 12, every_s=60, clock=lambda: now[0])
+    progress = FaceProgress("distill bank", 1000, 12, every_s=60, clock=lambda: now[0])
     now[0] = 30.0
     assert progress.update(100) is None  # under a minute since the start
     now[0] = 120.0

@@ -178,6 +178,28 @@ def test_a_three_member_bundle_round_trip(tiny_bundle, prepared_synth, tmp_path)
     assert (tmp_path / "eval-PublicTest-tta.png").stat().st_size > 0
 
 
+def test_a_long_forward_says_how_far_it_is_chunk_by_chunk(tiny_bundle, synth_faces):
+    """`ferray ensemble` and `ferray evaluate --bundle` take minutes on a split: the members' forward
+    tells its progress after each chunk of faces, with the rate and the time left, and the answers
+    are the same as without it."""
+    from ferray.logs import FaceProgress
+
+    ensemble, _ = load_bundle(tiny_bundle, device="cpu")
+    faces = torch.from_numpy(synth_faces[0][:10])
+    lines = []
+    progress = FaceProgress("ensemble: PublicTest", 10, every_s=0.0)
+    progress.update = lambda n, said=progress.update: lines.append(said(n))
+    probs = ensemble.member_probs(faces, batch=4, progress=progress)
+    assert [line.split(" faces (")[0] for line in lines] == [
+        "ensemble: PublicTest: 4/10",
+        "ensemble: PublicTest: 8/10",
+        "ensemble: PublicTest: 10/10",
+    ]
+    assert lines[-1].startswith("ensemble: PublicTest: 10/10 faces (100%), ") and lines[-1].endswith("left")
+    plain = ensemble.member_probs(faces, batch=4)
+    assert all(torch.equal(probs[name], plain[name]) for name in plain)
+
+
 def test_bundle_refusals(tiny_bundle, prepared_synth, tmp_path):
     from ferray.config import ConfigError
 

@@ -27,7 +27,7 @@ from ferray.bundle.card import (
     SRCard,
     write_card,
 )
-from ferray.bundle.evaluation import _numpy, evaluate_views
+from ferray.bundle.evaluation import answered, evaluate_views
 from ferray.bundle.fusion import (
     SELECTION_HOW,
     fit_fusion,
@@ -123,7 +123,7 @@ def build_bundle(
             f"{' with ten-crop TTA' if tta else ''} ..."
         )
         ensemble.tta = tta
-        probs = _numpy(ensemble.member_probs(torch.from_numpy(faces)))
+        probs = answered(ensemble, faces, f"ensemble: {split} (selection){' TTA' if tta else ''}")
     if list(probs) != names or any(p.shape != (len(labels), len(EMOTIONS)) for p in probs.values()):
         shapes = {name: tuple(p.shape) for name, p in probs.items()}
         raise ConfigError(f"probs: {shapes} for the members {names} on {len(labels)} {split} faces")

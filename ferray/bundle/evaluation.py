@@ -21,6 +21,7 @@ from ferray.bundle.fusion import (
 from ferray.bundle.load import answering_members, fusion_rule, load_bundle, resolve_bundle
 from ferray.bundle.runtime import Ensemble
 from ferray.data.contract import FER_SIZE, DataError, load_split, read_manifest
+from ferray.logs import FaceProgress
 from ferray.metrics import confusion_matrix, summarize_confusion
 
 log = logging.getLogger(__name__)
@@ -40,7 +41,7 @@ def evaluate_views(
             if (split, tta) not in known:
                 log.info(f"ensemble: {split} ({len(labels):,} faces){' with ten-crop TTA' if tta else ''} ...")
                 ensemble.tta = tta
-                known[split, tta] = _numpy(ensemble.member_probs(torch.from_numpy(faces)))
+                known[split, tta] = answered(ensemble, faces, f"ensemble: {split}{' TTA' if tta else ''}")
             probs = known[split, tta]
             fused = {name: probs[name] for name in ensemble.rule.weights}  # the "all" set's members
             report = fused_summary(fused, labels, ensemble.rule)
@@ -62,6 +63,15 @@ def fused_summary(probs: dict, labels: np.ndarray, rule: FusionRule) -> dict:
 
 def _numpy(probs: dict) -> dict[str, np.ndarray]:
     return {name: p.numpy() for name, p in probs.items()}
+
+
+PROGRESS_EVERY_S = 30.0
+
+
+def answered(ensemble: Ensemble, faces: np.ndarray, what: str) -> dict[str, np.ndarray]:
+    """Every member's probabilities of a split's faces, with a progress line every half minute."""
+    progress = FaceProgress(what, len(faces), every_s=PROGRESS_EVERY_S)
+    return _numpy(ensemble.member_probs(torch.from_numpy(faces), progress=progress))
 
 
 def evaluate_bundle(
@@ -86,7 +96,7 @@ def evaluate_bundle(
     faces, labels, _ = load_split(data, split)
     if faces.shape[1:] != (FER_SIZE, FER_SIZE):
         raise DataError(f"{data}: the bundle takes the prepared 48x48 faces, not {faces.shape[1]}x{faces.shape[2]}")
-    probs = _numpy(ensemble.member_probs(torch.from_numpy(faces)))
+    probs = answered(ensemble, faces, f"evaluate: {split}{' TTA' if ensemble.tta else ''}")
     rule = fusion_rule(card, answering)
     report = fused_report({n: probs[n] for n in answering}, labels, rule, split, ensemble.tta, resolve_bundle(bundle))
     report["members"] = {name: score(p, labels)[0] for name, p in probs.items()}

@@ -132,14 +132,17 @@ class Ensemble:
             runner.warm_up()
         self.probs(name, torch.zeros(1, FER_SIZE, FER_SIZE, dtype=torch.uint8))
 
-    def member_probs(self, faces: torch.Tensor, batch: int = 256) -> dict[str, torch.Tensor]:
+    def member_probs(self, faces: torch.Tensor, batch: int = 256, progress=None) -> dict[str, torch.Tensor]:
         """Every member's probabilities of (N, 48, 48) uint8 faces, in chunks of `batch` (the SR
-        generator runs once per chunk for all the members that read its faces)."""
+        generator runs once per chunk for all the members that read its faces); `progress`: a
+        ferray.logs.FaceProgress told of each chunk (a whole split takes minutes on a CPU)."""
         answers: dict[str, list] = {name: [] for name in self.members}
         for chunk in self._check(faces).split(batch):
             upscaled = self.upscale(chunk) if self.needs_sr else None
             for name in self.members:
                 answers[name].append(self.probs(name, chunk, upscaled))
+            if progress is not None:
+                progress.update(len(chunk))
         return {name: torch.cat(parts) for name, parts in answers.items()}
 
     def fuse(self, probs: dict) -> torch.Tensor:

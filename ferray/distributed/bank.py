@@ -16,37 +16,11 @@ import numpy as np
 
 from ferray.config import AugmentConfig
 from ferray.distill.bank import TeacherAnswers, bank_manifest, save_bank, teacher_identity
-from ferray.logs import time_left
+from ferray.logs import FaceProgress
 
 log = logging.getLogger(__name__)
 DEFAULT_VIEWS = 26  # the ten TTA views and 16 augmented ones
 BLOCK_FACES = 512  # faces per block of the pipeline: a progress step
-
-
-class BankProgress:
-    """A line at most every `every_s` seconds while the teacher answers: how far, how fast, how long
-    is left ("distill bank: 5,120/25,837 faces (20%), 61 views/s, ~57 min left")."""
-
-    def __init__(self, faces: int, views: int, every_s: float = 60.0, clock=time.perf_counter):
-        self.faces, self.views, self.every_s, self.clock = faces, views, every_s, clock
-        self.done, self.start = 0, clock()
-        self.last = self.start
-
-    def update(self, faces: int) -> str | None:
-        """After `faces` more faces; the line it logged, if any."""
-        self.done += faces
-        now = self.clock()
-        if now - self.last < self.every_s and self.done < self.faces:
-            return None
-        self.last = now
-        rate = self.done / max(now - self.start, 1e-9)
-        left = (self.faces - self.done) / max(rate, 1e-9)
-        line = (
-            f"distill bank: {self.done:,}/{self.faces:,} faces ({self.done / max(self.faces, 1):.0%}), "
-            f"{rate * self.views:,.0f} views/s, ~{time_left(left)} left"
-        )
-        log.info(line)
-        return line
 
 
 def make_bank(
@@ -103,7 +77,7 @@ def make_bank(
         compute=ray.data.ActorPoolStrategy(size=actors),
         num_cpus=cpus_per_actor,
     )
-    progress = BankProgress(expected, views)
+    progress = FaceProgress("distill bank", expected, views)
     tables = []
     for table in ds.iter_batches(batch_size=None, batch_format="pyarrow"):  # a block at a time, as answered
         tables.append(table)
