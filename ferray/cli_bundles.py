@@ -116,6 +116,16 @@ def add_ensemble(sub) -> None:
         action="store_false",
         help="do not evaluate the untouched splits (faster; the model card then has no test figures)",
     )
+    p.add_argument(
+        "--cache",
+        metavar="DIR",
+        type=Path,
+        default=None,
+        help="keep each member's answers on each split in DIR and read them back in later builds: building "
+        "again with another candidate or set forwards only the members not answered before (an entry is "
+        "found only for the same weights, views, precision and faces). Derived from the data: keep it "
+        "beside the data, never publish it",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.set_defaults(func=cmd_ensemble)
 
@@ -211,6 +221,7 @@ def cmd_ensemble(args) -> int:
         sets=_named_lists(args.sets, "--set") or None,
         weights=args.weights,
         select=args.select,
+        cache=args.cache,
     )
     return 0
 

@@ -200,6 +200,43 @@ def test_a_long_forward_says_how_far_it_is_chunk_by_chunk(tiny_bundle, synth_fac
     assert all(torch.equal(probs[name], plain[name]) for name in plain)
 
 
+def test_building_again_with_a_cache_forwards_only_the_members_it_has_not_answered(
+    tiny_bundle, prepared_synth, tmp_path, monkeypatch
+):
+    """`ferray ensemble --cache DIR`: a second build reads every member's answers back (the same
+    card), a member with other weights is forwarded anew; entries differ by views and by faces."""
+    from ferray.bundle.load import load_bundle as load
+    from ferray.bundle.probs_cache import ProbsCache
+    from ferray.bundle.runtime import Ensemble
+
+    members = {name: tiny_bundle.parent / "members" / f"{name}.pt" for name in ("a", "c")}
+    forwarded, forward = [], Ensemble.member_probs
+
+    def counted(self, faces, batch=256, progress=None, names=None):
+        forwarded.append(tuple(names or self.members))
+        return forward(self, faces, batch, progress, names)
+
+    monkeypatch.setattr(Ensemble, "member_probs", counted)
+    cache = tmp_path / "cache"
+    first = build_bundle(members, None, prepared_synth, tmp_path / "one", cache=cache)
+    assert forwarded == [("a", "c")] * 4  # the selection split (TTA, center), then PrivateTest's two views
+    again = build_bundle(members, None, prepared_synth, tmp_path / "two", cache=cache)
+    assert forwarded == [("a", "c")] * 4 and again.evaluations == first.evaluations
+    assert again.fusion == first.fusion
+    forwarded.clear()
+    other = {"a": members["a"], "c": tiny_bundle.parent / "members" / "b.pt"}  # c: other weights (B's, on SR faces)
+    build_bundle(other, tiny_bundle.parent / "members" / "sr.pt", prepared_synth, tmp_path / "three", cache=cache)
+    assert forwarded and all(names == ("c",) for names in forwarded)
+    forwarded.clear()
+    build_bundle(members, None, prepared_synth, tmp_path / "four", cache=cache, tta=False)
+    assert forwarded == []  # both views of both splits were answered by the first build
+    ensemble, keys = load(tmp_path / "one")[0], ProbsCache(cache)
+    with_tta = keys.key(ensemble, "a", "sum:1", "PublicTest")
+    assert with_tta != keys.key(ensemble, "a", "sum:1", "PrivateTest") != keys.key(ensemble, "a", "sum:2", "PublicTest")
+    ensemble.tta = False
+    assert keys.key(ensemble, "a", "sum:1", "PublicTest") != with_tta
+
+
 def test_bundle_refusals(tiny_bundle, prepared_synth, tmp_path):
     from ferray.config import ConfigError
 

@@ -37,6 +37,7 @@ from ferray.bundle.fusion import (
     set_accuracies,
 )
 from ferray.bundle.load import answering_members, fusion_rule
+from ferray.bundle.probs_cache import ProbsCache
 from ferray.bundle.runtime import load_members, member_input
 from ferray.config import ConfigError, ExperimentConfig
 from ferray.data.contract import (
@@ -83,6 +84,7 @@ def build_bundle(
     weights: str = "auto",
     inputs: dict[str, str] | None = None,
     select: str = "none",
+    cache: str | Path | None = None,
 ) -> BundleCard:
     """Fit the fusion of `members` ({name: checkpoint}, in order) on the selection split of `data`
     (`split`, else the one the first member was selected on) and write the serving bundle to `out`;
@@ -92,7 +94,9 @@ def build_bundle(
     `sets`: named sets of members (default_sets). `weights`: auto | equal | fitted (fit_fusion).
     `probs`: the members' probabilities on the selection split with that TTA, when already computed.
     `select`: "greedy" keeps the members that greedy forward selection chooses on the selection split
-    (ferray.bundle.fusion.greedy_selection; its path goes into the card and a figure); "none" keeps all."""
+    (ferray.bundle.fusion.greedy_selection; its path goes into the card and a figure); "none" keeps all.
+    `cache`: a folder where the members' answers on each split are kept and found again
+    (ferray.bundle.probs_cache: building again forwards only what changed)."""
     if not members:
         raise ConfigError("a bundle needs at least one member")
     if select not in SELECT_CHOICES:
@@ -117,13 +121,15 @@ def build_bundle(
     ensemble.fold_batch_norms()
     split = split or bundle_selection_split(ensemble.members[names[0]].cfg, manifest, data)
     faces, labels, _ = load_split(data, split)
+    probs_cache = ProbsCache(cache) if cache is not None else None
     if probs is None:
         log.info(
             f"ensemble: {len(names)} member(s) on {len(labels):,} {split} (selection) faces"
             f"{' with ten-crop TTA' if tta else ''} ..."
         )
         ensemble.tta = tta
-        probs = answered(ensemble, faces, f"ensemble: {split} (selection){' TTA' if tta else ''}")
+        what = f"ensemble: {split} (selection){' TTA' if tta else ''}"
+        probs = answered(ensemble, faces, what, probs_cache, (manifest["checksum"], split))
     if list(probs) != names or any(p.shape != (len(labels), len(EMOTIONS)) for p in probs.values()):
         shapes = {name: tuple(p.shape) for name, p in probs.items()}
         raise ConfigError(f"probs: {shapes} for the members {names} on {len(labels)} {split} faces")
@@ -174,7 +180,8 @@ def build_bundle(
     ensemble.rule = fusion_rule(card, answering_members(card, "all"))
     train_split = ensemble.members[names[0]].cfg.data.train_split
     splits = [split] + (untouched_splits(manifest, split, train_split) if tests else [])
-    card.evaluations = evaluate_views(ensemble, data, splits, split, {(split, tta): probs}, sets) if tests else {}
+    known = {(split, tta): probs}
+    card.evaluations = evaluate_views(ensemble, data, splits, split, known, sets, probs_cache) if tests else {}
     _write_bundle(out, card, members, sr, overwrite)
     _log_built(card, split, splits, out)
     return card

@@ -19,6 +19,7 @@ from ferray.bundle.fusion import (
     set_accuracies,
 )
 from ferray.bundle.load import answering_members, fusion_rule, load_bundle, resolve_bundle
+from ferray.bundle.probs_cache import ProbsCache
 from ferray.bundle.runtime import Ensemble
 from ferray.data.contract import FER_SIZE, DataError, load_split, read_manifest
 from ferray.logs import FaceProgress
@@ -28,11 +29,18 @@ log = logging.getLogger(__name__)
 
 
 def evaluate_views(
-    ensemble: Ensemble, data, splits: list[str], selection: str, known: dict | None = None, sets: dict | None = None
+    ensemble: Ensemble,
+    data,
+    splits: list[str],
+    selection: str,
+    known: dict | None = None,
+    sets: dict | None = None,
+    cache: ProbsCache | None = None,
 ) -> dict[str, Evaluation]:
     """Every split x {center crop, ten-crop TTA}: the fused report with each member's and each set's
-    accuracy, the selection split marked as such. `known`: {(split, tta): {member: P}} already computed."""
-    known = dict(known or {})
+    accuracy, the selection split marked as such. `known`: {(split, tta): {member: P}} already
+    computed; `cache`: members' answers kept from earlier builds (ferray.bundle.probs_cache)."""
+    known, checksum = dict(known or {}), read_manifest(data)["checksum"]
     evaluations = {}
     for split in splits:
         faces, labels, _ = load_split(data, split)
@@ -41,7 +49,8 @@ def evaluate_views(
             if (split, tta) not in known:
                 log.info(f"ensemble: {split} ({len(labels):,} faces){' with ten-crop TTA' if tta else ''} ...")
                 ensemble.tta = tta
-                known[split, tta] = answered(ensemble, faces, f"ensemble: {split}{' TTA' if tta else ''}")
+                what = f"ensemble: {split}{' TTA' if tta else ''}"
+                known[split, tta] = answered(ensemble, faces, what, cache, (checksum, split))
             probs = known[split, tta]
             fused = {name: probs[name] for name in ensemble.rule.weights}  # the "all" set's members
             report = fused_summary(fused, labels, ensemble.rule)
@@ -68,10 +77,24 @@ def _numpy(probs: dict) -> dict[str, np.ndarray]:
 PROGRESS_EVERY_S = 30.0
 
 
-def answered(ensemble: Ensemble, faces: np.ndarray, what: str) -> dict[str, np.ndarray]:
-    """Every member's probabilities of a split's faces, with a progress line every half minute."""
-    progress = FaceProgress(what, len(faces), every_s=PROGRESS_EVERY_S)
-    return _numpy(ensemble.member_probs(torch.from_numpy(faces), progress=progress))
+def answered(
+    ensemble: Ensemble, faces: np.ndarray, what: str, cache: ProbsCache | None = None, where: tuple = ()
+) -> dict[str, np.ndarray]:
+    """Every member's probabilities of a split's faces, with a progress line every half minute;
+    with a `cache` (and `where`: the data's checksum and the split), those it holds are read, not
+    forwarded, and the others are kept there."""
+    keys = {name: cache.key(ensemble, name, *where) for name in ensemble.members} if cache else {}
+    found = {name: p for name, key in keys.items() if (p := cache.get(key, len(faces))) is not None}
+    if found:
+        log.info(f"{what}: {', '.join(found)} read from the cache {cache.folder}")
+    todo = [name for name in ensemble.members if name not in found]
+    fresh = {}
+    if todo:
+        progress = FaceProgress(what, len(faces), every_s=PROGRESS_EVERY_S)
+        fresh = _numpy(ensemble.member_probs(torch.from_numpy(faces), progress=progress, names=todo))
+        for name in fresh if cache else ():
+            cache.put(keys[name], fresh[name])
+    return {name: found[name] if name in found else fresh[name] for name in ensemble.members}
 
 
 def evaluate_bundle(

@@ -132,14 +132,18 @@ class Ensemble:
             runner.warm_up()
         self.probs(name, torch.zeros(1, FER_SIZE, FER_SIZE, dtype=torch.uint8))
 
-    def member_probs(self, faces: torch.Tensor, batch: int = 256, progress=None) -> dict[str, torch.Tensor]:
-        """Every member's probabilities of (N, 48, 48) uint8 faces, in chunks of `batch` (the SR
-        generator runs once per chunk for all the members that read its faces); `progress`: a
-        ferray.logs.FaceProgress told of each chunk (a whole split takes minutes on a CPU)."""
-        answers: dict[str, list] = {name: [] for name in self.members}
+    def member_probs(
+        self, faces: torch.Tensor, batch: int = 256, progress=None, names: list[str] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Every member's probabilities (or those `names`) of (N, 48, 48) uint8 faces, in chunks of
+        `batch` (the SR generator runs once per chunk for all the members that read its faces);
+        `progress`: a ferray.logs.FaceProgress told of each chunk (a split takes minutes on a CPU)."""
+        names = list(self.members) if names is None else names
+        needs_sr = any(self.members[name].input == "sr" for name in names)
+        answers: dict[str, list] = {name: [] for name in names}
         for chunk in self._check(faces).split(batch):
-            upscaled = self.upscale(chunk) if self.needs_sr else None
-            for name in self.members:
+            upscaled = self.upscale(chunk) if needs_sr else None
+            for name in names:
                 answers[name].append(self.probs(name, chunk, upscaled))
             if progress is not None:
                 progress.update(len(chunk))
