@@ -126,6 +126,14 @@ def add_ensemble(sub) -> None:
         "found only for the same weights, views, precision and faces). Derived from the data: keep it "
         "beside the data, never publish it",
     )
+    p.add_argument(
+        "--center-only",
+        metavar="auto|none|M1,M2",
+        default="none",
+        help="members served by the center crop alone (a tenth of their ten-crop cost): auto, the cheapest "
+        "choice whose fused accuracy on the selection split is at least that of every member with ten "
+        "crops; or the members named; none (default): every member with ten crops",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.set_defaults(func=cmd_ensemble)
 
@@ -222,6 +230,7 @@ def cmd_ensemble(args) -> int:
         weights=args.weights,
         select=args.select,
         cache=args.cache,
+        center_only=args.center_only,
     )
     return 0
 

@@ -237,6 +237,51 @@ def test_building_again_with_a_cache_forwards_only_the_members_it_has_not_answer
     assert keys.key(ensemble, "a", "sum:1", "PublicTest") != with_tta
 
 
+def test_the_cheapest_views_that_keep_the_fused_accuracy_are_chosen():
+    """--center-only auto: a member whose center crop does as well inside the ensemble is served by it
+    (a tenth of its cost); one whose ten crops the fused answers need keeps them."""
+    from ferray.bundle.views import choose_center_only, parse_center_only
+    from ferray.config import ConfigError
+
+    labels = np.array([0, 1, 2, 0])
+    right, wrong = np.eye(3)[labels] * 0.8 + 0.1, np.eye(3)[(labels + 1) % 3] * 0.97 + 0.01
+    tta = {"a": right, "b": right}
+    ms = ({"a": 10.0, "b": 30.0}, {"a": 1.0, "b": 3.0})
+    chosen, record = choose_center_only(tta, {"a": right, "b": right}, labels, *ms, "Validation")
+    assert chosen == ["a", "b"] and record["cost_ms"] == 4.0 and record["cost_ms_every_member_tta"] == 40.0
+    assert record["accuracy"] == record["accuracy_every_member_tta"] == 1.0 and "Validation" in record["how"]
+    # b's center crop is confidently wrong (it would outvote a), a's as good: a alone is served so
+    chosen, record = choose_center_only(tta, {"a": right, "b": wrong}, labels, *ms, "Validation")
+    assert chosen == ["a"] and record["cost_ms"] == 31.0
+    assert parse_center_only("auto", ["a", "b"]) == "auto" and parse_center_only("b, a", ["a", "b"]) == ["b", "a"]
+    with pytest.raises(ConfigError, match=r"--center-only 'r18': none, auto, or members of the bundle \(a, b\)"):
+        parse_center_only("r18", ["a", "b"])
+
+
+def test_a_member_served_by_its_center_crop_answers_so_everywhere(tiny_bundle, prepared_synth, synth_faces, tmp_path):
+    """--center-only c: the card records it, the bundle loads with it, and c's served answers (and
+    the card's TTA columns) are its center crop's while the others keep ten crops."""
+    from ferray.config import ConfigError
+
+    members = {name: tiny_bundle.parent / "members" / f"{name}.pt" for name in ("a", "c")}
+    card = build_bundle(members, None, prepared_synth, tmp_path / "b", center_only="c")
+    assert card.center_only == ["c"] and card.center_only_choice["how"] == "named (--center-only)"
+    views = card.evaluations["PrivateTest"].views
+    assert views["tta"].members["c"] == views["center"].members["c"]
+    assert "Served by the center crop alone: c" in (tmp_path / "b" / "MODEL_CARD.md").read_text()
+    ensemble, _ = load_bundle(tmp_path / "b")
+    assert ensemble.center_only == {"c"} and ensemble.member_tta("a") and not ensemble.member_tta("c")
+    faces = torch.from_numpy(synth_faces[0][:6])
+    served = ensemble.probs("c", faces)
+    ensemble.tta = False
+    assert torch.allclose(served, ensemble.probs("c", faces))
+    auto = build_bundle(members, None, prepared_synth, tmp_path / "auto", center_only="auto")
+    assert set(auto.center_only) <= {"a", "c"}
+    assert auto.center_only_choice["accuracy"] >= auto.center_only_choice["accuracy_every_member_tta"]
+    with pytest.raises(ConfigError, match="--center-only 'b'"):
+        build_bundle(members, None, prepared_synth, tmp_path / "bad", center_only="b")
+
+
 def test_bundle_refusals(tiny_bundle, prepared_synth, tmp_path):
     from ferray.config import ConfigError
 

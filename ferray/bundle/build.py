@@ -31,14 +31,17 @@ from ferray.bundle.evaluation import answered, evaluate_views
 from ferray.bundle.fusion import (
     SELECTION_HOW,
     fit_fusion,
+    fuse,
     greedy_selection,
     member_accuracies,
+    score,
     selected_members,
     set_accuracies,
 )
 from ferray.bundle.load import answering_members, fusion_rule
 from ferray.bundle.probs_cache import ProbsCache
 from ferray.bundle.runtime import load_members, member_input
+from ferray.bundle.views import choose_center_only, parse_center_only, served_views
 from ferray.config import ConfigError, ExperimentConfig
 from ferray.data.contract import (
     EMOTIONS,
@@ -85,6 +88,7 @@ def build_bundle(
     inputs: dict[str, str] | None = None,
     select: str = "none",
     cache: str | Path | None = None,
+    center_only: str = "none",
 ) -> BundleCard:
     """Fit the fusion of `members` ({name: checkpoint}, in order) on the selection split of `data`
     (`split`, else the one the first member was selected on) and write the serving bundle to `out`;
@@ -96,7 +100,8 @@ def build_bundle(
     `select`: "greedy" keeps the members that greedy forward selection chooses on the selection split
     (ferray.bundle.fusion.greedy_selection; its path goes into the card and a figure); "none" keeps all.
     `cache`: a folder where the members' answers on each split are kept and found again
-    (ferray.bundle.probs_cache: building again forwards only what changed)."""
+    (ferray.bundle.probs_cache: building again forwards only what changed). `center_only`: "none",
+    "auto" or member names: the members served by the center crop alone (ferray.bundle.views)."""
     if not members:
         raise ConfigError("a bundle needs at least one member")
     if select not in SELECT_CHOICES:
@@ -154,6 +159,13 @@ def build_bundle(
         else:
             sets = default_sets(chosen)
     sets = sets or default_sets(names)
+    known, served_center, center_choice = {(split, tta): probs}, [], None
+    if tta and center_only != "none":
+        asked = parse_center_only(center_only, names)
+        where = (manifest["checksum"], split)
+        served_center, center_choice, center = _center_only(ensemble, faces, labels, probs, where, asked, probs_cache)
+        probs = served_views(probs, center, served_center)
+        known = {(split, True): probs, (split, False): center}
     fusion, alternatives, temperatures = fit_fusion(probs, labels, split, sets, weights)
     costs = member_costs(ensemble, torch.from_numpy(faces[:COST_FACES]), tta)
     for name, temperature in temperatures.items():
@@ -176,11 +188,12 @@ def build_bundle(
         alternatives=alternatives,
         selection=selection,
         data={"path": str(Path(data).absolute()), "checksum": manifest["checksum"], "splits": manifest["splits"]},
+        center_only=served_center,
+        center_only_choice=center_choice,
     )
     ensemble.rule = fusion_rule(card, answering_members(card, "all"))
     train_split = ensemble.members[names[0]].cfg.data.train_split
     splits = [split] + (untouched_splits(manifest, split, train_split) if tests else [])
-    known = {(split, tta): probs}
     card.evaluations = evaluate_views(ensemble, data, splits, split, known, sets, probs_cache) if tests else {}
     _write_bundle(out, card, members, sr, overwrite)
     _log_built(card, split, splits, out)
@@ -188,6 +201,33 @@ def build_bundle(
 
 
 COST_FACES = 32  # selection faces each member's cost per face is timed on
+
+
+def _center_only(ensemble, faces, labels, tta_probs: dict, where: tuple, asked, cache) -> tuple[list, dict, dict]:
+    """(the members served by the center crop alone, the choice's record, every member's center-crop
+    answers on the selection split, `where` = (the data's checksum, the split)); `asked`: "auto" or
+    the members named. Sets the ensemble's `center_only`."""
+    split = where[1]
+    ensemble.tta = False
+    center = answered(ensemble, faces, f"ensemble: {split} (selection)", cache, where)
+    cost_faces = torch.from_numpy(faces[:COST_FACES])
+    center_ms, tta_ms = member_costs(ensemble, cost_faces, False), member_costs(ensemble, cost_faces, True)
+    chosen, record = choose_center_only(tta_probs, center, labels, tta_ms, center_ms, split)
+    if asked != "auto":
+        served = served_views(tta_probs, center, asked)
+        accuracy = score(fuse(served, dict.fromkeys(served, 1.0)), labels)[0]
+        cost = sum(center_ms[n] if n in asked else tta_ms[n] for n in served)
+        chosen, record = asked, record | {"how": "named (--center-only)", "center_only": asked, "accuracy": accuracy}
+        record["cost_ms"] = round(cost, 2)
+    ensemble.tta, ensemble.center_only = True, frozenset(chosen)
+    log.info(
+        f"ensemble: served by the center crop alone: {', '.join(chosen) or 'none'} ({split} "
+        f"{record['accuracy']:.2%} against {record['accuracy_every_member_tta']:.2%} with ten crops each; "
+        f"{record['cost_ms']:.1f} against {record['cost_ms_every_member_tta']:.1f} ms a face here)"
+    )
+    return chosen, record, center
+
+
 SELECT_CHOICES = ("none", "greedy")
 
 

@@ -140,6 +140,11 @@ class BundleCard:
     evaluations: dict[str, Evaluation] = field(default_factory=dict)
     data: dict = field(default_factory=dict)  # path, checksum, splits
     upgraded_from: str | None = None  # the format it was written in, when read from an older one
+    # the members served by the center crop alone although the bundle serves ten-crop TTA, and how they
+    # were chosen (`ferray ensemble --center-only`: ferray.bundle.views); the "tta" view of the
+    # evaluations is the served one (these members' center crop in it)
+    center_only: list = field(default_factory=list)
+    center_only_choice: dict | None = None
 
     def names(self) -> tuple[str, ...]:
         """The members, in the bundle's order."""
@@ -158,7 +163,8 @@ class BundleCard:
 # the libraries and systems they ran, the data's path: a map of the server, not the model's science).
 PUBLIC_CARD_KEYS = (
     "format", "created", "ferray_version", "labels", "tta", "selection_split", "fusion", "members", "sr",
-    "sets", "accuracy", "alternatives", "selection", "evaluations", "upgraded_from",
+    "sets", "accuracy", "alternatives", "selection", "evaluations", "upgraded_from", "center_only",
+    "center_only_choice",
 )  # fmt: skip
 PUBLIC_MEMBER_KEYS = (
     "model", "parameters", "depth", "crop", "input_scale", "pretrained", "epochs", "selection_split",

@@ -86,6 +86,7 @@ def load_bundle(
     sr = path / card.sr.checkpoint if card.sr is not None else None
     ensemble = load_members(chosen, sr, device, fold)
     ensemble.rule, ensemble.tta = fusion_rule(card, names), card.tta
+    ensemble.center_only = frozenset(card.center_only) & set(names)
     ensemble.int8 = int8
     if not int8:  # the ranges are read only where they are used
         return ensemble, card

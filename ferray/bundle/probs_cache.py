@@ -39,7 +39,7 @@ class ProbsCache:
             member.input,
             member.cfg.augment.crop,
             member.cfg.data.input_scale,
-            "tta" if ensemble.tta else "center",
+            "tta" if ensemble.member_tta(name) else "center",
             _precision(ensemble, name),
         ]
         digest.update(repr(parts).encode())

@@ -43,6 +43,9 @@ class Ensemble:
     generator: torch.nn.Module | None = None  # feeds the members of input "sr"
     rule: FusionRule = field(default_factory=FusionRule)
     tta: bool = True
+    # members answered from the center crop alone even where `tta` is on (the bundle's `center_only`,
+    # chosen by `ferray ensemble --center-only`: ferray.bundle.views)
+    center_only: frozenset = frozenset()
     device: torch.device = torch.device("cpu")
     bf16: bool | None = None  # None: where it is fast (ferray.device.use_bf16); False forces fp32
     # int8 CPU inference (ferray.models.quantized) for the members calibrated in `int8_ranges`
@@ -74,7 +77,11 @@ class Ensemble:
         if member.input == "sr":
             faces, scale = (upscaled if upscaled is not None else self.upscale(faces)), 1
         model, autocast = self.runner(name)
-        return predict_proba(model, faces, member.cfg.augment.crop, self.tta, autocast, scale).cpu()
+        return predict_proba(model, faces, member.cfg.augment.crop, self.member_tta(name), autocast, scale).cpu()
+
+    def member_tta(self, name: str) -> bool:
+        """Whether member `name` answers with ten crops (else the center crop alone)."""
+        return self.tta and name not in self.center_only
 
     @torch.no_grad()
     def upscale(self, faces: torch.Tensor) -> torch.Tensor:

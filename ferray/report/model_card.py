@@ -228,6 +228,7 @@ def render_model_card(card: BundleCard) -> str:
         "Served with "
         + ("ten-crop test-time augmentation (4 corners + center, mirrored)" if card.tta else "the center crop")
         + ".",
+        *_center_only_lines(card),
         "",
     ]
     if evaluations:
@@ -294,3 +295,17 @@ def _int8_lines(name: str, int8: Int8Card | None) -> list[str]:
         role = "selection" if e.selection else "test"
         lines.append(f"| {split} ({role}) | {_pct(e.accuracy.get('center'))} | {_pct(e.accuracy.get('tta'))} |")
     return lines
+
+
+def _center_only_lines(card) -> list[str]:
+    """Which members answer from the center crop alone, and why (the TTA columns are the served views)."""
+    choice = card.center_only_choice
+    if not card.tta or not choice:
+        return []
+    who = " + ".join(card.center_only) or "none"
+    return [
+        f"Served by the center crop alone: {who} (the TTA columns below are the served views). How: "
+        f"{choice['how']}: {_pct(choice['accuracy'])} against {_pct(choice['accuracy_every_member_tta'])} "
+        f"with ten crops for every member; {choice['cost_ms']:.1f} against "
+        f"{choice['cost_ms_every_member_tta']:.1f} ms a face where the bundle was built."
+    ]

@@ -1,0 +1,82 @@
+"""Which members a bundle serves with the center crop alone (Ray-free): `ferray ensemble --center-only`.
+
+Ten-crop TTA costs each member ten forwards a face. Inside an ensemble the other members' views
+already average much of what TTA averages, so some members may answer from the center crop alone at
+a tenth of their cost without the fused answers losing anything. `auto` measures it on the selection
+split: among every choice of members served by the center crop, the one of least cost per face
+whose fused accuracy (equal weights, as the members were chosen) is at least that of every member with
+ten crops; ties go to the more accurate. A list of names serves those members so without measuring.
+"""
+
+from __future__ import annotations
+
+from itertools import combinations
+
+import numpy as np
+
+from ferray.bundle.fusion import fuse, score
+from ferray.config import ConfigError
+
+CENTER_ONLY_HOW = (
+    "the members served by the center crop alone are those of the cheapest choice (each member's cost "
+    "per face with its views, timed where the bundle was built) whose fused accuracy on {split} with "
+    "equal weights is at least that of every member with ten-crop TTA (ties: the more accurate)"
+)
+MOST_MEMBERS = 12  # 4,096 choices at most: each a fusion of the selection split's answers
+
+
+def parse_center_only(value: str, names: list[str]) -> str | list[str]:
+    """ "none" | "auto" | the members named in a comma list (each one of `names`)."""
+    if value in ("none", "auto"):
+        return value
+    asked = [name.strip() for name in value.split(",") if name.strip()]
+    unknown = [name for name in asked if name not in names]
+    if unknown or not asked:
+        raise ConfigError(
+            f"--center-only {value!r}: none, auto, or members of the bundle ({', '.join(names)}); "
+            f"{', '.join(unknown) or 'no member'} is not one"
+        )
+    return asked
+
+
+def choose_center_only(
+    tta: dict[str, np.ndarray],
+    center: dict[str, np.ndarray],
+    labels: np.ndarray,
+    tta_ms: dict[str, float],
+    center_ms: dict[str, float],
+    split: str,
+) -> tuple[list[str], dict]:
+    """(the members to serve by the center crop, the record of the choice for the card)."""
+    names = list(tta)
+    if len(names) > MOST_MEMBERS:
+        raise ConfigError(f"--center-only auto: {len(names)} members; it weighs at most {MOST_MEMBERS}")
+    equal = dict.fromkeys(names, 1.0)
+
+    def accuracy(chosen: tuple[str, ...]) -> float:
+        return score(fuse({n: center[n] if n in chosen else tta[n] for n in names}, equal), labels)[0]
+
+    def cost(chosen: tuple[str, ...]) -> float:
+        return sum(center_ms[n] if n in chosen else tta_ms[n] for n in names)
+
+    everything = accuracy(())
+    best, best_key = (), (cost(()), -everything)
+    for size in range(1, len(names) + 1):
+        for chosen in combinations(names, size):
+            found = accuracy(chosen)
+            if found >= everything and (cost(chosen), -found) < best_key:
+                best, best_key = chosen, (cost(chosen), -found)
+    record = {
+        "how": CENTER_ONLY_HOW.format(split=split),
+        "center_only": list(best),
+        "accuracy": -best_key[1],
+        "accuracy_every_member_tta": everything,
+        "cost_ms": round(best_key[0], 2),
+        "cost_ms_every_member_tta": round(cost(()), 2),
+    }
+    return list(best), record
+
+
+def served_views(tta: dict[str, np.ndarray], center: dict[str, np.ndarray], center_only) -> dict[str, np.ndarray]:
+    """Each member's answers with the views it is served with."""
+    return {name: center[name] if name in center_only else p for name, p in tta.items()}
