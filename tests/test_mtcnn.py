@@ -225,3 +225,17 @@ def test_the_detection_bench_gives_each_members_own_gap_from_the_same_answers():
     assert member_gap("b4", answers) == (
         "b4 alone: 25.0% / 50.0% / 75.0% (-50.0; detection and framing -25.0, the pasting -25.0)"
     )
+
+
+def test_the_detection_bench_ranks_every_set_of_members_on_the_faces_as_found():
+    """Which members would answer photos best: every set of two or more fused by the bundle's weights,
+    the most accurate first (to choose on scenes made from Validation faces)."""
+    from bench.detect import set_accuracies
+
+    labels = np.array([0, 1, 1, 0])
+    sure = np.eye(2)[labels] * 0.9 + 0.05
+    unsure_wrong = np.eye(2)[1 - labels] * 0.4 + 0.3
+    probs = {"a": sure, "b": unsure_wrong, "c": np.eye(2)[1 - labels]}
+    line = set_accuracies(probs, labels, {"a": 1.0, "b": 1.0, "c": 1.0})
+    assert line.split("  ")[0] == "a+b 100.0%" and line.split("  ")[1:] == ["a+c 0.0%", "b+c 0.0%", "a+b+c 0.0%"]
+    assert len(line.split("  ")) == 4 and set_accuracies(probs, labels, {}, most=1) == "a+b 100.0%"
