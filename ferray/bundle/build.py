@@ -31,17 +31,15 @@ from ferray.bundle.evaluation import answered, evaluate_views
 from ferray.bundle.fusion import (
     SELECTION_HOW,
     fit_fusion,
-    fuse,
     greedy_selection,
     member_accuracies,
-    score,
     selected_members,
     set_accuracies,
 )
 from ferray.bundle.load import answering_members, fusion_rule
 from ferray.bundle.probs_cache import ProbsCache
 from ferray.bundle.runtime import load_members, member_input
-from ferray.bundle.views import choose_center_only, parse_center_only, served_views
+from ferray.bundle.views import choice_record, choose_center_only, parse_center_only, served_views
 from ferray.config import ConfigError, ExperimentConfig
 from ferray.data.contract import (
     EMOTIONS,
@@ -201,6 +199,7 @@ def build_bundle(
 
 
 COST_FACES = 32  # selection faces each member's cost per face is timed on
+NAMED_HOW = "named (--center-only)"
 
 
 def _center_only(ensemble, faces, labels, tta_probs: dict, where: tuple, asked, cache) -> tuple[list, dict, dict]:
@@ -212,13 +211,10 @@ def _center_only(ensemble, faces, labels, tta_probs: dict, where: tuple, asked, 
     center = answered(ensemble, faces, f"ensemble: {split} (selection)", cache, where)
     cost_faces = torch.from_numpy(faces[:COST_FACES])
     center_ms, tta_ms = member_costs(ensemble, cost_faces, False), member_costs(ensemble, cost_faces, True)
-    chosen, record = choose_center_only(tta_probs, center, labels, tta_ms, center_ms, split)
-    if asked != "auto":
-        served = served_views(tta_probs, center, asked)
-        accuracy = score(fuse(served, dict.fromkeys(served, 1.0)), labels)[0]
-        cost = sum(center_ms[n] if n in asked else tta_ms[n] for n in served)
-        chosen, record = asked, record | {"how": "named (--center-only)", "center_only": asked, "accuracy": accuracy}
-        record["cost_ms"] = round(cost, 2)
+    if asked == "auto":
+        chosen, record = choose_center_only(tta_probs, center, labels, tta_ms, center_ms, split)
+    else:
+        chosen, record = asked, choice_record(tta_probs, center, labels, tta_ms, center_ms, asked, NAMED_HOW)
     ensemble.tta, ensemble.center_only = True, frozenset(chosen)
     log.info(
         f"ensemble: served by the center crop alone: {', '.join(chosen) or 'none'} ({split} "

@@ -51,30 +51,39 @@ def choose_center_only(
     names = list(tta)
     if len(names) > MOST_MEMBERS:
         raise ConfigError(f"--center-only auto: {len(names)} members; it weighs at most {MOST_MEMBERS}")
-    equal = dict.fromkeys(names, 1.0)
-
-    def accuracy(chosen: tuple[str, ...]) -> float:
-        return score(fuse({n: center[n] if n in chosen else tta[n] for n in names}, equal), labels)[0]
-
-    def cost(chosen: tuple[str, ...]) -> float:
-        return sum(center_ms[n] if n in chosen else tta_ms[n] for n in names)
-
-    everything = accuracy(())
-    best, best_key = (), (cost(()), -everything)
+    everything = _accuracy(tta, center, labels, ())
+    best, best_key = (), (_cost(names, tta_ms, center_ms, ()), -everything)
     for size in range(1, len(names) + 1):
         for chosen in combinations(names, size):
-            found = accuracy(chosen)
-            if found >= everything and (cost(chosen), -found) < best_key:
-                best, best_key = chosen, (cost(chosen), -found)
-    record = {
-        "how": CENTER_ONLY_HOW.format(split=split),
-        "center_only": list(best),
-        "accuracy": -best_key[1],
-        "accuracy_every_member_tta": everything,
-        "cost_ms": round(best_key[0], 2),
-        "cost_ms_every_member_tta": round(cost(()), 2),
+            found = _accuracy(tta, center, labels, chosen)
+            key = (_cost(names, tta_ms, center_ms, chosen), -found)
+            if found >= everything and key < best_key:
+                best, best_key = chosen, key
+    return list(best), choice_record(tta, center, labels, tta_ms, center_ms, best, CENTER_ONLY_HOW.format(split=split))
+
+
+def choice_record(tta, center, labels, tta_ms: dict, center_ms: dict, chosen, how: str) -> dict:
+    """The card's record of a choice: the members, the fused accuracy and cost per face with it and
+    with ten crops for every member."""
+    names = list(tta)
+    return {
+        "how": how,
+        "center_only": list(chosen),
+        "accuracy": _accuracy(tta, center, labels, tuple(chosen)),
+        "accuracy_every_member_tta": _accuracy(tta, center, labels, ()),
+        "cost_ms": round(_cost(names, tta_ms, center_ms, chosen), 2),
+        "cost_ms_every_member_tta": round(_cost(names, tta_ms, center_ms, ()), 2),
     }
-    return list(best), record
+
+
+def _accuracy(tta: dict, center: dict, labels: np.ndarray, chosen) -> float:
+    """The fused accuracy (equal weights, as the members were chosen) with `chosen` served by the center crop."""
+    served = served_views(tta, center, chosen)
+    return score(fuse(served, dict.fromkeys(served, 1.0)), labels)[0]
+
+
+def _cost(names: list[str], tta_ms: dict, center_ms: dict, chosen) -> float:
+    return sum(center_ms[n] if n in chosen else tta_ms[n] for n in names)
 
 
 def served_views(tta: dict[str, np.ndarray], center: dict[str, np.ndarray], center_only) -> dict[str, np.ndarray]:
