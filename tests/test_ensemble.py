@@ -253,6 +253,9 @@ def test_the_cheapest_views_that_keep_the_fused_accuracy_are_chosen():
     # b's center crop is confidently wrong (it would outvote a), a's as good: a alone is served so
     chosen, record = choose_center_only(tta, {"a": right, "b": wrong}, labels, *ms, "Validation")
     assert chosen == ["a"] and record["cost_ms"] == 31.0
+    # a member that answers alone in a named set (fast) keeps its ten crops: the others may still go
+    chosen, _ = choose_center_only(tta, {"a": right, "b": right}, labels, *ms, "Validation", frozenset({"a"}))
+    assert chosen == ["b"]
     assert parse_center_only("auto", ["a", "b"]) == "auto" and parse_center_only("b, a", ["a", "b"]) == ["b", "a"]
     with pytest.raises(ConfigError, match=r"--center-only 'r18': none, auto, or members of the bundle \(a, b\)"):
         parse_center_only("r18", ["a", "b"])
@@ -276,7 +279,7 @@ def test_a_member_served_by_its_center_crop_answers_so_everywhere(tiny_bundle, p
     ensemble.tta = False
     assert torch.allclose(served, ensemble.probs("c", faces))
     auto = build_bundle(members, None, prepared_synth, tmp_path / "auto", center_only="auto")
-    assert set(auto.center_only) <= {"a", "c"}
+    assert set(auto.center_only) <= {"c"}  # a is the fast set alone: it keeps its ten crops
     assert auto.center_only_choice["accuracy"] >= auto.center_only_choice["accuracy_every_member_tta"]
     with pytest.raises(ConfigError, match="--center-only 'b'"):
         build_bundle(members, None, prepared_synth, tmp_path / "bad", center_only="b")

@@ -161,7 +161,10 @@ def build_bundle(
     if tta and center_only != "none":
         asked = parse_center_only(center_only, names)
         where = (manifest["checksum"], split)
-        served_center, center_choice, center = _center_only(ensemble, faces, labels, probs, where, asked, probs_cache)
+        alone = frozenset(ms[0] for name, ms in sets.items() if len(ms) == 1 and name != "all")  # e.g. fast
+        served_center, center_choice, center = _center_only(
+            ensemble, faces, labels, probs, where, asked, probs_cache, alone
+        )
         probs = served_views(probs, center, served_center)
         known = {(split, True): probs, (split, False): center}
     fusion, alternatives, temperatures = fit_fusion(probs, labels, split, sets, weights)
@@ -202,7 +205,9 @@ COST_FACES = 32  # selection faces each member's cost per face is timed on
 NAMED_HOW = "named (--center-only)"
 
 
-def _center_only(ensemble, faces, labels, tta_probs: dict, where: tuple, asked, cache) -> tuple[list, dict, dict]:
+def _center_only(
+    ensemble, faces, labels, tta_probs: dict, where: tuple, asked, cache, keep: frozenset = frozenset()
+) -> tuple[list, dict, dict]:
     """(the members served by the center crop alone, the choice's record, every member's center-crop
     answers on the selection split, `where` = (the data's checksum, the split)); `asked`: "auto" or
     the members named. Sets the ensemble's `center_only`."""
@@ -212,7 +217,7 @@ def _center_only(ensemble, faces, labels, tta_probs: dict, where: tuple, asked, 
     cost_faces = torch.from_numpy(faces[:COST_FACES])
     center_ms, tta_ms = member_costs(ensemble, cost_faces, False), member_costs(ensemble, cost_faces, True)
     if asked == "auto":
-        chosen, record = choose_center_only(tta_probs, center, labels, tta_ms, center_ms, split)
+        chosen, record = choose_center_only(tta_probs, center, labels, tta_ms, center_ms, split, keep)
     else:
         chosen, record = asked, choice_record(tta_probs, center, labels, tta_ms, center_ms, asked, NAMED_HOW)
     ensemble.tta, ensemble.center_only = True, frozenset(chosen)

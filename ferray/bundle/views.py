@@ -46,15 +46,19 @@ def choose_center_only(
     tta_ms: dict[str, float],
     center_ms: dict[str, float],
     split: str,
+    keep: frozenset = frozenset(),
 ) -> tuple[list[str], dict]:
-    """(the members to serve by the center crop, the record of the choice for the card)."""
+    """(the members to serve by the center crop, the record of the choice for the card); the members
+    in `keep` keep their ten crops (those that answer alone in a named set, such as `fast`: the
+    choice is the whole ensemble's, and a member's views hold in every set it answers in)."""
     names = list(tta)
-    if len(names) > MOST_MEMBERS:
-        raise ConfigError(f"--center-only auto: {len(names)} members; it weighs at most {MOST_MEMBERS}")
+    candidates = [name for name in names if name not in keep]
+    if len(candidates) > MOST_MEMBERS:
+        raise ConfigError(f"--center-only auto: {len(candidates)} members; it weighs at most {MOST_MEMBERS}")
     everything = _accuracy(tta, center, labels, ())
     best, best_key = (), (_cost(names, tta_ms, center_ms, ()), -everything)
-    for size in range(1, len(names) + 1):
-        for chosen in combinations(names, size):
+    for size in range(1, len(candidates) + 1):
+        for chosen in combinations(candidates, size):
             found = _accuracy(tta, center, labels, chosen)
             key = (_cost(names, tta_ms, center_ms, chosen), -found)
             if found >= everything and key < best_key:
