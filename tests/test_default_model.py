@@ -109,7 +109,11 @@ def test_bf16_and_fp32_agree_on_the_trained_model(shared_fer2013):
         accuracy[bf16] = float((predicted[bf16] == labels).mean())
     # 0.6 points (3 of 500 faces, 1 of 200): the ensemble runs three networks in bf16 (A alone held 0.3)
     assert abs(accuracy[True] - accuracy[False]) <= 0.006, accuracy
-    assert (predicted[True] != predicted[False]).mean() <= 0.01  # and few faces change their answer at all
+    # and few faces change their answer at all: 1% where ferray serves in bf16; 2% where bf16 is only
+    # emulated (ferray serves fp32 there): 3 of these 200 faces changed on a Xeon with AVX-512 but no
+    # native bf16, with the default of 2026-12-08 and with the one before it alike
+    changed = (predicted[True] != predicted[False]).mean()
+    assert changed <= (0.01 if cpu_has_native_bf16() else 0.02), changed
 
 
 def test_predict_and_serve_use_the_default_model_without_a_bundle(tmp_path, capsys):
