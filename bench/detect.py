@@ -185,13 +185,12 @@ def set_accuracies(probs: dict[str, np.ndarray], labels: np.ndarray, weights: di
     which members a photo's faces would be best answered by (choose on a Validation scene set)."""
     from itertools import combinations
 
-    from ferray.bundle.fusion import fuse
+    from ferray.bundle.fusion import fuse, score
 
     names, found = list(probs), []
     for size in range(2, len(names) + 1):
         for chosen in combinations(names, size):
-            fused = fuse({n: probs[n] for n in chosen}, weights)
-            found.append((float((fused.argmax(1) == labels).mean()), "+".join(chosen)))
+            found.append((score(fuse({n: probs[n] for n in chosen}, weights), labels)[0], "+".join(chosen)))
     found.sort(key=lambda pair: -pair[0])
     return "  ".join(f"{name} {100 * accuracy:.1f}%" for accuracy, name in found[:most])
 
@@ -267,15 +266,15 @@ def main() -> int:
         if not chosen:
             continue
         places, truth = [p for p, _ in chosen], labels[[place.index for place, _ in chosen]]
-        answers = {
+        by_way = {
             "found": correct(predictor, [pixels for _, pixels in chosen], truth),
             "placed": correct(predictor, [cut[id(p)] for p in places], truth),
             # the same faces, lit as they were pasted, given directly (48x48, upright): what detection,
             # cropping and levelling cost, apart from the lighting
             "directly": correct(predictor, [lit(images[p.index], p.brightness) for p in places], truth),
         }
-        probs = {way: member_probs for way, (_, member_probs) in answers.items()}
-        answers = {way: right for way, (right, _) in answers.items()}
+        answers = {way: right for way, (right, _) in by_way.items()}
+        found_probs = by_way["found"][1]
         ways = {way: right["fused"] for way, right in answers.items()}
         after, placed, direct = (float(right.mean()) for right in ways.values())
         print(
@@ -288,9 +287,9 @@ def main() -> int:
         print(f"       by light: {accuracy_by(places, ways, lambda p: p.brightness, (0.6, 1.0, 1.4))}")
         for member in [name for name in answers["found"] if name != "fused"]:
             print(f"       member {member_gap(member, answers)}")
-        if len(probs["found"]) > 2:
+        if len(found_probs) > 2:
             weights = predictor.ensemble.rule.weights
-            print(f"       sets as found: {set_accuracies(probs['found'], truth, weights)}")
+            print(f"       sets as found: {set_accuracies(found_probs, truth, weights)}")
     return 0
 
 

@@ -157,18 +157,18 @@ def build_bundle(
         else:
             sets = default_sets(chosen)
     sets = sets or default_sets(names)
-    known, served_center, center_choice = {(split, tta): probs}, [], None
+    known, served_center, center_choice, costs = {(split, tta): probs}, [], None, None
     if tta and center_only != "none":
         asked = parse_center_only(center_only, names)
         where = (manifest["checksum"], split)
         alone = frozenset(ms[0] for name, ms in sets.items() if len(ms) == 1 and name != "all")  # e.g. fast
-        served_center, center_choice, center = _center_only(
+        served_center, center_choice, center, costs = _center_only(
             ensemble, faces, labels, probs, where, asked, probs_cache, alone
         )
         probs = served_views(probs, center, served_center)
         known = {(split, True): probs, (split, False): center}
     fusion, alternatives, temperatures = fit_fusion(probs, labels, split, sets, weights)
-    costs = member_costs(ensemble, torch.from_numpy(faces[:COST_FACES]), tta)
+    costs = costs or member_costs(ensemble, torch.from_numpy(faces[:COST_FACES]), tta)
     for name, temperature in temperatures.items():
         member_cards[name].temperature, member_cards[name].cost_ms = temperature, costs[name]
     accuracy = member_accuracies(probs, labels, fusion.weights, sets.get("all")) | {
@@ -207,10 +207,11 @@ NAMED_HOW = "named (--center-only)"
 
 def _center_only(
     ensemble, faces, labels, tta_probs: dict, where: tuple, asked, cache, keep: frozenset = frozenset()
-) -> tuple[list, dict, dict]:
+) -> tuple[list, dict, dict, dict]:
     """(the members served by the center crop alone, the choice's record, every member's center-crop
-    answers on the selection split, `where` = (the data's checksum, the split)); `asked`: "auto" or
-    the members named. Sets the ensemble's `center_only`."""
+    answers on the selection split, each member's cost per face with the views it is served with),
+    `where` = (the data's checksum, the split); `asked`: "auto" or the members named. Sets the
+    ensemble's `center_only`."""
     split = where[1]
     ensemble.tta = False
     center = answered(ensemble, faces, f"ensemble: {split} (selection)", cache, where)
@@ -226,7 +227,8 @@ def _center_only(
         f"{record['accuracy']:.2%} against {record['accuracy_every_member_tta']:.2%} with ten crops each; "
         f"{record['cost_ms']:.1f} against {record['cost_ms_every_member_tta']:.1f} ms a face here)"
     )
-    return chosen, record, center
+    served_ms = {name: center_ms[name] if name in chosen else tta_ms[name] for name in tta_ms}
+    return chosen, record, center, served_ms
 
 
 SELECT_CHOICES = ("none", "greedy")

@@ -121,9 +121,10 @@ def shipped_rows(shipped: dict | None, splits: list[str], paper: dict) -> list[l
     solo = {s["members"][0]: name for name, s in shipped["sets"].items() if len(s["members"]) == 1}
     for name, member in shipped["members"].items():
         also = f"; set {solo[name]}" if name in solo else ""
+        also += "; served by its center crop" if name in shipped.get("center_only", ()) else ""
         label = f"{where}: member {name} ({member['model']}{also})"
-        rows.append([label, count(member["keras_params"]), str(member["depth"] or "-"), *_cells(member, splits)])
-        rows[-1] += ["n/a"] * 4
+        depth = str(member["depth"] or "-")
+        rows.append([label, count(member["keras_params"]), depth, *_cells(member, splits), *["n/a"] * 4])
     for name, measured in shipped["sets"].items():
         if len(measured["members"]) == 1:
             continue

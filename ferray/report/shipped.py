@@ -16,7 +16,7 @@ from ferray.data.contract import DataError
 
 
 def shipped_record(bundle: str, data_checksum: str, splits: list[str]) -> dict:
-    """{bundle, created, tta, members: {name: {model, keras_params, depth, accuracy}}, sets: {name:
+    """{bundle, created, tta, center_only, members: {name: {model, keras_params, depth, accuracy}}, sets: {name:
     {members, keras_params, accuracy}}}, each accuracy {split: {view: fraction}} from the bundle's card."""
     from ferray.bundle.load import read_bundle_card, resolve_bundle
 
@@ -50,7 +50,15 @@ def shipped_record(bundle: str, data_checksum: str, splits: list[str]) -> dict:
         }
         for name, names in card.sets.items()
     }
-    return {"bundle": _shown(where), "created": card.created, "tta": card.tta, "members": members, "sets": sets}
+    center_only = list(card.center_only) if card.tta else []
+    return {
+        "bundle": _shown(where),
+        "created": card.created,
+        "tta": card.tta,
+        "center_only": center_only,  # members whose TTA figures are their center crop's (as served)
+        "members": members,
+        "sets": sets,
+    }
 
 
 def _accuracies(card, splits: list[str], pick) -> dict:
